@@ -1,0 +1,5 @@
+import sys
+
+from chexcy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""The `chexcy` command: one sub-command per job.
+
+Each area registers its own sub-commands (``register(subparsers)``) and imports its heavy modules
+only when its command runs, so `chexcy --help` stays instant.
+"""
+import argparse
+import sys
+
+from chexcy import __version__
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="chexcy",
+        description="Train and run from-scratch CNNs on CheXpert chest X-rays.")
+    parser.add_argument("--version", action="version", version=f"chexcy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from chexcy import info
+    info.register(sub)
+    from chexcy.data import commands as data_commands
+    data_commands.register(sub)
+    from chexcy import commands as train_commands
+    train_commands.register(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status = args.func(args)
+    except KeyboardInterrupt:
+        print("chexcy: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        # Expected failures (bad arguments, bad files) end with one clear line, not a traceback.
+        print(f"chexcy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
