@@ -1,0 +1,228 @@
+"""Pure-Python backend: vectorised NumPy, used when the compiled kernels (chexcy._ops) are not built.
+
+Legend: N batch, C in-channels, F out-channels, G groups (Cg = C // G, Fg = F // G), H W input,
+OH OW output, KH KW kernel, sh sw stride, ph pw padding, dil_h dil_w dilation, K = Cg * KH * KW.
+
+How it is fast without a compiler:
+- conv2d is im2col + one batched matrix product. `_im2col` copies, for each of the KH * KW kernel
+  offsets, one strided slice of the padded input into a "columns" array of shape (N, C, KH, KW, OH, OW);
+  viewed as (N, G, K, OH * OW) it multiplies (F, K)-shaped weights in BLAS (np.matmul batched over N
+  and G), and the product (N, G, Fg, OH * OW) already is out (N, F, OH, OW) in memory: no transposes.
+- col2im (conv dx) is the reverse: KH * KW strided slice-additions into a zero padded dx.
+- pooling visits the KH * KW offsets, each a strided view of the whole batch, keeping a running max
+  (or sum); max-pool backward scatters with one np.bincount (repeated argmax indices add up).
+Each Python loop runs over kernel offsets only, never over pixels, channels or the batch.
+
+Same signatures and contract as chexcy.reference and chexcy._ops (arguments checked by chexcy.ops).
+Works for float32 (what ops passes) and float64; results have the inputs' dtype.
+"""
+import numpy as np
+
+
+def _offset_slices(i, j, OH, OW, stride, dilation):
+    """The strided (rows, cols) slices of a padded input that kernel offset (i, j) touches."""
+    (sh, sw), (dil_h, dil_w) = stride, dilation
+    return (slice(i * dil_h, i * dil_h + sh * (OH - 1) + 1, sh),
+            slice(j * dil_w, j * dil_w + sw * (OW - 1) + 1, sw))
+
+
+def _pad(x, padding, value=0.0):
+    """x (N, C, H, W) surrounded by `padding` rows/columns of `value` (x itself when padding is 0)."""
+    ph, pw = padding
+    if ph == 0 and pw == 0:
+        return x
+    N, C, H, W = x.shape
+    x_pad = np.full((N, C, H + 2 * ph, W + 2 * pw), value, x.dtype)
+    x_pad[:, :, ph:ph + H, pw:pw + W] = x
+    return x_pad
+
+
+def _out_hw(H, W, kernel_hw, stride, padding, dilation):
+    (KH, KW), (sh, sw), (ph, pw), (dil_h, dil_w) = kernel_hw, stride, padding, dilation
+    return ((H + 2 * ph - dil_h * (KH - 1) - 1) // sh + 1,
+            (W + 2 * pw - dil_w * (KW - 1) - 1) // sw + 1)
+
+
+def _im2col(x, kernel_hw, stride, padding, dilation):
+    """x (N, C, H, W) -> columns (N, C, KH, KW, OH, OW): columns[..., i, j, oh, ow] is the input
+    under kernel tap (i, j) of output position (oh, ow) (zero in the padding)."""
+    N, C, H, W = x.shape
+    KH, KW = kernel_hw
+    OH, OW = _out_hw(H, W, kernel_hw, stride, padding, dilation)
+    if (KH, KW) == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        return x.reshape(N, C, 1, 1, H, W)  # a 1x1 conv reads x as it is
+    x_pad = _pad(x, padding)
+    columns = np.empty((N, C, KH, KW, OH, OW), x.dtype)
+    for i in range(KH):
+        for j in range(KW):
+            rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
+            columns[:, :, i, j] = x_pad[:, :, rows, cols]
+    return columns
+
+
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
+    """x (N, C, H, W), weight (F, Cg, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
+    N, C, H, W = x.shape
+    F, Cg, KH, KW = weight.shape
+    G = groups
+    OH, OW = _out_hw(H, W, (KH, KW), stride, padding, dilation)
+    columns = _im2col(x, (KH, KW), stride, padding, dilation).reshape(N, G, Cg * KH * KW, OH * OW)
+    weight_matrix = weight.reshape(G, F // G, Cg * KH * KW)
+    out = np.matmul(weight_matrix, columns)                  # (N, G, Fg, OH * OW)
+    out = out.reshape(N, F, OH, OW)
+    if bias is not None:
+        out += bias[None, :, None, None]
+    return out
+
+
+def conv2d_backward(dout, x, weight, stride, padding, dilation, groups):
+    """dout (N, F, OH, OW) -> dx (N, C, H, W), dweight (F, Cg, KH, KW), dbias (F,)."""
+    N, C, H, W = x.shape
+    F, Cg, KH, KW = weight.shape
+    G = groups
+    OH, OW = dout.shape[2], dout.shape[3]
+    K = Cg * KH * KW
+    dout_g = dout.reshape(N, G, F // G, OH * OW)
+    dbias = dout.sum(axis=(0, 2, 3))
+
+    columns = _im2col(x, (KH, KW), stride, padding, dilation).reshape(N, G, K, OH * OW)
+    # dweight[g] = sum over n of dout[n, g] @ columns[n, g].T: one (Fg, K) product per (n, g).
+    dweight = np.matmul(dout_g, columns.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, Fg, K)
+    del columns
+    dweight = dweight.reshape(F, Cg, KH, KW)
+
+    # dcolumns[n, g] = weight[g].T @ dout[n, g], then col2im adds each tap back where it came from.
+    weight_t = weight.reshape(G, F // G, K).transpose(0, 2, 1)            # (G, K, Fg)
+    dcolumns = np.matmul(weight_t, dout_g).reshape(N, C, KH, KW, OH, OW)
+    ph, pw = padding
+    if (KH, KW) == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        return dcolumns.reshape(N, C, H, W), dweight, dbias
+    dx_pad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dcolumns.dtype)
+    for i in range(KH):
+        for j in range(KW):
+            rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
+            dx_pad[:, :, rows, cols] += dcolumns[:, :, i, j]
+    dx = dx_pad if (ph, pw) == (0, 0) else np.ascontiguousarray(dx_pad[:, :, ph:ph + H, pw:pw + W])
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# pooling
+
+def _first_inside(size, kernel, stride, padding, dilation, out):
+    """Per output index along one axis: the first kernel tap that lies inside the input."""
+    taps = (np.arange(out) * stride - padding)[:, None] + dilation * np.arange(kernel)[None, :]
+    return np.argmax((taps >= 0) & (taps < size), axis=1)
+
+
+def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
+    """x (N, C, H, W) -> out (N, C, OH, OW), argmax int64 (N, C, OH, OW) = h * W + w of the first max."""
+    N, C, H, W = x.shape
+    KH, KW = kernel_size
+    (sh, sw), (ph, pw), (dil_h, dil_w) = stride, padding, dilation
+    OH, OW = _out_hw(H, W, kernel_size, stride, padding, dilation)
+    x_pad = _pad(x, padding, -np.inf)
+    # Start from -inf with "the first tap inside the input" as the argmax and only take a tap that is
+    # strictly greater: padding (-inf) then never wins, ties keep the earliest tap in scan order, and a
+    # window whose inputs are all -inf still points at a real input position.
+    first_i = _first_inside(H, KH, sh, ph, dil_h, OH)
+    first_j = _first_inside(W, KW, sw, pw, dil_w, OW)
+    best = np.full((N, C, OH, OW), -np.inf, x.dtype)
+    tap = np.broadcast_to((first_i[:, None] * KW + first_j[None, :]), (N, C, OH, OW)).copy()
+    greater = np.empty((N, C, OH, OW), bool)
+    for i in range(KH):
+        for j in range(KW):
+            rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
+            window = x_pad[:, :, rows, cols]
+            np.greater(window, best, out=greater)
+            np.copyto(best, window, where=greater)
+            np.copyto(tap, i * KW + j, where=greater)
+    # Tap (i, j) of output (oh, ow) is input (oh * sh - ph + i * dil_h, ow * sw - pw + j * dil_w).
+    i, j = np.divmod(tap, KW)
+    h = (np.arange(OH) * sh - ph)[:, None] + i * dil_h
+    w = (np.arange(OW) * sw - pw)[None, :] + j * dil_w
+    argmax = (h * W + w).astype(np.int64, copy=False)
+    return best, argmax
+
+
+def max_pool2d_backward(dout, argmax, x_shape):
+    """dout, argmax (N, C, OH, OW) -> dx (N, C, H, W): each dout added at its argmax position."""
+    N, C, H, W = x_shape
+    plane_start = (np.arange(N * C, dtype=np.int64) * (H * W)).reshape(N, C, 1, 1)
+    # bincount sums repeated indices (overlapping windows sharing a maximum); it accumulates in
+    # float64, which is at least as accurate as summing in float32.
+    dx = np.bincount((argmax + plane_start).ravel(), weights=dout.ravel(), minlength=N * C * H * W)
+    return dx.astype(dout.dtype, copy=False).reshape(N, C, H, W)
+
+
+def _avg_divisor(x_hw, kernel_size, stride, padding, out_hw, count_include_pad, dtype):
+    """KH * KW, or per output position (OH, OW) the number of window taps inside the input."""
+    KH, KW = kernel_size
+    if count_include_pad:
+        return dtype.type(KH * KW)
+    counts = []
+    for size, k, s, p, o in zip(x_hw, kernel_size, stride, padding, out_hw):
+        start = np.arange(o) * s - p
+        counts.append(np.minimum(start + k, size) - np.maximum(start, 0))
+    return (counts[0][:, None] * counts[1][None, :]).astype(dtype)
+
+
+def avg_pool2d_forward(x, kernel_size, stride, padding, count_include_pad):
+    """x (N, C, H, W) -> out (N, C, OH, OW): window sums over the divisor."""
+    N, C, H, W = x.shape
+    KH, KW = kernel_size
+    OH, OW = _out_hw(H, W, kernel_size, stride, padding, (1, 1))
+    x_pad = _pad(x, padding)
+    total = np.zeros((N, C, OH, OW), x.dtype)
+    for i in range(KH):
+        for j in range(KW):
+            rows, cols = _offset_slices(i, j, OH, OW, stride, (1, 1))
+            total += x_pad[:, :, rows, cols]
+    total /= _avg_divisor((H, W), kernel_size, stride, padding, (OH, OW), count_include_pad, x.dtype)
+    return total
+
+
+def avg_pool2d_backward(dout, x_shape, kernel_size, stride, padding, count_include_pad):
+    """dout (N, C, OH, OW) -> dx x_shape: dout / divisor spread over each window."""
+    N, C, H, W = x_shape
+    KH, KW = kernel_size
+    ph, pw = padding
+    OH, OW = dout.shape[2], dout.shape[3]
+    share = dout / _avg_divisor((H, W), kernel_size, stride, padding, (OH, OW), count_include_pad,
+                                dout.dtype)
+    dx_pad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dout.dtype)
+    for i in range(KH):
+        for j in range(KW):
+            rows, cols = _offset_slices(i, j, OH, OW, stride, (1, 1))
+            dx_pad[:, :, rows, cols] += share
+    return dx_pad if (ph, pw) == (0, 0) else np.ascontiguousarray(dx_pad[:, :, ph:ph + H, pw:pw + W])
+
+
+def global_avg_pool2d_forward(x):
+    """x (N, C, H, W) -> out (N, C): the mean of each plane."""
+    N, C, H, W = x.shape
+    return x.reshape(N, C, H * W).mean(axis=2)
+
+
+def global_avg_pool2d_backward(dout, x_shape):
+    """dout (N, C) -> dx x_shape: dout / (H * W) everywhere in the plane."""
+    N, C, H, W = x_shape
+    dx = np.empty((N, C, H, W), dout.dtype)
+    dx[...] = (dout / dout.dtype.type(H * W))[:, :, None, None]
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# linear
+
+def linear_forward(x, weight, bias):
+    """x (N, I), weight (O, I), bias (O,) or None -> out (N, O) = x @ weight.T + bias."""
+    out = x @ weight.T
+    if bias is not None:
+        out += bias
+    return out
+
+
+def linear_backward(dout, x, weight):
+    """dout (N, O) -> dx (N, I) = dout @ weight, dweight (O, I) = dout.T @ x, dbias (O,)."""
+    return dout @ weight, dout.T @ x, dout.sum(axis=0)

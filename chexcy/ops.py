@@ -1,0 +1,599 @@
+"""chexcy.ops: conv2d, pooling and dense layers, forward and backward, for NumPy arrays.
+
+The public op API of chexcy and the ONE place where a backend is chosen. Every function checks and
+normalises its arguments once, then calls the same-named function of the active backend:
+
+    "cython"     chexcy._ops, the compiled Cython + OpenMP kernels (the default when built);
+    "python"     chexcy._fallback, vectorised NumPy (used when the extension is not built);
+    "reference"  chexcy.reference, the plain NumPy oracle of the tests (slow).
+
+Conventions follow PyTorch: activations NCHW, conv weight (F, C // groups, KH, KW), linear weight
+(out_features, in_features) with out = x @ weight.T + bias, ``stride=None`` for pools meaning the
+kernel size, max pool padding with -inf, argmax the flat index h * W + w into each (n, c) input plane.
+Output size: OH = (H + 2 * ph - dil_h * (KH - 1) - 1) // sh + 1 (see ``conv_output_size``).
+
+Input conversion: arrays may be any real floating dtype and any memory layout. Anything that is not
+C-contiguous float32 is converted ONCE, on entry, to a C-contiguous float32 copy (so float64 input gives
+float32 results: the kernels compute in float32). Integer, bool, complex and object arrays raise
+TypeError rather than being silently cast. Shape errors raise ValueError naming the function, the
+argument and the shapes. Values are not scanned (a NaN in x is not an error: scanning would cost as
+much as a pooling pass); the only value check is argmax's range, because a bad index there would make
+a compiled kernel write outside its array.
+
+Backward functions return fresh arrays, never write into their inputs, and return dbias even when the
+forward pass had no bias.
+
+Choosing the backend: the environment variable CHEXCY_BACKEND ("cython", "python", "reference"), else
+"cython" when the compiled module loads, else "python" with one RuntimeWarning saying how to build it.
+At run time: ``set_backend(name)``, ``with use_backend(name): ...``, ``get_backend()``,
+``available_backends()``. Threads of the compiled kernels: ``set_num_threads(n)``/``get_num_threads()``;
+by default the kernels use as many threads as OpenMP would (OMP_NUM_THREADS, threadpoolctl limits and
+the CPUs this process may run on are honoured).
+"""
+import contextlib
+import functools
+import importlib
+import os
+import threading
+import warnings
+
+import numpy as np
+
+from chexcy import _native
+
+__all__ = [
+    "conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
+    "avg_pool2d_forward", "avg_pool2d_backward", "global_avg_pool2d_forward",
+    "global_avg_pool2d_backward", "linear_forward", "linear_backward",
+    "conv2d", "max_pool2d", "avg_pool2d", "linear",
+    "get_backend", "set_backend", "use_backend", "available_backends",
+    "get_num_threads", "set_num_threads", "info", "conv_output_size",
+]
+
+BACKENDS = ("cython", "python", "reference")
+ENV_BACKEND = "CHEXCY_BACKEND"
+
+# The compiled kernels index with C ints; every size and geometry value must fit in one (with room
+# for H + 2 * padding).
+_INT_LIMIT = 2 ** 31 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+
+_lock = threading.Lock()
+_state = {"name": None, "module": None}
+
+
+def _load_backend(name):
+    """The module implementing backend `name`; ValueError for an unknown name, ImportError if not built."""
+    if name == "cython":
+        return _native.load()
+    if name == "python":
+        return importlib.import_module("chexcy._fallback")
+    if name == "reference":
+        return importlib.import_module("chexcy.reference")
+    raise ValueError(f"unknown chexcy backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _resolve_default():
+    """The first choice of backend: CHEXCY_BACKEND, else cython, else python with one warning."""
+    requested = os.environ.get(ENV_BACKEND, "").strip()
+    if requested:
+        if requested not in BACKENDS:
+            raise ValueError(f"{ENV_BACKEND}={requested!r} is not a chexcy backend; "
+                             f"choose one of {', '.join(BACKENDS)}")
+        return requested, _load_backend(requested)
+    try:
+        return "cython", _native.load()
+    except ImportError as exc:
+        warnings.warn(
+            f"chexcy is using its pure-Python fallback (slow) because the compiled kernels are "
+            f"unavailable: {exc}. Build them with a C compiler: `pip install .` from the source "
+            f"tree, or `python setup.py build_ext --inplace` for a development checkout. "
+            f"Set {ENV_BACKEND}=python to choose the fallback explicitly and silence this warning.",
+            RuntimeWarning, stacklevel=4)
+        return "python", _load_backend("python")
+
+
+def _backend():
+    module = _state["module"]
+    if module is None:
+        with _lock:
+            if _state["module"] is None:
+                _state["name"], _state["module"] = _resolve_default()
+            module = _state["module"]
+    return module
+
+
+def get_backend():
+    """Name of the active backend: "cython", "python" or "reference"."""
+    _backend()
+    return _state["name"]
+
+
+def set_backend(name):
+    """Make `name` ("cython", "python" or "reference") the active backend for all later calls.
+
+    ValueError for an unknown name; ImportError when "cython" is asked for but not built.
+    """
+    module = _load_backend(name)
+    with _lock:
+        _state["name"], _state["module"] = name, module
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager: run the block on backend `name`, then restore the previous one (even on error)."""
+    previous = get_backend()
+    previous_module = _state["module"]
+    set_backend(name)
+    try:
+        yield _state["module"]
+    finally:
+        with _lock:
+            _state["name"], _state["module"] = previous, previous_module
+
+
+def available_backends():
+    """Names of the backends that can run here, fastest first (the compiled one only when built)."""
+    names = []
+    for name in BACKENDS:
+        try:
+            _load_backend(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def _compiled_or_none():
+    try:
+        return _native.load()
+    except ImportError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads
+
+_threads = {"n": None}  # set_num_threads value when the compiled module is absent (None = default)
+
+
+def _default_num_threads():
+    """Threads OpenMP would start: OMP_NUM_THREADS when set, else the CPUs this process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def get_num_threads():
+    """Threads the compiled kernels use per call (what set_num_threads set, else OpenMP's default)."""
+    compiled = _compiled_or_none()
+    if compiled is not None:
+        n = int(compiled.get_num_threads())
+        if n >= 1:
+            return n
+        return _default_num_threads()
+    return _threads["n"] or _default_num_threads()
+
+
+def set_num_threads(n):
+    """Use `n` threads (an int >= 1) in the compiled kernels; ``None`` returns to OpenMP's default.
+
+    Results do not depend on the thread count (each thread owns its outputs). The python and
+    reference backends are single-threaded apart from NumPy's BLAS, which this does not change.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+        raise ValueError(f"set_num_threads: n must be an int >= 1 (or None for the default), got {n!r}")
+    value = None if n is None else int(n)
+    compiled = _compiled_or_none()
+    if compiled is not None:
+        compiled.set_num_threads(0 if value is None else value)
+    _threads["n"] = value
+
+
+def info():
+    """What `chexcy info` prints: backend, threads, OpenMP, available backends and the build details."""
+    compiled = _compiled_or_none()
+    result = {
+        "backend": get_backend(),
+        "threads": get_num_threads(),
+        "openmp": bool(compiled.openmp_enabled()) if compiled is not None else False,
+        "available_backends": available_backends(),
+        "numpy": np.__version__,
+    }
+    if compiled is not None:
+        result["build_info"] = dict(compiled.build_info())
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument normalisers (one source of truth for the geometry)
+
+def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
+    """Output length along one axis: (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1.
+
+    Used for conv and both pools (avg pool has dilation 1). It may be <= 0 for impossible geometry;
+    the ops reject that.
+    """
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _pair(value, fn, name, minimum=1):
+    """(h, w) tuple of Python ints from an int or a pair; ValueError when an entry is < minimum."""
+    if _is_int(value):
+        pair = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}")
+    if pair[0] < minimum or pair[1] < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value!r}")
+    if pair[0] > _INT_LIMIT or pair[1] > _INT_LIMIT:
+        raise ValueError(f"{fn}: {name}={value!r} is too large (limit {_INT_LIMIT})")
+    return pair
+
+
+def _conv_padding(padding, stride, dilation, kernel_hw, fn="conv2d"):
+    """Resolve conv padding to (symmetric (ph, pw), extra (bottom, right)).
+
+    "valid" is 0. "same" (stride 1 only) keeps H and W: the total padding along an axis is
+    dil * (K - 1); when it is odd the extra row/column goes at the bottom/right (as PyTorch does), and
+    since the kernels take symmetric padding only, ops pads x explicitly by that extra amount.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{fn}: padding='same' needs stride 1, got stride={stride}")
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel_hw)]
+            return (totals[0] // 2, totals[1] // 2), (totals[0] % 2, totals[1] % 2)
+        raise ValueError(f"{fn}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    return _pair(padding, fn, "padding", minimum=0), (0, 0)
+
+
+def _float_array(value, fn, name):
+    """C-contiguous float32 view or (once) converted copy; TypeError for non-float data."""
+    if type(value) is np.ndarray and value.dtype == np.float32 and value.flags.c_contiguous \
+            and value.flags.aligned:
+        return value  # the hot path: nothing to do
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if array.dtype.kind != "f":
+        raise TypeError(f"{fn}: {name} must be a real floating-point array, got dtype {array.dtype} "
+                        f"(shape {array.shape}); convert it explicitly, e.g. {name}.astype(np.float32)")
+    return np.require(array, np.float32, ["C_CONTIGUOUS", "ALIGNED"])
+
+
+def _check_ndim(array, ndim, fn, name, layout):
+    if array.ndim != ndim:
+        raise ValueError(f"{fn}: {name} must be {ndim}-D {layout}, got shape {array.shape}")
+
+
+def _check_nonempty(shape, fn, name, layout):
+    if any(s == 0 for s in shape):
+        raise ValueError(f"{fn}: {name} has an empty dimension: shape {shape} {layout} "
+                         f"(empty batches and zero channels are not supported)")
+    if any(s > _INT_LIMIT for s in shape):
+        raise ValueError(f"{fn}: {name} shape {shape} has a dimension larger than {_INT_LIMIT}")
+
+
+def _x_shape(x_shape, fn):
+    """x_shape as a tuple of 4 positive Python ints."""
+    if not isinstance(x_shape, (tuple, list)) or len(x_shape) != 4 or not all(_is_int(s) for s in x_shape):
+        raise ValueError(f"{fn}: x_shape must be a tuple of 4 ints (N, C, H, W), got {x_shape!r}")
+    shape = tuple(int(s) for s in x_shape)
+    if any(s < 1 for s in shape):
+        raise ValueError(f"{fn}: x_shape must have every dimension >= 1, got {shape}")
+    if any(s > _INT_LIMIT for s in shape):
+        raise ValueError(f"{fn}: x_shape {shape} has a dimension larger than {_INT_LIMIT}")
+    return shape
+
+
+def _output_hw(fn, x_shape, kernel_hw, stride, padding, dilation, what):
+    """(OH, OW) for the geometry; ValueError when the (dilated) kernel is larger than the padded input."""
+    H, W = x_shape[2], x_shape[3]
+    for axis, size, k, s, p, d in (("H", H, kernel_hw[0], stride[0], padding[0], dilation[0]),
+                                   ("W", W, kernel_hw[1], stride[1], padding[1], dilation[1])):
+        if size + 2 * p > _INT_LIMIT:
+            raise ValueError(f"{fn}: padded {axis}={size + 2 * p} is too large (limit {_INT_LIMIT})")
+        effective = d * (k - 1) + 1
+        if effective > size + 2 * p:
+            raise ValueError(
+                f"{fn}: {what} {(kernel_hw)} with dilation {dilation} spans {effective} along {axis} but "
+                f"the padded input has only {size + 2 * p} (x {tuple(x_shape)}, padding {padding}): "
+                f"the output would be empty")
+    return (conv_output_size(H, kernel_hw[0], stride[0], padding[0], dilation[0]),
+            conv_output_size(W, kernel_hw[1], stride[1], padding[1], dilation[1]))
+
+
+def _check_pool_padding(fn, kernel_hw, padding):
+    # PyTorch's rule: padding at most half the kernel, so that no window lies (nearly) all in padding.
+    if padding[0] > kernel_hw[0] // 2 or padding[1] > kernel_hw[1] // 2:
+        raise ValueError(f"{fn}: padding {padding} must be at most half of kernel_size {kernel_hw}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _some_window_all_padding(size, kernel, stride, padding, dilation, out):
+    """True when one of the `out` windows along this axis has every tap in the padding.
+
+    Possible for max pool only with dilation > 1 (e.g. kernel 2, padding 1, dilation 5 on size 4: the
+    taps -1 and 4 both miss). Such a window would have no maximum, and no valid argmax to return.
+    """
+    starts = np.arange(out) * stride - padding
+    taps = starts[:, None] + dilation * np.arange(kernel)[None, :]
+    inside = (taps >= 0) & (taps < size)
+    return not bool(inside.any(axis=1).all())
+
+
+def _pool_args(fn, x_shape, kernel_size, stride, padding, dilation=1):
+    kernel_hw = _pair(kernel_size, fn, "kernel_size")
+    stride_hw = kernel_hw if stride is None else _pair(stride, fn, "stride")
+    padding_hw = _pair(padding, fn, "padding", minimum=0)
+    dilation_hw = _pair(dilation, fn, "dilation")
+    _check_pool_padding(fn, kernel_hw, padding_hw)
+    out_hw = _output_hw(fn, x_shape, kernel_hw, stride_hw, padding_hw, dilation_hw, "kernel_size")
+    if dilation_hw != (1, 1) and any(
+            _some_window_all_padding(size, k, s, p, d, o) for size, k, s, p, d, o in zip(
+                x_shape[2:], kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)):
+        raise ValueError(f"{fn}: with kernel_size {kernel_hw}, dilation {dilation_hw} and padding "
+                         f"{padding_hw}, some window of x {tuple(x_shape)} lies entirely in the "
+                         f"padding; reduce padding or dilation")
+    return kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw
+
+
+def _check_groups(groups, fn):
+    if not _is_int(groups):
+        raise TypeError(f"{fn}: groups must be an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"{fn}: groups must be >= 1, got {groups}")
+    return int(groups)
+
+
+def _conv_args(fn, x, weight, stride, padding, dilation, groups):
+    """Validate the conv inputs; returns the normalised geometry and the output shape."""
+    _check_ndim(x, 4, fn, "x", "(N, C, H, W)")
+    _check_ndim(weight, 4, fn, "weight", "(F, C // groups, KH, KW)")
+    _check_nonempty(x.shape, fn, "x", "(N, C, H, W)")
+    _check_nonempty(weight.shape, fn, "weight", "(F, C // groups, KH, KW)")
+    groups = _check_groups(groups, fn)
+    N, C, H, W = x.shape
+    F, Cg, KH, KW = weight.shape
+    if C % groups or F % groups:
+        raise ValueError(f"{fn}: groups={groups} must divide both the input channels C={C} and the "
+                         f"output channels F={F} (x {x.shape}, weight {weight.shape})")
+    if Cg * groups != C:
+        raise ValueError(f"{fn}: x has C={C} but weight expects C={Cg * groups} "
+                         f"(x {x.shape}, weight {weight.shape}, groups={groups})")
+    stride_hw = _pair(stride, fn, "stride")
+    dilation_hw = _pair(dilation, fn, "dilation")
+    padding_hw, extra = _conv_padding(padding, stride_hw, dilation_hw, (KH, KW), fn)
+    padded_shape = (N, C, H + extra[0], W + extra[1])
+    out_hw = _output_hw(fn, padded_shape, (KH, KW), stride_hw, padding_hw, dilation_hw,
+                        "kernel (KH, KW) =")
+    return stride_hw, padding_hw, dilation_hw, extra, (N, F) + out_hw
+
+
+def _pad_extra(x, extra):
+    """x with `extra` (bottom, right) zero rows/columns: the odd half of padding='same'."""
+    N, C, H, W = x.shape
+    padded = np.zeros((N, C, H + extra[0], W + extra[1]), np.float32)
+    padded[:, :, :H, :W] = x
+    return padded
+
+
+# ----------------------------------------------------------------------------------------------
+# conv2d
+
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation, as PyTorch), forward.
+
+    x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None; stride, dilation: int or
+    (h, w); padding: int, (h, w), "valid" or "same" (stride 1). Returns out (N, F, OH, OW) float32.
+    Inputs that are not C-contiguous float32 are converted once.
+    """
+    fn = "conv2d"
+    x = _float_array(x, fn, "x")
+    weight = _float_array(weight, fn, "weight")
+    stride_hw, padding_hw, dilation_hw, extra, _ = _conv_args(fn, x, weight, stride, padding,
+                                                              dilation, groups)
+    if bias is not None:
+        bias = _float_array(bias, fn, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) (one per output channel "
+                             f"of weight {weight.shape}), got {bias.shape}")
+    if extra != (0, 0):
+        x = _pad_extra(x, extra)
+    return _backend().conv2d_forward(x, weight, bias, stride_hw, padding_hw, dilation_hw, int(groups))
+
+
+def conv2d_backward(dout, x, weight, stride=1, padding=0, dilation=1, groups=1):
+    """Gradients of conv2d_forward with respect to x, weight and bias.
+
+    dout (N, F, OH, OW), x (N, C, H, W), weight (F, C // groups, KH, KW) and the forward's geometry
+    -> (dx (N, C, H, W), dweight (F, C // groups, KH, KW), dbias (F,)), fresh float32 arrays; dbias is
+    returned whether or not the forward pass had a bias.
+    """
+    fn = "conv2d_backward"
+    dout = _float_array(dout, fn, "dout")
+    x = _float_array(x, fn, "x")
+    weight = _float_array(weight, fn, "weight")
+    stride_hw, padding_hw, dilation_hw, extra, out_shape = _conv_args(fn, x, weight, stride, padding,
+                                                                      dilation, groups)
+    if dout.shape != out_shape:
+        raise ValueError(f"{fn}: dout must have the forward output's shape {out_shape}, got "
+                         f"{dout.shape} (x {x.shape}, weight {weight.shape}, stride {stride_hw}, "
+                         f"padding {padding!r}, dilation {dilation_hw}, groups={groups})")
+    H, W = x.shape[2], x.shape[3]
+    if extra != (0, 0):
+        x = _pad_extra(x, extra)
+    dx, dweight, dbias = _backend().conv2d_backward(dout, x, weight, stride_hw, padding_hw,
+                                                    dilation_hw, int(groups))
+    if extra != (0, 0):
+        dx = np.ascontiguousarray(dx[:, :, :H, :W])
+    return dx, dweight, dbias
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Forward-only convenience: the same as conv2d_forward."""
+    return conv2d_forward(x, weight, bias, stride, padding, dilation, groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# pooling
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, dilation=1):
+    """2-D max pooling. x (N, C, H, W) -> (out (N, C, OH, OW) float32, argmax int64 (N, C, OH, OW)).
+
+    kernel_size, stride (None = kernel_size), padding (<= half the kernel; pads with -inf), dilation:
+    int or (h, w). argmax[n, c, oh, ow] = h * W + w of the window's first maximum (row-major scan),
+    the input for max_pool2d_backward.
+    """
+    fn = "max_pool2d"
+    x = _float_array(x, fn, "x")
+    _check_ndim(x, 4, fn, "x", "(N, C, H, W)")
+    _check_nonempty(x.shape, fn, "x", "(N, C, H, W)")
+    kernel_hw, stride_hw, padding_hw, dilation_hw, _ = _pool_args(fn, x.shape, kernel_size, stride,
+                                                                  padding, dilation)
+    return _backend().max_pool2d_forward(x, kernel_hw, stride_hw, padding_hw, dilation_hw)
+
+
+def max_pool2d_backward(dout, argmax, x_shape):
+    """Gradient of max pooling: dout (N, C, OH, OW), argmax from max_pool2d_forward, x_shape
+    (N, C, H, W) -> dx (N, C, H, W) float32, with each dout added at its argmax position.
+
+    argmax must be an integer array shaped like dout with values in [0, H * W); it is scanned for that
+    (a bad index would make a compiled kernel write out of bounds).
+    """
+    fn = "max_pool2d_backward"
+    dout = _float_array(dout, fn, "dout")
+    x_shape = _x_shape(x_shape, fn)
+    _check_ndim(dout, 4, fn, "dout", "(N, C, OH, OW)")
+    _check_nonempty(dout.shape, fn, "dout", "(N, C, OH, OW)")
+    if dout.shape[:2] != x_shape[:2]:
+        raise ValueError(f"{fn}: dout {dout.shape} and x_shape {x_shape} disagree on (N, C)")
+    if not isinstance(argmax, np.ndarray):
+        argmax = np.asarray(argmax)
+    if argmax.dtype.kind not in "iu":
+        raise TypeError(f"{fn}: argmax must be an integer array (the argmax of max_pool2d_forward), "
+                        f"got dtype {argmax.dtype}")
+    if argmax.shape != dout.shape:
+        raise ValueError(f"{fn}: argmax must have dout's shape {dout.shape}, got {argmax.shape}")
+    argmax = np.require(argmax, np.int64, ["C_CONTIGUOUS", "ALIGNED"])
+    plane = x_shape[2] * x_shape[3]
+    low, high = int(argmax.min()), int(argmax.max())
+    if low < 0 or high >= plane:
+        raise ValueError(f"{fn}: argmax values must lie in [0, H * W = {plane}) for x_shape {x_shape}, "
+                         f"got values in [{low}, {high}]")
+    return _backend().max_pool2d_backward(dout, argmax, x_shape)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1):
+    """Forward-only convenience: max_pool2d_forward's out, without argmax."""
+    return max_pool2d_forward(x, kernel_size, stride, padding, dilation)[0]
+
+
+def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """2-D average pooling. x (N, C, H, W) -> out (N, C, OH, OW) float32.
+
+    kernel_size, stride (None = kernel_size), padding (<= half the kernel; zeros): int or (h, w).
+    count_include_pad: divide by KH * KW (True) or by the number of taps inside the input (False).
+    """
+    fn = "avg_pool2d"
+    x = _float_array(x, fn, "x")
+    _check_ndim(x, 4, fn, "x", "(N, C, H, W)")
+    _check_nonempty(x.shape, fn, "x", "(N, C, H, W)")
+    kernel_hw, stride_hw, padding_hw, _, _ = _pool_args(fn, x.shape, kernel_size, stride, padding)
+    return _backend().avg_pool2d_forward(x, kernel_hw, stride_hw, padding_hw, bool(count_include_pad))
+
+
+def avg_pool2d_backward(dout, x_shape, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """Gradient of average pooling: dout (N, C, OH, OW) and the forward's arguments -> dx x_shape float32."""
+    fn = "avg_pool2d_backward"
+    dout = _float_array(dout, fn, "dout")
+    x_shape = _x_shape(x_shape, fn)
+    kernel_hw, stride_hw, padding_hw, _, out_hw = _pool_args(fn, x_shape, kernel_size, stride, padding)
+    if dout.shape != x_shape[:2] + out_hw:
+        raise ValueError(f"{fn}: dout must have the forward output's shape {x_shape[:2] + out_hw} "
+                         f"for x_shape {x_shape}, got {dout.shape}")
+    return _backend().avg_pool2d_backward(dout, x_shape, kernel_hw, stride_hw, padding_hw,
+                                          bool(count_include_pad))
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """Forward-only convenience: the same as avg_pool2d_forward."""
+    return avg_pool2d_forward(x, kernel_size, stride, padding, count_include_pad)
+
+
+def global_avg_pool2d_forward(x):
+    """Mean over each (n, c) plane: x (N, C, H, W) -> out (N, C) float32."""
+    fn = "global_avg_pool2d"
+    x = _float_array(x, fn, "x")
+    _check_ndim(x, 4, fn, "x", "(N, C, H, W)")
+    _check_nonempty(x.shape, fn, "x", "(N, C, H, W)")
+    return _backend().global_avg_pool2d_forward(x)
+
+
+def global_avg_pool2d_backward(dout, x_shape):
+    """Gradient of the global average pool: dout (N, C) -> dx x_shape (N, C, H, W) float32."""
+    fn = "global_avg_pool2d_backward"
+    dout = _float_array(dout, fn, "dout")
+    x_shape = _x_shape(x_shape, fn)
+    if dout.shape != x_shape[:2]:
+        raise ValueError(f"{fn}: dout must have shape (N, C) = {x_shape[:2]} for x_shape {x_shape}, "
+                         f"got {dout.shape}")
+    return _backend().global_avg_pool2d_backward(dout, x_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear
+
+def _linear_args(fn, x, weight):
+    _check_ndim(x, 2, fn, "x", "(N, in_features)")
+    _check_ndim(weight, 2, fn, "weight", "(out_features, in_features)")
+    _check_nonempty(x.shape, fn, "x", "(N, in_features)")
+    _check_nonempty(weight.shape, fn, "weight", "(out_features, in_features)")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{fn}: x has in_features={x.shape[1]} but weight expects "
+                         f"{weight.shape[1]} (x {x.shape}, weight {weight.shape})")
+
+
+def linear_forward(x, weight, bias=None):
+    """Dense layer: x (N, in), weight (out, in), bias (out,) or None -> x @ weight.T + bias (N, out) float32."""
+    fn = "linear"
+    x = _float_array(x, fn, "x")
+    weight = _float_array(weight, fn, "weight")
+    _linear_args(fn, x, weight)
+    if bias is not None:
+        bias = _float_array(bias, fn, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) (out_features of "
+                             f"weight {weight.shape}), got {bias.shape}")
+    return _backend().linear_forward(x, weight, bias)
+
+
+def linear_backward(dout, x, weight):
+    """dout (N, out), x (N, in), weight (out, in) -> (dx (N, in), dweight (out, in), dbias (out,)), float32."""
+    fn = "linear_backward"
+    dout = _float_array(dout, fn, "dout")
+    x = _float_array(x, fn, "x")
+    weight = _float_array(weight, fn, "weight")
+    _linear_args(fn, x, weight)
+    if dout.shape != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"{fn}: dout must have shape (N, out_features) = {(x.shape[0], weight.shape[0])}"
+                         f" (x {x.shape}, weight {weight.shape}), got {dout.shape}")
+    return _backend().linear_backward(dout, x, weight)
+
+
+def linear(x, weight, bias=None):
+    """Forward-only convenience: the same as linear_forward."""
+    return linear_forward(x, weight, bias)
