@@ -1,0 +1,345 @@
+"""Data-parallel chexcy on MPI (mpi4py): everything that talks to other ranks lives here.
+
+Only `--distributed` imports this module's MPI side; plain chexcy never imports mpi4py. Every helper
+also works with `LocalComm`, a one-process stand-in, so the training and preparation code has a single
+path whatever the number of ranks.
+
+Legend: K ranks, r this rank, B global batch (rows of one optimiser step over all ranks), b = B_r the
+rows of rank r, P the total number of gradient scalars.
+
+The scheme (see docs/distributed.md for how to run it and the cost model):
+- Sharding: every rank computes the same global batch (same seed, same epoch permutation) and keeps the
+  contiguous slice `shard_bounds(B, r, K)`; the slices of ranks 0..K-1 in order are exactly the batch.
+  B need not be divisible by K: the first B % K ranks take one row more.
+- Gradients: one `Allreduce` per step over one preallocated float32 buffer of P + 3 numbers. Each rank
+  packs its gradient multiplied by its weight w_r (the number of terms its loss averaged over, e.g.
+  present labels), then w_r * loss_r, w_r and a stop flag. After the sum, gradient / sum(w) is the
+  gradient of the global mean loss -- exactly what one process computes on the whole batch, even when
+  shards have different sizes or different numbers of masked labels. The loss comes out global too, so a
+  NaN check or a stop request (SIGINT/SIGTERM on any rank) is seen by every rank at the same step.
+- BatchNorm: synchronised batch statistics (`SyncBatchNorm`): in training mode the per-channel sums
+  (forward) and the per-channel gradient sums (backward) are summed over ranks, so normalisation uses
+  the statistics of the whole global batch and the running mean/var are identical on every rank. This is
+  the choice that makes "K ranks x B/K == 1 process x B" hold (to float32 rounding); its cost is two
+  small Allreduces (2C float64 each) per BatchNorm layer per step.
+- Validation: each rank scores a contiguous slice of the validation set; `gather_rows` (Gatherv)
+  assembles the predictions in row order on rank 0, which computes the AUC over the whole set.
+- Errors: `abort_on_error` turns an uncaught exception on any rank into a message naming the rank and
+  `MPI.COMM_WORLD.Abort(1)`, so the job ends instead of the other ranks waiting forever in a collective.
+"""
+import contextlib
+import os
+import sys
+import traceback
+
+import numpy as np
+
+MPI_EXTRA_HINT = 'install the MPI extra: pip install "chexcy[mpi]" (mpi4py and an MPI implementation)'
+
+
+# ---------------------------------------------------------------------------------------------------
+# Communicators
+# ---------------------------------------------------------------------------------------------------
+
+class LocalComm:
+    """The one-process stand-in: rank 0 of 1; every collective is the identity."""
+
+    rank = 0
+    size = 1
+    is_mpi = False
+
+    @property
+    def is_root(self):
+        return self.rank == 0
+
+    def allreduce_sum_(self, buf):
+        """Sum `buf` (contiguous ndarray) over ranks, in place. Returns buf."""
+        return buf
+
+    def allreduce_sum(self, value):
+        """Sum a Python number over ranks."""
+        return value
+
+    def bcast_(self, buf, root=0):
+        """Overwrite `buf` (contiguous ndarray) with root's copy, in place. Returns buf."""
+        return buf
+
+    def bcast_object(self, obj, root=0):
+        return obj
+
+    def allgather_object(self, obj):
+        return [obj]
+
+    def gatherv_rows(self, local):
+        """Concatenate every rank's `local` (n_r, ...) along axis 0 on rank 0 (None elsewhere)."""
+        return np.ascontiguousarray(local)
+
+    def barrier(self):
+        pass
+
+    def abort(self, code=1):
+        os._exit(code)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
+
+
+class MPIComm(LocalComm):
+    """mpi4py's COMM_WORLD behind the LocalComm interface."""
+
+    is_mpi = True
+
+    def __init__(self, comm=None):
+        MPI = import_mpi()
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+
+    def allreduce_sum_(self, buf):
+        _check_buffer(buf, "allreduce_sum_")
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        return buf
+
+    def allreduce_sum(self, value):
+        return self.comm.allreduce(value, op=self.MPI.SUM)
+
+    def bcast_(self, buf, root=0):
+        _check_buffer(buf, "bcast_")
+        self.comm.Bcast(buf, root=root)
+        return buf
+
+    def bcast_object(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def allgather_object(self, obj):
+        return self.comm.allgather(obj)
+
+    def gatherv_rows(self, local):
+        local = np.ascontiguousarray(local)
+        # Shapes and dtypes first (a small object gather), so ranks may hold different row counts
+        # and a mismatch is reported instead of corrupting the receive buffer.
+        shapes = self.comm.gather((local.shape, local.dtype.str), root=0)
+        # The data travel as bytes, so any dtype works without an MPI datatype table.
+        send = local.reshape(-1).view(np.uint8)
+        if self.rank != 0:
+            self.comm.Gatherv(send, None, root=0)
+            return None
+        tails = {s[1:] for s, _ in shapes}
+        dtypes = {d for _, d in shapes}
+        if len(tails) != 1 or len(dtypes) != 1:
+            raise ValueError(f"gather_rows: ranks sent incompatible arrays (shape, dtype) {shapes}")
+        row_bytes = int(np.prod(local.shape[1:], dtype=np.int64)) * local.dtype.itemsize
+        counts = [int(s[0]) * row_bytes for s, _ in shapes]
+        displs = [int(x) for x in np.concatenate([[0], np.cumsum(counts)[:-1]])]
+        out = np.empty((int(sum(s[0] for s, _ in shapes)),) + local.shape[1:], dtype=local.dtype)
+        self.comm.Gatherv(send, [out.reshape(-1).view(np.uint8), counts, displs, self.MPI.BYTE], root=0)
+        return out
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code=1):
+        self.comm.Abort(code)
+
+
+def _check_buffer(buf, name):
+    if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
+        raise TypeError(f"{name}: expected a C-contiguous numpy array, got {type(buf).__name__}")
+
+
+def import_mpi():
+    """Import mpi4py.MPI, or raise ImportError saying how to install it."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(f"--distributed needs mpi4py: {MPI_EXTRA_HINT} ({exc})") from exc
+    return MPI
+
+
+def init(distributed=True):
+    """The communicator for this process: `MPIComm` when `distributed`, else `LocalComm`.
+
+    Started without mpiexec, an MPI program is one rank of one (a "singleton"), which is valid.
+    """
+    if not distributed:
+        return LocalComm()
+    return MPIComm()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: one failing rank ends the job
+# ---------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def abort_on_error(comm, what="chexcy"):
+    """Run the body; on any exception print `rank r/K: error` (with the traceback) and abort the job.
+
+    Without this, a rank that raises leaves the other ranks blocked in their next collective until the
+    job's wall-clock limit. `SystemExit(0)` passes through; every other exit from the body is fatal
+    for the whole job when K > 1. With one rank the exception propagates unchanged.
+    """
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code in (0, None) or comm.size == 1:
+            raise
+        _report_and_abort(comm, what, f"exit status {exc.code}", None, code=exc.code if isinstance(exc.code, int) else 1)
+    except BaseException as exc:   # noqa: B902 -- KeyboardInterrupt too: a half-stopped job hangs
+        if comm.size == 1:
+            raise
+        _report_and_abort(comm, what, f"{type(exc).__name__}: {exc}", exc)
+
+
+def _report_and_abort(comm, what, message, exc, code=1):
+    if exc is not None:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(f"{what}: rank {comm.rank} of {comm.size} failed: {message}; aborting all ranks",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    comm.abort(code or 1)
+
+
+def quiet_non_root(comm):
+    """Send this rank's stdout to /dev/null unless it is rank 0 (stderr stays: errors still show)."""
+    if not comm.is_root:
+        sys.stdout = open(os.devnull, "w")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------------------
+
+def shard_bounds(n, rank, size):
+    """(lo, hi): rank `rank`'s contiguous part of n items split over `size` ranks.
+
+    The first n % size ranks take n // size + 1 items, the others n // size; the parts of ranks
+    0..size-1 are adjacent and cover [0, n) exactly, so concatenating per-rank results in rank order
+    restores the original order.
+    """
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"shard_bounds: need 0 <= rank < size, got rank={rank}, size={size}")
+    if n < 0:
+        raise ValueError(f"shard_bounds: n must be >= 0, got {n}")
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def shard(indices, comm):
+    """This rank's contiguous slice of `indices` (1-D, e.g. the rows of one global batch)."""
+    lo, hi = shard_bounds(len(indices), comm.rank, comm.size)
+    return indices[lo:hi]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradient averaging: one Allreduce per step
+# ---------------------------------------------------------------------------------------------------
+
+class GradientAllreduce:
+    """Averages the gradients of `params` over ranks with one Allreduce on one flat float32 buffer.
+
+    params: a list of objects with `.data` and `.grad` (float32 ndarrays of the same shape). The buffer
+    holds P gradient scalars followed by three numbers: weighted loss, weight, stop flag. It is allocated
+    once; `views[i]` is the slice of the buffer shaped like params[i].grad.
+
+    `__call__(loss, weight, stop=False)` -> (global_loss, global_weight, stop_any):
+        loss   : this rank's mean loss (a float; the mean over `weight` terms)
+        weight : how many terms that mean averaged (present labels for the masked BCE; rows for a plain
+                 batch mean). 0 is allowed (an empty shard or all labels masked): the rank then adds
+                 nothing, whatever its gradient holds.
+        stop   : this rank wants to stop after this step (a signal arrived); stop_any tells every rank.
+    On return each `.grad` holds sum_r(w_r * g_r) / sum_r(w_r): the gradient of the global mean loss.
+    """
+
+    def __init__(self, params, comm):
+        self.params = list(params)
+        self.comm = comm
+        sizes = [int(np.asarray(p.data).size) for p in self.params]
+        self.n_grad = int(sum(sizes))
+        self.buffer = np.zeros(self.n_grad + 3, dtype=np.float32)
+        self.views = []
+        offset = 0
+        for p, n in zip(self.params, sizes):
+            self.views.append(self.buffer[offset:offset + n].reshape(np.shape(p.data)))
+            offset += n
+        self.calls = 0
+
+    @property
+    def nbytes(self):
+        """Bytes each rank contributes to the Allreduce per step."""
+        return self.buffer.nbytes
+
+    def __call__(self, loss, weight, stop=False):
+        weight = float(weight)
+        buf = self.buffer
+        if weight > 0:
+            for p, view in zip(self.params, self.views):
+                if p.grad is None:
+                    view[...] = 0.0
+                else:
+                    np.multiply(p.grad, np.float32(weight), out=view)
+            buf[-3] = loss * weight
+        else:
+            buf[:-2] = 0.0                 # NaN * 0 would still poison the sum
+        buf[-2] = weight
+        buf[-1] = 1.0 if stop else 0.0
+        self.comm.allreduce_sum_(buf)
+        self.calls += 1
+        total = float(buf[-2])
+        if total > 0:
+            scale = np.float32(1.0 / total)
+            for p, view in zip(self.params, self.views):
+                if p.grad is None or p.grad.shape != view.shape or p.grad.dtype != np.float32:
+                    p.grad = np.empty(view.shape, dtype=np.float32)
+                np.multiply(view, scale, out=p.grad)
+            global_loss = float(buf[-3]) / total
+        else:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad[...] = 0.0
+            global_loss = float("nan")
+        return global_loss, total, bool(buf[-1] > 0)
+
+
+def broadcast_arrays(arrays, comm, root=0):
+    """Overwrite every ndarray in `arrays` with root's values (in place; one Bcast per dtype group).
+
+    Used once at start so every rank begins from identical parameters (and BatchNorm buffers),
+    whatever each rank's random initialisation produced.
+    """
+    arrays = list(arrays)
+    if comm.size == 1 or not arrays:
+        return
+    for dtype in sorted({a.dtype.str for a in arrays}):
+        group = [a for a in arrays if a.dtype.str == dtype]
+        flat = np.concatenate([a.ravel() for a in group])
+        comm.bcast_(flat, root=root)
+        offset = 0
+        for a in group:
+            a[...] = flat[offset:offset + a.size].reshape(a.shape)
+            offset += a.size
+
+
+def broadcast_parameters(params, comm, root=0):
+    """`broadcast_arrays` over the `.data` of parameter objects."""
+    broadcast_arrays([p.data for p in params], comm, root=root)
+
+
+def gather_rows(local, comm):
+    """Concatenate each rank's (n_r, ...) array along axis 0 in rank order on rank 0; None elsewhere.
+
+    With `shard_bounds` slices this restores the original row order (e.g. validation predictions).
+    """
+    return comm.gatherv_rows(local)
+
+
+def parameters_checksum(arrays):
+    """A float64 sum of |values| and of values, for cheap "are the ranks still identical" checks."""
+    s = 0.0
+    a = 0.0
+    for x in arrays:
+        x64 = np.asarray(x, dtype=np.float64)
+        s += float(x64.sum())
+        a += float(np.abs(x64).sum())
+    return (s, a)

@@ -1,0 +1,198 @@
+"""chexcy.distributed: sharding, the one-Allreduce gradient average, gathering, and a failing rank.
+
+The MPI tests start `mpiexec -n 2 python script.py` in a temporary folder with PYTHONSAFEPATH=1, so the
+ranks import the installed chexcy (not the source tree) exactly as a user's job would. They are skipped,
+with the reason, when mpi4py or mpiexec is missing; CI installs both (`pip install ".[test,mpi]"`).
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chexcy import distributed
+
+MPI_TIMEOUT_S = 60     # a hung collective must fail the test, not the CI job
+
+
+def find_mpiexec():
+    """mpiexec of the same environment as this python (the mpich wheel puts it there), else PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    if here.exists():
+        return str(here)
+    return shutil.which("mpiexec")
+
+
+def mpi_skip_reason():
+    if importlib.util.find_spec("mpi4py") is None:
+        return 'mpi4py is not installed (pip install "chexcy[mpi]")'
+    if find_mpiexec() is None:
+        return f"no mpiexec next to {sys.executable} or on PATH"
+    return None
+
+
+needs_mpi = pytest.mark.skipif(mpi_skip_reason() is not None, reason=str(mpi_skip_reason()))
+
+
+def run_ranks(tmp_path, script, n=2, args=(), timeout=MPI_TIMEOUT_S, check=True):
+    """Run `script` (Python source) under `mpiexec -n n` in tmp_path; return the CompletedProcess."""
+    path = tmp_path / "rank_script.py"
+    path.write_text(textwrap.dedent(script))
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    cmd = [find_mpiexec(), "-n", str(n), sys.executable, str(path), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}"
+                             f"\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+class Param:
+    def __init__(self, data, grad):
+        self.data = data
+        self.grad = grad
+
+
+# ---------------------------------------------------------------------------------------------------
+# Without MPI: the pieces every rank computes alone
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [0, 1, 5, 31, 32, 33, 64])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 8])
+def test_shards_cover_the_batch_exactly_and_in_order(n, size):
+    batch = np.arange(100, 100 + n)
+    parts = [distributed.shard(batch, _FakeComm(r, size)) for r in range(size)]
+    np.testing.assert_array_equal(np.concatenate(parts), batch, err_msg=f"n={n} size={size}")
+    lengths = [len(p) for p in parts]
+    assert max(lengths) - min(lengths) <= 1, f"unbalanced shards {lengths} for n={n}, size={size}"
+    assert lengths == sorted(lengths, reverse=True), "the larger shards must be the first ranks"
+
+
+def test_shard_bounds_rejects_bad_rank():
+    with pytest.raises(ValueError, match="rank=2, size=2"):
+        distributed.shard_bounds(10, 2, 2)
+
+
+def test_local_allreduce_leaves_gradient_and_reports_loss():
+    rng = np.random.default_rng(0)
+    params = [Param(np.zeros((3, 4), np.float32), rng.standard_normal((3, 4)).astype(np.float32)),
+              Param(np.zeros(5, np.float32), rng.standard_normal(5).astype(np.float32))]
+    before = [p.grad.copy() for p in params]
+    reducer = distributed.GradientAllreduce(params, distributed.LocalComm())
+    assert reducer.nbytes == (12 + 5 + 3) * 4
+    loss, weight, stop = reducer(0.75, 7)
+    assert (loss, weight, stop) == (0.75, 7.0, False)
+    for p, b in zip(params, before):
+        np.testing.assert_allclose(p.grad, b, rtol=1e-6)   # (g * 7) / 7 in float32
+
+
+def _FakeComm(rank, size):
+    comm = distributed.LocalComm()
+    comm.rank, comm.size = rank, size
+    return comm
+
+
+# ---------------------------------------------------------------------------------------------------
+# With MPI: two ranks
+# ---------------------------------------------------------------------------------------------------
+
+@needs_mpi
+@pytest.mark.mpi
+def test_flat_allreduce_gives_the_weighted_global_mean(tmp_path):
+    # Rank r holds gradients g_r, loss l_r averaged over w_r terms. Expected on every rank:
+    # sum_r w_r g_r / sum_r w_r (the gradient of the mean over all terms), after ONE Allreduce.
+    proc = run_ranks(tmp_path, """
+        import numpy as np
+        from chexcy import distributed
+        comm = distributed.init(True)
+        class Param:
+            def __init__(self, shape, seed):
+                self.data = np.zeros(shape, np.float32)
+                self.grad = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        shapes = [(4, 1, 3, 3), (4,), (14, 4), (14,)]
+        params = [Param(s, 10 * comm.rank + i) for i, s in enumerate(shapes)]
+        weights, losses = [3, 5], [0.25, 1.5]
+        reducer = distributed.GradientAllreduce(params, comm)
+        calls_before = reducer.calls
+        loss, total, stop = reducer(losses[comm.rank], weights[comm.rank], stop=(comm.rank == 1))
+        want_loss = (3 * 0.25 + 5 * 1.5) / 8
+        assert abs(loss - want_loss) < 1e-6, (loss, want_loss)
+        assert total == 8 and stop is True, (total, stop)
+        assert reducer.calls == calls_before + 1
+        for i, (p, s) in enumerate(zip(params, shapes)):
+            g = [np.random.default_rng(10 * r + i).standard_normal(s).astype(np.float32) for r in (0, 1)]
+            want = (3 * g[0] + 5 * g[1]) / 8
+            np.testing.assert_allclose(p.grad, want, rtol=1e-5, atol=1e-6, err_msg=f"param {i}")
+        # every rank ends with the same bits
+        sums = comm.allgather_object([p.grad.tobytes() for p in params])
+        assert sums[0] == sums[1], "ranks disagree after the allreduce"
+        # an empty shard (weight 0) contributes nothing, even with NaN gradients
+        if comm.rank == 1:
+            for p in params:
+                p.grad[...] = np.nan
+        else:
+            for i, p in enumerate(params):
+                p.grad[...] = i
+        loss, total, stop = reducer(float("nan") if comm.rank else 2.0, 0 if comm.rank else 4)
+        assert total == 4 and loss == 2.0 and not stop, (loss, total, stop)
+        for i, p in enumerate(params):
+            assert np.all(p.grad == i), (i, p.grad)
+        print("rank", comm.rank, "ok")
+    """)
+    assert proc.stdout.count(" ok") == 2, proc.stdout
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_shards_and_gather_restore_the_global_batch(tmp_path):
+    proc = run_ranks(tmp_path, """
+        import numpy as np
+        from chexcy import distributed
+        comm = distributed.init(True)
+        for n in (1, 7, 32, 33):
+            batch = np.random.default_rng(n).permutation(1000)[:n]
+            mine = distributed.shard(batch, comm)
+            rows = np.stack([mine, mine * 2], axis=1).astype(np.float32)   # (b, 2): per-row results
+            back = distributed.gather_rows(rows, comm)
+            if comm.rank == 0:
+                np.testing.assert_array_equal(back[:, 0], batch, err_msg=f"n={n}")
+                np.testing.assert_array_equal(back[:, 1], batch * 2, err_msg=f"n={n}")
+            else:
+                assert back is None
+            everyone = comm.allgather_object(mine.tolist())
+            assert sorted(everyone[0] + everyone[1]) == sorted(batch.tolist())
+            assert not set(everyone[0]) & set(everyone[1]), "a row was given to both ranks"
+        # broadcast: rank 1's different start is replaced by rank 0's values
+        a = np.full((3, 3), comm.rank, np.float32); b = np.full(4, 10.0 + comm.rank)
+        distributed.broadcast_arrays([a, b], comm)
+        assert np.all(a == 0) and np.all(b == 10.0), (a, b)
+        print("rank", comm.rank, "ok")
+    """)
+    assert proc.stdout.count(" ok") == 2, proc.stdout
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_an_exception_on_one_rank_ends_the_job(tmp_path):
+    # Rank 1 raises while rank 0 waits in a collective that rank 1 never joins: without the guard this
+    # hangs until the timeout; with it the job ends non-zero and names the failing rank.
+    proc = run_ranks(tmp_path, """
+        import time
+        from chexcy import distributed
+        comm = distributed.init(True)
+        with distributed.abort_on_error(comm, "chexcy train"):
+            if comm.rank == 1:
+                time.sleep(0.2)
+                raise ValueError("shard 1 cannot read images.npy")
+            comm.barrier()
+        print("unreachable on rank 0 too")
+    """, check=False)
+    assert proc.returncode != 0, f"job exited 0\n{proc.stdout}\n{proc.stderr}"
+    assert "chexcy train: rank 1 of 2 failed: ValueError: shard 1 cannot read images.npy" in proc.stderr, \
+        proc.stderr
+    assert "unreachable" not in proc.stdout
