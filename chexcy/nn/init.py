@@ -1,0 +1,16 @@
+"""Weight initialisation.
+
+He/Kaiming normal (He et al. 2015): weights ~ N(0, gain**2 / fan_in) with gain sqrt(2) for ReLU networks,
+which keeps the variance of activations roughly constant from layer to layer at the start of training.
+"""
+import math
+
+import numpy as np
+
+
+def he_normal(shape, fan_in, rng, gain=math.sqrt(2.0)):
+    """float32 array of `shape` drawn from N(0, (gain / sqrt(fan_in))**2) with generator `rng`."""
+    if fan_in < 1:
+        raise ValueError(f"he_normal: fan_in must be >= 1, got {fan_in}")
+    std = gain / math.sqrt(fan_in)
+    return (rng.standard_normal(shape) * std).astype(np.float32)

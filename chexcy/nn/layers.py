@@ -1,0 +1,368 @@
+"""Layers: each a forward and a backward built on `chexcy.ops` (the kernels) or plain NumPy.
+
+Legend: N batch, C channels, H W height width, F output channels, D features. Activations are NCHW.
+
+Layers call the kernels through `kernels()`, which is `chexcy.ops` (validation, float32, the chosen
+backend). `use_kernels(chexcy.reference)` routes them straight to a backend module instead; the gradient
+tests use it to run whole layers and models in float64 against finite differences (chexcy.ops converts to
+float32 by contract, which would drown a finite-difference check in rounding). For that reason every
+layer passes stride/padding/... to the kernels already normalised, as (h, w) tuples of ints.
+
+Layers hold the cache of one forward pass. Backward returns the input gradient and sets `.grad`.
+The NumPy layers (ReLU, BatchNorm2d, Dropout, Flatten) preserve the dtype of their input.
+"""
+import contextlib
+import math
+
+import numpy as np
+
+from chexcy.nn.init import he_normal
+from chexcy.nn.module import Module, Parameter, Sequential
+
+_kernel_override = None
+
+
+def kernels():
+    """The module whose conv/pool/linear functions the layers call (chexcy.ops unless overridden)."""
+    if _kernel_override is not None:
+        return _kernel_override
+    from chexcy import ops
+    return ops
+
+
+@contextlib.contextmanager
+def use_kernels(module):
+    """Within the block, layers call `module` (e.g. chexcy.reference) directly instead of chexcy.ops."""
+    global _kernel_override
+    previous, _kernel_override = _kernel_override, module
+    try:
+        yield module
+    finally:
+        _kernel_override = previous
+
+
+def _pair(value, name):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return (int(value), int(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _nonneg_pair(value, name, minimum=0):
+    pair = _pair(value, name)
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+class Conv2d(Module):
+    """2-D convolution (cross-correlation, like PyTorch). x (N, C, H, W) -> (N, F, OH, OW).
+
+    weight (F, C // groups, KH, KW) He-normal initialised; bias (F,) zeros (or None with bias=False).
+    padding: int, (h, w), "valid" or "same" (stride 1).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, rng=None):
+        if in_channels < 1 or out_channels < 1 or groups < 1:
+            raise ValueError(f"Conv2d: channels and groups must be >= 1, got in={in_channels}, "
+                             f"out={out_channels}, groups={groups}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: groups={groups} must divide in_channels={in_channels} "
+                             f"and out_channels={out_channels}")
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size = _nonneg_pair(kernel_size, "kernel_size", 1)
+        self.stride = _nonneg_pair(stride, "stride", 1)
+        self.dilation = _nonneg_pair(dilation, "dilation", 1)
+        self.padding = self._resolve_padding(padding)
+        kh, kw = self.kernel_size
+        fan_in = (in_channels // groups) * kh * kw
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.weight = Parameter(he_normal((out_channels, in_channels // groups, kh, kw), fan_in, rng))
+        self.bias = Parameter(np.zeros(out_channels, np.float32), decay=False) if bias else None
+        self._x = None
+
+    def _resolve_padding(self, padding):
+        if isinstance(padding, str):
+            if padding == "valid":
+                return (0, 0)
+            if padding == "same":
+                if self.stride != (1, 1):
+                    raise ValueError(f"Conv2d: padding='same' needs stride 1, got stride={self.stride}")
+                totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+                if all(t % 2 == 0 for t in totals):
+                    return (totals[0] // 2, totals[1] // 2)
+                return "same"     # odd total padding: chexcy.ops pads the extra row/column itself
+            raise ValueError(f"Conv2d: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        return _nonneg_pair(padding, "padding")
+
+    def forward(self, x):
+        self._x = x
+        return kernels().conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
+                                        self.stride, self.padding, self.dilation, self.groups)
+
+    def backward(self, dout):
+        dx, dweight, dbias = kernels().conv2d_backward(dout, self._x, self.weight.data, self.stride,
+                                                       self.padding, self.dilation, self.groups)
+        self.weight.grad = dweight
+        if self.bias is not None:
+            self.bias.grad = dbias
+        return dx
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride},"
+                f" padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}")
+
+
+class MaxPool2d(Module):
+    """Max pooling (padding counts as -inf; stride None = kernel_size). x (N, C, H, W) -> (N, C, OH, OW)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1):
+        self.kernel_size = _nonneg_pair(kernel_size, "kernel_size", 1)
+        self.stride = self.kernel_size if stride is None else _nonneg_pair(stride, "stride", 1)
+        self.padding = _nonneg_pair(padding, "padding")
+        self.dilation = _nonneg_pair(dilation, "dilation", 1)
+        self._argmax = self._x_shape = None
+
+    def forward(self, x):
+        out, self._argmax = kernels().max_pool2d_forward(x, self.kernel_size, self.stride, self.padding,
+                                                         self.dilation)
+        self._x_shape = tuple(int(s) for s in x.shape)
+        return out
+
+    def backward(self, dout):
+        return kernels().max_pool2d_backward(dout, self._argmax, self._x_shape)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class AvgPool2d(Module):
+    """Average pooling. x (N, C, H, W) -> (N, C, OH, OW)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad=True):
+        self.kernel_size = _nonneg_pair(kernel_size, "kernel_size", 1)
+        self.stride = self.kernel_size if stride is None else _nonneg_pair(stride, "stride", 1)
+        self.padding = _nonneg_pair(padding, "padding")
+        self.count_include_pad = bool(count_include_pad)
+        self._x_shape = None
+
+    def forward(self, x):
+        self._x_shape = tuple(int(s) for s in x.shape)
+        return kernels().avg_pool2d_forward(x, self.kernel_size, self.stride, self.padding,
+                                            self.count_include_pad)
+
+    def backward(self, dout):
+        return kernels().avg_pool2d_backward(dout, self._x_shape, self.kernel_size, self.stride, self.padding,
+                                             self.count_include_pad)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class GlobalAvgPool2d(Module):
+    """Mean over H and W. x (N, C, H, W) -> (N, C)."""
+
+    def forward(self, x):
+        self._x_shape = tuple(int(s) for s in x.shape)
+        return kernels().global_avg_pool2d_forward(x)
+
+    def backward(self, dout):
+        return kernels().global_avg_pool2d_backward(dout, self._x_shape)
+
+
+class Linear(Module):
+    """y = x @ W.T + b. x (N, in_features) -> (N, out_features); weight (out, in) He-normal, bias zeros."""
+
+    def __init__(self, in_features, out_features, bias=True, rng=None, gain=math.sqrt(2.0)):
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Linear: features must be >= 1, got in={in_features}, out={out_features}")
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.weight = Parameter(he_normal((out_features, in_features), in_features, rng, gain=gain))
+        self.bias = Parameter(np.zeros(out_features, np.float32), decay=False) if bias else None
+        self._x = None
+
+    def forward(self, x):
+        self._x = x
+        return kernels().linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
+
+    def backward(self, dout):
+        dx, dweight, dbias = kernels().linear_backward(dout, self._x, self.weight.data)
+        self.weight.grad = dweight
+        if self.bias is not None:
+            self.bias.grad = dbias
+        return dx
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class ReLU(Module):
+    """max(x, 0), any shape. inplace=True overwrites x (use only on a fresh array no one else keeps).
+
+    Backward writes into `dout` (it is the gradient flowing down this chain and nobody else's) to avoid
+    allocating a second activation-sized array per layer and step.
+    """
+
+    def __init__(self, inplace=False):
+        self.inplace = bool(inplace)
+        self._out = None
+
+    def forward(self, x):
+        out = np.maximum(x, 0, out=x if self.inplace else None)
+        self._out = out
+        return out
+
+    def backward(self, dout):
+        # The derivative at exactly 0 is taken as 0 (PyTorch's choice).
+        return np.multiply(dout, self._out > 0, out=dout if dout.flags.writeable else None)
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
+
+
+class Flatten(Module):
+    """(N, ...) -> (N, prod(...)); backward restores the shape."""
+
+    def forward(self, x):
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dout):
+        return dout.reshape(self._shape)
+
+
+class Dropout(Module):
+    """Inverted dropout: in training zero each element with probability p and scale the rest by 1/(1-p).
+
+    Randomness comes from `self.rng` (np.random.Generator), which the training loop replaces every step
+    with one derived from (seed, epoch, step), so masks are reproducible across a resume. Identity in eval.
+    """
+
+    def __init__(self, p=0.5):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.rng = np.random.default_rng(0)
+        self._mask = None
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self._mask = None
+            return x
+        keep = self.rng.random(x.shape, dtype=np.float32) >= self.p
+        self._mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
+        return x * self._mask
+
+    def backward(self, dout):
+        return dout if self._mask is None else dout * self._mask
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class BatchNorm2d(Module):
+    """Batch normalisation over (N, H, W) per channel. x (N, C, H, W) -> same shape.
+
+    Training uses the batch mean and biased variance and updates running estimates
+    (running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as PyTorch does);
+    eval uses the running estimates. weight (C,) ones, bias (C,) zeros; buffers running_mean/var (C,).
+    """
+    _buffers = ("running_mean", "running_var")
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        if num_features < 1:
+            raise ValueError(f"BatchNorm2d: num_features must be >= 1, got {num_features}")
+        self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
+        self.weight = Parameter(np.ones(num_features, np.float32), decay=False)
+        self.bias = Parameter(np.zeros(num_features, np.float32), decay=False)
+        self.running_mean = np.zeros(num_features, np.float32)
+        self.running_var = np.ones(num_features, np.float32)
+        self._xhat = self._inv_std = None
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"BatchNorm2d: expected (N, {self.num_features}, H, W), got {x.shape}")
+        dtype = x.dtype
+        gamma = self.weight.data.astype(dtype, copy=False)[:, None, None]
+        beta = self.bias.data.astype(dtype, copy=False)[:, None, None]
+        if not self.training:
+            inv_std = (1.0 / np.sqrt(self.running_var.astype(dtype) + dtype.type(self.eps)))[:, None, None]
+            scale = gamma * inv_std
+            return x * scale + (beta - self.running_mean.astype(dtype)[:, None, None] * scale)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        if count < 2:
+            raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input {x.shape}")
+        mean = x.mean(axis=(0, 2, 3))
+        xhat = x - mean[:, None, None]                      # the one activation-sized temporary
+        var = np.einsum("nchw,nchw->c", xhat, xhat) / count
+        inv_std = 1.0 / np.sqrt(var + dtype.type(self.eps))
+        xhat *= inv_std[:, None, None]
+        self._xhat, self._inv_std = xhat, inv_std
+        m = self.momentum
+        self.running_mean *= (1 - m)
+        self.running_mean += (m * mean).astype(self.running_mean.dtype)
+        self.running_var *= (1 - m)
+        self.running_var += (m * var * count / (count - 1)).astype(self.running_var.dtype)
+        return xhat * gamma + beta
+
+    def backward(self, dout):
+        xhat, inv_std = self._xhat, self._inv_std
+        count = xhat.shape[0] * xhat.shape[2] * xhat.shape[3]
+        dbeta = dout.sum(axis=(0, 2, 3))
+        dgamma = np.einsum("nchw,nchw->c", dout, xhat)
+        self.weight.grad, self.bias.grad = dgamma, dbeta
+        gamma = self.weight.data.astype(dout.dtype, copy=False)
+        # dx = gamma * inv_std * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W).
+        dx = xhat * (-dgamma / count)[:, None, None]
+        dx += dout
+        dx -= (dbeta / count)[:, None, None]
+        dx *= (gamma * inv_std)[:, None, None]
+        return dx
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class ResidualBlock(Module):
+    """Basic residual block: conv3x3(stride) BN ReLU conv3x3 BN, plus a shortcut, then ReLU.
+
+    The shortcut is the identity when shapes agree, else conv1x1(stride) + BN. x (N, C, H, W) ->
+    (N, F, H', W') with H' = ceil(H / stride).
+    """
+
+    def __init__(self, in_channels, out_channels, stride=1, rng=None):
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.branch = Sequential(
+            Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False, rng=rng),
+            BatchNorm2d(out_channels),
+            ReLU(inplace=True),
+            Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False, rng=rng),
+            BatchNorm2d(out_channels),
+        )
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = Sequential(
+                Conv2d(in_channels, out_channels, 1, stride=stride, bias=False, rng=rng),
+                BatchNorm2d(out_channels))
+        else:
+            self.shortcut = None
+        self.relu = ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.branch.forward(x)
+        out += x if self.shortcut is None else self.shortcut.forward(x)
+        return self.relu.forward(out)
+
+    def backward(self, dout):
+        d = self.relu.backward(dout)
+        # The add fans the gradient out unchanged to both paths; the branch may scribble on its input
+        # gradient (ReLU backward works in place), so the shortcut gets its own copy first.
+        d_short = d.copy()
+        dx = self.branch.backward(d)
+        dx += d_short if self.shortcut is None else self.shortcut.backward(d_short)
+        return dx
+

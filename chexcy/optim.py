@@ -1,0 +1,185 @@
+"""Optimisers (SGD with momentum/Nesterov/weight decay, AdamW) and learning-rate schedules.
+
+Optimisers update `p.data` in place from `p.grad` for a list of Parameters (objects with .data, .grad
+and .decay), in float32, with no per-step allocation of parameter-sized arrays beyond one scratch buffer.
+The learning rate is passed to every `step(lr)`: schedules are pure functions of the global step, so a
+resumed run gets exactly the rates of an uninterrupted one without any schedule state to save.
+
+SGD follows PyTorch's formulation (weight decay added to the gradient, L2 style):
+    g = grad + wd * p;  buf = momentum * buf + g  (buf = g at the first step)
+    p -= lr * (g + momentum * buf)  if nesterov else  lr * buf
+AdamW (Loshchilov & Hutter), decoupled weight decay:
+    p -= lr * wd * p;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+    p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+Weight decay applies only to parameters with `decay` True (conv/linear weights).
+"""
+import math
+
+import numpy as np
+
+
+class Optimizer:
+    """Common state handling: `state_dict()` -> dict of name -> ndarray or number; `load_state_dict`."""
+    name = "optimizer"
+
+    def __init__(self, params):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+        self.step_count = 0
+
+    def _slots(self):
+        """Names of the per-parameter state arrays (e.g. ('momentum',))."""
+        return ()
+
+    def state_dict(self):
+        state = {"step_count": self.step_count}
+        for slot in self._slots():
+            for i, buf in enumerate(getattr(self, slot)):
+                if buf is not None:
+                    state[f"{slot}.{i}"] = buf.copy()
+        return state
+
+    def load_state_dict(self, state):
+        self.step_count = int(state["step_count"])
+        for slot in self._slots():
+            bufs = getattr(self, slot)
+            for i, p in enumerate(self.params):
+                key = f"{slot}.{i}"
+                if key in state:
+                    value = np.asarray(state[key])
+                    if value.shape != p.data.shape:
+                        raise ValueError(f"{type(self).__name__}.load_state_dict: {key} has shape {value.shape}, "
+                                         f"parameter {i} has {p.data.shape}")
+                    bufs[i] = value.astype(p.data.dtype, copy=True)
+                else:
+                    bufs[i] = None
+        return self
+
+    def _grads(self):
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                raise RuntimeError(f"{type(self).__name__}.step: parameter {i} {p.data.shape} has no gradient "
+                                   "(run backward first)")
+            yield i, p, p.grad
+
+
+class SGD(Optimizer):
+    name = "sgd"
+
+    def __init__(self, params, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(params)
+        if momentum < 0 or weight_decay < 0:
+            raise ValueError(f"SGD: momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}")
+        if nesterov and momentum == 0:
+            raise ValueError("SGD: nesterov needs momentum > 0")
+        self.momentum, self.nesterov, self.weight_decay = float(momentum), bool(nesterov), float(weight_decay)
+        self.buffers = [None] * len(self.params)
+
+    def _slots(self):
+        return ("buffers",)
+
+    def step(self, lr):
+        for i, p, grad in self._grads():
+            g = grad
+            if self.weight_decay and p.decay:
+                g = grad + np.float32(self.weight_decay) * p.data
+            if self.momentum:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = np.array(g, dtype=p.data.dtype, copy=True)
+                else:
+                    buf *= np.float32(self.momentum)
+                    buf += g
+                g = g + np.float32(self.momentum) * buf if self.nesterov else buf
+            p.data -= np.float32(lr) * g
+        self.step_count += 1
+
+
+class AdamW(Optimizer):
+    name = "adamw"
+
+    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params)
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1) or eps <= 0 or weight_decay < 0:
+            raise ValueError(f"AdamW: need 0 <= betas < 1, eps > 0, weight_decay >= 0; got {betas}, {eps}, "
+                             f"{weight_decay}")
+        self.beta1, self.beta2, self.eps, self.weight_decay = float(b1), float(b2), float(eps), float(weight_decay)
+        self.exp_avg = [None] * len(self.params)
+        self.exp_avg_sq = [None] * len(self.params)
+
+    def _slots(self):
+        return ("exp_avg", "exp_avg_sq")
+
+    def step(self, lr):
+        t = self.step_count + 1
+        bias1 = 1.0 - self.beta1 ** t
+        bias2 = 1.0 - self.beta2 ** t
+        for i, p, g in self._grads():
+            if self.exp_avg[i] is None:
+                self.exp_avg[i] = np.zeros_like(p.data)
+                self.exp_avg_sq[i] = np.zeros_like(p.data)
+            m, v = self.exp_avg[i], self.exp_avg_sq[i]
+            if self.weight_decay and p.decay:
+                p.data *= np.float32(1.0 - lr * self.weight_decay)
+            m *= np.float32(self.beta1)
+            m += np.float32(1.0 - self.beta1) * g
+            v *= np.float32(self.beta2)
+            v += np.float32(1.0 - self.beta2) * (g * g)
+            denom = np.sqrt(v)
+            denom *= np.float32(1.0 / math.sqrt(bias2))
+            denom += np.float32(self.eps)
+            p.data -= np.float32(lr / bias1) * (m / denom)
+        self.step_count += 1
+
+
+OPTIMIZERS = {"sgd": SGD, "adamw": AdamW}
+
+
+def build_optimizer(name, params, momentum=0.9, nesterov=False, weight_decay=0.0, betas=(0.9, 0.999)):
+    """The optimiser called `name` ("sgd" or "adamw") over `params`."""
+    if name == "sgd":
+        return SGD(params, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if name == "adamw":
+        return AdamW(params, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+
+
+# -- schedules: lr as a pure function of the global step (0-based) ---------------------------------------
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def make_schedule(name, base_lr, total_steps, warmup_steps=0, step_size=None, gamma=0.1, min_lr=0.0):
+    """A function global_step -> lr.
+
+    constant: base_lr.  step: base_lr * gamma ** (step // step_size) (step_size in steps; default a third
+    of the run).  cosine: from base_lr down to min_lr over total_steps (half a cosine period).
+    warmup_steps > 0: a linear ramp from base_lr / warmup_steps up to base_lr over the first warmup_steps
+    steps, after which the schedule runs on (counted from step 0, so warm-up replaces its start).
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {list(SCHEDULES)}")
+    if base_lr <= 0 or not math.isfinite(base_lr):
+        raise ValueError(f"learning rate must be a positive number, got {base_lr}")
+    if total_steps < 1 or warmup_steps < 0:
+        raise ValueError(f"schedule: need total_steps >= 1 and warmup_steps >= 0, got {total_steps}, "
+                         f"{warmup_steps}")
+    if step_size is None:
+        step_size = max(1, total_steps // 3)
+    if step_size < 1:
+        raise ValueError(f"schedule: step_size must be >= 1, got {step_size}")
+
+    def lr_at(step):
+        if name == "constant":
+            lr = base_lr
+        elif name == "step":
+            lr = base_lr * gamma ** (step // step_size)
+        else:
+            progress = min(step, total_steps) / total_steps
+            lr = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+        if step < warmup_steps:
+            lr = min(lr, base_lr * (step + 1) / warmup_steps)
+        return lr
+
+    return lr_at
