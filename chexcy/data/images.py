@@ -1,0 +1,96 @@
+"""THE preprocessing of one image file and THE pixel normalisation. `chexcy prepare`, the loader and
+prediction all go through these two functions, so training and inference see identical pixels.
+
+Preprocessing (`load_image`): decode (JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale when
+that still leaves at least `size` pixels on each side), convert to 8-bit grayscale, take the centred
+square whose side is the shorter image side, and resize it to size x size with a box (area-average)
+filter. Equivalent to "shorter side to S, then centre crop", done in one resampling step.
+
+Pixel modes: "L" is used as is; colour ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA") is converted to luma
+with Pillow's ITU-R 601-2 rule (L = 0.299 R + 0.587 G + 0.114 B); 1-bit ("1") maps to 0/255; 16-bit
+grayscale ("I;16*" and "I" holding 0..65535) is scaled to 8 bits as round(v / 257). Anything else (float
+images, multi-frame oddities) is refused with a reason.
+"""
+import os
+
+import numpy as np
+
+# Normalisation: fixed constants, not dataset statistics, so any image anywhere maps the same way.
+# (x - 128) / 64 maps uint8 0..255 to about -2.0..+1.98, roughly zero-mean and unit-scale for chest films.
+PIXEL_MEAN = 128.0
+PIXEL_STD = 64.0
+
+_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LA", "La", "LAB", "HSV")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used: `path` and a short `reason` (what `skipped.csv` records)."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def normalize(images):
+    """uint8 pixels (any shape) -> float32 (x - PIXEL_MEAN) / PIXEL_STD, same shape."""
+    images = np.asarray(images)
+    out = images.astype(np.float32)
+    out -= PIXEL_MEAN
+    out *= 1.0 / PIXEL_STD
+    return out
+
+
+def _to_gray8(img, path):
+    """Pillow image of any supported mode -> mode "L" image (see module docstring for the rules)."""
+    from PIL import Image
+    mode = img.mode
+    if mode == "L":
+        return img
+    if mode in _COLOUR_MODES or mode == "1":
+        return img.convert("L")
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        if mode == "I" and (a.min() < 0 or a.max() > 65535):
+            raise ImageReadError(path, f"unsupported pixel values for mode {mode} (outside 0..65535)")
+        return Image.fromarray(np.rint(a / 257.0).astype(np.uint8), mode="L")
+    raise ImageReadError(path, f"unsupported pixel mode {mode}")
+
+
+def load_image(path, size):
+    """Read one image file and return uint8 (1, size, size).
+
+    Raises ImageReadError (a ValueError) with the reason for: a missing file, a 0-byte file, a file that
+    is not an image, a truncated or corrupt image, an unsupported pixel mode.
+    """
+    from PIL import Image, UnidentifiedImageError
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"load_image: size must be >= 1, got {size}")
+    path = os.fspath(path)
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageReadError(path, "empty file (0 bytes)")
+    except FileNotFoundError:
+        raise ImageReadError(path, "missing file") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a directory") from None
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("L", "RGB", "CMYK", "YCbCr") and img.format == "JPEG":
+                # Decode at a reduced DCT scale when the result still covers size x size.
+                img.draft("L", (size, size))
+            img.load()
+            gray = _to_gray8(img, path)
+            w, h = gray.size
+            side = min(w, h)
+            left, top = (w - side) / 2.0, (h - side) / 2.0
+            out = gray.resize((size, size), Image.BOX, box=(left, top, left + side, top + side))
+            return np.asarray(out, dtype=np.uint8).reshape(1, size, size)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image (unrecognised file format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageReadError(path, f"truncated or corrupt image ({reason})") from None
