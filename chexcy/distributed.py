@@ -198,6 +198,20 @@ def _report_and_abort(comm, what, message, exc, code=1):
           file=sys.stderr, flush=True)
     sys.stdout.flush()
     comm.abort(code or 1)
+    os._exit(code or 1)        # MPI_Abort may return before the launcher kills us: never resume the body
+
+
+def install_excepthook(comm, what="chexcy"):
+    """Make an uncaught exception anywhere in this process abort the whole job (sys.excepthook).
+
+    The same guarantee as `abort_on_error` for scripts that do not wrap their body in it.
+    """
+    def hook(exc_type, exc, tb):
+        if comm.size == 1:
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        _report_and_abort(comm, what, f"{exc_type.__name__}: {exc}", exc)
+    sys.excepthook = hook
 
 
 def quiet_non_root(comm):
@@ -343,3 +357,159 @@ def parameters_checksum(arrays):
         s += float(x64.sum())
         a += float(np.abs(x64).sum())
     return (s, a)
+
+
+# ---------------------------------------------------------------------------------------------------
+# BatchNorm with the statistics of the whole global batch
+# ---------------------------------------------------------------------------------------------------
+
+def _sync_batchnorm_class():
+    """SyncBatchNorm2d, built on first use so that importing this module does not import chexcy.nn."""
+    global SyncBatchNorm2d
+    if SyncBatchNorm2d is not None:
+        return SyncBatchNorm2d
+    from chexcy.nn.layers import BatchNorm2d
+
+    class _SyncBatchNorm2d(BatchNorm2d):
+        """BatchNorm2d whose training statistics are those of the global batch over all ranks.
+
+        Forward (training): the per-channel mean from Allreduce(sum x, count), then the variance from
+        Allreduce(sum (x - mean)^2): the same two-pass formula one process uses, so the normalised
+        activations, and the running mean/var (identical on every rank, no extra syncing), equal a
+        single process's on the whole batch to float32 rounding.
+        Backward: dx needs the global sums of dout and dout * xhat. Gradients here are in this rank's
+        units (the rank's loss is a mean over its own `loss_weight` = w_r terms, while the global loss
+        is a mean over W = sum w_r), so the sums are taken of w_r * dout (W cancels out of dx: see
+        below); dweight/dbias stay local sums, which GradientAllreduce then weights by w_r like every
+        other gradient. A rank with w_r = 0 contributes nothing through this layer (documented).
+        Eval mode is plain BatchNorm2d with the (shared) running statistics.
+        """
+        comm = LocalComm()
+        loss_weight = 1.0
+
+        def forward(self, x):
+            if not self.training:
+                return super().forward(x)
+            if x.ndim != 4 or x.shape[1] != self.num_features:
+                raise ValueError(f"SyncBatchNorm2d: expected (N, {self.num_features}, H, W), got {x.shape}")
+            dtype = x.dtype
+            C = self.num_features
+            stats = np.empty(C + 1, np.float64)
+            stats[:C] = x.sum(axis=(0, 2, 3), dtype=np.float64)
+            stats[C] = x.shape[0] * x.shape[2] * x.shape[3]
+            self.comm.allreduce_sum_(stats)
+            count = stats[C]
+            if count < 2:
+                raise ValueError(f"SyncBatchNorm2d: training needs more than one value per channel over all "
+                                 f"ranks, got {int(count)} (local input {x.shape})")
+            mean = (stats[:C] / count).astype(dtype)
+            xhat = x - mean[:, None, None]
+            sq = np.einsum("nchw,nchw->c", xhat, xhat).astype(np.float64)
+            self.comm.allreduce_sum_(sq)
+            var = (sq / count).astype(dtype)
+            inv_std = 1.0 / np.sqrt(var + dtype.type(self.eps))
+            xhat *= inv_std[:, None, None]
+            self._xhat, self._inv_std, self._count = xhat, inv_std, count
+            m = self.momentum
+            self.running_mean *= (1 - m)
+            self.running_mean += (m * mean).astype(np.float32)
+            self.running_var *= (1 - m)
+            self.running_var += (m * var * (count / (count - 1))).astype(np.float32)
+            gamma = self.weight.data.astype(dtype, copy=False)[:, None, None]
+            beta = self.bias.data.astype(dtype, copy=False)[:, None, None]
+            return xhat * gamma + beta
+
+        def backward(self, dout):
+            # With dout_r = (W / w_r) * g_r (g the gradient of the global loss on this rank's rows):
+            #   g_dx = gamma * inv_std * (g - sum(g) / n - xhat * sum(g * xhat) / n)   (sums over all ranks)
+            #   dx_r = (W / w_r) * g_dx = gamma * inv_std * (dout_r - S_b / (w_r n) - xhat * S_g / (w_r n))
+            # where S_b = sum_r w_r sum(dout_r), S_g = sum_r w_r sum(dout_r * xhat): W never appears.
+            xhat, inv_std, count = self._xhat, self._inv_std, self._count
+            C = self.num_features
+            dbeta = dout.sum(axis=(0, 2, 3))
+            dgamma = np.einsum("nchw,nchw->c", dout, xhat)
+            self.weight.grad, self.bias.grad = dgamma, dbeta
+            w = float(self.loss_weight)
+            sums = np.empty(2 * C, np.float64)
+            sums[:C] = dbeta
+            sums[C:] = dgamma
+            sums *= w
+            self.comm.allreduce_sum_(sums)
+            if w <= 0:
+                return np.zeros_like(dout)
+            mean_b = (sums[:C] / (w * count)).astype(dout.dtype)
+            mean_g = (sums[C:] / (w * count)).astype(dout.dtype)
+            gamma = self.weight.data.astype(dout.dtype, copy=False)
+            dx = xhat * (-mean_g)[:, None, None]
+            dx += dout
+            dx -= mean_b[:, None, None]
+            dx *= (gamma * inv_std)[:, None, None]
+            return dx
+
+    _SyncBatchNorm2d.__name__ = _SyncBatchNorm2d.__qualname__ = "SyncBatchNorm2d"
+    SyncBatchNorm2d = _SyncBatchNorm2d
+    return SyncBatchNorm2d
+
+
+SyncBatchNorm2d = None
+
+
+def convert_sync_batchnorm(model, comm):
+    """Turn every BatchNorm2d of `model` into a SyncBatchNorm2d on `comm`, in place. Returns the layers.
+
+    Only the class of each layer changes (parameters, buffers and state_dict names stay), so
+    checkpoints move freely between distributed and single-process runs.
+    """
+    from chexcy.nn.layers import BatchNorm2d
+    cls = _sync_batchnorm_class()
+    converted = []
+    for m in model.modules():
+        if isinstance(m, BatchNorm2d):
+            m.__class__ = cls
+            m.comm = comm
+            converted.append(m)
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training loop's view of all of the above
+# ---------------------------------------------------------------------------------------------------
+
+def present_labels(labels, mask=None):
+    """How many (row, label) terms a masked mean loss averages over: labels not NaN and mask > 0."""
+    present = ~np.isnan(np.asarray(labels, dtype=np.float32))
+    if mask is not None:
+        present &= np.asarray(mask) > 0
+    return int(np.count_nonzero(present))
+
+
+class DataParallel:
+    """Data-parallel training of `model` over `comm`: the few calls a training loop makes.
+
+        dp = DataParallel(model, comm)       # SyncBatchNorm, identical start on every rank, buffer once
+        for batch in loader (sharded):       # each rank: its slice of the global batch
+            dp.begin_step(weight)            # weight = present_labels(batch.labels, batch.mask)
+            loss = forward + backward        # this rank's mean loss over its `weight` terms
+            loss, stop = dp.end_step(loss, weight, stop=signal_seen)   # ONE Allreduce: global grads+loss
+            optimiser.step()                 # identical on every rank, so parameters stay identical
+
+    With a LocalComm every call is (almost) free and nothing changes numerically.
+    """
+
+    def __init__(self, model, comm, broadcast=True):
+        self.model = model
+        self.comm = comm
+        self.sync_bn = convert_sync_batchnorm(model, comm) if comm.size > 1 else []
+        if broadcast and comm.size > 1:
+            broadcast_arrays([p.data for p in model.parameters()]
+                             + [b for _, b in model.named_buffers()], comm)
+        self.reducer = GradientAllreduce(model.parameters(), comm)
+
+    def begin_step(self, weight):
+        for m in self.sync_bn:
+            m.loss_weight = float(weight)
+
+    def end_step(self, loss, weight, stop=False):
+        """Average gradients (one Allreduce). Returns (global mean loss, stop requested on any rank)."""
+        loss, _, stop_any = self.reducer(loss, weight, stop)
+        return loss, stop_any

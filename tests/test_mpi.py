@@ -42,7 +42,9 @@ needs_mpi = pytest.mark.skipif(mpi_skip_reason() is not None, reason=str(mpi_ski
 def run_ranks(tmp_path, script, n=2, args=(), timeout=MPI_TIMEOUT_S, check=True):
     """Run `script` (Python source) under `mpiexec -n n` in tmp_path; return the CompletedProcess."""
     path = tmp_path / "rank_script.py"
-    path.write_text(textwrap.dedent(script))
+    # A failed assertion on one rank must end the job at once, not leave the other rank in a collective.
+    guard = "from chexcy import distributed as _d\n_d.install_excepthook(_d.init(True), 'test script')\n"
+    path.write_text(guard + textwrap.dedent(script))
     env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
     cmd = [find_mpiexec(), "-n", str(n), sys.executable, str(path), *map(str, args)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
@@ -179,8 +181,9 @@ def test_shards_and_gather_restore_the_global_batch(tmp_path):
 @needs_mpi
 @pytest.mark.mpi
 def test_an_exception_on_one_rank_ends_the_job(tmp_path):
-    # Rank 1 raises while rank 0 waits in a collective that rank 1 never joins: without the guard this
-    # hangs until the timeout; with it the job ends non-zero and names the failing rank.
+    # Rank 1 raises while rank 0 waits in a collective that rank 1 never joins (and would then sleep for
+    # minutes): without the guard this outlives the subprocess timeout; with it the job ends non-zero
+    # within seconds, names the failing rank, and no rank runs past the failure.
     proc = run_ranks(tmp_path, """
         import time
         from chexcy import distributed
@@ -190,9 +193,59 @@ def test_an_exception_on_one_rank_ends_the_job(tmp_path):
                 time.sleep(0.2)
                 raise ValueError("shard 1 cannot read images.npy")
             comm.barrier()
-        print("unreachable on rank 0 too")
+            time.sleep(3 * 60)      # only an abort of the whole job ends rank 0 within the timeout
+        print("unreachable")
     """, check=False)
     assert proc.returncode != 0, f"job exited 0\n{proc.stdout}\n{proc.stderr}"
     assert "chexcy train: rank 1 of 2 failed: ValueError: shard 1 cannot read images.npy" in proc.stderr, \
         proc.stderr
     assert "unreachable" not in proc.stdout
+
+
+@needs_mpi
+@pytest.mark.mpi
+@pytest.mark.parametrize("arch", ["simple", "resnet"])
+def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
+    # One step: rank r runs its shard (5 and 4 rows of a 9-row batch, different numbers of masked labels)
+    # through DataParallel; the averaged gradients and the global loss must equal those of one process on
+    # all 9 rows. For resnet this also checks SyncBatchNorm (global batch statistics) and that the running
+    # statistics agree. float32 tolerance: rtol 2e-4, atol 1e-6 (sums taken in a different order).
+    proc = run_ranks(tmp_path, f"""
+        import numpy as np
+        from chexcy import distributed, nn
+        comm = distributed.init(True)
+        rng = np.random.default_rng(7)
+        x = rng.standard_normal((9, 1, 16, 16)).astype(np.float32)
+        y = (rng.random((9, 14)) < 0.3).astype(np.float32)
+        y[rng.random((9, 14)) < 0.4] = np.nan
+        def make():
+            return nn.build_model("{arch}", widths=[4, 8], seed=comm.rank + 3)   # different seeds: broadcast
+        # one process, whole batch (rank 0 only)
+        if comm.rank == 0:
+            ref = make()
+            ref.load_state_dict(nn.build_model("{arch}", widths=[4, 8], seed=3).state_dict())
+            ref.train()
+            ref_loss, dlogits = nn.bce_with_logits(ref.forward(x), y)
+            ref.backward(dlogits)
+            ref_grads = [p.grad.copy() for p in ref.parameters()]
+            ref_state = ref.state_dict()
+        model = make()
+        dp = distributed.DataParallel(model, comm)
+        model.train()
+        rows = distributed.shard(np.arange(9), comm)
+        weight = distributed.present_labels(y[rows])
+        dp.begin_step(weight)
+        loss, dlogits = nn.bce_with_logits(model.forward(x[rows]), y[rows])
+        model.backward(dlogits)
+        loss, stop = dp.end_step(loss, weight)
+        if comm.rank == 0:
+            assert abs(loss - ref_loss) < 1e-6 * max(1, abs(ref_loss)), (loss, ref_loss)
+            for (name, p), g in zip(model.named_parameters(), ref_grads):
+                np.testing.assert_allclose(p.grad, g, rtol=2e-4, atol=1e-6, err_msg=name)
+            for name, value in model.state_dict().items():
+                np.testing.assert_allclose(value, ref_state[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        states = comm.allgather_object({{k: v.tobytes() for k, v in model.state_dict().items()}})
+        assert states[0] == states[1], "ranks hold different parameters or buffers"
+        print("rank", comm.rank, "ok")
+    """)
+    assert proc.stdout.count(" ok") == 2, proc.stdout
