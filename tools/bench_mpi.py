@@ -1,0 +1,149 @@
+"""Data-parallel training on MPI versus threads, on one machine: images/s and the cost of the Allreduce.
+
+    python tools/bench_mpi.py [--arch simple] [--size 128] [--batch 32] [--steps 12] [--repeats 3]
+
+Runs, side by side in one invocation (medians over --repeats runs of --steps timed steps each):
+  A. 1 process x T threads (T = --threads, default 2), global batch B;
+  B. K ranks x 1 thread under `mpiexec -n K` (K = --ranks, default 2), global batch B (B/K rows per rank),
+     gradients averaged by chexcy.distributed (one Allreduce per step on one flat float32 buffer).
+It prints images/s for both, the time per step spent in the gradient Allreduce (as measured inside the
+training step, which includes waiting for the slower rank) and, separately, the pure cost of that
+Allreduce (back-to-back calls after a barrier), with its size in bytes. `--json` adds one JSON line per
+configuration. The workers are this file started with `--worker`; mpiexec is found next to this python
+or on PATH. Each worker prints one JSON line on rank 0.
+
+The model is the one `chexcy train --arch` builds (defaults: ref-cnn of DESIGN.md section 7 for
+"simple"), SGD momentum 0.9, masked BCE on random data with ~40% missing labels.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def find_mpiexec():
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+def worker(args):
+    import numpy as np
+    from chexcy import distributed, nn, ops, optim
+
+    comm = distributed.init(args.distributed)
+    ops.set_num_threads(args.threads)
+    model = nn.build_model(args.arch)
+    model.train()
+    dp = distributed.DataParallel(model, comm)
+    opt = optim.SGD(model.parameters(), momentum=0.9)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 1, args.size, args.size)).astype(np.float32)
+    y = (rng.random((args.batch, 14)) < 0.3).astype(np.float32)
+    y[rng.random((args.batch, 14)) < 0.4] = np.nan
+    rows = distributed.shard(np.arange(args.batch), comm)
+    xs, ys = np.ascontiguousarray(x[rows]), y[rows]
+    weight = distributed.present_labels(ys)
+
+    def step():
+        dp.begin_step(weight)
+        loss, dlogits = nn.bce_with_logits(model.forward(xs), ys)
+        model.backward(dlogits)
+        t0 = time.perf_counter()
+        loss, _ = dp.end_step(loss, weight)
+        t_ar = time.perf_counter() - t0
+        opt.step(0.01)
+        return t_ar
+
+    for _ in range(args.warmup):
+        step()
+    comm.barrier()
+    t0 = time.perf_counter()
+    t_allreduce = sum(step() for _ in range(args.steps))
+    elapsed = time.perf_counter() - t0
+    # The Allreduce alone: ranks aligned by a barrier, then back-to-back calls on the same buffer.
+    comm.barrier()
+    t1 = time.perf_counter()
+    n_pure = 50
+    for _ in range(n_pure):
+        comm.allreduce_sum_(dp.reducer.buffer)
+    pure = (time.perf_counter() - t1) / n_pure
+    if comm.is_root:
+        print(json.dumps({
+            "arch": args.arch, "ranks": comm.size, "threads_per_rank": args.threads,
+            "backend": ops.get_backend(), "global_batch": args.batch, "size": args.size,
+            "images_per_s": args.batch * args.steps / elapsed, "step_ms": 1e3 * elapsed / args.steps,
+            "allreduce_ms_in_step": 1e3 * t_allreduce / args.steps, "allreduce_ms_pure": 1e3 * pure,
+            "allreduce_bytes": dp.reducer.nbytes, "parameters": model.num_parameters()}), flush=True)
+
+
+def run_config(args, ranks, threads):
+    """One worker run (1 process, or `ranks` under mpiexec); returns its JSON record."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--arch", args.arch, "--size", str(args.size),
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    if ranks > 1:
+        mpiexec = find_mpiexec()
+        if mpiexec is None:
+            sys.exit('bench_mpi: no mpiexec found (pip install "chexcy[mpi]")')
+        cmd = [mpiexec, "-n", str(ranks)] + cmd + ["--distributed"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        sys.exit(f"bench_mpi: {' '.join(cmd)} failed ({out.returncode}):\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="simple")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32, help="global batch (all ranks together)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="threads of the single process")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    configs = [(1, args.threads), (args.ranks, 1)]
+    runs = {c: [] for c in configs}
+    for _ in range(args.repeats):
+        for c in configs:          # interleaved, so a noisy neighbour hurts both alike
+            runs[c].append(run_config(args, *c))
+    first = runs[configs[0]][0]
+    print(f"bench_mpi: {args.arch} ({first['parameters']:,} parameters) at {args.size}x{args.size}, global batch "
+          f"{args.batch}, backend {first['backend']}, {args.steps} steps x {args.repeats} repeats, medians")
+    print(f"{'configuration':<26}{'images/s':>10}{'step ms':>10}{'allreduce ms':>14}{'(pure) ms':>11}"
+          f"{'bytes/step':>12}")
+    medians = {}
+    for (ranks, threads), recs in runs.items():
+        med = {k: statistics.median(r[k] for r in recs)
+               for k in ("images_per_s", "step_ms", "allreduce_ms_in_step", "allreduce_ms_pure")}
+        medians[(ranks, threads)] = med
+        label = f"{ranks} process x {threads} thr" if ranks == 1 else f"{ranks} ranks x {threads} thr (MPI)"
+        ar = "-" if ranks == 1 else f"{med['allreduce_ms_in_step']:.3f}"
+        pure = "-" if ranks == 1 else f"{med['allreduce_ms_pure']:.3f}"
+        nbytes = "-" if ranks == 1 else f"{recs[0]['allreduce_bytes']:,}"
+        print(f"{label:<26}{med['images_per_s']:>10.1f}{med['step_ms']:>10.1f}{ar:>14}{pure:>11}{nbytes:>12}")
+        if args.json:
+            for r in recs:
+                print(json.dumps(r))
+    a, b = medians[configs[0]], medians[configs[1]]
+    print(f"ratio MPI / threads: {b['images_per_s'] / a['images_per_s']:.2f}x images/s; Allreduce share of the "
+          f"MPI step: {100 * b['allreduce_ms_in_step'] / b['step_ms']:.1f}% "
+          f"(pure communication {100 * b['allreduce_ms_pure'] / b['step_ms']:.2f}%)")
+
+
+if __name__ == "__main__":
+    main()
