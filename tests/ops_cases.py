@@ -1,0 +1,167 @@
+"""Shared material for the op tests: the backends under test, case grids, tolerances and helpers.
+
+Cases are plain namedtuples whose fields are the public arguments of chexcy.ops, so a test can call
+the op with ``**case.args`` and a failure names the case by its id.
+"""
+import os
+from collections import namedtuple
+
+import numpy as np
+from numpy.testing import assert_allclose, assert_array_equal
+
+from chexcy import ops
+
+# ----------------------------------------------------------------------------------------------
+# Backends under test.
+# Every available backend is compared with the reference. When CHEXCY_BACKEND names one (CI runs the
+# suite once per backend), only that one is tested, so the compiled run does not repeat the fallback's
+# work. The reference itself is proved separately (finite differences and hand-computed examples) and
+# is only compared with itself through chexcy.ops in a cheap sanity loop.
+_ENV_BACKEND = os.environ.get("CHEXCY_BACKEND", "").strip()
+AVAILABLE_BACKENDS = ops.available_backends()
+BACKENDS = [_ENV_BACKEND] if _ENV_BACKEND in AVAILABLE_BACKENDS else \
+    [b for b in AVAILABLE_BACKENDS if b != "reference"]
+COMPILED = "cython" in AVAILABLE_BACKENDS
+
+
+# ----------------------------------------------------------------------------------------------
+# Tolerances: one table, per op and dtype, with the reason for each entry.
+#   float32: every backend computes in float32 but sums in a different order (the reference per output
+#   position, the fallback through BLAS blocks, the kernels in register tiles), so results differ by a
+#   few ulps of the partial sums. Inputs are standard normal; a conv output sums up to
+#   K = Cg * KH * KW <= ~200 products of magnitude ~1, whose float32 rounding error is ~K * 6e-8 * sqrt(K).
+#   float64: finite differences with eps = 1e-6 on smooth (linear in each argument) functions; the
+#   truncation error is zero for linear maps and the rounding error is ~1e-16 / 1e-6 * |f| ~ 1e-9.
+Tol = namedtuple("Tol", "rtol atol reason")
+TOLERANCES = {
+    ("conv2d", "float32"): Tol(1e-4, 1e-4, "sums of up to ~200 float32 products in different orders"),
+    ("conv2d_backward", "float32"): Tol(1e-4, 2e-4, "dweight sums N * OH * OW products; orders differ"),
+    ("max_pool2d", "float32"): Tol(0.0, 0.0, "selecting a maximum is exact; argmax must match exactly"),
+    ("max_pool2d_backward", "float32"): Tol(1e-6, 1e-6, "adds at most KH * KW values per input position"),
+    ("avg_pool2d", "float32"): Tol(1e-5, 1e-6, "sums of up to 49 float32 values, then one division"),
+    ("avg_pool2d_backward", "float32"): Tol(1e-5, 1e-6, "up to 49 shares added per input position"),
+    ("global_avg_pool2d", "float32"): Tol(1e-5, 1e-6, "mean of H * W values (pairwise vs sequential)"),
+    ("global_avg_pool2d_backward", "float32"): Tol(1e-6, 1e-7, "one division, order-free"),
+    ("linear", "float32"): Tol(1e-4, 1e-4, "dot products of up to a few hundred float32 terms"),
+    ("linear_backward", "float32"): Tol(1e-4, 1e-4, "dot products over N or out_features terms"),
+    ("finite_difference", "float64"): Tol(1e-6, 1e-7, "central differences of maps linear in each "
+                                                       "argument: only rounding error, ~1e-9"),
+}
+
+
+def assert_close(got, want, op, err_msg="", dtype="float32"):
+    """Compare with the table's tolerance for `op`; exact comparison when the table says 0."""
+    tol = TOLERANCES[(op, dtype)]
+    assert got.shape == want.shape, f"{op}: shape {got.shape} != expected {want.shape} {err_msg}"
+    if tol.rtol == 0 and tol.atol == 0:
+        assert_array_equal(got, want, err_msg=f"{op} {err_msg}")
+    else:
+        assert_allclose(got, want, rtol=tol.rtol, atol=tol.atol, err_msg=f"{op} {err_msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Case grids.
+
+ConvCase = namedtuple("ConvCase", "N C H W F KH KW stride padding dilation groups bias")
+
+
+def conv_args(case):
+    return dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
+
+
+CONV_CASES = [
+    ConvCase(1, 1, 5, 5, 1, 1, 1, 1, 0, 1, 1, True),                   # batch 1, 1x1, smallest
+    ConvCase(2, 3, 7, 9, 4, 3, 3, 1, 1, 1, 1, True),                   # odd, non-square
+    ConvCase(1, 4, 8, 8, 6, 3, 3, 2, 1, 1, 2, False),                  # groups 2, stride 2
+    ConvCase(2, 4, 9, 7, 4, 3, 3, 1, 1, 1, 4, True),                   # depthwise
+    ConvCase(2, 4, 6, 6, 8, 3, 3, 1, 1, 1, 4, False),                  # depthwise, multiplier 2
+    ConvCase(1, 6, 7, 7, 6, 3, 3, 2, 1, 1, 3, True),                   # groups 3
+    ConvCase(2, 3, 11, 10, 5, 5, 5, 2, 2, 1, 1, True),                 # 5x5, pad 2
+    ConvCase(1, 2, 13, 12, 3, 7, 7, 3, 2, 1, 1, False),                # 7x7, stride 3
+    ConvCase(2, 2, 9, 11, 3, 2, 3, 1, 0, 1, 1, True),                  # KH != KW, even KH
+    ConvCase(1, 3, 10, 9, 2, 3, 2, (2, 1), (1, 0), (2, 1), 1, True),   # every argument as a pair
+    ConvCase(2, 2, 12, 12, 4, 3, 3, 1, 2, 2, 2, True),                 # dilation 2, pad 2, groups 2
+    ConvCase(1, 2, 14, 13, 2, 3, 3, 1, 0, 3, 1, False),                # dilation 3
+    ConvCase(2, 2, 10, 8, 2, 6, 4, 2, (2, 1), (1, 2), 2, True),        # even kernel, mixed pairs
+    ConvCase(2, 2, 4, 4, 3, 3, 3, 3, 2, 1, 1, True),                   # stride 3 > kernel reach
+    ConvCase(1, 1, 5, 6, 3, 5, 6, 1, 0, 1, 1, True),                   # kernel == input: 1x1 output
+    ConvCase(1, 3, 15, 6, 2, 1, 1, 2, 0, 1, 1, True),                  # 1x1 stride 2
+    ConvCase(1, 2, 9, 9, 2, 1, 1, 1, 1, 1, 1, False),                  # 1x1 with padding
+    ConvCase(2, 3, 8, 7, 4, 3, 3, 1, "same", 1, 1, True),              # same, odd kernel
+    ConvCase(1, 2, 8, 9, 2, 4, 2, 1, "same", 1, 2, False),             # same, even kernel: asymmetric
+    ConvCase(1, 2, 9, 8, 4, 2, 3, 1, "same", 2, 2, True),              # same with dilation
+    ConvCase(1, 2, 5, 5, 2, 3, 3, 1, "same", 3, 1, True),              # same, kernel reach > input
+    ConvCase(2, 3, 7, 6, 2, 3, 3, 1, "valid", 1, 1, True),             # valid
+    ConvCase(2, 1, 16, 16, 4, 3, 3, 1, 1, 1, 1, True),                 # ref-cnn conv1 in miniature
+]
+
+
+PoolCase = namedtuple("PoolCase", "N C H W kernel_size stride padding dilation")
+
+MAX_POOL_CASES = [
+    PoolCase(1, 1, 4, 4, 2, None, 0, 1),                 # stride None = kernel
+    PoolCase(2, 3, 8, 8, 2, None, 0, 1),
+    PoolCase(2, 3, 7, 9, 3, 2, 1, 1),                    # overlapping, padded, odd sizes
+    PoolCase(1, 3, 9, 7, (3, 2), (2, 1), (1, 0), 1),     # pairs
+    PoolCase(2, 2, 11, 10, 3, 1, 1, 2),                  # dilation 2
+    PoolCase(1, 2, 13, 12, 3, 2, 1, 3),                  # dilation 3
+    PoolCase(2, 2, 5, 7, 5, 3, 2, 1),                    # 5x5, pad 2
+    PoolCase(1, 1, 6, 6, (1, 3), (1, 2), (0, 1), 1),     # 1-row kernel
+    PoolCase(2, 3, 7, 7, 7, None, 3, 1),                 # 7x7 kernel, global-like
+    PoolCase(1, 2, 8, 6, 4, 3, 2, (1, 2)),               # dilation pair
+    PoolCase(1, 2, 5, 5, 1, 2, 0, 1),                    # 1x1 kernel, stride 2
+]
+
+AVG_POOL_CASES = [
+    PoolCase(1, 1, 4, 4, 2, None, 0, 1),
+    PoolCase(2, 3, 8, 8, 2, None, 0, 1),
+    PoolCase(2, 3, 7, 9, 3, 2, 1, 1),
+    PoolCase(1, 3, 9, 7, (3, 2), (2, 1), (1, 0), 1),
+    PoolCase(2, 2, 5, 7, 5, 3, 2, 1),
+    PoolCase(1, 1, 6, 6, (1, 3), (1, 2), (0, 1), 1),
+    PoolCase(2, 3, 7, 7, 7, None, 3, 1),
+    PoolCase(2, 2, 11, 10, 3, 1, 1, 1),
+    PoolCase(1, 2, 5, 5, 1, 2, 0, 1),
+]
+
+
+def max_pool_args(case):
+    return dict(kernel_size=case.kernel_size, stride=case.stride, padding=case.padding,
+                dilation=case.dilation)
+
+
+def avg_pool_args(case, count_include_pad):
+    return dict(kernel_size=case.kernel_size, stride=case.stride, padding=case.padding,
+                count_include_pad=count_include_pad)
+
+
+GLOBAL_POOL_SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 4, 8, 8), (1, 2, 1, 9)]
+
+LinearCase = namedtuple("LinearCase", "N in_features out_features bias")
+LINEAR_CASES = [LinearCase(1, 1, 1, True), LinearCase(4, 7, 3, True), LinearCase(5, 16, 14, False),
+                LinearCase(3, 128, 14, True)]
+
+
+def case_id(case):
+    """Readable pytest id: field=value pairs of the case."""
+    return ",".join(f"{k}={v}".replace(" ", "") for k, v in case._asdict().items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers.
+
+def randn(rng, shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def make_conv_inputs(rng, case, dtype=np.float32):
+    x = randn(rng, (case.N, case.C, case.H, case.W), dtype)
+    weight = randn(rng, (case.F, case.C // case.groups, case.KH, case.KW), dtype)
+    bias = randn(rng, (case.F,), dtype) if case.bias else None
+    return x, weight, bias
+
+
+def run(backend, fn, *args, **kwargs):
+    """Call chexcy.ops.<fn> on `backend`."""
+    with ops.use_backend(backend):
+        return getattr(ops, fn)(*args, **kwargs)
