@@ -27,6 +27,7 @@ The scheme (see docs/distributed.md for how to run it and the cost model):
 - Errors: `abort_on_error` turns an uncaught exception on any rank into a message naming the rank and
   `MPI.COMM_WORLD.Abort(1)`, so the job ends instead of the other ranks waiting forever in a collective.
 """
+import collections
 import contextlib
 import os
 import sys
@@ -250,28 +251,36 @@ def shard(indices, comm):
 # Gradient averaging: one Allreduce per step
 # ---------------------------------------------------------------------------------------------------
 
+StepTotals = collections.namedtuple("StepTotals", "loss weight rows stop")
+StepTotals.__doc__ = """What every rank knows after a step's Allreduce: the global mean loss, the global weight
+(terms of the loss), the rows of the global batch, and whether any rank asked to stop."""
+
+
 class GradientAllreduce:
     """Averages the gradients of `params` over ranks with one Allreduce on one flat float32 buffer.
 
     params: a list of objects with `.data` and `.grad` (float32 ndarrays of the same shape). The buffer
-    holds P gradient scalars followed by three numbers: weighted loss, weight, stop flag. It is allocated
-    once; `views[i]` is the slice of the buffer shaped like params[i].grad.
+    holds P gradient scalars followed by four numbers: weighted loss, weight, rows, stop flag. It is
+    allocated once; `views[i]` is the slice of the buffer shaped like params[i].grad.
 
-    `__call__(loss, weight, stop=False)` -> (global_loss, global_weight, stop_any):
+    `__call__(loss, weight, stop=False, rows=0)` -> StepTotals(loss, weight, rows, stop):
         loss   : this rank's mean loss (a float; the mean over `weight` terms)
         weight : how many terms that mean averaged (present labels for the masked BCE; rows for a plain
                  batch mean). 0 is allowed (an empty shard or all labels masked): the rank then adds
                  nothing, whatever its gradient holds.
-        stop   : this rank wants to stop after this step (a signal arrived); stop_any tells every rank.
+        stop   : this rank wants to stop after this step (a signal arrived); the result tells every rank.
+        rows   : this rank's batch rows (summed, for images/s of the whole job).
     On return each `.grad` holds sum_r(w_r * g_r) / sum_r(w_r): the gradient of the global mean loss.
+    (float32 holds integers exactly up to 2**24, far above any batch's weight or rows.)
     """
+    EXTRA = 4
 
     def __init__(self, params, comm):
         self.params = list(params)
         self.comm = comm
         sizes = [int(np.asarray(p.data).size) for p in self.params]
         self.n_grad = int(sum(sizes))
-        self.buffer = np.zeros(self.n_grad + 3, dtype=np.float32)
+        self.buffer = np.zeros(self.n_grad + self.EXTRA, dtype=np.float32)
         self.views = []
         offset = 0
         for p, n in zip(self.params, sizes):
@@ -284,7 +293,7 @@ class GradientAllreduce:
         """Bytes each rank contributes to the Allreduce per step."""
         return self.buffer.nbytes
 
-    def __call__(self, loss, weight, stop=False):
+    def __call__(self, loss, weight, stop=False, rows=0):
         weight = float(weight)
         buf = self.buffer
         if weight > 0:
@@ -293,27 +302,28 @@ class GradientAllreduce:
                     view[...] = 0.0
                 else:
                     np.multiply(p.grad, np.float32(weight), out=view)
-            buf[-3] = loss * weight
+            buf[-4] = loss * weight
         else:
-            buf[:-2] = 0.0                 # NaN * 0 would still poison the sum
-        buf[-2] = weight
+            buf[:-3] = 0.0                 # NaN * 0 would still poison the sum
+        buf[-3] = weight
+        buf[-2] = rows
         buf[-1] = 1.0 if stop else 0.0
         self.comm.allreduce_sum_(buf)
         self.calls += 1
-        total = float(buf[-2])
+        total = float(buf[-3])
         if total > 0:
             scale = np.float32(1.0 / total)
             for p, view in zip(self.params, self.views):
                 if p.grad is None or p.grad.shape != view.shape or p.grad.dtype != np.float32:
                     p.grad = np.empty(view.shape, dtype=np.float32)
                 np.multiply(view, scale, out=p.grad)
-            global_loss = float(buf[-3]) / total
+            global_loss = float(buf[-4]) / total
         else:
             for p in self.params:
                 if p.grad is not None:
                     p.grad[...] = 0.0
             global_loss = float("nan")
-        return global_loss, total, bool(buf[-1] > 0)
+        return StepTotals(global_loss, total, int(buf[-2]), bool(buf[-1] > 0))
 
 
 def broadcast_arrays(arrays, comm, root=0):
@@ -486,13 +496,16 @@ def present_labels(labels, mask=None):
 class DataParallel:
     """Data-parallel training of `model` over `comm`: the few calls a training loop makes.
 
-        dp = DataParallel(model, comm)       # SyncBatchNorm, identical start on every rank, buffer once
+        dp = DataParallel(model, comm)       # SyncBatchNorm, sharded Dropout, identical start, one buffer
         for batch in loader (sharded):       # each rank: its slice of the global batch
-            dp.begin_step(weight)            # weight = present_labels(batch.labels, batch.mask)
+            dp.begin_step(weight, n_global)  # weight = present_labels(batch.labels, batch.mask)
             loss = forward + backward        # this rank's mean loss over its `weight` terms
-            loss, stop = dp.end_step(loss, weight, stop=signal_seen)   # ONE Allreduce: global grads+loss
+            totals = dp.end_step(loss, weight, rows, stop=signal_seen)  # ONE Allreduce: grads, loss, stop
             optimiser.step()                 # identical on every rank, so parameters stay identical
 
+    `n_global` is the number of rows of the global batch (this rank holds rows shard_bounds(n_global)).
+    It lets Dropout draw the mask of the whole global batch from the step's generator and keep this
+    rank's rows, so that dropout too matches one process on the whole batch.
     With a LocalComm every call is (almost) free and nothing changes numerically.
     """
 
@@ -500,16 +513,48 @@ class DataParallel:
         self.model = model
         self.comm = comm
         self.sync_bn = convert_sync_batchnorm(model, comm) if comm.size > 1 else []
+        self.dropout = convert_sharded_dropout(model, comm) if comm.size > 1 else []
         if broadcast and comm.size > 1:
             broadcast_arrays([p.data for p in model.parameters()]
                              + [b for _, b in model.named_buffers()], comm)
         self.reducer = GradientAllreduce(model.parameters(), comm)
 
-    def begin_step(self, weight):
+    def begin_step(self, weight, n_global=None):
         for m in self.sync_bn:
             m.loss_weight = float(weight)
+        for m in self.dropout:
+            m.global_rows = n_global
 
-    def end_step(self, loss, weight, stop=False):
-        """Average gradients (one Allreduce). Returns (global mean loss, stop requested on any rank)."""
-        loss, _, stop_any = self.reducer(loss, weight, stop)
-        return loss, stop_any
+    def end_step(self, loss, weight, rows=0, stop=False):
+        """Average gradients (one Allreduce). Returns StepTotals(global mean loss, weight, rows, stop)."""
+        return self.reducer(loss, weight, stop=stop, rows=rows)
+
+
+def convert_sharded_dropout(model, comm):
+    """Make every Dropout of `model` draw the global batch's mask and keep this rank's rows (in place)."""
+    from chexcy.nn.layers import Dropout
+
+    class ShardedDropout(Dropout):
+        """Dropout whose mask is the slice, for this rank's rows, of the mask one process would draw for
+        the whole global batch (`global_rows` rows) from the same generator. Costs a mask of the global
+        batch's size: dropout sits on small feature vectors, so this is cheap."""
+        global_rows = None
+
+        def forward(self, x):
+            if not self.training or self.p == 0.0 or self.global_rows is None:
+                return super().forward(x)
+            lo, hi = shard_bounds(int(self.global_rows), self.comm.rank, self.comm.size)
+            if hi - lo != x.shape[0]:
+                raise ValueError(f"Dropout: this rank holds {x.shape[0]} rows but its shard of a global batch of "
+                                 f"{self.global_rows} is {hi - lo}")
+            keep = self.rng.random((int(self.global_rows),) + x.shape[1:], dtype=np.float32)[lo:hi] >= self.p
+            self._mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
+            return x * self._mask
+
+    converted = []
+    for m in model.modules():
+        if type(m) is Dropout:
+            m.__class__ = ShardedDropout
+            m.comm = comm
+            converted.append(m)
+    return converted

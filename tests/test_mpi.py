@@ -86,9 +86,8 @@ def test_local_allreduce_leaves_gradient_and_reports_loss():
               Param(np.zeros(5, np.float32), rng.standard_normal(5).astype(np.float32))]
     before = [p.grad.copy() for p in params]
     reducer = distributed.GradientAllreduce(params, distributed.LocalComm())
-    assert reducer.nbytes == (12 + 5 + 3) * 4
-    loss, weight, stop = reducer(0.75, 7)
-    assert (loss, weight, stop) == (0.75, 7.0, False)
+    assert reducer.nbytes == (12 + 5 + 4) * 4
+    assert tuple(reducer(0.75, 7, rows=3)) == (0.75, 7.0, 3, False)
     for p, b in zip(params, before):
         np.testing.assert_allclose(p.grad, b, rtol=1e-6)   # (g * 7) / 7 in float32
 
@@ -121,10 +120,11 @@ def test_flat_allreduce_gives_the_weighted_global_mean(tmp_path):
         weights, losses = [3, 5], [0.25, 1.5]
         reducer = distributed.GradientAllreduce(params, comm)
         calls_before = reducer.calls
-        loss, total, stop = reducer(losses[comm.rank], weights[comm.rank], stop=(comm.rank == 1))
+        loss, total, rows, stop = reducer(losses[comm.rank], weights[comm.rank], stop=(comm.rank == 1),
+                                          rows=comm.rank + 2)
         want_loss = (3 * 0.25 + 5 * 1.5) / 8
         assert abs(loss - want_loss) < 1e-6, (loss, want_loss)
-        assert total == 8 and stop is True, (total, stop)
+        assert total == 8 and rows == 5 and stop is True, (total, rows, stop)
         assert reducer.calls == calls_before + 1
         for i, (p, s) in enumerate(zip(params, shapes)):
             g = [np.random.default_rng(10 * r + i).standard_normal(s).astype(np.float32) for r in (0, 1)]
@@ -140,7 +140,7 @@ def test_flat_allreduce_gives_the_weighted_global_mean(tmp_path):
         else:
             for i, p in enumerate(params):
                 p.grad[...] = i
-        loss, total, stop = reducer(float("nan") if comm.rank else 2.0, 0 if comm.rank else 4)
+        loss, total, _, stop = reducer(float("nan") if comm.rank else 2.0, 0 if comm.rank else 4)
         assert total == 4 and loss == 2.0 and not stop, (loss, total, stop)
         for i, p in enumerate(params):
             assert np.all(p.grad == i), (i, p.grad)
@@ -209,7 +209,7 @@ def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
     # One step: rank r runs its shard (5 and 4 rows of a 9-row batch, different numbers of masked labels)
     # through DataParallel; the averaged gradients and the global loss must equal those of one process on
     # all 9 rows. For resnet this also checks SyncBatchNorm (global batch statistics) and that the running
-    # statistics agree. float32 tolerance: rtol 2e-4, atol 1e-6 (sums taken in a different order).
+    # statistics agree; dropout 0.5 checks that each rank applies its rows of the global batch's mask. float32 tolerance: rtol 2e-4, atol 1e-6 (sums taken in a different order).
     proc = run_ranks(tmp_path, f"""
         import numpy as np
         from chexcy import distributed, nn
@@ -219,12 +219,14 @@ def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
         y = (rng.random((9, 14)) < 0.3).astype(np.float32)
         y[rng.random((9, 14)) < 0.4] = np.nan
         def make():
-            return nn.build_model("{arch}", widths=[4, 8], seed=comm.rank + 3)   # different seeds: broadcast
+            # different seeds per rank: DataParallel must broadcast rank 0's parameters
+            return nn.build_model("{arch}", widths=[4, 8], dropout=0.5, seed=comm.rank + 3)
         # one process, whole batch (rank 0 only)
         if comm.rank == 0:
             ref = make()
-            ref.load_state_dict(nn.build_model("{arch}", widths=[4, 8], seed=3).state_dict())
+            ref.load_state_dict(nn.build_model("{arch}", widths=[4, 8], dropout=0.5, seed=3).state_dict())
             ref.train()
+            ref.set_random_state(np.random.default_rng(11))
             ref_loss, dlogits = nn.bce_with_logits(ref.forward(x), y)
             ref.backward(dlogits)
             ref_grads = [p.grad.copy() for p in ref.parameters()]
@@ -234,10 +236,12 @@ def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
         model.train()
         rows = distributed.shard(np.arange(9), comm)
         weight = distributed.present_labels(y[rows])
-        dp.begin_step(weight)
+        dp.begin_step(weight, n_global=9)
+        model.set_random_state(np.random.default_rng(11))
         loss, dlogits = nn.bce_with_logits(model.forward(x[rows]), y[rows])
         model.backward(dlogits)
-        loss, stop = dp.end_step(loss, weight)
+        loss, _, n_rows, stop = dp.end_step(loss, weight, rows=len(rows))
+        assert n_rows == 9 and not stop
         if comm.rank == 0:
             assert abs(loss - ref_loss) < 1e-6 * max(1, abs(ref_loss)), (loss, ref_loss)
             for (name, p), g in zip(model.named_parameters(), ref_grads):
