@@ -50,11 +50,11 @@ def worker(args):
     weight = distributed.present_labels(ys)
 
     def step():
-        dp.begin_step(weight)
+        dp.begin_step(weight, n_global=args.batch)
         loss, dlogits = nn.bce_with_logits(model.forward(xs), ys)
         model.backward(dlogits)
         t0 = time.perf_counter()
-        loss, _ = dp.end_step(loss, weight)
+        dp.end_step(loss, weight, rows=len(rows))
         t_ar = time.perf_counter() - t0
         opt.step(0.01)
         return t_ar
