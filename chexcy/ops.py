@@ -368,12 +368,13 @@ def _conv_args(fn, x, weight, stride, padding, dilation, groups):
     groups = _check_groups(groups, fn)
     N, C, H, W = x.shape
     F, Cg, KH, KW = weight.shape
-    if C % groups or F % groups:
-        raise ValueError(f"{fn}: groups={groups} must divide both the input channels C={C} and the "
-                         f"output channels F={F} (x {x.shape}, weight {weight.shape})")
+    # weight (F, C // groups, ...): matching C here also makes groups divide C.
     if Cg * groups != C:
         raise ValueError(f"{fn}: x has C={C} but weight expects C={Cg * groups} "
                          f"(x {x.shape}, weight {weight.shape}, groups={groups})")
+    if F % groups:
+        raise ValueError(f"{fn}: groups={groups} must divide the output channels F={F} "
+                         f"(x {x.shape}, weight {weight.shape})")
     stride_hw = _pair(stride, fn, "stride")
     dilation_hw = _pair(dilation, fn, "dilation")
     padding_hw, extra = _conv_padding(padding, stride_hw, dilation_hw, (KH, KW), fn)
