@@ -33,9 +33,9 @@ class ImageReadError(ValueError):
 
 
 def normalize(images):
-    """uint8 pixels (any shape) -> float32 (x - PIXEL_MEAN) / PIXEL_STD, same shape."""
-    images = np.asarray(images)
-    out = images.astype(np.float32)
+    """Pixel values (uint8, or float in 0..255 such as augmented pixels; any shape) -> float32
+    (x - PIXEL_MEAN) / PIXEL_STD, a new array of the same shape."""
+    out = np.array(images, dtype=np.float32, copy=True)
     out -= PIXEL_MEAN
     out *= 1.0 / PIXEL_STD
     return out
