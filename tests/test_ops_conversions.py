@@ -1,0 +1,117 @@
+"""Input conversion and output ownership, on every backend under test.
+
+- float64, non-contiguous, Fortran-ordered, byte-swapped and read-only inputs give exactly the results
+  of the same values as C-contiguous float32 (they are converted once, on entry);
+- results are float32, C-contiguous, and fresh: they share no memory with the inputs, and no op writes
+  into its inputs;
+- dbias is returned when the forward pass had no bias.
+"""
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from chexcy import ops
+from ops_cases import randn
+
+
+def _variants(a):
+    """The same values as `a` (C-contiguous float32) in layouts and dtypes ops must convert."""
+    strided = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), np.float32)[..., ::2]
+    strided[...] = a
+    readonly = a.copy()
+    readonly.setflags(write=False)
+    return {
+        "float64": a.astype(np.float64),
+        "strided": strided,
+        "fortran": np.asfortranarray(a),
+        "big-endian": a.astype(">f4"),
+        "read-only": readonly,
+        "list": a.tolist(),
+    }
+
+
+def _ops_calls(rng):
+    """(name, function, float arguments, other arguments) for one call of every op."""
+    x = randn(rng, (2, 4, 7, 6))
+    w, b = randn(rng, (6, 2, 3, 3)), randn(rng, (6,))
+    conv = dict(stride=(2, 1), padding=1, groups=2)
+    dout = randn(rng, ops.conv2d_forward(x, w, b, **conv).shape)
+    pooled, argmax = ops.max_pool2d_forward(x, 3, 2, 1)
+    dpool = randn(rng, pooled.shape)
+    davg = randn(rng, ops.avg_pool2d_forward(x, 2, 1, 1).shape)
+    xl, wl, bl = randn(rng, (3, 5)), randn(rng, (4, 5)), randn(rng, (4,))
+    return [
+        ("conv2d_forward", ops.conv2d_forward, (x, w, b), conv),
+        ("conv2d_backward", ops.conv2d_backward, (dout, x, w), conv),
+        ("max_pool2d_forward", ops.max_pool2d_forward, (x,), dict(kernel_size=3, stride=2, padding=1)),
+        ("max_pool2d_backward", lambda d: ops.max_pool2d_backward(d, argmax, x.shape), (dpool,), {}),
+        ("avg_pool2d_forward", ops.avg_pool2d_forward, (x,), dict(kernel_size=2, stride=1, padding=1)),
+        ("avg_pool2d_backward", lambda d: ops.avg_pool2d_backward(d, x.shape, 2, 1, 1), (davg,), {}),
+        ("global_avg_pool2d_forward", ops.global_avg_pool2d_forward, (x,), {}),
+        ("global_avg_pool2d_backward", lambda d: ops.global_avg_pool2d_backward(d, x.shape),
+         (randn(rng, (2, 4)),), {}),
+        ("linear_forward", ops.linear_forward, (xl, wl, bl), {}),
+        ("linear_backward", ops.linear_backward, (randn(rng, (3, 4)), xl, wl), {}),
+    ]
+
+
+def _as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def test_converted_inputs_give_identical_results(backend, rng):
+    for name, fn, arrays, kwargs in _ops_calls(rng):
+        want = _as_tuple(fn(*arrays, **kwargs))
+        for position in range(len(arrays)):
+            for variant, value in _variants(arrays[position]).items():
+                args = list(arrays)
+                args[position] = value
+                got = _as_tuple(fn(*args, **kwargs))
+                for g, w in zip(got, want):
+                    assert g.dtype == w.dtype, f"{backend} {name} arg {position} {variant}: dtype {g.dtype}"
+                    assert_array_equal(g, w, err_msg=f"{backend} {name}: argument {position} as {variant}")
+
+
+def test_results_are_fresh_float32_and_inputs_untouched(backend, rng):
+    for name, fn, arrays, kwargs in _ops_calls(rng):
+        before = [a.copy() for a in arrays]
+        results = _as_tuple(fn(*arrays, **kwargs))
+        for a, b in zip(arrays, before):
+            assert_array_equal(a, b, err_msg=f"{backend} {name} wrote into an input")
+        for k, r in enumerate(results):
+            assert isinstance(r, np.ndarray) and r.flags.c_contiguous, f"{backend} {name} result {k}"
+            assert r.dtype == (np.int64 if (name, k) == ("max_pool2d_forward", 1) else np.float32), \
+                f"{backend} {name} result {k} dtype {r.dtype}"
+            assert r.flags.writeable, f"{backend} {name} result {k} is read-only"
+            for a in arrays:
+                assert not np.shares_memory(r, a), f"{backend} {name} result {k} shares memory with an input"
+        for i, r in enumerate(results):
+            for j, s in enumerate(results[:i]):
+                assert not np.shares_memory(r, s), f"{backend} {name} results {j} and {i} share memory"
+
+
+def test_backward_results_do_not_alias_across_calls(backend, rng):
+    x, w = randn(rng, (1, 2, 5, 5)), randn(rng, (3, 2, 1, 1))      # 1x1: the shortest code paths
+    dout = randn(rng, (1, 3, 5, 5))
+    first = ops.conv2d_backward(dout, x, w)
+    kept = [g.copy() for g in first]
+    ops.conv2d_backward(dout * 2, x, w)
+    for g, k in zip(first, kept):
+        assert_array_equal(g, k, err_msg=f"{backend}: a later call changed an earlier result")
+
+
+@pytest.mark.parametrize("op", ["conv2d", "linear"])
+def test_dbias_is_returned_without_bias(op, backend, rng):
+    if op == "conv2d":
+        x, w = randn(rng, (2, 3, 5, 5)), randn(rng, (4, 3, 3, 3))
+        out = ops.conv2d_forward(x, w, None, padding=1)
+        dout = randn(rng, out.shape)
+        dbias = ops.conv2d_backward(dout, x, w, padding=1)[2]
+        want = dout.sum(axis=(0, 2, 3))
+    else:
+        x, w = randn(rng, (3, 5)), randn(rng, (4, 5))
+        dout = randn(rng, ops.linear_forward(x, w).shape)
+        dbias = ops.linear_backward(dout, x, w)[2]
+        want = dout.sum(axis=0)
+    assert dbias.shape == want.shape
+    np.testing.assert_allclose(dbias, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,102 @@
+"""Threads: set/get, the default, and bitwise-identical results for 1 and 2 threads (compiled backend).
+
+The compiled kernels split work so that each thread owns its outputs (forward over (n, f) planes, dx
+over (n, c) planes, dweight over f): the result must not change by a single bit with the thread count.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from chexcy import ops
+from ops_cases import COMPILED, randn
+from test_ops_validation import subprocess_env
+
+needs_compiled = pytest.mark.skipif(
+    not COMPILED, reason="the compiled backend (chexcy._ops) is not built here; build it with "
+                         "`python setup.py build_ext --inplace` or `pip install .`")
+
+
+@pytest.fixture
+def restore_threads():
+    yield
+    ops.set_num_threads(None)
+
+
+def test_set_and_get_num_threads(restore_threads):
+    for n in (1, 3, 2):
+        ops.set_num_threads(n)
+        assert ops.get_num_threads() == n
+    ops.set_num_threads(np.int64(1))
+    assert ops.get_num_threads() == 1
+    ops.set_num_threads(None)
+    assert ops.get_num_threads() >= 1
+
+
+def test_default_threads_follow_omp_num_threads(tmp_path):
+    code = "import chexcy.ops as ops; print(ops.get_num_threads())"
+    for value in ("1", "3"):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              env=subprocess_env(OMP_NUM_THREADS=value, CHEXCY_BACKEND="python"),
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == value
+    env = subprocess_env(CHEXCY_BACKEND="python")
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == len(os.sched_getaffinity(0))
+
+
+def _run_all_ops(rng):
+    """Every threaded op at a moderate shape, with awkward sizes (odd, not a multiple of 2 threads)."""
+    x = randn(rng, (3, 6, 23, 19))
+    w, b = randn(rng, (10, 3, 3, 3)), randn(rng, (10,))
+    results = []
+    for conv in (dict(stride=1, padding=1, groups=2), dict(stride=2, padding=2, dilation=2, groups=1,
+                                                           weight=randn(rng, (5, 6, 5, 3))),
+                 dict(stride=1, padding="same", groups=6, weight=randn(rng, (12, 1, 4, 4)))):
+        weight = conv.pop("weight", w)
+        bias = b if weight.shape[0] == 10 else None
+        out = ops.conv2d_forward(x, weight, bias, **conv)
+        dout = randn(np.random.default_rng(1), out.shape)
+        results += [out, *ops.conv2d_backward(dout, x, weight, **conv)]
+    out, argmax = ops.max_pool2d_forward(x, 3, 2, 1)
+    results += [out, argmax, ops.max_pool2d_backward(out, argmax, x.shape)]
+    out = ops.avg_pool2d_forward(x, 3, 2, 1, False)
+    results += [out, ops.avg_pool2d_backward(out, x.shape, 3, 2, 1, False)]
+    out = ops.global_avg_pool2d_forward(x)
+    results += [out, ops.global_avg_pool2d_backward(out, x.shape)]
+    xl, wl = x.reshape(3, -1), randn(rng, (7, 6 * 23 * 19))
+    out = ops.linear_forward(xl, wl)
+    results += [out, *ops.linear_backward(out, xl, wl)]
+    return results
+
+
+@needs_compiled
+def test_one_and_two_threads_give_bitwise_identical_results(restore_threads):
+    by_threads = {}
+    with ops.use_backend("cython"):
+        for n in (1, 2, 1):
+            ops.set_num_threads(n)
+            by_threads.setdefault(n, []).append(_run_all_ops(np.random.default_rng(5)))
+    one, two, one_again = by_threads[1][0], by_threads[2][0], by_threads[1][1]
+    for k, (a, b, c) in enumerate(zip(one, two, one_again)):
+        assert_array_equal(a, c, err_msg=f"result {k}: two runs on 1 thread differ")
+        assert np.array_equal(a, b), (f"result {k}: 1 and 2 threads differ, max abs diff "
+                                      f"{np.max(np.abs(a.astype(np.float64) - b)):.3g}")
+
+
+@needs_compiled
+def test_threadpoolctl_limit_gives_the_same_results(restore_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with ops.use_backend("cython"):
+        free = _run_all_ops(np.random.default_rng(5))
+        with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+            limited = _run_all_ops(np.random.default_rng(5))
+    for k, (a, b) in enumerate(zip(free, limited)):
+        assert np.array_equal(a, b), f"result {k} changed under threadpool_limits(1)"
