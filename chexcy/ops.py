@@ -87,10 +87,11 @@ def _resolve_default():
     try:
         return "cython", _native.load()
     except ImportError as exc:
+        reason = exc.__cause__ or exc  # the underlying import error, not _native's own advice
         warnings.warn(
-            f"chexcy is using its pure-Python fallback (slow) because the compiled kernels are "
-            f"unavailable: {exc}. Build them with a C compiler: `pip install .` from the source "
-            f"tree, or `python setup.py build_ext --inplace` for a development checkout. "
+            f"chexcy is using its slow pure-Python fallback: the compiled kernels did not load "
+            f"({reason}). Build them with a C compiler: `pip install .` from the source tree, or "
+            f"`python setup.py build_ext --inplace` in a development checkout. "
             f"Set {ENV_BACKEND}=python to choose the fallback explicitly and silence this warning.",
             RuntimeWarning, stacklevel=4)
         return "python", _load_backend("python")
