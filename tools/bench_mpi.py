@@ -17,6 +17,7 @@ The model is the one `chexcy train --arch` builds (defaults: ref-cnn of DESIGN.m
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -78,7 +79,10 @@ def worker(args):
             "backend": ops.get_backend(), "global_batch": args.batch, "size": args.size,
             "images_per_s": args.batch * args.steps / elapsed, "step_ms": 1e3 * elapsed / args.steps,
             "allreduce_ms_in_step": 1e3 * t_allreduce / args.steps, "allreduce_ms_pure": 1e3 * pure,
-            "allreduce_bytes": dp.reducer.nbytes, "parameters": model.num_parameters()}), flush=True)
+            "allreduce_bytes": dp.reducer.nbytes, "parameters": model.num_parameters(),
+            "batchnorm_layers": sum(type(m).__name__.endswith("BatchNorm2d") for m in model.modules()),
+            "batchnorm_channels": sum(m.num_features for m in model.modules()
+                                      if type(m).__name__.endswith("BatchNorm2d"))}), flush=True)
 
 
 def run_config(args, ranks, threads):
@@ -143,6 +147,45 @@ def main(argv=None):
     print(f"ratio MPI / threads: {b['images_per_s'] / a['images_per_s']:.2f}x images/s; Allreduce share of the "
           f"MPI step: {100 * b['allreduce_ms_in_step'] / b['step_ms']:.1f}% "
           f"(pure communication {100 * b['allreduce_ms_pure'] / b['step_ms']:.2f}%)")
+    rec = runs[configs[1]][0]
+    per_image_s = (b["step_ms"] - b["allreduce_ms_in_step"]) / 1e3 / (args.batch / args.ranks)
+    project(rec["allreduce_bytes"], rec["batchnorm_layers"], per_image_s, args)
+
+
+def ring_allreduce_s(nbytes, ranks, bandwidth, latency):
+    """Ring allreduce: 2(K-1) steps, each sending nbytes/K per rank -> 2(K-1)/K * nbytes on the wire per rank."""
+    return 2 * (ranks - 1) * (latency + nbytes / ranks / bandwidth)
+
+
+def small_allreduce_s(ranks, latency):
+    """A few-kB allreduce (recursive doubling): ceil(log2 K) latency-bound exchanges."""
+    return math.ceil(math.log2(ranks)) * latency if ranks > 1 else 0.0
+
+
+def project(nbytes, bn_layers, per_image_s, args, bandwidth=1.25e9, latency=25e-6):
+    """Predicted step time and efficiency at 8 and 32 ranks on a 10 Gb/s network (see docs/distributed.md).
+
+    compute(b) = b * per_image_s (measured: one rank, one thread, this machine's core);
+    comm(K) = ring allreduce of the gradient buffer + 3 small allreduces per BatchNorm layer (SyncBatchNorm).
+    Weak scaling: 32 images per rank (global batch 32 K). Strong scaling: global batch 256 (256 / K per rank).
+    """
+    print(f"projection (10 Gb/s = {bandwidth / 1e9:.2f} GB/s, {latency * 1e6:.0f} us per message, "
+          f"{per_image_s * 1e3:.1f} ms compute per image per rank measured here, {nbytes:,} B gradient buffer, "
+          f"{bn_layers} BatchNorm layers x 3 small allreduces):")
+    print(f"{'ranks':>6}{'wire MB/rank':>14}{'allreduce ms':>14}{'BN sync ms':>12}"
+          f"{'weak: step ms':>15}{'eff':>7}{'img/s':>9}{'strong: step ms':>17}{'eff':>7}{'img/s':>9}")
+    for k in (2, 8, 32):
+        wire = 2 * (k - 1) / k * nbytes / 1e6
+        ar = ring_allreduce_s(nbytes, k, bandwidth, latency)
+        bn = 3 * bn_layers * small_allreduce_s(k, latency)
+        cols = []
+        for per_rank in (32, 256 / k):
+            compute = per_rank * per_image_s
+            step = compute + ar + bn
+            cols.append((1e3 * step, compute / step, k * per_rank / step))
+        (ws, we, wi), (ss, se, si) = cols
+        print(f"{k:>6}{wire:>14.3f}{ar * 1e3:>14.3f}{bn * 1e3:>12.3f}{ws:>15.1f}{we:>7.1%}{wi:>9.0f}"
+              f"{ss:>17.1f}{se:>7.1%}{si:>9.0f}")
 
 
 if __name__ == "__main__":
