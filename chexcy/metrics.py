@@ -106,36 +106,47 @@ def per_label_auc(y_true, y_score, min_count=MIN_CLASS_COUNT):
     return out
 
 
-def bootstrap_auc_ci(y_true, y_score, n_boot=1000, seed=0, alpha=0.05, min_count=1):
-    """Percentile bootstrap (1 - alpha) interval of each column's AUC.
+def bootstrap_auc_samples(y_true, y_score, n_boot=1000, seed=0):
+    """AUC of every column on `n_boot` bootstrap resamples of the rows (one shared row sample per
+    resample for all columns, so derived statistics such as a mean over columns stay paired).
 
-    Resamples rows (N of N with replacement) `n_boot` times with one shared row sample for all columns.
-    Resamples in which a column lacks a class are skipped for that column. Returns float64 (L, 2)
-    (NaN rows where fewer than 10 resamples were usable).
+    Returns float64 (n_boot, L), NaN where a resample lacks a class in that column.
     """
     y_true = np.asarray(y_true, dtype=np.float64)
     y_score = np.asarray(y_score, dtype=np.float64)
     if y_true.ndim != 2 or y_true.shape != y_score.shape:
-        raise ValueError(f"bootstrap_auc_ci: y_true and y_score must both be (N, L), "
-                         f"got {y_true.shape} and {y_score.shape}")
+        raise ValueError(f"bootstrap: y_true and y_score must both be (N, L), got {y_true.shape} and {y_score.shape}")
     if n_boot < 1:
-        raise ValueError(f"bootstrap_auc_ci: n_boot must be >= 1, got {n_boot}")
+        raise ValueError(f"bootstrap: n_boot must be >= 1, got {n_boot}")
     rng = np.random.default_rng(seed)
     n, n_labels = y_true.shape
-    samples = [[] for _ in range(n_labels)]
-    for _ in range(n_boot):
+    out = np.full((n_boot, n_labels), np.nan)
+    for b in range(n_boot):
         rows = rng.integers(0, n, size=n)
         yt, ys = y_true[rows], y_score[rows]
         n_pos, n_neg = class_counts(yt)
-        for j in range(n_labels):
-            if n_pos[j] >= min_count and n_neg[j] >= min_count and n_pos[j] > 0 and n_neg[j] > 0:
-                present = ~np.isnan(yt[:, j])
-                samples[j].append(roc_auc(yt[present, j], ys[present, j]))
-    out = np.full((n_labels, 2), np.nan)
-    for j, s in enumerate(samples):
-        if len(s) >= 10:
-            out[j] = np.quantile(s, [alpha / 2, 1 - alpha / 2])
+        for j in np.flatnonzero((n_pos > 0) & (n_neg > 0)):
+            present = ~np.isnan(yt[:, j])
+            out[b, j] = roc_auc(yt[present, j], ys[present, j])
     return out
+
+
+def percentile_interval(samples, alpha=0.05, min_samples=10):
+    """(lo, hi) percentile interval of each column of samples (B, L) ignoring NaN -> float64 (L, 2);
+    NaN rows where fewer than `min_samples` values are usable."""
+    samples = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)
+    out = np.full((samples.shape[1], 2), np.nan)
+    for j in range(samples.shape[1]):
+        column = samples[:, j][~np.isnan(samples[:, j])]
+        if len(column) >= min_samples:
+            out[j] = np.quantile(column, [alpha / 2, 1 - alpha / 2])
+    return out
+
+
+def bootstrap_auc_ci(y_true, y_score, n_boot=1000, seed=0, alpha=0.05):
+    """Percentile bootstrap (1 - alpha) interval of each column's AUC: float64 (L, 2) (NaN rows where
+    fewer than 10 resamples had both classes)."""
+    return percentile_interval(bootstrap_auc_samples(y_true, y_score, n_boot, seed), alpha)
 
 
 def mean_auc(aucs, label_names, tasks):

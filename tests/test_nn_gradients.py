@@ -141,6 +141,9 @@ def test_batchnorm_running_stats_and_eval_mode():
     y = bn.forward(x)
     np.testing.assert_allclose(y, (x - bn.running_mean[:, None, None]) / np.sqrt(bn.running_var + 1e-5)[:, None, None],
                                rtol=1e-12)
+    # Eval mode is an affine map; its backward (used by Grad-CAM through BN models) is checked too.
+    bn.weight.data[:] = [0.7, 1.9]
+    check_module(bn, (x,), rng)
 
 
 def test_dropout_gradient_with_a_fixed_mask_and_eval_identity():

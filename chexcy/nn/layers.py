@@ -293,6 +293,7 @@ class BatchNorm2d(Module):
         if not self.training:
             inv_std = (1.0 / np.sqrt(self.running_var.astype(dtype) + dtype.type(self.eps)))[:, None, None]
             scale = gamma * inv_std
+            self._xhat, self._eval_cache = None, (x, inv_std)
             return x * scale + (beta - self.running_mean.astype(dtype)[:, None, None] * scale)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         if count < 2:
@@ -311,6 +312,13 @@ class BatchNorm2d(Module):
         return xhat * gamma + beta
 
     def backward(self, dout):
+        if self._xhat is None:
+            # After an eval-mode forward the layer is the affine map gamma * (x - running_mean) * inv_std + beta.
+            x, inv_std = self._eval_cache
+            centred = (x - self.running_mean.astype(dout.dtype)[:, None, None]) * inv_std
+            self.weight.grad = np.einsum("nchw,nchw->c", dout, centred)
+            self.bias.grad = dout.sum(axis=(0, 2, 3))
+            return dout * (self.weight.data.astype(dout.dtype, copy=False)[:, None, None] * inv_std)
         xhat, inv_std = self._xhat, self._inv_std
         count = xhat.shape[0] * xhat.shape[2] * xhat.shape[3]
         dbeta = dout.sum(axis=(0, 2, 3))

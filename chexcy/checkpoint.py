@@ -1,0 +1,150 @@
+"""Checkpoints: one .npz file holding everything needed to rebuild a model or resume its training.
+
+Layout (a NumPy .npz, i.e. a zip of .npy arrays; no pickles, so loading a file never runs code):
+    config.json      uint8 bytes of a JSON document: format version, chexcy version, arch and model config,
+                     training hyper-parameters, image size, label names and policy, position (epoch,
+                     step_in_epoch, global_step), seeds, best metric so far
+    model/<name>     every parameter and buffer (e.g. model/trunk.0.weight, model/trunk.1.running_mean)
+    optim/<key>      optimiser state arrays (momentum buffers, Adam moments); optim step count is in the JSON
+
+Randomness needs no generator snapshot: every random draw of a run (data order, augmentation, dropout)
+is derived from (seed, epoch, step) and the weights from the seed, so the JSON's seeds and position are the
+complete random state.
+
+Writes are atomic: the file is written to a temporary name in the same folder, fsync'ed, then renamed
+over the target (os.replace), and the folder is fsync'ed, so a crash at any moment leaves either the old
+or the new checkpoint, never a torn one.
+"""
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+
+FORMAT = "chexcy-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt, of another format, or does not fit the request."""
+
+
+class Checkpoint:
+    """A loaded checkpoint: `config` (dict), `model_state` (OrderedDict name -> array),
+    `optim_state` (dict key -> array or number), `path`."""
+
+    def __init__(self, config, model_state, optim_state, path=None):
+        self.config, self.model_state, self.optim_state, self.path = config, model_state, optim_state, path
+
+    @property
+    def image_size(self):
+        return int(self.config["image_size"])
+
+    def build_model(self):
+        """The model this checkpoint describes, with its weights and buffers loaded, in eval mode."""
+        from chexcy.nn import build_model
+        model = build_model(self.config["arch"], **self.config["model"])
+        try:
+            model.load_state_dict(self.model_state)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {self.path}: weights do not fit its own architecture: {exc}") from None
+        return model.eval()
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return      # e.g. platforms without directory file descriptors
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, writer):
+    """Call writer(file) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def save_checkpoint(path, model, optimizer=None, config=None):
+    """Write model (parameters, buffers), optimiser state and `config` (JSON-able dict) to `path` atomically.
+
+    The model's arch and config are added to the JSON under "arch" and "model". Returns `path`.
+    """
+    doc = dict(config or {})
+    doc.update(format=FORMAT, format_version=FORMAT_VERSION, arch=model.arch, model=model.config)
+    from chexcy import __version__
+    doc.setdefault("chexcy_version", __version__)
+    arrays = OrderedDict()
+    for name, value in model.state_dict().items():
+        arrays["model/" + name] = value
+    if optimizer is not None:
+        optim_state = optimizer.state_dict()
+        doc["optimizer_state"] = {"name": optimizer.name, "step_count": int(optim_state.pop("step_count"))}
+        for key, value in optim_state.items():
+            arrays["optim/" + key] = value
+    arrays["config.json"] = np.frombuffer(json.dumps(doc, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+
+    def write(f):
+        # Serialise to memory first: np.savez seeks, and a BytesIO keeps the file write a single pass.
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        f.write(buffer.getbuffer())
+
+    return atomic_write_bytes(path, write)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by save_checkpoint. Raises CheckpointError with the reason if it cannot."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the file (e.g. {os.path.join(path, 'last.npz')})")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            files = {name: archive[name] for name in archive.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a chexcy checkpoint "
+                              f"({type(exc).__name__}: {exc})") from None
+    if "config.json" not in files:
+        raise CheckpointError(f"checkpoint {path} is not a chexcy checkpoint (no config.json inside)")
+    try:
+        config = json.loads(files.pop("config.json").tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: config.json is corrupt ({exc})") from None
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a chexcy checkpoint (format {config.get('format')!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {config.get('format_version')}; this chexcy "
+                              f"reads version {FORMAT_VERSION}")
+    for key in ("arch", "model", "image_size"):
+        if key not in config:
+            raise CheckpointError(f"checkpoint {path}: config.json lacks {key!r}")
+    model_state = OrderedDict((k[len("model/"):], v) for k, v in files.items() if k.startswith("model/"))
+    optim_state = {k[len("optim/"):]: v for k, v in files.items() if k.startswith("optim/")}
+    if "optimizer_state" in config:
+        optim_state["step_count"] = config["optimizer_state"]["step_count"]
+    return Checkpoint(config, model_state, optim_state, path)

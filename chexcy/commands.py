@@ -1,0 +1,164 @@
+"""Sub-commands `train`, `evaluate`, `predict` and `demo` of the `chexcy` command.
+
+Each handler imports its heavy modules only when it runs and returns an exit status. Bad input raises
+ValueError/RuntimeError, which chexcy.cli turns into one clear line.
+"""
+import argparse
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _nonneg_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _pos_weight(text):
+    if text == "auto":
+        return text
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', a number or 14 comma-separated numbers, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def register(subparsers):
+    # -- train -------------------------------------------------------------------------------------------
+    p = subparsers.add_parser(
+        "train", help="train a CNN on a prepared folder",
+        description="Train a model on data written by `chexcy prepare`. The image size and the label policy "
+                    "come from the prepared data. Every run setting defaults to the built-in value (shown "
+                    "below); with --resume they default to the checkpoint's and may not change, except "
+                    "--epochs.")
+    p.add_argument("--data", required=True, help="prepared training folder")
+    p.add_argument("--valid", help="prepared validation folder (loss and AUC after each epoch)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=["simple", "resnet", "multiview"], help="architecture (default simple)")
+    g.add_argument("--width", type=_positive_int, help="channels of the first stage, doubled per stage (default 16)")
+    g.add_argument("--depth", type=_positive_int, help="number of stages (default 4; 16 x 4 = ref-cnn)")
+    g.add_argument("--blocks", type=_positive_int, help="residual blocks per stage (resnet; default 1)")
+    g.add_argument("--backbone", choices=["simple", "resnet"], help="multiview trunk (default simple)")
+    g.add_argument("--separate-trunks", dest="shared", action="store_const", const=False,
+                   help="multiview: one trunk per view instead of a shared one")
+    g.add_argument("--hidden", type=_positive_int, help="multiview fusion width (default 64)")
+    g.add_argument("--dropout", type=float, help="dropout before the classifier (default 0)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_positive_int, help="epochs (default 10)")
+    g.add_argument("--batch-size", type=_positive_int, help="images per step (default 32)")
+    g.add_argument("--lr", type=float, help="learning rate (default 0.01 for sgd, 0.001 for adamw)")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="default sgd")
+    g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    g.add_argument("--nesterov", action="store_const", const=True, help="Nesterov momentum")
+    g.add_argument("--weight-decay", type=float, help="L2 (sgd) / decoupled (adamw) weight decay (default 0)")
+    g.add_argument("--schedule", choices=["constant", "step", "cosine"], help="learning-rate schedule (default constant)")
+    g.add_argument("--warmup", type=_nonneg_int, help="linear warm-up steps (default 0)")
+    g.add_argument("--step-size", type=_positive_int, help="steps between decays for --schedule step")
+    g.add_argument("--gamma", type=float, help="decay factor for --schedule step (default 0.1)")
+    g.add_argument("--pos-weight", type=_pos_weight,
+                   help="weight of positive labels in the loss: 'auto' (n_neg/n_pos per label, clipped to "
+                        "[1, 10]), a number, or 14 comma-separated numbers")
+    g.add_argument("--augment", action="store_const", const=True, help="random augmentation of training images")
+    g.add_argument("--seed", type=int, help="seed of weights, data order, augmentation and dropout (default 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--checkpoint-dir", help="folder for last.npz, best.npz and log.jsonl")
+    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (default: CHECKPOINT_DIR/last.npz)")
+    g.add_argument("--checkpoint-every", type=_nonneg_int, default=0, metavar="K",
+                   help="also save last.npz every K steps (default: at the end of each epoch only)")
+    g.add_argument("--log-every", type=_nonneg_int, default=20, metavar="N", help="a progress line every N steps")
+    g.add_argument("--threads", type=_positive_int, help="kernel threads (default: the cores available)")
+    g.add_argument("--workers", type=_positive_int, default=1, help="data loader workers (default 1)")
+    p.set_defaults(func=run_train)
+
+    # -- evaluate ----------------------------------------------------------------------------------------
+    p = subparsers.add_parser("evaluate", help="AUC per observation of a checkpoint on prepared data",
+                              description="ROC AUC per observation (image level and study level = max over "
+                                          "a study's views), the mean over the 5 competition tasks, optional "
+                                          "bootstrap 95%% intervals and plots.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. RUN/best.npz)")
+    p.add_argument("--data", required=True, help="prepared folder to score")
+    p.add_argument("--bootstrap", type=_nonneg_int, default=0, metavar="N", help="bootstrap resamples for 95%% CIs")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--plot", metavar="DIR", help="write ROC curves and training curves as PNG (needs matplotlib)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.add_argument("--min-count", type=_positive_int, default=None,
+                   help="positives and negatives a label needs for an AUC (default 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--threads", type=_positive_int)
+    p.set_defaults(func=run_evaluate)
+
+    # -- predict -----------------------------------------------------------------------------------------
+    p = subparsers.add_parser("predict", help="label chest X-ray images with a checkpoint",
+                              description="14 probabilities per image (JPEG or PNG files, or folders of "
+                                          "them), preprocessed exactly as `chexcy prepare` does; optional "
+                                          "Grad-CAM heat maps.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument("--observation", help="the observation the heat maps explain (e.g. 'Pleural Effusion')")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--threads", type=_positive_int)
+    p.set_defaults(func=run_predict)
+
+    # -- demo --------------------------------------------------------------------------------------------
+    p = subparsers.add_parser("demo", help="synthetic data -> prepare -> train -> evaluate, end to end",
+                              description="Generate a synthetic CheXpert-like dataset, prepare it, train a "
+                                          "model and evaluate it, printing where everything went.")
+    p.add_argument("--out", default="chexcy-demo", help="folder for everything the demo writes (default ./chexcy-demo)")
+    p.add_argument("--quick", action="store_true", help="a tiny, fast run (smoke test; AUCs are meaningless)")
+    p.add_argument("--size", type=_positive_int, help="image size")
+    p.add_argument("--n-train", type=_positive_int, help="synthetic training images")
+    p.add_argument("--n-valid", type=_positive_int, help="synthetic validation images")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--workers", type=_positive_int, help="processes for image generation and preparation")
+    p.set_defaults(func=run_demo)
+
+
+TRAIN_SETTINGS = ("arch", "width", "depth", "blocks", "backbone", "shared", "hidden", "dropout", "epochs",
+                  "batch_size", "lr", "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "warmup",
+                  "step_size", "gamma", "pos_weight", "augment", "seed")
+
+
+def run_train(args):
+    import signal
+    import sys
+
+    from chexcy.train import fit
+    settings = {name: getattr(args, name) for name in TRAIN_SETTINGS if getattr(args, name) is not None}
+    if args.resume and not args.checkpoint_dir and args.resume is True:
+        raise ValueError("--resume without a path needs --checkpoint-dir")
+    result = fit(args.data, args.valid, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                 log_every=args.log_every, checkpoint_every=args.checkpoint_every, threads=args.threads,
+                 workers=args.workers, out=sys.stdout, **settings)
+    if result.status == "interrupted":
+        # Conventional shell status for "ended by signal N": 128 + N (130 for SIGINT, 143 for SIGTERM).
+        return 128 + int(getattr(result, "signal", signal.SIGINT))
+    return 0
+
+
+def run_evaluate(args):
+    from chexcy import evaluate, metrics
+    if args.min_count is None:
+        args.min_count = metrics.MIN_CLASS_COUNT
+    return evaluate.run(args)
+
+
+def run_predict(args):
+    from chexcy import predict
+    return predict.run(args)
+
+
+def run_demo(args):
+    from chexcy import demo
+    return demo.run(args)

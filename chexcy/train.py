@@ -1,0 +1,507 @@
+"""The training loop: `fit(...)` for notebooks and `chexcy train` alike.
+
+Data flows one way: prepared arrays -> loader -> model (chexcy.ops) -> masked BCE -> optimiser ->
+checkpoint / metrics. One step:
+
+    model.set_random_state(rng(seed, epoch, step))      dropout masks reproducible across resume
+    logits = model.forward_batch(batch)                 (B, 14) float32
+    loss, dlogits = bce_with_logits(logits, labels, mask, pos_weight)
+    model.backward(dlogits)                             sets every p.grad
+    optimizer.step(lr_at(global_step))                  lr a pure function of the step
+
+Exact resume: the loader's order and augmentation depend only on (seed, epoch, row), dropout on
+(seed, epoch, step), the learning rate on the global step, and a checkpoint stores parameters, buffers,
+optimiser moments and the position (epoch, step in epoch, global step). Continuing from it therefore
+replays the same floating-point operations as an uninterrupted run (same backend and thread count; the
+compiled kernels are bitwise identical for any thread count anyway).
+
+Files in the checkpoint folder: last.npz (latest state), best.npz (best validation mean AUC over the 5
+competition tasks, or lowest validation loss when that is undefined, or lowest training loss without
+validation data), log.jsonl (one JSON object per line: start, step, epoch, resume, interrupted,
+diverged, end events).
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+
+from chexcy import metrics
+from chexcy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from chexcy.nn import bce_with_logits, build_model
+from chexcy.optim import build_optimizer, make_schedule
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or its gradient) became NaN or infinite."""
+
+
+# Short names for the progress lines (STYLE.md shows "Atel 0.81  Card 0.84 ...").
+SHORT_NAMES = {
+    "No Finding": "NoFi", "Enlarged Cardiomediastinum": "EnCM", "Cardiomegaly": "Card", "Lung Opacity": "LOpa",
+    "Lung Lesion": "LLes", "Edema": "Edem", "Consolidation": "Cons", "Pneumonia": "Pnia", "Atelectasis": "Atel",
+    "Pneumothorax": "Ptx", "Pleural Effusion": "PlEf", "Pleural Other": "PlOt", "Fracture": "Frac",
+    "Support Devices": "SuDe",
+}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run's arithmetic. Stored in every checkpoint; a resume must not change it
+    (only `epochs` may grow). lr None means 0.01 for SGD and 0.001 for AdamW."""
+    arch: str = "simple"
+    width: int = 16                # channels of the first stage; stage i has width * 2**i
+    depth: int = 4                 # number of stages
+    blocks: int = 1                # residual blocks per stage (resnet, multiview with backbone resnet)
+    backbone: str = "simple"       # multiview trunk
+    shared: bool = True            # multiview: one trunk for both views
+    hidden: int = 64               # multiview fusion width
+    dropout: float = 0.0
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = None
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup: int = 0                # warm-up steps
+    step_size: int = None          # steps between decays for schedule "step" (default a third of the run)
+    gamma: float = 0.1
+    seed: int = 0                  # weights, data order, augmentation, dropout: all derived from it
+    augment: bool = False
+    pos_weight: object = None      # None, "auto" (n_neg / n_pos per label, clipped to [1, 10]), a number or a list
+
+    def resolved(self):
+        cfg = dataclasses.replace(self)
+        if cfg.lr is None:
+            cfg.lr = 0.001 if cfg.optimizer == "adamw" else 0.01
+        return cfg
+
+    def model_config(self):
+        widths = [self.width * 2 ** i for i in range(self.depth)]
+        config = dict(widths=widths, dropout=self.dropout, seed=self.seed)
+        if self.arch == "resnet":
+            config["blocks"] = self.blocks
+        if self.arch == "multiview":
+            config.update(backbone=self.backbone, blocks=self.blocks, shared=self.shared, hidden=self.hidden)
+        return config
+
+    def validate(self):
+        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("width", self.width >= 1),
+                  ("depth", self.depth >= 1), ("lr", self.lr is None or (self.lr > 0 and math.isfinite(self.lr))),
+                  ("momentum", 0 <= self.momentum < 1), ("weight_decay", self.weight_decay >= 0),
+                  ("warmup", self.warmup >= 0), ("dropout", 0 <= self.dropout < 1)]
+        bad = [name for name, ok in checks if not ok]
+        if bad:
+            raise ValueError("bad training settings: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+        if self.arch not in ("simple", "resnet", "multiview"):
+            raise ValueError(f"unknown architecture {self.arch!r}; choose simple, resnet or multiview")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adamw")
+        return self
+
+
+# Settings that may differ on --resume without changing the run's arithmetic.
+RUN_SETTINGS = ("epochs",)
+
+
+@dataclasses.dataclass
+class FitResult:
+    model: object
+    status: str                    # "completed" or "interrupted"
+    global_step: int
+    history: list                  # one dict per epoch finished in this call
+    checkpoint_dir: str = None
+    config: TrainConfig = None
+    signal: int = None             # the signal that interrupted the run
+
+    @property
+    def last_checkpoint(self):
+        return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, "last.npz")
+
+    @property
+    def best_checkpoint(self):
+        return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, "best.npz")
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves at the end of the current step and returns.
+    A second signal falls back to the default behaviour (for when a step hangs)."""
+
+    def __init__(self, enabled):
+        self.signal = None
+        self._previous = {}
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+            os.kill(os.getpid(), signum)
+            return
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class JsonLog:
+    """Append-only JSON-lines log; each record is flushed at once (a killed run keeps every line)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8") if path else None
+
+    def write(self, event, **fields):
+        if self._file is None:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        self._file.write(json.dumps(record, default=_json_default) + "\n")
+        self._file.flush()
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _nan_to_none(values):
+    return [None if (v is None or math.isnan(v)) else float(v) for v in values]
+
+
+def read_log(path):
+    """Records of a log.jsonl; for step records seen twice (a resumed run replays the steps after its
+    checkpoint) the later one wins. Returns a list of dicts in file order."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue          # a line torn by a crash
+    return records
+
+
+def _format_duration(seconds):
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def open_dataset(data, what="--data"):
+    """A PreparedDataset from a path or an already-open dataset."""
+    from chexcy.data import PreparedDataset
+    if data is None or isinstance(data, PreparedDataset):
+        return data
+    if not os.path.isdir(os.fspath(data)):
+        raise FileNotFoundError(f"{what}: prepared folder {data} does not exist (run `chexcy prepare` first)")
+    return PreparedDataset(data)
+
+
+def resolve_pos_weight(spec, labels, n_labels):
+    """pos_weight spec -> float64 (L,) or None. "auto": n_neg / n_pos per label over present labels,
+    clipped to [1, 10] (a rare positive counts more, but never so much that one image dominates)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "auto":
+            raise ValueError(f"pos_weight must be 'auto', a number or {n_labels} numbers, got {spec!r}")
+        labels = np.asarray(labels, dtype=np.float64)
+        n_pos = np.nansum(labels, axis=0)
+        n_neg = np.sum(~np.isnan(labels), axis=0) - n_pos
+        return np.clip(np.where(n_pos > 0, n_neg / np.maximum(n_pos, 1), 1.0), 1.0, 10.0)
+    weights = np.broadcast_to(np.asarray(spec, dtype=np.float64), (n_labels,)).copy()
+    if np.any(weights <= 0) or not np.all(np.isfinite(weights)):
+        raise ValueError(f"pos_weight must be positive and finite, got {weights.tolist()}")
+    return weights
+
+
+def make_loader(model, dataset, batch_size, *, shuffle, seed, augment, workers=1):
+    from chexcy.data import BatchLoader, StudyLoader
+    if model.input_kind == "study":
+        return StudyLoader(dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment, workers=workers)
+    return BatchLoader(dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment, workers=workers)
+
+
+def batch_size_of(batch):
+    return int(len(batch.labels))
+
+
+def step_rng(seed, epoch, step):
+    """The generator for a step's dropout masks: a pure function of (seed, epoch, step)."""
+    return np.random.default_rng([int(seed), int(epoch), int(step), 0xD80])
+
+
+def _check_image_size(dataset, size, what):
+    if int(dataset.size) != int(size):
+        raise ValueError(f"{what} holds {dataset.size}x{dataset.size} images but the model was trained on "
+                         f"{size}x{size}; prepare the data with --size {size}")
+
+
+def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, checkpoint_every=0,
+        threads=None, workers=1, out=sys.stdout, handle_signals=True, **settings):
+    """Train a model on a prepared folder. Returns a FitResult.
+
+    data, valid: prepared folders (paths) or chexcy.data.PreparedDataset objects; valid optional.
+    checkpoint_dir: where last.npz, best.npz and log.jsonl go (None: keep nothing on disk).
+    resume: True to continue from checkpoint_dir/last.npz, or a checkpoint path. Settings given together
+      with resume must equal the checkpoint's (except `epochs`, which may extend the run).
+    log_every: a progress line every N steps (0: none); checkpoint_every: also save last.npz every N steps.
+    threads: kernel threads (chexcy.ops.set_num_threads); workers: loader workers.
+    out: where progress goes (None: silent). settings: fields of TrainConfig (arch, epochs, lr, ...).
+    Raises TrainingDiverged when the loss becomes NaN/inf (naming the step; last.npz stays the last good
+    state), CheckpointError/ValueError for a checkpoint that does not fit the data or the settings.
+    """
+    from chexcy import ops
+    from chexcy.data import COMPETITION_TASKS, LABELS
+
+    unknown = set(settings) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"fit: unknown settings {sorted(unknown)}")
+    if threads is not None:
+        ops.set_num_threads(int(threads))
+    train_set = open_dataset(data, "--data")
+    valid_set = open_dataset(valid, "--valid")
+    emit = (lambda text="", end="\n": (print(text, end=end, file=out, flush=True))) if out is not None else \
+        (lambda text="", end="\n": None)
+
+    # -- configuration and state: fresh, or from a checkpoint ---------------------------------------------
+    ckpt = None
+    if resume:
+        if resume is True:
+            if checkpoint_dir is None:
+                raise ValueError("resume needs a checkpoint folder (--checkpoint-dir) or a checkpoint path")
+            resume = os.path.join(checkpoint_dir, "last.npz")
+        ckpt = load_checkpoint(resume)
+        if "train" not in ckpt.config:
+            raise CheckpointError(f"checkpoint {resume} holds no training state; cannot resume from it")
+        cfg = TrainConfig(**ckpt.config["train"])
+        for name, value in settings.items():
+            if name in RUN_SETTINGS:
+                setattr(cfg, name, value)
+            elif value != getattr(cfg, name):
+                raise ValueError(f"--resume continues the saved run: {name}={value!r} differs from the "
+                                 f"checkpoint's {getattr(cfg, name)!r} (drop the option or start a new run)")
+        _check_image_size(train_set, ckpt.image_size, f"--data {getattr(train_set, 'path', data)}")
+        if checkpoint_dir is None:
+            checkpoint_dir = os.path.dirname(os.path.abspath(resume))
+    else:
+        cfg = TrainConfig(**settings).resolved()
+    cfg.validate()
+    if valid_set is not None:
+        _check_image_size(valid_set, train_set.size, f"--valid {valid}")
+
+    model = build_model(cfg.arch, **cfg.model_config())
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    loader = make_loader(model, train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
+                         workers=workers)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch < 1:
+        raise ValueError(f"--data {data}: no batches (empty dataset?)")
+    total_steps = cfg.epochs * steps_per_epoch
+    lr_at = make_schedule(cfg.schedule, cfg.lr, total_steps, warmup_steps=cfg.warmup, step_size=cfg.step_size,
+                          gamma=cfg.gamma)
+    pos_weight = resolve_pos_weight(cfg.pos_weight, train_set.labels, len(LABELS))
+    policy = describe_policy(train_set)
+
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    best = None
+    loss_sum, loss_count = 0.0, 0           # running training loss of the current epoch
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt.model_state)
+            optimizer.load_state_dict(ckpt.optim_state)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {resume} does not fit its own configuration: {exc}") from None
+        position = ckpt.config["position"]
+        epoch, step_in_epoch, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
+        loss_sum, loss_count = position.get("epoch_loss_sum", 0.0), position.get("epoch_loss_count", 0)
+        best = ckpt.config.get("best")
+        if ckpt.config.get("steps_per_epoch") not in (None, steps_per_epoch):
+            raise CheckpointError(f"checkpoint {resume} was trained with {ckpt.config['steps_per_epoch']} steps "
+                                  f"per epoch, the data now gives {steps_per_epoch}: not the same prepared data")
+
+    if checkpoint_dir:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    log = JsonLog(os.path.join(checkpoint_dir, "log.jsonl") if checkpoint_dir else None)
+    backend = f"{ops.get_backend()} x{ops.get_num_threads()}"
+
+    def save(kind, epoch_, step_, extra=None):
+        if not checkpoint_dir:
+            return None
+        doc = dict(train=dataclasses.asdict(cfg), image_size=int(train_set.size), label_names=list(LABELS),
+                   policy=policy, steps_per_epoch=steps_per_epoch, best=best,
+                   position=dict(epoch=epoch_, step_in_epoch=step_, global_step=global_step,
+                                 epoch_loss_sum=loss_sum, epoch_loss_count=loss_count),
+                   data=str(getattr(train_set, "path", data)))
+        doc.update(extra or {})
+        return save_checkpoint(os.path.join(checkpoint_dir, f"{kind}.npz"), model, optimizer, doc)
+
+    model_desc = f"{cfg.arch} ({model.num_parameters():,} parameters)"
+    if ckpt is not None:
+        emit(f"resuming {resume}: epoch {epoch + 1}, step {step_in_epoch}/{steps_per_epoch}, "
+             f"global step {global_step}")
+        log.write("resume", checkpoint=str(resume), epoch=epoch, step_in_epoch=step_in_epoch,
+                  global_step=global_step)
+    else:
+        log.write("start", config=dataclasses.asdict(cfg), model=model.config, image_size=int(train_set.size),
+                  n_train=len(train_set), n_valid=None if valid_set is None else len(valid_set), policy=policy,
+                  backend=backend, steps_per_epoch=steps_per_epoch)
+    emit(f"train {model_desc} on {len(train_set):,} images {train_set.size}x{train_set.size}"
+         f"{'' if valid_set is None else f', valid {len(valid_set):,}'} | {cfg.optimizer} lr {cfg.lr:g} "
+         f"{cfg.schedule} | batch {cfg.batch_size} | {cfg.epochs} epochs x {steps_per_epoch} steps | {backend}")
+    emit(f"labels: {policy}")
+
+    history = []
+    is_tty = out is not None and hasattr(out, "isatty") and out.isatty()
+    window_loss, window_images, window_time, window_steps = 0.0, 0, 0.0, 0
+    recent_step_times = []
+    status = "completed"
+    with _StopRequest(handle_signals) as stop:
+        try:
+            while epoch < cfg.epochs:
+                model.train()
+                epoch_start = time.perf_counter()
+                step = step_in_epoch
+                for step, batch in enumerate(loader.batches(epoch, start=step_in_epoch), start=step_in_epoch):
+                    t0 = time.perf_counter()
+                    model.set_random_state(step_rng(cfg.seed, epoch, step))
+                    logits = model.forward_batch(batch)
+                    loss, dlogits = bce_with_logits(logits, batch.labels, batch.mask, pos_weight)
+                    if not math.isfinite(loss) or not np.all(np.isfinite(dlogits)):
+                        where = f"epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} (global step {global_step + 1})"
+                        log.write("diverged", epoch=epoch, step=step, global_step=global_step + 1, loss=loss)
+                        kept = (f"; the last good state is in {os.path.join(checkpoint_dir, 'last.npz')}"
+                                if checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, "last.npz"))
+                                else "")
+                        raise TrainingDiverged(f"loss is {loss} at {where}: training diverged (try a lower --lr "
+                                               f"or --warmup){kept}")
+                    model.backward(dlogits)
+                    lr = lr_at(global_step)
+                    optimizer.step(lr)
+                    global_step += 1
+                    loss_sum += loss
+                    loss_count += 1
+                    n_images = batch_size_of(batch)
+                    dt = time.perf_counter() - t0
+                    log.write("step", epoch=epoch, step=step, global_step=global_step, loss=loss, lr=lr,
+                              images=n_images, seconds=round(dt, 5))
+                    window_loss += loss
+                    window_steps += 1
+                    window_images += n_images
+                    window_time += dt
+                    recent_step_times = (recent_step_times + [dt])[-50:]
+                    if log_every and (global_step % log_every == 0 or step + 1 == steps_per_epoch):
+                        n = window_steps
+                        eta = float(np.median(recent_step_times)) * (total_steps - global_step)
+                        line = (f"epoch {epoch + 1} step {step + 1:>{len(str(steps_per_epoch))}}/{steps_per_epoch}"
+                                f" | loss {window_loss / n:.4f} | lr {lr:.1e} | {1000 * window_time / n:.0f} ms"
+                                f" | {window_images / max(window_time, 1e-9):.1f} img/s | ETA {_format_duration(eta)}"
+                                f" | {backend}")
+                        emit(("\r" + line.ljust(110)) if is_tty else line, end="" if is_tty else "\n")
+                        window_loss, window_images, window_time, window_steps = 0.0, 0, 0.0, 0
+                    if stop.signal is not None:
+                        break
+                    if checkpoint_every and global_step % checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                        save("last", epoch, step + 1)
+                if stop.signal is not None and step + 1 < steps_per_epoch:
+                    status = "interrupted"
+                    path = save("last", epoch, step + 1)
+                    name = signal.Signals(stop.signal).name
+                    log.write("interrupted", signal=name, epoch=epoch, step_in_epoch=step + 1,
+                              global_step=global_step)
+                    if is_tty:
+                        emit()
+                    emit(f"{name}: stopped after global step {global_step}"
+                         + (f"; saved {path}; continue with --resume" if path else ""))
+                    return FitResult(model, status, global_step, history, checkpoint_dir, cfg, stop.signal)
+                if is_tty:
+                    emit()
+                # -- end of epoch: validation, checkpoints, report ------------------------------------
+                train_loss = loss_sum / max(loss_count, 1)
+                record = dict(epoch=epoch + 1, global_step=global_step, train_loss=train_loss,
+                              seconds=round(time.perf_counter() - epoch_start, 3))
+                line = f"epoch {epoch + 1} | train loss {train_loss:.4f}"
+                if valid_set is not None:
+                    from chexcy.evaluate import predict_dataset
+                    pred = predict_dataset(model, valid_set, batch_size=max(cfg.batch_size, 64), pos_weight=pos_weight)
+                    aucs = metrics.per_label_auc(pred.labels, pred.probs)
+                    mean5 = metrics.mean_auc(aucs, LABELS, COMPETITION_TASKS)
+                    record.update(valid_loss=pred.loss, auc=dict(zip(LABELS, _nan_to_none(aucs))),
+                                  mean_auc=None if math.isnan(mean5) else mean5)
+                    tasks = "  ".join(f"{SHORT_NAMES.get(t, t[:4])} {metrics.format_auc(aucs[LABELS.index(t)], 4)}"
+                                      for t in COMPETITION_TASKS)
+                    line += f" | valid loss {pred.loss:.4f} | AUC  {tasks} | mean(5) {metrics.format_auc(mean5)}"
+                    others = "  ".join(f"{SHORT_NAMES.get(n, n[:4])} {metrics.format_auc(aucs[i], 4)}"
+                                       for i, n in enumerate(LABELS) if n not in COMPETITION_TASKS)
+                    score = mean5 if not math.isnan(mean5) else -pred.loss
+                    score_name = "mean_auc" if not math.isnan(mean5) else "-valid_loss"
+                else:
+                    others = None
+                    score, score_name = -train_loss, "-train_loss"
+                epoch += 1
+                step_in_epoch = 0
+                loss_sum, loss_count = 0.0, 0
+                improved = best is None or best["metric"] != score_name or score > best["score"]
+                if improved:
+                    best = dict(metric=score_name, score=score, epoch=epoch)
+                saved = []
+                if checkpoint_dir:
+                    save("last", epoch, 0)
+                    saved.append("last")
+                    if improved:
+                        save("best", epoch, 0)
+                        saved.append("best")
+                line += f" | {record['seconds']:.1f} s" + (f" | ckpt saved ({', '.join(saved)})" if saved else "")
+                record["best"] = improved
+                log.write("epoch", **record)
+                history.append(record)
+                emit(line)
+                if others:
+                    emit(f"        other AUC  {others}")
+                if stop.signal is not None and epoch < cfg.epochs:
+                    status = "interrupted"
+                    name = signal.Signals(stop.signal).name
+                    log.write("interrupted", signal=name, epoch=epoch, step_in_epoch=0, global_step=global_step)
+                    emit(f"{name}: stopped after epoch {epoch}"
+                         + ("; saved last.npz; continue with --resume" if checkpoint_dir else ""))
+                    return FitResult(model, status, global_step, history, checkpoint_dir, cfg, stop.signal)
+            log.write("end", global_step=global_step, best=best)
+            if checkpoint_dir:
+                emit(f"checkpoints: {os.path.join(checkpoint_dir, 'last.npz')}, "
+                     f"{os.path.join(checkpoint_dir, 'best.npz')} | log: {os.path.join(checkpoint_dir, 'log.jsonl')}")
+            return FitResult(model, status, global_step, history, checkpoint_dir, cfg)
+        finally:
+            log.close()
+
+
+def describe_policy(dataset):
+    """One line stating how the prepared data's labels were made (uncertain / blank handling)."""
+    from chexcy.evaluate import policy_text
+    return policy_text(getattr(dataset, "manifest", {}) or {})
