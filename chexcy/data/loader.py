@@ -45,6 +45,10 @@ def _read_rows(images, rows):
 class _OrderedPrefetcher:
     """Shared machinery: epoch order, len, and in-order background assembly of batches."""
 
+    # Data-parallel hook (chexcy.distributed): positions of one global batch -> this rank's part of them,
+    # so that a rank decodes only its own rows. None: every batch whole.
+    shard = None
+
     def __init__(self, n_items, batch_size, shuffle, seed, drop_last, workers, prefetch):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -77,6 +81,8 @@ class _OrderedPrefetcher:
             raise ValueError(f"start must be in [0, {n}], got {start}")
         order = self.order(epoch)
         chunks = (order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(start, n))
+        if self.shard is not None:
+            chunks = map(self.shard, chunks)
         if self.workers == 0:                 # synchronous: handy for debugging
             for positions in chunks:
                 yield self._make(epoch, positions)
