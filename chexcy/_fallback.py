@@ -123,22 +123,28 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     OH, OW = _out_hw(H, W, kernel_size, stride, padding, dilation)
     x_pad = _pad(x, padding, -np.inf)
     # Start from -inf with "the first tap inside the input" as the argmax and only take a tap that is
-    # strictly greater: padding (-inf) then never wins, ties keep the earliest tap in scan order, and a
-    # window whose inputs are all -inf still points at a real input position.
+    # strictly greater (or NaN): padding (-inf) then never wins, ties keep the earliest tap in scan
+    # order, and a window whose inputs are all -inf still points at a real input position.
     first_i = _first_inside(H, KH, sh, ph, dil_h, OH)
     first_j = _first_inside(W, KW, sw, pw, dil_w, OW)
     tap_dtype = np.int8 if KH * KW <= 127 else np.int32  # narrow: the masked writes below are memory-bound
     best = np.full((N, C, OH, OW), -np.inf, x.dtype)
     tap = np.empty((N, C, OH, OW), tap_dtype)
     tap[...] = (first_i[:, None] * KW + first_j[None, :]).astype(tap_dtype)
-    greater = np.empty((N, C, OH, OW), bool)
+    take = np.empty((N, C, OH, OW), bool)
+    best_is_number = np.empty((N, C, OH, OW), bool)
     for i in range(KH):
         for j in range(KW):
             rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
             window = x_pad[:, :, rows, cols]
-            np.greater(window, best, out=greater)
+            # take the tap when window > best or window is NaN, unless best already is NaN: NaN
+            # propagates as in PyTorch, and argmax points at the first NaN.
+            np.less_equal(window, best, out=take)
+            np.logical_not(take, out=take)
+            np.equal(best, best, out=best_is_number)
+            np.logical_and(take, best_is_number, out=take)
             np.maximum(window, best, out=best)
-            np.copyto(tap, i * KW + j, where=greater)
+            np.copyto(tap, i * KW + j, where=take)
     # Tap (i, j) of output (oh, ow) is input (oh * sh - ph + i * dil_h, ow * sw - pw + j * dil_w):
     # flat index = window_start[oh, ow] + tap_offset[tap].
     window_start = (np.arange(OH) * sh - ph)[:, None] * W + (np.arange(OW) * sw - pw)[None, :]

@@ -256,3 +256,18 @@ def test_reference_through_ops_agrees_with_itself_sanity(rng):
     assert_array_equal(run("reference", "conv2d_forward", x, weight, bias, **conv_args(case)), out)
     for g, w in zip(run("reference", "conv2d_backward", dout, x, weight, **conv_args(case)), grads):
         assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_pool2d_propagates_nan_like_pytorch(backend, rng):
+    """Values are not scanned for NaN, but a NaN in a window is its maximum (as in PyTorch) and argmax
+    points at a NaN, so max_pool2d_backward sends the gradient there."""
+    x = randn(rng, (1, 2, 6, 6))
+    x[0, 0, 1, 1] = np.nan
+    x[0, 1, 4, 5] = np.nan
+    out, argmax = run(backend, "max_pool2d_forward", x, kernel_size=3, stride=2, padding=1)
+    want_out, _ = run("reference", "max_pool2d_forward", x, kernel_size=3, stride=2, padding=1)
+    assert_array_equal(np.isnan(out), np.isnan(want_out), err_msg=f"{backend}: NaN did not propagate")
+    nan_windows = np.isnan(out)
+    assert np.isnan(x.reshape(1, 2, 36)[0][np.arange(2)[:, None, None], argmax[0]][nan_windows[0]]).all(), \
+        f"{backend}: argmax of a window holding NaN does not point at the NaN"
