@@ -126,33 +126,33 @@ def set_backend(name):
 @contextlib.contextmanager
 def use_backend(name):
     """Context manager: run the block on backend `name`, then restore the previous one (even on error)."""
-    previous = get_backend()
-    previous_module = _state["module"]
+    # The previous state is restored as it was, even "not chosen yet" (so a bad CHEXCY_BACKEND
+    # does not stop a block that names its backend explicitly).
+    previous = (_state["name"], _state["module"])
     set_backend(name)
     try:
         yield _state["module"]
     finally:
         with _lock:
-            _state["name"], _state["module"] = previous, previous_module
+            _state["name"], _state["module"] = previous
 
 
 def available_backends():
     """Names of the backends that can run here, fastest first (the compiled one only when built)."""
-    names = []
-    for name in BACKENDS:
-        try:
-            _load_backend(name)
-        except ImportError:
-            continue
-        names.append(name)
-    return names
+    return [name for name in BACKENDS if name != "cython" or _compiled_or_none() is not None]
+
+
+_compiled = {}
 
 
 def _compiled_or_none():
-    try:
-        return _native.load()
-    except ImportError:
-        return None
+    """The compiled module, or None when it is not built (looked up once: a failed import is slow)."""
+    if "module" not in _compiled:
+        try:
+            _compiled["module"] = _native.load()
+        except ImportError:
+            _compiled["module"] = None
+    return _compiled["module"]
 
 
 # ----------------------------------------------------------------------------------------------
