@@ -76,6 +76,9 @@ def register(subparsers):
     g.add_argument("--log-every", type=_nonneg_int, default=20, metavar="N", help="a progress line every N steps")
     g.add_argument("--threads", type=_positive_int, help="kernel threads (default: the cores available)")
     g.add_argument("--workers", type=_positive_int, default=1, help="data loader workers (default 1)")
+    g.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI ranks: run as `mpiexec -n K chexcy train ... --distributed` "
+                        "(needs chexcy[mpi]; see docs/distributed.md)")
     p.set_defaults(func=run_train)
 
     # -- evaluate ----------------------------------------------------------------------------------------
@@ -138,9 +141,18 @@ def run_train(args):
     settings = {name: getattr(args, name) for name in TRAIN_SETTINGS if getattr(args, name) is not None}
     if args.resume and not args.checkpoint_dir and args.resume is True:
         raise ValueError("--resume without a path needs --checkpoint-dir")
-    result = fit(args.data, args.valid, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                 log_every=args.log_every, checkpoint_every=args.checkpoint_every, threads=args.threads,
-                 workers=args.workers, out=sys.stdout, **settings)
+    if args.distributed:        # MPI hook: one failing rank aborts the job instead of leaving the others hung
+        from chexcy import distributed
+        comm = distributed.init(True)
+        threads = args.threads or distributed.threads_per_rank(comm)
+        with distributed.abort_on_error(comm, "chexcy train"):
+            result = fit(args.data, args.valid, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                         log_every=args.log_every, checkpoint_every=args.checkpoint_every, threads=threads,
+                         workers=args.workers, out=sys.stdout, comm=comm, **settings)
+    else:
+        result = fit(args.data, args.valid, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                     log_every=args.log_every, checkpoint_every=args.checkpoint_every, threads=args.threads,
+                     workers=args.workers, out=sys.stdout, **settings)
     if result.status == "interrupted":
         # Conventional shell status for "ended by signal N": 128 + N (130 for SIGINT, 143 for SIGTERM).
         return 128 + int(getattr(result, "signal", signal.SIGINT))

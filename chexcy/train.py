@@ -264,7 +264,7 @@ def _check_image_size(dataset, size, what):
 
 
 def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, checkpoint_every=0,
-        threads=None, workers=1, out=sys.stdout, handle_signals=True, **settings):
+        threads=None, workers=1, out=sys.stdout, handle_signals=True, comm=None, **settings):
     """Train a model on a prepared folder. Returns a FitResult.
 
     data, valid: prepared folders (paths) or chexcy.data.PreparedDataset objects; valid optional.
@@ -274,6 +274,8 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
     log_every: a progress line every N steps (0: none); checkpoint_every: also save last.npz every N steps.
     threads: kernel threads (chexcy.ops.set_num_threads); workers: loader workers.
     out: where progress goes (None: silent). settings: fields of TrainConfig (arch, epochs, lr, ...).
+    comm: a chexcy.distributed communicator for data-parallel training under mpiexec (None: one process);
+      see docs/distributed.md.
     Raises TrainingDiverged when the loss becomes NaN/inf (naming the step; last.npz stays the last good
     state), CheckpointError/ValueError for a checkpoint that does not fit the data or the settings.
     """
@@ -321,6 +323,13 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
                                 weight_decay=cfg.weight_decay)
     loader = make_loader(model, train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
                          workers=workers)
+    dp = None
+    if comm is not None:    # MPI data parallel: each rank its rows of every batch, one Allreduce per step
+        from chexcy.distributed import DataParallel
+        dp = DataParallel(model, comm)
+        dp.attach(loader)
+        handle_signals = False
+        dp.catch_signals()
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ValueError(f"--data {data}: no batches (empty dataset?)")
@@ -347,10 +356,17 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
             raise CheckpointError(f"checkpoint {resume} was trained with {ckpt.config['steps_per_epoch']} steps "
                                   f"per epoch, the data now gives {steps_per_epoch}: not the same prepared data")
 
+    if dp is not None and not comm.is_root:   # rank 0 alone prints, logs and saves
+        checkpoint_dir, out, emit = None, None, (lambda text="", end="\n": None)
+    ranks = 1 if comm is None else comm.size
+    if ckpt is not None and ckpt.config.get("ranks", 1) != ranks:
+        emit(f"note: {resume} was written by {ckpt.config.get('ranks', 1)} rank(s), this run has {ranks}: the same "
+             "global batches, order and learning rates, so training continues, but the losses equal an "
+             "uninterrupted run's to float32 rounding, not bit for bit (docs/distributed.md)")
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
     log = JsonLog(os.path.join(checkpoint_dir, "log.jsonl") if checkpoint_dir else None)
-    backend = f"{ops.get_backend()} x{ops.get_num_threads()}"
+    backend = f"{ops.get_backend()} x{ops.get_num_threads()}" + ("" if comm is None else f" x {comm.size} ranks")
 
     def save(kind, epoch_, step_, extra=None):
         if not checkpoint_dir:
@@ -359,9 +375,11 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
                    policy=policy, steps_per_epoch=steps_per_epoch, best=best,
                    position=dict(epoch=epoch_, step_in_epoch=step_, global_step=global_step,
                                  epoch_loss_sum=loss_sum, epoch_loss_count=loss_count),
-                   data=str(getattr(train_set, "path", data)))
+                   data=str(getattr(train_set, "path", data)), ranks=ranks)
         doc.update(extra or {})
-        return save_checkpoint(os.path.join(checkpoint_dir, f"{kind}.npz"), model, optimizer, doc)
+        path = save_checkpoint(os.path.join(checkpoint_dir, f"{kind}.npz"), model, optimizer, doc)
+        log.write("checkpoint", kind=kind, epoch=epoch_, step_in_epoch=step_, global_step=global_step, path=path)
+        return path
 
     model_desc = f"{cfg.arch} ({model.num_parameters():,} parameters)"
     if ckpt is not None:
@@ -392,6 +410,8 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
                 for step, batch in enumerate(loader.batches(epoch, start=step_in_epoch), start=step_in_epoch):
                     t0 = time.perf_counter()
                     model.set_random_state(step_rng(cfg.seed, epoch, step))
+                    if dp is not None:
+                        dp.begin_batch(batch, step)
                     logits = model.forward_batch(batch)
                     loss, dlogits = bce_with_logits(logits, batch.labels, batch.mask, pos_weight)
                     if not math.isfinite(loss) or not np.all(np.isfinite(dlogits)):
@@ -403,12 +423,15 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
                         raise TrainingDiverged(f"loss is {loss} at {where}: training diverged (try a lower --lr "
                                                f"or --warmup){kept}")
                     model.backward(dlogits)
+                    if dp is not None:      # averaged gradients, the global loss and a shared stop decision
+                        totals = dp.end_batch(loss)
+                        loss, stop.signal = totals.loss, dp.stop_signal(totals)
                     lr = lr_at(global_step)
                     optimizer.step(lr)
                     global_step += 1
                     loss_sum += loss
                     loss_count += 1
-                    n_images = batch_size_of(batch)
+                    n_images = batch_size_of(batch) if dp is None else totals.rows
                     dt = time.perf_counter() - t0
                     log.write("step", epoch=epoch, step=step, global_step=global_step, loss=loss, lr=lr,
                               images=n_images, seconds=round(dt, 5))
@@ -450,7 +473,9 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
                 line = f"epoch {epoch + 1} | train loss {train_loss:.4f}"
                 if valid_set is not None:
                     from chexcy.evaluate import predict_dataset
-                    pred = predict_dataset(model, valid_set, batch_size=max(cfg.batch_size, 64), pos_weight=pos_weight)
+                    pred = (predict_dataset(model, valid_set, batch_size=max(cfg.batch_size, 64), pos_weight=pos_weight)
+                            if dp is None else dp.predict(valid_set, batch_size=max(cfg.batch_size, 64),
+                                                          pos_weight=pos_weight))
                     aucs = metrics.per_label_auc(pred.labels, pred.probs)
                     mean5 = metrics.mean_auc(aucs, LABELS, COMPETITION_TASKS)
                     record.update(valid_loss=pred.loss, auc=dict(zip(LABELS, _nan_to_none(aucs))),
@@ -485,6 +510,8 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
                 emit(line)
                 if others:
                     emit(f"        other AUC  {others}")
+                if dp is not None:
+                    stop.signal = dp.stop_signal()
                 if stop.signal is not None and epoch < cfg.epochs:
                     status = "interrupted"
                     name = signal.Signals(stop.signal).name
