@@ -192,8 +192,12 @@ def abort_on_error(comm, what="chexcy"):
         _report_and_abort(comm, what, f"{type(exc).__name__}: {exc}", exc)
 
 
+# Failures a user causes (bad arguments or files) get one line; anything else also its traceback.
+EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError)
+
+
 def _report_and_abort(comm, what, message, exc, code=1):
-    if exc is not None:
+    if exc is not None and not isinstance(exc, EXPECTED_ERRORS):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     print(f"{what}: rank {comm.rank} of {comm.size} failed: {message}; aborting all ranks",
           file=sys.stderr, flush=True)
@@ -213,6 +217,22 @@ def install_excepthook(comm, what="chexcy"):
             return
         _report_and_abort(comm, what, f"{exc_type.__name__}: {exc}", exc)
     sys.excepthook = hook
+
+
+def threads_per_rank(comm):
+    """Kernel threads for each rank when none were asked for: the cores of this node divided among the
+    ranks placed on it (so K ranks on one machine do not each start one thread per core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = 1
+    if comm.is_mpi:
+        node = comm.comm.Split_type(comm.MPI.COMM_TYPE_SHARED)
+        local = node.Get_size()
+        node.Free()
+    # With a binding launcher (srun --cpu-bind, mpiexec -bind-to core) the affinity already is this
+    # rank's share: do not divide it again.
+    if cores < (os.cpu_count() or cores):
+        return max(1, cores)
+    return max(1, cores // local)
 
 
 def quiet_non_root(comm):
@@ -518,6 +538,107 @@ class DataParallel:
             broadcast_arrays([p.data for p in model.parameters()]
                              + [b for _, b in model.named_buffers()], comm)
         self.reducer = GradientAllreduce(model.parameters(), comm)
+
+    # -- the training loop's hooks (chexcy.train.fit) -------------------------------------------------
+    def attach(self, loader):
+        """Make `loader` yield this rank's rows of every global batch (BatchLoader / StudyLoader).
+
+        Every global batch must give each rank at least one row (SyncBatchNorm and the kernels need a
+        non-empty batch): batch_size >= K, and a last, shorter batch of an epoch must hold >= K rows.
+        """
+        k = self.comm.size
+        n, b = loader.n_items, loader.batch_size
+        last = 0 if loader.drop_last else n % b
+        if b < k or 0 < last < k:
+            raise ValueError(
+                f"--distributed: with {k} ranks every global batch needs at least {k} rows, but batch size {b} "
+                f"over {n} items gives " + (f"batches of {b}" if b < k else f"a last batch of {last}") +
+                "; choose another --batch-size (or fewer ranks)")
+        self.loader = loader
+        loader.shard = self.shard_positions
+        return loader
+
+    def shard_positions(self, positions):
+        """This rank's contiguous part of one global batch (positions in the loader's item list)."""
+        return shard(positions, self.comm)
+
+    def global_rows(self, step):
+        """Rows of global batch number `step` of an epoch of the attached loader."""
+        b = self.loader.batch_size
+        return int(min(b, self.loader.n_items - step * b))
+
+    def catch_signals(self):
+        """SIGINT/SIGTERM only note the signal; `stop_signal` turns it into a decision all ranks share.
+
+        A rank must never stop on its own (the others would wait in the next Allreduce), so the signal
+        travels in the step's Allreduce buffer and every rank stops after the same step. A second signal
+        restores the previous handler and re-raises (for a hung step).
+        """
+        import signal as _signal
+        self.pending_signal = None
+        self._previous_handlers = {}
+
+        def handle(signum, frame):
+            if self.pending_signal is not None:
+                _signal.signal(signum, self._previous_handlers.get(signum, _signal.SIG_DFL))
+                os.kill(os.getpid(), signum)
+                return
+            self.pending_signal = signum
+
+        for sig in (_signal.SIGINT, _signal.SIGTERM):
+            self._previous_handlers[sig] = _signal.signal(sig, handle)
+
+    def stop_signal(self, totals=None):
+        """The signal to stop on, identical on every rank (None: go on).
+
+        totals: the StepTotals of the step just done (its stop flag is already global); without it, one
+        small Allreduce asks every rank (used between epochs)."""
+        import signal as _signal
+        stop = totals.stop if totals is not None else self.any(self.pending_signal is not None)
+        if not stop:
+            return None
+        return self.pending_signal or _signal.SIGTERM
+
+    def begin_batch(self, batch, step):
+        """Before forward: tell SyncBatchNorm this rank's loss weight and Dropout the global batch size."""
+        self.weight = present_labels(batch.labels, batch.mask)
+        self.rows = int(len(batch.labels))
+        self.begin_step(self.weight, self.global_rows(step))
+
+    def end_batch(self, loss):
+        """After backward: the step's one Allreduce. Returns StepTotals (global loss, weight, rows, stop)."""
+        stop = getattr(self, "pending_signal", None) is not None
+        return self.end_step(loss, self.weight, rows=self.rows, stop=stop)
+
+    def any(self, flag):
+        """True on every rank when `flag` is true on any rank (e.g. a signal seen during validation)."""
+        return self.comm.allreduce_sum(1 if flag else 0) > 0
+
+    def predict(self, dataset, batch_size=64, pos_weight=None):
+        """chexcy.evaluate.predict_dataset over all ranks: each rank scores its part of every batch, the
+        scores are gathered on rank 0 (Gatherv), put back in row order, and shared with every rank, so
+        the AUC (and which checkpoint is best) is that of the whole set and the same everywhere."""
+        from chexcy.evaluate import Predictions
+        from chexcy.nn import bce_with_logits, sigmoid
+        from chexcy.train import make_loader
+        model = self.model
+        model.eval()
+        loader = make_loader(model, dataset, batch_size, shuffle=False, seed=0, augment=False)
+        loader.shard = self.shard_positions
+        logits, labels, groups = [np.zeros((0, 14))], [np.zeros((0, 14))], [np.zeros(0, np.int64)]
+        for batch in loader.batches(0):
+            if len(batch.labels) == 0:          # a batch smaller than the number of ranks
+                continue
+            logits.append(np.asarray(model.forward_batch(batch), dtype=np.float64))
+            labels.append(np.where(np.asarray(batch.mask) > 0, batch.labels, np.nan).astype(np.float64))
+            groups.append(np.asarray(batch.index if model.input_kind == "image" else batch.study_rows, np.int64))
+        parts = [gather_rows(np.concatenate(a), self.comm) for a in (logits, labels, groups)]
+        parts = self.comm.bcast_object(parts)
+        all_logits, all_labels, all_groups = parts
+        order = np.argsort(all_groups, kind="stable")    # the order one process would produce
+        all_logits, all_labels, all_groups = all_logits[order], all_labels[order], all_groups[order]
+        loss, _ = bce_with_logits(all_logits, all_labels, pos_weight=pos_weight)
+        return Predictions(sigmoid(all_logits), all_labels, loss, all_groups, model.input_kind)
 
     def begin_step(self, weight, n_global=None):
         for m in self.sync_bn:
