@@ -95,6 +95,22 @@ CONV_CASES = [
     ConvCase(2, 1, 16, 16, 4, 3, 3, 1, 1, 1, 1, True),                 # ref-cnn conv1 in miniature
 ]
 
+# Larger planes and channel counts, so that compiled kernels that work in register tiles (several
+# output channels x 16 output columns) run full tiles AND remainders, on their fast paths (stride 1,
+# 3-wide kernels) and their general ones.
+TILE_CONV_CASES = [
+    ConvCase(2, 5, 37, 35, 19, 3, 3, 1, 1, 1, 1, True),                # full tiles + remainders
+    ConvCase(1, 6, 33, 40, 18, 3, 3, 1, 1, 1, 2, False),               # groups 2, Fg = 9
+    ConvCase(2, 16, 18, 18, 32, 3, 3, 1, 1, 1, 1, True),               # ref-cnn conv2-like
+    ConvCase(2, 1, 40, 40, 16, 3, 3, 1, 1, 1, 1, True),                # ref-cnn conv1-like
+    ConvCase(2, 3, 34, 34, 17, 5, 3, 1, 2, 1, 1, True),                # KH != 3
+    ConvCase(1, 4, 35, 35, 24, 7, 7, 1, 3, 1, 1, False),               # 7x7, 3 full channel tiles
+    ConvCase(1, 4, 30, 41, 16, 3, 3, 2, 1, 1, 1, True),                # stride 2: general path
+    ConvCase(1, 3, 20, 36, 9, 3, 3, 1, 4, 1, 1, True),                 # padding wider than the kernel
+    ConvCase(1, 8, 24, 33, 8, 3, 3, 1, 1, 2, 8, True),                 # depthwise, dilation 2
+    ConvCase(1, 4, 19, 34, 12, 3, 4, 1, "same", 1, 2, True),           # same, even KW
+]
+
 
 PoolCase = namedtuple("PoolCase", "N C H W kernel_size stride padding dilation")
 
@@ -110,6 +126,8 @@ MAX_POOL_CASES = [
     PoolCase(2, 3, 7, 7, 7, None, 3, 1),                 # 7x7 kernel, global-like
     PoolCase(1, 2, 8, 6, 4, 3, 2, (1, 2)),               # dilation pair
     PoolCase(1, 2, 5, 5, 1, 2, 0, 1),                    # 1x1 kernel, stride 2
+    PoolCase(2, 5, 33, 37, 2, None, 0, 1),               # larger planes (ref-cnn pool-like)
+    PoolCase(1, 3, 32, 31, 3, 2, 1, 1),
 ]
 
 AVG_POOL_CASES = [
@@ -122,6 +140,8 @@ AVG_POOL_CASES = [
     PoolCase(2, 3, 7, 7, 7, None, 3, 1),
     PoolCase(2, 2, 11, 10, 3, 1, 1, 1),
     PoolCase(1, 2, 5, 5, 1, 2, 0, 1),
+    PoolCase(2, 5, 33, 37, 2, None, 0, 1),
+    PoolCase(1, 3, 32, 31, 3, 2, 1, 1),
 ]
 
 

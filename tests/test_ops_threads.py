@@ -58,14 +58,14 @@ def test_default_threads_follow_omp_num_threads(tmp_path):
 
 def _run_all_ops(rng):
     """Every threaded op at a moderate shape, with awkward sizes (odd, not a multiple of 2 threads)."""
-    x = randn(rng, (3, 6, 23, 19))
-    w, b = randn(rng, (10, 3, 3, 3)), randn(rng, (10,))
+    x = randn(rng, (4, 8, 33, 37))
+    w, b = randn(rng, (20, 4, 3, 3)), randn(rng, (20,))
     results = []
     for conv in (dict(stride=1, padding=1, groups=2), dict(stride=2, padding=2, dilation=2, groups=1,
-                                                           weight=randn(rng, (5, 6, 5, 3))),
-                 dict(stride=1, padding="same", groups=6, weight=randn(rng, (12, 1, 4, 4)))):
+                                                           weight=randn(rng, (10, 8, 5, 3))),
+                 dict(stride=1, padding="same", groups=8, weight=randn(rng, (16, 1, 4, 4)))):
         weight = conv.pop("weight", w)
-        bias = b if weight.shape[0] == 10 else None
+        bias = b if weight.shape[0] == 20 else None
         out = ops.conv2d_forward(x, weight, bias, **conv)
         dout = randn(np.random.default_rng(1), out.shape)
         results += [out, *ops.conv2d_backward(dout, x, weight, **conv)]
@@ -75,7 +75,7 @@ def _run_all_ops(rng):
     results += [out, ops.avg_pool2d_backward(out, x.shape, 3, 2, 1, False)]
     out = ops.global_avg_pool2d_forward(x)
     results += [out, ops.global_avg_pool2d_backward(out, x.shape)]
-    xl, wl = x.reshape(3, -1), randn(rng, (7, 6 * 23 * 19))
+    xl, wl = x.reshape(4, -1), randn(rng, (7, 8 * 33 * 37))
     out = ops.linear_forward(xl, wl)
     results += [out, *ops.linear_backward(out, xl, wl)]
     return results
