@@ -175,48 +175,53 @@ def _smooth_noise(rng, shape, cells):
 
 
 def render(view, height, width, strengths, rng):
-    """Draw one chest film. strengths: (14,) evidence per LABELS entry in [0, 1]. Returns uint8 (height, width)."""
+    """Draw one chest film. strengths: (14,) evidence per LABELS entry in [0, 1]. Returns uint8 (height, width).
+
+    Anatomy, pathology and exposure draw from three independent child generators of `rng`, so the same
+    seed with different strengths shows the same patient, pose and exposure with and without a finding.
+    """
+    anat, finding, expo = rng.spawn(3)
     from PIL import Image
     s = dict(zip(LABELS, strengths))
     h, w = height // 2, width // 2            # draw at half resolution, upscale: smooth and 4x cheaper
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    x = (x + 0.5) / w - 0.5 - rng.normal(0, 0.02)
-    y = (y + 0.5) / h - 0.5 - rng.normal(0, 0.02)
-    scale = rng.uniform(0.88, 1.05)
-    theta = math.radians(rng.normal(0, 2.0))
+    x = (x + 0.5) / w - 0.5 - anat.normal(0, 0.02)
+    y = (y + 0.5) / h - 0.5 - anat.normal(0, 0.02)
+    scale = anat.uniform(0.88, 1.05)
+    theta = math.radians(anat.normal(0, 2.0))
     c, sn = math.cos(theta), math.sin(theta)
     X = (c * x + sn * y) / scale               # anatomy coordinates: centre 0, image left = patient right
     Y = (-sn * x + c * y) / scale
 
-    ctr = rng.normal(0.43, 0.03)
+    ctr = anat.normal(0.43, 0.03)
     if s["Cardiomegaly"] > 0:
-        ctr = 0.50 + 0.14 * s["Cardiomegaly"] + rng.normal(0, 0.015)
-    tissue = rng.uniform(0.38, 0.46)
+        ctr = 0.50 + 0.14 * s["Cardiomegaly"] + finding.normal(0, 0.015)
+    tissue = anat.uniform(0.38, 0.46)
     img = np.full((h, w), 0.04, np.float32)
     body = _ellipse(X, Y, 0.0, 0.06, 0.47, 0.62, 0.03)
     img += body * (tissue - 0.04)
-    texture = _smooth_noise(rng, (h, w), 14) * 0.03
-    lungs = _frontal(img, X, Y, s, ctr, texture, rng) if view == "Frontal" else _lateral(img, X, Y, s, ctr, texture, rng)
+    texture = _smooth_noise(anat, (h, w), 14) * 0.03
+    lungs = _frontal(img, X, Y, s, ctr, texture, anat, finding) if view == "Frontal" else _lateral(img, X, Y, s, ctr, texture, anat, finding)
 
     # Uniform pathology cues that do not depend on the view's anatomy.
     if s["Lung Opacity"] > 0:                  # mottled, fine-grained opacity over part of the lungs
-        mott = np.clip(_smooth_noise(rng, (h, w), 28), 0, None)
-        img += lungs * mott * (0.06 + 0.10 * s["Lung Opacity"]) * _smooth_step(Y - rng.uniform(-0.2, 0.1), 0.1)
+        mott = np.clip(_smooth_noise(finding, (h, w), 28), 0, None)
+        img += lungs * mott * (0.06 + 0.10 * s["Lung Opacity"]) * _smooth_step(Y - finding.uniform(-0.2, 0.1), 0.1)
     if s["Lung Lesion"] > 0:
-        cx, cy = _lung_point(view, rng)
+        cx, cy = _lung_point(view, finding)
         img += lungs * _ellipse(X, Y, cx, cy, 0.02, 0.017, 0.15) * (0.15 + 0.2 * s["Lung Lesion"])
     if s["Pneumonia"] > 0:
-        cx, cy = _lung_point(view, rng)
+        cx, cy = _lung_point(view, finding)
         img += lungs * _ellipse(X, Y, cx, cy, 0.06, 0.05, 0.5) * (0.05 + 0.12 * s["Pneumonia"])
 
     big = Image.fromarray(img, mode="F").resize((width, height), Image.BILINEAR)
     img = np.asarray(big, dtype=np.float32).copy()
     if s["Support Devices"] > 0:
-        img = _devices(img, view, s["Support Devices"], rng)
+        img = _devices(img, view, s["Support Devices"], finding)
     # Exposure and detector: gamma, gain, offset, noise.
-    img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.8, 1.25)
-    img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
-    img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(0.01, 0.03)
+    img = np.clip(img, 0.0, 1.0) ** expo.uniform(0.8, 1.25)
+    img = img * expo.uniform(0.85, 1.15) + expo.uniform(-0.05, 0.05)
+    img += expo.standard_normal(img.shape, dtype=np.float32) * expo.uniform(0.01, 0.03)
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -226,10 +231,10 @@ def _lung_point(view, rng):
     return rng.uniform(-0.15, 0.2), rng.uniform(-0.2, 0.12)
 
 
-def _frontal(img, X, Y, s, ctr, texture, rng):
+def _frontal(img, X, Y, s, ctr, texture, anat, finding):
     """Frontal anatomy and pathology drawn into img (h, w) in place; returns the soft lung mask."""
     lungs = np.zeros_like(img)
-    lung_value = rng.uniform(0.08, 0.14)
+    lung_value = anat.uniform(0.08, 0.14)
     domes = {}
     for side in (-1, 1):
         lx = side * 0.19
@@ -245,7 +250,7 @@ def _frontal(img, X, Y, s, ctr, texture, rng):
     # Mediastinum (wider with an enlarged cardiomediastinum) and heart.
     half = 0.055 + 0.045 * s["Enlarged Cardiomediastinum"]
     med = _smooth_step(half - np.abs(X - 0.005), 0.01) * _smooth_step(0.2 - Y, 0.02) * _smooth_step(Y + 0.42, 0.02)
-    dense = rng.uniform(0.55, 0.65)
+    dense = anat.uniform(0.55, 0.65)
     img += med * (dense - img)
     heart = _ellipse(X, Y, 0.04, 0.14, ctr * 0.36, 0.14, 0.05)
     img += heart * (dense - img)
@@ -255,40 +260,40 @@ def _frontal(img, X, Y, s, ctr, texture, rng):
 
     if s["Pleural Effusion"] > 0:
         st = s["Pleural Effusion"]
-        u = rng.random()
+        u = finding.random()
         sides = (-1, 1) if u < 0.5 else ((-1,) if u < 0.75 else (1,))
         for side in sides:
-            hgt = (0.04 + 0.14 * st) * rng.uniform(0.85, 1.15)
+            hgt = (0.04 + 0.14 * st) * finding.uniform(0.85, 1.15)
             lateral = np.clip((X - side * 0.19) * side / 0.155, -1, 1)
             top = domes[side] - hgt * (0.7 + 0.5 * lateral)
             fluid = _smooth_step(Y - top, 0.012) * _ellipse(X, Y, side * 0.19, -0.02, 0.16, 0.33, 0.05)
             fluid *= _smooth_step(side * X, 0.01)          # stay on this side of the midline
-            img += fluid * (rng.uniform(0.5, 0.58) - img)
+            img += fluid * (finding.uniform(0.5, 0.58) - img)
     if s["Edema"] > 0:
         st = s["Edema"]
         amp = 0.08 + 0.22 * st
         wing = np.exp(-((np.abs(X) - 0.09) / 0.17) ** 2 - ((Y - 0.0) / 0.28) ** 2)
-        retic = 1.0 + 0.5 * _smooth_noise(rng, img.shape, 24)
+        retic = 1.0 + 0.5 * _smooth_noise(finding, img.shape, 24)
         img += lungs * wing * retic * amp
     if s["Consolidation"] > 0:
         st = s["Consolidation"]
-        for _ in range(1 if rng.random() < 0.7 else 2):
-            cx, cy = _lung_point("Frontal", rng)
-            r = rng.uniform(0.06, 0.1)
-            blob = _ellipse(X, Y, cx, cy, r, r * rng.uniform(0.8, 1.3), 0.3)
-            blob *= 1.0 + 0.6 * _smooth_noise(rng, img.shape, 20)
+        for _ in range(1 if finding.random() < 0.7 else 2):
+            cx, cy = _lung_point("Frontal", finding)
+            r = finding.uniform(0.06, 0.1)
+            blob = _ellipse(X, Y, cx, cy, r, r * finding.uniform(0.8, 1.3), 0.3)
+            blob *= 1.0 + 0.6 * _smooth_noise(finding, img.shape, 20)
             img += lungs * np.clip(blob, 0, 1.3) * (0.2 + 0.3 * st)
     if s["Atelectasis"] > 0:
         st = s["Atelectasis"]
-        side = -1 if rng.random() < 0.6 else 1
-        cx, cy = side * rng.uniform(0.1, 0.24), rng.uniform(0.04, 0.15)
-        ang = math.radians(rng.uniform(-25, 25))
-        half_len = rng.uniform(0.07, 0.11)
+        side = -1 if finding.random() < 0.6 else 1
+        cx, cy = side * finding.uniform(0.1, 0.24), finding.uniform(0.04, 0.15)
+        ang = math.radians(finding.uniform(-25, 25))
+        half_len = finding.uniform(0.07, 0.11)
         d = _segment_distance(X, Y, cx - half_len * math.cos(ang), cy - half_len * math.sin(ang),
                               cx + half_len * math.cos(ang), cy + half_len * math.sin(ang))
         img += lungs * _smooth_step(0.012 + 0.012 * st - d, 0.006) * (0.18 + 0.3 * st)
     if s["Pneumothorax"] > 0:
-        side = rng.choice([-1, 1])
+        side = finding.choice([-1, 1])
         lateral = (X - side * 0.19) * side / 0.155
         rim = _smooth_step(lateral - (0.85 - 0.35 * s["Pneumothorax"]), 0.03) * _smooth_step(-0.02 - Y, 0.05)
         img -= lungs * rim * (img - 0.03) * 0.9
@@ -299,12 +304,12 @@ def _frontal(img, X, Y, s, ctr, texture, rng):
     return lungs
 
 
-def _lateral(img, X, Y, s, ctr, texture, rng):
+def _lateral(img, X, Y, s, ctr, texture, anat, finding):
     """Lateral anatomy (patient facing image left) and pathology drawn into img; returns the lung mask."""
     dome = 0.22 + 0.08 * ((X - 0.02) / 0.3) ** 2 - 0.03 * s["Atelectasis"]
     lungs = _ellipse(X, Y, 0.02, -0.05, 0.3, 0.32, 0.05) * _smooth_step(dome - Y, 0.01)
-    img += lungs * (rng.uniform(0.1, 0.16) + texture - img)
-    dense = rng.uniform(0.55, 0.65)
+    img += lungs * (anat.uniform(0.1, 0.16) + texture - img)
+    dense = anat.uniform(0.55, 0.65)
     heart = _ellipse(X, Y, -0.13, 0.12, 0.12 * ctr / 0.43, 0.15, 0.06)
     img += heart * (dense - img)
     spine = _smooth_step(0.04 - np.abs(X - 0.34), 0.01) * _ellipse(X, Y, 0.0, 0.06, 0.47, 0.62)
@@ -316,13 +321,13 @@ def _lateral(img, X, Y, s, ctr, texture, rng):
         img += lungs * _smooth_step(Y - top, 0.012) * (0.54 - img)
     if s["Edema"] > 0:
         wing = np.exp(-((X + 0.02) / 0.2) ** 2 - (Y / 0.25) ** 2)
-        img += lungs * wing * (1.0 + 0.5 * _smooth_noise(rng, img.shape, 24)) * (0.08 + 0.22 * s["Edema"])
+        img += lungs * wing * (1.0 + 0.5 * _smooth_noise(finding, img.shape, 24)) * (0.08 + 0.22 * s["Edema"])
     if s["Consolidation"] > 0:
-        cx, cy = _lung_point("Lateral", rng)
-        r = rng.uniform(0.05, 0.09)
+        cx, cy = _lung_point("Lateral", finding)
+        r = finding.uniform(0.05, 0.09)
         img += lungs * _ellipse(X, Y, cx, cy, r, r, 0.3) * (0.2 + 0.3 * s["Consolidation"])
     if s["Atelectasis"] > 0:
-        cy = rng.uniform(0.02, 0.14)
+        cy = finding.uniform(0.02, 0.14)
         d = _segment_distance(X, Y, -0.12, cy + 0.03, 0.15, cy - 0.03)
         img += lungs * _smooth_step(0.012 + 0.012 * s["Atelectasis"] - d, 0.006) * (0.18 + 0.3 * s["Atelectasis"])
     return lungs
