@@ -1,0 +1,853 @@
+# cython: language_level=3
+"""chexcy._ops: the compiled kernels (Cython + OpenMP) behind chexcy.ops.
+
+Called only by chexcy.ops, which has already validated every shape and index, made every array
+C-contiguous float32 and turned stride / padding / dilation / kernel_size into (h, w) int tuples.
+Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kernels trust that.
+"""
+# Legend: N batch, C in-channels, F out-channels, G groups, Cg = C // G and Fg = F // G per group,
+# H W input, OH OW output, KH KW kernel, sh sw stride, ph pw padding, dh dw dilation,
+# Hp Wp zero-padded input (H + 2*ph, W + 2*pw). Gradients are d + full name (dout, dx, dweight, dbias).
+#
+# Design
+# ------
+# * Every parallel loop is a `prange` whose body is one call to a `noexcept nogil` helper that computes
+#   one independent piece and owns its writes: forward over (n, group, block of output channels),
+#   dx over (n, c_in) planes (or, for stride 1, as a forward conv over (n, block of c_in)), dweight over
+#   blocks of output channels, pools over (n, c) planes, linear over rows. No two threads write the same
+#   place and no piece's arithmetic depends on which thread runs it, so results are bitwise identical
+#   for any thread count. The thread count is passed to every prange explicitly (see _threads()).
+# * Fast conv (forward, and dx for stride 1 as the transposed conv): register tiling. A tile of FWD_F
+#   output channels x FWD_W output columns lives in a small local array that the C compiler keeps in
+#   vector registers; for each (c, kh, kw) it loads one input row segment once and does FWD_F x FWD_W
+#   multiply-adds with broadcast weights. The input of the current (n, group) is first copied into a
+#   per-thread zero-padded buffer, so the tile loop has no bounds checks at all. Weights are packed so
+#   the FWD_F weights of one tap are adjacent.
+# * Fast dweight (column stride 1): per block of DW_F output channels, vector accumulators for
+#   DW_F channels x 3 kernel columns x DW_V lanes stay in registers over a whole plane; lanes are summed
+#   in a fixed order at the end (lane-split sums: no fast-math, no reassociation by the compiler).
+# * Anything else (column stride > 1, padding wider than the kernel for dx) takes a plain loop path:
+#   slower, simple, and tested against the reference like the fast one.
+# * Tile sizes depend on the instruction set (_ops_config.h); setup.py compiles this file once per
+#   instruction-set variant and chexcy._native picks the best one the CPU runs.
+
+import numpy as np
+
+from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
+from libc.math cimport INFINITY
+from libc.stdint cimport int64_t
+
+cdef extern from "_ops_config.h" nogil:
+    int omp_get_max_threads()
+    int omp_get_thread_num()
+    int CHEXCY_OPENMP
+    const char* CHEXCY_ISA
+    const char* CHEXCY_VARIANT
+    const char* CHEXCY_CFLAGS
+    const char* CHEXCY_COMPILER
+    enum:
+        FWD_F
+        FWD_W
+        DW_F
+        DW_V
+
+# ------------------------------------------------------------------------------------------------
+# Threads and build facts
+# ------------------------------------------------------------------------------------------------
+
+cdef int _requested_threads = 0     # 0 = not set: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
+_MAX_THREADS = 4096
+
+
+def set_num_threads(n):
+    """Use n OpenMP threads in every kernel (n >= 1); 0 returns to OpenMP's own choice."""
+    global _requested_threads
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    if n < 0 or n > _MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be in [0, {_MAX_THREADS}] (0 = not set), got {n}")
+    _requested_threads = int(n)
+
+
+def get_num_threads():
+    """Threads the next kernel call will use (1 in a build without OpenMP)."""
+    return _threads()
+
+
+cdef int _threads() noexcept:
+    # Read at call time, in the calling thread: omp_get_max_threads() reflects OMP_NUM_THREADS and
+    # threadpoolctl's per-thread limit, which prange would not see from its worker threads.
+    if not CHEXCY_OPENMP:
+        return 1
+    if _requested_threads > 0:
+        return _requested_threads
+    n = omp_get_max_threads()
+    return n if n > 0 else 1
+
+
+def openmp_enabled():
+    """True when this module was compiled with OpenMP."""
+    return bool(CHEXCY_OPENMP)
+
+
+def build_info():
+    """How this module was built: dict of variant, isa, compile flags, compiler, openmp, tile sizes."""
+    return {
+        "module": __name__,
+        "variant": CHEXCY_VARIANT.decode(),
+        "isa": CHEXCY_ISA.decode(),
+        "cflags": CHEXCY_CFLAGS.decode(),
+        "compiler": CHEXCY_COMPILER.decode(),
+        "openmp": bool(CHEXCY_OPENMP),
+        "debug": _DEBUG_BUILD,
+        "tiles": {"forward": (int(FWD_F), int(FWD_W)), "dweight": (int(DW_F), 3, int(DW_V))},
+    }
+
+
+# A CHEXCY_DEBUG=1 build (bounds checks on) also defines the C macro CHEXCY_DEBUG; build_info reports it.
+cdef extern from *:
+    """
+    #ifdef CHEXCY_DEBUG
+    #define CHEXCY_DEBUG_BUILD 1
+    #else
+    #define CHEXCY_DEBUG_BUILD 0
+    #endif
+    """
+    int CHEXCY_DEBUG_BUILD
+
+_DEBUG_BUILD = bool(CHEXCY_DEBUG_BUILD)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared helpers
+# ------------------------------------------------------------------------------------------------
+
+cdef void _pad_planes(
+        const float* src,           # IN  (P, H, W)
+        float* dst,                 # OUT (P, H + 2*ph, W + 2*pw)
+        Py_ssize_t P, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
+    """Copy P planes into a zero-bordered buffer."""
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw, p, r
+    cdef float* d
+    for p in range(P):
+        for r in range(Hp):
+            d = dst + (p * Hp + r) * Wp
+            if r < ph or r >= ph + H:
+                memset(d, 0, Wp * sizeof(float))
+            else:
+                memset(d, 0, pw * sizeof(float))
+                memcpy(d + pw, src + (p * H + r - ph) * W, W * sizeof(float))
+                memset(d + pw + W, 0, pw * sizeof(float))
+
+
+def _pack_weight(weight, int groups, int tile):
+    """(F, Cg, KH, KW) -> (G, ceil(Fg / tile), Cg, KH, KW, tile): the tile weights of a tap adjacent.
+
+    Output channels beyond Fg in the last block are zero (computed, never stored)."""
+    F, Cg, KH, KW = weight.shape
+    Fg = F // groups
+    nfb = -(-Fg // tile)
+    w = weight.reshape(groups, Fg, Cg, KH, KW)
+    if nfb * tile != Fg:
+        w = np.concatenate([w, np.zeros((groups, nfb * tile - Fg, Cg, KH, KW), w.dtype)], axis=1)
+    w = w.reshape(groups, nfb, tile, Cg, KH, KW).transpose(0, 1, 3, 4, 5, 2)
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _conv_out_size(int size, int k, int s, int p, int d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# conv2d forward (also dx of stride-1 convs, as a conv of dout with flipped, transposed weights)
+# ------------------------------------------------------------------------------------------------
+
+cdef inline void _fwd_tile(
+        const float* xt,            # IN  padded input at (c=0, first row, first column of the tile)
+        const float* wt,            # IN  (Cg, KH, KW, FWD_F) packed weights of this channel block
+        Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
+        Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
+        float* tile) noexcept nogil:    # OUT (FWD_F, FWD_W)
+    """One register tile: FWD_F output channels x FWD_W adjacent output columns of one row (stride 1)."""
+    cdef float acc[FWD_F][FWD_W]
+    cdef Py_ssize_t c, kh, kw, f, j
+    cdef const float* xr
+    cdef const float* xk
+    cdef const float* wk
+    cdef float wv
+    for f in range(FWD_F):
+        for j in range(FWD_W):
+            acc[f][j] = 0
+    for c in range(Cg):
+        for kh in range(KH):
+            xr = xt + c * plane + kh * dh * Wp
+            wk = wt + (c * KH + kh) * KW * FWD_F
+            for kw in range(KW):
+                xk = xr + kw * dw
+                for f in range(FWD_F):
+                    wv = wk[kw * FWD_F + f]
+                    for j in range(FWD_W):
+                        acc[f][j] += wv * xk[j]
+    for f in range(FWD_F):
+        for j in range(FWD_W):
+            tile[f * FWD_W + j] = acc[f][j]
+
+
+cdef void _fwd_strided(
+        const float* xt,            # IN  padded input at (c=0, first row, column 0)
+        const float* wt,            # IN  (Cg, KH, KW, FWD_F) packed weights
+        Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
+        Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
+        Py_ssize_t ow0, Py_ssize_t width, Py_ssize_t sw,
+        float* tile) noexcept nogil:    # OUT (FWD_F, FWD_W), first `width` columns
+    """Plain path for column stride > 1: same arithmetic order as _fwd_tile, no register tiling."""
+    cdef Py_ssize_t c, kh, kw, f, j
+    cdef const float* xr
+    cdef float wv
+    for f in range(FWD_F):
+        for j in range(FWD_W):
+            tile[f * FWD_W + j] = 0
+    for c in range(Cg):
+        for kh in range(KH):
+            xr = xt + c * plane + kh * dh * Wp
+            for kw in range(KW):
+                for f in range(FWD_F):
+                    wv = wt[((c * KH + kh) * KW + kw) * FWD_F + f]
+                    for j in range(width):
+                        tile[f * FWD_W + j] += wv * xr[(ow0 + j) * sw + kw * dw]
+
+
+cdef void _conv_block(
+        const float[:, :, :, ::1] x,                # IN  (N, G*Cg, H, W)
+        const float[:, :, :, :, :, ::1] wp,         # IN  (G, NFB, Cg, KH, KW, FWD_F) packed
+        const float[::1] bias,                      # IN  (G*Fg,)
+        float[:, :, :, ::1] out,                    # OUT (N, G*Fg, OH, OW), this block's planes
+        Py_ssize_t unit,                            # which (n, g, block)
+        float* xpad,                                # scratch (Cg, Hp, Wp) + FWD_W, this thread's
+        Py_ssize_t* padded_for,                     # which (n, g) xpad holds, this thread's
+        int groups, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
+    """Output channels [f0, f0 + nf) of sample n: one work unit, owned by one thread."""
+    cdef Py_ssize_t nfb = wp.shape[1], Cg = wp.shape[2], KH = wp.shape[3], KW = wp.shape[4]
+    cdef Py_ssize_t H = x.shape[2], W = x.shape[3], OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t Fg = out.shape[1] // groups
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
+    cdef Py_ssize_t fb = unit % nfb, ng = unit // nfb
+    cdef Py_ssize_t g = ng % groups, n = ng // groups
+    cdef Py_ssize_t f0 = g * Fg + fb * FWD_F
+    cdef Py_ssize_t nf = Fg - fb * FWD_F
+    cdef Py_ssize_t oh, ow0, width, f, j
+    cdef const float* wblk = &wp[g, fb, 0, 0, 0, 0]
+    cdef float tile[FWD_F * FWD_W]
+    cdef float b
+    cdef float* orow
+    if nf > FWD_F:
+        nf = FWD_F
+    if padded_for[0] != ng:
+        _pad_planes(&x[n, g * Cg, 0, 0], xpad, Cg, H, W, ph, pw)
+        padded_for[0] = ng
+    for oh in range(OH):
+        ow0 = 0
+        while ow0 < OW:
+            width = OW - ow0
+            if width > FWD_W:
+                width = FWD_W
+            if sw == 1:
+                _fwd_tile(xpad + oh * sh * Wp + ow0, wblk, Cg, KH, KW, Hp * Wp, Wp, dh, dw, tile)
+            else:
+                _fwd_strided(xpad + oh * sh * Wp, wblk, Cg, KH, KW, Hp * Wp, Wp, dh, dw,
+                             ow0, width, sw, tile)
+            for f in range(nf):
+                b = bias[f0 + f]
+                orow = &out[n, f0 + f, oh, ow0]
+                for j in range(width):
+                    orow[j] = tile[f * FWD_W + j] + b
+            ow0 += FWD_W
+
+
+cdef _conv_core(
+        const float[:, :, :, ::1] x,                # IN  (N, G*Cg, H, W)
+        const float[:, :, :, :, :, ::1] wp,         # IN  (G, NFB, Cg, KH, KW, FWD_F)
+        const float[::1] bias,                      # IN  (G*Fg,)
+        float[:, :, :, ::1] out,                    # OUT (N, G*Fg, OH, OW)
+        int groups, int sh, int sw, int ph, int pw, int dh, int dw):
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], Cg = wp.shape[2], nfb = wp.shape[1]
+    cdef Py_ssize_t buf_len = Cg * (x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw) + FWD_W
+    cdef Py_ssize_t units = N * groups * nfb, u
+    cdef int tid
+    scratch = np.zeros((n_threads, buf_len), np.float32)
+    tags = np.full(n_threads, -1, np.intp)
+    cdef float[:, ::1] sv = scratch
+    cdef Py_ssize_t[::1] tv = tags
+    for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
+        tid = omp_get_thread_num()
+        _conv_block(x, wp, bias, out, u, &sv[tid, 0], &tv[tid], groups, sh, sw, ph, pw, dh, dw)
+
+
+def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
+    """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
+    cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
+    cdef int dh = dilation[0], dw = dilation[1]
+    N, C, H, W = x.shape
+    F, Cg, KH, KW = weight.shape
+    OH = _conv_out_size(H, KH, sh, ph, dh)
+    OW = _conv_out_size(W, KW, sw, pw, dw)
+    out = np.empty((N, F, OH, OW), np.float32)
+    b = np.zeros(F, np.float32) if bias is None else bias
+    _conv_core(x, _pack_weight(weight, groups, FWD_F), b, out, groups, sh, sw, ph, pw, dh, dw)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# conv2d backward
+# ------------------------------------------------------------------------------------------------
+
+cdef void _dx_plane(
+        const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
+        const float[:, :, :, ::1] w,                # IN  (F, Cg, KH, KW)
+        float[:, :, :, ::1] dx,                     # OUT (N, C, H, W), plane (n, c)
+        Py_ssize_t nc, int groups, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
+    """General dx path: scatter every dout of the group into the (n, c) plane this thread owns."""
+    cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3]
+    cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3]
+    cdef Py_ssize_t Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
+    cdef Py_ssize_t n = nc // C, c = nc % C, g = c // Cg, cl = c % Cg
+    cdef Py_ssize_t f, kh, kw, oh, ow, ih, iw
+    cdef float wv
+    cdef float* plane = &dx[n, c, 0, 0]
+    cdef const float* drow
+    memset(plane, 0, H * W * sizeof(float))
+    for f in range(g * Fg, (g + 1) * Fg):
+        for kh in range(KH):
+            for kw in range(KW):
+                wv = w[f, cl, kh, kw]
+                for oh in range(OH):
+                    ih = oh * sh - ph + kh * dh
+                    if ih < 0 or ih >= H:
+                        continue
+                    drow = &dout[n, f, oh, 0]
+                    for ow in range(OW):
+                        iw = ow * sw - pw + kw * dw
+                        if iw >= 0 and iw < W:
+                            plane[ih * W + iw] += wv * drow[ow]
+
+
+cdef void _dbias_one(
+        const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
+        float[::1] dbias,                           # OUT (F,), entry f
+        Py_ssize_t f) noexcept nogil:
+    cdef Py_ssize_t n, i, HW = dout.shape[2] * dout.shape[3]
+    cdef double s = 0
+    cdef const float* p
+    for n in range(dout.shape[0]):
+        p = &dout[n, f, 0, 0]
+        for i in range(HW):
+            s += p[i]
+    dbias[f] = <float>s
+
+
+cdef inline void _dw_rows3(
+        const float* xr0,           # IN  padded input plane at (row of oh=0 and this kh, column kw0*dw)
+        const float** drows,        # IN  DW_F pointers to dout planes (OH, OW)
+        Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t xstep, Py_ssize_t dw,
+        float* part) noexcept nogil:    # IN/OUT (DW_F, 3, DW_V) lane partial sums
+    """dweight for DW_F channels x 3 kernel columns of one (c, kh): sum over a whole plane in lanes."""
+    cdef float acc[DW_F][3][DW_V]
+    cdef Py_ssize_t f, k, j, oh, ow0, rem
+    cdef const float* xr
+    cdef const float* dr[DW_F]
+    for f in range(DW_F):
+        for k in range(3):
+            for j in range(DW_V):
+                acc[f][k][j] = part[(f * 3 + k) * DW_V + j]
+    for oh in range(OH):
+        xr = xr0 + oh * xstep
+        for f in range(DW_F):
+            dr[f] = drows[f] + oh * OW
+        ow0 = 0
+        while ow0 + DW_V <= OW:
+            for f in range(DW_F):
+                for k in range(3):
+                    for j in range(DW_V):
+                        acc[f][k][j] += dr[f][ow0 + j] * xr[ow0 + k * dw + j]
+            ow0 += DW_V
+        rem = OW - ow0
+        for f in range(DW_F):
+            for k in range(3):
+                for j in range(rem):
+                    acc[f][k][j] += dr[f][ow0 + j] * xr[ow0 + k * dw + j]
+    for f in range(DW_F):
+        for k in range(3):
+            for j in range(DW_V):
+                part[(f * 3 + k) * DW_V + j] = acc[f][k][j]
+
+
+cdef void _dw_block(
+        const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
+        const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
+        float[:, :, :, ::1] dweight,                # OUT (F, Cg, KH, KW), channels [f0, f0 + nf)
+        Py_ssize_t unit,                            # which (g, block of DW_F output channels)
+        float* xpad,                                # scratch (Hp, Wp) + slack, this thread's
+        float* part,                                # scratch (Cg, KH, ceil(KW/3), DW_F, 3, DW_V)
+        int groups, int sh, int ph, int pw, int dh, int dw) noexcept nogil:
+    """Fast dweight (column stride 1): kernel columns in groups of 3, lane sums in registers."""
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Fg = dout.shape[1] // groups
+    cdef Py_ssize_t Cg = dweight.shape[1], KH = dweight.shape[2], KW = dweight.shape[3]
+    cdef Py_ssize_t Wp = W + 2 * pw, nkc = (KW + 2) // 3
+    cdef Py_ssize_t nfb = (Fg + DW_F - 1) // DW_F, g = unit // nfb, fb = unit % nfb
+    cdef Py_ssize_t f0 = g * Fg + fb * DW_F, nf = Fg - fb * DW_F
+    cdef Py_ssize_t part_len = DW_F * 3 * DW_V
+    cdef Py_ssize_t n, c, kh, kc, f, k, j, kw
+    cdef const float* drows[DW_F]
+    cdef float* p
+    cdef float s
+    if nf > DW_F:
+        nf = DW_F
+    memset(part, 0, Cg * KH * nkc * part_len * sizeof(float))
+    for n in range(N):
+        for f in range(DW_F):
+            # channels past the end of the group repeat the last one; their sums are never stored
+            drows[f] = &dout[n, f0 + (f if f < nf else nf - 1), 0, 0]
+        for c in range(Cg):
+            _pad_planes(&x[n, g * Cg + c, 0, 0], xpad, 1, H, W, ph, pw)
+            for kh in range(KH):
+                for kc in range(nkc):
+                    _dw_rows3(xpad + kh * dh * Wp + kc * 3 * dw, drows, OH, OW, sh * Wp, dw,
+                              part + ((c * KH + kh) * nkc + kc) * part_len)
+    for f in range(nf):
+        for c in range(Cg):
+            for kh in range(KH):
+                for kw in range(KW):
+                    p = part + ((c * KH + kh) * nkc + kw // 3) * part_len + (f * 3 + kw % 3) * DW_V
+                    s = 0
+                    for j in range(DW_V):
+                        s = s + p[j]
+                    dweight[f0 + f, c, kh, kw] = s
+
+
+cdef void _dw_plain(
+        const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
+        const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
+        float[:, :, :, ::1] dweight,                # OUT (F, Cg, KH, KW), channel f
+        Py_ssize_t f, int groups, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
+    """General dweight path (column stride > 1): direct sums with bounds checks."""
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Fg = dout.shape[1] // groups
+    cdef Py_ssize_t Cg = dweight.shape[1], KH = dweight.shape[2], KW = dweight.shape[3]
+    cdef Py_ssize_t g = f // Fg, cl, kh, kw, n, oh, ow, ih, iw
+    cdef double s
+    cdef const float* xr
+    cdef const float* dr
+    for cl in range(Cg):
+        for kh in range(KH):
+            for kw in range(KW):
+                s = 0
+                for n in range(N):
+                    for oh in range(OH):
+                        ih = oh * sh - ph + kh * dh
+                        if ih < 0 or ih >= H:
+                            continue
+                        xr = &x[n, g * Cg + cl, ih, 0]
+                        dr = &dout[n, f, oh, 0]
+                        for ow in range(OW):
+                            iw = ow * sw - pw + kw * dw
+                            if iw >= 0 and iw < W:
+                                s += dr[ow] * xr[iw]
+                dweight[f, cl, kh, kw] = <float>s
+
+
+def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
+    """dout (N, F, OH, OW), x (N, C, H, W), weight (F, C // groups, KH, KW)
+    -> (dx like x, dweight like weight, dbias (F,))."""
+    cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
+    cdef int dh = dilation[0], dw = dilation[1]
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = weight.shape[0], Cg = weight.shape[1], KH = weight.shape[2], KW = weight.shape[3]
+    cdef Py_ssize_t Fg = F // groups, u, units, nkc, buf_len
+    cdef int tid
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = weight
+
+    dbias = np.empty(F, np.float32)
+    cdef float[::1] dbv = dbias
+    for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
+        _dbias_one(dv, dbv, u)
+
+    # dx: for stride 1 it is the forward conv of dout (padded by the kernel's reach minus the
+    # padding) with the kernel flipped and in/out channels swapped per group.
+    dx = np.empty((N, C, H, W), np.float32)
+    cdef float[:, :, :, ::1] dxv = dx
+    if sh == 1 and sw == 1 and ph <= dh * (KH - 1) and pw <= dw * (KW - 1):
+        wt = (weight.reshape(groups, Fg, Cg, KH, KW)[:, :, :, ::-1, ::-1]
+              .transpose(0, 2, 1, 3, 4).reshape(C, Fg, KH, KW))
+        _conv_core(dout, _pack_weight(wt, groups, FWD_F), np.zeros(C, np.float32), dx, groups,
+                   1, 1, dh * (KH - 1) - ph, dw * (KW - 1) - pw, dh, dw)
+    else:
+        for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+            _dx_plane(dv, wv, dxv, u, groups, sh, sw, ph, pw, dh, dw)
+
+    dweight = np.empty((F, Cg, KH, KW), np.float32)
+    cdef float[:, :, :, ::1] dwv = dweight
+    cdef float[:, ::1] pad_s
+    cdef float[:, ::1] part_s
+    if sw == 1:
+        nkc = (KW + 2) // 3
+        buf_len = (H + 2 * ph) * (W + 2 * pw) + 3 * dw + DW_V
+        pad_s = np.zeros((n_threads, buf_len), np.float32)
+        part_s = np.empty((n_threads, Cg * KH * nkc * DW_F * 3 * DW_V), np.float32)
+        units = groups * ((Fg + DW_F - 1) // DW_F)
+        for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
+            tid = omp_get_thread_num()
+            _dw_block(dv, xv, dwv, u, &pad_s[tid, 0], &part_s[tid, 0], groups, sh, ph, pw, dh, dw)
+    else:
+        for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
+            _dw_plain(dv, xv, dwv, u, groups, sh, sw, ph, pw, dh, dw)
+    return dx, dweight, dbias
+
+
+# ------------------------------------------------------------------------------------------------
+# Pooling
+# ------------------------------------------------------------------------------------------------
+
+cdef void _max_pool_plane(
+        const float* xp,            # IN  (H, W)
+        float* op,                  # OUT (OH, OW)
+        int64_t* ap,                # OUT (OH, OW) flat index ih * W + iw of each maximum
+        Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
+        Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
+        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+    """First maximum in (kh, kw) scan order; a NaN wins over numbers (the first NaN); padding is -inf."""
+    cdef Py_ssize_t oh, ow, kh, kw, ih, iw, idx
+    cdef float best, v
+    for oh in range(OH):
+        for ow in range(OW):
+            best = -INFINITY
+            idx = -1
+            for kh in range(KH):
+                ih = oh * sh - ph + kh * dh
+                if ih < 0 or ih >= H:
+                    continue
+                for kw in range(KW):
+                    iw = ow * sw - pw + kw * dw
+                    if iw < 0 or iw >= W:
+                        continue
+                    v = xp[ih * W + iw]
+                    if idx < 0 or v > best or (v != v and best == best):
+                        best = v
+                        idx = ih * W + iw
+            op[oh * OW + ow] = best
+            ap[oh * OW + ow] = idx
+
+
+cdef void _max_pool_2x2(
+        const float* xp, float* op, int64_t* ap,    # IN (H, W), OUT (OH, OW), OUT (OH, OW)
+        Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
+    """kernel 2, stride 2, no padding, no dilation: the common case, same tie and NaN rule."""
+    cdef Py_ssize_t oh, ow, i
+    cdef const float* r0
+    cdef const float* r1
+    cdef float best, v
+    cdef int64_t idx
+    for oh in range(OH):
+        r0 = xp + 2 * oh * W
+        r1 = r0 + W
+        for ow in range(OW):
+            i = 2 * ow
+            best = r0[i]
+            idx = 2 * oh * W + i
+            if best == best:
+                v = r0[i + 1]
+                if v > best or v != v:
+                    best = v
+                    idx = 2 * oh * W + i + 1
+            if best == best:
+                v = r1[i]
+                if v > best or v != v:
+                    best = v
+                    idx = (2 * oh + 1) * W + i
+            if best == best:
+                v = r1[i + 1]
+                if v > best or v != v:
+                    best = v
+                    idx = (2 * oh + 1) * W + i + 1
+            op[oh * OW + ow] = best
+            ap[oh * OW + ow] = idx
+
+
+def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
+    """x (N, C, H, W) -> (out (N, C, OH, OW), argmax int64 (N, C, OH, OW))."""
+    cdef Py_ssize_t KH = kernel_size[0], KW = kernel_size[1], sh = stride[0], sw = stride[1]
+    cdef Py_ssize_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1]
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t OH = _conv_out_size(H, KH, sh, ph, dh), OW = _conv_out_size(W, KW, sw, pw, dw)
+    cdef int n_threads = _threads()
+    cdef bint fast = (KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
+                      and dh == 1 and dw == 1)
+    out = np.empty((N, C, OH, OW), np.float32)
+    argmax = np.empty((N, C, OH, OW), np.int64)
+    cdef const float[:, :, :, ::1] xv = x
+    cdef float[:, :, :, ::1] ov = out
+    cdef int64_t[:, :, :, ::1] av = argmax
+    cdef Py_ssize_t u
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        if fast:
+            _max_pool_2x2(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0],
+                          W, OH, OW)
+        else:
+            _max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
+                            &av[u // C, u % C, 0, 0], H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw)
+    return out, argmax
+
+
+cdef void _max_unpool_plane(
+        const float* dp,            # IN  (OH, OW)
+        const int64_t* ap,          # IN  (OH, OW), values in [0, H*W) (checked by ops.py)
+        float* dxp,                 # OUT (H, W)
+        Py_ssize_t HW, Py_ssize_t OHW) noexcept nogil:
+    cdef Py_ssize_t i
+    memset(dxp, 0, HW * sizeof(float))
+    for i in range(OHW):
+        dxp[ap[i]] += dp[i]
+
+
+def max_pool2d_backward(dout, argmax, x_shape):
+    """dout (N, C, OH, OW), argmax int64 like dout -> dx (N, C, H, W)."""
+    cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
+    cdef Py_ssize_t OHW = dout.shape[2] * dout.shape[3], u
+    cdef int n_threads = _threads()
+    dx = np.empty((N, C, H, W), np.float32)
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef const int64_t[:, :, :, ::1] av = argmax
+    cdef float[:, :, :, ::1] dxv = dx
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        _max_unpool_plane(&dv[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
+                          H * W, OHW)
+    return dx
+
+
+cdef inline Py_ssize_t _avg_divisor(
+        Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t H, Py_ssize_t W, Py_ssize_t KH, Py_ssize_t KW,
+        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, bint include_pad) noexcept nogil:
+    """KH*KW, or the number of window cells inside the unpadded input."""
+    cdef Py_ssize_t h0, w0, h1, w1
+    if include_pad:
+        return KH * KW
+    h0 = oh * sh - ph
+    w0 = ow * sw - pw
+    h1 = min(h0 + KH, H)
+    w1 = min(w0 + KW, W)
+    h0 = max(h0, 0)
+    w0 = max(w0, 0)
+    return (h1 - h0) * (w1 - w0)
+
+
+cdef void _avg_pool_plane(
+        const float* xp, float* op,                 # IN (H, W), OUT (OH, OW)
+        Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
+        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, bint include_pad) noexcept nogil:
+    cdef Py_ssize_t oh, ow, ih, iw, h0, w0
+    cdef float s
+    for oh in range(OH):
+        for ow in range(OW):
+            h0 = oh * sh - ph
+            w0 = ow * sw - pw
+            s = 0
+            for ih in range(max(h0, 0), min(h0 + KH, H)):
+                for iw in range(max(w0, 0), min(w0 + KW, W)):
+                    s = s + xp[ih * W + iw]
+            op[oh * OW + ow] = s / _avg_divisor(oh, ow, H, W, KH, KW, sh, sw, ph, pw, include_pad)
+
+
+cdef void _avg_unpool_plane(
+        const float* dp, float* dxp,                # IN (OH, OW), OUT (H, W)
+        Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
+        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, bint include_pad) noexcept nogil:
+    cdef Py_ssize_t oh, ow, ih, iw, h0, w0
+    cdef float g
+    memset(dxp, 0, H * W * sizeof(float))
+    for oh in range(OH):
+        for ow in range(OW):
+            h0 = oh * sh - ph
+            w0 = ow * sw - pw
+            g = dp[oh * OW + ow] / _avg_divisor(oh, ow, H, W, KH, KW, sh, sw, ph, pw, include_pad)
+            for ih in range(max(h0, 0), min(h0 + KH, H)):
+                for iw in range(max(w0, 0), min(w0 + KW, W)):
+                    dxp[ih * W + iw] += g
+
+
+def avg_pool2d_forward(x, kernel_size, stride, padding, count_include_pad):
+    """x (N, C, H, W) -> out (N, C, OH, OW)."""
+    cdef Py_ssize_t KH = kernel_size[0], KW = kernel_size[1], sh = stride[0], sw = stride[1]
+    cdef Py_ssize_t ph = padding[0], pw = padding[1]
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t OH = _conv_out_size(H, KH, sh, ph, 1), OW = _conv_out_size(W, KW, sw, pw, 1), u
+    cdef bint inc = bool(count_include_pad)
+    cdef int n_threads = _threads()
+    out = np.empty((N, C, OH, OW), np.float32)
+    cdef const float[:, :, :, ::1] xv = x
+    cdef float[:, :, :, ::1] ov = out
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        _avg_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
+                        H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
+    return out
+
+
+def avg_pool2d_backward(dout, x_shape, kernel_size, stride, padding, count_include_pad):
+    """dout (N, C, OH, OW) -> dx (N, C, H, W)."""
+    cdef Py_ssize_t KH = kernel_size[0], KW = kernel_size[1], sh = stride[0], sw = stride[1]
+    cdef Py_ssize_t ph = padding[0], pw = padding[1]
+    cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
+    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], u
+    cdef bint inc = bool(count_include_pad)
+    cdef int n_threads = _threads()
+    dx = np.empty((N, C, H, W), np.float32)
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef float[:, :, :, ::1] dxv = dx
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        _avg_unpool_plane(&dv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
+                          H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
+    return dx
+
+
+cdef void _plane_mean(const float* xp, float* o, Py_ssize_t HW) noexcept nogil:
+    """Mean of one plane, summed in float64 in a fixed order."""
+    cdef Py_ssize_t i
+    cdef double s = 0
+    for i in range(HW):
+        s += xp[i]
+    o[0] = <float>(s / HW)
+
+
+cdef void _plane_fill(float* dxp, float v, Py_ssize_t HW) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(HW):
+        dxp[i] = v
+
+
+def global_avg_pool2d_forward(x):
+    """x (N, C, H, W) -> out (N, C)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u
+    cdef int n_threads = _threads()
+    out = np.empty((N, C), np.float32)
+    cdef const float[:, :, :, ::1] xv = x
+    cdef float[:, ::1] ov = out
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        _plane_mean(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C], HW)
+    return out
+
+
+def global_avg_pool2d_backward(dout, x_shape):
+    """dout (N, C) -> dx (N, C, H, W), each cell dout / (H * W)."""
+    cdef Py_ssize_t N = x_shape[0], C = x_shape[1], HW = x_shape[2] * x_shape[3], u
+    cdef int n_threads = _threads()
+    dx = np.empty(tuple(x_shape), np.float32)
+    cdef const float[:, ::1] dv = dout
+    cdef float[:, :, :, ::1] dxv = dx
+    cdef float inv = 1.0 / HW
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        _plane_fill(&dxv[u // C, u % C, 0, 0], dv[u // C, u % C] * inv, HW)
+    return dx
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear: y = x @ W.T + b
+# ------------------------------------------------------------------------------------------------
+
+cdef inline float _dot(const float* a, const float* b, Py_ssize_t K) noexcept nogil:
+    """Dot product in DW_V lanes (vectorisable without reassociation), lanes summed in order."""
+    cdef float acc[DW_V]
+    cdef Py_ssize_t k = 0, j
+    cdef float s = 0
+    for j in range(DW_V):
+        acc[j] = 0
+    while k + DW_V <= K:
+        for j in range(DW_V):
+            acc[j] += a[k + j] * b[k + j]
+        k += DW_V
+    for j in range(K - k):
+        acc[j] += a[k + j] * b[k + j]
+    for j in range(DW_V):
+        s = s + acc[j]
+    return s
+
+
+cdef void _linear_row(
+        const float[:, ::1] x, const float[:, ::1] w, const float[::1] b,   # IN (N, K), (O, K), (O,)
+        float[:, ::1] out, Py_ssize_t n) noexcept nogil:                    # OUT (N, O), row n
+    cdef Py_ssize_t o, K = x.shape[1]
+    for o in range(w.shape[0]):
+        out[n, o] = _dot(&x[n, 0], &w[o, 0], K) + b[o]
+
+
+cdef void _linear_dx_row(
+        const float[:, ::1] dout, const float[:, ::1] w,    # IN (N, O), (O, K)
+        float[:, ::1] dx, Py_ssize_t n) noexcept nogil:     # OUT (N, K), row n
+    cdef Py_ssize_t o, k, K = w.shape[1]
+    cdef float g
+    cdef float* r = &dx[n, 0]
+    cdef const float* wr
+    for k in range(K):
+        r[k] = 0
+    for o in range(w.shape[0]):
+        g = dout[n, o]
+        wr = &w[o, 0]
+        for k in range(K):
+            r[k] += g * wr[k]
+
+
+cdef void _linear_dw_row(
+        const float[:, ::1] dout, const float[:, ::1] x,    # IN (N, O), (N, K)
+        float[:, ::1] dw, float[::1] db, Py_ssize_t o) noexcept nogil:   # OUT (O, K), (O,): row o
+    cdef Py_ssize_t n, k, K = x.shape[1]
+    cdef float g
+    cdef double sb = 0
+    cdef float* r = &dw[o, 0]
+    cdef const float* xr
+    for k in range(K):
+        r[k] = 0
+    for n in range(x.shape[0]):
+        g = dout[n, o]
+        sb += g
+        xr = &x[n, 0]
+        for k in range(K):
+            r[k] += g * xr[k]
+    db[o] = <float>sb
+
+
+def linear_forward(x, weight, bias):
+    """x (N, K), weight (O, K), bias (O,) or None -> out (N, O) = x @ weight.T + bias."""
+    cdef Py_ssize_t N = x.shape[0], O = weight.shape[0], u
+    cdef int n_threads = _threads()
+    out = np.empty((N, O), np.float32)
+    b = np.zeros(O, np.float32) if bias is None else bias
+    cdef const float[:, ::1] xv = x
+    cdef const float[:, ::1] wv = weight
+    cdef const float[::1] bv = b
+    cdef float[:, ::1] ov = out
+    for u in prange(N, nogil=True, schedule="static", num_threads=n_threads):
+        _linear_row(xv, wv, bv, ov, u)
+    return out
+
+
+def linear_backward(dout, x, weight):
+    """dout (N, O), x (N, K), weight (O, K) -> (dx (N, K), dweight (O, K), dbias (O,))."""
+    cdef Py_ssize_t N = x.shape[0], K = x.shape[1], O = weight.shape[0], u
+    cdef int n_threads = _threads()
+    dx = np.empty((N, K), np.float32)
+    dweight = np.empty((O, K), np.float32)
+    dbias = np.empty(O, np.float32)
+    cdef const float[:, ::1] dv = dout
+    cdef const float[:, ::1] xv = x
+    cdef const float[:, ::1] wv = weight
+    cdef float[:, ::1] dxv = dx
+    cdef float[:, ::1] dwv = dweight
+    cdef float[::1] dbv = dbias
+    for u in prange(N, nogil=True, schedule="static", num_threads=n_threads):
+        _linear_dx_row(dv, wv, dxv, u)
+    for u in prange(O, nogil=True, schedule="static", num_threads=n_threads):
+        _linear_dw_row(dv, xv, dwv, dbv, u)
+    return dx, dweight, dbias
