@@ -46,6 +46,9 @@ def register(subparsers):
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--distributed", action="store_true",
+                   help="decode over MPI ranks: `mpiexec -n K chexcy prepare ... --distributed` (needs chexcy[mpi]; "
+                        "--out on a file system all ranks see; see docs/distributed.md)")
     p.set_defaults(func=run_prepare)
 
 
@@ -81,12 +84,20 @@ def run_synth(args):
 
 
 def run_prepare(args):
+    import contextlib
     from chexcy.data.prepare import prepare
-    prepare(args.csv, args.out, root=args.root, size=args.size, sex=args.sex, view=args.view,
-            projection=args.projection, age_min=args.age_min, age_max=args.age_max,
-            unique_patients=args.unique_patients, limit=args.limit, uncertain=args.uncertain,
-            uncertain_ones=args.uncertain_ones, uncertain_zeros=args.uncertain_zeros,
-            uncertain_ignore=args.uncertain_ignore, blank=args.blank,
-            workers=args.workers if args.workers else min(_cpus(), 8), overwrite=args.overwrite,
-            strict=args.strict, quiet=args.quiet)
+    comm, guard, workers = None, contextlib.nullcontext(), args.workers if args.workers else min(_cpus(), 8)
+    if args.distributed:      # MPI hook: ranks share the chunks; a failing rank aborts the whole job
+        from chexcy import distributed
+        comm = distributed.init(True)
+        guard = distributed.abort_on_error(comm, "chexcy prepare")
+        workers = args.workers or distributed.threads_per_rank(comm)
+    with guard:
+        prepare(args.csv, args.out, root=args.root, size=args.size, sex=args.sex, view=args.view,
+                projection=args.projection, age_min=args.age_min, age_max=args.age_max,
+                unique_patients=args.unique_patients, limit=args.limit, uncertain=args.uncertain,
+                uncertain_ones=args.uncertain_ones, uncertain_zeros=args.uncertain_zeros,
+                uncertain_ignore=args.uncertain_ignore, blank=args.blank,
+                workers=workers, overwrite=args.overwrite,
+                strict=args.strict, quiet=args.quiet, comm=comm)
     return 0

@@ -294,8 +294,13 @@ def _check_folder(out, identity, overwrite, log):
 def prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projection=None, age_min=None,
             age_max=None, unique_patients=False, limit=None, uncertain="ignore", uncertain_ones=None,
             uncertain_zeros=None, uncertain_ignore=None, blank="ignore", workers=1, overwrite=False,
-            strict=False, quiet=False, log=print, chunk_rows=CHUNK_ROWS):
-    """Prepare `csv_path` into folder `out`; returns the manifest dict. See the module docstring."""
+            strict=False, quiet=False, log=print, chunk_rows=CHUNK_ROWS, comm=None):
+    """Prepare `csv_path` into folder `out`; returns the manifest dict. See the module docstring.
+
+    comm: a chexcy.distributed communicator (`chexcy prepare --distributed` under mpiexec): the ranks decode
+    disjoint chunks into the same images file (`out` on a file system every rank sees); rank 0 alone
+    checks the folder, prints and writes the other files. The result is byte-identical to one process's.
+    """
     from chexcy import __version__
     import pandas as pd
 
@@ -306,6 +311,9 @@ def prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", project
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     say = (lambda *a, **k: None) if quiet else log
+    root_rank = comm is None or comm.is_root          # MPI hook: rank 0 alone prints and writes
+    if not root_rank:
+        quiet, say = True, (lambda *a, **k: None)
     csv_path = os.path.abspath(os.fspath(csv_path))
     df = read_csv(csv_path)
     selected, steps = select_rows(df, sex=sex, view=view, projection=projection, age_min=age_min,
@@ -328,7 +336,9 @@ def prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", project
 
     out = os.path.abspath(os.fspath(out))
     os.makedirs(out, exist_ok=True)
-    state = _check_folder(out, identity, overwrite, say)
+    state = _check_folder(out, identity, overwrite, say) if root_rank else None
+    if comm is not None:
+        state = comm.bcast_object(state)
     if state == "complete":
         manifest = _read_json(os.path.join(out, "manifest.json"))
         say(f"prepare: {out} already holds this dataset ({manifest['count']} images); nothing to do")
@@ -349,18 +359,22 @@ def prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", project
                         done[int(rec["chunk"])] = [(int(r), str(why)) for r, why in rec["skipped"]]
                     except (ValueError, KeyError, TypeError):
                         break                  # a torn last line from a killed run
-    else:
+    elif root_rank:
         _atomic_write_text(os.path.join(out, "request.json"), json.dumps({"identity": identity}, indent=1))
     n_chunks = (n + chunk_rows - 1) // chunk_rows
     paths = [os.path.join(root, p) for p in selected["Path"]]
     if not os.path.exists(final_images):
-        if not os.path.exists(partial):
+        if root_rank and not os.path.exists(partial):
             done = {}
             _create_npy(partial + ".tmp", (n, 1, size, size))
             os.replace(partial + ".tmp", partial)
+        if comm is not None:      # every rank goes on from rank 0's record, once the file exists
+            done = comm.bcast_object(done)
         offset = _npy_data_offset(partial)
         todo = [(c, c * chunk_rows, paths[c * chunk_rows:(c + 1) * chunk_rows], size, partial, offset)
                 for c in range(n_chunks) if c not in done]
+        if comm is not None:      # disjoint work: every K-th chunk still to do
+            todo = todo[comm.rank::comm.size]
         if done:
             say(f"prepare: resuming, {len(done)} of {n_chunks} chunks already done")
         bar = _Progress(n, quiet)
@@ -386,12 +400,17 @@ def prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", project
                 with ctx.Pool(min(workers, len(todo))) as pool:
                     for chunk, skipped in pool.imap_unordered(_decode_chunk, todo):
                         record(chunk, skipped)
+        if comm is not None:      # every rank's chunks (and unreadable rows), once all have written theirs
+            for part in comm.allgather_object(done):
+                done.update(part)
         elapsed = time.perf_counter() - t0
         n_done = sum(min(chunk_rows, n - t[1]) for t in todo)
         if n_done:
             say(f"prepare: decoded {n_done} images in {elapsed:.1f} s ({n_done / max(elapsed, 1e-9):.0f} img/s, "
                 f"{workers} worker(s))")
 
+    if not root_rank:             # rank 0 writes the rest; the others wait for its manifest
+        return comm.bcast_object(None)
     skipped = sorted((row, reason) for chunk in done.values() for row, reason in chunk)
     skipped_rows = np.array([r for r, _ in skipped], dtype=np.int64)
     keep = np.ones(n, dtype=bool)
@@ -447,6 +466,8 @@ def prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", project
             os.remove(os.path.join(out, name))
     say(f"prepare: wrote {count} images of {size}x{size} to {out}" +
         (f"; {len(skipped)} unreadable image(s) listed in skipped.csv" if skipped else ""))
+    if comm is not None:
+        comm.bcast_object(manifest)
     return manifest
 
 
