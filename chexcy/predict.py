@@ -22,10 +22,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def collect_inputs(inputs):
-    """Paths given on the command line -> (files, problems): folders are searched recursively for JPEG/PNG
-    files (sorted); a named file is kept whatever its extension (load_image judges it). problems lists
-    (path, reason) for paths that do not exist or folders without images."""
-    files, problems = [], []
+    """Paths given on the command line -> (files, problems, roots): folders are searched recursively for
+    JPEG/PNG files (sorted); a named file is kept whatever its extension (load_image judges it). problems
+    lists (path, reason) for paths that do not exist or folders without images; roots maps each file
+    found in a folder to that folder."""
+    files, problems, roots = [], [], {}
     for item in inputs:
         if os.path.isdir(item):
             found = []
@@ -35,11 +36,12 @@ def collect_inputs(inputs):
             if not found:
                 problems.append((item, "folder holds no .jpg/.jpeg/.png file"))
             files += found
+            roots.update((f, item) for f in found)
         elif os.path.exists(item):
             files.append(item)
         else:
             problems.append((item, "no such file or folder"))
-    return files, problems
+    return files, problems, roots
 
 
 def colormap(t):
@@ -86,13 +88,14 @@ def overlay(image_u8, cam, min_side=256, alpha=0.55):
     return out.resize((image_u8.shape[1] * scale, image_u8.shape[0] * scale), Image.BILINEAR) if scale > 1 else out
 
 
-def _heatmap_name(path, observation, used):
-    stem = os.path.splitext(os.path.basename(path))[0]
-    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+def _heatmap_name(path, observation, used, roots):
+    """<path relative to the folder given on the command line (or the file name), separators as '_'>
+    _<observation>_gradcam.png, so CheXpert's patientN/studyM/view1_frontal.jpg files get distinct names."""
+    root = roots.get(path) if roots else None
+    rel = os.path.relpath(path, root) if root else os.path.basename(path)
+    stem = os.path.splitext(rel)[0].replace(os.sep, "_").replace("/", "_")
     slug = observation.lower().replace(" ", "-")
     name = f"{stem}_{slug}_gradcam.png"
-    if name in used:                       # same file name in different folders: add the folder
-        name = f"{parent}_{stem}_{slug}_gradcam.png"
     k = 2
     while name in used:
         name = f"{stem}_{slug}_gradcam_{k}.png"
@@ -101,9 +104,10 @@ def _heatmap_name(path, observation, used):
     return name
 
 
-def predict_files(checkpoint, files, batch_size=32, heatmap_dir=None, observation=None, errors=None):
+def predict_files(checkpoint, files, batch_size=32, heatmap_dir=None, observation=None, errors=None, roots=None):
     """Score image files. Returns a list of (path, probs float64 (14,), heatmap path or None) for the files
-    that could be read; unreadable files are appended to `errors` as (path, reason)."""
+    that could be read; unreadable files are appended to `errors` as (path, reason). roots: optional dict
+    file -> the folder it was found in (heat map names are relative to it)."""
     from chexcy.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint
     from chexcy.data import LABELS, load_image, normalize
     from chexcy.nn import sigmoid
@@ -141,7 +145,7 @@ def predict_files(checkpoint, files, batch_size=32, heatmap_dir=None, observatio
         for i, path in enumerate(paths):
             heat = None
             if cams is not None:
-                heat = os.path.join(heatmap_dir, _heatmap_name(path, observation, used_names))
+                heat = os.path.join(heatmap_dir, _heatmap_name(path, observation, used_names, roots))
                 picture = overlay(raw[i, 0], cams[i])
 
                 def write(f, picture=picture):
@@ -185,10 +189,10 @@ def run(args):
     if args.observation and not args.heatmap:
         raise ValueError("--observation only applies with --heatmap DIR")
     ckpt = load_checkpoint(args.checkpoint)            # a bad checkpoint fails before any file is read
-    files, problems = collect_inputs(args.inputs)
+    files, problems, roots = collect_inputs(args.inputs)
     errors = list(problems)
     results = predict_files(ckpt, files, batch_size=args.batch_size, heatmap_dir=args.heatmap,
-                            observation=args.observation, errors=errors)
+                            observation=args.observation, errors=errors, roots=roots)
     if results:
         format_results(results, args.format, sys.stdout)
     if args.heatmap and results:
