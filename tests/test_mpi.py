@@ -5,6 +5,7 @@ ranks import the installed chexcy (not the source tree) exactly as a user's job 
 with the reason, when mpi4py or mpiexec is missing; CI installs both (`pip install ".[test,mpi]"`).
 """
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -253,3 +254,169 @@ def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
         print("rank", comm.rank, "ok")
     """)
     assert proc.stdout.count(" ok") == 2, proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# `chexcy train --distributed` and `chexcy prepare --distributed`, end to end
+# ---------------------------------------------------------------------------------------------------
+
+# 48 training rows in batches of 15 -> 4 steps per epoch of 15, 15, 15, 3 rows: uneven shards (8 + 7) and a
+# short last batch (2 + 1). resnet has 7 BatchNorm layers; dropout 0.3 exercises the sharded masks.
+TRAIN_ARGS = ["--arch", "resnet", "--width", "4", "--depth", "2", "--batch-size", "15", "--dropout", "0.3",
+              "--lr", "0.05", "--seed", "3", "--log-every", "2"]
+# float32 tolerance after 8 SGD steps: the two runs add the same terms in a different order (per-rank
+# partial sums, then the Allreduce), which moves parameters by a few units in the last place per step.
+PARAM_TOL = dict(rtol=1e-4, atol=2e-6)
+
+
+def chexcy_cmd(args, ranks=None):
+    cmd = [sys.executable, "-m", "chexcy", *map(str, args)]
+    return cmd if ranks is None else [find_mpiexec(), "-n", str(ranks), *cmd]
+
+
+def run_chexcy(cwd, args, ranks=None, check=True, timeout=MPI_TIMEOUT_S):
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(chexcy_cmd(args, ranks), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(chexcy_cmd(args, ranks))} exited {proc.returncode}\n--- stdout\n"
+                             f"{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A synthetic download and its prepared train (48) / valid (24) folders at 32x32."""
+    if mpi_skip_reason():
+        pytest.skip(mpi_skip_reason())
+    from chexcy.data.prepare import prepare
+    from chexcy.data.synth import make_synthetic
+    root = tmp_path_factory.mktemp("mpi-data")
+    train_csv = make_synthetic(root / "download", n_train=48, n_valid=24, seed=5, workers=1)
+    valid_csv = os.path.join(os.path.dirname(train_csv), "valid.csv")
+    prepare(train_csv, root / "train", size=32, workers=1, quiet=True)
+    prepare(valid_csv, root / "valid", size=32, workers=1, quiet=True)
+    return {"root": root, "train_csv": train_csv, "train": root / "train", "valid": root / "valid"}
+
+
+def load_run(folder):
+    """(arrays of last.npz except its config, step losses, epoch records, images per step from log.jsonl)."""
+    with np.load(folder / "last.npz") as f:
+        arrays = {k: f[k] for k in f.files if k != "config.json"}
+    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["loss"] for r in records if r["event"] == "step"]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    images = [r["images"] for r in records if r["event"] == "step"]
+    return arrays, steps, epochs, images
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(prepared):
+    """`mpiexec -n 2 chexcy train --distributed`, 2 epochs (8 steps): the run other tests compare with."""
+    cwd = prepared["root"]
+    proc = run_chexcy(cwd, ["train", "--data", prepared["train"], "--valid", prepared["valid"], *TRAIN_ARGS,
+                            "--epochs", "2", "--checkpoint-dir", cwd / "two", "--distributed"], ranks=2)
+    return proc, load_run(cwd / "two")
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_two_ranks_train_like_one_process_with_the_whole_batch(prepared, two_rank_run):
+    cwd = prepared["root"]
+    run_chexcy(cwd, ["train", "--data", prepared["train"], "--valid", prepared["valid"], *TRAIN_ARGS,
+                     "--epochs", "2", "--threads", "1", "--checkpoint-dir", cwd / "one"])
+    one_arrays, one_steps, one_epochs, one_images = load_run(cwd / "one")
+    proc, (two_arrays, two_steps, two_epochs, two_images) = two_rank_run
+    # every rank decoded only its part: the ranks' rows add up to the global batch, not K times it
+    assert one_images == two_images == [15, 15, 15, 3] * 2, (one_images, two_images)
+
+    assert sorted(one_arrays) == sorted(two_arrays)
+    for name in one_arrays:     # parameters, BatchNorm running statistics, SGD momentum buffers
+        np.testing.assert_allclose(two_arrays[name], one_arrays[name], **PARAM_TOL, err_msg=name)
+    # rank 0 alone logs: one record per step, not one per rank
+    assert len(two_steps) == len(one_steps) == 8, (len(two_steps), len(one_steps))
+    np.testing.assert_allclose(two_steps, one_steps, rtol=1e-5, err_msg="per-step global loss")
+    # validation over the whole set (gathered), not over rank 0's part
+    for a, b in zip(one_epochs, two_epochs):
+        assert abs(a["valid_loss"] - b["valid_loss"]) < 1e-5, (a["valid_loss"], b["valid_loss"])
+        for label, auc in a["auc"].items():
+            assert (auc is None) == (b["auc"][label] is None), label
+            if auc is not None:
+                assert abs(auc - b["auc"][label]) < 1e-6, (label, auc, b["auc"][label])
+    # rank 0 alone prints
+    assert proc.stdout.count("epoch 1 | train loss") == 1, proc.stdout
+    assert "x 2 ranks" in proc.stdout, proc.stdout
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_resume_with_the_same_ranks_is_exact_and_another_count_is_announced(prepared, two_rank_run):
+    cwd = prepared["root"]
+    common = ["train", "--data", prepared["train"], "--valid", prepared["valid"], *TRAIN_ARGS]
+    run_chexcy(cwd, [*common, "--epochs", "1", "--checkpoint-dir", cwd / "halves", "--distributed"], ranks=2)
+    shutil.copytree(cwd / "halves", cwd / "halves-1rank")
+    proc = run_chexcy(cwd, ["train", "--data", prepared["train"], "--valid", prepared["valid"], "--epochs", "2",
+                            "--checkpoint-dir", cwd / "halves", "--resume", "--distributed"], ranks=2)
+    assert "resuming" in proc.stdout and "note:" not in proc.stdout, proc.stdout
+    _, (want_arrays, want_steps, _, _) = two_rank_run
+    got_arrays, got_steps, _, _ = load_run(cwd / "halves")
+    assert got_steps == want_steps, "2-rank resume did not replay the uninterrupted 2-rank losses exactly"
+    for name in want_arrays:
+        np.testing.assert_array_equal(got_arrays[name], want_arrays[name], err_msg=name)
+
+    # The same checkpoint continued by one process: allowed, announced, equal to float32 rounding.
+    proc = run_chexcy(cwd, ["train", "--data", prepared["train"], "--valid", prepared["valid"], "--epochs", "2",
+                            "--threads", "1", "--checkpoint-dir", cwd / "halves-1rank", "--resume"])
+    assert "written by 2 rank(s), this run has 1" in proc.stdout, proc.stdout
+    got_arrays, got_steps, _, _ = load_run(cwd / "halves-1rank")
+    np.testing.assert_allclose(got_steps, want_steps, rtol=1e-5)
+    for name in want_arrays:
+        np.testing.assert_allclose(got_arrays[name], want_arrays[name], **PARAM_TOL, err_msg=name)
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_distributed_training_refuses_a_batch_smaller_than_the_ranks(prepared):
+    cwd = prepared["root"]
+    proc = run_chexcy(cwd, ["train", "--data", prepared["train"], "--batch-size", "1", "--epochs", "1",
+                            "--distributed"], ranks=2, check=False)
+    assert proc.returncode != 0
+    assert "every global batch needs at least 2 rows" in proc.stderr, proc.stderr
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_distributed_prepare_is_byte_identical_to_one_process(prepared, tmp_path):
+    from chexcy.data.prepare import prepare
+    # Make one image unreadable: the skipped row must be found by whichever rank decodes it.
+    download = tmp_path / "download"
+    shutil.copytree(Path(prepared["train_csv"]).parent.parent, download)
+    csv = download / "CheXpert-v1.0-small" / "train.csv"
+    first = sorted((download / "CheXpert-v1.0-small" / "train").rglob("*.jpg"))[5]
+    first.write_bytes(first.read_bytes()[:100])
+    # Chunks of 8 rows (48 rows -> 6 chunks, 3 per rank) through the Python API, as `chexcy prepare` calls it.
+    prepare(csv, tmp_path / "serial", size=32, workers=1, quiet=True, chunk_rows=8)
+    run_ranks(tmp_path, f"""
+        from chexcy import distributed
+        from chexcy.data.prepare import prepare
+        comm = distributed.init(True)
+        m = prepare({str(csv)!r}, {str(tmp_path / "ranks")!r}, size=32, workers=1, quiet=True, chunk_rows=8, comm=comm)
+        assert m["count"] == 47 and m["skipped"] == 1, m
+    """)
+    # The command line: the flag, its plumbing and one-process output on rank 0 only.
+    run_chexcy(tmp_path, ["prepare", csv, "--out", tmp_path / "cli-serial", "--size", "32", "--workers", "1"])
+    proc = run_chexcy(tmp_path, ["prepare", csv, "--out", tmp_path / "cli-ranks", "--size", "32", "--distributed"],
+                      ranks=2)
+    assert proc.stdout.count("prepare: wrote 47 images") == 1, proc.stdout
+    for a, b in (("serial", "ranks"), ("cli-serial", "cli-ranks")):
+        for name in ("images.npy", "labels.npy", "meta.csv", "skipped.csv", "manifest.json"):
+            assert (tmp_path / a / name).read_bytes() == (tmp_path / b / name).read_bytes(), f"{b}/{name}"
+        assert sorted(os.listdir(tmp_path / b)) == sorted(os.listdir(tmp_path / a)), "leftover files"
+
+
+def test_plain_chexcy_never_imports_mpi():
+    code = ("import sys; from chexcy import cli, train, data; from chexcy.data import prepare; cli.build_parser(); "
+            "bad = [m for m in ('mpi4py', 'chexcy.distributed') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONSAFEPATH="1"),
+                   timeout=MPI_TIMEOUT_S)
