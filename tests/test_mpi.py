@@ -261,7 +261,7 @@ def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
 # ---------------------------------------------------------------------------------------------------
 
 # 48 training rows in batches of 15 -> 4 steps per epoch of 15, 15, 15, 3 rows: uneven shards (8 + 7) and a
-# short last batch (2 + 1). resnet has 7 BatchNorm layers; dropout 0.3 exercises the sharded masks.
+# short last batch (2 + 1). resnet has 6 BatchNorm layers; dropout 0.3 exercises the sharded masks.
 TRAIN_ARGS = ["--arch", "resnet", "--width", "4", "--depth", "2", "--batch-size", "15", "--dropout", "0.3",
               "--lr", "0.05", "--seed", "3", "--log-every", "2"]
 # float32 tolerance after 8 SGD steps: the two runs add the same terms in a different order (per-rank
