@@ -221,7 +221,11 @@ def install_excepthook(comm, what="chexcy"):
 
 def threads_per_rank(comm):
     """Kernel threads for each rank when none were asked for: the cores of this node divided among the
-    ranks placed on it (so K ranks on one machine do not each start one thread per core)."""
+    ranks placed on it (so K ranks on one machine do not each start one thread per core).
+    OMP_NUM_THREADS, when set, wins (the usual way to say it on a cluster)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = 1
     if comm.is_mpi:
