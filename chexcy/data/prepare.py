@@ -164,6 +164,16 @@ def _atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def _atomic_write_csv(path, frame):
+    """DataFrame -> CSV file via a temporary file (pandas streams it in chunks: no whole-file string)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        frame.to_csv(f, index=False, lineterminator="\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _atomic_save_npy(path, array):
     tmp = path + ".tmp.npy"
     with open(tmp, "wb") as f:
@@ -291,11 +301,40 @@ def _check_folder(out, identity, overwrite, log):
 
 
 # ----------------------------------------------------------------------------------------- prepare
-def prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projection=None, age_min=None,
-            age_max=None, unique_patients=False, limit=None, uncertain="ignore", uncertain_ones=None,
-            uncertain_zeros=None, uncertain_ignore=None, blank="ignore", workers=1, overwrite=False,
-            strict=False, quiet=False, log=print, chunk_rows=CHUNK_ROWS, comm=None):
+def prepare(csv_path, out, *, workers=1, **options):
     """Prepare `csv_path` into folder `out`; returns the manifest dict. See the module docstring.
+
+    options: root, size (128), sex, view ("all"), projection, age_min, age_max, unique_patients, limit,
+    uncertain ("ignore"), uncertain_ones / uncertain_zeros / uncertain_ignore (comma-separated names),
+    blank ("ignore"), overwrite, strict, quiet, log (print), chunk_rows, comm -- as the flags of
+    `chexcy prepare`. workers: decoding processes; the result does not depend on it.
+
+    The worker processes are forked before the CSV is read, so they never hold a copy of the table and
+    memory stays flat as the CSV grows.
+    """
+    if int(workers) < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    pool = None
+    if int(workers) > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(int(workers))
+    try:
+        manifest = _prepare(csv_path, out, workers=int(workers), pool=pool, **options)
+        if pool is not None:
+            pool.close()
+            pool.join()
+        return manifest
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projection=None, age_min=None,
+             age_max=None, unique_patients=False, limit=None, uncertain="ignore", uncertain_ones=None,
+             uncertain_zeros=None, uncertain_ignore=None, blank="ignore", workers=1, overwrite=False,
+             strict=False, quiet=False, log=print, chunk_rows=CHUNK_ROWS, comm=None, pool=None):
+    """The body of prepare(), decoding with `pool` (a multiprocessing pool, or None: in this process).
 
     comm: a chexcy.distributed communicator (`chexcy prepare --distributed` under mpiexec): the ranks decode
     disjoint chunks into the same images file (`out` on a file system every rank sees); rank 0 alone
@@ -391,15 +430,12 @@ def prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", project
                 progress_file.flush()
                 bar.update(min(chunk_rows, n - chunk * chunk_rows))
 
-            if workers == 1 or len(todo) <= 1:
+            if pool is None or len(todo) <= 1:
                 for task in todo:
                     record(*_decode_chunk(task))
             else:
-                import multiprocessing as mp
-                ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-                with ctx.Pool(min(workers, len(todo))) as pool:
-                    for chunk, skipped in pool.imap_unordered(_decode_chunk, todo):
-                        record(chunk, skipped)
+                for chunk, skipped in pool.imap_unordered(_decode_chunk, todo):
+                    record(chunk, skipped)
         if comm is not None:      # every rank's chunks (and unreadable rows), once all have written theirs
             for part in comm.allgather_object(done):
                 done.update(part)
@@ -435,11 +471,11 @@ def prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", project
     for label in LABELS:
         meta[label] = selected[label]
     _atomic_save_npy(os.path.join(out, "labels.npy"), np.ascontiguousarray(labels[keep]))
-    _atomic_write_text(os.path.join(out, "meta.csv"), meta[keep].to_csv(index=False, lineterminator="\n"))
+    _atomic_write_csv(os.path.join(out, "meta.csv"), meta[keep])
     skipped_df = pd.DataFrame({"path": [selected["Path"].iloc[r] for r, _ in skipped],
                                "csv_row": [int(selected["csv_row"].iloc[r]) for r, _ in skipped],
                                "reason": [why for _, why in skipped]})
-    _atomic_write_text(os.path.join(out, "skipped.csv"), skipped_df.to_csv(index=False, lineterminator="\n"))
+    _atomic_write_csv(os.path.join(out, "skipped.csv"), skipped_df)
     manifest = {
         "format_version": FORMAT_VERSION,
         "chexcy_version": __version__,

@@ -70,7 +70,10 @@ def read_csv(csv_path):
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"CSV file {csv_path!r} does not exist")
     try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[])
+        # Text columns stay strings; label columns are parsed as numbers straight away (a blank is NaN), so
+        # a 223,414-row CSV costs ~60 MB rather than the ~300 MB of 19 columns of Python strings.
+        df = pd.read_csv(csv_path, dtype={c: str for c in META_COLUMNS}, keep_default_na=False,
+                         na_values={label: [""] for label in LABELS})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ValueError(f"{csv_path}: not a readable CSV ({exc})") from None
     df.columns = [c.strip() for c in df.columns]
@@ -113,13 +116,21 @@ def read_csv(csv_path):
     df["Age"] = age.astype(np.float64)
 
     for label in LABELS:
-        raw = df[label].str.strip()
-        values = pd.to_numeric(raw.where(raw != "", "nan"), errors="coerce")
-        bad = (values.isna() & (raw != "")) | ~(values.isin(LABEL_VALUES) | values.isna())
+        column = df[label]
+        if column.dtype.kind in "fiu":                 # parsed as numbers already: check the value set
+            values = column.astype(np.float64)
+            bad = ~(values.isin(LABEL_VALUES) | values.isna())
+            shown = values
+        else:                                          # some cell is not a number: find which
+            shown = column.astype(str).str.strip()
+            values = pd.to_numeric(shown.where(~column.isna() & (shown != ""), "nan"), errors="coerce")
+            bad = (values.isna() & ~column.isna() & (shown != "")) | ~(values.isin(LABEL_VALUES) | values.isna())
         if bad.any():
-            raise ValueError(f"{csv_path}: column {label!r} has value(s) {sorted(set(raw[bad]))[:5]} at "
-                             f"{rows_where(bad)}; expected 1, 0, -1 or blank")
+            raise ValueError(f"{csv_path}: column {label!r} has value(s) {sorted(set(shown[bad].astype(str)))[:5]} "
+                             f"at {rows_where(bad)}; expected 1, 0, -1 or blank")
         df[label] = values.astype(np.float64)
+    for column in ("Sex", "Frontal/Lateral", "AP/PA"):  # few distinct values: categories are compact
+        df[column] = df[column].astype("category")
 
     paths = df["Path"].str.strip()
     bad = ~paths.map(lambda p: _PATH_RE.search(p) is not None).astype(bool)
