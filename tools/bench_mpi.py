@@ -8,7 +8,9 @@ Runs, side by side in one invocation (medians over --repeats runs of --steps tim
      gradients averaged by chexcy.distributed (one Allreduce per step on one flat float32 buffer).
 It prints images/s for both, the time per step spent in the gradient Allreduce (as measured inside the
 training step, which includes waiting for the slower rank) and, separately, the pure cost of that
-Allreduce (back-to-back calls after a barrier), with its size in bytes. `--json` adds one JSON line per
+Allreduce (back-to-back calls after a barrier), with its size in bytes, then the projection to 8 and 32
+ranks of docs/distributed.md. `--fit` repeats the comparison through `chexcy.train.fit` itself (the code
+`chexcy train [--distributed]` runs: loader, logging, checkpoints) on a synthetic prepared set. `--json` adds one JSON line per
 configuration. The workers are this file started with `--worker`; mpiexec is found next to this python
 or on PATH. Each worker prints one JSON line on rank 0.
 
@@ -85,11 +87,62 @@ def worker(args):
                                       if type(m).__name__.endswith("BatchNorm2d"))}), flush=True)
 
 
-def run_config(args, ranks, threads):
+def fit_worker(args):
+    """One `chexcy train` run (chexcy.train.fit, 1 epoch) on the prepared folder args.fit_worker; rank 0 prints
+    images/s from the step records of its log (time inside steps, loader waits excluded) and the epoch."""
+    import tempfile
+    from chexcy import distributed, ops
+    from chexcy.train import fit, read_log
+
+    comm = distributed.init(True) if args.distributed else None
+    ckpt = tempfile.mkdtemp(prefix="bench-mpi-") if comm is None or comm.is_root else None
+    if comm is not None:
+        ckpt = comm.bcast_object(ckpt)
+    t0 = time.perf_counter()
+    fit(args.fit_worker, checkpoint_dir=ckpt, threads=args.threads, out=None, log_every=0, comm=comm,
+        arch=args.arch, epochs=1, batch_size=args.batch, seed=0)
+    wall = time.perf_counter() - t0
+    if comm is None or comm.is_root:
+        steps = [r for r in read_log(os.path.join(ckpt, "log.jsonl")) if r["event"] == "step"][args.warmup:]
+        images, seconds = sum(r["images"] for r in steps), sum(r["seconds"] for r in steps)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        print(json.dumps({"arch": args.arch, "ranks": 1 if comm is None else comm.size,
+                          "threads_per_rank": args.threads, "backend": ops.get_backend(),
+                          "images_per_s": images / seconds, "step_ms": 1e3 * seconds / len(steps),
+                          "fit_wall_s": wall, "steps": len(steps)}), flush=True)
+
+
+def run_fit_comparison(args):
+    """Both configurations through chexcy.train.fit on a synthetic prepared set (made once, --fit-images)."""
+    import tempfile
+    from chexcy.data.prepare import prepare
+    from chexcy.data.synth import make_synthetic
+    tmp = tempfile.mkdtemp(prefix="bench-mpi-data-")
+    try:
+        csv = make_synthetic(tmp, n_train=args.fit_images, n_valid=8, seed=0)
+        prepare(csv, os.path.join(tmp, "train"), size=args.size, workers=2, quiet=True)
+        runs = {c: [] for c in ((1, args.threads), (args.ranks, 1))}
+        for _ in range(args.repeats):
+            for c in runs:
+                runs[c].append(run_config(args, *c, fit_data=os.path.join(tmp, "train")))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"through chexcy train (fit): {args.fit_images} synthetic images at {args.size}x{args.size}, batch "
+          f"{args.batch}, 1 epoch, first {args.warmup} steps skipped, medians of {args.repeats}")
+    for (ranks, threads), recs in runs.items():
+        label = f"{ranks} process x {threads} thr" if ranks == 1 else f"{ranks} ranks x {threads} thr (MPI)"
+        print(f"{label:<26}{statistics.median(r['images_per_s'] for r in recs):>10.1f} images/s"
+              f"{statistics.median(r['step_ms'] for r in recs):>10.1f} ms/step"
+              f"{statistics.median(r['fit_wall_s'] for r in recs):>9.1f} s whole fit")
+
+
+def run_config(args, ranks, threads, fit_data=None):
     """One worker run (1 process, or `ranks` under mpiexec); returns its JSON record."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--arch", args.arch, "--size", str(args.size),
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(threads)]
+    if fit_data is not None:
+        cmd += ["--fit-worker", fit_data]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
     if ranks > 1:
@@ -114,11 +167,15 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="threads of the single process")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--fit", action="store_true",
+                   help="also compare both configurations end to end through chexcy.train.fit (loader included)")
+    p.add_argument("--fit-images", type=int, default=480, help="synthetic training images for --fit")
+    p.add_argument("--fit-worker", metavar="DATA", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args)
+        return fit_worker(args) if args.fit_worker else worker(args)
 
     configs = [(1, args.threads), (args.ranks, 1)]
     runs = {c: [] for c in configs}
@@ -150,6 +207,8 @@ def main(argv=None):
     rec = runs[configs[1]][0]
     per_image_s = (b["step_ms"] - b["allreduce_ms_in_step"]) / 1e3 / (args.batch / args.ranks)
     project(rec["allreduce_bytes"], rec["batchnorm_layers"], per_image_s, args)
+    if args.fit:
+        run_fit_comparison(args)
 
 
 def ring_allreduce_s(nbytes, ranks, bandwidth, latency):
