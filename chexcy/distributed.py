@@ -10,22 +10,25 @@ rows of rank r, P the total number of gradient scalars.
 The scheme (see docs/distributed.md for how to run it and the cost model):
 - Sharding: every rank computes the same global batch (same seed, same epoch permutation) and keeps the
   contiguous slice `shard_bounds(B, r, K)`; the slices of ranks 0..K-1 in order are exactly the batch.
-  B need not be divisible by K: the first B % K ranks take one row more.
-- Gradients: one `Allreduce` per step over one preallocated float32 buffer of P + 3 numbers. Each rank
+  B need not be divisible by K: the first B % K ranks take one row more. The loader decodes only the
+  rank's rows (its `shard` hook).
+- Gradients: one `Allreduce` per step over one preallocated float32 buffer of P + 4 numbers. Each rank
   packs its gradient multiplied by its weight w_r (the number of terms its loss averaged over, e.g.
-  present labels), then w_r * loss_r, w_r and a stop flag. After the sum, gradient / sum(w) is the
-  gradient of the global mean loss -- exactly what one process computes on the whole batch, even when
-  shards have different sizes or different numbers of masked labels. The loss comes out global too, so a
-  NaN check or a stop request (SIGINT/SIGTERM on any rank) is seen by every rank at the same step.
-- BatchNorm: synchronised batch statistics (`SyncBatchNorm`): in training mode the per-channel sums
+  present labels), then w_r * loss_r, w_r, its rows and a stop flag. After the sum, gradient / sum(w) is
+  the gradient of the global mean loss -- exactly what one process computes on the whole batch, even when
+  shards have different sizes or different numbers of masked labels. The loss and the stop request
+  (SIGINT/SIGTERM on any rank) come out global too, so every rank stops after the same step.
+- BatchNorm: synchronised batch statistics (`SyncBatchNorm2d`): in training mode the per-channel sums
   (forward) and the per-channel gradient sums (backward) are summed over ranks, so normalisation uses
   the statistics of the whole global batch and the running mean/var are identical on every rank. This is
-  the choice that makes "K ranks x B/K == 1 process x B" hold (to float32 rounding); its cost is two
-  small Allreduces (2C float64 each) per BatchNorm layer per step.
-- Validation: each rank scores a contiguous slice of the validation set; `gather_rows` (Gatherv)
-  assembles the predictions in row order on rank 0, which computes the AUC over the whole set.
-- Errors: `abort_on_error` turns an uncaught exception on any rank into a message naming the rank and
-  `MPI.COMM_WORLD.Abort(1)`, so the job ends instead of the other ranks waiting forever in a collective.
+  the choice that makes "K ranks x B/K == 1 process x B" hold (to float32 rounding); its cost is three
+  small Allreduces (C + 1, C and 2C float64) per BatchNorm layer per step.
+- Dropout: each rank applies its rows of the mask drawn for the whole global batch.
+- Validation: each rank scores its part of every validation batch; `gather_rows` (Gatherv) brings the
+  scores to rank 0, they are put back in row order and shared, so the AUC is that of the whole set.
+- Errors: `abort_on_error` turns an uncaught exception on any rank (a bad file, a NaN loss) into a message
+  naming the rank and `MPI.COMM_WORLD.Abort`, so the job ends instead of the other ranks waiting forever
+  in a collective.
 """
 import collections
 import contextlib
@@ -239,12 +242,6 @@ def threads_per_rank(comm):
     return max(1, cores // local)
 
 
-def quiet_non_root(comm):
-    """Send this rank's stdout to /dev/null unless it is rank 0 (stderr stays: errors still show)."""
-    if not comm.is_root:
-        sys.stdout = open(os.devnull, "w")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Sharding
 # ---------------------------------------------------------------------------------------------------
@@ -380,17 +377,6 @@ def gather_rows(local, comm):
     With `shard_bounds` slices this restores the original row order (e.g. validation predictions).
     """
     return comm.gatherv_rows(local)
-
-
-def parameters_checksum(arrays):
-    """A float64 sum of |values| and of values, for cheap "are the ranks still identical" checks."""
-    s = 0.0
-    a = 0.0
-    for x in arrays:
-        x64 = np.asarray(x, dtype=np.float64)
-        s += float(x64.sum())
-        a += float(np.abs(x64).sum())
-    return (s, a)
 
 
 # ---------------------------------------------------------------------------------------------------
