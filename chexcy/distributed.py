@@ -291,7 +291,8 @@ class GradientAllreduce:
                  nothing, whatever its gradient holds.
         stop   : this rank wants to stop after this step (a signal arrived); the result tells every rank.
         rows   : this rank's batch rows (summed, for images/s of the whole job).
-    On return each `.grad` holds sum_r(w_r * g_r) / sum_r(w_r): the gradient of the global mean loss.
+    On return each `.grad` is `views[i]`, holding sum_r(w_r * g_r) / sum_r(w_r): the gradient of the global
+    mean loss (valid until the next call).
     (float32 holds integers exactly up to 2**24, far above any batch's weight or rows.)
     """
     EXTRA = 4
@@ -333,17 +334,15 @@ class GradientAllreduce:
         self.calls += 1
         total = float(buf[-3])
         if total > 0:
-            scale = np.float32(1.0 / total)
-            for p, view in zip(self.params, self.views):
-                if p.grad is None or p.grad.shape != view.shape or p.grad.dtype != np.float32:
-                    p.grad = np.empty(view.shape, dtype=np.float32)
-                np.multiply(view, scale, out=p.grad)
+            buf[:self.n_grad] *= np.float32(1.0 / total)
             global_loss = float(buf[-4]) / total
         else:
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad[...] = 0.0
+            buf[:self.n_grad] = 0.0
             global_loss = float("nan")
+        # Each .grad becomes its view of the buffer: no copy back. Backward sets fresh arrays (it never
+        # accumulates into .grad), so the next step's packing cannot clobber a gradient still in use.
+        for p, view in zip(self.params, self.views):
+            p.grad = view
         return StepTotals(global_loss, total, int(buf[-2]), bool(buf[-1] > 0))
 
 
