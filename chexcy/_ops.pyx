@@ -47,10 +47,21 @@ cdef extern from "_ops_config.h" nogil:
     const char* CHEXCY_CFLAGS
     const char* CHEXCY_COMPILER
     enum:
-        FWD_F
-        FWD_W
-        DW_F
+        FWD_F       # output channels per forward register tile
+        FWD_W       # output columns per forward register tile
+        FWD_W1      # output columns of the one-channel tile (leftover channels)
+        FWD_WMAX
+        DW_F        # output channels per dweight tile (x 3 kernel columns x DW_V lanes)
         DW_V
+    void chexcy_fwd_tile(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
+                         Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
+                         const float* bias, float* dst, Py_ssize_t dst_stride)
+    void chexcy_fwd_tile1(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
+                          Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
+                          const float* bias, float* dst, Py_ssize_t dst_stride)
+    double chexcy_sum(const float* p, Py_ssize_t n)
+    void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t OH, Py_ssize_t OW,
+                         Py_ssize_t xstep, Py_ssize_t dw, float* part)
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -141,17 +152,15 @@ cdef void _pad_planes(
                 memset(d + pw + W, 0, pw * sizeof(float))
 
 
-def _pack_weight(weight, int groups, int tile):
-    """(F, Cg, KH, KW) -> (G, ceil(Fg / tile), Cg, KH, KW, tile): the tile weights of a tap adjacent.
+def _pack_weight(weight, int groups):
+    """(F, Cg, KH, KW) -> (G, Fg // FWD_F, Cg, KH, KW, FWD_F): the FWD_F weights of a tap adjacent.
 
-    Output channels beyond Fg in the last block are zero (computed, never stored)."""
+    Only whole blocks are packed; a group's leftover channels (Fg % FWD_F) use the unpacked weight."""
     F, Cg, KH, KW = weight.shape
     Fg = F // groups
-    nfb = -(-Fg // tile)
-    w = weight.reshape(groups, Fg, Cg, KH, KW)
-    if nfb * tile != Fg:
-        w = np.concatenate([w, np.zeros((groups, nfb * tile - Fg, Cg, KH, KW), w.dtype)], axis=1)
-    w = w.reshape(groups, nfb, tile, Cg, KH, KW).transpose(0, 1, 3, 4, 5, 2)
+    nfull = Fg // FWD_F
+    w = weight.reshape(groups, Fg, Cg, KH, KW)[:, :nfull * FWD_F]
+    w = w.reshape(groups, nfull, FWD_F, Cg, KH, KW).transpose(0, 1, 3, 4, 5, 2)
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
@@ -163,126 +172,123 @@ def _conv_out_size(int size, int k, int s, int p, int d):
 # conv2d forward (also dx of stride-1 convs, as a conv of dout with flipped, transposed weights)
 # ------------------------------------------------------------------------------------------------
 
-cdef inline void _fwd_tile(
-        const float* xt,            # IN  padded input at (c=0, first row, first column of the tile)
-        const float* wt,            # IN  (Cg, KH, KW, FWD_F) packed weights of this channel block
-        Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
-        Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
-        float* tile) noexcept nogil:    # OUT (FWD_F, FWD_W)
-    """One register tile: FWD_F output channels x FWD_W adjacent output columns of one row (stride 1)."""
-    cdef float acc[FWD_F][FWD_W]
-    cdef Py_ssize_t c, kh, kw, f, j
-    cdef const float* xr
-    cdef const float* xk
-    cdef const float* wk
-    cdef float wv
-    for f in range(FWD_F):
-        for j in range(FWD_W):
-            acc[f][j] = 0
-    for c in range(Cg):
-        for kh in range(KH):
-            xr = xt + c * plane + kh * dh * Wp
-            wk = wt + (c * KH + kh) * KW * FWD_F
-            for kw in range(KW):
-                xk = xr + kw * dw
-                for f in range(FWD_F):
-                    wv = wk[kw * FWD_F + f]
-                    for j in range(FWD_W):
-                        acc[f][j] += wv * xk[j]
-    for f in range(FWD_F):
-        for j in range(FWD_W):
-            tile[f * FWD_W + j] = acc[f][j]
-
-
 cdef void _fwd_strided(
-        const float* xt,            # IN  padded input at (c=0, first row, column 0)
-        const float* wt,            # IN  (Cg, KH, KW, FWD_F) packed weights
-        Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
+        const float* xt,            # IN  padded input at (c=0, first input row of this output row, column 0)
+        const float* wt,            # IN  (Cg, KH, KW, FB) weights, FB adjacent per tap
+        Py_ssize_t FB, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
         Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
         Py_ssize_t ow0, Py_ssize_t width, Py_ssize_t sw,
-        float* tile) noexcept nogil:    # OUT (FWD_F, FWD_W), first `width` columns
-    """Plain path for column stride > 1: same arithmetic order as _fwd_tile, no register tiling."""
+        float* tile, Py_ssize_t tile_w) noexcept nogil:    # OUT (FB, tile_w), first `width` columns
+    """Plain path for column stride > 1: no register tiling, no reads past the row."""
     cdef Py_ssize_t c, kh, kw, f, j
     cdef const float* xr
     cdef float wv
-    for f in range(FWD_F):
-        for j in range(FWD_W):
-            tile[f * FWD_W + j] = 0
+    for f in range(FB):
+        for j in range(width):
+            tile[f * tile_w + j] = 0
     for c in range(Cg):
         for kh in range(KH):
             xr = xt + c * plane + kh * dh * Wp
             for kw in range(KW):
-                for f in range(FWD_F):
-                    wv = wt[((c * KH + kh) * KW + kw) * FWD_F + f]
+                for f in range(FB):
+                    wv = wt[((c * KH + kh) * KW + kw) * FB + f]
                     for j in range(width):
-                        tile[f * FWD_W + j] += wv * xr[(ow0 + j) * sw + kw * dw]
+                        tile[f * tile_w + j] += wv * xr[(ow0 + j) * sw + kw * dw]
 
 
-cdef void _conv_block(
+cdef void _conv_rows(
+        const float* xpad,          # IN  (Cg, Hp, Wp) zero-padded input of this (n, group)
+        const float* wt,            # IN  (Cg, KH, KW, FB) weights of these FB output channels
+        const float* bias,          # IN  (FB,)
+        float* out,                 # OUT (FB, OH, OW) planes of these output channels
+        Py_ssize_t FB, Py_ssize_t Cg, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW,
+        Py_ssize_t OH, Py_ssize_t OW, int sh, int sw, int dh, int dw) noexcept nogil:
+    """FB output planes (FB = FWD_F, or 1 for leftover channels), tile by tile along each row."""
+    cdef Py_ssize_t tile_w = FWD_W if FB == FWD_F else FWD_W1
+    cdef Py_ssize_t oh, ow0, width, f, j
+    cdef float tile[FWD_F * FWD_W + FWD_W1]
+    cdef float* orow
+    cdef const float* xrow
+    for oh in range(OH):
+        xrow = xpad + oh * sh * Wp
+        ow0 = 0
+        while ow0 < OW:
+            width = min(tile_w, OW - ow0)
+            orow = out + oh * OW + ow0
+            if sw != 1:
+                _fwd_strided(xrow, wt, FB, Cg, KH, KW, Hp * Wp, Wp, dh, dw, ow0, width, sw, tile, tile_w)
+                for f in range(FB):
+                    for j in range(width):
+                        orow[f * OH * OW + j] = tile[f * tile_w + j] + bias[f]
+            elif width == tile_w:   # whole tile: straight into the output planes
+                if FB == FWD_F:
+                    chexcy_fwd_tile(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, bias, orow, OH * OW)
+                else:
+                    chexcy_fwd_tile1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, bias, orow, OH * OW)
+            else:                   # last, partial tile: via scratch (its extra lanes are discarded)
+                if FB == FWD_F:
+                    chexcy_fwd_tile(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, bias, tile, tile_w)
+                else:
+                    chexcy_fwd_tile1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, bias, tile, tile_w)
+                for f in range(FB):
+                    for j in range(width):
+                        orow[f * OH * OW + j] = tile[f * tile_w + j]
+            ow0 += tile_w
+
+
+cdef void _conv_unit(
         const float[:, :, :, ::1] x,                # IN  (N, G*Cg, H, W)
-        const float[:, :, :, :, :, ::1] wp,         # IN  (G, NFB, Cg, KH, KW, FWD_F) packed
+        const float[:, :, :, ::1] w,                # IN  (G*Fg, Cg, KH, KW) unpacked (leftover channels)
+        const float[:, :, :, :, :, ::1] wp,         # IN  (G, Fg // FWD_F, Cg, KH, KW, FWD_F) packed
         const float[::1] bias,                      # IN  (G*Fg,)
-        float[:, :, :, ::1] out,                    # OUT (N, G*Fg, OH, OW), this block's planes
+        float[:, :, :, ::1] out,                    # OUT (N, G*Fg, OH, OW): this unit's planes
         Py_ssize_t unit,                            # which (n, g, block)
-        float* xpad,                                # scratch (Cg, Hp, Wp) + FWD_W, this thread's
+        float* xpad,                                # scratch (Cg, Hp, Wp) + FWD_WMAX, this thread's
         Py_ssize_t* padded_for,                     # which (n, g) xpad holds, this thread's
         int groups, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
-    """Output channels [f0, f0 + nf) of sample n: one work unit, owned by one thread."""
-    cdef Py_ssize_t nfb = wp.shape[1], Cg = wp.shape[2], KH = wp.shape[3], KW = wp.shape[4]
+    """One work unit, owned by one thread: a block of FWD_F output channels of sample n in group g,
+    or (the last unit of a group when Fg % FWD_F != 0) its leftover channels one at a time."""
+    cdef Py_ssize_t Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3]
     cdef Py_ssize_t H = x.shape[2], W = x.shape[3], OH = out.shape[2], OW = out.shape[3]
-    cdef Py_ssize_t Fg = out.shape[1] // groups
+    cdef Py_ssize_t Fg = out.shape[1] // groups, nfull = Fg // FWD_F
+    cdef Py_ssize_t per_group = nfull + (1 if Fg % FWD_F else 0)
     cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
-    cdef Py_ssize_t fb = unit % nfb, ng = unit // nfb
-    cdef Py_ssize_t g = ng % groups, n = ng // groups
-    cdef Py_ssize_t f0 = g * Fg + fb * FWD_F
-    cdef Py_ssize_t nf = Fg - fb * FWD_F
-    cdef Py_ssize_t oh, ow0, width, f, j
-    cdef const float* wblk = &wp[g, fb, 0, 0, 0, 0]
-    cdef float tile[FWD_F * FWD_W]
-    cdef float b
-    cdef float* orow
-    if nf > FWD_F:
-        nf = FWD_F
+    cdef Py_ssize_t fb = unit % per_group, ng = unit // per_group
+    cdef Py_ssize_t g = ng % groups, n = ng // groups, f0 = g * Fg + fb * FWD_F, f
     if padded_for[0] != ng:
         _pad_planes(&x[n, g * Cg, 0, 0], xpad, Cg, H, W, ph, pw)
         padded_for[0] = ng
-    for oh in range(OH):
-        ow0 = 0
-        while ow0 < OW:
-            width = OW - ow0
-            if width > FWD_W:
-                width = FWD_W
-            if sw == 1:
-                _fwd_tile(xpad + oh * sh * Wp + ow0, wblk, Cg, KH, KW, Hp * Wp, Wp, dh, dw, tile)
-            else:
-                _fwd_strided(xpad + oh * sh * Wp, wblk, Cg, KH, KW, Hp * Wp, Wp, dh, dw,
-                             ow0, width, sw, tile)
-            for f in range(nf):
-                b = bias[f0 + f]
-                orow = &out[n, f0 + f, oh, ow0]
-                for j in range(width):
-                    orow[j] = tile[f * FWD_W + j] + b
-            ow0 += FWD_W
+    if fb < nfull:
+        _conv_rows(xpad, &wp[g, fb, 0, 0, 0, 0], &bias[f0], &out[n, f0, 0, 0],
+                   FWD_F, Cg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
+    else:
+        for f in range(f0, (g + 1) * Fg):
+            _conv_rows(xpad, &w[f, 0, 0, 0], &bias[f], &out[n, f, 0, 0],
+                       1, Cg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
 
 
 cdef _conv_core(
         const float[:, :, :, ::1] x,                # IN  (N, G*Cg, H, W)
-        const float[:, :, :, :, :, ::1] wp,         # IN  (G, NFB, Cg, KH, KW, FWD_F)
+        const float[:, :, :, ::1] w,                # IN  (G*Fg, Cg, KH, KW)
         const float[::1] bias,                      # IN  (G*Fg,)
         float[:, :, :, ::1] out,                    # OUT (N, G*Fg, OH, OW)
         int groups, int sh, int sw, int ph, int pw, int dh, int dw):
+    """Forward conv with symmetric zero padding; every (n, g, block) unit in parallel."""
     cdef int n_threads = _threads()
-    cdef Py_ssize_t N = x.shape[0], Cg = wp.shape[2], nfb = wp.shape[1]
-    cdef Py_ssize_t buf_len = Cg * (x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw) + FWD_W
-    cdef Py_ssize_t units = N * groups * nfb, u
+    cdef Py_ssize_t N = x.shape[0], Cg = w.shape[1], Fg = w.shape[0] // groups
+    cdef Py_ssize_t per_group = Fg // FWD_F + (1 if Fg % FWD_F else 0)
+    cdef Py_ssize_t buf_len = Cg * (x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw) + FWD_WMAX
+    cdef Py_ssize_t units = N * groups * per_group, u
     cdef int tid
+    cdef const float[:, :, :, :, :, ::1] wp = _pack_weight(np.asarray(w), groups)
+    # zeros: the slack after the last row is read (into discarded lanes) by the last tile
     scratch = np.zeros((n_threads, buf_len), np.float32)
     tags = np.full(n_threads, -1, np.intp)
     cdef float[:, ::1] sv = scratch
     cdef Py_ssize_t[::1] tv = tags
     for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
         tid = omp_get_thread_num()
-        _conv_block(x, wp, bias, out, u, &sv[tid, 0], &tv[tid], groups, sh, sw, ph, pw, dh, dw)
+        _conv_unit(x, w, wp, bias, out, u, &sv[tid, 0], &tv[tid], groups, sh, sw, ph, pw, dh, dw)
 
 
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
@@ -295,7 +301,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     OW = _conv_out_size(W, KW, sw, pw, dw)
     out = np.empty((N, F, OH, OW), np.float32)
     b = np.zeros(F, np.float32) if bias is None else bias
-    _conv_core(x, _pack_weight(weight, groups, FWD_F), b, out, groups, sh, sw, ph, pw, dh, dw)
+    _conv_core(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
     return out
 
 
@@ -337,50 +343,11 @@ cdef void _dbias_one(
         const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
         float[::1] dbias,                           # OUT (F,), entry f
         Py_ssize_t f) noexcept nogil:
-    cdef Py_ssize_t n, i, HW = dout.shape[2] * dout.shape[3]
+    cdef Py_ssize_t n, HW = dout.shape[2] * dout.shape[3]
     cdef double s = 0
-    cdef const float* p
     for n in range(dout.shape[0]):
-        p = &dout[n, f, 0, 0]
-        for i in range(HW):
-            s += p[i]
+        s += chexcy_sum(&dout[n, f, 0, 0], HW)
     dbias[f] = <float>s
-
-
-cdef inline void _dw_rows3(
-        const float* xr0,           # IN  padded input plane at (row of oh=0 and this kh, column kw0*dw)
-        const float** drows,        # IN  DW_F pointers to dout planes (OH, OW)
-        Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t xstep, Py_ssize_t dw,
-        float* part) noexcept nogil:    # IN/OUT (DW_F, 3, DW_V) lane partial sums
-    """dweight for DW_F channels x 3 kernel columns of one (c, kh): sum over a whole plane in lanes."""
-    cdef float acc[DW_F][3][DW_V]
-    cdef Py_ssize_t f, k, j, oh, ow0, rem
-    cdef const float* xr
-    cdef const float* dr[DW_F]
-    for f in range(DW_F):
-        for k in range(3):
-            for j in range(DW_V):
-                acc[f][k][j] = part[(f * 3 + k) * DW_V + j]
-    for oh in range(OH):
-        xr = xr0 + oh * xstep
-        for f in range(DW_F):
-            dr[f] = drows[f] + oh * OW
-        ow0 = 0
-        while ow0 + DW_V <= OW:
-            for f in range(DW_F):
-                for k in range(3):
-                    for j in range(DW_V):
-                        acc[f][k][j] += dr[f][ow0 + j] * xr[ow0 + k * dw + j]
-            ow0 += DW_V
-        rem = OW - ow0
-        for f in range(DW_F):
-            for k in range(3):
-                for j in range(rem):
-                    acc[f][k][j] += dr[f][ow0 + j] * xr[ow0 + k * dw + j]
-    for f in range(DW_F):
-        for k in range(3):
-            for j in range(DW_V):
-                part[(f * 3 + k) * DW_V + j] = acc[f][k][j]
 
 
 cdef void _dw_block(
@@ -414,7 +381,7 @@ cdef void _dw_block(
             _pad_planes(&x[n, g * Cg + c, 0, 0], xpad, 1, H, W, ph, pw)
             for kh in range(KH):
                 for kc in range(nkc):
-                    _dw_rows3(xpad + kh * dh * Wp + kc * 3 * dw, drows, OH, OW, sh * Wp, dw,
+                    chexcy_dw_rows3(xpad + kh * dh * Wp + kc * 3 * dw, drows, OH, OW, sh * Wp, dw,
                               part + ((c * KH + kh) * nkc + kc) * part_len)
     for f in range(nf):
         for c in range(Cg):
@@ -484,7 +451,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     if sh == 1 and sw == 1 and ph <= dh * (KH - 1) and pw <= dw * (KW - 1):
         wt = (weight.reshape(groups, Fg, Cg, KH, KW)[:, :, :, ::-1, ::-1]
               .transpose(0, 2, 1, 3, 4).reshape(C, Fg, KH, KW))
-        _conv_core(dout, _pack_weight(wt, groups, FWD_F), np.zeros(C, np.float32), dx, groups,
+        _conv_core(dout, np.ascontiguousarray(wt), np.zeros(C, np.float32), dx, groups,
                    1, 1, dh * (KH - 1) - ph, dw * (KW - 1) - pw, dh, dw)
     else:
         for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):

@@ -22,27 +22,36 @@ static inline int omp_get_thread_num(void) { return 0; }
 #endif
 
 #if defined(__AVX512F__)
-/* 32 zmm registers: 8 channels x 16 columns = 8 accumulators, 1 input load + 8 broadcasts per step. */
+/* 32 zmm registers. Forward: 16 channels x 1 vector = 16 accumulators, one input load and 16
+ * broadcast-FMAs per tap. dweight: 4 channels x 3 kernel columns = 12 accumulators. */
 #define CHEXCY_ISA "avx512"
-#define FWD_F 8
-#define FWD_W 16
+#define CHEXCY_VW 16
+#define FWD_F 16
+#define FWD_NV 1
 #define DW_F 4
-#define DW_V 16
 #elif defined(__AVX2__)
-/* 16 ymm registers: 4 x 16 = 8 ymm accumulators for forward, 4 x 3 x 8 = 12 for dweight. */
+/* 16 ymm registers. Forward: 4 channels x 2 vectors = 8 accumulators (2 input loads and 4
+ * broadcasts per 8 FMAs: within two loads per cycle). dweight: 4 x 3 = 12 accumulators. */
 #define CHEXCY_ISA "avx2"
+#define CHEXCY_VW 8
 #define FWD_F 4
-#define FWD_W 16
+#define FWD_NV 2
 #define DW_F 4
-#define DW_V 8
 #else
-/* 16 xmm registers (SSE2 baseline). */
+/* 16 xmm registers (SSE2 baseline, or any other target). */
 #define CHEXCY_ISA "baseline"
+#define CHEXCY_VW 4
 #define FWD_F 4
-#define FWD_W 8
+#define FWD_NV 2
 #define DW_F 4
-#define DW_V 4
 #endif
+/* Tile widths in floats. FWD_W1: the one-channel tile used for the channels left over when the
+ * output channels of a group are not a multiple of FWD_F (e.g. dx of a 1-channel input). */
+#define FWD_W (FWD_NV * CHEXCY_VW)
+#define FWD_NV1 4
+#define FWD_W1 (FWD_NV1 * CHEXCY_VW)
+#define DW_V CHEXCY_VW
+#define FWD_WMAX (FWD_W > FWD_W1 ? FWD_W : FWD_W1)
 
 #ifndef CHEXCY_VARIANT
 #define CHEXCY_VARIANT "unknown"
@@ -55,5 +64,132 @@ static inline int omp_get_thread_num(void) { return 0; }
 #else
 #define CHEXCY_COMPILER "unknown"
 #endif
+
+/* ---------------------------------------------------------------------------------------------
+ * Register-tile micro-kernels. Why C here and not in _ops.pyx: gcc does not keep a Cython-generated
+ * float accumulator array in registers (measured: the same loops written in Cython vectorised to
+ * 128-bit with spills, 3.7 GFLOP/s). GCC/Clang vector extensions make each accumulator a register
+ * value. All blocking, padding, threading and ownership stay in _ops.pyx; these only do the
+ * innermost multiply-adds of one tile. Multiply-adds contract to FMA where the target has it
+ * (-ffp-contract=fast is GCC's default; this is not fast-math: no reassociation, lanes are summed
+ * in a fixed order, so results are bitwise reproducible for a given build).
+ * ------------------------------------------------------------------------------------------- */
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+typedef float chexcy_vf __attribute__((vector_size(CHEXCY_VW * sizeof(float))));
+static inline chexcy_vf chexcy_load(const float *p) { chexcy_vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void chexcy_store(float *p, chexcy_vf v) { memcpy(p, &v, sizeof v); }
+static inline chexcy_vf chexcy_splat(float s) { chexcy_vf z = {0}; return z + s; }
+#define CHEXCY_UNROLL _Pragma("GCC unroll 16")
+#else
+#error "chexcy's kernels need GCC or Clang vector extensions"
+#endif
+
+/* out tile (FB, NV * VW) = bias[f] + sum over (c, kh, kw) of w[c, kh, kw, f] * x[c, kh*dh + row, kw*dw + col]
+ *   xt: padded input at (c = 0, first input row of the output row, first column of the tile)
+ *   wt: packed weights (Cg, KH, KW, FB) of this channel block; bias: (FB,)
+ *   dst: OUT row f of the tile at dst + f * dst_stride (the output planes, or a scratch tile) */
+#define CHEXCY_DEFINE_FWD_TILE(NAME, FB, NV)                                                       \
+static inline void NAME(const float *xt, const float *wt, Py_ssize_t Cg, Py_ssize_t KH,         \
+                        Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh,          \
+                        Py_ssize_t dw, const float *bias, float *dst, Py_ssize_t dst_stride)     \
+{                                                                                               \
+    chexcy_vf acc[FB][NV], xv[NV];                                                              \
+    CHEXCY_UNROLL for (int f = 0; f < FB; f++)                                                  \
+        CHEXCY_UNROLL for (int v = 0; v < NV; v++) acc[f][v] = chexcy_splat(0.0f);              \
+    for (Py_ssize_t c = 0; c < Cg; c++) {                                                       \
+        for (Py_ssize_t kh = 0; kh < KH; kh++) {                                                \
+            const float *xr = xt + c * plane + kh * dh * Wp;                                    \
+            const float *wk = wt + (c * KH + kh) * KW * FB;                                     \
+            for (Py_ssize_t kw = 0; kw < KW; kw++, wk += FB) {                                  \
+                CHEXCY_UNROLL for (int v = 0; v < NV; v++)                                      \
+                    xv[v] = chexcy_load(xr + kw * dw + v * CHEXCY_VW);                          \
+                CHEXCY_UNROLL for (int f = 0; f < FB; f++) {                                    \
+                    chexcy_vf w = chexcy_splat(wk[f]);                                          \
+                    CHEXCY_UNROLL for (int v = 0; v < NV; v++) acc[f][v] += w * xv[v];          \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    CHEXCY_UNROLL for (int f = 0; f < FB; f++) {                                                \
+        chexcy_vf b = chexcy_splat(bias[f]);                                                    \
+        CHEXCY_UNROLL for (int v = 0; v < NV; v++)                                              \
+            chexcy_store(dst + f * dst_stride + v * CHEXCY_VW, acc[f][v] + b);                  \
+    }                                                                                           \
+}
+
+CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile, FWD_F, FWD_NV)
+CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile1, 1, FWD_NV1)
+
+/* dweight lane sums for DW_F output channels x 3 kernel columns of one (c, kh), over a plane:
+ *   part[f][k][lane] += sum over (oh, ow = lane mod VW) of dout_f[oh, ow] * x[oh * xstep + ow + k * dw]
+ *   xr0: padded input at (row of oh = 0 for this kh, column of kernel column 0 of the group)
+ *   drows: DW_F pointers to dout planes (OH, OW); part: IN/OUT (DW_F, 3, VW) lane partial sums
+ * The last OW % VW columns go through zero-filled copies, so nothing outside the plane is read. */
+static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, Py_ssize_t OH,
+                                   Py_ssize_t OW, Py_ssize_t xstep, Py_ssize_t dw, float *part)
+{
+    chexcy_vf acc[DW_F][3], x0, x1, x2, d;
+    CHEXCY_UNROLL for (int f = 0; f < DW_F; f++)
+        CHEXCY_UNROLL for (int k = 0; k < 3; k++) acc[f][k] = chexcy_load(part + (f * 3 + k) * CHEXCY_VW);
+    for (Py_ssize_t oh = 0; oh < OH; oh++) {
+        const float *xr = xr0 + oh * xstep;
+        Py_ssize_t ow0 = 0;
+        for (; ow0 + CHEXCY_VW <= OW; ow0 += CHEXCY_VW) {
+            x0 = chexcy_load(xr + ow0);
+            x1 = chexcy_load(xr + ow0 + dw);
+            x2 = chexcy_load(xr + ow0 + 2 * dw);
+            CHEXCY_UNROLL for (int f = 0; f < DW_F; f++) {
+                d = chexcy_load(drows[f] + oh * OW + ow0);
+                acc[f][0] += d * x0;
+                acc[f][1] += d * x1;
+                acc[f][2] += d * x2;
+            }
+        }
+        if (ow0 < OW) {
+            Py_ssize_t rem = OW - ow0;
+            float t0[CHEXCY_VW] = {0}, t1[CHEXCY_VW] = {0}, t2[CHEXCY_VW] = {0}, td[CHEXCY_VW] = {0};
+            memcpy(t0, xr + ow0, rem * sizeof(float));
+            memcpy(t1, xr + ow0 + dw, rem * sizeof(float));
+            memcpy(t2, xr + ow0 + 2 * dw, rem * sizeof(float));
+            x0 = chexcy_load(t0);
+            x1 = chexcy_load(t1);
+            x2 = chexcy_load(t2);
+            CHEXCY_UNROLL for (int f = 0; f < DW_F; f++) {
+                memcpy(td, drows[f] + oh * OW + ow0, rem * sizeof(float));
+                d = chexcy_load(td);
+                acc[f][0] += d * x0;
+                acc[f][1] += d * x1;
+                acc[f][2] += d * x2;
+            }
+        }
+    }
+    CHEXCY_UNROLL for (int f = 0; f < DW_F; f++)
+        CHEXCY_UNROLL for (int k = 0; k < 3; k++) chexcy_store(part + (f * 3 + k) * CHEXCY_VW, acc[f][k]);
+}
+
+/* Sum of n floats in 4 x VW lanes (vectorisable, no reassociation by the compiler), lanes added
+ * in a fixed order in double. */
+static inline double chexcy_sum(const float *p, Py_ssize_t n)
+{
+    chexcy_vf a0 = chexcy_splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    float lanes[4 * CHEXCY_VW];
+    Py_ssize_t i = 0;
+    double s = 0;
+    for (; i + 4 * CHEXCY_VW <= n; i += 4 * CHEXCY_VW) {
+        a0 += chexcy_load(p + i);
+        a1 += chexcy_load(p + i + CHEXCY_VW);
+        a2 += chexcy_load(p + i + 2 * CHEXCY_VW);
+        a3 += chexcy_load(p + i + 3 * CHEXCY_VW);
+    }
+    chexcy_store(lanes, a0);
+    chexcy_store(lanes + CHEXCY_VW, a1);
+    chexcy_store(lanes + 2 * CHEXCY_VW, a2);
+    chexcy_store(lanes + 3 * CHEXCY_VW, a3);
+    for (int j = 0; j < 4 * CHEXCY_VW; j++) s += lanes[j];
+    for (; i < n; i++) s += p[i];
+    return s;
+}
 
 #endif
