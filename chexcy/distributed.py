@@ -152,12 +152,16 @@ def _check_buffer(buf, name):
         raise TypeError(f"{name}: expected a C-contiguous numpy array, got {type(buf).__name__}")
 
 
+class MPIUnavailable(ImportError, RuntimeError):
+    """mpi4py (or its MPI library) cannot be loaded. A RuntimeError too, so `chexcy` reports it in one line."""
+
+
 def import_mpi():
-    """Import mpi4py.MPI, or raise ImportError saying how to install it."""
+    """Import mpi4py.MPI, or raise MPIUnavailable saying how to install it."""
     try:
         from mpi4py import MPI
     except ImportError as exc:
-        raise ImportError(f"--distributed needs mpi4py: {MPI_EXTRA_HINT} ({exc})") from exc
+        raise MPIUnavailable(f"--distributed needs mpi4py: {MPI_EXTRA_HINT} ({exc})") from None
     return MPI
 
 

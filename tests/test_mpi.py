@@ -420,3 +420,15 @@ def test_plain_chexcy_never_imports_mpi():
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONSAFEPATH="1"),
                    timeout=MPI_TIMEOUT_S)
+
+
+def test_distributed_without_mpi4py_says_how_to_install_it(tmp_path):
+    # sys.modules["mpi4py"] = None makes `import mpi4py` fail as if it were not installed.
+    code = ("import sys; sys.modules['mpi4py'] = None; from chexcy import cli; "
+            f"sys.exit(cli.main(['train', '--data', {str(tmp_path)!r}, '--distributed']))")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONSAFEPATH="1"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=MPI_TIMEOUT_S)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert 'chexcy train: error: --distributed needs mpi4py: install the MPI extra: pip install "chexcy[mpi]"' \
+        in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
