@@ -256,6 +256,24 @@ def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
     assert proc.stdout.count(" ok") == 2, proc.stdout
 
 
+@needs_mpi
+@pytest.mark.mpi
+def test_a_rank_that_dies_ends_the_job(tmp_path):
+    # No Python error to catch here: the launcher itself must notice the dead rank and end the others.
+    proc = run_ranks(tmp_path, """
+        import os, signal, time
+        from chexcy import distributed
+        comm = distributed.init(True)
+        if comm.rank == 1:
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        comm.barrier()
+        time.sleep(3 * 60)
+        print("unreachable")
+    """, check=False)
+    assert proc.returncode != 0 and "unreachable" not in proc.stdout, (proc.returncode, proc.stdout)
+
+
 # ---------------------------------------------------------------------------------------------------
 # `chexcy train --distributed` and `chexcy prepare --distributed`, end to end
 # ---------------------------------------------------------------------------------------------------
