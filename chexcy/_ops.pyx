@@ -60,6 +60,8 @@ cdef extern from "_ops_config.h" nogil:
                           Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
                           const float* bias, float* dst, Py_ssize_t dst_stride)
     double chexcy_sum(const float* p, Py_ssize_t n)
+    void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
+                                 int64_t base, Py_ssize_t W, Py_ssize_t OW)
     void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t OH, Py_ssize_t OW,
                          Py_ssize_t xstep, Py_ssize_t dw, float* part)
 
@@ -514,35 +516,10 @@ cdef void _max_pool_2x2(
         const float* xp, float* op, int64_t* ap,    # IN (H, W), OUT (OH, OW), OUT (OH, OW)
         Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
     """kernel 2, stride 2, no padding, no dilation: the common case, same tie and NaN rule."""
-    cdef Py_ssize_t oh, ow, i
-    cdef const float* r0
-    cdef const float* r1
-    cdef float best, v
-    cdef int64_t idx
+    cdef Py_ssize_t oh
     for oh in range(OH):
-        r0 = xp + 2 * oh * W
-        r1 = r0 + W
-        for ow in range(OW):
-            i = 2 * ow
-            best = r0[i]
-            idx = 2 * oh * W + i
-            if best == best:
-                v = r0[i + 1]
-                if v > best or v != v:
-                    best = v
-                    idx = 2 * oh * W + i + 1
-            if best == best:
-                v = r1[i]
-                if v > best or v != v:
-                    best = v
-                    idx = (2 * oh + 1) * W + i
-            if best == best:
-                v = r1[i + 1]
-                if v > best or v != v:
-                    best = v
-                    idx = (2 * oh + 1) * W + i + 1
-            op[oh * OW + ow] = best
-            ap[oh * OW + ow] = idx
+        chexcy_max_pool_2x2_row(xp + 2 * oh * W, xp + (2 * oh + 1) * W, op + oh * OW, ap + oh * OW,
+                                2 * oh * W, W, OW)
 
 
 def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
@@ -573,10 +550,10 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
 cdef void _max_unpool_plane(
         const float* dp,            # IN  (OH, OW)
         const int64_t* ap,          # IN  (OH, OW), values in [0, H*W) (checked by ops.py)
-        float* dxp,                 # OUT (H, W)
-        Py_ssize_t HW, Py_ssize_t OHW) noexcept nogil:
+        float* dxp,                 # IN/OUT (H, W), zero on entry
+        Py_ssize_t OHW) noexcept nogil:
+    """dx[argmax] += dout over one plane (dx comes from calloc: pages are zeroed as they are touched)."""
     cdef Py_ssize_t i
-    memset(dxp, 0, HW * sizeof(float))
     for i in range(OHW):
         dxp[ap[i]] += dp[i]
 
@@ -586,13 +563,13 @@ def max_pool2d_backward(dout, argmax, x_shape):
     cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
     cdef Py_ssize_t OHW = dout.shape[2] * dout.shape[3], u
     cdef int n_threads = _threads()
-    dx = np.empty((N, C, H, W), np.float32)
+    dx = np.zeros((N, C, H, W), np.float32)
     cdef const float[:, :, :, ::1] dv = dout
     cdef const int64_t[:, :, :, ::1] av = argmax
     cdef float[:, :, :, ::1] dxv = dx
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
         _max_unpool_plane(&dv[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
-                          H * W, OHW)
+                          OHW)
     return dx
 
 
@@ -682,11 +659,7 @@ def avg_pool2d_backward(dout, x_shape, kernel_size, stride, padding, count_inclu
 
 cdef void _plane_mean(const float* xp, float* o, Py_ssize_t HW) noexcept nogil:
     """Mean of one plane, summed in float64 in a fixed order."""
-    cdef Py_ssize_t i
-    cdef double s = 0
-    for i in range(HW):
-        s += xp[i]
-    o[0] = <float>(s / HW)
+    o[0] = <float>(chexcy_sum(xp, HW) / HW)
 
 
 cdef void _plane_fill(float* dxp, float v, Py_ssize_t HW) noexcept nogil:

@@ -75,6 +75,7 @@ static inline int omp_get_thread_num(void) { return 0; }
  * in a fixed order, so results are bitwise reproducible for a given build).
  * ------------------------------------------------------------------------------------------- */
 #include <string.h>
+#include <stdint.h>
 
 #if defined(__GNUC__) || defined(__clang__)
 typedef float chexcy_vf __attribute__((vector_size(CHEXCY_VW * sizeof(float))));
@@ -190,6 +191,24 @@ static inline double chexcy_sum(const float *p, Py_ssize_t n)
     for (int j = 0; j < 4 * CHEXCY_VW; j++) s += lanes[j];
     for (; i < n; i++) s += p[i];
     return s;
+}
+
+/* Max pool, kernel 2 x 2, stride 2, no padding, one output row: branch-free so the compiler can
+ * vectorise it. First maximum in scan order (a, b, c, d); a NaN wins, the first NaN. */
+static inline void chexcy_max_pool_2x2_row(const float *r0, const float *r1, float *out,
+                                           int64_t *arg, int64_t base, Py_ssize_t W, Py_ssize_t OW)
+{
+    for (Py_ssize_t ow = 0; ow < OW; ow++) {
+        float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+        float m = a;
+        int64_t k = 0;
+        int t;
+        t = (b > m) | ((b != b) & (m == m)); m = t ? b : m; k = t ? 1 : k;
+        t = (c > m) | ((c != c) & (m == m)); m = t ? c : m; k = t ? W : k;
+        t = (d > m) | ((d != d) & (m == m)); m = t ? d : m; k = t ? W + 1 : k;
+        out[ow] = m;
+        arg[ow] = base + 2 * ow + k;
+    }
 }
 
 #endif
