@@ -1,0 +1,215 @@
+"""The compiled build: what it reports, how a variant is chosen, thread control, every variant's kernels.
+
+setup.py compiles chexcy/_ops.pyx once per instruction-set variant and chexcy._native picks one at
+import. The op tests run on the chosen variant only; here every variant built on this machine (and
+runnable by its CPU) is checked against the reference on shapes chosen to hit each tile edge: output
+widths that are not a multiple of the tile, output channels left over after the last full channel
+block, groups, the strided and the scatter paths. These tests need the compiled module; when it is
+not built they fail with how to build it, unless CHEXCY_BACKEND=python says the fallback is intended.
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import chexcy
+from chexcy import _native, cli, ops, reference
+
+from ops_cases import assert_close
+from test_ops_validation import subprocess_env
+
+EXPECT_FALLBACK_ONLY = os.environ.get("CHEXCY_BACKEND", "") in ("python", "reference") and \
+    "cython" not in ops.available_backends()
+
+
+def _compiled():
+    try:
+        return _native.load()
+    except ImportError as exc:
+        if EXPECT_FALLBACK_ONLY:
+            pytest.skip("CHEXCY_BACKEND selects the fallback and the extension is not built")
+        pytest.fail(f"the compiled module is not built: {exc}")
+
+
+def _runnable_variants():
+    """(name, module) for every variant that is built here and that this CPU can run."""
+    out = []
+    for name in _native.supported_variants():
+        try:
+            out.append((name, importlib.import_module(_native.VARIANTS[name][0])))
+        except ImportError:
+            pass
+    return out
+
+
+# -- what the build reports -----------------------------------------------------------------------
+
+def test_build_info_reports_variant_flags_and_openmp():
+    mod = _compiled()
+    info = mod.build_info()
+    for key in ("module", "variant", "isa", "cflags", "compiler", "openmp", "debug", "tiles"):
+        assert key in info, f"build_info lacks {key!r}: {info}"
+    assert info["module"] == mod.__name__
+    assert "-O3" in info["cflags"] or info["debug"], info["cflags"]
+    assert "fast-math" not in info["cflags"] and "Ofast" not in info["cflags"], info["cflags"]
+    expect_openmp = os.environ.get("CHEXCY_NO_OPENMP", "") not in ("1", "true", "yes", "on")
+    assert mod.openmp_enabled() is expect_openmp == info["openmp"], info
+    assert ("-fopenmp" in info["cflags"]) == info["openmp"], info
+
+
+def test_portable_variants_are_not_built_for_this_cpu_only():
+    for name, mod in _runnable_variants():
+        flags = mod.build_info()["cflags"]
+        if mod.build_info()["variant"] != "native":
+            assert "-march=native" not in flags, f"{name}: a portable variant built with {flags}"
+
+
+def test_load_picks_the_fastest_variant_the_cpu_runs():
+    mod = _compiled()
+    runnable = _runnable_variants()
+    if os.environ.get("CHEXCY_ISA"):
+        assert mod.__name__ == _native.VARIANTS[os.environ["CHEXCY_ISA"].lower()][0]
+    else:
+        assert mod is runnable[0][1], f"loaded {mod.__name__}, runnable {[n for n, _ in runnable]}"
+
+
+def test_supported_variants_follow_cpu_flags():
+    v3 = set(_native.VARIANTS["avx2"][1])
+    v4 = set(_native.VARIANTS["avx512"][1])
+    assert _native.supported_variants(set()) == ["baseline"]
+    assert _native.supported_variants({"avx2", "fma"}) == ["baseline"]  # v3 needs more than AVX2 + FMA
+    assert _native.supported_variants(v3) == ["avx2", "baseline"]
+    assert _native.supported_variants(v3 | {"avx512f"}) == ["avx2", "baseline"]
+    assert _native.supported_variants(v4) == ["avx512", "avx2", "baseline"]
+
+
+def test_cpu_flags_is_a_set_even_where_cpuinfo_is_missing(monkeypatch):
+    assert isinstance(_native.cpu_flags(), set)
+
+    def no_file(*args, **kwargs):
+        raise FileNotFoundError("/proc/cpuinfo")
+    monkeypatch.setattr("builtins.open", no_file)
+    assert _native.cpu_flags() == set()
+
+
+@pytest.mark.parametrize("isa, ok", [("baseline", True), ("bogus", False)])
+def test_chexcy_isa_forces_or_refuses_a_variant(isa, ok, tmp_path):
+    script = ("import chexcy._native as n\n"
+              "try:\n    m = n.load(); print('LOADED', m.__name__)\n"
+              "except ImportError as e:\n    print('REFUSED', e)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env=subprocess_env(CHEXCY_ISA=isa), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    if ok:
+        _compiled()
+        assert proc.stdout.strip() == "LOADED chexcy._ops", proc.stdout
+    else:
+        assert proc.stdout.startswith("REFUSED") and "bogus" in proc.stdout, proc.stdout
+
+
+def test_no_generated_c_next_to_the_sources():
+    pkg = os.path.dirname(chexcy.__file__)
+    leftovers = [f for f in os.listdir(pkg) if f.endswith((".c", ".html"))]
+    assert leftovers == [], f"generated files in the package directory: {leftovers}"
+
+
+def test_chexcy_info_command_prints_build_and_cpu(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["backend"] == ops.get_backend()
+    assert data["threads"] == ops.get_num_threads() >= 1
+    if "cython" in ops.available_backends():
+        mod = _native.load()
+        assert data["module"] == mod.__name__ and data["cflags"] == mod.build_info()["cflags"]
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "backend" in text and "cpu features" in text
+
+
+# -- thread control of the compiled module --------------------------------------------------------
+
+@pytest.mark.parametrize("bad, exc", [(-1, ValueError), (10 ** 6, ValueError), (1.5, TypeError),
+                                      ("2", TypeError), (True, TypeError), (None, TypeError)])
+def test_set_num_threads_rejects_bad_values(bad, exc):
+    mod = _compiled()
+    with pytest.raises(exc, match="set_num_threads"):
+        mod.set_num_threads(bad)
+
+
+def test_set_num_threads_sets_and_zero_restores_the_default():
+    mod = _compiled()
+    before = mod.get_num_threads()
+    try:
+        mod.set_num_threads(3)
+        assert mod.get_num_threads() == (3 if mod.openmp_enabled() else 1)
+        mod.set_num_threads(np.int64(1))
+        assert mod.get_num_threads() == 1
+        mod.set_num_threads(0)
+        assert mod.get_num_threads() == before
+    finally:
+        mod.set_num_threads(0)
+        ops.set_num_threads(None)
+
+
+# -- every variant's kernels against the reference -------------------------------------------------
+
+# (N, C, H, W), (F, KH, KW), stride, padding, dilation, groups. Channel counts 1, 5, 17, 20 leave
+# channels over after full blocks of 4 and of 16; widths 5, 19, 33 leave partial tiles of 8/16/32.
+VARIANT_CONV_CASES = [
+    ((2, 3, 9, 19), (5, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((1, 16, 7, 33), (17, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((2, 1, 12, 12), (20, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((1, 6, 11, 5), (4, 3, 2), (1, 1), (2, 1), (2, 1), 2),
+    ((2, 4, 10, 13), (8, 5, 5), (1, 1), (2, 2), (1, 1), 4),
+    ((1, 3, 13, 17), (6, 3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((1, 2, 9, 9), (3, 1, 1), (1, 1), (0, 0), (1, 1), 1),
+    ((1, 2, 6, 7), (3, 2, 2), (1, 1), (2, 2), (1, 1), 1),   # padding beyond the kernel: dx scatter path
+]
+
+
+@pytest.mark.parametrize("case", VARIANT_CONV_CASES, ids=lambda c: f"x{c[0]}-w{c[1]}-s{c[2]}-p{c[3]}-d{c[4]}-g{c[5]}")
+def test_every_variant_conv_matches_reference_and_is_thread_invariant(case, rng):
+    _compiled()
+    xs, (F, KH, KW), stride, padding, dilation, groups = case
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal((F, xs[1] // groups, KH, KW)).astype(np.float32)
+    b = rng.standard_normal(F).astype(np.float32)
+    want = reference.conv2d_forward(x, w, b, stride, padding, dilation, groups)
+    dout = rng.standard_normal(want.shape).astype(np.float32)
+    want_b = reference.conv2d_backward(dout, x, w, stride, padding, dilation, groups)
+    for name, mod in _runnable_variants():
+        results = {}
+        try:
+            for threads in (1, 2, 3):
+                mod.set_num_threads(threads)
+                out = mod.conv2d_forward(x, w, b, stride, padding, dilation, groups)
+                grads = mod.conv2d_backward(dout, x, w, stride, padding, dilation, groups)
+                results[threads] = (out,) + tuple(grads)
+        finally:
+            mod.set_num_threads(0)
+        assert_close(results[1][0], want, "conv2d", err_msg=f"variant {name}")
+        for label, g, wt in zip(("dx", "dweight", "dbias"), results[1][1:], want_b):
+            assert_close(g, wt, "conv2d_backward", err_msg=f"variant {name} {label}")
+        for threads in (2, 3):
+            for i in range(4):
+                np.testing.assert_array_equal(results[threads][i], results[1][i],
+                                              err_msg=f"variant {name}: {threads} threads differ")
+
+
+def test_every_variant_pools_match_reference(rng):
+    _compiled()
+    x = rng.standard_normal((2, 3, 9, 10)).astype(np.float32)
+    x[0, 0, 0, :2] = np.nan                       # NaN wins, first NaN
+    x[1, 1, 2:4, 2:4] = 1.0                       # ties: first in scan order
+    want_o, want_a = reference.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1))
+    want_g = reference.global_avg_pool2d_forward(x[1:])
+    for name, mod in _runnable_variants():
+        o, a = mod.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1))
+        np.testing.assert_array_equal(o, want_o, err_msg=f"variant {name}")
+        np.testing.assert_array_equal(a, want_a, err_msg=f"variant {name}")
+        assert_close(mod.global_avg_pool2d_forward(x[1:]), want_g, "global_avg_pool2d",
+                     err_msg=f"variant {name}")
