@@ -13,7 +13,7 @@ pathology). Every study gets a hidden *evidence strength* per observation (0 = a
 value: positives strong-ish, uncertain weak or absent, negatives absent, blanks rarely weak. The picture
 then shows each observation in proportion to its strength:
 
-- Cardiomegaly: the heart's width relative to the thorax (cardiothoracic ratio ~0.43 normal, >0.5 enlarged);
+- Cardiomegaly: the heart's width relative to the thorax (cardiothoracic ratio ~0.43 normal, >0.52 enlarged);
 - Pleural Effusion: bright fluid at a lung base with a meniscus that climbs laterally;
 - Edema: a bilateral perihilar haze with a reticular texture;
 - Consolidation: one or two dense, irregular blobs inside a lung;
@@ -195,7 +195,7 @@ def render(view, height, width, strengths, rng):
 
     ctr = anat.normal(0.43, 0.03)
     if s["Cardiomegaly"] > 0:
-        ctr = 0.50 + 0.14 * s["Cardiomegaly"] + finding.normal(0, 0.015)
+        ctr = 0.52 + 0.15 * s["Cardiomegaly"] + finding.normal(0, 0.015)
     tissue = anat.uniform(0.38, 0.46)
     img = np.full((h, w), 0.04, np.float32)
     body = _ellipse(X, Y, 0.0, 0.06, 0.47, 0.62, 0.03)
@@ -252,7 +252,8 @@ def _frontal(img, X, Y, s, ctr, texture, anat, finding):
     med = _smooth_step(half - np.abs(X - 0.005), 0.01) * _smooth_step(0.2 - Y, 0.02) * _smooth_step(Y + 0.42, 0.02)
     dense = anat.uniform(0.55, 0.65)
     img += med * (dense - img)
-    heart = _ellipse(X, Y, 0.04, 0.14, ctr * 0.36, 0.14, 0.05)
+    # An enlarged heart is wider and, less so, taller: more of the lower chest turns dense.
+    heart = _ellipse(X, Y, 0.04, 0.14, ctr * 0.36, 0.14 * (1 + 0.8 * (ctr - 0.43)), 0.05)
     img += heart * (dense - img)
     for side in (-1, 1):                       # clavicles
         d = _segment_distance(X, Y, side * 0.04, -0.36, side * 0.33, -0.42)
@@ -310,7 +311,7 @@ def _lateral(img, X, Y, s, ctr, texture, anat, finding):
     lungs = _ellipse(X, Y, 0.02, -0.05, 0.3, 0.32, 0.05) * _smooth_step(dome - Y, 0.01)
     img += lungs * (anat.uniform(0.1, 0.16) + texture - img)
     dense = anat.uniform(0.55, 0.65)
-    heart = _ellipse(X, Y, -0.13, 0.12, 0.12 * ctr / 0.43, 0.15, 0.06)
+    heart = _ellipse(X, Y, -0.13, 0.12, 0.12 * ctr / 0.43, 0.15 * (1 + 0.8 * (ctr - 0.43)), 0.06)
     img += heart * (dense - img)
     spine = _smooth_step(0.04 - np.abs(X - 0.34), 0.01) * _ellipse(X, Y, 0.0, 0.06, 0.47, 0.62)
     discs = 0.85 + 0.15 * np.cos(2 * np.pi * Y / 0.07)
