@@ -4,11 +4,12 @@ Legend: N batch, C in-channels, F out-channels, G groups (Cg = C // G, Fg = F //
 OH OW output, KH KW kernel, sh sw stride, ph pw padding, dil_h dil_w dilation, K = Cg * KH * KW.
 
 How it is fast without a compiler:
-- conv2d is im2col + one batched matrix product. `_im2col` copies, for each of the KH * KW kernel
-  offsets, one strided slice of the padded input into a "columns" array of shape (N, C, KH, KW, OH, OW);
-  viewed as (N, G, K, OH * OW) it multiplies (F, K)-shaped weights in BLAS (np.matmul batched over N
-  and G), and the product (N, G, Fg, OH * OW) already is out (N, F, OH, OW) in memory: no transposes.
-- col2im (conv dx) is the reverse: KH * KW strided slice-additions into a zero padded dx.
+- conv2d is im2col + one matrix product per group. `_im2col` copies, for each of the KH * KW kernel
+  offsets, one strided slice of the padded input into a channel-major "columns" array
+  (C, KH, KW, N, OH, OW); viewed as (G, K, N * OH * OW) it meets the (G, Fg, K) weights in ONE BLAS
+  product per group covering the whole batch; the (F, N, OH, OW) result is transposed to NCHW once.
+  Backward: dweight = dout @ columns.T and dcolumns = weight.T @ dout, again one product per group.
+- col2im (conv dx) is the reverse of im2col: KH * KW strided slice-additions into a zero padded dx.
 - pooling visits the KH * KW offsets, each a strided view of the whole batch, keeping a running max
   (or sum); max-pool backward scatters with one np.add.at (repeated argmax indices add up).
 Each Python loop runs over kernel offsets only, never over pixels, channels or the batch.
@@ -44,19 +45,22 @@ def _out_hw(H, W, kernel_hw, stride, padding, dilation):
 
 
 def _im2col(x, kernel_hw, stride, padding, dilation):
-    """x (N, C, H, W) -> columns (N, C, KH, KW, OH, OW): columns[..., i, j, oh, ow] is the input
-    under kernel tap (i, j) of output position (oh, ow) (zero in the padding)."""
+    """x (N, C, H, W) -> columns (C, KH, KW, N, OH, OW): columns[c, i, j, n, oh, ow] is the input
+    under kernel tap (i, j) of output position (oh, ow) (zero in the padding).
+
+    Channel-major on purpose: viewed as (G, Cg * KH * KW, N * OH * OW) it makes each group's conv
+    ONE large matrix product over the whole batch, which BLAS runs much better (and, with threads,
+    with far less synchronisation) than N small ones.
+    """
     N, C, H, W = x.shape
     KH, KW = kernel_hw
     OH, OW = _out_hw(H, W, kernel_hw, stride, padding, dilation)
-    if (KH, KW) == (1, 1) and stride == (1, 1) and padding == (0, 0):
-        return x.reshape(N, C, 1, 1, H, W)  # a 1x1 conv reads x as it is
-    x_pad = _pad(x, padding)
-    columns = np.empty((N, C, KH, KW, OH, OW), x.dtype)
+    x_cm = _pad(x, padding).transpose(1, 0, 2, 3)            # (C, N, H + 2ph, W + 2pw), a view
+    columns = np.empty((C, KH, KW, N, OH, OW), x.dtype)
     for i in range(KH):
         for j in range(KW):
             rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
-            columns[:, :, i, j] = x_pad[:, :, rows, cols]
+            columns[:, i, j] = x_cm[:, :, rows, cols]
     return columns
 
 
@@ -66,10 +70,9 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
     F, Cg, KH, KW = weight.shape
     G = groups
     OH, OW = _out_hw(H, W, (KH, KW), stride, padding, dilation)
-    columns = _im2col(x, (KH, KW), stride, padding, dilation).reshape(N, G, Cg * KH * KW, OH * OW)
-    weight_matrix = weight.reshape(G, F // G, Cg * KH * KW)
-    out = np.matmul(weight_matrix, columns)                  # (N, G, Fg, OH * OW)
-    out = out.reshape(N, F, OH, OW)
+    columns = _im2col(x, (KH, KW), stride, padding, dilation).reshape(G, Cg * KH * KW, N * OH * OW)
+    out_cm = np.matmul(weight.reshape(G, F // G, Cg * KH * KW), columns)   # (G, Fg, N * OH * OW)
+    out = np.ascontiguousarray(out_cm.reshape(F, N, OH, OW).transpose(1, 0, 2, 3))
     if bias is not None:
         out += bias[None, :, None, None]
     return out
@@ -82,27 +85,23 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, groups):
     G = groups
     OH, OW = dout.shape[2], dout.shape[3]
     K = Cg * KH * KW
-    dout_g = dout.reshape(N, G, F // G, OH * OW)
     dbias = dout.sum(axis=(0, 2, 3))
+    dout_cm = np.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(G, F // G, N * OH * OW)
 
-    columns = _im2col(x, (KH, KW), stride, padding, dilation).reshape(N, G, K, OH * OW)
-    # dweight[g] = sum over n of dout[n, g] @ columns[n, g].T: one (Fg, K) product per (n, g).
-    dweight = np.matmul(dout_g, columns.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, Fg, K)
+    columns = _im2col(x, (KH, KW), stride, padding, dilation).reshape(G, K, N * OH * OW)
+    dweight = np.matmul(dout_cm, columns.transpose(0, 2, 1)).reshape(F, Cg, KH, KW)
     del columns
-    dweight = dweight.reshape(F, Cg, KH, KW)
 
-    # dcolumns[n, g] = weight[g].T @ dout[n, g], then col2im adds each tap back where it came from.
-    weight_t = weight.reshape(G, F // G, K).transpose(0, 2, 1)            # (G, K, Fg)
-    dcolumns = np.matmul(weight_t, dout_g).reshape(N, C, KH, KW, OH, OW)
+    # dcolumns = weight.T @ dout per group, then col2im adds each tap back where it came from.
+    dcolumns = np.matmul(weight.reshape(G, F // G, K).transpose(0, 2, 1), dout_cm)
+    dcolumns = dcolumns.reshape(C, KH, KW, N, OH, OW)
     ph, pw = padding
-    if (KH, KW) == (1, 1) and stride == (1, 1) and padding == (0, 0):
-        return dcolumns.reshape(N, C, H, W), dweight, dbias
-    dx_pad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dcolumns.dtype)
+    dx_cm = np.zeros((C, N, H + 2 * ph, W + 2 * pw), dcolumns.dtype)
     for i in range(KH):
         for j in range(KW):
             rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
-            dx_pad[:, :, rows, cols] += dcolumns[:, :, i, j]
-    dx = dx_pad if (ph, pw) == (0, 0) else np.ascontiguousarray(dx_pad[:, :, ph:ph + H, pw:pw + W])
+            dx_cm[:, :, rows, cols] += dcolumns[:, i, j]
+    dx = np.ascontiguousarray(dx_cm[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3))
     return dx, dweight, dbias
 
 
