@@ -99,7 +99,7 @@ class BuildKernels(build_ext):
     def _probe_compiler(self):
         from setuptools._distutils.ccompiler import new_compiler
         from setuptools._distutils.sysconfig import customize_compiler
-        self._probe_cc = new_compiler(compiler=self.compiler, dry_run=self.dry_run, force=True)
+        self._probe_cc = new_compiler(compiler=self.compiler)  # (keyword set varies across setuptools)
         customize_compiler(self._probe_cc)
         if not self._try_compile("int main(void) { return 0; }\n"):
             raise RuntimeError("no working C compiler (a trivial C program did not compile and link)")
