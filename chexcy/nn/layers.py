@@ -210,7 +210,7 @@ class ReLU(Module):
 
     def __init__(self, inplace=False):
         self.inplace = bool(inplace)
-        self._out = None
+        self._out = self._mask = None
 
     def forward(self, x):
         out = np.maximum(x, 0, out=x if self.inplace else None)
@@ -218,8 +218,12 @@ class ReLU(Module):
         return out
 
     def backward(self, dout):
-        # The derivative at exactly 0 is taken as 0 (PyTorch's choice).
-        return np.multiply(dout, self._out > 0, out=dout if dout.flags.writeable else None)
+        # The derivative at exactly 0 is taken as 0 (PyTorch's choice). The boolean mask lives in a buffer
+        # kept across steps: a fresh activation-sized array per step costs page faults, not just bytes.
+        if self._mask is None or self._mask.shape != self._out.shape:
+            self._mask = np.empty(self._out.shape, dtype=bool)
+        np.greater(self._out, 0, out=self._mask)
+        return np.multiply(dout, self._mask, out=dout if dout.flags.writeable else None)
 
     def extra_repr(self):
         return "inplace=True" if self.inplace else ""
