@@ -239,3 +239,23 @@ def test_cli_prepare_and_synth_commands(tmp_path):
     assert set(ds.meta["view"]) == {"Frontal"} and not np.isnan(ds.labels).any()
     with open(tmp_path / "p" / "manifest.json") as f:
         assert json.load(f)["policy"]["blank"] == "zeros"
+
+
+def test_the_chexcy_command_runs_synth_and_prepare_and_reports_errors(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    def chexcy(*argv):
+        return subprocess.run([sys.executable, "-m", "chexcy", *argv], env=env, capture_output=True, text=True)
+
+    done = chexcy("synth", "--out", str(tmp_path / "dl"), "--n-train", "8", "--n-valid", "3", "--seed", "1")
+    assert done.returncode == 0, done.stderr
+    csv = tmp_path / "dl" / "CheXpert-v1.0-small" / "train.csv"
+    done = chexcy("prepare", str(csv), "--out", str(tmp_path / "p"), "--size", "16", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    assert "rows in CSV" in done.stdout and "Pleural Effusion" in done.stdout
+    assert done.stderr == "", "no progress bar when stderr is not a terminal"
+    assert PreparedDataset(tmp_path / "p").manifest["count"] == 8
+    done = chexcy("prepare", str(csv), "--out", str(tmp_path / "p"), "--size", "24")
+    assert done.returncode == 2 and "different prepared dataset" in done.stderr
+    done = chexcy("prepare", str(csv), "--out", str(tmp_path / "q"), "--age-min", "200", "--quiet")
+    assert done.returncode == 2 and "empty after --age-min 200" in done.stderr and done.stdout == ""

@@ -3,17 +3,31 @@
 Data flows one way: CSV + JPEGs -> `prepare` -> a prepared folder (images.npy, labels.npy, meta.csv,
 manifest.json) -> `PreparedDataset` -> `BatchLoader` / `StudyLoader` -> normalised float32 batches.
 `load_image` and `normalize` are the single definitions of preprocessing and normalisation.
-Importing this package is cheap: pandas and Pillow load only when used.
-"""
-from chexcy.data.schema import COLUMNS, COMPETITION_TASKS, LABELS
-from chexcy.data.images import PIXEL_MEAN, PIXEL_STD, ImageReadError, load_image, normalize
-from chexcy.data.augment import ChestAugment
-from chexcy.data.dataset import PreparedDataset
-from chexcy.data.studies import StudyIndex
-from chexcy.data.loader import Batch, BatchLoader, StudyBatch, StudyLoader
 
-__all__ = [
-    "LABELS", "COMPETITION_TASKS", "COLUMNS", "PIXEL_MEAN", "PIXEL_STD", "ImageReadError", "load_image",
-    "normalize", "ChestAugment", "PreparedDataset", "StudyIndex", "Batch", "BatchLoader", "StudyBatch",
-    "StudyLoader",
-]
+Names are imported from their modules on first use (PEP 562), so `import chexcy.data` (and with it
+`chexcy --help`, which registers the data sub-commands) does not load NumPy, pandas or Pillow.
+"""
+import importlib
+
+_EXPORTS = {
+    "LABELS": "schema", "COMPETITION_TASKS": "schema", "COLUMNS": "schema",
+    "PIXEL_MEAN": "images", "PIXEL_STD": "images", "ImageReadError": "images", "load_image": "images",
+    "normalize": "images",
+    "ChestAugment": "augment",
+    "PreparedDataset": "dataset",
+    "StudyIndex": "studies",
+    "Batch": "loader", "BatchLoader": "loader", "StudyBatch": "loader", "StudyLoader": "loader",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"chexcy.data.{_EXPORTS[name]}"), name)
+        globals()[name] = value              # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'chexcy.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
