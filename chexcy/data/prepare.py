@@ -390,6 +390,8 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
     progress_path = os.path.join(out, "progress.jsonl")
     done = {}
     if state == "resume":
+        # Chunk numbers in progress.jsonl mean rows of the chunk size the run started with.
+        chunk_rows = int((_read_json(os.path.join(out, "request.json")) or {}).get("chunk_rows", chunk_rows))
         if os.path.exists(progress_path):
             with open(progress_path) as f:
                 for line in f:
@@ -399,7 +401,8 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
                     except (ValueError, KeyError, TypeError):
                         break                  # a torn last line from a killed run
     elif root_rank:
-        _atomic_write_text(os.path.join(out, "request.json"), json.dumps({"identity": identity}, indent=1))
+        _atomic_write_text(os.path.join(out, "request.json"),
+                           json.dumps({"identity": identity, "chunk_rows": int(chunk_rows)}, indent=1))
     n_chunks = (n + chunk_rows - 1) // chunk_rows
     paths = [os.path.join(root, p) for p in selected["Path"]]
     if not os.path.exists(final_images):
