@@ -136,6 +136,7 @@ def test_study_index_groups_views(ds):
         rep = index.frontal[i] if index.frontal[i] >= 0 else index.lateral[i]
         np.testing.assert_array_equal(index.labels[i], ds.labels[rep])
         np.testing.assert_array_equal(index.tabular[i], ds.tabular[rep])
+        assert index.age[i] == ds.meta["age"][rep] and index.sex[i] == ds.meta["sex"][rep]
 
 
 def test_study_loader_batches_and_missing_views(ds):

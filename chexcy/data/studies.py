@@ -9,6 +9,7 @@ class StudyIndex:
     frontal, lateral: int64 (M,) dataset row of the study's first frontal / first lateral image, -1 if none;
     labels: float32 (M, 14) the study's targets (from its frontal row, else its lateral row; CheXpert labels
     belong to the study, so its views agree); tabular: float32 (M, 2) (age / 100, sex code) of that row;
+    age: float32 (M,) years and sex: list of M strings ("Male", "Female", "Unknown") of that row;
     rows: list of M int64 arrays, every dataset row of the study.
     """
 
@@ -36,6 +37,8 @@ class StudyIndex:
         representative = np.where(self.frontal >= 0, self.frontal, self.lateral)
         self.labels = dataset.labels[representative].astype(np.float32)
         self.tabular = dataset.tabular[representative].astype(np.float32)
+        self.age = meta["age"].to_numpy(np.float32)[representative]
+        self.sex = [str(v) for v in meta["sex"].to_numpy()[representative]]
 
     def __len__(self):
         return len(self.study_ids)
