@@ -4,11 +4,12 @@ Legend: N batch, C in-channels, F out-channels, G groups (Cg = C // G, Fg = F //
 OH OW output, KH KW kernel, sh sw stride, ph pw padding, dil_h dil_w dilation, K = Cg * KH * KW.
 
 How it is fast without a compiler:
-- conv2d is im2col + one matrix product per group. `_im2col` copies, for each of the KH * KW kernel
-  offsets, one strided slice of the padded input into a channel-major "columns" array
-  (C, KH, KW, N, OH, OW); viewed as (G, K, N * OH * OW) it meets the (G, Fg, K) weights in ONE BLAS
-  product per group covering the whole batch; the (F, N, OH, OW) result is transposed to NCHW once.
-  Backward: dweight = dout @ columns.T and dcolumns = weight.T @ dout, again one product per group.
+- conv2d is im2col + matrix products in BLAS. `_im2col` copies, for each of the KH * KW kernel
+  offsets, one strided slice of the padded input into a "columns" array, so that the conv becomes
+  weight (G, Fg, K) @ columns: ONE product per group over the whole batch (channel-major columns,
+  the result transposed to NCHW once), or, for thin products (small K), one per image and group
+  (columns per image, the result already NCHW). Backward: dweight = dout @ columns.T and
+  dcolumns = weight.T @ dout, with the same layouts.
 - col2im (conv dx) is the reverse of im2col: KH * KW strided slice-additions into a zero padded dx.
 - pooling visits the KH * KW offsets, each a strided view of the whole batch, keeping a running max
   (or sum); max-pool backward scatters with one np.add.at (repeated argmax indices add up).
@@ -44,23 +45,39 @@ def _out_hw(H, W, kernel_hw, stride, padding, dilation):
             (W + 2 * pw - dil_w * (KW - 1) - 1) // sw + 1)
 
 
-def _im2col(x, kernel_hw, stride, padding, dilation):
-    """x (N, C, H, W) -> columns (C, KH, KW, N, OH, OW): columns[c, i, j, n, oh, ow] is the input
-    under kernel tap (i, j) of output position (oh, ow) (zero in the padding).
+# Below this many rows per column (K = Cg * KH * KW) the products are so thin that moving the
+# batch-wide result back to NCHW costs as much as the product itself (conv1 of ref-cnn: K = 9, the
+# per-image layout is ~1.6x faster); above it, one product per group over the whole batch is as fast or
+# faster (and much faster when BLAS threads compete with other processes). Measured on ref-cnn shapes.
+PER_IMAGE_BELOW_K = 32
 
-    Channel-major on purpose: viewed as (G, Cg * KH * KW, N * OH * OW) it makes each group's conv
-    ONE large matrix product over the whole batch, which BLAS runs much better (and, with threads,
-    with far less synchronisation) than N small ones.
+
+def _im2col(x, kernel_hw, stride, padding, dilation, per_image):
+    """The input under every kernel tap of every output position (zero in the padding).
+
+    per_image: columns (N, C, KH, KW, OH, OW), viewed as (N, G, K, OH * OW): one product per image
+    and group whose result already is NCHW.
+    otherwise: channel-major columns (C, KH, KW, N, OH, OW), viewed as (G, K, N * OH * OW): one
+    product per group for the whole batch, whose (F, N, OH, OW) result is transposed to NCHW once.
+    Either way each of the KH * KW kernel offsets is ONE strided copy of the whole batch.
     """
     N, C, H, W = x.shape
     KH, KW = kernel_hw
     OH, OW = _out_hw(H, W, kernel_hw, stride, padding, dilation)
-    x_cm = _pad(x, padding).transpose(1, 0, 2, 3)            # (C, N, H + 2ph, W + 2pw), a view
-    columns = np.empty((C, KH, KW, N, OH, OW), x.dtype)
-    for i in range(KH):
-        for j in range(KW):
-            rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
-            columns[:, i, j] = x_cm[:, :, rows, cols]
+    x_pad = _pad(x, padding)
+    if per_image:
+        columns = np.empty((N, C, KH, KW, OH, OW), x.dtype)
+        for i in range(KH):
+            for j in range(KW):
+                rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
+                columns[:, :, i, j] = x_pad[:, :, rows, cols]
+    else:
+        x_cm = x_pad.transpose(1, 0, 2, 3)                   # (C, N, H + 2ph, W + 2pw), a view
+        columns = np.empty((C, KH, KW, N, OH, OW), x.dtype)
+        for i in range(KH):
+            for j in range(KW):
+                rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
+                columns[:, i, j] = x_cm[:, :, rows, cols]
     return columns
 
 
@@ -68,11 +85,16 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
     """x (N, C, H, W), weight (F, Cg, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
     N, C, H, W = x.shape
     F, Cg, KH, KW = weight.shape
-    G = groups
+    G, K = groups, Cg * KH * KW
     OH, OW = _out_hw(H, W, (KH, KW), stride, padding, dilation)
-    columns = _im2col(x, (KH, KW), stride, padding, dilation).reshape(G, Cg * KH * KW, N * OH * OW)
-    out_cm = np.matmul(weight.reshape(G, F // G, Cg * KH * KW), columns)   # (G, Fg, N * OH * OW)
-    out = np.ascontiguousarray(out_cm.reshape(F, N, OH, OW).transpose(1, 0, 2, 3))
+    per_image = K < PER_IMAGE_BELOW_K
+    columns = _im2col(x, (KH, KW), stride, padding, dilation, per_image)
+    weight_matrix = weight.reshape(G, F // G, K)
+    if per_image:
+        out = np.matmul(weight_matrix, columns.reshape(N, G, K, OH * OW)).reshape(N, F, OH, OW)
+    else:
+        out_cm = np.matmul(weight_matrix, columns.reshape(G, K, N * OH * OW))  # (G, Fg, N * OH * OW)
+        out = np.ascontiguousarray(out_cm.reshape(F, N, OH, OW).transpose(1, 0, 2, 3))
     if bias is not None:
         out += bias[None, :, None, None]
     return out
@@ -82,27 +104,39 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, groups):
     """dout (N, F, OH, OW) -> dx (N, C, H, W), dweight (F, Cg, KH, KW), dbias (F,)."""
     N, C, H, W = x.shape
     F, Cg, KH, KW = weight.shape
-    G = groups
+    G, K = groups, Cg * KH * KW
     OH, OW = dout.shape[2], dout.shape[3]
-    K = Cg * KH * KW
-    dbias = dout.sum(axis=(0, 2, 3))
-    dout_cm = np.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(G, F // G, N * OH * OW)
-
-    columns = _im2col(x, (KH, KW), stride, padding, dilation).reshape(G, K, N * OH * OW)
-    dweight = np.matmul(dout_cm, columns.transpose(0, 2, 1)).reshape(F, Cg, KH, KW)
-    del columns
-
-    # dcolumns = weight.T @ dout per group, then col2im adds each tap back where it came from.
-    dcolumns = np.matmul(weight.reshape(G, F // G, K).transpose(0, 2, 1), dout_cm)
-    dcolumns = dcolumns.reshape(C, KH, KW, N, OH, OW)
     ph, pw = padding
-    dx_cm = np.zeros((C, N, H + 2 * ph, W + 2 * pw), dcolumns.dtype)
-    for i in range(KH):
-        for j in range(KW):
-            rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
-            dx_cm[:, :, rows, cols] += dcolumns[:, i, j]
-    dx = np.ascontiguousarray(dx_cm[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3))
-    return dx, dweight, dbias
+    per_image = K < PER_IMAGE_BELOW_K
+    dbias = dout.sum(axis=(0, 2, 3))
+    weight_t = weight.reshape(G, F // G, K).transpose(0, 2, 1)            # (G, K, Fg)
+    columns = _im2col(x, (KH, KW), stride, padding, dilation, per_image)
+
+    # dweight = dout @ columns.T and dcolumns = weight.T @ dout (per group); then col2im adds every
+    # tap of dcolumns back onto the input position it was copied from.
+    if per_image:
+        dout_g = dout.reshape(N, G, F // G, OH * OW)
+        dweight = np.matmul(dout_g, columns.reshape(N, G, K, OH * OW).transpose(0, 1, 3, 2)).sum(axis=0)
+        del columns
+        dcolumns = np.matmul(weight_t, dout_g).reshape(N, C, KH, KW, OH, OW)
+        dx_pad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dcolumns.dtype)
+        for i in range(KH):
+            for j in range(KW):
+                rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
+                dx_pad[:, :, rows, cols] += dcolumns[:, :, i, j]
+        dx = np.ascontiguousarray(dx_pad[:, :, ph:ph + H, pw:pw + W])
+    else:
+        dout_cm = np.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(G, F // G, N * OH * OW)
+        dweight = np.matmul(dout_cm, columns.reshape(G, K, N * OH * OW).transpose(0, 2, 1))
+        del columns
+        dcolumns = np.matmul(weight_t, dout_cm).reshape(C, KH, KW, N, OH, OW)
+        dx_cm = np.zeros((C, N, H + 2 * ph, W + 2 * pw), dcolumns.dtype)
+        for i in range(KH):
+            for j in range(KW):
+                rows, cols = _offset_slices(i, j, OH, OW, stride, dilation)
+                dx_cm[:, :, rows, cols] += dcolumns[:, i, j]
+        dx = np.ascontiguousarray(dx_cm[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3))
+    return dx, dweight.reshape(F, Cg, KH, KW), dbias
 
 
 # ----------------------------------------------------------------------------------------------
