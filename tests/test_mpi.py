@@ -8,9 +8,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -450,3 +452,36 @@ def test_distributed_without_mpi4py_says_how_to_install_it(tmp_path):
     assert 'chexcy train: error: --distributed needs mpi4py: install the MPI extra: pip install "chexcy[mpi]"' \
         in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_sigint_stops_every_rank_after_the_same_step_and_saves(prepared):
+    # mpiexec forwards SIGINT to every rank, but not at the same instant: the ranks must agree on the step
+    # to stop after (the stop flag rides in the step's Allreduce), or one would wait forever for the other.
+    cwd = prepared["root"]
+    run = cwd / "interrupted"
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(chexcy_cmd(["train", "--data", prepared["train"], *TRAIN_ARGS, "--epochs", "500",
+                                        "--checkpoint-dir", run, "--distributed"], ranks=2),
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + MPI_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            log = run / "log.jsonl"
+            if log.exists() and log.read_text().count('"event": "step"') >= 6:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=MPI_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert "SIGINT: stopped after" in out, out       # after a step, or at the end of an epoch
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    stopped = [r for r in records if r["event"] == "interrupted"]
+    assert len(stopped) == 1, stopped
+    with np.load(run / "last.npz") as f:
+        position = json.loads(f["config.json"].tobytes())["position"]
+    assert position["global_step"] == stopped[0]["global_step"], (position, stopped)
