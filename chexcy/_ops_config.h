@@ -81,7 +81,20 @@ static inline int omp_get_thread_num(void) { return 0; }
 typedef float chexcy_vf __attribute__((vector_size(CHEXCY_VW * sizeof(float))));
 static inline chexcy_vf chexcy_load(const float *p) { chexcy_vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void chexcy_store(float *p, chexcy_vf v) { memcpy(p, &v, sizeof v); }
-static inline chexcy_vf chexcy_splat(float s) { chexcy_vf z = {0}; return z + s; }
+/* Broadcast with the target's own set1 (one vbroadcastss from memory). Not `zero + s`: without
+ * fast-math that is a real scalar add (0 + -0 is +0) plus a shuffle per weight; an element-wise
+ * init compiles to 16 masked broadcasts. */
+#include <immintrin.h>
+static inline chexcy_vf chexcy_splat(float s)
+{
+#if CHEXCY_VW == 16
+    return (chexcy_vf)_mm512_set1_ps(s);
+#elif CHEXCY_VW == 8
+    return (chexcy_vf)_mm256_set1_ps(s);
+#else
+    return (chexcy_vf)_mm_set1_ps(s);
+#endif
+}
 #define CHEXCY_UNROLL _Pragma("GCC unroll 16")
 #else
 #error "chexcy's kernels need GCC or Clang vector extensions"
