@@ -147,9 +147,10 @@ def test_flat_allreduce_gives_the_weighted_global_mean(tmp_path):
         assert total == 4 and loss == 2.0 and not stop, (loss, total, stop)
         for i, p in enumerate(params):
             assert np.all(p.grad == i), (i, p.grad)
-        print("rank", comm.rank, "ok")
+        if len(comm.allgather_object("ok")) == 2 and comm.rank == 0:   # one writer: rank outputs interleave
+            print("both ranks ok")
     """)
-    assert proc.stdout.count(" ok") == 2, proc.stdout
+    assert "both ranks ok" in proc.stdout, proc.stdout
 
 
 @needs_mpi
@@ -176,9 +177,10 @@ def test_shards_and_gather_restore_the_global_batch(tmp_path):
         a = np.full((3, 3), comm.rank, np.float32); b = np.full(4, 10.0 + comm.rank)
         distributed.broadcast_arrays([a, b], comm)
         assert np.all(a == 0) and np.all(b == 10.0), (a, b)
-        print("rank", comm.rank, "ok")
+        if len(comm.allgather_object("ok")) == 2 and comm.rank == 0:   # one writer: rank outputs interleave
+            print("both ranks ok")
     """)
-    assert proc.stdout.count(" ok") == 2, proc.stdout
+    assert "both ranks ok" in proc.stdout, proc.stdout
 
 
 @needs_mpi
@@ -253,9 +255,10 @@ def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
                 np.testing.assert_allclose(value, ref_state[name], rtol=1e-5, atol=1e-6, err_msg=name)
         states = comm.allgather_object({{k: v.tobytes() for k, v in model.state_dict().items()}})
         assert states[0] == states[1], "ranks hold different parameters or buffers"
-        print("rank", comm.rank, "ok")
+        if len(comm.allgather_object("ok")) == 2 and comm.rank == 0:   # one writer: rank outputs interleave
+            print("both ranks ok")
     """)
-    assert proc.stdout.count(" ok") == 2, proc.stdout
+    assert "both ranks ok" in proc.stdout, proc.stdout
 
 
 @needs_mpi
