@@ -50,6 +50,13 @@ def _tree(pid):
     return out
 
 
+def _cpu_seconds():
+    """user + system CPU seconds of this process and of its waited-for children so far."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def measure_prepare_memory(csv, out, workers):
     """Run prepare in a child process; returns (seconds, sampled peak summed RSS MB, parent+worker HWM MB)."""
     script = (
@@ -101,6 +108,7 @@ def main(argv=None):
 
     os.makedirs(args.work, exist_ok=True)
     rows = []
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     # -- synth -------------------------------------------------------------------------------------------
     synth_times = []
@@ -119,19 +127,24 @@ def main(argv=None):
     # -- prepare throughput --------------------------------------------------------------------------------
     prepared = os.path.join(args.work, "prepared")
     for workers in (1, 2):
-        times, decode_rates = [], []
+        times, decode_rates, cpu = [], [], []
         prepare(csv, prepared, size=128, workers=workers, quiet=True, overwrite=True)   # warm the page cache
         for _ in range(args.repeats):
             lines = []
+            r0 = _cpu_seconds()
             t0 = time.perf_counter()
             prepare(csv, prepared, size=128, workers=workers, overwrite=True, log=lines.append)
             times.append(time.perf_counter() - t0)
+            cpu.append(_cpu_seconds() - r0)       # parent + (joined) worker processes
             # prepare's own line: "prepare: decoded N images in X s (R img/s, W worker(s))"
             decoded = [ln for ln in lines if ln.startswith("prepare: decoded")][0]
             decode_rates.append(float(decoded.split("(")[1].split(" img/s")[0]))
         t = statistics.median(times)
+        per_image = statistics.median(cpu) / args.n
         rows.append((f"prepare --size 128, {workers} worker(s), {args.n} images", f"{args.n / t:,.0f} img/s",
-                     f"whole command {t:.2f} s; decoding phase alone {statistics.median(decode_rates):,.0f} img/s"))
+                     f"whole command {t:.2f} s; decoding phase alone {statistics.median(decode_rates):,.0f} img/s; "
+                     f"CPU {per_image * 1e3:.2f} ms/img (all processes) = {workers / per_image:,.0f} img/s "
+                     f"if {workers} core(s) were free"))
 
     # -- prepare memory, N vs 10 N -------------------------------------------------------------------------
     df = pd.read_csv(csv, dtype=str, keep_default_na=False)
@@ -172,7 +185,9 @@ def main(argv=None):
     rows.append(("loader, no augmentation, batch 64, 1 thread", f"{n / (time.perf_counter() - t0):,.0f} img/s", ""))
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"chexcy data benchmark: {cpus} CPUs, numpy {np.__version__}, medians of {args.repeats} runs")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"chexcy data benchmark: {cpus} CPUs, numpy {np.__version__}, medians of {args.repeats} runs, "
+          f"load average {load_before:.1f} before / {load:.1f} after (other jobs share the CPUs when > 0)")
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"  {name:<{width}}  {value:>22}  {note}")

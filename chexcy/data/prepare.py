@@ -36,7 +36,10 @@ BLANK_MODES = ("ignore", "zeros")
 VIEW_CHOICES = ("frontal", "lateral", "all")
 # Every file prepare writes; --overwrite removes exactly these (never anything else in the folder).
 OUTPUT_FILES = ("manifest.json", "images.npy", "labels.npy", "meta.csv", "skipped.csv",
-                "images.partial.npy", "images.npy.tmp", "request.json", "progress.jsonl")
+                "images.partial.npy", "images.npy.tmp", "request.json", "progress.jsonl",
+                # temporaries of the atomic writes, left behind only by a kill at that instant
+                "manifest.json.tmp", "labels.npy.tmp.npy", "meta.csv.tmp", "skipped.csv.tmp",
+                "request.json.tmp", "images.partial.npy.tmp")
 META_COLUMNS = ("path", "csv_row", "patient", "study", "view", "ap_pa", "sex", "age")
 
 
