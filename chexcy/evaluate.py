@@ -214,8 +214,8 @@ def plot_roc(result, path):
         ax.plot(fpr, tpr, lw=2.0 if task else 0.8, alpha=1.0 if task else 0.5,
                 label=f"{name} {level['auc'][j]:.3f}")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"ROC ({'image' if 'image' in result else 'study'} level) | {result['policy']}"[:90])
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(f"ROC ({'image' if 'image' in result else 'study'} level)\nlabels: {result['policy']}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     _save_figure(fig, path)
     plt.close(fig)
