@@ -62,7 +62,8 @@ cdef extern from "_ops_config.h" nogil:
     double chexcy_sum(const float* p, Py_ssize_t n)
     void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
                                  int64_t base, Py_ssize_t W, Py_ssize_t OW)
-    void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t OH, Py_ssize_t OW,
+    void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
+                         Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW,
                          Py_ssize_t xstep, Py_ssize_t dw, float* part)
 
 # ------------------------------------------------------------------------------------------------
@@ -356,35 +357,43 @@ cdef void _dw_block(
         const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
         const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
         float[:, :, :, ::1] dweight,                # OUT (F, Cg, KH, KW), channels [f0, f0 + nf)
+        const float* xpad,                          # IN  (N, C, Hp, Wp) + slack: x zero-padded once
         Py_ssize_t unit,                            # which (g, block of DW_F output channels)
-        float* xpad,                                # scratch (Hp, Wp) + slack, this thread's
+        Py_ssize_t NB,                              # samples per pass
         float* part,                                # scratch (Cg, KH, ceil(KW/3), DW_F, 3, DW_V)
         int groups, int sh, int ph, int pw, int dh, int dw) noexcept nogil:
-    """Fast dweight (column stride 1): kernel columns in groups of 3, lane sums in registers."""
-    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Fg = dout.shape[1] // groups
+    """Fast dweight (column stride 1) for one block of DW_F output channels, owned by one thread.
+
+    Kernel columns go in groups of 3; for each (input channel, kernel row) the lane sums stay in
+    registers over the planes of NB samples, then over the next NB."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3], Fg = F // groups
     cdef Py_ssize_t Cg = dweight.shape[1], KH = dweight.shape[2], KW = dweight.shape[3]
-    cdef Py_ssize_t Wp = W + 2 * pw, nkc = (KW + 2) // 3
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw, nkc = (KW + 2) // 3
     cdef Py_ssize_t nfb = (Fg + DW_F - 1) // DW_F, g = unit // nfb, fb = unit % nfb
     cdef Py_ssize_t f0 = g * Fg + fb * DW_F, nf = Fg - fb * DW_F
     cdef Py_ssize_t part_len = DW_F * 3 * DW_V
-    cdef Py_ssize_t n, c, kh, kc, f, k, j, kw
+    cdef Py_ssize_t n0, nb, c, kh, kc, f, j, kw
     cdef const float* drows[DW_F]
+    cdef const float* xc
     cdef float* p
     cdef float s
     if nf > DW_F:
         nf = DW_F
     memset(part, 0, Cg * KH * nkc * part_len * sizeof(float))
-    for n in range(N):
+    n0 = 0
+    while n0 < N:
+        nb = min(NB, N - n0)
         for f in range(DW_F):
             # channels past the end of the group repeat the last one; their sums are never stored
-            drows[f] = &dout[n, f0 + (f if f < nf else nf - 1), 0, 0]
+            drows[f] = &dout[n0, f0 + (f if f < nf else nf - 1), 0, 0]
         for c in range(Cg):
-            _pad_planes(&x[n, g * Cg + c, 0, 0], xpad, 1, H, W, ph, pw)
+            xc = xpad + (n0 * C + g * Cg + c) * Hp * Wp
             for kh in range(KH):
                 for kc in range(nkc):
-                    chexcy_dw_rows3(xpad + kh * dh * Wp + kc * 3 * dw, drows, OH, OW, sh * Wp, dw,
-                              part + ((c * KH + kh) * nkc + kc) * part_len)
+                    chexcy_dw_rows3(xc + kh * dh * Wp + kc * 3 * dw, drows, nb, C * Hp * Wp, F * OH * OW,
+                                    OH, OW, sh * Wp, dw, part + ((c * KH + kh) * nkc + kc) * part_len)
+        n0 += nb
     for f in range(nf):
         for c in range(Cg):
             for kh in range(KH):
@@ -435,7 +444,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = weight.shape[0], Cg = weight.shape[1], KH = weight.shape[2], KW = weight.shape[3]
-    cdef Py_ssize_t Fg = F // groups, u, units, nkc, buf_len
+    cdef Py_ssize_t Fg = F // groups, u, units, nkc, nb, Hp, Wp
     cdef int tid
     cdef const float[:, :, :, ::1] dv = dout
     cdef const float[:, :, :, ::1] xv = x
@@ -465,13 +474,22 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     cdef float[:, ::1] part_s
     if sw == 1:
         nkc = (KW + 2) // 3
-        buf_len = (H + 2 * ph) * (W + 2 * pw) + 3 * dw + DW_V
-        pad_s = np.zeros((n_threads, buf_len), np.float32)
+        # samples per pass: their dout planes of one channel block (re-read for every input channel)
+        # stay within ~256 KiB, so they live in L2
+        nb = max(1, min(N, 65536 // (DW_F * dout.shape[2] * dout.shape[3])))
+        # x zero-padded once, shared read-only by all units; slack: kernel-column groups of 3 may
+        # read up to 2 * dw past the last row (into lanes whose sums are never stored)
+        Hp = H + 2 * ph
+        Wp = W + 2 * pw
+        xpad_flat = np.zeros(N * C * Hp * Wp + 3 * dw + DW_V, np.float32)
+        pad_s = xpad_flat[:N * C * Hp * Wp].reshape(N * C, Hp * Wp)
+        for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+            _pad_planes(&xv[u // C, u % C, 0, 0], &pad_s[u, 0], 1, H, W, ph, pw)
         part_s = np.empty((n_threads, Cg * KH * nkc * DW_F * 3 * DW_V), np.float32)
         units = groups * ((Fg + DW_F - 1) // DW_F)
         for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
             tid = omp_get_thread_num()
-            _dw_block(dv, xv, dwv, u, &pad_s[tid, 0], &part_s[tid, 0], groups, sh, ph, pw, dh, dw)
+            _dw_block(dv, xv, dwv, &pad_s[0, 0], u, nb, &part_s[tid, 0], groups, sh, ph, pw, dh, dw)
     else:
         for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
             _dw_plain(dv, xv, dwv, u, groups, sh, sw, ph, pw, dh, dw)

@@ -23,7 +23,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 
 #if defined(__AVX512F__)
 /* 32 zmm registers. Forward: 16 channels x 1 vector = 16 accumulators, one input load and 16
- * broadcast-FMAs per tap. dweight: 4 channels x 3 kernel columns = 12 accumulators. */
+ * broadcast-FMAs per tap. dweight: 4 channels x 3 kernel columns = 12 accumulators (8 spill). */
 #define CHEXCY_ISA "avx512"
 #define CHEXCY_VW 16
 #define FWD_F 16
@@ -96,6 +96,9 @@ static inline chexcy_vf chexcy_splat(float s)
 #endif
 }
 #define CHEXCY_UNROLL _Pragma("GCC unroll 16")
+/* Keep a loaded vector in a register: otherwise gcc folds the same load into each of the FMAs that
+ * use it (3 load uops instead of 1 in the dweight loop, which is load-bound). */
+#define CHEXCY_IN_REGISTER(v) __asm__("" : "+x"(v))
 #else
 #error "chexcy's kernels need GCC or Clang vector extensions"
 #endif
@@ -136,46 +139,53 @@ static inline void NAME(const float *xt, const float *wt, Py_ssize_t Cg, Py_ssiz
 CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile, FWD_F, FWD_NV)
 CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile1, 1, FWD_NV1)
 
-/* dweight lane sums for DW_F output channels x 3 kernel columns of one (c, kh), over a plane:
- *   part[f][k][lane] += sum over (oh, ow = lane mod VW) of dout_f[oh, ow] * x[oh * xstep + ow + k * dw]
- *   xr0: padded input at (row of oh = 0 for this kh, column of kernel column 0 of the group)
- *   drows: DW_F pointers to dout planes (OH, OW); part: IN/OUT (DW_F, 3, VW) lane partial sums
- * The last OW % VW columns go through zero-filled copies, so nothing outside the plane is read. */
-static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, Py_ssize_t OH,
+/* dweight lane sums for DW_F output channels x 3 kernel columns of one (c, kh), over NB samples:
+ *   part[f][k][lane] += sum over (n, oh, ow = lane mod VW) of
+ *                       dout_f[n, oh, ow] * x[n * x_nstride + oh * xstep + ow + k * dw]
+ *   xr0: padded input of sample 0 at (row of oh = 0 for this kh, column of kernel column 0 of the group)
+ *   drows: DW_F pointers to the dout planes (OH, OW) of sample 0; sample n is d_nstride further
+ *   part: IN/OUT (DW_F, 3, VW) lane partial sums, kept in registers over all NB planes
+ * The last OW % VW columns go through zero-filled copies, so nothing outside a plane is read. */
+static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, Py_ssize_t NB,
+                                   Py_ssize_t x_nstride, Py_ssize_t d_nstride, Py_ssize_t OH,
                                    Py_ssize_t OW, Py_ssize_t xstep, Py_ssize_t dw, float *part)
 {
     chexcy_vf acc[DW_F][3], x0, x1, x2, d;
     CHEXCY_UNROLL for (int f = 0; f < DW_F; f++)
         CHEXCY_UNROLL for (int k = 0; k < 3; k++) acc[f][k] = chexcy_load(part + (f * 3 + k) * CHEXCY_VW);
-    for (Py_ssize_t oh = 0; oh < OH; oh++) {
-        const float *xr = xr0 + oh * xstep;
-        Py_ssize_t ow0 = 0;
-        for (; ow0 + CHEXCY_VW <= OW; ow0 += CHEXCY_VW) {
-            x0 = chexcy_load(xr + ow0);
-            x1 = chexcy_load(xr + ow0 + dw);
-            x2 = chexcy_load(xr + ow0 + 2 * dw);
-            CHEXCY_UNROLL for (int f = 0; f < DW_F; f++) {
-                d = chexcy_load(drows[f] + oh * OW + ow0);
-                acc[f][0] += d * x0;
-                acc[f][1] += d * x1;
-                acc[f][2] += d * x2;
+    for (Py_ssize_t n = 0; n < NB; n++) {
+        for (Py_ssize_t oh = 0; oh < OH; oh++) {
+            const float *xr = xr0 + n * x_nstride + oh * xstep;
+            Py_ssize_t doff = n * d_nstride + oh * OW;
+            Py_ssize_t ow0 = 0;
+            for (; ow0 + CHEXCY_VW <= OW; ow0 += CHEXCY_VW) {
+                x0 = chexcy_load(xr + ow0);
+                x1 = chexcy_load(xr + ow0 + dw);
+                x2 = chexcy_load(xr + ow0 + 2 * dw);
+                CHEXCY_UNROLL for (int f = 0; f < DW_F; f++) {
+                    d = chexcy_load(drows[f] + doff + ow0);
+                    CHEXCY_IN_REGISTER(d);
+                    acc[f][0] += d * x0;
+                    acc[f][1] += d * x1;
+                    acc[f][2] += d * x2;
+                }
             }
-        }
-        if (ow0 < OW) {
-            Py_ssize_t rem = OW - ow0;
-            float t0[CHEXCY_VW] = {0}, t1[CHEXCY_VW] = {0}, t2[CHEXCY_VW] = {0}, td[CHEXCY_VW] = {0};
-            memcpy(t0, xr + ow0, rem * sizeof(float));
-            memcpy(t1, xr + ow0 + dw, rem * sizeof(float));
-            memcpy(t2, xr + ow0 + 2 * dw, rem * sizeof(float));
-            x0 = chexcy_load(t0);
-            x1 = chexcy_load(t1);
-            x2 = chexcy_load(t2);
-            CHEXCY_UNROLL for (int f = 0; f < DW_F; f++) {
-                memcpy(td, drows[f] + oh * OW + ow0, rem * sizeof(float));
-                d = chexcy_load(td);
-                acc[f][0] += d * x0;
-                acc[f][1] += d * x1;
-                acc[f][2] += d * x2;
+            if (ow0 < OW) {
+                Py_ssize_t rem = OW - ow0;
+                float t0[CHEXCY_VW] = {0}, t1[CHEXCY_VW] = {0}, t2[CHEXCY_VW] = {0}, td[CHEXCY_VW] = {0};
+                memcpy(t0, xr + ow0, rem * sizeof(float));
+                memcpy(t1, xr + ow0 + dw, rem * sizeof(float));
+                memcpy(t2, xr + ow0 + 2 * dw, rem * sizeof(float));
+                x0 = chexcy_load(t0);
+                x1 = chexcy_load(t1);
+                x2 = chexcy_load(t2);
+                CHEXCY_UNROLL for (int f = 0; f < DW_F; f++) {
+                    memcpy(td, drows[f] + doff + ow0, rem * sizeof(float));
+                    d = chexcy_load(td);
+                    acc[f][0] += d * x0;
+                    acc[f][1] += d * x1;
+                    acc[f][2] += d * x2;
+                }
             }
         }
     }
