@@ -256,6 +256,10 @@ def main():
     flops_step = 3 * ref_cnn_flops(args.size) * args.batch
     print(f"ref-cnn training step: {args.size}x{args.size}, batch {args.batch}, {args.threads} threads, "
           f"{flops_step / args.batch / 1e9:.3f} GFLOP per image; median of timed steps after {args.warmup} warm-up")
+    if hasattr(os, "getloadavg"):
+        # On a shared machine the figures mean little without this: an OpenMP region waits for its slowest
+        # thread, and a descheduled thread costs milliseconds per region.
+        print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
     rows = []
     layer_tables = {}
     for i, backend in enumerate(args.backends.split(",")):
@@ -286,6 +290,8 @@ def main():
     if cy and torch_times:
         best_torch = min(statistics.median(torch_times[k]) for k in ("nchw", "channels_last"))
         print(f"  cython vs torch's fastest layout: {best_torch / cy:.2f}x the images/s")
+    if hasattr(os, "getloadavg"):
+        print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     for backend, (layers, steps) in layer_tables.items():
         print(f"\nper layer, {backend} backend (ms per step, mean of {steps} steps):")
         for (name, phase), seconds in sorted(layers.items(), key=lambda kv: -kv[1]):
