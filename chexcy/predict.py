@@ -168,9 +168,10 @@ def format_results(results, fmt, stream):
         stream.write("\n")
     elif fmt == "csv":
         writer = csv.writer(stream, lineterminator="\n")
-        writer.writerow(["path", *LABELS] + (["heatmap"] if any(h for _, _, h in results) else []))
+        with_heatmaps = any(h for _, _, h in results)
+        writer.writerow(["path", *LABELS] + (["heatmap"] if with_heatmaps else []))
         for p, probs, h in results:
-            writer.writerow([p, *(f"{v:.6f}" for v in probs)] + ([h or ""] if any(hh for _, _, hh in results) else []))
+            writer.writerow([p, *(f"{v:.6f}" for v in probs)] + ([h or ""] if with_heatmaps else []))
     else:
         width = max([len(p) for p, _, _ in results] + [4])
         short = [SHORT_NAMES.get(n, n[:4]) for n in LABELS]
