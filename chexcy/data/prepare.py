@@ -30,7 +30,7 @@ from chexcy.data.schema import (
 )
 
 FORMAT_VERSION = 1
-CHUNK_ROWS = 512
+CHUNK_ROWS = 256
 UNCERTAIN_MODES = ("ignore", "zeros", "ones")
 BLANK_MODES = ("ignore", "zeros")
 VIEW_CHOICES = ("frontal", "lateral", "all")
