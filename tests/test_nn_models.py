@@ -9,7 +9,8 @@ from chexcy import nn
 def test_simple_default_is_ref_cnn():
     model = nn.build_model("simple")
     kinds = [type(m).__name__ for m in model.trunk.layers]
-    assert kinds == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d",
+    # conv ReLU maxpool, with each ReLU moved after its pool (the same function: see the next test).
+    assert kinds == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU",
                      "Conv2d", "ReLU"]
     convs = [m for m in model.trunk.layers if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
@@ -18,6 +19,31 @@ def test_simple_default_is_ref_cnn():
     assert (linear.in_features, linear.out_features) == (128, 14)
     # 160 + 4,640 + 18,496 + 73,856 conv parameters, 1,806 linear.
     assert model.num_parameters() == 98958
+
+
+def test_pool_then_relu_equals_relu_then_pool_with_gradients():
+    """The trunk's order (conv, pool, ReLU) gives exactly ref-cnn's conv, ReLU, pool: outputs, input
+    gradients and weight gradients are bitwise equal, ties and all-negative windows included."""
+    rng = np.random.default_rng(4)
+    model = nn.build_model("simple", widths=[4, 8, 8])
+    pool_first = model.trunk.layers
+    relu_first = []
+    for layer in pool_first:
+        if isinstance(layer, nn.ReLU) and relu_first and isinstance(relu_first[-1], nn.MaxPool2d):
+            relu_first.insert(len(relu_first) - 1, nn.ReLU())
+        else:
+            relu_first.append(layer if not isinstance(layer, nn.ReLU) else nn.ReLU())
+    assert [type(m).__name__ for m in relu_first][:3] == ["Conv2d", "ReLU", "MaxPool2d"]
+    x = np.round(rng.standard_normal((3, 1, 17, 17)), 1).astype(np.float32)    # rounding makes ties
+    a = model.trunk.forward(x.copy())
+    da = model.trunk.backward(np.ones_like(a))
+    grads_a = [p.grad.copy() for p in model.parameters() if p.grad is not None]
+    reference = nn.Sequential(relu_first)
+    b = reference.forward(x.copy())
+    db = reference.backward(np.ones_like(b))
+    grads_b = [p.grad.copy() for p in model.parameters() if p.grad is not None]
+    assert np.array_equal(a, b) and np.array_equal(da, db)
+    assert all(np.array_equal(ga, gb) for ga, gb in zip(grads_a, grads_b))
 
 
 @pytest.mark.parametrize("arch", ["simple", "resnet"])
