@@ -103,6 +103,21 @@ static inline chexcy_vf chexcy_splat(float s)
 #error "chexcy's kernels need GCC or Clang vector extensions"
 #endif
 
+/* The first n (< VW) floats at p, other lanes 0; memory past p + n is never touched. */
+static inline chexcy_vf chexcy_load_partial(const float *p, Py_ssize_t n)
+{
+#if CHEXCY_VW == 16
+    return (chexcy_vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+#elif CHEXCY_VW == 8
+    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return (chexcy_vf)_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane));
+#else
+    float t[CHEXCY_VW] = {0};
+    for (Py_ssize_t j = 0; j < n; j++) t[j] = p[j];
+    return chexcy_load(t);
+#endif
+}
+
 /* out tile (FB, NV * VW) = bias[f] + sum over (c, kh, kw) of w[c, kh, kw, f] * x[c, kh*dh + row, kw*dw + col]
  *   xt: padded input at (c = 0, first input row of the output row, first column of the tile)
  *   wt: packed weights (Cg, KH, KW, FB) of this channel block; bias: (FB,)
@@ -145,7 +160,7 @@ CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile1, 1, FWD_NV1)
  *   xr0: padded input of sample 0 at (row of oh = 0 for this kh, column of kernel column 0 of the group)
  *   drows: DW_F pointers to the dout planes (OH, OW) of sample 0; sample n is d_nstride further
  *   part: IN/OUT (DW_F, 3, VW) lane partial sums, kept in registers over all NB planes
- * The last OW % VW columns go through zero-filled copies, so nothing outside a plane is read. */
+ * The last OW % VW columns use masked loads, so nothing outside a plane is read. */
 static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, Py_ssize_t NB,
                                    Py_ssize_t x_nstride, Py_ssize_t d_nstride, Py_ssize_t OH,
                                    Py_ssize_t OW, Py_ssize_t xstep, Py_ssize_t dw, float *part)
@@ -170,18 +185,13 @@ static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, 
                     acc[f][2] += d * x2;
                 }
             }
-            if (ow0 < OW) {
+            if (ow0 < OW) {  /* last OW % VW columns: masked loads, other lanes read as 0 */
                 Py_ssize_t rem = OW - ow0;
-                float t0[CHEXCY_VW] = {0}, t1[CHEXCY_VW] = {0}, t2[CHEXCY_VW] = {0}, td[CHEXCY_VW] = {0};
-                memcpy(t0, xr + ow0, rem * sizeof(float));
-                memcpy(t1, xr + ow0 + dw, rem * sizeof(float));
-                memcpy(t2, xr + ow0 + 2 * dw, rem * sizeof(float));
-                x0 = chexcy_load(t0);
-                x1 = chexcy_load(t1);
-                x2 = chexcy_load(t2);
+                x0 = chexcy_load_partial(xr + ow0, rem);
+                x1 = chexcy_load_partial(xr + ow0 + dw, rem);
+                x2 = chexcy_load_partial(xr + ow0 + 2 * dw, rem);
                 CHEXCY_UNROLL for (int f = 0; f < DW_F; f++) {
-                    memcpy(td, drows[f] + doff + ow0, rem * sizeof(float));
-                    d = chexcy_load(td);
+                    d = chexcy_load_partial(drows[f] + doff + ow0, rem);
                     acc[f][0] += d * x0;
                     acc[f][1] += d * x1;
                     acc[f][2] += d * x2;

@@ -123,14 +123,17 @@ def torch_call(torch, kind, d):
     raise ValueError(kind)
 
 
-def median_time(fn, repeats):
+STAT = {"median": statistics.median, "min": min}
+
+
+def median_time(fn, repeats, stat="median"):
     fn()  # warm-up (allocations, page faults, thread pool start)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return STAT[stat](times)
 
 
 def main(argv=None):
@@ -142,6 +145,9 @@ def main(argv=None):
     p.add_argument("--backends", default="cython,python,torch",
                    help="any of cython,python,torch (torch only if importable)")
     p.add_argument("--threads", default="1,2", help="thread counts for cython and torch")
+    p.add_argument("--stat", choices=sorted(STAT), default="median",
+                   help="median (default) or min of the timed runs; min shows the uncontended speed "
+                        "when other jobs share the cores")
     p.add_argument("--json", help="also write the raw results to this file")
     a = p.parse_args(argv)
     if a.repeats < 1:
@@ -158,7 +164,7 @@ def main(argv=None):
         p.error("the cython backend is not available (build it: python setup.py build_ext --inplace)")
     info = ops.info() if hasattr(ops, "info") else {}
     bi = info.get("build_info", {})
-    print(f"# ref-cnn ops, batch {a.batch}, {a.size}x{a.size}, median of {a.repeats} after 1 warm-up")
+    print(f"# ref-cnn ops, batch {a.batch}, {a.size}x{a.size}, {a.stat} of {a.repeats} after 1 warm-up")
     print(f"# chexcy cython: {bi.get('module', '?')} ({bi.get('variant', '?')}, {bi.get('cflags', '?')}); "
           f"numpy {np.__version__}" + (f"; torch {torch.__version__}" if torch else "; torch: not importable"))
 
@@ -175,18 +181,21 @@ def main(argv=None):
             with ops.use_backend("cython"):
                 for t in threads:
                     ops.set_num_threads(t)
-                    r[f"cython{t}"] = median_time(chexcy_call(kind, d), a.repeats)
+                    r[f"cython{t}"] = median_time(chexcy_call(kind, d), a.repeats, a.stat)
                 ops.set_num_threads(None)
         if "python" in backends:
             with ops.use_backend("python"):
-                r["python"] = median_time(chexcy_call(kind, d), a.repeats)
+                r["python"] = median_time(chexcy_call(kind, d), a.repeats, a.stat)
         if torch is not None:
             for t in threads:
                 torch.set_num_threads(t)
                 with torch.no_grad():
-                    r[f"torch{t}"] = median_time(torch_call(torch, kind, d), a.repeats)
+                    r[f"torch{t}"] = median_time(torch_call(torch, kind, d), a.repeats, a.stat)
         rows.append(r)
-        print_row(r, threads, first=len(rows) == 1)
+        cols = ([f"cython{t}" for t in threads] if "cython" in backends else []) + \
+            (["python"] if "python" in backends else []) + \
+            ([f"torch{t}" for t in threads] if torch is not None else [])
+        print_row(r, cols, threads, first=len(rows) == 1)
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as fh:
@@ -198,9 +207,7 @@ def _rate(r, key):
     return r["work"] / r[key] / 1e9
 
 
-def print_row(r, threads, first):
-    cols = [f"cython{t}" for t in threads] + ["python"] + [f"torch{t}" for t in threads]
-    cols = [c for c in cols if c in r] if not first else cols
+def print_row(r, cols, threads, first):
     if first:
         head = f"{'op':<13}{'unit':>8}" + "".join(f"{c + ' ms':>12}{'rate':>8}" for c in cols)
         head += f"{'cy/py':>8}{'2T/1T':>7}{'cy/torch':>9}"
