@@ -203,12 +203,12 @@ static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, 
         CHEXCY_UNROLL for (int k = 0; k < 3; k++) chexcy_store(part + (f * 3 + k) * CHEXCY_VW, acc[f][k]);
 }
 
-/* Sum of n floats in 4 x VW lanes (vectorisable, no reassociation by the compiler), lanes added
- * in a fixed order in double. */
+/* Sum of n floats: 4 x VW lanes (vectorisable without reassociation by the compiler), the 4 vectors
+ * added pairwise, then the VW lanes added in order in double. The order is fixed by n alone. */
 static inline double chexcy_sum(const float *p, Py_ssize_t n)
 {
     chexcy_vf a0 = chexcy_splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-    float lanes[4 * CHEXCY_VW];
+    float lanes[CHEXCY_VW];
     Py_ssize_t i = 0;
     double s = 0;
     for (; i + 4 * CHEXCY_VW <= n; i += 4 * CHEXCY_VW) {
@@ -217,11 +217,8 @@ static inline double chexcy_sum(const float *p, Py_ssize_t n)
         a2 += chexcy_load(p + i + 2 * CHEXCY_VW);
         a3 += chexcy_load(p + i + 3 * CHEXCY_VW);
     }
-    chexcy_store(lanes, a0);
-    chexcy_store(lanes + CHEXCY_VW, a1);
-    chexcy_store(lanes + 2 * CHEXCY_VW, a2);
-    chexcy_store(lanes + 3 * CHEXCY_VW, a3);
-    for (int j = 0; j < 4 * CHEXCY_VW; j++) s += lanes[j];
+    chexcy_store(lanes, (a0 + a1) + (a2 + a3));
+    for (int j = 0; j < CHEXCY_VW; j++) s += lanes[j];
     for (; i < n; i++) s += p[i];
     return s;
 }
