@@ -48,17 +48,23 @@ cdef extern from "_ops_config.h" nogil:
     const char* CHEXCY_COMPILER
     enum:
         FWD_F       # output channels per forward register tile
+        FWD_NR      # output rows per forward register tile
         FWD_W       # output columns per forward register tile
         FWD_W1      # output columns of the one-channel tile (leftover channels)
         FWD_WMAX
         DW_F        # output channels per dweight tile (x 3 kernel columns x DW_V lanes)
         DW_V
+    # register tiles: FWD_F channels x FWD_NR rows; FWD_F channels x 1 row; 1 channel x 1 row
     void chexcy_fwd_tile(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
-                         Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
-                         const float* bias, float* dst, Py_ssize_t dst_stride)
+                         Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
+                         const float* bias, float* dst, Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)
+    void chexcy_fwd_tile_r1(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
+                            Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
+                            Py_ssize_t xrow_step, const float* bias, float* dst, Py_ssize_t dst_fstride,
+                            Py_ssize_t dst_rstride)
     void chexcy_fwd_tile1(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
-                          Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
-                          const float* bias, float* dst, Py_ssize_t dst_stride)
+                          Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
+                          const float* bias, float* dst, Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)
     double chexcy_sum(const float* p, Py_ssize_t n)
     void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
                                  int64_t base, Py_ssize_t W, Py_ssize_t OW)
@@ -115,7 +121,7 @@ def build_info():
         "compiler": CHEXCY_COMPILER.decode(),
         "openmp": bool(CHEXCY_OPENMP),
         "debug": _DEBUG_BUILD,
-        "tiles": {"forward": (int(FWD_F), int(FWD_W)), "dweight": (int(DW_F), 3, int(DW_V))},
+        "tiles": {"forward": (int(FWD_F), int(FWD_NR), int(FWD_W)), "dweight": (int(DW_F), 3, int(DW_V))},
     }
 
 
@@ -206,13 +212,18 @@ cdef void _conv_rows(
         float* out,                 # OUT (FB, OH, OW) planes of these output channels
         Py_ssize_t FB, Py_ssize_t Cg, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW,
         Py_ssize_t OH, Py_ssize_t OW, int sh, int sw, int dh, int dw) noexcept nogil:
-    """FB output planes (FB = FWD_F, or 1 for leftover channels), tile by tile along each row."""
+    """FB output planes (FB = FWD_F, or 1 for leftover channels), tile by tile: FWD_NR rows at a time
+    (one for leftover rows and channels), FWD_W (or FWD_W1) columns at a time."""
     cdef Py_ssize_t tile_w = FWD_W if FB == FWD_F else FWD_W1
-    cdef Py_ssize_t oh, ow0, width, f, j
-    cdef float tile[FWD_F * FWD_W + FWD_W1]
+    cdef Py_ssize_t oh, ow0, width, f, r, j, nr
+    cdef float tile[FWD_F * FWD_NR * FWD_W + FWD_W1]
     cdef float* orow
+    cdef float* dst
+    cdef Py_ssize_t fstride, rstride
     cdef const float* xrow
-    for oh in range(OH):
+    oh = 0
+    while oh < OH:
+        nr = FWD_NR if (FB == FWD_F and oh + FWD_NR <= OH and sw == 1) else 1
         xrow = xpad + oh * sh * Wp
         ow0 = 0
         while ow0 < OW:
@@ -223,20 +234,28 @@ cdef void _conv_rows(
                 for f in range(FB):
                     for j in range(width):
                         orow[f * OH * OW + j] = tile[f * tile_w + j] + bias[f]
-            elif width == tile_w:   # whole tile: straight into the output planes
-                if FB == FWD_F:
-                    chexcy_fwd_tile(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, bias, orow, OH * OW)
-                else:
-                    chexcy_fwd_tile1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, bias, orow, OH * OW)
+                ow0 += tile_w
+                continue
+            if width == tile_w:     # whole tile: straight into the output planes
+                dst, fstride, rstride = orow, OH * OW, OW
             else:                   # last, partial tile: via scratch (its extra lanes are discarded)
-                if FB == FWD_F:
-                    chexcy_fwd_tile(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, bias, tile, tile_w)
-                else:
-                    chexcy_fwd_tile1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, bias, tile, tile_w)
+                dst, fstride, rstride = tile, nr * tile_w, tile_w
+            if FB != FWD_F:
+                chexcy_fwd_tile1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, sh * Wp,
+                                 bias, dst, fstride, rstride)
+            elif nr == FWD_NR:
+                chexcy_fwd_tile(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, sh * Wp,
+                                bias, dst, fstride, rstride)
+            else:
+                chexcy_fwd_tile_r1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, sh * Wp,
+                                   bias, dst, fstride, rstride)
+            if width != tile_w:
                 for f in range(FB):
-                    for j in range(width):
-                        orow[f * OH * OW + j] = tile[f * tile_w + j]
+                    for r in range(nr):
+                        for j in range(width):
+                            orow[f * OH * OW + r * OW + j] = tile[(f * nr + r) * tile_w + j]
             ow0 += tile_w
+        oh += nr
 
 
 cdef void _conv_unit(

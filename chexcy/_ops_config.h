@@ -22,11 +22,12 @@ static inline int omp_get_thread_num(void) { return 0; }
 #endif
 
 #if defined(__AVX512F__)
-/* 32 zmm registers. Forward: 16 channels x 1 vector = 16 accumulators, one input load and 16
- * broadcast-FMAs per tap. dweight: 4 channels x 3 kernel columns = 12 accumulators (8 spill). */
+/* 32 zmm registers. Forward: 8 channels x 2 output rows x 1 vector = 16 accumulators: 2 input
+ * loads and 8 broadcasts per 16 FMAs (16 channels x 1 row needed 17 loads per 16 FMAs). dweight: 4 channels x 3 kernel columns = 12 accumulators (8 spill). */
 #define CHEXCY_ISA "avx512"
 #define CHEXCY_VW 16
-#define FWD_F 16
+#define FWD_F 8
+#define FWD_NR 2
 #define FWD_NV 1
 #define DW_F 4
 #elif defined(__AVX2__)
@@ -35,6 +36,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define CHEXCY_ISA "avx2"
 #define CHEXCY_VW 8
 #define FWD_F 4
+#define FWD_NR 1
 #define FWD_NV 2
 #define DW_F 4
 #else
@@ -42,6 +44,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define CHEXCY_ISA "baseline"
 #define CHEXCY_VW 4
 #define FWD_F 4
+#define FWD_NR 1
 #define FWD_NV 2
 #define DW_F 4
 #endif
@@ -118,41 +121,48 @@ static inline chexcy_vf chexcy_load_partial(const float *p, Py_ssize_t n)
 #endif
 }
 
-/* out tile (FB, NV * VW) = bias[f] + sum over (c, kh, kw) of w[c, kh, kw, f] * x[c, kh*dh + row, kw*dw + col]
- *   xt: padded input at (c = 0, first input row of the output row, first column of the tile)
+/* out tile (FB, NR, NV * VW): FB output channels x NR output rows x NV vectors of output columns,
+ *   = bias[f] + sum over (c, kh, kw) of w[c, kh, kw, f] * x[c, r * xrow_step + kh*dh*Wp + kw*dw + col]
+ *   xt: padded input at (c = 0, first input row of the first output row, first column of the tile)
  *   wt: packed weights (Cg, KH, KW, FB) of this channel block; bias: (FB,)
- *   dst: OUT row f of the tile at dst + f * dst_stride (the output planes, or a scratch tile) */
-#define CHEXCY_DEFINE_FWD_TILE(NAME, FB, NV)                                                       \
-static inline void NAME(const float *xt, const float *wt, Py_ssize_t Cg, Py_ssize_t KH,         \
-                        Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh,          \
-                        Py_ssize_t dw, const float *bias, float *dst, Py_ssize_t dst_stride)     \
-{                                                                                               \
-    chexcy_vf acc[FB][NV], xv[NV];                                                              \
-    CHEXCY_UNROLL for (int f = 0; f < FB; f++)                                                  \
-        CHEXCY_UNROLL for (int v = 0; v < NV; v++) acc[f][v] = chexcy_splat(0.0f);              \
-    for (Py_ssize_t c = 0; c < Cg; c++) {                                                       \
-        for (Py_ssize_t kh = 0; kh < KH; kh++) {                                                \
-            const float *xr = xt + c * plane + kh * dh * Wp;                                    \
-            const float *wk = wt + (c * KH + kh) * KW * FB;                                     \
-            for (Py_ssize_t kw = 0; kw < KW; kw++, wk += FB) {                                  \
-                CHEXCY_UNROLL for (int v = 0; v < NV; v++)                                      \
-                    xv[v] = chexcy_load(xr + kw * dw + v * CHEXCY_VW);                          \
-                CHEXCY_UNROLL for (int f = 0; f < FB; f++) {                                    \
-                    chexcy_vf w = chexcy_splat(wk[f]);                                          \
-                    CHEXCY_UNROLL for (int v = 0; v < NV; v++) acc[f][v] += w * xv[v];          \
-                }                                                                               \
-            }                                                                                   \
-        }                                                                                       \
-    }                                                                                           \
-    CHEXCY_UNROLL for (int f = 0; f < FB; f++) {                                                \
-        chexcy_vf b = chexcy_splat(bias[f]);                                                    \
-        CHEXCY_UNROLL for (int v = 0; v < NV; v++)                                              \
-            chexcy_store(dst + f * dst_stride + v * CHEXCY_VW, acc[f][v] + b);                  \
-    }                                                                                           \
+ *   dst: OUT (f, r) of the tile at dst + f * dst_fstride + r * dst_rstride (output planes or scratch) */
+#define CHEXCY_DEFINE_FWD_TILE(NAME, FB, NR, NV)                                                   \
+static inline void NAME(const float *xt, const float *wt, Py_ssize_t Cg, Py_ssize_t KH,            \
+                        Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh,             \
+                        Py_ssize_t dw, Py_ssize_t xrow_step, const float *bias, float *dst,        \
+                        Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)                            \
+{                                                                                                  \
+    chexcy_vf acc[FB][NR][NV], xv[NR][NV];                                                         \
+    CHEXCY_UNROLL for (int f = 0; f < FB; f++)                                                     \
+        CHEXCY_UNROLL for (int r = 0; r < NR; r++)                                                 \
+            CHEXCY_UNROLL for (int v = 0; v < NV; v++) acc[f][r][v] = chexcy_splat(0.0f);          \
+    for (Py_ssize_t c = 0; c < Cg; c++) {                                                          \
+        for (Py_ssize_t kh = 0; kh < KH; kh++) {                                                   \
+            const float *xr = xt + c * plane + kh * dh * Wp;                                       \
+            const float *wk = wt + (c * KH + kh) * KW * FB;                                        \
+            for (Py_ssize_t kw = 0; kw < KW; kw++, wk += FB) {                                     \
+                CHEXCY_UNROLL for (int r = 0; r < NR; r++)                                         \
+                    CHEXCY_UNROLL for (int v = 0; v < NV; v++)                                     \
+                        xv[r][v] = chexcy_load(xr + r * xrow_step + kw * dw + v * CHEXCY_VW);      \
+                CHEXCY_UNROLL for (int f = 0; f < FB; f++) {                                       \
+                    chexcy_vf w = chexcy_splat(wk[f]);                                             \
+                    CHEXCY_UNROLL for (int r = 0; r < NR; r++)                                     \
+                        CHEXCY_UNROLL for (int v = 0; v < NV; v++) acc[f][r][v] += w * xv[r][v];   \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    CHEXCY_UNROLL for (int f = 0; f < FB; f++) {                                                   \
+        chexcy_vf b = chexcy_splat(bias[f]);                                                       \
+        CHEXCY_UNROLL for (int r = 0; r < NR; r++)                                                 \
+            CHEXCY_UNROLL for (int v = 0; v < NV; v++)                                             \
+                chexcy_store(dst + f * dst_fstride + r * dst_rstride + v * CHEXCY_VW, acc[f][r][v] + b);\
+    }                                                                                              \
 }
 
-CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile, FWD_F, FWD_NV)
-CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile1, 1, FWD_NV1)
+CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile, FWD_F, FWD_NR, FWD_NV)     /* the main tile */
+CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile_r1, FWD_F, 1, FWD_NV)       /* rows left over (OH % FWD_NR) */
+CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile1, 1, 1, FWD_NV1)            /* channels left over */
 
 /* dweight lane sums for DW_F output channels x 3 kernel columns of one (c, kh), over NB samples:
  *   part[f][k][lane] += sum over (n, oh, ow = lane mod VW) of
