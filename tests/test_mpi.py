@@ -42,13 +42,22 @@ def mpi_skip_reason():
 needs_mpi = pytest.mark.skipif(mpi_skip_reason() is not None, reason=str(mpi_skip_reason()))
 
 
+def subprocess_env():
+    """Environment for child processes: they import the chexcy this test imported (the installed one in CI;
+    PYTHONSAFEPATH keeps a source tree in the cwd out), with one OpenMP thread per rank on 2 cores."""
+    import chexcy
+    here = os.path.dirname(os.path.dirname(os.path.abspath(chexcy.__file__)))
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONSAFEPATH="1", PYTHONPATH=path, OMP_NUM_THREADS="1")
+
+
 def run_ranks(tmp_path, script, n=2, args=(), timeout=MPI_TIMEOUT_S, check=True):
     """Run `script` (Python source) under `mpiexec -n n` in tmp_path; return the CompletedProcess."""
     path = tmp_path / "rank_script.py"
     # A failed assertion on one rank must end the job at once, not leave the other rank in a collective.
     guard = "from chexcy import distributed as _d\n_d.install_excepthook(_d.init(True), 'test script')\n"
     path.write_text(guard + textwrap.dedent(script))
-    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     cmd = [find_mpiexec(), "-n", str(n), sys.executable, str(path), *map(str, args)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -298,7 +307,7 @@ def chexcy_cmd(args, ranks=None):
 
 
 def run_chexcy(cwd, args, ranks=None, check=True, timeout=MPI_TIMEOUT_S):
-    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     proc = subprocess.run(chexcy_cmd(args, ranks), cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
@@ -441,7 +450,7 @@ def test_plain_chexcy_never_imports_mpi():
     code = ("import sys; from chexcy import cli, train, data; from chexcy.data import prepare; cli.build_parser(); "
             "bad = [m for m in ('mpi4py', 'chexcy.distributed') if m in sys.modules]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONSAFEPATH="1"),
+    subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env(),
                    timeout=MPI_TIMEOUT_S)
 
 
@@ -449,7 +458,7 @@ def test_distributed_without_mpi4py_says_how_to_install_it(tmp_path):
     # sys.modules["mpi4py"] = None makes `import mpi4py` fail as if it were not installed.
     code = ("import sys; sys.modules['mpi4py'] = None; from chexcy import cli; "
             f"sys.exit(cli.main(['train', '--data', {str(tmp_path)!r}, '--distributed']))")
-    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONSAFEPATH="1"), cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=tmp_path,
                           capture_output=True, text=True, timeout=MPI_TIMEOUT_S)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert 'chexcy train: error: --distributed needs mpi4py: install the MPI extra: pip install "chexcy[mpi]"' \
@@ -464,7 +473,7 @@ def test_sigint_stops_every_rank_after_the_same_step_and_saves(prepared):
     # to stop after (the stop flag rides in the step's Allreduce), or one would wait forever for the other.
     cwd = prepared["root"]
     run = cwd / "interrupted"
-    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     proc = subprocess.Popen(chexcy_cmd(["train", "--data", prepared["train"], *TRAIN_ARGS, "--epochs", "500",
                                         "--checkpoint-dir", run, "--distributed"], ranks=2),
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
