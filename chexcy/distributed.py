@@ -181,7 +181,10 @@ def init(distributed=True):
 
 @contextlib.contextmanager
 def abort_on_error(comm, what="chexcy"):
-    """Run the body; on any exception print `rank r/K: error` (with the traceback) and abort the job.
+    """Run the body; on any exception print `WHAT: rank r of K failed: error` and abort the job.
+
+    Errors a user causes (EXPECTED_ERRORS: bad arguments or files) get that one line; others also their
+    traceback.
 
     Without this, a rank that raises leaves the other ranks blocked in their next collective until the
     job's wall-clock limit. `SystemExit(0)` passes through; every other exit from the body is fatal
@@ -230,15 +233,15 @@ def threads_per_rank(comm):
     """Kernel threads for each rank when none were asked for: the cores of this node divided among the
     ranks placed on it (so K ranks on one machine do not each start one thread per core).
     OMP_NUM_THREADS, when set, wins (the usual way to say it on a cluster)."""
+    local = 1
+    if comm.is_mpi:             # a collective: every rank takes part, whatever its environment says
+        node = comm.comm.Split_type(comm.MPI.COMM_TYPE_SHARED)
+        local = node.Get_size()
+        node.Free()
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = 1
-    if comm.is_mpi:
-        node = comm.comm.Split_type(comm.MPI.COMM_TYPE_SHARED)
-        local = node.Get_size()
-        node.Free()
     # With a binding launcher (srun --cpu-bind, mpiexec -bind-to core) the affinity already is this
     # rank's share: do not divide it again.
     if cores < (os.cpu_count() or cores):
