@@ -186,6 +186,13 @@ def test_shards_and_gather_restore_the_global_batch(tmp_path):
         a = np.full((3, 3), comm.rank, np.float32); b = np.full(4, 10.0 + comm.rank)
         distributed.broadcast_arrays([a, b], comm)
         assert np.all(a == 0) and np.all(b == 10.0), (a, b)
+        # threads: OMP_NUM_THREADS wins; without it, this node's cores shared by its 2 ranks
+        import os
+        assert distributed.threads_per_rank(comm) == int(os.environ["OMP_NUM_THREADS"])
+        del os.environ["OMP_NUM_THREADS"]
+        cores = len(os.sched_getaffinity(0))
+        want = cores if cores < os.cpu_count() else max(1, cores // 2)
+        assert distributed.threads_per_rank(comm) == want, (distributed.threads_per_rank(comm), want)
         if len(comm.allgather_object("ok")) == 2 and comm.rank == 0:   # one writer: rank outputs interleave
             print("both ranks ok")
     """)
