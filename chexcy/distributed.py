@@ -584,6 +584,13 @@ class DataParallel:
         for sig in (_signal.SIGINT, _signal.SIGTERM):
             self._previous_handlers[sig] = _signal.signal(sig, handle)
 
+    def restore_signals(self):
+        """Put back the handlers `catch_signals` replaced (when training ends)."""
+        import signal as _signal
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            _signal.signal(sig, handler)
+        self._previous_handlers = {}
+
     def stop_signal(self, totals=None):
         """The signal to stop on, identical on every rank (None: go on).
 

@@ -526,6 +526,8 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
             return FitResult(model, status, global_step, history, checkpoint_dir, cfg)
         finally:
             log.close()
+            if dp is not None:
+                dp.restore_signals()
 
 
 def describe_policy(dataset):
