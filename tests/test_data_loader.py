@@ -167,3 +167,64 @@ def test_stopping_early_does_not_hang(ds):
     first = next(gen)
     gen.close()
     assert first.images.shape[0] == 4
+
+
+def test_read_images_is_byte_identical_to_the_memory_map(ds):
+    rng = np.random.default_rng(7)
+    n = len(ds)
+    cases = [
+        np.arange(n),                                        # one run of consecutive rows
+        rng.permutation(n)[:17],                             # unsorted
+        np.array([5, 5, 3, 9, 5, 4, 3, n - 1, 0, 0]),        # repeats, runs 3-5, both ends
+        rng.integers(0, n, 40),                              # random with repeats
+        np.array([n - 1]),
+        np.array([-1, -n]),                                  # negative rows, like NumPy indexing
+    ]
+    for rows in cases:
+        got = ds.read_images(rows)
+        want = np.asarray(ds.images[rows])
+        assert got.dtype == np.uint8 and got.shape == want.shape == (len(rows), 1, 32, 32)
+        np.testing.assert_array_equal(got, want, err_msg=f"rows {rows}")
+    out = np.zeros((3, 1, 32, 32), np.uint8)
+    assert ds.read_images([2, 0, 2], out=out) is out
+    np.testing.assert_array_equal(out, np.asarray(ds.images[[2, 0, 2]]))
+    assert ds.read_images(np.array([], np.int64)).shape == (0, 1, 32, 32)
+    with pytest.raises(IndexError, match="rows"):
+        ds.read_images([0, n])
+    with pytest.raises(TypeError, match="rows"):
+        ds.read_images([0.5])
+    with pytest.raises(ValueError, match="out"):
+        ds.read_images([0, 1], out=np.zeros((3, 1, 32, 32), np.uint8))
+
+
+def test_read_images_spans_more_rows_than_one_preadv_call(tmp_path, monkeypatch):
+    # A run longer than the iovec limit is split into several calls at the right file offsets.
+    import chexcy.data.dataset as dataset_module
+    monkeypatch.setattr(dataset_module, "_IOV_MAX", 3)
+    fresh = PreparedDataset(prepared(size=32))
+    rows = np.concatenate([np.arange(11), [20, 19, 18, 17, 30, 31]])
+    np.testing.assert_array_equal(fresh.read_images(rows), np.asarray(fresh.images[rows]))
+    fresh.close()
+    np.testing.assert_array_equal(fresh.read_images([4]), np.asarray(fresh.images[[4]]))   # reopens
+
+
+def test_read_images_reports_a_truncated_file(tmp_path):
+    import shutil
+    folder = tmp_path / "cut"
+    shutil.copytree(prepared(size=32), folder)
+    opened = PreparedDataset(folder)                         # validated here, before the cut
+    with open(folder / "images.npy", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)
+    with pytest.raises(ValueError, match="truncated"):
+        opened.read_images([len(opened) - 1])
+
+
+def test_loader_batches_read_without_the_memory_map(ds, monkeypatch):
+    # The loader's pixels come from read_images (positional reads), not from indexing ds.images.
+    calls = []
+    real = ds.read_images
+    monkeypatch.setattr(ds, "read_images", lambda rows: calls.append(np.array(rows)) or real(rows))
+    batch = next(iter(BatchLoader(ds, 8, shuffle=True, seed=1, workers=0).batches(0)))
+    assert len(calls) == 1
+    np.testing.assert_array_equal(calls[0], batch.index)
+    np.testing.assert_array_equal(batch.images, normalize(np.asarray(ds.images[batch.index])))

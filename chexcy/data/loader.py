@@ -6,7 +6,7 @@ Determinism contract (what makes `--resume` exact):
 so `batches(e, start=k)` yields exactly the batches k, k+1, ... of `batches(e)`.
 
 Overlap: batches are assembled by `workers` background threads, up to `prefetch` batches ahead of the
-caller, and handed out in order. The heavy parts (reading the memory map, Pillow's affine resampling,
+caller, and handed out in order. The heavy parts (positional reads of images.npy, Pillow's affine resampling,
 NumPy's float arithmetic) release the GIL, so the threads run while the caller computes.
 """
 import math
@@ -34,8 +34,18 @@ def _targets(labels):
     return np.where(mask, labels, 0.0).astype(np.float32), mask.astype(np.float32)
 
 
-def _read_rows(images, rows):
-    """uint8 (B, 1, S, S) copies of memory-mapped rows (read in ascending order: sequential on disk)."""
+def _read_rows(dataset, rows):
+    """uint8 (B, 1, S, S) copy of dataset.images[rows].
+
+    A PreparedDataset reads the rows with positional reads (PreparedDataset.read_images): indexing its
+    memory map instead would leave the touched file pages mapped into this process, so peak RSS would
+    grow with every random batch of an epoch. Other datasets (any object with an `images` array) are
+    indexed directly, in ascending row order (sequential on disk for a memory map).
+    """
+    read = getattr(dataset, "read_images", None)
+    if read is not None:
+        return read(rows)
+    images = dataset.images
     order = np.argsort(rows, kind="stable")
     out = np.empty((len(rows),) + images.shape[1:], dtype=np.uint8)
     out[order] = images[rows[order]]
@@ -130,7 +140,7 @@ class BatchLoader(_OrderedPrefetcher):
 
     def _make(self, epoch, positions):
         rows = self.rows[positions]
-        pixels = _read_rows(self.dataset.images, rows)
+        pixels = _read_rows(self.dataset, rows)
         if self.augment is not None:
             images = normalize(self.augment.apply(pixels, self.augment.params(self.seed, epoch, rows)))
         else:
@@ -164,7 +174,7 @@ class StudyLoader(_OrderedPrefetcher):
         present = rows >= 0
         if present.any():
             got = rows[present]
-            pixels = _read_rows(self.dataset.images, got)
+            pixels = _read_rows(self.dataset, got)
             if self.augment is not None:
                 out[present] = normalize(self.augment.apply(pixels, self.augment.params(self.seed, epoch, got)))
             else:
