@@ -33,6 +33,7 @@ import numpy as np
 
 from chexcy import metrics
 from chexcy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from chexcy.memory import reuse_freed_memory
 from chexcy.nn import bce_with_logits, build_model
 from chexcy.optim import build_optimizer, make_schedule
 
@@ -287,6 +288,7 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
         raise TypeError(f"fit: unknown settings {sorted(unknown)}")
     if threads is not None:
         ops.set_num_threads(int(threads))
+    reuse_freed_memory()
     train_set = open_dataset(data, "--data")
     valid_set = open_dataset(valid, "--valid")
     emit = (lambda text="", end="\n": (print(text, end=end, file=out, flush=True))) if out is not None else \

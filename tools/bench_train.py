@@ -47,10 +47,12 @@ def ref_cnn_flops(size, widths=(16, 32, 64, 128), classes=14):
 
 def bench_chexcy(backend, size, batch, steps, warmup, threads, profile=False):
     from chexcy import nn, ops
+    from chexcy.memory import reuse_freed_memory
     from chexcy.optim import SGD
     ops.set_backend(backend)
     if threads:
         ops.set_num_threads(threads)
+    reuse_freed_memory()                            # as chexcy.train.fit does
     rng = np.random.default_rng(0)
     model = nn.build_model("simple", widths=[16, 32, 64, 128])
     opt = SGD(model.parameters(), momentum=0.9)
@@ -195,8 +197,10 @@ RSS_CHILD = textwrap.dedent("""
     import numpy as np
     from chexcy import nn, ops
     from chexcy.data import BatchLoader, PreparedDataset
+    from chexcy.memory import reuse_freed_memory
     from chexcy.optim import SGD
     ops.set_num_threads(threads)
+    reuse_freed_memory()                            # as chexcy.train.fit does
     ds = PreparedDataset(folder)                    # images memory-mapped
     model = nn.build_model("simple", widths=[16, 32, 64, 128])
     opt = SGD(model.parameters(), momentum=0.9)
