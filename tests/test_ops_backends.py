@@ -271,3 +271,19 @@ def test_max_pool2d_propagates_nan_like_pytorch(backend, rng):
     nan_windows = np.isnan(out)
     assert np.isnan(x.reshape(1, 2, 36)[0][np.arange(2)[:, None, None], argmax[0]][nan_windows[0]]).all(), \
         f"{backend}: argmax of a window holding NaN does not point at the NaN"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_pool2d_2x2_fast_path_ties_and_nan_match_reference(backend, rng):
+    """kernel 2 / stride 2 has its own vectorised kernel: rows wide enough for whole vector iterations
+    (and a remainder), many ties, NaNs alone and several in one window, -inf windows: all bitwise."""
+    x = rng.integers(0, 3, (2, 3, 10, 70)).astype(np.float32)
+    x[0, 0][rng.random((10, 70)) < 0.08] = np.nan         # scattered NaNs: every tap position
+    x[0, 1, 1, 1::2] = np.nan                             # NaN only at the last tap of whole rows of windows
+    x[1, 1, 2:4, 10:12] = np.nan                          # a window of nothing but NaN
+    x[1, 2, 4, 20:24] = np.nan                            # two NaNs in one window (first one wins)
+    x[0, 2, :2, :6] = -np.inf
+    want_out, want_argmax = run("reference", "max_pool2d_forward", x, kernel_size=2)
+    out, argmax = run(backend, "max_pool2d_forward", x, kernel_size=2)
+    assert_array_equal(out, want_out, err_msg=f"{backend} out")
+    assert_array_equal(argmax, want_argmax, err_msg=f"{backend} argmax")
