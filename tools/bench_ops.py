@@ -149,6 +149,10 @@ def main(argv=None):
                    help="median (default) or min of the timed runs; min shows the uncontended speed "
                         "when other jobs share the cores")
     p.add_argument("--json", help="also write the raw results to this file")
+    p.add_argument("--reuse-memory", action="store_true",
+                   help="tune the allocator as `chexcy train` does (chexcy.memory.reuse_freed_memory): "
+                        "every backend, torch included, then reuses freed outputs instead of page-faulting "
+                        "fresh ones, which is what the ops see inside a training loop")
     a = p.parse_args(argv)
     if a.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -164,7 +168,11 @@ def main(argv=None):
         p.error("the cython backend is not available (build it: python setup.py build_ext --inplace)")
     info = ops.info() if hasattr(ops, "info") else {}
     bi = info.get("build_info", {})
-    print(f"# ref-cnn ops, batch {a.batch}, {a.size}x{a.size}, {a.stat} of {a.repeats} after 1 warm-up")
+    if a.reuse_memory:
+        from chexcy.memory import reuse_freed_memory
+        reuse_freed_memory()
+    print(f"# ref-cnn ops, batch {a.batch}, {a.size}x{a.size}, {a.stat} of {a.repeats} after 1 warm-up"
+          + ("; allocator tuned as in training (--reuse-memory)" if a.reuse_memory else ""))
     print(f"# chexcy cython: {bi.get('module', '?')} ({bi.get('variant', '?')}, {bi.get('cflags', '?')}); "
           f"numpy {np.__version__}" + (f"; torch {torch.__version__}" if torch else "; torch: not importable"))
 
