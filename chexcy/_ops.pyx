@@ -68,6 +68,9 @@ cdef extern from "_ops_config.h" nogil:
     double chexcy_sum(const float* p, Py_ssize_t n)
     void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
                                  int64_t base, Py_ssize_t W, Py_ssize_t OW)
+    void chexcy_max_unpool_2x2_row(const float* g, const int64_t* arg, float* d0, float* d1, int64_t base,
+                                   Py_ssize_t W, Py_ssize_t OW)
+    int chexcy_argmax_in_2x2_cells(const int64_t* arg, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW)
     void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
                          Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW,
                          Py_ssize_t xstep, Py_ssize_t dw, float* part)
@@ -587,26 +590,41 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
 cdef void _max_unpool_plane(
         const float* dp,            # IN  (OH, OW)
         const int64_t* ap,          # IN  (OH, OW), values in [0, H*W) (checked by ops.py)
-        float* dxp,                 # IN/OUT (H, W), zero on entry
-        Py_ssize_t OHW) noexcept nogil:
-    """dx[argmax] += dout over one plane (dx comes from calloc: pages are zeroed as they are touched)."""
-    cdef Py_ssize_t i
-    for i in range(OHW):
+        float* dxp,                 # OUT (H, W), uninitialised on entry
+        Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
+    """dx = 0, then dx[argmax] += dout over one plane.
+
+    Fast path: when every argmax lies in its own 2 x 2 cell (always so after a 2 x 2 / stride 2 pool, the
+    common case), the cells are disjoint and dx is written whole in one vectorised pass. Otherwise
+    (overlapping windows, padding, other kernels) the plane is zeroed and the gradients scattered."""
+    cdef Py_ssize_t i, oh
+    if 2 * OH <= H and 2 * OW <= W and chexcy_argmax_in_2x2_cells(ap, W, OH, OW):
+        for oh in range(OH):
+            chexcy_max_unpool_2x2_row(dp + oh * OW, ap + oh * OW, dxp + 2 * oh * W, dxp + (2 * oh + 1) * W,
+                                      2 * oh * W, W, OW)
+            if W > 2 * OW:          # the columns no window reached
+                memset(dxp + 2 * oh * W + 2 * OW, 0, (W - 2 * OW) * sizeof(float))
+                memset(dxp + (2 * oh + 1) * W + 2 * OW, 0, (W - 2 * OW) * sizeof(float))
+        if H > 2 * OH:              # the rows no window reached
+            memset(dxp + 2 * OH * W, 0, (H - 2 * OH) * W * sizeof(float))
+        return
+    memset(dxp, 0, H * W * sizeof(float))
+    for i in range(OH * OW):
         dxp[ap[i]] += dp[i]
 
 
 def max_pool2d_backward(dout, argmax, x_shape):
     """dout (N, C, OH, OW), argmax int64 like dout -> dx (N, C, H, W)."""
     cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
-    cdef Py_ssize_t OHW = dout.shape[2] * dout.shape[3], u
+    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], u
     cdef int n_threads = _threads()
-    dx = np.zeros((N, C, H, W), np.float32)
+    dx = np.empty((N, C, H, W), np.float32)
     cdef const float[:, :, :, ::1] dv = dout
     cdef const int64_t[:, :, :, ::1] av = argmax
     cdef float[:, :, :, ::1] dxv = dx
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
         _max_unpool_plane(&dv[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
-                          OHW)
+                          H, W, OH, OW)
     return dx
 
 

@@ -255,4 +255,40 @@ static inline void chexcy_max_pool_2x2_row(const float *restrict r0, const float
     }
 }
 
+/* Backward of the 2 x 2 / stride 2 pool, one output row, when every argmax lies in its own 2 x 2 cell
+ * (checked by chexcy_argmax_in_2x2_cells): the cells are disjoint, so each input element receives at most
+ * one gradient and dx can be written whole in one pass, with no zeroing pass and no scatter. "+ 0.0f" keeps
+ * the result bitwise equal to adding into zeros (-0.0 becomes +0.0 there too). */
+static inline void chexcy_max_unpool_2x2_row(const float *restrict g, const int64_t *restrict arg,
+                                             float *restrict d0, float *restrict d1, int64_t base,
+                                             Py_ssize_t W, Py_ssize_t OW)
+{
+    const int64_t w = (int64_t)W;
+    for (Py_ssize_t ow = 0; ow < OW; ow++) {
+        const int64_t k = arg[ow] - (base + 2 * (int64_t)ow);
+        const float v = g[ow];
+        d0[2 * ow] = (k == 0 ? v : 0.0f) + 0.0f;
+        d0[2 * ow + 1] = (k == 1 ? v : 0.0f) + 0.0f;
+        d1[2 * ow] = (k == w ? v : 0.0f) + 0.0f;
+        d1[2 * ow + 1] = (k == w + 1 ? v : 0.0f) + 0.0f;
+    }
+}
+
+/* 1 when every argmax of an (OH, OW) plane points into its own 2 x 2 cell of a (H, W) input. */
+static inline int chexcy_argmax_in_2x2_cells(const int64_t *restrict arg, Py_ssize_t W,
+                                             Py_ssize_t OH, Py_ssize_t OW)
+{
+    const int64_t w = (int64_t)W;
+    int64_t bad = 0;
+    for (Py_ssize_t oh = 0; oh < OH; oh++) {
+        const int64_t *a = arg + oh * OW;
+        const int64_t base = 2 * (int64_t)oh * w;
+        for (Py_ssize_t ow = 0; ow < OW; ow++) {
+            const int64_t k = a[ow] - (base + 2 * (int64_t)ow);
+            bad |= (k != 0) & (k != 1) & (k != w) & (k != w + 1);
+        }
+    }
+    return bad == 0;
+}
+
 #endif

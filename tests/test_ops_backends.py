@@ -287,3 +287,23 @@ def test_max_pool2d_2x2_fast_path_ties_and_nan_match_reference(backend, rng):
     out, argmax = run(backend, "max_pool2d_forward", x, kernel_size=2)
     assert_array_equal(out, want_out, err_msg=f"{backend} out")
     assert_array_equal(argmax, want_argmax, err_msg=f"{backend} argmax")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,kwargs", [
+    ((2, 3, 10, 70), dict(kernel_size=2)),                      # the 2x2 one-pass path, even sizes
+    ((2, 3, 11, 37), dict(kernel_size=2)),                      # a row and a column no window reaches
+    ((2, 3, 12, 36), dict(kernel_size=3, stride=2, padding=1)),  # same output size, overlapping windows
+    ((1, 2, 9, 9), dict(kernel_size=2, stride=1)),              # overlapping, gradients add up
+], ids=["2x2-even", "2x2-odd", "3x3s2p1", "2x2s1"])
+def test_max_pool2d_backward_bitwise_equals_reference(backend, rng, shape, kwargs):
+    """max-pool backward is exact (no rounding: each gradient lands once, or sums in scan order):
+    bitwise equal to the reference, -0.0 and NaN gradients included, whichever kernel path is taken."""
+    x = rng.integers(0, 4, shape).astype(np.float32)            # ties
+    out, argmax = run("reference", "max_pool2d_forward", x, **kwargs)
+    dout = randn(rng, out.shape)
+    dout.flat[::5] = -0.0
+    dout.flat[3::11] = np.nan
+    want = run("reference", "max_pool2d_backward", dout, argmax, x.shape)
+    got = run(backend, "max_pool2d_backward", dout, argmax, x.shape)
+    assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"{backend} {kwargs} {shape}")
