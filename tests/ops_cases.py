@@ -86,6 +86,10 @@ CONV_CASES = [
     ConvCase(2, 2, 4, 4, 3, 3, 3, 3, 2, 1, 1, True),                   # stride 3 > kernel reach
     ConvCase(1, 1, 5, 6, 3, 5, 6, 1, 0, 1, 1, True),                   # kernel == input: 1x1 output
     ConvCase(1, 3, 15, 6, 2, 1, 1, 2, 0, 1, 1, True),                  # 1x1 stride 2
+    ConvCase(2, 4, 10, 11, 6, 1, 1, (3, 2), 0, 1, 2, False),           # 1x1 strided shortcut, groups
+    ConvCase(2, 16, 16, 17, 32, 1, 1, 2, 0, 1, 1, True),               # 1x1 stride 2, full tiles
+    ConvCase(2, 16, 17, 20, 32, 3, 3, 2, 1, 1, 1, True),               # 3x3 stride 2, full tiles
+    ConvCase(1, 8, 13, 14, 16, 3, 3, (2, 3), 1, (1, 2), 2, False),     # strides, dilation, groups
     ConvCase(1, 2, 9, 9, 2, 1, 1, 1, 1, 1, 1, False),                  # 1x1 with padding
     ConvCase(2, 3, 8, 7, 4, 3, 3, 1, "same", 1, 1, True),              # same, odd kernel
     ConvCase(1, 2, 8, 9, 2, 4, 2, 1, "same", 1, 2, False),             # same, even kernel: asymmetric
