@@ -324,6 +324,15 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     F, Cg, KH, KW = weight.shape
     OH = _conv_out_size(H, KH, sh, ph, dh)
     OW = _conv_out_size(W, KW, sw, pw, dw)
+    if (sh > 1 or sw > 1) and KH == 1 and KW == 1 and ph == 0 and pw == 0:
+        # A strided 1x1 convolution (a residual shortcut) is a stride-1 one on the sampled pixels.
+        x_sub = np.ascontiguousarray(x[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
+        return conv2d_forward(x_sub, weight, bias, (1, 1), padding, dilation, groups)
+    if (sh > 1 or sw > 1) and sh * sw <= 4:
+        # Stride 2: the register-tiled stride-1 kernel on every position, then every sh-th row and
+        # sw-th column, is ~5x faster than the strided loop despite the sh * sw times the work.
+        full = conv2d_forward(x, weight, bias, (1, 1), padding, dilation, groups)
+        return np.ascontiguousarray(full[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
     out = np.empty((N, F, OH, OW), np.float32)
     b = np.zeros(F, np.float32) if bias is None else bias
     _conv_core(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
