@@ -75,6 +75,9 @@ cdef extern from "_ops_config.h" nogil:
                          Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW,
                          Py_ssize_t xstep, Py_ssize_t dw, float* part)
 
+cdef enum:
+    DW_CHUNK = 4096     # floats of dout (one channel block) per dweight chunk: 16 KiB, within L1
+
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
 # ------------------------------------------------------------------------------------------------
@@ -390,13 +393,16 @@ cdef void _dw_block(
         float[:, :, :, ::1] dweight,                # OUT (F, Cg, KH, KW), channels [f0, f0 + nf)
         const float* xpad,                          # IN  (N, C, Hp, Wp) + slack: x zero-padded once
         Py_ssize_t unit,                            # which (g, block of DW_F output channels)
-        Py_ssize_t NB,                              # samples per pass
+        Py_ssize_t R,                               # dout rows per chunk (whole planes if NB > 1)
+        Py_ssize_t NB,                              # samples per chunk (1 unless R covers a plane)
         float* part,                                # scratch (Cg, KH, ceil(KW/3), DW_F, 3, DW_V)
         int groups, int sh, int ph, int pw, int dh, int dw) noexcept nogil:
     """Fast dweight (column stride 1) for one block of DW_F output channels, owned by one thread.
 
-    Kernel columns go in groups of 3; for each (input channel, kernel row) the lane sums stay in
-    registers over the planes of NB samples, then over the next NB."""
+    dout is walked in chunks of R rows of NB samples (about 16 KiB for the DW_F channels, so it stays
+    in L1) and every (input channel, kernel row, group of 3 kernel columns) sums over the chunk, its
+    lane sums loaded from and stored back to `part`. Every lane sum still adds its terms in the order
+    (sample, row, column), so the result does not depend on the chunk size."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3], Fg = F // groups
     cdef Py_ssize_t Cg = dweight.shape[1], KH = dweight.shape[2], KW = dweight.shape[3]
@@ -404,7 +410,7 @@ cdef void _dw_block(
     cdef Py_ssize_t nfb = (Fg + DW_F - 1) // DW_F, g = unit // nfb, fb = unit % nfb
     cdef Py_ssize_t f0 = g * Fg + fb * DW_F, nf = Fg - fb * DW_F
     cdef Py_ssize_t part_len = DW_F * 3 * DW_V
-    cdef Py_ssize_t n0, nb, c, kh, kc, f, j, kw
+    cdef Py_ssize_t n0, nb, r0, rr, c, kh, kc, f, j, kw
     cdef const float* drows[DW_F]
     cdef const float* xc
     cdef float* p
@@ -415,15 +421,20 @@ cdef void _dw_block(
     n0 = 0
     while n0 < N:
         nb = min(NB, N - n0)
-        for f in range(DW_F):
-            # channels past the end of the group repeat the last one; their sums are never stored
-            drows[f] = &dout[n0, f0 + (f if f < nf else nf - 1), 0, 0]
-        for c in range(Cg):
-            xc = xpad + (n0 * C + g * Cg + c) * Hp * Wp
-            for kh in range(KH):
-                for kc in range(nkc):
-                    chexcy_dw_rows3(xc + kh * dh * Wp + kc * 3 * dw, drows, nb, C * Hp * Wp, F * OH * OW,
-                                    OH, OW, sh * Wp, dw, part + ((c * KH + kh) * nkc + kc) * part_len)
+        r0 = 0
+        while r0 < OH:
+            rr = min(R, OH - r0)
+            for f in range(DW_F):
+                # channels past the end of the group repeat the last one; their sums are never stored
+                drows[f] = &dout[n0, f0 + (f if f < nf else nf - 1), r0, 0]
+            for c in range(Cg):
+                xc = xpad + (n0 * C + g * Cg + c) * Hp * Wp + r0 * sh * Wp
+                for kh in range(KH):
+                    for kc in range(nkc):
+                        chexcy_dw_rows3(xc + kh * dh * Wp + kc * 3 * dw, drows, nb, C * Hp * Wp,
+                                        F * OH * OW, rr, OW, sh * Wp, dw,
+                                        part + ((c * KH + kh) * nkc + kc) * part_len)
+            r0 += rr
         n0 += nb
     for f in range(nf):
         for c in range(Cg):
@@ -475,7 +486,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = weight.shape[0], Cg = weight.shape[1], KH = weight.shape[2], KW = weight.shape[3]
-    cdef Py_ssize_t Fg = F // groups, u, units, nkc, nb, Hp, Wp
+    cdef Py_ssize_t Fg = F // groups, u, units, nkc, nb, Hp, Wp, rows
     cdef int tid
     cdef const float[:, :, :, ::1] dv = dout
     cdef const float[:, :, :, ::1] xv = x
@@ -527,9 +538,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     cdef float[:, ::1] part_s
     if sw == 1:
         nkc = (KW + 2) // 3
-        # samples per pass: their dout planes of one channel block (re-read for every input channel)
-        # stay within ~256 KiB, so they live in L2
-        nb = max(1, min(N, 65536 // (DW_F * dout.shape[2] * dout.shape[3])))
+        # chunks of dout for one channel block, re-read for every (input channel, kernel row), of about
+        # 16 KiB so that they stay in L1: R rows of one sample, or NB whole planes when a plane is small
+        rows = max(1, DW_CHUNK // (DW_F * OW))
+        nb = max(1, min(N, rows // OH)) if rows >= OH else 1
         # x zero-padded once, shared read-only by all units; slack: kernel-column groups of 3 may
         # read up to 2 * dw past the last row (into lanes whose sums are never stored)
         Hp = H + 2 * ph
@@ -542,7 +554,8 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         units = groups * ((Fg + DW_F - 1) // DW_F)
         for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
             tid = omp_get_thread_num()
-            _dw_block(dv, xv, dwv, &pad_s[0, 0], u, nb, &part_s[tid, 0], groups, sh, ph, pw, dh, dw)
+            _dw_block(dv, xv, dwv, &pad_s[0, 0], u, min(rows, OH), nb, &part_s[tid, 0], groups, sh, ph, pw,
+                      dh, dw)
     else:
         for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
             _dw_plain(dv, xv, dwv, u, groups, sh, sw, ph, pw, dh, dw)
