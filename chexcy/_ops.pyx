@@ -53,6 +53,7 @@ cdef extern from "_ops_config.h" nogil:
         FWD_W1      # output columns of the one-channel tile (leftover channels)
         FWD_WMAX
         DW_F        # output channels per dweight tile (x 3 kernel columns x DW_V lanes)
+        DWR_F       # output channels per 3-kernel-row dweight tile (x 3 x 3 x DW_V lanes)
         DW_V
     # register tiles: FWD_F channels x FWD_NR rows; FWD_F channels x 1 row; 1 channel x 1 row
     void chexcy_fwd_tile(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
@@ -74,6 +75,9 @@ cdef extern from "_ops_config.h" nogil:
     void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
                          Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW,
                          Py_ssize_t xstep, Py_ssize_t dw, float* part)
+    void chexcy_dw_rows33(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
+                          Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Wp, Py_ssize_t dw,
+                          float* part, Py_ssize_t kh_stride)
 
 cdef enum:
     DW_CHUNK = 4096     # floats of dout (one channel block) per dweight chunk: 16 KiB, within L1
@@ -415,6 +419,8 @@ cdef void _dw_block(
     cdef const float* xc
     cdef float* p
     cdef float s
+    # 3 kernel rows, stride and dilation 1 in rows: each input row feeds all 3 (chexcy_dw_rows33)
+    cdef bint rows33 = KH == 3 and sh == 1 and dh == 1
     if nf > DW_F:
         nf = DW_F
     memset(part, 0, Cg * KH * nkc * part_len * sizeof(float))
@@ -429,6 +435,13 @@ cdef void _dw_block(
                 drows[f] = &dout[n0, f0 + (f if f < nf else nf - 1), r0, 0]
             for c in range(Cg):
                 xc = xpad + (n0 * C + g * Cg + c) * Hp * Wp + r0 * sh * Wp
+                if rows33 and rr >= 2:
+                    for kc in range(nkc):
+                        for j in range(DW_F // DWR_F):
+                            chexcy_dw_rows33(xc + kc * 3 * dw, &drows[j * DWR_F], nb, C * Hp * Wp,
+                                             F * OH * OW, rr, OW, Wp, dw, part + (c * KH * nkc + kc) * part_len
+                                             + j * DWR_F * 3 * DW_V, nkc * part_len)
+                    continue
                 for kh in range(KH):
                     for kc in range(nkc):
                         chexcy_dw_rows3(xc + kh * dh * Wp + kc * 3 * dw, drows, nb, C * Hp * Wp,

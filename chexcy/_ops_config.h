@@ -30,6 +30,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define FWD_NR 2
 #define FWD_NV 1
 #define DW_F 4
+#define DWR_F 2
 #elif defined(__AVX2__)
 /* 16 ymm registers. Forward: 4 channels x 2 vectors = 8 accumulators (2 input loads and 4
  * broadcasts per 8 FMAs: within two loads per cycle). dweight: 4 x 3 = 12 accumulators. */
@@ -39,6 +40,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define FWD_NR 1
 #define FWD_NV 2
 #define DW_F 4
+#define DWR_F 1
 #else
 /* 16 xmm registers (SSE2 baseline, or any other target). */
 #define CHEXCY_ISA "baseline"
@@ -47,6 +49,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define FWD_NR 1
 #define FWD_NV 2
 #define DW_F 4
+#define DWR_F 1
 #endif
 /* Tile widths in floats. FWD_W1: the one-channel tile used for the channels left over when the
  * output channels of a group are not a multiple of FWD_F (e.g. dx of a 1-channel input). */
@@ -211,6 +214,82 @@ static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, 
     }
     CHEXCY_UNROLL for (int f = 0; f < DW_F; f++)
         CHEXCY_UNROLL for (int k = 0; k < 3; k++) chexcy_store(part + (f * 3 + k) * CHEXCY_VW, acc[f][k]);
+}
+
+/* dweight lane sums for DWR_F output channels x 3 kernel rows x 3 kernel columns of one input
+ * channel (stride 1, dilation 1 in rows), over NB samples of rows [0, OH) of dout:
+ *   part[(kh * kh_stride) + (f * 3 + kw) * VW + lane] += sum over (n, ow = lane mod VW, oh) of
+ *       dout_f[n, oh, ow] * x[n * x_nstride + (oh + kh) * Wp + ow + kw * dw]
+ *   xr0: padded input of sample 0 at (row of oh = 0 for kh = 0, column of kernel column 0 of the group)
+ *   drows: DWR_F pointers to the dout planes of sample 0 (row 0 of the chunk); sample n is d_nstride further
+ * Each input row is loaded once per column vector (3 shifted vectors) and feeds the 3 kernel rows whose
+ * output rows oh = row - kh it reaches; the dout vectors of the last 3 output rows stay in registers.
+ * 5 loads per 18 FMAs (chexcy_dw_rows3 needs 7 per 12). Lane sums add in (n, column vector, oh) order. */
+static inline __attribute__((always_inline)) void chexcy_dw_col33(
+        const float *xr, const float *const *drows, Py_ssize_t doff, Py_ssize_t OH, Py_ssize_t OW,
+        Py_ssize_t Wp, Py_ssize_t dw, Py_ssize_t rem, chexcy_vf acc[DWR_F][3][3])
+{
+    chexcy_vf d0[DWR_F], d1[DWR_F], d2[DWR_F], x0, x1, x2;
+#define CHEXCY_DW33_X(T)                                                                          \
+    if (rem == CHEXCY_VW) {                                                                       \
+        x0 = chexcy_load(xr + (T) * Wp); x1 = chexcy_load(xr + (T) * Wp + dw);                    \
+        x2 = chexcy_load(xr + (T) * Wp + 2 * dw);                                                 \
+    } else {                                                                                      \
+        x0 = chexcy_load_partial(xr + (T) * Wp, rem); x1 = chexcy_load_partial(xr + (T) * Wp + dw, rem); \
+        x2 = chexcy_load_partial(xr + (T) * Wp + 2 * dw, rem);                                    \
+    }
+#define CHEXCY_DW33_D(T)                                                                          \
+    CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++) {                                               \
+        d0[f] = rem == CHEXCY_VW ? chexcy_load(drows[f] + doff + (T) * OW)                        \
+                                 : chexcy_load_partial(drows[f] + doff + (T) * OW, rem);          \
+        CHEXCY_IN_REGISTER(d0[f]);                                                                \
+    }
+#define CHEXCY_DW33_FMA(KH, D)                                                                    \
+    CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++) {                                               \
+        acc[f][KH][0] += D[f] * x0; acc[f][KH][1] += D[f] * x1; acc[f][KH][2] += D[f] * x2;       \
+    }
+    /* input row t meets dout rows t (kernel row 0, in d0), t - 1 (row 1, d1) and t - 2 (row 2, d2) */
+    CHEXCY_DW33_X(0) CHEXCY_DW33_D(0) CHEXCY_DW33_FMA(0, d0)
+    CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++) d1[f] = d0[f];
+    CHEXCY_DW33_X(1) CHEXCY_DW33_D(1) CHEXCY_DW33_FMA(0, d0) CHEXCY_DW33_FMA(1, d1)
+    for (Py_ssize_t t = 2; t < OH; t++) {
+        CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++) { d2[f] = d1[f]; d1[f] = d0[f]; }
+        CHEXCY_DW33_X(t) CHEXCY_DW33_D(t)
+        CHEXCY_DW33_FMA(0, d0) CHEXCY_DW33_FMA(1, d1) CHEXCY_DW33_FMA(2, d2)
+    }
+    /* the last two input rows: only kernel rows 1 and 2 (OH >= 2, so d1 holds dout row OH - 2) */
+    CHEXCY_DW33_X(OH) CHEXCY_DW33_FMA(1, d0) CHEXCY_DW33_FMA(2, d1)
+    CHEXCY_DW33_X(OH + 1) CHEXCY_DW33_FMA(2, d0)
+#undef CHEXCY_DW33_X
+#undef CHEXCY_DW33_D
+#undef CHEXCY_DW33_FMA
+}
+
+/* Needs OH >= 2 (a chunk of one row takes chexcy_dw_rows3). Not inlined: its loop variables then
+ * live in registers rather than in the caller's stack frame. */
+static __attribute__((noinline)) void chexcy_dw_rows33(const float *xr0, const float *const *drows, Py_ssize_t NB,
+                                    Py_ssize_t x_nstride, Py_ssize_t d_nstride, Py_ssize_t OH,
+                                    Py_ssize_t OW, Py_ssize_t Wp, Py_ssize_t dw, float *part,
+                                    Py_ssize_t kh_stride)
+{
+    chexcy_vf acc[DWR_F][3][3];
+    CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++)
+        CHEXCY_UNROLL for (int kh = 0; kh < 3; kh++)
+            CHEXCY_UNROLL for (int k = 0; k < 3; k++)
+                acc[f][kh][k] = chexcy_load(part + kh * kh_stride + (f * 3 + k) * CHEXCY_VW);
+    for (Py_ssize_t n = 0; n < NB; n++) {
+        Py_ssize_t ow0 = 0;
+        for (; ow0 + CHEXCY_VW <= OW; ow0 += CHEXCY_VW)
+            chexcy_dw_col33(xr0 + n * x_nstride + ow0, drows, n * d_nstride + ow0, OH, OW, Wp, dw,
+                            CHEXCY_VW, acc);
+        if (ow0 < OW)   /* last OW % VW columns: masked loads, other lanes read as 0 */
+            chexcy_dw_col33(xr0 + n * x_nstride + ow0, drows, n * d_nstride + ow0, OH, OW, Wp, dw,
+                            OW - ow0, acc);
+    }
+    CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++)
+        CHEXCY_UNROLL for (int kh = 0; kh < 3; kh++)
+            CHEXCY_UNROLL for (int k = 0; k < 3; k++)
+                chexcy_store(part + kh * kh_stride + (f * 3 + k) * CHEXCY_VW, acc[f][kh][k]);
 }
 
 /* Sum of n floats: 4 x VW lanes (vectorisable without reassociation by the compiler), the 4 vectors

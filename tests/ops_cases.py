@@ -105,6 +105,8 @@ CONV_CASES = [
 TILE_CONV_CASES = [
     ConvCase(2, 5, 37, 35, 19, 3, 3, 1, 1, 1, 1, True),                # full tiles + remainders
     ConvCase(1, 6, 33, 40, 18, 3, 3, 1, 1, 1, 2, False),               # groups 2, Fg = 9
+    ConvCase(1, 2, 17, 64, 5, 3, 3, 1, 1, 1, 1, True),                 # dweight chunks of 16 + 1 rows
+    ConvCase(2, 3, 2, 9, 4, 3, 3, 1, 1, 1, 1, True),                   # 2 output rows: no steady state
     ConvCase(2, 16, 18, 18, 32, 3, 3, 1, 1, 1, 1, True),               # ref-cnn conv2-like
     ConvCase(2, 1, 40, 40, 16, 3, 3, 1, 1, 1, 1, True),                # ref-cnn conv1-like
     ConvCase(2, 3, 34, 34, 17, 5, 3, 1, 2, 1, 1, True),                # KH != 3
