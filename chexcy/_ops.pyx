@@ -400,13 +400,14 @@ cdef void _dw_block(
         Py_ssize_t R,                               # dout rows per chunk (whole planes if NB > 1)
         Py_ssize_t NB,                              # samples per chunk (1 unless R covers a plane)
         float* part,                                # scratch (Cg, KH, ceil(KW/3), DW_F, 3, DW_V)
+        float* dbias,                               # OUT (F,) entries [f0, f0 + nf)
         int groups, int sh, int ph, int pw, int dh, int dw) noexcept nogil:
-    """Fast dweight (column stride 1) for one block of DW_F output channels, owned by one thread.
+    """Fast dweight (column stride 1) and dbias for one block of DW_F output channels, owned by one thread.
 
     dout is walked in chunks of R rows of NB samples (about 16 KiB for the DW_F channels, so it stays
     in L1) and every (input channel, kernel row, group of 3 kernel columns) sums over the chunk, its
-    lane sums loaded from and stored back to `part`. Every lane sum still adds its terms in the order
-    (sample, row, column), so the result does not depend on the chunk size."""
+    lane sums loaded from and stored back to `part`; dbias sums the chunk while it is in L1. The order of
+    every sum is fixed by the shape alone (the chunk size depends on OW only)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3], Fg = F // groups
     cdef Py_ssize_t Cg = dweight.shape[1], KH = dweight.shape[2], KW = dweight.shape[3]
@@ -419,11 +420,14 @@ cdef void _dw_block(
     cdef const float* xc
     cdef float* p
     cdef float s
+    cdef double bsum[DW_F]
     # 3 kernel rows, stride and dilation 1 in rows: each input row feeds all 3 (chexcy_dw_rows33)
     cdef bint rows33 = KH == 3 and sh == 1 and dh == 1
     if nf > DW_F:
         nf = DW_F
     memset(part, 0, Cg * KH * nkc * part_len * sizeof(float))
+    for f in range(DW_F):
+        bsum[f] = 0
     n0 = 0
     while n0 < N:
         nb = min(NB, N - n0)
@@ -433,6 +437,9 @@ cdef void _dw_block(
             for f in range(DW_F):
                 # channels past the end of the group repeat the last one; their sums are never stored
                 drows[f] = &dout[n0, f0 + (f if f < nf else nf - 1), r0, 0]
+            for f in range(nf):
+                for j in range(nb):
+                    bsum[f] += chexcy_sum(drows[f] + j * F * OH * OW, rr * OW)
             for c in range(Cg):
                 xc = xpad + (n0 * C + g * Cg + c) * Hp * Wp + r0 * sh * Wp
                 if rows33 and rr >= 2:
@@ -450,6 +457,7 @@ cdef void _dw_block(
             r0 += rr
         n0 += nb
     for f in range(nf):
+        dbias[f0 + f] = <float>bsum[f]
         for c in range(Cg):
             for kh in range(KH):
                 for kw in range(KW):
@@ -507,8 +515,9 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
 
     dbias = np.empty(F, np.float32)
     cdef float[::1] dbv = dbias
-    for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
-        _dbias_one(dv, dbv, u)
+    if sw != 1 or sh > 1:   # else the dweight blocks sum it (below; strided ones from this dout)
+        for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
+            _dbias_one(dv, dbv, u)
 
     # Strided convolutions: spread dout onto the stride-1 grid, zeros between the samples
     # (dout_s[oh * sh, ow * sw] = dout[oh, ow]), so dx and dweight take the fast stride-1 kernels below.
@@ -567,8 +576,8 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         units = groups * ((Fg + DW_F - 1) // DW_F)
         for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
             tid = omp_get_thread_num()
-            _dw_block(dv, xv, dwv, &pad_s[0, 0], u, min(rows, OH), nb, &part_s[tid, 0], groups, sh, ph, pw,
-                      dh, dw)
+            _dw_block(dv, xv, dwv, &pad_s[0, 0], u, min(rows, OH), nb, &part_s[tid, 0], &dbv[0], groups,
+                      sh, ph, pw, dh, dw)
     else:
         for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
             _dw_plain(dv, xv, dwv, u, groups, sh, sw, ph, pw, dh, dw)
