@@ -653,17 +653,19 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     return out, argmax
 
 
-cdef void _max_unpool_plane(
+cdef int _max_unpool_plane(
         const float* dp,            # IN  (OH, OW)
-        const int64_t* ap,          # IN  (OH, OW), values in [0, H*W) (checked by ops.py)
+        const int64_t* ap,          # IN  (OH, OW), values checked here to lie in [0, H*W)
         float* dxp,                 # OUT (H, W), uninitialised on entry
         Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
-    """dx = 0, then dx[argmax] += dout over one plane.
+    """dx = 0, then dx[argmax] += dout over one plane. Returns 1 (and stops) at an index outside the
+    plane, else 0: the range check rides on the pass that reads every index anyway.
 
     Fast path: when every argmax lies in its own 2 x 2 cell (always so after a 2 x 2 / stride 2 pool, the
     common case), the cells are disjoint and dx is written whole in one vectorised pass. Otherwise
     (overlapping windows, padding, other kernels) the plane is zeroed and the gradients scattered."""
     cdef Py_ssize_t i, oh
+    cdef int64_t a
     if 2 * OH <= H and 2 * OW <= W and chexcy_argmax_in_2x2_cells(ap, W, OH, OW):
         for oh in range(OH):
             chexcy_max_unpool_2x2_row(dp + oh * OW, ap + oh * OW, dxp + 2 * oh * W, dxp + (2 * oh + 1) * W,
@@ -673,10 +675,14 @@ cdef void _max_unpool_plane(
                 memset(dxp + (2 * oh + 1) * W + 2 * OW, 0, (W - 2 * OW) * sizeof(float))
         if H > 2 * OH:              # the rows no window reached
             memset(dxp + 2 * OH * W, 0, (H - 2 * OH) * W * sizeof(float))
-        return
+        return 0                    # every index lies in its cell, so inside the plane
     memset(dxp, 0, H * W * sizeof(float))
     for i in range(OH * OW):
-        dxp[ap[i]] += dp[i]
+        a = ap[i]
+        if a < 0 or a >= H * W:
+            return 1
+        dxp[a] += dp[i]
+    return 0
 
 
 def max_pool2d_backward(dout, argmax, x_shape):
@@ -688,10 +694,17 @@ def max_pool2d_backward(dout, argmax, x_shape):
     cdef const float[:, :, :, ::1] dv = dout
     cdef const int64_t[:, :, :, ::1] av = argmax
     cdef float[:, :, :, ::1] dxv = dx
+    cdef int bad = 0
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        _max_unpool_plane(&dv[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
-                          H, W, OH, OW)
+        bad += _max_unpool_plane(&dv[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0],
+                                 &dxv[u // C, u % C, 0, 0], H, W, OH, OW)
+    if bad:
+        raise IndexError(f"argmax holds values outside [0, H * W = {H * W})")
     return dx
+
+
+# ops.py leaves the argmax range check of max_pool2d_backward to this module (see _max_unpool_plane)
+checks_argmax_range = True
 
 
 cdef inline Py_ssize_t _avg_divisor(

@@ -491,12 +491,25 @@ def max_pool2d_backward(dout, argmax, x_shape):
     if argmax.shape != dout.shape:
         raise ValueError(f"{fn}: argmax must have dout's shape {dout.shape}, got {argmax.shape}")
     argmax = np.require(argmax, np.int64, ["C_CONTIGUOUS", "ALIGNED"])
+    backend = _backend()
+    if getattr(backend, "checks_argmax_range", False):
+        # The compiled kernel checks every index in the pass that reads it (a separate min/max scan
+        # here cost about as much as the whole kernel).
+        try:
+            return backend.max_pool2d_backward(dout, argmax, x_shape)
+        except IndexError:
+            _check_argmax_range(argmax, x_shape, fn)
+            raise
+    _check_argmax_range(argmax, x_shape, fn)
+    return backend.max_pool2d_backward(dout, argmax, x_shape)
+
+
+def _check_argmax_range(argmax, x_shape, fn):
     plane = x_shape[2] * x_shape[3]
     low, high = int(argmax.min()), int(argmax.max())
     if low < 0 or high >= plane:
         raise ValueError(f"{fn}: argmax values must lie in [0, H * W = {plane}) for x_shape {x_shape}, "
                          f"got values in [{low}, {high}]")
-    return _backend().max_pool2d_backward(dout, argmax, x_shape)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1):
