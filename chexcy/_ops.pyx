@@ -171,6 +171,30 @@ cdef void _pad_planes(
                 memset(d + pw + W, 0, pw * sizeof(float))
 
 
+cdef void _pad_shifted(
+        const float* src,           # IN  (P, H, W)
+        float* dst,                 # OUT (KW, P, Hp, OW): dst[kw, p, r, j] = padded x[p, r, j + kw * dw]
+        Py_ssize_t P, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Hp, Py_ssize_t OW, Py_ssize_t KW,
+        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dw) noexcept nogil:
+    """For planes narrower than a tile: one copy of the padded input per kernel column, each row cut to
+    the OW columns that kernel column reads, so consecutive rows are contiguous (see _conv_core)."""
+    cdef Py_ssize_t kw, p, r, j0, j1, shift
+    cdef float* d
+    for kw in range(KW):
+        shift = kw * dw - pw                        # input column of output column 0
+        j0 = min(OW, max(0, -shift))                # output columns [j0, j1) read inside the input
+        j1 = max(j0, min(OW, W - shift))
+        for p in range(P):
+            for r in range(Hp):
+                d = dst + ((kw * P + p) * Hp + r) * OW
+                if r < ph or r >= ph + H:
+                    memset(d, 0, OW * sizeof(float))
+                    continue
+                memset(d, 0, j0 * sizeof(float))
+                memcpy(d + j0, src + (p * H + r - ph) * W + j0 + shift, (j1 - j0) * sizeof(float))
+                memset(d + j1, 0, (OW - j1) * sizeof(float))
+
+
 def _pack_weight(weight, int groups):
     """(F, Cg, KH, KW) -> (G, Fg // FWD_F, Cg, KH, KW, FWD_F): the FWD_F weights of a tap adjacent.
 
@@ -277,7 +301,8 @@ cdef void _conv_unit(
         Py_ssize_t unit,                            # which (n, g, block)
         float* xpad,                                # scratch (Cg, Hp, Wp) + FWD_WMAX, this thread's
         Py_ssize_t* padded_for,                     # which (n, g) xpad holds, this thread's
-        int groups, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
+        int groups, int sh, int sw, int ph, int pw, int dh, int dw,
+        Py_ssize_t k) noexcept nogil:               # output rows per tile row (narrow planes), else 0
     """One work unit, owned by one thread: a block of FWD_F output channels of sample n in group g,
     or (the last unit of a group when Fg % FWD_F != 0) its leftover channels one at a time."""
     cdef Py_ssize_t Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3]
@@ -287,6 +312,22 @@ cdef void _conv_unit(
     cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
     cdef Py_ssize_t fb = unit % per_group, ng = unit // per_group
     cdef Py_ssize_t g = ng % groups, n = ng // groups, f0 = g * Fg + fb * FWD_F, f
+    if k > 1:
+        # Narrow planes: k output rows of OW columns fill one tile row of FWD_W = k * OW columns. With
+        # one row-cut copy of the input per kernel column, the k input rows a tile row reads are
+        # contiguous too: the tiles run unchanged on "rows" of k * OW, the kernel column step being
+        # the distance between the copies.
+        if padded_for[0] != ng:
+            _pad_shifted(&x[n, g * Cg, 0, 0], xpad, Cg, H, W, Hp, OW, KW, ph, pw, dw)
+            padded_for[0] = ng
+        if fb < nfull:
+            _conv_rows(xpad, &wp[g, fb, 0, 0, 0, 0], &bias[f0], &out[n, f0, 0, 0],
+                       FWD_F, Cg, Hp, OW, KH, KW, OH // k, k * OW, <int>k, 1, dh, <int>(Cg * Hp * OW))
+        else:
+            for f in range(f0, (g + 1) * Fg):
+                _conv_rows(xpad, &w[f, 0, 0, 0], &bias[f], &out[n, f, 0, 0],
+                           1, Cg, Hp, OW, KH, KW, OH // k, k * OW, <int>k, 1, dh, <int>(Cg * Hp * OW))
+        return
     if padded_for[0] != ng:
         _pad_planes(&x[n, g * Cg, 0, 0], xpad, Cg, H, W, ph, pw)
         padded_for[0] = ng
@@ -309,7 +350,13 @@ cdef _conv_core(
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], Cg = w.shape[1], Fg = w.shape[0] // groups
     cdef Py_ssize_t per_group = Fg // FWD_F + (1 if Fg % FWD_F else 0)
-    cdef Py_ssize_t buf_len = Cg * (x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw) + FWD_WMAX
+    cdef Py_ssize_t Hp = x.shape[2] + 2 * ph, OH = out.shape[2], OW = out.shape[3], k = 0
+    cdef Py_ssize_t KW = w.shape[3]
+    cdef Py_ssize_t buf_len = Cg * Hp * (x.shape[3] + 2 * pw) + FWD_WMAX
+    if sh == 1 and sw == 1 and OW < FWD_W and FWD_W % OW == 0 and OH % (FWD_W // OW) == 0:
+        # planes narrower than a tile (e.g. 8 x 8 under 16-float vectors): see _conv_unit
+        k = FWD_W // OW
+        buf_len = max(buf_len, KW * Cg * Hp * OW + FWD_WMAX)
     cdef Py_ssize_t units = N * groups * per_group, u
     cdef int tid
     cdef const float[:, :, :, :, :, ::1] wp = _pack_weight(np.asarray(w), groups)
@@ -320,7 +367,7 @@ cdef _conv_core(
     cdef Py_ssize_t[::1] tv = tags
     for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
         tid = omp_get_thread_num()
-        _conv_unit(x, w, wp, bias, out, u, &sv[tid, 0], &tv[tid], groups, sh, sw, ph, pw, dh, dw)
+        _conv_unit(x, w, wp, bias, out, u, &sv[tid, 0], &tv[tid], groups, sh, sw, ph, pw, dh, dw, k)
 
 
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
