@@ -51,11 +51,14 @@ cdef extern from "_ops_config.h" nogil:
         FWD_NR      # output rows per forward register tile
         FWD_W       # output columns per forward register tile
         FWD_W1      # output columns of the one-channel tile (leftover channels)
-        FWD_WMAX
+        FWD_NR3     # output rows of the one-channel tile for 3-row kernels at stride 1
+        FWD_W3      # output columns of that tile
+        FWD_WMAX    # widest tile: the slack a padded buffer needs after its last row
         DW_F        # output channels per dweight tile (x 3 kernel columns x DW_V lanes)
         DWR_F       # output channels per 3-kernel-row dweight tile (x 3 x 3 x DW_V lanes)
         DW_V
-    # register tiles: FWD_F channels x FWD_NR rows; FWD_F channels x 1 row; 1 channel x 1 row
+    # register tiles: FWD_F channels x FWD_NR rows; FWD_F channels x 1 row; 1 channel x 1 row;
+    # 1 channel x FWD_NR3 rows (KH = 3, stride 1, row dilation 1)
     void chexcy_fwd_tile(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
                          Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
                          const float* bias, float* dst, Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)
@@ -66,6 +69,9 @@ cdef extern from "_ops_config.h" nogil:
     void chexcy_fwd_tile1(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
                           Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
                           const float* bias, float* dst, Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)
+    void chexcy_fwd_tile1_k3(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KW,
+                             Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dw, float bias, float* dst,
+                             Py_ssize_t dst_rstride)
     double chexcy_sum(const float* p, Py_ssize_t n)
     void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
                                  int64_t base, Py_ssize_t W, Py_ssize_t OW)
@@ -247,17 +253,26 @@ cdef void _conv_rows(
         Py_ssize_t FB, Py_ssize_t Cg, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW,
         Py_ssize_t OH, Py_ssize_t OW, int sh, int sw, int dh, int dw) noexcept nogil:
     """FB output planes (FB = FWD_F, or 1 for leftover channels), tile by tile: FWD_NR rows at a time
-    (one for leftover rows and channels), FWD_W (or FWD_W1) columns at a time."""
-    cdef Py_ssize_t tile_w = FWD_W if FB == FWD_F else FWD_W1
+    (one for leftover rows and channels), FWD_W (or FWD_W1) columns at a time. One channel with a
+    3-row kernel at stride 1 goes FWD_NR3 rows x FWD_W3 columns at a time (rows left over: one by one)."""
+    cdef bint rows3 = FB == 1 and KH == 3 and dh == 1 and sh == 1 and sw == 1
+    cdef bint use3
+    cdef Py_ssize_t tile_w
     cdef Py_ssize_t oh, ow0, width, f, r, j, nr
-    cdef float tile[FWD_F * FWD_NR * FWD_W + FWD_W1]
+    # scratch for a partial last tile: the largest of the three tile shapes
+    cdef float tile[FWD_F * FWD_NR * FWD_W + FWD_W1 + FWD_NR3 * FWD_W3]
     cdef float* orow
     cdef float* dst
     cdef Py_ssize_t fstride, rstride
     cdef const float* xrow
     oh = 0
     while oh < OH:
-        nr = FWD_NR if (FB == FWD_F and oh + FWD_NR <= OH and sw == 1) else 1
+        use3 = rows3 and oh + FWD_NR3 <= OH
+        if use3:
+            nr, tile_w = FWD_NR3, FWD_W3
+        else:
+            nr = FWD_NR if (FB == FWD_F and oh + FWD_NR <= OH and sw == 1) else 1
+            tile_w = FWD_W if FB == FWD_F else FWD_W1
         xrow = xpad + oh * sh * Wp
         ow0 = 0
         while ow0 < OW:
@@ -274,7 +289,9 @@ cdef void _conv_rows(
                 dst, fstride, rstride = orow, OH * OW, OW
             else:                   # last, partial tile: via scratch (its extra lanes are discarded)
                 dst, fstride, rstride = tile, nr * tile_w, tile_w
-            if FB != FWD_F:
+            if use3:
+                chexcy_fwd_tile1_k3(xrow + ow0, wt, Cg, KW, Hp * Wp, Wp, dw, bias[0], dst, rstride)
+            elif FB != FWD_F:
                 chexcy_fwd_tile1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, sh * Wp,
                                  bias, dst, fstride, rstride)
             elif nr == FWD_NR:

@@ -29,6 +29,8 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define FWD_F 8
 #define FWD_NR 2
 #define FWD_NV 1
+#define FWD_NR3 8   /* one-channel 3-row tile: 8 rows x 3 vectors = 24 zmm + 3 inputs + 3 weights */
+#define FWD_NV3 3
 #define DW_F 4
 #define DWR_F 2
 #elif defined(__AVX2__)
@@ -39,6 +41,8 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define FWD_F 4
 #define FWD_NR 1
 #define FWD_NV 2
+#define FWD_NR3 4   /* one-channel 3-row tile: 4 rows x 2 vectors = 8 ymm + 2 inputs + 3 weights */
+#define FWD_NV3 2
 #define DW_F 4
 #define DWR_F 1
 #else
@@ -48,16 +52,22 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define FWD_F 4
 #define FWD_NR 1
 #define FWD_NV 2
+#define FWD_NR3 4   /* one-channel 3-row tile, as AVX2 (no FMA: one temporary per multiply-add) */
+#define FWD_NV3 2
 #define DW_F 4
 #define DWR_F 1
 #endif
 /* Tile widths in floats. FWD_W1: the one-channel tile used for the channels left over when the
- * output channels of a group are not a multiple of FWD_F (e.g. dx of a 1-channel input). */
+ * output channels of a group are not a multiple of FWD_F (e.g. dx of a 1-channel input); FWD_W3:
+ * the one-channel tile of FWD_NR3 rows that takes over from it for 3-row kernels at stride 1.
+ * FWD_WMAX: the widest tile, which is also how far past a padded buffer a partial tile may read. */
 #define FWD_W (FWD_NV * CHEXCY_VW)
 #define FWD_NV1 4
 #define FWD_W1 (FWD_NV1 * CHEXCY_VW)
+#define FWD_W3 (FWD_NV3 * CHEXCY_VW)
 #define DW_V CHEXCY_VW
-#define FWD_WMAX (FWD_W > FWD_W1 ? FWD_W : FWD_W1)
+#define CHEXCY_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define FWD_WMAX CHEXCY_MAX(CHEXCY_MAX(FWD_W, FWD_W1), FWD_W3)
 
 #ifndef CHEXCY_VARIANT
 #define CHEXCY_VARIANT "unknown"
@@ -166,6 +176,58 @@ static inline void NAME(const float *xt, const float *wt, Py_ssize_t Cg, Py_ssiz
 CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile, FWD_F, FWD_NR, FWD_NV)     /* the main tile */
 CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile_r1, FWD_F, 1, FWD_NV)       /* rows left over (OH % FWD_NR) */
 CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile1, 1, 1, FWD_NV1)            /* channels left over */
+
+/* One output channel, 3-row kernel, stride 1, row dilation 1: out tile (NR, NV * VW),
+ *   = bias + sum over (c, kh, kw) of w[c, kh, kw] * x[c, (r + kh) * Wp + kw*dw + col]
+ * Why: the one-channel tile above needs an input load per FMA. Here each of the NR + 2 input rows
+ * of the window is loaded once per kernel column and feeds the up-to-3 output rows it touches
+ * (r = i - kh), so NR x NV accumulators share every load. The loops over rows and kh are unrolled
+ * over constants, so every accumulator index is known at compile time and stays in a register.
+ * Order of the sums per output value: c, then kw, then kh (fixed by the shape alone).
+ * noinline: inlined into the OpenMP body, gcc ran out of registers there (an accumulator and the
+ * row offsets went to the stack, each input vector made a store/reload round trip); compiled on its
+ * own, the kw loop has no stack access at all (objdump -d; the call costs nothing next to its
+ * Cg * 3 * KW * NR * NV FMAs).
+ *   xt: padded input at (c = 0, input row of output row 0, first column of the tile)
+ *   wt: (Cg, 3, KW) weights of this channel; dst: OUT row r at dst + r * dst_rstride */
+#define CHEXCY_DEFINE_FWD_TILE1_K3(NAME, NR, NV)                                                   \
+static __attribute__((noinline)) void NAME(const float *xt, const float *wt, Py_ssize_t Cg,       \
+                                           Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp,         \
+                                           Py_ssize_t dw, float bias, float *dst,                  \
+                                           Py_ssize_t dst_rstride)                                 \
+{                                                                                                  \
+    chexcy_vf acc[NR][NV], xv[NV], w0, w1, w2;                                                     \
+    CHEXCY_UNROLL for (int r = 0; r < NR; r++)                                                     \
+        CHEXCY_UNROLL for (int v = 0; v < NV; v++) acc[r][v] = chexcy_splat(0.0f);                 \
+    for (Py_ssize_t c = 0; c < Cg; c++) {                                                          \
+        const float *xc = xt + c * plane;                                                          \
+        const float *wc = wt + c * 3 * KW;                                                         \
+        for (Py_ssize_t kw = 0; kw < KW; kw++) {                                                   \
+            w0 = chexcy_splat(wc[kw]);                                                             \
+            w1 = chexcy_splat(wc[KW + kw]);                                                        \
+            w2 = chexcy_splat(wc[2 * KW + kw]);                                                    \
+            CHEXCY_IN_REGISTER(w0); CHEXCY_IN_REGISTER(w1); CHEXCY_IN_REGISTER(w2);                \
+            const float *xr = xc + kw * dw;  /* stepped row by row: one pointer register */       \
+            CHEXCY_UNROLL for (int i = 0; i < NR + 2; i++, xr += Wp) {                             \
+                CHEXCY_UNROLL for (int v = 0; v < NV; v++) {                                       \
+                    xv[v] = chexcy_load(xr + v * CHEXCY_VW);                                       \
+                    CHEXCY_IN_REGISTER(xv[v]);  /* else gcc folds it into each of its 3 FMAs */    \
+                }                                                                                  \
+                CHEXCY_UNROLL for (int v = 0; v < NV; v++) {                                       \
+                    if (i < NR) acc[i][v] += w0 * xv[v];                                           \
+                    if (i >= 1 && i - 1 < NR) acc[i - 1][v] += w1 * xv[v];                         \
+                    if (i >= 2) acc[i - 2][v] += w2 * xv[v];                                       \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    chexcy_vf b = chexcy_splat(bias);                                                              \
+    CHEXCY_UNROLL for (int r = 0; r < NR; r++)                                                     \
+        CHEXCY_UNROLL for (int v = 0; v < NV; v++)                                                 \
+            chexcy_store(dst + r * dst_rstride + v * CHEXCY_VW, acc[r][v] + b);                    \
+}
+
+CHEXCY_DEFINE_FWD_TILE1_K3(chexcy_fwd_tile1_k3, FWD_NR3, FWD_NV3)   /* channels left over, KH = 3 */
 
 /* dweight lane sums for DW_F output channels x 3 kernel columns of one (c, kh), over NB samples:
  *   part[f][k][lane] += sum over (n, oh, ow = lane mod VW) of

@@ -118,6 +118,13 @@ TILE_CONV_CASES = [
     ConvCase(1, 3, 20, 36, 9, 3, 3, 1, 4, 1, 1, True),                 # padding wider than the kernel
     ConvCase(1, 8, 24, 33, 8, 3, 3, 1, 1, 2, 8, True),                 # depthwise, dilation 2
     ConvCase(1, 4, 19, 34, 12, 3, 4, 1, "same", 1, 2, True),           # same, even KW
+    # One output channel with a 3-row kernel at stride 1 takes the one-channel multi-row tile
+    # (8 rows x 48 columns on AVX-512, 4 x 16 on AVX2 / SSE2): heights leave rows over for the
+    # one-row tile, widths leave a partial last column tile; dx of a 1-channel input runs it too.
+    ConvCase(2, 3, 29, 53, 1, 3, 3, 1, 1, 1, 1, True),                 # F = 1: rows and columns over
+    ConvCase(2, 1, 27, 51, 9, 3, 3, 1, 1, 1, 1, False),                # dx of C = 1 through that tile
+    ConvCase(1, 2, 21, 37, 1, 3, 3, 1, (1, 2), (1, 2), 1, True),       # column dilation 2 in it
+    ConvCase(2, 4, 30, 100, 2, 3, 5, 1, "valid", 1, 2, True),          # KW 5, groups, full tiles
 ]
 
 
