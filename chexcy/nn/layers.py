@@ -9,7 +9,8 @@ float32 by contract, which would drown a finite-difference check in rounding). F
 layer passes stride/padding/... to the kernels already normalised, as (h, w) tuples of ints.
 
 Layers hold the cache of one forward pass. Backward returns the input gradient and sets `.grad`.
-The NumPy layers (ReLU, BatchNorm2d, Dropout, Flatten) preserve the dtype of their input.
+The NumPy layers (ReLU, Dropout, Flatten) preserve the dtype of their input, and so does BatchNorm2d
+(training-mode kernels through `kernels()` for float32, NumPy for other dtypes: see its docstring).
 """
 import contextlib
 import math
