@@ -269,3 +269,57 @@ def linear_forward(x, weight, bias):
 def linear_backward(dout, x, weight):
     """dout (N, O) -> dx (N, I) = dout @ weight, dweight (O, I) = dout.T @ x, dbias (O,)."""
     return dout @ weight, dout.T @ x, dout.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch norm (training mode)
+
+def _bn_planes(a):
+    """(N, C, H, W) -> (N, C, H * W) view: every reduction below runs along the contiguous axis."""
+    N, C, H, W = a.shape
+    return a.reshape(N, C, H * W)
+
+
+def batch_norm2d_forward(x, weight, bias, eps):
+    """x (N, C, H, W), weight, bias (C,) -> (out (N, C, H, W), mean (C,), biased var (C,)).
+
+    Sums per plane in float64, then over the batch. The variance is two-pass about the mean rounded to
+    x's dtype (m'), corrected exactly: mean((x - m)^2) = mean((x - m')^2) - (m - m')^2. The centred
+    array is the only activation-sized temporary and becomes the output.
+    """
+    N, C, H, W = x.shape
+    M = N * H * W
+    planes = _bn_planes(x)
+    mean = planes.sum(axis=2, dtype=np.float64).sum(axis=0) / M
+    mean_x = mean.astype(x.dtype)
+    centred = planes - mean_x[:, None]
+    m2 = np.einsum("ncl,ncl->nc", centred, centred).sum(axis=0, dtype=np.float64)
+    shift = mean - mean_x.astype(np.float64)
+    var = np.maximum(m2 / M - shift * shift, 0.0)
+    a = weight.astype(np.float64) / np.sqrt(var + eps)
+    b = bias.astype(np.float64) - shift * a          # the rounding of the mean, folded into the shift
+    centred *= a.astype(x.dtype)[:, None]
+    centred += b.astype(x.dtype)[:, None]
+    return centred.reshape(N, C, H, W), mean_x, var.astype(x.dtype)
+
+
+def batch_norm2d_backward(dout, x, mean, var, weight, eps):
+    """dout, x (N, C, H, W), mean, var, weight (C,) -> (dx, dweight (C,), dbias (C,)).
+
+    dx = a * dout + (x - mean) * b + c with per-channel a = weight * s, b = -weight * s^3 * Sgx / M,
+    c = -weight * s * Sg / M (s = 1 / sqrt(var + eps), Sg = sum(dout), Sgx = sum(dout * (x - mean))).
+    """
+    N, C, H, W = x.shape
+    M = N * H * W
+    g = _bn_planes(dout)
+    centred = _bn_planes(x) - mean[:, None]
+    sg = g.sum(axis=2, dtype=np.float64).sum(axis=0)
+    sgx = np.einsum("ncl,ncl->nc", g, centred).sum(axis=0, dtype=np.float64)
+    s = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+    w = weight.astype(np.float64)
+    dtype = dout.dtype
+    dx = g * (w * s).astype(dtype)[:, None]
+    centred *= (-w * s ** 3 * sgx / M).astype(dtype)[:, None]
+    dx += centred
+    dx += (-w * s * sg / M).astype(dtype)[:, None]
+    return dx.reshape(N, C, H, W), (sgx * s).astype(dtype), sg.astype(dtype)

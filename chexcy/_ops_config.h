@@ -432,4 +432,95 @@ static inline int chexcy_argmax_in_2x2_cells(const int64_t *restrict arg, Py_ssi
     return bad == 0;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Batch norm helpers: one (n, c) plane of `n` floats each. The sums are float64 (each float
+ * converted exactly, then added in CHEXCY_VW double lanes that are summed in a fixed order at the
+ * end): a per-channel sum over N * H * W ~ 5e5 values in float32 would lose ~3 digits.
+ * ------------------------------------------------------------------------------------------- */
+typedef double chexcy_vd __attribute__((vector_size(CHEXCY_VW * sizeof(double))));
+
+static inline chexcy_vd chexcy_load_vd(const float *p)
+{
+    return __builtin_convertvector(chexcy_load(p), chexcy_vd);
+}
+
+static inline double chexcy_vd_total(chexcy_vd a, chexcy_vd b)
+{
+    double lanes[CHEXCY_VW], s = 0;
+    a += b;
+    memcpy(lanes, &a, sizeof a);
+    for (int j = 0; j < CHEXCY_VW; j++) s += lanes[j];
+    return s;
+}
+
+/* Sum of a plane and the sum of squared deviations from the plane's own mean (two passes: the second
+ * re-reads a plane that is still in L2 for the usual sizes), both in float64. The caller combines the
+ * planes of a channel with Chan's formula, M2 = sum M2_p + sum n_p (mean_p - mean)^2: as stable as a
+ * two-pass variance over the whole channel, with one pass over memory. */
+static inline void chexcy_bn_plane_stats(const float *restrict p, Py_ssize_t n, double *sum, double *m2)
+{
+    chexcy_vd a0 = {0}, a1 = {0}, mv;
+    Py_ssize_t i = 0;
+    double s, m, t, q;
+    for (; i + 2 * CHEXCY_VW <= n; i += 2 * CHEXCY_VW) {
+        a0 += chexcy_load_vd(p + i);
+        a1 += chexcy_load_vd(p + i + CHEXCY_VW);
+    }
+    s = chexcy_vd_total(a0, a1);
+    for (; i < n; i++) s += (double)p[i];
+    m = s / (double)n;
+    for (int j = 0; j < CHEXCY_VW; j++) mv[j] = m;
+    a0 = (chexcy_vd){0};
+    a1 = a0;
+    for (i = 0; i + 2 * CHEXCY_VW <= n; i += 2 * CHEXCY_VW) {
+        chexcy_vd d0 = chexcy_load_vd(p + i) - mv, d1 = chexcy_load_vd(p + i + CHEXCY_VW) - mv;
+        a0 += d0 * d0;
+        a1 += d1 * d1;
+    }
+    q = chexcy_vd_total(a0, a1);
+    for (; i < n; i++) { t = (double)p[i] - m; q += t * t; }
+    *sum = s;
+    *m2 = q;
+}
+
+/* Backward sums of one plane: sum(g) and sum(g * (x - mean)), float64. */
+static inline void chexcy_bn_plane_grad_sums(const float *restrict g, const float *restrict x, Py_ssize_t n,
+                                             double mean, double *sum_g, double *sum_gx)
+{
+    chexcy_vd b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, mv;
+    Py_ssize_t i = 0;
+    double sg, sgx, t;
+    for (int j = 0; j < CHEXCY_VW; j++) mv[j] = mean;
+    for (; i + 2 * CHEXCY_VW <= n; i += 2 * CHEXCY_VW) {
+        chexcy_vd g0 = chexcy_load_vd(g + i), g1 = chexcy_load_vd(g + i + CHEXCY_VW);
+        b0 += g0;
+        b1 += g1;
+        c0 += g0 * (chexcy_load_vd(x + i) - mv);
+        c1 += g1 * (chexcy_load_vd(x + i + CHEXCY_VW) - mv);
+    }
+    sg = chexcy_vd_total(b0, b1);
+    sgx = chexcy_vd_total(c0, c1);
+    for (; i < n; i++) {
+        t = (double)x[i] - mean;
+        sg += (double)g[i];
+        sgx += (double)g[i] * t;
+    }
+    *sum_g = sg;
+    *sum_gx = sgx;
+}
+
+/* out = (x - m) * a + b over one plane: one subtract and one multiply-add per element. */
+static inline void chexcy_bn_apply(const float *restrict x, float *restrict out, Py_ssize_t n,
+                                   float m, float a, float b)
+{
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = (x[i] - m) * a + b;
+}
+
+/* dx = a * g + ((x - m) * b + c) over one plane. */
+static inline void chexcy_bn_apply_grad(const float *restrict g, const float *restrict x, float *restrict dx,
+                                        Py_ssize_t n, float m, float a, float b, float c)
+{
+    for (Py_ssize_t i = 0; i < n; i++) dx[i] = a * g[i] + ((x[i] - m) * b + c);
+}
+
 #endif

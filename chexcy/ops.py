@@ -1,4 +1,4 @@
-"""chexcy.ops: conv2d, pooling and dense layers, forward and backward, for NumPy arrays.
+"""chexcy.ops: conv2d, pooling, dense layers and batch norm, forward and backward, for NumPy arrays.
 
 The public op API of chexcy and the ONE place where a backend is chosen. Every function checks and
 normalises its arguments once, then calls the same-named function of the active backend:
@@ -45,6 +45,7 @@ __all__ = [
     "conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
     "avg_pool2d_forward", "avg_pool2d_backward", "global_avg_pool2d_forward",
     "global_avg_pool2d_backward", "linear_forward", "linear_backward",
+    "batch_norm2d_forward", "batch_norm2d_backward",
     "conv2d", "max_pool2d", "avg_pool2d", "linear",
     "get_backend", "set_backend", "use_backend", "available_backends",
     "get_num_threads", "set_num_threads", "info", "conv_output_size",
@@ -612,3 +613,79 @@ def linear_backward(dout, x, weight):
 def linear(x, weight, bias=None):
     """Forward-only convenience: the same as linear_forward."""
     return linear_forward(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch norm (training mode)
+
+def _bn_channel_vector(value, C, fn, name, x_shape, default):
+    """(C,) float32 per-channel vector; `default` (1 or 0) everywhere when value is None."""
+    if value is None:
+        return np.full(C, default, np.float32)
+    value = _float_array(value, fn, name)
+    if value.shape != (C,):
+        raise ValueError(f"{fn}: {name} must have shape ({C},) (one value per channel of x {x_shape}), "
+                         f"got {value.shape}")
+    return value
+
+
+def _bn_eps(eps, fn):
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{fn}: eps must be a real number, got {eps!r}")
+    eps = float(eps)
+    if not (eps > 0 and np.isfinite(eps)):
+        raise ValueError(f"{fn}: eps must be a finite number > 0, got {eps!r}")
+    return eps
+
+
+def _bn_x(x, fn, name="x"):
+    x = _float_array(x, fn, name)
+    _check_ndim(x, 4, fn, name, "(N, C, H, W)")
+    _check_nonempty(x.shape, fn, name, "(N, C, H, W)")
+    N, C, H, W = x.shape
+    if N * H * W < 2:
+        raise ValueError(f"{fn}: batch statistics need more than one value per channel: {name} {x.shape} "
+                         f"has N * H * W = {N * H * W}")
+    return x
+
+
+def batch_norm2d_forward(x, weight, bias, eps=1e-5):
+    """Batch normalisation in training mode (as PyTorch's F.batch_norm with training=True).
+
+    x (N, C, H, W); weight, bias (C,) or None (ones / zeros); eps > 0. Per channel c, over the
+    M = N * H * W values of x[:, c]: mean[c] and the biased variance var[c] = mean((x - mean)^2), and
+        out = (x - mean) / sqrt(var + eps) * weight + bias.
+    Returns (out (N, C, H, W), mean (C,), var (C,)), float32; mean and var are what a layer needs to
+    update its running statistics (PyTorch's running_var uses var * M / (M - 1)) and to call
+    batch_norm2d_backward. N * H * W must be at least 2. Statistics are accumulated in float64.
+    """
+    fn = "batch_norm2d"
+    x = _bn_x(x, fn)
+    C = x.shape[1]
+    weight = _bn_channel_vector(weight, C, fn, "weight", x.shape, 1.0)
+    bias = _bn_channel_vector(bias, C, fn, "bias", x.shape, 0.0)
+    return _backend().batch_norm2d_forward(x, weight, bias, _bn_eps(eps, fn))
+
+
+def batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5):
+    """Gradients of batch_norm2d_forward with respect to x, weight and bias.
+
+    dout and x (N, C, H, W); mean, var (C,) as returned by the forward pass; weight (C,) or None;
+    the forward's eps. xhat = (x - mean) / sqrt(var + eps) is recomputed from x (so a layer keeps x,
+    not a second activation-sized array). Returns fresh float32 arrays (dx (N, C, H, W),
+    dweight (C,) = sum(dout * xhat), dbias (C,) = sum(dout)), sums over (N, H, W); dx is the full
+    batch-statistics gradient: weight / sqrt(var + eps) * (dout - mean(dout) - xhat * mean(dout * xhat)).
+    """
+    fn = "batch_norm2d_backward"
+    dout = _float_array(dout, fn, "dout")
+    x = _bn_x(x, fn)
+    if dout.shape != x.shape:
+        raise ValueError(f"{fn}: dout must have x's shape {x.shape}, got {dout.shape}")
+    C = x.shape[1]
+    for name, value in (("mean", mean), ("var", var)):
+        if value is None:
+            raise TypeError(f"{fn}: {name} must be the ({C},) array returned by batch_norm2d_forward, got None")
+    mean = _bn_channel_vector(mean, C, fn, "mean", x.shape, 0.0)
+    var = _bn_channel_vector(var, C, fn, "var", x.shape, 0.0)
+    weight = _bn_channel_vector(weight, C, fn, "weight", x.shape, 1.0)
+    return _backend().batch_norm2d_backward(dout, x, mean, var, weight, _bn_eps(eps, fn))

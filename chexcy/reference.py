@@ -210,3 +210,41 @@ def linear_backward(dout, x, weight):
     dweight = np.einsum("no,ni->oi", dout, x)
     dbias = dout.sum(axis=0)
     return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# batch norm (training mode)
+
+def batch_norm2d_forward(x, weight, bias, eps):
+    """Per channel c over (N, H, W): mean, biased var = mean((x - mean)^2), then
+    out = (x - mean) / sqrt(var + eps) * weight + bias.
+
+    x (N, C, H, W), weight (C,), bias (C,) -> (out (N, C, H, W), mean (C,), var (C,)), computed in
+    float64 and returned in the inputs' floating dtype.
+    """
+    dtype = np.result_type(x, weight, bias)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=(0, 2, 3))
+    var = ((x64 - mean[:, None, None]) ** 2).mean(axis=(0, 2, 3))
+    xhat = (x64 - mean[:, None, None]) / np.sqrt(var + eps)[:, None, None]
+    out = xhat * weight.astype(np.float64)[:, None, None] + bias.astype(np.float64)[:, None, None]
+    return out.astype(dtype), mean.astype(dtype), var.astype(dtype)
+
+
+def batch_norm2d_backward(dout, x, mean, var, weight, eps):
+    """Gradients of batch_norm2d_forward, mean and var being functions of x (M = N * H * W):
+    xhat = (x - mean) / sqrt(var + eps), dbias = sum(dout), dweight = sum(dout * xhat) and
+    dx = weight / sqrt(var + eps) * (dout - sum(dout) / M - xhat * sum(dout * xhat) / M).
+
+    dout, x (N, C, H, W), mean, var, weight (C,) -> (dx, dweight (C,), dbias (C,)); float64 inside.
+    """
+    dtype = np.result_type(dout, x, weight)
+    M = x.shape[0] * x.shape[2] * x.shape[3]
+    dout64 = dout.astype(np.float64)
+    inv_std = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+    xhat = (x.astype(np.float64) - mean.astype(np.float64)[:, None, None]) * inv_std[:, None, None]
+    dbias = dout64.sum(axis=(0, 2, 3))
+    dweight = (dout64 * xhat).sum(axis=(0, 2, 3))
+    dx = (weight.astype(np.float64) * inv_std)[:, None, None] * (
+        dout64 - (dbias / M)[:, None, None] - xhat * (dweight / M)[:, None, None])
+    return dx.astype(dtype), dweight.astype(dtype), dbias.astype(dtype)

@@ -21,6 +21,7 @@ f32 = np.float32
 X = np.zeros((2, 3, 8, 8), f32)
 W = np.zeros((4, 3, 3, 3), f32)
 DOUT = np.zeros((2, 4, 6, 6), f32)                 # conv2d_forward(X, W).shape
+BN_C3 = np.ones(3, f32)
 POOL_OUT, ARGMAX = ops.max_pool2d_forward(np.arange(2 * 3 * 8 * 8, dtype=f32).reshape(2, 3, 8, 8), 2)
 
 
@@ -149,6 +150,39 @@ BAD_CALLS = [
     ("threads-float", lambda: ops.set_num_threads(1.5), ValueError, ["n must be an int >= 1"]),
     ("threads-bool", lambda: ops.set_num_threads(True), ValueError, ["n must be an int >= 1"]),
     ("backend-unknown", lambda: ops.set_backend("torch"), ValueError, ["unknown chexcy backend 'torch'", "cython"]),
+    # batch norm (X has C = 3; BN_C3 is a (3,) weight/bias/mean/var)
+    ("bn-x-3d", lambda: ops.batch_norm2d_forward(X[0], BN_C3, BN_C3), ValueError,
+     ["batch_norm2d: x must be 4-D", "(3, 8, 8)"]),
+    ("bn-weight-length", lambda: ops.batch_norm2d_forward(X, np.ones(4, f32), BN_C3), ValueError,
+     ["batch_norm2d: weight must have shape (3,)", "(2, 3, 8, 8)", "got (4,)"]),
+    ("bn-bias-2d", lambda: ops.batch_norm2d_forward(X, BN_C3, np.zeros((3, 1), f32)), ValueError,
+     ["bias must have shape (3,)", "got (3, 1)"]),
+    ("bn-eps-zero", lambda: ops.batch_norm2d_forward(X, BN_C3, BN_C3, eps=0), ValueError, ["eps must be", "> 0"]),
+    ("bn-eps-negative", lambda: ops.batch_norm2d_forward(X, BN_C3, BN_C3, eps=-1e-5), ValueError, ["eps must be"]),
+    ("bn-eps-nan", lambda: ops.batch_norm2d_forward(X, BN_C3, BN_C3, eps=float("nan")), ValueError, ["eps must be"]),
+    ("bn-eps-string", lambda: ops.batch_norm2d_forward(X, BN_C3, BN_C3, eps="1e-5"), TypeError,
+     ["eps must be a real number"]),
+    ("bn-int-x", lambda: ops.batch_norm2d_forward(np.zeros((2, 3, 4, 4), int), BN_C3, BN_C3), TypeError,
+     ["batch_norm2d: x must be a real floating-point array"]),
+    ("bn-one-value-per-channel", lambda: ops.batch_norm2d_forward(np.zeros((1, 3, 1, 1), f32), BN_C3, BN_C3),
+     ValueError, ["more than one value per channel", "(1, 3, 1, 1)", "N * H * W = 1"]),
+    ("bn-empty", lambda: ops.batch_norm2d_forward(np.zeros((0, 3, 4, 4), f32), BN_C3, BN_C3), ValueError,
+     ["empty dimension"]),
+    ("bn-bwd-dout-shape", lambda: ops.batch_norm2d_backward(X[:, :, :4], X, BN_C3, BN_C3, BN_C3), ValueError,
+     ["batch_norm2d_backward: dout must have x's shape (2, 3, 8, 8)", "(2, 3, 4, 8)"]),
+    ("bn-bwd-mean-length", lambda: ops.batch_norm2d_backward(X, X, np.zeros(2, f32), BN_C3, BN_C3), ValueError,
+     ["mean must have shape (3,)", "got (2,)"]),
+    ("bn-bwd-var-none", lambda: ops.batch_norm2d_backward(X, X, BN_C3, None, BN_C3), TypeError,
+     ["var must be the (3,) array returned by batch_norm2d_forward"]),
+    ("bn-bwd-weight-length", lambda: ops.batch_norm2d_backward(X, X, BN_C3, BN_C3, np.ones(5, f32)), ValueError,
+     ["batch_norm2d_backward: weight must have shape (3,)"]),
+    ("bn-bwd-int-dout", lambda: ops.batch_norm2d_backward(X.astype(int), X, BN_C3, BN_C3, BN_C3), TypeError,
+     ["dout must be a real floating-point array"]),
+    ("bn-bwd-eps-zero", lambda: ops.batch_norm2d_backward(X, X, BN_C3, BN_C3, BN_C3, eps=0.0), ValueError,
+     ["eps must be"]),
+    ("bn-bwd-one-value", lambda: ops.batch_norm2d_backward(np.zeros((1, 3, 1, 1), f32), np.zeros((1, 3, 1, 1), f32),
+                                                           BN_C3, BN_C3, BN_C3),
+     ValueError, ["batch_norm2d_backward: batch statistics need more than one value per channel"]),
 ]
 
 
@@ -171,6 +205,10 @@ EXTREME_CALLS = [
     ("maxpool-argmax-int32", lambda: ops.max_pool2d_backward(POOL_OUT, ARGMAX.astype(np.int32), X.shape)),
     ("avgpool-1x1-stride-big", lambda: ops.avg_pool2d_forward(X, 1, stride=1000)),
     ("gap-1x1", lambda: ops.global_avg_pool2d_forward(X[:, :, :1, :1])),
+    ("bn-two-values-per-channel", lambda: ops.batch_norm2d_forward(X[:1, :, :1, :2] + 1, BN_C3, BN_C3)),
+    ("bn-batch-of-1x1-planes", lambda: ops.batch_norm2d_backward(X[:, :, :1, :1] + 1, X[:, :, :1, :1] * 2,
+                                                                 BN_C3, BN_C3, BN_C3)),
+    ("bn-constant-channels-var-0", lambda: ops.batch_norm2d_forward(X + 5, BN_C3, BN_C3, eps=1e-30)),
 ]
 
 

@@ -9,7 +9,8 @@ float32 by contract, which would drown a finite-difference check in rounding). F
 layer passes stride/padding/... to the kernels already normalised, as (h, w) tuples of ints.
 
 Layers hold the cache of one forward pass. Backward returns the input gradient and sets `.grad`.
-The NumPy layers (ReLU, BatchNorm2d, Dropout, Flatten) preserve the dtype of their input.
+The NumPy layers (ReLU, Dropout, Flatten) preserve the dtype of their input, and so does BatchNorm2d
+(training-mode kernels through `kernels()` for float32, NumPy for other dtypes: see its docstring).
 """
 import contextlib
 import math
@@ -275,6 +276,12 @@ class BatchNorm2d(Module):
     Training uses the batch mean and biased variance and updates running estimates
     (running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as PyTorch does);
     eval uses the running estimates. weight (C,) ones, bias (C,) zeros; buffers running_mean/var (C,).
+
+    Training forward and backward are the ops `batch_norm2d_forward` / `batch_norm2d_backward` (compiled
+    kernels under chexcy.ops). The layer keeps the input x and the batch mean and var (not a normalised
+    copy of x): backward recomputes xhat from them. float32 input goes through `kernels()`; other float
+    input under the default kernels (chexcy.ops, which computes in float32) runs the same formulas in
+    NumPy (chexcy._fallback) so the layer keeps its input's dtype, like the other NumPy-backed layers.
     """
     _buffers = ("running_mean", "running_var")
 
@@ -286,54 +293,54 @@ class BatchNorm2d(Module):
         self.bias = Parameter(np.zeros(num_features, np.float32), decay=False)
         self.running_mean = np.zeros(num_features, np.float32)
         self.running_var = np.ones(num_features, np.float32)
-        self._xhat = self._inv_std = None
+        self._train_cache = None                # (x, batch mean, batch var) of a training forward
+        self._eval_cache = None                 # (x, inv_std) of an eval forward
+
+    @staticmethod
+    def _batch_norm_ops(dtype):
+        """The module whose batch_norm2d_* functions run for input of `dtype` (see the class doc)."""
+        module = kernels()
+        from chexcy import ops
+        if module is ops and dtype != np.float32:
+            from chexcy import _fallback
+            return _fallback
+        return module
 
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm2d: expected (N, {self.num_features}, H, W), got {x.shape}")
         dtype = x.dtype
-        gamma = self.weight.data.astype(dtype, copy=False)[:, None, None]
-        beta = self.bias.data.astype(dtype, copy=False)[:, None, None]
+        gamma = self.weight.data.astype(dtype, copy=False)
+        beta = self.bias.data.astype(dtype, copy=False)
         if not self.training:
             inv_std = (1.0 / np.sqrt(self.running_var.astype(dtype) + dtype.type(self.eps)))[:, None, None]
-            scale = gamma * inv_std
-            self._xhat, self._eval_cache = None, (x, inv_std)
-            return x * scale + (beta - self.running_mean.astype(dtype)[:, None, None] * scale)
+            scale = gamma[:, None, None] * inv_std
+            self._train_cache, self._eval_cache = None, (x, inv_std)
+            return x * scale + (beta[:, None, None] - self.running_mean.astype(dtype)[:, None, None] * scale)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         if count < 2:
             raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input {x.shape}")
-        mean = x.mean(axis=(0, 2, 3))
-        xhat = x - mean[:, None, None]                      # the one activation-sized temporary
-        var = np.einsum("nchw,nchw->c", xhat, xhat) / count
-        inv_std = 1.0 / np.sqrt(var + dtype.type(self.eps))
-        xhat *= inv_std[:, None, None]
-        self._xhat, self._inv_std = xhat, inv_std
+        out, mean, var = self._batch_norm_ops(dtype).batch_norm2d_forward(x, gamma, beta, self.eps)
+        self._train_cache, self._eval_cache = (x, mean, var), None
         m = self.momentum
         self.running_mean *= (1 - m)
         self.running_mean += (m * mean).astype(self.running_mean.dtype)
         self.running_var *= (1 - m)
         self.running_var += (m * var * count / (count - 1)).astype(self.running_var.dtype)
-        return xhat * gamma + beta
+        return out
 
     def backward(self, dout):
-        if self._xhat is None:
+        if self._train_cache is None:
             # After an eval-mode forward the layer is the affine map gamma * (x - running_mean) * inv_std + beta.
             x, inv_std = self._eval_cache
             centred = (x - self.running_mean.astype(dout.dtype)[:, None, None]) * inv_std
             self.weight.grad = np.einsum("nchw,nchw->c", dout, centred)
             self.bias.grad = dout.sum(axis=(0, 2, 3))
             return dout * (self.weight.data.astype(dout.dtype, copy=False)[:, None, None] * inv_std)
-        xhat, inv_std = self._xhat, self._inv_std
-        count = xhat.shape[0] * xhat.shape[2] * xhat.shape[3]
-        dbeta = dout.sum(axis=(0, 2, 3))
-        dgamma = np.einsum("nchw,nchw->c", dout, xhat)
-        self.weight.grad, self.bias.grad = dgamma, dbeta
+        x, mean, var = self._train_cache
         gamma = self.weight.data.astype(dout.dtype, copy=False)
-        # dx = gamma * inv_std * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W).
-        dx = xhat * (-dgamma / count)[:, None, None]
-        dx += dout
-        dx -= (dbeta / count)[:, None, None]
-        dx *= (gamma * inv_std)[:, None, None]
+        dx, self.weight.grad, self.bias.grad = self._batch_norm_ops(dout.dtype).batch_norm2d_backward(
+            dout, x, mean, var, gamma, self.eps)
         return dx
 
     def extra_repr(self):

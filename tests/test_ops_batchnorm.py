@@ -1,0 +1,241 @@
+"""batch_norm2d_forward / batch_norm2d_backward: every backend against the reference, the reference
+against hand-computed values and central finite differences, thread invariance of the compiled kernel,
+and the public API's conversions.
+
+Tolerances (float32, unit-scale data; the reference computes in float64 and rounds once):
+  out          atol 2e-5: an elementwise map with per-channel coefficients; the backends round the
+               coefficients and the centred values to float32 (a few ulps of values of size ~1-5).
+  dx           atol 1e-6 * the size of the terms it is made of, per channel:
+               |weight| / std * (max|dout| + |mean(dout)| + max|xhat| * |mean(dout * xhat)|); dx is their
+               difference and can be far smaller than each (with M = 2 it cancels to ~0), so its float32
+               rounding error scales with the terms, not with dx (1e-6 is ~16 ulps of them).
+  mean         rtol 1e-6 plus atol 1e-6 * |offset|: float64 sums, rounded to float32 once.
+  var          rtol 1e-5: float64 sums (the fallback's per-plane products are float32, ~1e-7 each).
+  dweight, dbias  rtol 1e-5, atol 1e-5 * sqrt(M): sums of M = N * H * W products of size ~1; the
+               fallback forms the per-plane products of dweight in float32.
+A one-pass variance in float32 (E[x^2] - E[x]^2) fails the `offset=100` cases by orders of magnitude.
+"""
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from chexcy import ops, reference
+from ops_cases import BACKENDS, COMPILED
+
+# (N, C, H, W, offset): offset is added to x, so a one-pass variance loses its digits there.
+BN_SHAPES = [
+    (1, 3, 4, 5, 0.0),          # batch 1, H * W > 1
+    (2, 1, 3, 3, 0.0),          # one channel
+    (3, 5, 7, 9, 0.0),          # odd sizes
+    (2, 4, 1, 1, 0.0),          # 1 x 1 planes: statistics over the batch only
+    (1, 2, 1, 2, 0.0),          # the smallest legal count, M = 2
+    (2, 3, 33, 35, 0.0),        # planes longer than the vector loop, with a tail
+    (4, 16, 16, 16, 0.0),       # ref-cnn-like: whole vectors, no tail
+    (2, 3, 9, 11, 100.0),       # large mean offset
+    (5, 2, 16, 17, 100.0),      # large mean offset, longer planes
+    (1, 1, 3, 3, -1000.0),      # large negative offset, one plane
+]
+
+
+def shape_id(case):
+    return "x".join(str(s) for s in case[:4]) + (f"+{case[4]:g}" if case[4] else "")
+
+
+def make_bn_inputs(rng, case, dtype=np.float32):
+    N, C, H, W, offset = case
+    x = (rng.standard_normal((N, C, H, W)) * rng.uniform(0.5, 3.0, (1, C, 1, 1)) + offset).astype(dtype)
+    weight = (rng.uniform(0.5, 2.0, C) * rng.choice([-1, 1], C)).astype(dtype)   # negative too
+    bias = rng.standard_normal(C).astype(dtype)
+    dout = rng.standard_normal((N, C, H, W)).astype(dtype)
+    return x, weight, bias, dout
+
+
+def dx_term_scale(dout, x, mean, var, weight, eps):
+    """(1, C, 1, 1) float64: the size of the terms dx is a difference of (see the module doc)."""
+    s = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+    xhat = (x - mean[:, None, None].astype(np.float64)) * s[:, None, None]
+    g = dout.astype(np.float64)
+    scale = np.abs(weight) * s * (np.abs(g).max(axis=(0, 2, 3)) + np.abs(g.mean(axis=(0, 2, 3)))
+                                  + np.abs(xhat).max(axis=(0, 2, 3)) * np.abs((g * xhat).mean(axis=(0, 2, 3))))
+    return scale[None, :, None, None]
+
+
+def assert_bn_close(got, want, names, case, dx_scale=None):
+    N, C, H, W, offset = case
+    M = N * H * W
+    tols = {"out": dict(rtol=0, atol=2e-5), "dx": dict(rtol=0, atol=0),
+            "mean": dict(rtol=1e-6, atol=1e-6 * (1 + abs(offset))), "var": dict(rtol=1e-5, atol=0),
+            "dweight": dict(rtol=1e-5, atol=1e-5 * np.sqrt(M)), "dbias": dict(rtol=1e-5, atol=1e-5 * np.sqrt(M))}
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == np.float32, f"{name}: dtype {g.dtype}, expected float32 ({shape_id(case)})"
+        assert g.shape == w.shape, f"{name}: shape {g.shape}, expected {w.shape} ({shape_id(case)})"
+        if name == "dx":
+            assert_allclose(g / dx_scale, w / dx_scale, rtol=0, atol=1e-6,
+                            err_msg=f"dx / its term scale {shape_id(case)}")
+            continue
+        assert_allclose(g, w, **tols[name], err_msg=f"{name} {shape_id(case)}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BN_SHAPES, ids=shape_id)
+def test_batch_norm_forward_matches_reference(backend, case, rng):
+    x, weight, bias, _ = make_bn_inputs(rng, case)
+    want = reference.batch_norm2d_forward(x, weight, bias, 1e-5)
+    with ops.use_backend(backend):
+        got = ops.batch_norm2d_forward(x, weight, bias, eps=1e-5)
+    assert_bn_close(got, want, ("out", "mean", "var"), case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BN_SHAPES, ids=shape_id)
+def test_batch_norm_backward_matches_reference(backend, case, rng):
+    x, weight, bias, dout = make_bn_inputs(rng, case)
+    _, mean, var = reference.batch_norm2d_forward(x, weight, bias, 1e-5)
+    want = reference.batch_norm2d_backward(dout, x, mean, var, weight, 1e-5)
+    with ops.use_backend(backend):
+        got = ops.batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5)
+    assert_bn_close(got, want, ("dx", "dweight", "dbias"), case,
+                    dx_scale=dx_term_scale(dout, x, mean, var, weight, 1e-5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_eps_reaches_the_kernels(backend, rng):
+    # A constant channel has var 0: the output is bias exactly when eps is used, and eps sets dx's scale.
+    x = np.full((2, 2, 3, 3), 7.0, np.float32)
+    x[:, 1] = rng.standard_normal((2, 3, 3)) * 1e-2
+    weight, bias = np.array([1.5, 2.0], np.float32), np.array([0.25, -1.0], np.float32)
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    for eps in (1e-5, 0.5):
+        want_out, want_mean, want_var = reference.batch_norm2d_forward(x, weight, bias, eps)
+        want_grads = reference.batch_norm2d_backward(dout, x, want_mean, want_var, weight, eps)
+        with ops.use_backend(backend):
+            out, mean, var = ops.batch_norm2d_forward(x, weight, bias, eps)
+            grads = ops.batch_norm2d_backward(dout, x, mean, var, weight, eps)
+        assert_array_equal(out[:, 0], 0.25, err_msg=f"{backend}: a constant channel must give bias")
+        assert var[0] == 0, f"{backend}: constant channel var {var[0]}"
+        assert_allclose(out, want_out, rtol=1e-5, atol=2e-5, err_msg=f"{backend} eps={eps}")
+        for name, g, w in zip(("dx", "dweight", "dbias"), grads, want_grads):
+            assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"{backend} {name} eps={eps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference proved
+
+def test_reference_hand_example():
+    # One channel holding 1, 2, 3, 4 (over N and W): mean 2.5, biased var 1.25.
+    x = np.array([[[[1.0, 2.0]]], [[[3.0, 4.0]]]])                   # (2, 1, 1, 2)
+    out, mean, var = reference.batch_norm2d_forward(x, np.array([2.0]), np.array([0.5]), 0.0)
+    assert_allclose(mean, [2.5])
+    assert_allclose(var, [1.25])
+    assert_allclose(out.ravel(), 2.0 * (np.array([1.0, 2.0, 3.0, 4.0]) - 2.5) / np.sqrt(1.25) + 0.5)
+    # dout = 1 everywhere: the output moves with bias only, so dx = 0, dbias = 4, dweight = sum(xhat) = 0.
+    dx, dweight, dbias = reference.batch_norm2d_backward(np.ones_like(x), x, mean, var, np.array([2.0]), 0.0)
+    assert_allclose(dx, 0.0, atol=1e-15)
+    assert_allclose(dbias, [4.0])
+    assert_allclose(dweight, [0.0], atol=1e-15)
+
+
+def test_reference_statistics_are_numpys_mean_and_biased_var(rng):
+    x = rng.standard_normal((3, 4, 5, 6)) * 2 + 3
+    _, mean, var = reference.batch_norm2d_forward(x, np.ones(4), np.zeros(4), 1e-5)
+    assert_allclose(mean, x.mean(axis=(0, 2, 3)), rtol=1e-14)
+    assert_allclose(var, x.var(axis=(0, 2, 3)), rtol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3, 2), (1, 2, 2, 3), (3, 1, 1, 1)])
+def test_reference_gradients_match_central_differences(shape, rng):
+    """Loss L = sum(out * R); every gradient entry against (L(p + h) - L(p - h)) / 2h, float64."""
+    C = shape[1]
+    x = rng.standard_normal(shape) * 1.5 + 0.5
+    weight, bias = rng.uniform(0.5, 2.0, C), rng.standard_normal(C)
+    R = rng.standard_normal(shape)
+    eps, h = 1e-3, 1e-6
+
+    def loss():
+        return float((reference.batch_norm2d_forward(x, weight, bias, eps)[0] * R).sum())
+
+    _, mean, var = reference.batch_norm2d_forward(x, weight, bias, eps)
+    grads = dict(zip(("x", "weight", "bias"), reference.batch_norm2d_backward(R, x, mean, var, weight, eps)))
+    for name, param in (("x", x), ("weight", weight), ("bias", bias)):
+        numeric = np.zeros_like(param)
+        for i in np.ndindex(param.shape):
+            keep = param[i]
+            param[i] = keep + h
+            up = loss()
+            param[i] = keep - h
+            down = loss()
+            param[i] = keep
+            numeric[i] = (up - down) / (2 * h)
+        assert_allclose(grads[name], numeric, rtol=1e-6, atol=1e-8,
+                        err_msg=f"reference d{name} vs central differences, shape {shape}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled kernel: thread invariance
+
+needs_compiled = pytest.mark.skipif(not COMPILED, reason="the compiled backend (chexcy._ops) is not built")
+
+
+@needs_compiled
+def test_batch_norm_bitwise_identical_for_1_2_3_threads(rng):
+    # N * C = 35 planes: no thread count here divides the work evenly.
+    x, weight, bias, dout = make_bn_inputs(rng, (5, 7, 19, 23, 3.0))
+    results = {}
+    try:
+        with ops.use_backend("cython"):
+            for n in (1, 2, 3, 1):
+                ops.set_num_threads(n)
+                out, mean, var = ops.batch_norm2d_forward(x, weight, bias)
+                results.setdefault(n, []).append((out, mean, var,
+                                                  *ops.batch_norm2d_backward(dout, x, mean, var, weight)))
+    finally:
+        ops.set_num_threads(None)
+    names = ("out", "mean", "var", "dx", "dweight", "dbias")
+    for n in (1, 2, 3):
+        for name, a, b in zip(names, results[1][0], results[n][-1]):
+            assert np.array_equal(a, b), (f"{name}: 1 and {n} threads differ, max abs diff "
+                                          f"{np.max(np.abs(a.astype(np.float64) - b)):.3g}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The public API: conversions and defaults
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_converts_float64_and_strided_input_once(backend, rng):
+    x, weight, bias, dout = make_bn_inputs(rng, (2, 3, 5, 4, 0.0), np.float64)
+    strided = np.asfortranarray(x)
+    with ops.use_backend(backend):
+        want = ops.batch_norm2d_forward(x.astype(np.float32), weight.astype(np.float32),
+                                        bias.astype(np.float32))
+        got = ops.batch_norm2d_forward(strided, weight, bias)
+        want_b = ops.batch_norm2d_backward(dout.astype(np.float32), x.astype(np.float32), want[1], want[2],
+                                           weight.astype(np.float32))
+        got_b = ops.batch_norm2d_backward(np.asfortranarray(dout), strided, want[1].astype(np.float64),
+                                          want[2], weight)
+    for g, w in zip(got + got_b, want + want_b):
+        assert g.dtype == np.float32 and g.flags.c_contiguous
+        assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_none_weight_and_bias_mean_ones_and_zeros(backend, rng):
+    x, _, _, dout = make_bn_inputs(rng, (2, 3, 4, 4, 0.0))
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    with ops.use_backend(backend):
+        assert all(np.array_equal(a, b) for a, b in zip(ops.batch_norm2d_forward(x, None, None),
+                                                        ops.batch_norm2d_forward(x, ones, zeros)))
+        out, mean, var = ops.batch_norm2d_forward(x, None, None)
+        assert all(np.array_equal(a, b) for a, b in zip(ops.batch_norm2d_backward(dout, x, mean, var, None),
+                                                        ops.batch_norm2d_backward(dout, x, mean, var, ones)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_backward_returns_fresh_arrays(backend, rng):
+    x, weight, bias, dout = make_bn_inputs(rng, (2, 2, 3, 3, 0.0))
+    x_copy, dout_copy = x.copy(), dout.copy()
+    with ops.use_backend(backend):
+        out, mean, var = ops.batch_norm2d_forward(x, weight, bias)
+        dx, _, _ = ops.batch_norm2d_backward(dout, x, mean, var, weight)
+    assert not np.shares_memory(dx, dout) and not np.shares_memory(dx, x) and not np.shares_memory(out, x)
+    assert_array_equal(x, x_copy)
+    assert_array_equal(dout, dout_copy)
