@@ -291,6 +291,11 @@ def _check_nonempty(shape, fn, name, layout):
 
 def _x_shape(x_shape, fn):
     """x_shape as a tuple of 4 positive Python ints."""
+    if type(x_shape) is tuple and len(x_shape) == 4:    # the usual case, checked cheaply (~0.3 us)
+        n, c, h, w = x_shape
+        if type(n) is int and type(c) is int and type(h) is int and type(w) is int \
+                and 0 < n <= _INT_LIMIT and 0 < c <= _INT_LIMIT and 0 < h <= _INT_LIMIT and 0 < w <= _INT_LIMIT:
+            return x_shape
     if not isinstance(x_shape, (tuple, list)) or len(x_shape) != 4 or not all(_is_int(s) for s in x_shape):
         raise ValueError(f"{fn}: x_shape must be a tuple of 4 ints (N, C, H, W), got {x_shape!r}")
     shape = tuple(int(s) for s in x_shape)
