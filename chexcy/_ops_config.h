@@ -238,7 +238,7 @@ CHEXCY_DEFINE_FWD_TILE1_K3(chexcy_fwd_tile1_k3, FWD_NR3, FWD_NV3)   /* channels 
  * The last OW % VW columns use masked loads, so nothing outside a plane is read. */
 static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, Py_ssize_t NB,
                                    Py_ssize_t x_nstride, Py_ssize_t d_nstride, Py_ssize_t OH,
-                                   Py_ssize_t OW, Py_ssize_t xstep, Py_ssize_t dw, float *part)
+                                   Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t xstep, Py_ssize_t dw, float *part)
 {
     chexcy_vf acc[DW_F][3], x0, x1, x2, d;
     CHEXCY_UNROLL for (int f = 0; f < DW_F; f++)
@@ -246,7 +246,7 @@ static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, 
     for (Py_ssize_t n = 0; n < NB; n++) {
         for (Py_ssize_t oh = 0; oh < OH; oh++) {
             const float *xr = xr0 + n * x_nstride + oh * xstep;
-            Py_ssize_t doff = n * d_nstride + oh * OW;
+            Py_ssize_t doff = n * d_nstride + oh * ds;
             Py_ssize_t ow0 = 0;
             for (; ow0 + CHEXCY_VW <= OW; ow0 += CHEXCY_VW) {
                 x0 = chexcy_load(xr + ow0);
@@ -288,7 +288,7 @@ static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, 
  * output rows oh = row - kh it reaches; the dout vectors of the last 3 output rows stay in registers.
  * 5 loads per 18 FMAs (chexcy_dw_rows3 needs 7 per 12). Lane sums add in (n, column vector, oh) order. */
 static inline __attribute__((always_inline)) void chexcy_dw_col33(
-        const float *xr, const float *const *drows, Py_ssize_t doff, Py_ssize_t OH, Py_ssize_t OW,
+        const float *xr, const float *const *drows, Py_ssize_t doff, Py_ssize_t OH, Py_ssize_t ds,
         Py_ssize_t Wp, Py_ssize_t dw, Py_ssize_t rem, chexcy_vf acc[DWR_F][3][3])
 {
     chexcy_vf d0[DWR_F], d1[DWR_F], d2[DWR_F], x0, x1, x2;
@@ -302,8 +302,8 @@ static inline __attribute__((always_inline)) void chexcy_dw_col33(
     }
 #define CHEXCY_DW33_D(T)                                                                          \
     CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++) {                                               \
-        d0[f] = rem == CHEXCY_VW ? chexcy_load(drows[f] + doff + (T) * OW)                        \
-                                 : chexcy_load_partial(drows[f] + doff + (T) * OW, rem);          \
+        d0[f] = rem == CHEXCY_VW ? chexcy_load(drows[f] + doff + (T) * ds)                        \
+                                 : chexcy_load_partial(drows[f] + doff + (T) * ds, rem);          \
         CHEXCY_IN_REGISTER(d0[f]);                                                                \
     }
 #define CHEXCY_DW33_FMA(KH, D)                                                                    \
@@ -331,7 +331,7 @@ static inline __attribute__((always_inline)) void chexcy_dw_col33(
  * live in registers rather than in the caller's stack frame. */
 static __attribute__((noinline)) void chexcy_dw_rows33(const float *xr0, const float *const *drows, Py_ssize_t NB,
                                     Py_ssize_t x_nstride, Py_ssize_t d_nstride, Py_ssize_t OH,
-                                    Py_ssize_t OW, Py_ssize_t Wp, Py_ssize_t dw, float *part,
+                                    Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t Wp, Py_ssize_t dw, float *part,
                                     Py_ssize_t kh_stride)
 {
     chexcy_vf acc[DWR_F][3][3];
@@ -342,16 +342,40 @@ static __attribute__((noinline)) void chexcy_dw_rows33(const float *xr0, const f
     for (Py_ssize_t n = 0; n < NB; n++) {
         Py_ssize_t ow0 = 0;
         for (; ow0 + CHEXCY_VW <= OW; ow0 += CHEXCY_VW)
-            chexcy_dw_col33(xr0 + n * x_nstride + ow0, drows, n * d_nstride + ow0, OH, OW, Wp, dw,
+            chexcy_dw_col33(xr0 + n * x_nstride + ow0, drows, n * d_nstride + ow0, OH, ds, Wp, dw,
                             CHEXCY_VW, acc);
         if (ow0 < OW)   /* last OW % VW columns: masked loads, other lanes read as 0 */
-            chexcy_dw_col33(xr0 + n * x_nstride + ow0, drows, n * d_nstride + ow0, OH, OW, Wp, dw,
+            chexcy_dw_col33(xr0 + n * x_nstride + ow0, drows, n * d_nstride + ow0, OH, ds, Wp, dw,
                             OW - ow0, acc);
     }
     CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++)
         CHEXCY_UNROLL for (int kh = 0; kh < 3; kh++)
             CHEXCY_UNROLL for (int k = 0; k < 3; k++)
                 chexcy_store(part + kh * kh_stride + (f * 3 + k) * CHEXCY_VW, acc[f][kh][k]);
+}
+
+/* Sum of a rows x n block whose rows are `stride` floats apart: the same lane scheme as chexcy_sum, the
+ * lanes carried across rows and added in double once at the end. The order is fixed by the shape. */
+static inline double chexcy_sum_rows(const float *p, Py_ssize_t rows, Py_ssize_t n, Py_ssize_t stride)
+{
+    chexcy_vf a0 = chexcy_splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    float lanes[CHEXCY_VW];
+    double s = 0;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *q = p + r * stride;
+        Py_ssize_t i = 0;
+        for (; i + 4 * CHEXCY_VW <= n; i += 4 * CHEXCY_VW) {
+            a0 += chexcy_load(q + i);
+            a1 += chexcy_load(q + i + CHEXCY_VW);
+            a2 += chexcy_load(q + i + 2 * CHEXCY_VW);
+            a3 += chexcy_load(q + i + 3 * CHEXCY_VW);
+        }
+        for (; i + CHEXCY_VW <= n; i += CHEXCY_VW) a0 += chexcy_load(q + i);
+        if (i < n) a1 += chexcy_load_partial(q + i, n - i);
+    }
+    chexcy_store(lanes, (a0 + a1) + (a2 + a3));
+    for (int j = 0; j < CHEXCY_VW; j++) s += lanes[j];
+    return s;
 }
 
 /* Sum of n floats: 4 x VW lanes (vectorisable without reassociation by the compiler), the 4 vectors

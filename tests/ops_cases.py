@@ -108,6 +108,8 @@ TILE_CONV_CASES = [
     ConvCase(1, 2, 17, 64, 5, 3, 3, 1, 1, 1, 1, True),                 # dweight chunks of 16 + 1 rows
     ConvCase(2, 3, 2, 9, 4, 3, 3, 1, 1, 1, 1, True),                   # 2 output rows: no steady state
     ConvCase(2, 5, 8, 8, 19, 3, 3, 1, 1, 1, 1, True),                  # 8 x 8 planes: 2 rows per tile row
+    ConvCase(3, 1, 17, 64, 6, 3, 3, 1, (1, 2), (1, 2), 1, True),       # first layer (one input channel):
+    ConvCase(1, 1, 6, 9, 16, 3, 5, 1, (0, 2), 1, 1, False),            # dx, dweight, dbias per sample
     ConvCase(1, 3, 4, 4, 8, 3, 3, 1, 1, 1, 1, True),                   # 4 x 4 planes: 4 rows per tile row
     ConvCase(1, 4, 12, 8, 6, 3, 3, 1, (2, 1), (2, 1), 2, False),       # narrow planes, dilation, groups
     ConvCase(2, 16, 18, 18, 32, 3, 3, 1, 1, 1, 1, True),               # ref-cnn conv2-like
