@@ -378,24 +378,10 @@ static inline double chexcy_sum_rows(const float *p, Py_ssize_t rows, Py_ssize_t
     return s;
 }
 
-/* Sum of n floats: 4 x VW lanes (vectorisable without reassociation by the compiler), the 4 vectors
- * added pairwise, then the VW lanes added in order in double. The order is fixed by n alone. */
+/* Sum of n floats: chexcy_sum_rows over one row. The order is fixed by n alone. */
 static inline double chexcy_sum(const float *p, Py_ssize_t n)
 {
-    chexcy_vf a0 = chexcy_splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-    float lanes[CHEXCY_VW];
-    Py_ssize_t i = 0;
-    double s = 0;
-    for (; i + 4 * CHEXCY_VW <= n; i += 4 * CHEXCY_VW) {
-        a0 += chexcy_load(p + i);
-        a1 += chexcy_load(p + i + CHEXCY_VW);
-        a2 += chexcy_load(p + i + 2 * CHEXCY_VW);
-        a3 += chexcy_load(p + i + 3 * CHEXCY_VW);
-    }
-    chexcy_store(lanes, (a0 + a1) + (a2 + a3));
-    for (int j = 0; j < CHEXCY_VW; j++) s += lanes[j];
-    for (; i < n; i++) s += p[i];
-    return s;
+    return chexcy_sum_rows(p, 1, n, n);
 }
 
 /* Max pool, kernel 2 x 2, stride 2, no padding, one output row. First maximum in scan order (a, b, c, d);

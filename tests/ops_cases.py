@@ -192,6 +192,24 @@ def randn(rng, shape, dtype=np.float32):
     return rng.standard_normal(shape).astype(dtype)
 
 
+def central_differences(loss, array, indices=None, eps=1e-6):
+    """d loss() / d array[idx] by central differences, perturbing `array` in place one entry at a time.
+
+    indices: the entries to differentiate (default: all of them). Returns an array shaped like `array`
+    when indices is None, else a 1-D array in the order of `indices`."""
+    chosen = list(np.ndindex(array.shape)) if indices is None else list(indices)
+    out = np.zeros(len(chosen))
+    for j, idx in enumerate(chosen):
+        keep = array[idx]
+        array[idx] = keep + eps
+        up = loss()
+        array[idx] = keep - eps
+        down = loss()
+        array[idx] = keep
+        out[j] = (up - down) / (2 * eps)
+    return out.reshape(array.shape) if indices is None else out
+
+
 def make_conv_inputs(rng, case, dtype=np.float32):
     x = randn(rng, (case.N, case.C, case.H, case.W), dtype)
     weight = randn(rng, (case.F, case.C // case.groups, case.KH, case.KW), dtype)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from chexcy import nn, ops, reference
+from ops_cases import central_differences
 
 EPS = 1e-6
 TOL64 = dict(rtol=1e-6, atol=1e-8)
@@ -39,16 +40,7 @@ def to_float64(module):
 
 def numeric_grad(f, array, indices):
     """Central differences of scalar f() with respect to array[idx] for idx in indices."""
-    out = []
-    for idx in indices:
-        old = array[idx]
-        array[idx] = old + EPS
-        fp = f()
-        array[idx] = old - EPS
-        fm = f()
-        array[idx] = old
-        out.append((fp - fm) / (2 * EPS))
-    return np.array(out)
+    return central_differences(f, array, indices, eps=EPS)
 
 
 def sample_indices(shape, rng, limit=40):

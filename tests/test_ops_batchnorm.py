@@ -20,7 +20,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from chexcy import ops, reference
-from ops_cases import BACKENDS, COMPILED
+from ops_cases import BACKENDS, COMPILED, central_differences
 
 # (N, C, H, W, offset): offset is added to x, so a one-pass variance loses its digits there.
 BN_SHAPES = [
@@ -157,15 +157,7 @@ def test_reference_gradients_match_central_differences(shape, rng):
     _, mean, var = reference.batch_norm2d_forward(x, weight, bias, eps)
     grads = dict(zip(("x", "weight", "bias"), reference.batch_norm2d_backward(R, x, mean, var, weight, eps)))
     for name, param in (("x", x), ("weight", weight), ("bias", bias)):
-        numeric = np.zeros_like(param)
-        for i in np.ndindex(param.shape):
-            keep = param[i]
-            param[i] = keep + h
-            up = loss()
-            param[i] = keep - h
-            down = loss()
-            param[i] = keep
-            numeric[i] = (up - down) / (2 * h)
+        numeric = central_differences(loss, param, eps=h)
         assert_allclose(grads[name], numeric, rtol=1e-6, atol=1e-8,
                         err_msg=f"reference d{name} vs central differences, shape {shape}")
 
