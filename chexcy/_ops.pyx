@@ -680,7 +680,9 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     cdef const float[:, :, :, ::1] wv = weight
 
     if (groups == 1 and C == 1 and sh == 1 and sw == 1 and KH == 3 and dh == 1
-            and ph <= 2 and pw <= dw * (KW - 1)):
+            and ph <= 2 and pw <= dw * (KW - 1)
+            # its per-sample lane sums: N x ceil(F / DW_F) x 3 x ceil(KW / 3) x DW_F x 3 x DW_V floats
+            and N * ((F + DW_F - 1) // DW_F) * 9 * ((KW + 2) // 3) * DW_F * DW_V * 4 <= (64 << 20)):
         return _backward_one_channel(dout, x, weight, ph, pw, dw)
 
     dbias = np.empty(F, np.float32)
