@@ -458,6 +458,28 @@ cdef void _dbias_one(
     dbias[f] = <float>s
 
 
+cdef void _dw_rows(
+        const float* xc,                            # IN  padded input plane at the chunk's first row
+        const float** drows,                        # IN  DW_F dout rows (the chunk's first), DW_F channels
+        Py_ssize_t nb, Py_ssize_t x_nstride, Py_ssize_t d_nstride,   # samples in the chunk, their strides
+        Py_ssize_t rr, Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t Wp,  # chunk rows, width, dout/x row steps
+        int sh, int dh, int dw, Py_ssize_t KH, Py_ssize_t nkc, bint rows33,
+        float* part) noexcept nogil:                # IN/OUT (KH, nkc, DW_F, 3, DW_V) lane sums, this channel
+    """One chunk of dweight lane sums for one input channel: all kernel rows and groups of 3 columns,
+    with the 3-row tile when it applies (rows33: KH == 3, stride and row dilation 1; 2 rows or more)."""
+    cdef Py_ssize_t part_len = DW_F * 3 * DW_V, kh, kc, j
+    if rows33 and rr >= 2:
+        for kc in range(nkc):
+            for j in range(DW_F // DWR_F):
+                chexcy_dw_rows33(xc + kc * 3 * dw, &drows[j * DWR_F], nb, x_nstride, d_nstride, rr, OW, ds, Wp,
+                                 dw, part + kc * part_len + j * DWR_F * 3 * DW_V, nkc * part_len)
+        return
+    for kh in range(KH):
+        for kc in range(nkc):
+            chexcy_dw_rows3(xc + kh * dh * Wp + kc * 3 * dw, drows, nb, x_nstride, d_nstride, rr, OW, ds,
+                            sh * Wp, dw, part + (kh * nkc + kc) * part_len)
+
+
 cdef void _dw_block(
         const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
         const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
@@ -509,18 +531,8 @@ cdef void _dw_block(
                     bsum[f] += chexcy_sum(drows[f] + j * F * OH * OW, rr * OW)
             for c in range(Cg):
                 xc = xpad + (n0 * C + g * Cg + c) * Hp * Wp + r0 * sh * Wp
-                if rows33 and rr >= 2:
-                    for kc in range(nkc):
-                        for j in range(DW_F // DWR_F):
-                            chexcy_dw_rows33(xc + kc * 3 * dw, &drows[j * DWR_F], nb, C * Hp * Wp,
-                                             F * OH * OW, rr, OW, OW, Wp, dw, part + (c * KH * nkc + kc) * part_len
-                                             + j * DWR_F * 3 * DW_V, nkc * part_len)
-                    continue
-                for kh in range(KH):
-                    for kc in range(nkc):
-                        chexcy_dw_rows3(xc + kh * dh * Wp + kc * 3 * dw, drows, nb, C * Hp * Wp,
-                                        F * OH * OW, rr, OW, OW, sh * Wp, dw,
-                                        part + ((c * KH + kh) * nkc + kc) * part_len)
+                _dw_rows(xc, drows, nb, C * Hp * Wp, F * OH * OW, rr, OW, OW, Wp, sh, dh, dw, KH, nkc, rows33,
+                         part + c * KH * nkc * part_len)
             r0 += rr
         n0 += nb
     for f in range(nf):
@@ -590,16 +602,7 @@ cdef void _dw_one_sample(
             for f in range(DW_F):
                 # channels past the end repeat the last one; their sums are never used
                 drows[f] = dn + (f0 + (f if f < nf else nf - 1)) * dplane + r0 * ds
-            for kc in range(nkc):
-                if rr >= 2:
-                    for j in range(DW_F // DWR_F):
-                        chexcy_dw_rows33(xp + r0 * Wp + kc * 3 * dw, &drows[j * DWR_F], 1, 0, 0, rr, OW, ds,
-                                         Wp, dw, part + fb * blk + kc * part_len + j * DWR_F * 3 * DW_V,
-                                         nkc * part_len)
-                else:
-                    for kh in range(3):
-                        chexcy_dw_rows3(xp + (r0 + kh) * Wp + kc * 3 * dw, drows, 1, 0, 0, rr, OW, ds, Wp, dw,
-                                        part + fb * blk + (kh * nkc + kc) * part_len)
+            _dw_rows(xp + r0 * Wp, drows, 1, 0, 0, rr, OW, ds, Wp, 1, 1, dw, 3, nkc, True, part + fb * blk)
             r0 += rr
 
 
