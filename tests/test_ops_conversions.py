@@ -11,7 +11,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from chexcy import ops
-from ops_cases import randn
+from ops_cases import COMPILED, randn
 
 
 def _variants(a):
@@ -115,3 +115,20 @@ def test_dbias_is_returned_without_bias(op, backend, rng):
         want = dout.sum(axis=0)
     assert dbias.shape == want.shape
     np.testing.assert_allclose(dbias, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")
+def test_compiled_store_bound_outputs_start_on_a_cache_line(rng):
+    """The compiled conv forward and global-average-pool backward write into 64-byte aligned arrays
+    (full-width vector stores that straddle two cache lines cost them 2-8%); their results are still
+    ordinary arrays that own nothing special."""
+    outs = []
+    with ops.use_backend("cython"):
+        for n, h, w in [(1, 5, 3), (2, 37, 29), (3, 64, 64)]:     # small, odd, and above malloc's mmap size
+            outs.append(("conv2d_forward", ops.conv2d_forward(randn(rng, (n, 1, h, w)),
+                                                              randn(rng, (3, 1, 3, 3)), padding=1)))
+            outs.append(("global_avg_pool2d_backward",
+                         ops.global_avg_pool2d_backward(randn(rng, (n, 5)), (n, 5, h, w))))
+    for name, out in outs:
+        assert out.ctypes.data % 64 == 0, f"{name}: data at {out.ctypes.data % 64} bytes past a cache line"
+        assert out.flags.c_contiguous and out.flags.writeable and out.dtype == np.float32, name
