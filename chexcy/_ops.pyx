@@ -84,8 +84,7 @@ cdef extern from "_ops_config.h" nogil:
                          Py_ssize_t xstep, Py_ssize_t dw, float* part)
     void chexcy_dw_rows33(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
                           Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t Wp,
-                          Py_ssize_t dw,
-                          float* part, Py_ssize_t kh_stride)
+                          Py_ssize_t dw, float* part, Py_ssize_t kh_stride, const float* pf)
 
 cdef enum:
     DW_CHUNK = 4096     # floats of dout (one channel block) per dweight chunk: 16 KiB, within L1
@@ -478,15 +477,19 @@ cdef void _dw_rows(
         Py_ssize_t nb, Py_ssize_t x_nstride, Py_ssize_t d_nstride,   # samples in the chunk, their strides
         Py_ssize_t rr, Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t Wp,  # chunk rows, width, dout/x row steps
         int sh, int dh, int dw, Py_ssize_t KH, Py_ssize_t nkc, bint rows33,
-        float* part) noexcept nogil:                # IN/OUT (KH, nkc, DW_F, 3, DW_V) lane sums, this channel
+        float* part,                                # IN/OUT (KH, nkc, DW_F, 3, DW_V) lane sums, this channel
+        const float* pf) noexcept nogil:            # IN  the next call's input (prefetched), laid out as xc
     """One chunk of dweight lane sums for one input channel: all kernel rows and groups of 3 columns,
-    with the 3-row tile when it applies (rows33: KH == 3, stride and row dilation 1; 2 rows or more)."""
+    with the 3-row tile when it applies (rows33: KH == 3, stride and row dilation 1; 2 rows or more).
+    The 3-row tile prefetches `pf` (its calls for the DW_F // DWR_F channel pairs take turns over the
+    two halves of each 128-byte stretch of a row)."""
     cdef Py_ssize_t part_len = DW_F * 3 * DW_V, kh, kc, j
     if rows33 and rr >= 2:
         for kc in range(nkc):
             for j in range(DW_F // DWR_F):
                 chexcy_dw_rows33(xc + kc * 3 * dw, &drows[j * DWR_F], nb, x_nstride, d_nstride, rr, OW, ds, Wp,
-                                 dw, part + kc * part_len + j * DWR_F * 3 * DW_V, nkc * part_len)
+                                 dw, part + kc * part_len + j * DWR_F * 3 * DW_V, nkc * part_len,
+                                 pf + kc * 3 * dw + (j % 2) * 16)
         return
     for kh in range(KH):
         for kc in range(nkc):
@@ -494,11 +497,20 @@ cdef void _dw_rows(
                             sh * Wp, dw, part + (kh * nkc + kc) * part_len)
 
 
+cdef inline Py_ssize_t _chunk_plane(Py_ssize_t n, Py_ssize_t c, Py_ssize_t N, Py_ssize_t C,
+                                    Py_ssize_t NB) noexcept nogil:
+    """Where dweight keeps the padded plane (n, c): chunk-major, (N / NB chunks, C, NB samples). The
+    planes a _dw_rows call reads (NB samples of one channel) are then contiguous, and so are the calls
+    for consecutive channels, so the next call's input is one stretch of memory to prefetch."""
+    cdef Py_ssize_t n0 = n - n % NB
+    return n0 * C + c * min(NB, N - n0) + (n - n0)
+
+
 cdef void _dw_block(
         const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
         const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
         float[:, :, :, ::1] dweight,                # OUT (F, Cg, KH, KW), channels [f0, f0 + nf)
-        const float* xpad,                          # IN  (N, C, Hp, Wp) + slack: x zero-padded once
+        const float* xpad,                          # IN  x zero-padded once, chunk-major (_chunk_plane)
         Py_ssize_t unit,                            # which (g, block of DW_F output channels)
         Py_ssize_t R,                               # dout rows per chunk (whole planes if NB > 1)
         Py_ssize_t NB,                              # samples per chunk (1 unless R covers a plane)
@@ -518,9 +530,10 @@ cdef void _dw_block(
     cdef Py_ssize_t nfb = (Fg + DW_F - 1) // DW_F, g = unit // nfb, fb = unit % nfb
     cdef Py_ssize_t f0 = g * Fg + fb * DW_F, nf = Fg - fb * DW_F
     cdef Py_ssize_t part_len = DW_F * 3 * DW_V
-    cdef Py_ssize_t n0, nb, r0, rr, c, kh, kc, f, j, kw
+    cdef Py_ssize_t n0, nb, r0, rr, c, kh, kc, f, j, kw, plane
     cdef const float* drows[DW_F]
     cdef const float* xc
+    cdef const float* pf
     cdef float* p
     cdef float s
     cdef double bsum[DW_F]
@@ -544,9 +557,12 @@ cdef void _dw_block(
                 for j in range(nb):
                     bsum[f] += chexcy_sum(drows[f] + j * F * OH * OW, rr * OW)
             for c in range(Cg):
-                xc = xpad + (n0 * C + g * Cg + c) * Hp * Wp + r0 * sh * Wp
-                _dw_rows(xc, drows, nb, C * Hp * Wp, F * OH * OW, rr, OW, OW, Wp, sh, dh, dw, KH, nkc, rows33,
-                         part + c * KH * nkc * part_len)
+                plane = _chunk_plane(n0, g * Cg + c, N, C, NB)
+                xc = xpad + plane * Hp * Wp + r0 * sh * Wp
+                # the next channel's planes (or the next chunk's first: they follow on), when all in x
+                pf = xc + nb * Hp * Wp if plane + 2 * nb <= N * C else xc
+                _dw_rows(xc, drows, nb, Hp * Wp, F * OH * OW, rr, OW, OW, Wp, sh, dh, dw, KH, nkc, rows33,
+                         part + c * KH * nkc * part_len, pf)
             r0 += rr
         n0 += nb
     for f in range(nf):
@@ -616,7 +632,8 @@ cdef void _dw_one_sample(
             for f in range(DW_F):
                 # channels past the end repeat the last one; their sums are never used
                 drows[f] = dn + (f0 + (f if f < nf else nf - 1)) * dplane + r0 * ds
-            _dw_rows(xp + r0 * Wp, drows, 1, 0, 0, rr, OW, ds, Wp, 1, 1, dw, 3, nkc, True, part + fb * blk)
+            _dw_rows(xp + r0 * Wp, drows, 1, 0, 0, rr, OW, ds, Wp, 1, 1, dw, 3, nkc, True, part + fb * blk,
+                     xp + r0 * Wp)      # the plane is in L1 already: nothing further to prefetch
             r0 += rr
 
 
@@ -760,7 +777,8 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         xpad_flat = np.zeros(N * C * Hp * Wp + 3 * dw + DW_V, np.float32)
         pad_s = xpad_flat[:N * C * Hp * Wp].reshape(N * C, Hp * Wp)
         for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-            _pad_planes(&xv[u // C, u % C, 0, 0], &pad_s[u, 0], 1, H, W, ph, pw)
+            _pad_planes(&xv[u // C, u % C, 0, 0], &pad_s[_chunk_plane(u // C, u % C, N, C, nb), 0], 1, H, W,
+                        ph, pw)
         part_s = np.empty((n_threads, Cg * KH * nkc * DW_F * 3 * DW_V), np.float32)
         units = groups * ((Fg + DW_F - 1) // DW_F)
         for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):

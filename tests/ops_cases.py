@@ -112,6 +112,10 @@ TILE_CONV_CASES = [
     ConvCase(1, 1, 6, 9, 16, 3, 5, 1, (0, 2), 1, 1, False),            # dx, dweight, dbias per sample
     ConvCase(1, 3, 4, 4, 8, 3, 3, 1, 1, 1, 1, True),                   # 4 x 4 planes: 4 rows per tile row
     ConvCase(1, 4, 12, 8, 6, 3, 3, 1, (2, 1), (2, 1), 2, False),       # narrow planes, dilation, groups
+    # dweight takes whole planes in chunks of NB samples (NB = 4 at 16 columns, 16 at 8): batches with
+    # a shorter last chunk, whose padded planes are laid out with that chunk's own sample count
+    ConvCase(5, 3, 16, 16, 6, 3, 3, 1, 1, 1, 1, True),                 # chunks of 4 + 1 samples
+    ConvCase(18, 2, 8, 8, 6, 3, 3, 1, 1, 1, 2, False),                 # 16 + 2, groups 2
     ConvCase(2, 16, 18, 18, 32, 3, 3, 1, 1, 1, 1, True),               # ref-cnn conv2-like
     ConvCase(2, 1, 40, 40, 16, 3, 3, 1, 1, 1, 1, True),                # ref-cnn conv1-like
     ConvCase(2, 3, 34, 34, 17, 5, 3, 1, 2, 1, 1, True),                # KH != 3
