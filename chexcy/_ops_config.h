@@ -287,8 +287,8 @@ static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, 
  * Each input row is loaded once per column vector (3 shifted vectors) and feeds the 3 kernel rows whose
  * output rows oh = row - kh it reaches; the dout vectors of the last 3 output rows stay in registers.
  * 5 loads per 18 FMAs (chexcy_dw_rows3 needs 7 per 12). Lane sums add in (n, column vector, oh) order.
- * pf: where the next call's input starts (same extents: samples x_nstride apart); one of its rows is
- * prefetched per input row here. Without it each call's input comes from L2/L3 at ~20% of the time. */
+ * pf: where the next call's input starts (same extents: samples x_nstride apart); its rows are
+ * prefetched one per input row here. Without it each call's input comes from L2/L3 at ~20% of the time. */
 static inline __attribute__((always_inline)) void chexcy_dw_col33(
         const float *xr, const float *const *drows, Py_ssize_t doff, Py_ssize_t OH, Py_ssize_t ds,
         Py_ssize_t Wp, Py_ssize_t dw, Py_ssize_t rem, chexcy_vf acc[DWR_F][3][3], const float *pf)
@@ -314,8 +314,10 @@ static inline __attribute__((always_inline)) void chexcy_dw_col33(
     }
     /* input row t meets dout rows t (kernel row 0, in d0), t - 1 (row 1, d1) and t - 2 (row 2, d2) */
     CHEXCY_DW33_X(0) CHEXCY_DW33_D(0) CHEXCY_DW33_FMA(0, d0)
+    __builtin_prefetch(pf);
     CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++) d1[f] = d0[f];
     CHEXCY_DW33_X(1) CHEXCY_DW33_D(1) CHEXCY_DW33_FMA(0, d0) CHEXCY_DW33_FMA(1, d1)
+    __builtin_prefetch(pf + Wp);
     for (Py_ssize_t t = 2; t < OH; t++) {
         CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++) { d2[f] = d1[f]; d1[f] = d0[f]; }
         CHEXCY_DW33_X(t) CHEXCY_DW33_D(t)
@@ -324,7 +326,9 @@ static inline __attribute__((always_inline)) void chexcy_dw_col33(
     }
     /* the last two input rows: only kernel rows 1 and 2 (OH >= 2, so d1 holds dout row OH - 2) */
     CHEXCY_DW33_X(OH) CHEXCY_DW33_FMA(1, d0) CHEXCY_DW33_FMA(2, d1)
+    __builtin_prefetch(pf + OH * Wp);
     CHEXCY_DW33_X(OH + 1) CHEXCY_DW33_FMA(2, d0)
+    __builtin_prefetch(pf + (OH + 1) * Wp);
 #undef CHEXCY_DW33_X
 #undef CHEXCY_DW33_D
 #undef CHEXCY_DW33_FMA
