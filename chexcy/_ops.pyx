@@ -57,15 +57,12 @@ cdef extern from "_ops_config.h" nogil:
         DW_F        # output channels per dweight tile (x 3 kernel columns x DW_V lanes)
         DWR_F       # output channels per 3-kernel-row dweight tile (x 3 x 3 x DW_V lanes)
         DW_V
-    # register tiles: FWD_F channels x FWD_NR rows; FWD_F channels x 1 row; 1 channel x 1 row;
+    # register tiles: FWD_F channels x FWD_NR, 2 or 1 rows; 1 channel x 1 row;
     # 1 channel x FWD_NR3 rows (KH = 3, stride 1, row dilation 1)
-    void chexcy_fwd_tile(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
-                         Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
-                         const float* bias, float* dst, Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)
-    void chexcy_fwd_tile_r1(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
-                            Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
-                            Py_ssize_t xrow_step, const float* bias, float* dst, Py_ssize_t dst_fstride,
-                            Py_ssize_t dst_rstride)
+    void chexcy_fwd_tile_rows(Py_ssize_t nr, const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH,
+                              Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
+                              Py_ssize_t xrow_step, const float* bias, float* dst, Py_ssize_t dst_fstride,
+                              Py_ssize_t dst_rstride)
     void chexcy_fwd_tile1(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
                           Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
                           const float* bias, float* dst, Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)
@@ -269,7 +266,7 @@ cdef void _conv_rows(
         Py_ssize_t FB, Py_ssize_t Cg, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW,
         Py_ssize_t OH, Py_ssize_t OW, int sh, int sw, int dh, int dw) noexcept nogil:
     """FB output planes (FB = FWD_F, or 1 for leftover channels), tile by tile: FWD_NR rows at a time
-    (one for leftover rows and channels), FWD_W (or FWD_W1) columns at a time. One channel with a
+    (2 or 1 for the rows left over, one for leftover channels), FWD_W (or FWD_W1) columns at a time. One channel with a
     3-row kernel at stride 1 goes FWD_NR3 rows x FWD_W3 columns at a time (rows left over: one by one)."""
     cdef bint rows3 = FB == 1 and KH == 3 and dh == 1 and sh == 1 and sw == 1
     cdef bint use3
@@ -287,7 +284,11 @@ cdef void _conv_rows(
         if use3:
             nr, tile_w = FWD_NR3, FWD_W3
         else:
-            nr = FWD_NR if (FB == FWD_F and oh + FWD_NR <= OH and sw == 1) else 1
+            nr = 1
+            if FB == FWD_F and sw == 1:
+                # FWD_NR rows at a time; 4 rows left go as 2 + 2 rather than 3 + 1 (a 1-row tile
+                # does a weight load per FMA)
+                nr = 2 if FWD_NR == 3 and OH - oh == 4 else min(FWD_NR, OH - oh)
             tile_w = FWD_W if FB == FWD_F else FWD_W1
         xrow = xpad + oh * sh * Wp
         ow0 = 0
@@ -310,12 +311,9 @@ cdef void _conv_rows(
             elif FB != FWD_F:
                 chexcy_fwd_tile1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, sh * Wp,
                                  bias, dst, fstride, rstride)
-            elif nr == FWD_NR:
-                chexcy_fwd_tile(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, sh * Wp,
-                                bias, dst, fstride, rstride)
             else:
-                chexcy_fwd_tile_r1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, sh * Wp,
-                                   bias, dst, fstride, rstride)
+                chexcy_fwd_tile_rows(nr, xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, sh * Wp,
+                                     bias, dst, fstride, rstride)
             if width != tile_w:
                 for f in range(FB):
                     for r in range(nr):

@@ -27,7 +27,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define CHEXCY_ISA "avx512"
 #define CHEXCY_VW 16
 #define FWD_F 8
-#define FWD_NR 2
+#define FWD_NR 3    /* 8 channels x 3 rows = 24 zmm + 3 inputs + 1 weight */
 #define FWD_NV 1
 #define FWD_NR3 8   /* one-channel 3-row tile: 8 rows x 3 vectors = 24 zmm + 3 inputs + 3 weights */
 #define FWD_NV3 3
@@ -174,8 +174,38 @@ static inline void NAME(const float *xt, const float *wt, Py_ssize_t Cg, Py_ssiz
 }
 
 CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile, FWD_F, FWD_NR, FWD_NV)     /* the main tile */
-CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile_r1, FWD_F, 1, FWD_NV)       /* rows left over (OH % FWD_NR) */
+CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile_r2, FWD_F, 2, FWD_NV)       /* rows left over (OH % FWD_NR) */
+CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile_r1, FWD_F, 1, FWD_NV)
 CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile1, 1, 1, FWD_NV1)            /* channels left over */
+
+/* FWD_F channels x nr rows (nr = FWD_NR, 2 or 1) of one tile column. 3x3 kernels get copies of the
+ * tiles compiled with KH = KW = 3, whose kernel loops unroll: with the sizes known only at run time
+ * the kw loop's counter and branch ran with every 3 x (FWD_F + NR) loads, and the tile reached 176
+ * instead of 190 GFLOP/s on one core (8 x 2 tile, AVX-512, a harness with the data in L1/L2). */
+#define CHEXCY_FWD_TILE_ROWS(KH_, KW_)                                                             \
+    do {                                                                                           \
+        if (nr == FWD_NR)                                                                          \
+            chexcy_fwd_tile(xt, wt, Cg, KH_, KW_, plane, Wp, dh, dw, xrow_step, bias, dst,         \
+                            dst_fstride, dst_rstride);                                             \
+        else if (nr == 2)                                                                          \
+            chexcy_fwd_tile_r2(xt, wt, Cg, KH_, KW_, plane, Wp, dh, dw, xrow_step, bias, dst,      \
+                               dst_fstride, dst_rstride);                                          \
+        else                                                                                       \
+            chexcy_fwd_tile_r1(xt, wt, Cg, KH_, KW_, plane, Wp, dh, dw, xrow_step, bias, dst,      \
+                               dst_fstride, dst_rstride);                                          \
+    } while (0)
+static inline void chexcy_fwd_tile_rows(Py_ssize_t nr, const float *xt, const float *wt, Py_ssize_t Cg,
+                                        Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp,
+                                        Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
+                                        const float *bias, float *dst, Py_ssize_t dst_fstride,
+                                        Py_ssize_t dst_rstride)
+{
+    if (KH == 3 && KW == 3)
+        CHEXCY_FWD_TILE_ROWS(3, 3);
+    else
+        CHEXCY_FWD_TILE_ROWS(KH, KW);
+}
+#undef CHEXCY_FWD_TILE_ROWS
 
 /* One output channel, 3-row kernel, stride 1, row dilation 1: out tile (NR, NV * VW),
  *   = bias + sum over (c, kh, kw) of w[c, kh, kw] * x[c, (r + kh) * Wp + kw*dw + col]
