@@ -776,7 +776,8 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         # read up to 2 * dw past the last row (into lanes whose sums are never stored)
         Hp = H + 2 * ph
         Wp = W + 2 * pw
-        xpad_flat = np.zeros(N * C * Hp * Wp + 3 * dw + DW_V, np.float32)
+        xpad_flat = _empty((N * C * Hp * Wp + 3 * dw + DW_V,))
+        xpad_flat[N * C * Hp * Wp:] = 0     # the slack; _pad_planes writes every float of the planes
         pad_s = xpad_flat[:N * C * Hp * Wp].reshape(N * C, Hp * Wp)
         for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
             _pad_planes(&xv[u // C, u % C, 0, 0], &pad_s[_chunk_plane(u // C, u % C, N, C, nb), 0], 1, H, W,
@@ -1031,11 +1032,11 @@ def global_avg_pool2d_backward(dout, x_shape):
     cdef Py_ssize_t N = x_shape[0], C = x_shape[1], HW = x_shape[2] * x_shape[3], u
     cdef int n_threads = _threads()
     dx = _empty(tuple(x_shape))
-    cdef const float[:, ::1] dv = dout
-    cdef float[:, :, :, ::1] dxv = dx
+    cdef const float[::1] dv = dout.reshape(-1)
+    cdef float[::1] dxv = dx.reshape(-1)
     cdef float inv = 1.0 / HW
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        _plane_fill(&dxv[u // C, u % C, 0, 0], dv[u // C, u % C] * inv, HW)
+        _plane_fill(&dxv[u * HW], dv[u] * inv, HW)      # planes in order: no index arithmetic per plane
     return dx
 
 
