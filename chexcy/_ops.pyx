@@ -70,6 +70,7 @@ cdef extern from "_ops_config.h" nogil:
                              Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dw, float bias, float* dst,
                              Py_ssize_t dst_rstride)
     double chexcy_sum(const float* p, Py_ssize_t n)
+    float chexcy_lane_total(const float* p)
     double chexcy_sum_rows(const float* p, Py_ssize_t rows, Py_ssize_t n, Py_ssize_t stride)
     void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
                                  int64_t base, Py_ssize_t W, Py_ssize_t OW)
@@ -573,10 +574,7 @@ cdef void _dw_block(
             for kh in range(KH):
                 for kw in range(KW):
                     p = part + ((c * KH + kh) * nkc + kw // 3) * part_len + (f * 3 + kw % 3) * DW_V
-                    s = 0
-                    for j in range(DW_V):
-                        s = s + p[j]
-                    dweight[f0 + f, c, kh, kw] = s
+                    dweight[f0 + f, c, kh, kw] = chexcy_lane_total(p)
 
 
 cdef void _dw_plain(

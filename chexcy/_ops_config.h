@@ -391,6 +391,26 @@ static __attribute__((noinline)) void chexcy_dw_rows33(const float *xr0, const f
                 chexcy_store(part + kh * kh_stride + (f * 3 + k) * CHEXCY_VW, acc[f][kh][k]);
 }
 
+/* Total of the CHEXCY_VW lane sums at p (a dweight lane-sum vector), halving: lanes j and j + VW/2,
+ * then j and j + VW/4, ... The order is fixed by the build (bitwise reproducible), and the halving
+ * steps are whole-vector adds: added one after another, the 16 lanes were a chain of 16 dependent
+ * scalar adds for every dweight value (3% of conv4's backward). */
+static inline float chexcy_lane_total(const float *p)
+{
+#if CHEXCY_VW == 16
+    __m512 v = _mm512_loadu_ps(p);
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+#elif CHEXCY_VW == 8
+    __m256 h = _mm256_loadu_ps(p);
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+#else
+    __m128 q = _mm_loadu_ps(p);
+#endif
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));                      /* lanes 0 + 2, 1 + 3 */
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));  /* then 0 + 1 */
+}
+
 /* Sum of a rows x n block whose rows are `stride` floats apart: the same lane scheme as chexcy_sum, the
  * lanes carried across rows and added in double once at the end. The order is fixed by the shape. */
 static inline double chexcy_sum_rows(const float *p, Py_ssize_t rows, Py_ssize_t n, Py_ssize_t stride)
