@@ -532,12 +532,11 @@ cdef void _dw_block(
     cdef Py_ssize_t nfb = (Fg + DW_F - 1) // DW_F, g = unit // nfb, fb = unit % nfb
     cdef Py_ssize_t f0 = g * Fg + fb * DW_F, nf = Fg - fb * DW_F
     cdef Py_ssize_t part_len = DW_F * 3 * DW_V
-    cdef Py_ssize_t n0, nb, r0, rr, c, kh, kc, f, j, kw, plane
+    cdef Py_ssize_t n0, nb, r0, rr, c, kh, f, j, kw, plane
     cdef const float* drows[DW_F]
     cdef const float* xc
     cdef const float* pf
     cdef float* p
-    cdef float s
     cdef double bsum[DW_F]
     # 3 kernel rows, stride and dilation 1 in rows: each input row feeds all 3 (chexcy_dw_rows33)
     cdef bint rows33 = KH == 3 and sh == 1 and dh == 1
