@@ -1019,100 +1019,97 @@ def global_avg_pool2d_backward(dout, x_shape):
 # ------------------------------------------------------------------------------------------------
 # Linear: y = x @ W.T + b
 # ------------------------------------------------------------------------------------------------
+# All three products of a dense layer are one blocked matrix multiply (_ops_gemm.h), C = init + A B,
+# with A and B read through element strides:
+#   forward  out (N, O)    = b + x (N, K) . W^T (K, O)
+#   dx       dx (N, K)     = dout (N, O) . W (O, K)
+#   dweight  dweight (O, K) = dout^T (O, N) . x (N, K)
+# The B operand is packed once per call (parallel over its column strips); then each task (a block of
+# rows of C x a range of column strips) packs its rows of A per K block and runs the register tiles.
+# Every element of C is its init followed by the multiply-adds in k order, whichever task computes it,
+# so the result is bitwise the same for any thread count (see _ops_gemm.h).
 
-cdef inline float _dot(const float* a, const float* b, Py_ssize_t K) noexcept nogil:
-    """Dot product in DW_V lanes (vectorisable without reassociation), lanes summed in order."""
-    cdef float acc[DW_V]
-    cdef Py_ssize_t k = 0, j
-    cdef float s = 0
-    for j in range(DW_V):
-        acc[j] = 0
-    while k + DW_V <= K:
-        for j in range(DW_V):
-            acc[j] += a[k + j] * b[k + j]
-        k += DW_V
-    for j in range(K - k):
-        acc[j] += a[k + j] * b[k + j]
-    for j in range(DW_V):
-        s = s + acc[j]
-    return s
-
-
-cdef void _linear_row(
-        const float[:, ::1] x, const float[:, ::1] w, const float[::1] b,   # IN (N, K), (O, K), (O,)
-        float[:, ::1] out, Py_ssize_t n) noexcept nogil:                    # OUT (N, O), row n
-    cdef Py_ssize_t o, K = x.shape[1]
-    for o in range(w.shape[0]):
-        out[n, o] = _dot(&x[n, 0], &w[o, 0], K) + b[o]
+cdef extern from "_ops_gemm.h" nogil:
+    enum:
+        GEMM_MR     # rows of C per register tile
+        GEMM_NR     # columns of C per register tile (and per packed B strip)
+        GEMM_MC     # rows of C per task at most
+    Py_ssize_t chexcy_gemm_abuf_floats(Py_ssize_t mc, Py_ssize_t K)
+    void chexcy_gemm_pack_b(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K, Py_ssize_t N,
+                            Py_ssize_t s, float* dst)
+    void chexcy_gemm_task(const float* A, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t m0, Py_ssize_t mc,
+                          Py_ssize_t K, const float* bp, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t N,
+                          const float* init, float* C, Py_ssize_t ldc, float* abuf)
+    void chexcy_col_sums(const float* d, Py_ssize_t M, Py_ssize_t ld, Py_ssize_t j0, Py_ssize_t n, float* out)
 
 
-cdef void _linear_dx_row(
-        const float[:, ::1] dout, const float[:, ::1] w,    # IN (N, O), (O, K)
-        float[:, ::1] dx, Py_ssize_t n) noexcept nogil:     # OUT (N, K), row n
-    cdef Py_ssize_t o, k, K = w.shape[1]
-    cdef float g
-    cdef float* r = &dx[n, 0]
-    cdef const float* wr
-    for k in range(K):
-        r[k] = 0
-    for o in range(w.shape[0]):
-        g = dout[n, o]
-        wr = &w[o, 0]
-        for k in range(K):
-            r[k] += g * wr[k]
+cdef void _gemm_task(
+        const float* A, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t M, Py_ssize_t K,   # IN A (M, K)
+        const float* bp, Py_ssize_t N, const float* init,      # IN packed B (K, N) strips, init (N_pad,)
+        float* C, float* abuf, Py_ssize_t abuf_len,            # OUT C (M, N); per-thread scratch
+        Py_ssize_t mc, Py_ssize_t ncb, Py_ssize_t n_strips, Py_ssize_t t) noexcept nogil:
+    """Task t of the grid (row blocks of mc rows) x (ncb ranges of column strips)."""
+    cdef Py_ssize_t rb = t // ncb, cb = t % ncb
+    cdef Py_ssize_t m0 = rb * mc
+    cdef Py_ssize_t rows = M - m0 if M - m0 < mc else mc
+    chexcy_gemm_task(A, a_rs, a_cs, m0, rows, K, bp, cb * n_strips // ncb, (cb + 1) * n_strips // ncb,
+                     N, init, C, N, abuf + omp_get_thread_num() * abuf_len)
 
 
-cdef void _linear_dw_row(
-        const float[:, ::1] dout, const float[:, ::1] x,    # IN (N, O), (N, K)
-        float[:, ::1] dw, float[::1] db, Py_ssize_t o) noexcept nogil:   # OUT (O, K), (O,): row o
-    cdef Py_ssize_t n, k, K = x.shape[1]
-    cdef float g
-    cdef double sb = 0
-    cdef float* r = &dw[o, 0]
-    cdef const float* xr
-    for k in range(K):
-        r[k] = 0
-    for n in range(x.shape[0]):
-        g = dout[n, o]
-        sb += g
-        xr = &x[n, 0]
-        for k in range(K):
-            r[k] += g * xr[k]
-    db[o] = <float>sb
+cdef _gemm(const float[:, ::1] a, bint a_transposed, const float[:, ::1] b, bint b_transposed,
+           bias, int n_threads):
+    """C = bias + op(a) @ op(b), op(m) = m.T when the flag says so; bias (N,) or None. Returns C (M, N)."""
+    cdef Py_ssize_t M = a.shape[1] if a_transposed else a.shape[0]
+    cdef Py_ssize_t K = a.shape[0] if a_transposed else a.shape[1]
+    cdef Py_ssize_t N = b.shape[0] if b_transposed else b.shape[1]
+    # element strides of A (M, K) and B (K, N) in the given C-contiguous arrays
+    cdef Py_ssize_t a_rs = 1 if a_transposed else K, a_cs = M if a_transposed else 1
+    cdef Py_ssize_t b_rs = 1 if b_transposed else N, b_cs = K if b_transposed else 1
+    cdef Py_ssize_t n_strips = (N + GEMM_NR - 1) // GEMM_NR
+    # Task grid, from the shape: row blocks of at most GEMM_MC rows, equal sizes (rounded up to the
+    # tile height); when that gives fewer than 4 blocks, the column strips are split too, so 2-3
+    # threads have work to share.
+    cdef Py_ssize_t nbm = (M + GEMM_MC - 1) // GEMM_MC
+    cdef Py_ssize_t mc = ((M + nbm - 1) // nbm + GEMM_MR - 1) // GEMM_MR * GEMM_MR
+    nbm = (M + mc - 1) // mc
+    cdef Py_ssize_t ncb = min(n_strips, (4 + nbm - 1) // nbm)
+    cdef Py_ssize_t n_tasks = nbm * ncb, s, t
+    cdef Py_ssize_t abuf_len = (chexcy_gemm_abuf_floats(mc, K) + 15) // 16 * 16   # 64-byte slots
+    out = _empty((M, N))
+    packed_b = _empty((n_strips * K * GEMM_NR,))
+    abuf = _empty((n_threads * abuf_len,))
+    init = np.zeros(n_strips * GEMM_NR, np.float32)
+    if bias is not None:
+        init[:N] = bias
+    cdef float[:, ::1] cv = out
+    cdef float[::1] bpv = packed_b
+    cdef float[::1] av = abuf
+    cdef const float[::1] iv = init
+    for s in prange(n_strips, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_gemm_pack_b(&b[0, 0], b_rs, b_cs, K, N, s, &bpv[s * K * GEMM_NR])
+    for t in prange(n_tasks, nogil=True, schedule="static", num_threads=n_threads):
+        _gemm_task(&a[0, 0], a_rs, a_cs, M, K, &bpv[0], N, &iv[0], &cv[0, 0], &av[0], abuf_len,
+                   mc, ncb, n_strips, t)
+    return out
 
 
 def linear_forward(x, weight, bias):
     """x (N, K), weight (O, K), bias (O,) or None -> out (N, O) = x @ weight.T + bias."""
-    cdef Py_ssize_t N = x.shape[0], O = weight.shape[0], u
-    cdef int n_threads = _threads()
-    out = np.empty((N, O), np.float32)
-    b = np.zeros(O, np.float32) if bias is None else bias
-    cdef const float[:, ::1] xv = x
-    cdef const float[:, ::1] wv = weight
-    cdef const float[::1] bv = b
-    cdef float[:, ::1] ov = out
-    for u in prange(N, nogil=True, schedule="static", num_threads=n_threads):
-        _linear_row(xv, wv, bv, ov, u)
-    return out
+    return _gemm(x, False, weight, True, bias, _threads())
 
 
 def linear_backward(dout, x, weight):
     """dout (N, O), x (N, K), weight (O, K) -> (dx (N, K), dweight (O, K), dbias (O,))."""
-    cdef Py_ssize_t N = x.shape[0], K = x.shape[1], O = weight.shape[0], u
     cdef int n_threads = _threads()
-    dx = np.empty((N, K), np.float32)
-    dweight = np.empty((O, K), np.float32)
+    cdef Py_ssize_t N = dout.shape[0], O = dout.shape[1], u, n_blocks = (O + 63) // 64
+    dx = _gemm(dout, False, weight, False, None, n_threads)
+    dweight = _gemm(dout, True, x, False, None, n_threads)
     dbias = np.empty(O, np.float32)
     cdef const float[:, ::1] dv = dout
-    cdef const float[:, ::1] xv = x
-    cdef const float[:, ::1] wv = weight
-    cdef float[:, ::1] dxv = dx
-    cdef float[:, ::1] dwv = dweight
     cdef float[::1] dbv = dbias
-    for u in prange(N, nogil=True, schedule="static", num_threads=n_threads):
-        _linear_dx_row(dv, wv, dxv, u)
-    for u in prange(O, nogil=True, schedule="static", num_threads=n_threads):
-        _linear_dw_row(dv, xv, dwv, dbv, u)
+    # column sums in float64, 64 columns per piece, each piece summed over the rows in order
+    for u in prange(n_blocks, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_col_sums(&dv[0, 0], N, O, u * 64, 64 if O - u * 64 > 64 else O - u * 64, &dbv[0])
     return dx, dweight, dbias
 
 
