@@ -1034,6 +1034,7 @@ cdef extern from "_ops_gemm.h" nogil:
         GEMM_MR     # rows of C per register tile
         GEMM_NR     # columns of C per register tile (and per packed B strip)
         GEMM_MC     # rows of C per task at most
+        GEMM_SERIAL_MADDS   # below this many multiply-adds a product runs on one thread
     Py_ssize_t chexcy_gemm_abuf_floats(Py_ssize_t mc, Py_ssize_t K)
     void chexcy_gemm_pack_b(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K, Py_ssize_t N,
                             Py_ssize_t s, float* dst)
@@ -1074,22 +1075,30 @@ cdef _gemm(const float[:, ::1] a, bint a_transposed, const float[:, ::1] b, bint
     nbm = (M + mc - 1) // mc
     cdef Py_ssize_t ncb = min(n_strips, (4 + nbm - 1) // nbm)
     cdef Py_ssize_t n_tasks = nbm * ncb, s, t
-    cdef Py_ssize_t abuf_len = (chexcy_gemm_abuf_floats(mc, K) + 15) // 16 * 16   # 64-byte slots
-    out = _empty((M, N))
-    packed_b = _empty((n_strips * K * GEMM_NR,))
-    abuf = _empty((n_threads * abuf_len,))
-    init = np.zeros(n_strips * GEMM_NR, np.float32)
+    # One scratch array, cut into 64-byte aligned pieces: packed B, the threads' packed A blocks, the
+    # init row. (One allocation: a small layer is dominated by per-call overheads.)
+    cdef Py_ssize_t pb_len = n_strips * K * GEMM_NR      # a multiple of 16 floats
+    cdef Py_ssize_t abuf_len = (chexcy_gemm_abuf_floats(mc, K) + 15) // 16 * 16
+    if n_threads > n_tasks:
+        n_threads = <int>n_tasks
+    if M * N * K < GEMM_SERIAL_MADDS:   # waking a second thread costs more than the work
+        n_threads = 1
+    scratch = np.empty(pb_len + n_threads * abuf_len + n_strips * GEMM_NR + 16, np.float32)
+    out = np.empty((M, N), np.float32)
+    cdef float[::1] sv = scratch
+    cdef float* pb = &sv[0] + (64 - <size_t>&sv[0] % 64) % 64 // 4
+    cdef float* ab = pb + pb_len
+    cdef float* init = ab + n_threads * abuf_len
+    cdef const float[::1] biasv
+    memset(init, 0, n_strips * GEMM_NR * sizeof(float))
     if bias is not None:
-        init[:N] = bias
+        biasv = bias
+        memcpy(init, &biasv[0], N * sizeof(float))
     cdef float[:, ::1] cv = out
-    cdef float[::1] bpv = packed_b
-    cdef float[::1] av = abuf
-    cdef const float[::1] iv = init
     for s in prange(n_strips, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_gemm_pack_b(&b[0, 0], b_rs, b_cs, K, N, s, &bpv[s * K * GEMM_NR])
+        chexcy_gemm_pack_b(&b[0, 0], b_rs, b_cs, K, N, s, pb + s * K * GEMM_NR)
     for t in prange(n_tasks, nogil=True, schedule="static", num_threads=n_threads):
-        _gemm_task(&a[0, 0], a_rs, a_cs, M, K, &bpv[0], N, &iv[0], &cv[0, 0], &av[0], abuf_len,
-                   mc, ncb, n_strips, t)
+        _gemm_task(&a[0, 0], a_rs, a_cs, M, K, pb, N, init, &cv[0, 0], ab, abuf_len, mc, ncb, n_strips, t)
     return out
 
 
@@ -1108,6 +1117,8 @@ def linear_backward(dout, x, weight):
     cdef const float[:, ::1] dv = dout
     cdef float[::1] dbv = dbias
     # column sums in float64, 64 columns per piece, each piece summed over the rows in order
+    if N * O < GEMM_SERIAL_MADDS // 16:
+        n_threads = 1
     for u in prange(n_blocks, nogil=True, schedule="static", num_threads=n_threads):
         chexcy_col_sums(&dv[0, 0], N, O, u * 64, 64 if O - u * 64 > 64 else O - u * 64, &dbv[0])
     return dx, dweight, dbias

@@ -57,6 +57,10 @@
 /* Rows of A per task at most (a multiple of every GEMM_MR): the packed A block (144 x 256 floats,
  * 144 KiB) stays in L2 while every B strip of the task passes over it. */
 #define GEMM_MC 144
+/* Products of fewer multiply-adds than this run on one thread: about 1-2 microseconds of work, less
+ * than waking and joining a second thread costs (ref-cnn's dense layer: 32 x 128 x 14 = 57344). The
+ * result is the same either way (see above). */
+#define GEMM_SERIAL_MADDS (1 << 17)
 
 /* One register tile over kc steps of K:
  *   c[i, j] (i < GEMM_MR, j < GEMM_NR, row i at c + i * ldc) = start[i, j] + (sum_k a[k, i] * b[k, j])
