@@ -1057,48 +1057,70 @@ cdef void _gemm_task(
                      N, init, C, N, abuf + omp_get_thread_num() * abuf_len)
 
 
+cdef struct _GemmPlan:
+    Py_ssize_t n_strips     # column strips of GEMM_NR
+    Py_ssize_t mc           # rows per task (a multiple of GEMM_MR)
+    Py_ssize_t ncb          # ranges of column strips per row block
+    Py_ssize_t n_tasks
+    int n_threads
+    Py_ssize_t pb_len       # floats of packed B (a multiple of 16)
+    Py_ssize_t abuf_len     # floats of one thread's packed A block (a multiple of 16)
+    Py_ssize_t scratch_len  # floats of scratch in all, with the init row and the alignment slack
+
+
+cdef _GemmPlan _gemm_plan(Py_ssize_t M, Py_ssize_t K, Py_ssize_t N, int n_threads) noexcept:
+    """How C (M, N) = A (M, K) B (K, N) is cut into tasks and how much scratch it needs.
+    Task grid, from the shape: row blocks of at most GEMM_MC rows, equal sizes (rounded up to the tile
+    height); when that gives fewer than 4 blocks, the column strips are split too, so 2-3 threads have
+    work to share. (Which thread runs which task does not change the result: see _ops_gemm.h.)"""
+    cdef _GemmPlan p
+    cdef Py_ssize_t nbm = (M + GEMM_MC - 1) // GEMM_MC
+    p.n_strips = (N + GEMM_NR - 1) // GEMM_NR
+    p.mc = ((M + nbm - 1) // nbm + GEMM_MR - 1) // GEMM_MR * GEMM_MR
+    nbm = (M + p.mc - 1) // p.mc
+    p.ncb = min(p.n_strips, (4 + nbm - 1) // nbm)
+    p.n_tasks = nbm * p.ncb
+    p.n_threads = <int>min(<Py_ssize_t>n_threads, p.n_tasks)
+    if M * N * K < GEMM_SERIAL_MADDS:   # waking a second thread costs more than the work
+        p.n_threads = 1
+    p.pb_len = p.n_strips * K * GEMM_NR
+    p.abuf_len = (chexcy_gemm_abuf_floats(p.mc, K) + 15) // 16 * 16
+    p.scratch_len = p.pb_len + p.n_threads * p.abuf_len + p.n_strips * GEMM_NR + 16
+    return p
+
+
 cdef _gemm(const float[:, ::1] a, bint a_transposed, const float[:, ::1] b, bint b_transposed,
-           bias, int n_threads):
-    """C = bias + op(a) @ op(b), op(m) = m.T when the flag says so; bias (N,) or None. Returns C (M, N)."""
+           bias, int n_threads, scratch=None):
+    """C = bias + op(a) @ op(b), op(m) = m.T when the flag says so; bias (N,) or None. Returns C (M, N).
+    scratch: a float32 array of at least _gemm_plan(...).scratch_len floats to work in, or None."""
     cdef Py_ssize_t M = a.shape[1] if a_transposed else a.shape[0]
     cdef Py_ssize_t K = a.shape[0] if a_transposed else a.shape[1]
     cdef Py_ssize_t N = b.shape[0] if b_transposed else b.shape[1]
     # element strides of A (M, K) and B (K, N) in the given C-contiguous arrays
     cdef Py_ssize_t a_rs = 1 if a_transposed else K, a_cs = M if a_transposed else 1
     cdef Py_ssize_t b_rs = 1 if b_transposed else N, b_cs = K if b_transposed else 1
-    cdef Py_ssize_t n_strips = (N + GEMM_NR - 1) // GEMM_NR
-    # Task grid, from the shape: row blocks of at most GEMM_MC rows, equal sizes (rounded up to the
-    # tile height); when that gives fewer than 4 blocks, the column strips are split too, so 2-3
-    # threads have work to share.
-    cdef Py_ssize_t nbm = (M + GEMM_MC - 1) // GEMM_MC
-    cdef Py_ssize_t mc = ((M + nbm - 1) // nbm + GEMM_MR - 1) // GEMM_MR * GEMM_MR
-    nbm = (M + mc - 1) // mc
-    cdef Py_ssize_t ncb = min(n_strips, (4 + nbm - 1) // nbm)
-    cdef Py_ssize_t n_tasks = nbm * ncb, s, t
+    cdef _GemmPlan p = _gemm_plan(M, K, N, n_threads)
+    cdef Py_ssize_t s, t
     # One scratch array, cut into 64-byte aligned pieces: packed B, the threads' packed A blocks, the
     # init row. (One allocation: a small layer is dominated by per-call overheads.)
-    cdef Py_ssize_t pb_len = n_strips * K * GEMM_NR      # a multiple of 16 floats
-    cdef Py_ssize_t abuf_len = (chexcy_gemm_abuf_floats(mc, K) + 15) // 16 * 16
-    if n_threads > n_tasks:
-        n_threads = <int>n_tasks
-    if M * N * K < GEMM_SERIAL_MADDS:   # waking a second thread costs more than the work
-        n_threads = 1
-    scratch = np.empty(pb_len + n_threads * abuf_len + n_strips * GEMM_NR + 16, np.float32)
+    if scratch is None or scratch.shape[0] < p.scratch_len:
+        scratch = np.empty(p.scratch_len, np.float32)
     out = np.empty((M, N), np.float32)
     cdef float[::1] sv = scratch
     cdef float* pb = &sv[0] + (64 - <size_t>&sv[0] % 64) % 64 // 4
-    cdef float* ab = pb + pb_len
-    cdef float* init = ab + n_threads * abuf_len
+    cdef float* ab = pb + p.pb_len
+    cdef float* init = ab + p.n_threads * p.abuf_len
     cdef const float[::1] biasv
-    memset(init, 0, n_strips * GEMM_NR * sizeof(float))
+    memset(init, 0, p.n_strips * GEMM_NR * sizeof(float))
     if bias is not None:
         biasv = bias
         memcpy(init, &biasv[0], N * sizeof(float))
     cdef float[:, ::1] cv = out
-    for s in prange(n_strips, nogil=True, schedule="static", num_threads=n_threads):
+    for s in prange(p.n_strips, nogil=True, schedule="static", num_threads=p.n_threads):
         chexcy_gemm_pack_b(&b[0, 0], b_rs, b_cs, K, N, s, pb + s * K * GEMM_NR)
-    for t in prange(n_tasks, nogil=True, schedule="static", num_threads=n_threads):
-        _gemm_task(&a[0, 0], a_rs, a_cs, M, K, pb, N, init, &cv[0, 0], ab, abuf_len, mc, ncb, n_strips, t)
+    for t in prange(p.n_tasks, nogil=True, schedule="static", num_threads=p.n_threads):
+        _gemm_task(&a[0, 0], a_rs, a_cs, M, K, pb, N, init, &cv[0, 0], ab, p.abuf_len, p.mc, p.ncb,
+                   p.n_strips, t)
     return out
 
 
@@ -1110,9 +1132,12 @@ def linear_forward(x, weight, bias):
 def linear_backward(dout, x, weight):
     """dout (N, O), x (N, K), weight (O, K) -> (dx (N, K), dweight (O, K), dbias (O,))."""
     cdef int n_threads = _threads()
-    cdef Py_ssize_t N = dout.shape[0], O = dout.shape[1], u, n_blocks = (O + 63) // 64
-    dx = _gemm(dout, False, weight, False, None, n_threads)
-    dweight = _gemm(dout, True, x, False, None, n_threads)
+    cdef Py_ssize_t N = dout.shape[0], O = dout.shape[1], K = x.shape[1], u, n_blocks = (O + 63) // 64
+    # one scratch for both products (dx = dout W, dweight = dout^T x): half the fresh pages
+    scratch = np.empty(max(_gemm_plan(N, O, K, n_threads).scratch_len,
+                           _gemm_plan(O, N, K, n_threads).scratch_len), np.float32)
+    dx = _gemm(dout, False, weight, False, None, n_threads, scratch)
+    dweight = _gemm(dout, True, x, False, None, n_threads, scratch)
     dbias = np.empty(O, np.float32)
     cdef const float[:, ::1] dv = dout
     cdef float[::1] dbv = dbias
