@@ -200,6 +200,16 @@ static void chexcy_gemm_task(const float *A, Py_ssize_t a_rs, Py_ssize_t a_cs, P
                 const Py_ssize_t i0 = m0 + q * GEMM_MR;
                 const Py_ssize_t mr = mc - q * GEMM_MR < GEMM_MR ? mc - q * GEMM_MR : GEMM_MR;
                 const float *a = abuf + q * kc * GEMM_MR;
+                /* Spread over this strip's tiles, prefetch the next strip's block (kc x GEMM_NR, from
+                 * memory: packed B is re-read by every task) into L2, so its first tile does not wait
+                 * for it: 1024 x 4096 x 1000 forward, one thread, 61 -> 54-58 ms. */
+                if (s + 1 < s1) {
+                    const Py_ssize_t nq = (mc + GEMM_MR - 1) / GEMM_MR;
+                    const Py_ssize_t lines = kc * GEMM_NR / 16, per = (lines + nq - 1) / nq;
+                    const float *nb = b + K * GEMM_NR;
+                    for (Py_ssize_t l = q * per; l < (q + 1) * per && l < lines; l++)
+                        __builtin_prefetch(nb + l * 16, 0, 2);
+                }
                 if (mr == GEMM_MR && nr == GEMM_NR)
                     chexcy_gemm_tile(kc, a, b, C + i0 * ldc + j0, ldc, ini);
                 else
