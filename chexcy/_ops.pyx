@@ -1026,8 +1026,10 @@ def global_avg_pool2d_backward(dout, x_shape):
 #   dweight  dweight (O, K) = dout^T (O, N) . x (N, K)
 # The B operand is packed once per call (parallel over its column strips); then each task (a block of
 # rows of C x a range of column strips) packs its rows of A per K block and runs the register tiles.
-# Every element of C is its init followed by the multiply-adds in k order, whichever task computes it,
-# so the result is bitwise the same for any thread count (see _ops_gemm.h).
+# Every element of C is its init plus the sums of the K blocks (each in k order) added in order,
+# whichever task computes it, so the result is bitwise the same for any thread count (see _ops_gemm.h).
+
+from libc.stdlib cimport malloc, free
 
 cdef extern from "_ops_gemm.h" nogil:
     enum:
@@ -1089,63 +1091,84 @@ cdef _GemmPlan _gemm_plan(Py_ssize_t M, Py_ssize_t K, Py_ssize_t N, int n_thread
     return p
 
 
-cdef _gemm(const float[:, ::1] a, bint a_transposed, const float[:, ::1] b, bint b_transposed,
-           bias, int n_threads, scratch=None):
-    """C = bias + op(a) @ op(b), op(m) = m.T when the flag says so; bias (N,) or None. Returns C (M, N).
-    scratch: a float32 array of at least _gemm_plan(...).scratch_len floats to work in, or None."""
-    cdef Py_ssize_t M = a.shape[1] if a_transposed else a.shape[0]
-    cdef Py_ssize_t K = a.shape[0] if a_transposed else a.shape[1]
-    cdef Py_ssize_t N = b.shape[0] if b_transposed else b.shape[1]
-    # element strides of A (M, K) and B (K, N) in the given C-contiguous arrays
-    cdef Py_ssize_t a_rs = 1 if a_transposed else K, a_cs = M if a_transposed else 1
-    cdef Py_ssize_t b_rs = 1 if b_transposed else N, b_cs = K if b_transposed else 1
-    cdef _GemmPlan p = _gemm_plan(M, K, N, n_threads)
+cdef void _gemm_run(const float* a, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t M, Py_ssize_t K,
+                    const float* b, Py_ssize_t b_rs, Py_ssize_t b_cs, Py_ssize_t N, const float* bias,
+                    float* c, _GemmPlan p, float* scratch) noexcept nogil:
+    """C (M, N) = bias + A (M, K) B (K, N) (bias may be NULL: zeros), in scratch of p.scratch_len floats."""
     cdef Py_ssize_t s, t
-    # One scratch array, cut into 64-byte aligned pieces: packed B, the threads' packed A blocks, the
-    # init row. (One allocation: a small layer is dominated by per-call overheads.)
-    if scratch is None or scratch.shape[0] < p.scratch_len:
-        scratch = np.empty(p.scratch_len, np.float32)
-    out = np.empty((M, N), np.float32)
-    cdef float[::1] sv = scratch
-    cdef float* pb = &sv[0] + (64 - <size_t>&sv[0] % 64) % 64 // 4
+    # scratch, cut into 64-byte aligned pieces: packed B, the threads' packed A blocks, the init row
+    cdef float* pb = scratch + (64 - <size_t>scratch % 64) % 64 // 4
     cdef float* ab = pb + p.pb_len
     cdef float* init = ab + p.n_threads * p.abuf_len
-    cdef const float[::1] biasv
     memset(init, 0, p.n_strips * GEMM_NR * sizeof(float))
-    if bias is not None:
-        biasv = bias
-        memcpy(init, &biasv[0], N * sizeof(float))
-    cdef float[:, ::1] cv = out
-    for s in prange(p.n_strips, nogil=True, schedule="static", num_threads=p.n_threads):
-        chexcy_gemm_pack_b(&b[0, 0], b_rs, b_cs, K, N, s, pb + s * K * GEMM_NR)
-    for t in prange(p.n_tasks, nogil=True, schedule="static", num_threads=p.n_threads):
-        _gemm_task(&a[0, 0], a_rs, a_cs, M, K, pb, N, init, &cv[0, 0], ab, p.abuf_len, p.mc, p.ncb,
-                   p.n_strips, t)
-    return out
+    if bias != NULL:
+        memcpy(init, bias, N * sizeof(float))
+    if p.n_threads == 1:    # no parallel region at all: a tiny layer is all per-call overhead
+        for s in range(p.n_strips):
+            chexcy_gemm_pack_b(b, b_rs, b_cs, K, N, s, pb + s * K * GEMM_NR)
+        for t in range(p.n_tasks):
+            _gemm_task(a, a_rs, a_cs, M, K, pb, N, init, c, ab, p.abuf_len, p.mc, p.ncb, p.n_strips, t)
+        return
+    for s in prange(p.n_strips, schedule="static", num_threads=p.n_threads):
+        chexcy_gemm_pack_b(b, b_rs, b_cs, K, N, s, pb + s * K * GEMM_NR)
+    for t in prange(p.n_tasks, schedule="static", num_threads=p.n_threads):
+        _gemm_task(a, a_rs, a_cs, M, K, pb, N, init, c, ab, p.abuf_len, p.mc, p.ncb, p.n_strips, t)
 
 
 def linear_forward(x, weight, bias):
     """x (N, K), weight (O, K), bias (O,) or None -> out (N, O) = x @ weight.T + bias."""
-    return _gemm(x, False, weight, True, bias, _threads())
+    cdef const float[:, ::1] xv = x
+    cdef const float[:, ::1] wv = weight
+    cdef const float[::1] bv
+    cdef const float* bp = NULL
+    cdef Py_ssize_t N = xv.shape[0], K = xv.shape[1], O = wv.shape[0]
+    cdef _GemmPlan p = _gemm_plan(N, K, O, _threads())
+    if bias is not None:
+        bv = bias
+        bp = &bv[0]
+    out = np.empty((N, O), np.float32)
+    cdef float[:, ::1] ov = out
+    cdef float* scratch = <float*>malloc(p.scratch_len * sizeof(float))
+    if scratch == NULL:
+        raise MemoryError(f"linear: no memory for {p.scratch_len * 4} bytes of packing scratch")
+    with nogil:     # A = x (rows contiguous), B = weight^T (columns contiguous)
+        _gemm_run(&xv[0, 0], K, 1, N, K, &wv[0, 0], 1, K, O, bp, &ov[0, 0], p, scratch)
+    free(scratch)
+    return out
 
 
 def linear_backward(dout, x, weight):
     """dout (N, O), x (N, K), weight (O, K) -> (dx (N, K), dweight (O, K), dbias (O,))."""
     cdef int n_threads = _threads()
-    cdef Py_ssize_t N = dout.shape[0], O = dout.shape[1], K = x.shape[1], u, n_blocks = (O + 63) // 64
-    # one scratch for both products (dx = dout W, dweight = dout^T x): half the fresh pages
-    scratch = np.empty(max(_gemm_plan(N, O, K, n_threads).scratch_len,
-                           _gemm_plan(O, N, K, n_threads).scratch_len), np.float32)
-    dx = _gemm(dout, False, weight, False, None, n_threads, scratch)
-    dweight = _gemm(dout, True, x, False, None, n_threads, scratch)
-    dbias = np.empty(O, np.float32)
     cdef const float[:, ::1] dv = dout
+    cdef const float[:, ::1] xv = x
+    cdef const float[:, ::1] wv = weight
+    cdef Py_ssize_t N = dv.shape[0], O = dv.shape[1], K = xv.shape[1], u, n_blocks = (O + 63) // 64
+    cdef _GemmPlan pdx = _gemm_plan(N, O, K, n_threads)     # dx (N, K) = dout (N, O) W (O, K)
+    cdef _GemmPlan pdw = _gemm_plan(O, N, K, n_threads)     # dweight (O, K) = dout^T (O, N) x (N, K)
+    dx = np.empty((N, K), np.float32)
+    dweight = np.empty((O, K), np.float32)
+    dbias = np.empty(O, np.float32)
+    cdef float[:, ::1] dxv = dx
+    cdef float[:, ::1] dwv = dweight
     cdef float[::1] dbv = dbias
-    # column sums in float64, 64 columns per piece, each piece summed over the rows in order
+    # one scratch for both products: half the fresh pages
+    cdef float* scratch = <float*>malloc(max(pdx.scratch_len, pdw.scratch_len) * sizeof(float))
+    if scratch == NULL:
+        raise MemoryError(f"linear_backward: no memory for "
+                          f"{max(pdx.scratch_len, pdw.scratch_len) * 4} bytes of packing scratch")
     if N * O < GEMM_SERIAL_MADDS // 16:
         n_threads = 1
-    for u in prange(n_blocks, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_col_sums(&dv[0, 0], N, O, u * 64, 64 if O - u * 64 > 64 else O - u * 64, &dbv[0])
+    with nogil:
+        _gemm_run(&dv[0, 0], O, 1, N, O, &wv[0, 0], K, 1, K, NULL, &dxv[0, 0], pdx, scratch)
+        _gemm_run(&dv[0, 0], 1, O, O, N, &xv[0, 0], K, 1, K, NULL, &dwv[0, 0], pdw, scratch)
+        # dbias: column sums in float64, 64 columns per piece, each piece summed over the rows in order
+        if n_threads == 1:
+            chexcy_col_sums(&dv[0, 0], N, O, 0, O, &dbv[0])
+        else:
+            for u in prange(n_blocks, schedule="static", num_threads=n_threads):
+                chexcy_col_sums(&dv[0, 0], N, O, u * 64, 64 if O - u * 64 > 64 else O - u * 64, &dbv[0])
+    free(scratch)
     return dx, dweight, dbias
 
 
