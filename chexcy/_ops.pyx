@@ -1085,7 +1085,7 @@ cdef _GemmPlan _gemm_plan(Py_ssize_t M, Py_ssize_t K, Py_ssize_t N, int n_thread
     p.n_threads = <int>min(<Py_ssize_t>n_threads, p.n_tasks)
     if M * N * K < GEMM_SERIAL_MADDS:   # waking a second thread costs more than the work
         p.n_threads = 1
-    p.pb_len = p.n_strips * K * GEMM_NR
+    p.pb_len = (p.n_strips * K * GEMM_NR + 15) // 16 * 16
     p.abuf_len = (chexcy_gemm_abuf_floats(p.mc, K) + 15) // 16 * 16
     p.scratch_len = p.pb_len + p.n_threads * p.abuf_len + p.n_strips * GEMM_NR + 16
     return p
