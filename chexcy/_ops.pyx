@@ -1046,100 +1046,156 @@ def global_avg_pool2d_backward(dout, x_shape):
 # ------------------------------------------------------------------------------------------------
 # Linear: y = x @ W.T + b
 # ------------------------------------------------------------------------------------------------
+# All three products of a dense layer are one blocked matrix multiply (_ops_gemm.h), C = init + A B,
+# with A and B read through element strides:
+#   forward  out (N, O)    = b + x (N, K) . W^T (K, O)
+#   dx       dx (N, K)     = dout (N, O) . W (O, K)
+#   dweight  dweight (O, K) = dout^T (O, N) . x (N, K)
+# The B operand is packed once per call (parallel over its column strips); then each task (a block of
+# rows of C x a range of column strips) packs its rows of A per K block and runs the register tiles.
+# Every element of C is its init plus the sums of the K blocks (each in k order) added in order,
+# whichever task computes it, so the result is bitwise the same for any thread count (see _ops_gemm.h).
 
-cdef inline float _dot(const float* a, const float* b, Py_ssize_t K) noexcept nogil:
-    """Dot product in DW_V lanes (vectorisable without reassociation), lanes summed in order."""
-    cdef float acc[DW_V]
-    cdef Py_ssize_t k = 0, j
-    cdef float s = 0
-    for j in range(DW_V):
-        acc[j] = 0
-    while k + DW_V <= K:
-        for j in range(DW_V):
-            acc[j] += a[k + j] * b[k + j]
-        k += DW_V
-    for j in range(K - k):
-        acc[j] += a[k + j] * b[k + j]
-    for j in range(DW_V):
-        s = s + acc[j]
-    return s
+from libc.stdlib cimport malloc, free
 
-
-cdef void _linear_row(
-        const float[:, ::1] x, const float[:, ::1] w, const float[::1] b,   # IN (N, K), (O, K), (O,)
-        float[:, ::1] out, Py_ssize_t n) noexcept nogil:                    # OUT (N, O), row n
-    cdef Py_ssize_t o, K = x.shape[1]
-    for o in range(w.shape[0]):
-        out[n, o] = _dot(&x[n, 0], &w[o, 0], K) + b[o]
-
-
-cdef void _linear_dx_row(
-        const float[:, ::1] dout, const float[:, ::1] w,    # IN (N, O), (O, K)
-        float[:, ::1] dx, Py_ssize_t n) noexcept nogil:     # OUT (N, K), row n
-    cdef Py_ssize_t o, k, K = w.shape[1]
-    cdef float g
-    cdef float* r = &dx[n, 0]
-    cdef const float* wr
-    for k in range(K):
-        r[k] = 0
-    for o in range(w.shape[0]):
-        g = dout[n, o]
-        wr = &w[o, 0]
-        for k in range(K):
-            r[k] += g * wr[k]
+cdef extern from "_ops_gemm.h" nogil:
+    enum:
+        GEMM_MR     # rows of C per register tile
+        GEMM_NR     # columns of C per register tile (and per packed B strip)
+        GEMM_MC     # rows of C per task at most
+        GEMM_SERIAL_MADDS   # below this many multiply-adds a product runs on one thread
+    Py_ssize_t chexcy_gemm_abuf_floats(Py_ssize_t mc, Py_ssize_t K)
+    void chexcy_gemm_pack_b(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K, Py_ssize_t N,
+                            Py_ssize_t s, float* dst)
+    void chexcy_gemm_task(const float* A, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t m0, Py_ssize_t mc,
+                          Py_ssize_t K, const float* bp, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t N,
+                          const float* init, float* C, Py_ssize_t ldc, float* abuf)
+    void chexcy_col_sums(const float* d, Py_ssize_t M, Py_ssize_t ld, Py_ssize_t j0, Py_ssize_t n, float* out)
 
 
-cdef void _linear_dw_row(
-        const float[:, ::1] dout, const float[:, ::1] x,    # IN (N, O), (N, K)
-        float[:, ::1] dw, float[::1] db, Py_ssize_t o) noexcept nogil:   # OUT (O, K), (O,): row o
-    cdef Py_ssize_t n, k, K = x.shape[1]
-    cdef float g
-    cdef double sb = 0
-    cdef float* r = &dw[o, 0]
-    cdef const float* xr
-    for k in range(K):
-        r[k] = 0
-    for n in range(x.shape[0]):
-        g = dout[n, o]
-        sb += g
-        xr = &x[n, 0]
-        for k in range(K):
-            r[k] += g * xr[k]
-    db[o] = <float>sb
+cdef void _gemm_task(
+        const float* A, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t M, Py_ssize_t K,   # IN A (M, K)
+        const float* bp, Py_ssize_t N, const float* init,      # IN packed B (K, N) strips, init (N_pad,)
+        float* C, float* abuf, Py_ssize_t abuf_len,            # OUT C (M, N); per-thread scratch
+        Py_ssize_t mc, Py_ssize_t ncb, Py_ssize_t n_strips, Py_ssize_t t) noexcept nogil:
+    """Task t of the grid (row blocks of mc rows) x (ncb ranges of column strips)."""
+    cdef Py_ssize_t rb = t // ncb, cb = t % ncb
+    cdef Py_ssize_t m0 = rb * mc
+    cdef Py_ssize_t rows = M - m0 if M - m0 < mc else mc
+    chexcy_gemm_task(A, a_rs, a_cs, m0, rows, K, bp, cb * n_strips // ncb, (cb + 1) * n_strips // ncb,
+                     N, init, C, N, abuf + omp_get_thread_num() * abuf_len)
+
+
+cdef struct _GemmPlan:
+    Py_ssize_t n_strips     # column strips of GEMM_NR
+    Py_ssize_t mc           # rows per task (a multiple of GEMM_MR)
+    Py_ssize_t ncb          # ranges of column strips per row block
+    Py_ssize_t n_tasks
+    int n_threads
+    Py_ssize_t pb_len       # floats of packed B (a multiple of 16)
+    Py_ssize_t abuf_len     # floats of one thread's packed A block (a multiple of 16)
+    Py_ssize_t scratch_len  # floats of scratch in all, with the init row and the alignment slack
+
+
+cdef _GemmPlan _gemm_plan(Py_ssize_t M, Py_ssize_t K, Py_ssize_t N, int n_threads) noexcept:
+    """How C (M, N) = A (M, K) B (K, N) is cut into tasks and how much scratch it needs.
+    Task grid, from the shape: row blocks of at most GEMM_MC rows, equal sizes (rounded up to the tile
+    height); when that gives fewer than 4 blocks, the column strips are split too, so 2-3 threads have
+    work to share. (Which thread runs which task does not change the result: see _ops_gemm.h.)"""
+    cdef _GemmPlan p
+    cdef Py_ssize_t nbm = (M + GEMM_MC - 1) // GEMM_MC
+    p.n_strips = (N + GEMM_NR - 1) // GEMM_NR
+    p.mc = ((M + nbm - 1) // nbm + GEMM_MR - 1) // GEMM_MR * GEMM_MR
+    nbm = (M + p.mc - 1) // p.mc
+    p.ncb = min(p.n_strips, (4 + nbm - 1) // nbm)
+    p.n_tasks = nbm * p.ncb
+    p.n_threads = <int>min(<Py_ssize_t>n_threads, p.n_tasks)
+    if M * N * K < GEMM_SERIAL_MADDS:   # waking a second thread costs more than the work
+        p.n_threads = 1
+    p.pb_len = (p.n_strips * K * GEMM_NR + 15) // 16 * 16
+    p.abuf_len = (chexcy_gemm_abuf_floats(p.mc, K) + 15) // 16 * 16
+    p.scratch_len = p.pb_len + p.n_threads * p.abuf_len + p.n_strips * GEMM_NR + 16
+    return p
+
+
+cdef void _gemm_run(const float* a, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t M, Py_ssize_t K,
+                    const float* b, Py_ssize_t b_rs, Py_ssize_t b_cs, Py_ssize_t N, const float* bias,
+                    float* c, _GemmPlan p, float* scratch) noexcept nogil:
+    """C (M, N) = bias + A (M, K) B (K, N) (bias may be NULL: zeros), in scratch of p.scratch_len floats."""
+    cdef Py_ssize_t s, t
+    # scratch, cut into 64-byte aligned pieces: packed B, the threads' packed A blocks, the init row
+    cdef float* pb = scratch + (64 - <size_t>scratch % 64) % 64 // 4
+    cdef float* ab = pb + p.pb_len
+    cdef float* init = ab + p.n_threads * p.abuf_len
+    memset(init, 0, p.n_strips * GEMM_NR * sizeof(float))
+    if bias != NULL:
+        memcpy(init, bias, N * sizeof(float))
+    if p.n_threads == 1:    # no parallel region at all: a tiny layer is all per-call overhead
+        for s in range(p.n_strips):
+            chexcy_gemm_pack_b(b, b_rs, b_cs, K, N, s, pb + s * K * GEMM_NR)
+        for t in range(p.n_tasks):
+            _gemm_task(a, a_rs, a_cs, M, K, pb, N, init, c, ab, p.abuf_len, p.mc, p.ncb, p.n_strips, t)
+        return
+    for s in prange(p.n_strips, schedule="static", num_threads=p.n_threads):
+        chexcy_gemm_pack_b(b, b_rs, b_cs, K, N, s, pb + s * K * GEMM_NR)
+    for t in prange(p.n_tasks, schedule="static", num_threads=p.n_threads):
+        _gemm_task(a, a_rs, a_cs, M, K, pb, N, init, c, ab, p.abuf_len, p.mc, p.ncb, p.n_strips, t)
 
 
 def linear_forward(x, weight, bias):
     """x (N, K), weight (O, K), bias (O,) or None -> out (N, O) = x @ weight.T + bias."""
-    cdef Py_ssize_t N = x.shape[0], O = weight.shape[0], u
-    cdef int n_threads = _threads()
-    out = np.empty((N, O), np.float32)
-    b = np.zeros(O, np.float32) if bias is None else bias
     cdef const float[:, ::1] xv = x
     cdef const float[:, ::1] wv = weight
-    cdef const float[::1] bv = b
+    cdef const float[::1] bv
+    cdef const float* bp = NULL
+    cdef Py_ssize_t N = xv.shape[0], K = xv.shape[1], O = wv.shape[0]
+    cdef _GemmPlan p = _gemm_plan(N, K, O, _threads())
+    if bias is not None:
+        bv = bias
+        bp = &bv[0]
+    out = np.empty((N, O), np.float32)
     cdef float[:, ::1] ov = out
-    for u in prange(N, nogil=True, schedule="static", num_threads=n_threads):
-        _linear_row(xv, wv, bv, ov, u)
+    cdef float* scratch = <float*>malloc(p.scratch_len * sizeof(float))
+    if scratch == NULL:
+        raise MemoryError(f"linear: no memory for {p.scratch_len * 4} bytes of packing scratch")
+    with nogil:     # A = x (rows contiguous), B = weight^T (columns contiguous)
+        _gemm_run(&xv[0, 0], K, 1, N, K, &wv[0, 0], 1, K, O, bp, &ov[0, 0], p, scratch)
+    free(scratch)
     return out
 
 
 def linear_backward(dout, x, weight):
     """dout (N, O), x (N, K), weight (O, K) -> (dx (N, K), dweight (O, K), dbias (O,))."""
-    cdef Py_ssize_t N = x.shape[0], K = x.shape[1], O = weight.shape[0], u
     cdef int n_threads = _threads()
-    dx = np.empty((N, K), np.float32)
-    dweight = np.empty((O, K), np.float32)
-    dbias = np.empty(O, np.float32)
     cdef const float[:, ::1] dv = dout
     cdef const float[:, ::1] xv = x
     cdef const float[:, ::1] wv = weight
+    cdef Py_ssize_t N = dv.shape[0], O = dv.shape[1], K = xv.shape[1], u, n_blocks = (O + 63) // 64
+    cdef _GemmPlan pdx = _gemm_plan(N, O, K, n_threads)     # dx (N, K) = dout (N, O) W (O, K)
+    cdef _GemmPlan pdw = _gemm_plan(O, N, K, n_threads)     # dweight (O, K) = dout^T (O, N) x (N, K)
+    dx = np.empty((N, K), np.float32)
+    dweight = np.empty((O, K), np.float32)
+    dbias = np.empty(O, np.float32)
     cdef float[:, ::1] dxv = dx
     cdef float[:, ::1] dwv = dweight
     cdef float[::1] dbv = dbias
-    for u in prange(N, nogil=True, schedule="static", num_threads=n_threads):
-        _linear_dx_row(dv, wv, dxv, u)
-    for u in prange(O, nogil=True, schedule="static", num_threads=n_threads):
-        _linear_dw_row(dv, xv, dwv, dbv, u)
+    # one scratch for both products: half the fresh pages
+    cdef float* scratch = <float*>malloc(max(pdx.scratch_len, pdw.scratch_len) * sizeof(float))
+    if scratch == NULL:
+        raise MemoryError(f"linear_backward: no memory for "
+                          f"{max(pdx.scratch_len, pdw.scratch_len) * 4} bytes of packing scratch")
+    if N * O < GEMM_SERIAL_MADDS // 16:
+        n_threads = 1
+    with nogil:
+        _gemm_run(&dv[0, 0], O, 1, N, O, &wv[0, 0], K, 1, K, NULL, &dxv[0, 0], pdx, scratch)
+        _gemm_run(&dv[0, 0], 1, O, O, N, &xv[0, 0], K, 1, K, NULL, &dwv[0, 0], pdw, scratch)
+        # dbias: column sums in float64, 64 columns per piece, each piece summed over the rows in order
+        if n_threads == 1:
+            chexcy_col_sums(&dv[0, 0], N, O, 0, O, &dbv[0])
+        else:
+            for u in prange(n_blocks, schedule="static", num_threads=n_threads):
+                chexcy_col_sums(&dv[0, 0], N, O, u * 64, 64 if O - u * 64 > 64 else O - u * 64, &dbv[0])
+    free(scratch)
     return dx, dweight, dbias
 
 

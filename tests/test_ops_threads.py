@@ -104,3 +104,22 @@ def test_threadpoolctl_limit_gives_the_same_results(restore_threads):
             limited = _run_all_ops(np.random.default_rng(5))
     for k, (a, b) in enumerate(zip(free, limited)):
         assert np.array_equal(a, b), f"result {k} changed under threadpool_limits(1)"
+
+
+@needs_compiled
+@pytest.mark.parametrize("n, k, o", [(150, 300, 70), (300, 37, 290), (13, 1100, 33)])
+def test_linear_is_bitwise_identical_for_1_2_and_3_threads(restore_threads, n, k, o):
+    """Shapes that split each of the three products into several tasks (row blocks of at most 144 rows,
+    ranges of column strips) with edge tiles and more than one K block of 256: every output element
+    must still come out bitwise the same whichever thread computed it."""
+    rng = np.random.default_rng(11)
+    x, w, b, dout = randn(rng, (n, k)), randn(rng, (o, k)), randn(rng, (o,)), randn(rng, (n, o))
+    runs = {}
+    with ops.use_backend("cython"):
+        for threads in (1, 2, 3):
+            ops.set_num_threads(threads)
+            runs[threads] = [ops.linear_forward(x, w, b), *ops.linear_backward(dout, x, w)]
+    for threads in (2, 3):
+        for name, a, c in zip(("out", "dx", "dweight", "dbias"), runs[1], runs[threads]):
+            assert np.array_equal(a, c), (f"linear {name} ({n}, {k}, {o}): 1 and {threads} threads differ, max "
+                                          f"abs diff {np.max(np.abs(a.astype(np.float64) - c)):.3g}")

@@ -10,10 +10,13 @@ then ratios: cython / python, cython 2T / 1T, cython / torch (same thread count)
     python tools/bench_ops.py                       # 128x128, batch 32, all ops, all backends
     python tools/bench_ops.py --size 64 --repeats 7
     python tools/bench_ops.py --ops conv2,conv3 --backends cython --threads 2
+    python tools/bench_ops.py --linear-shapes 32x128x14,256x1024x512,1024x4096x1000
     /tmp/torchenv/bin/python tools/bench_ops.py     # with torch as the peer column
 
 Conv backward is timed as one call that returns dx, dweight and dbias, and counted as 2x the forward
-FLOPs (dx and dweight each cost one forward; dbias is negligible). Results are noisy on a shared
+FLOPs (dx and dweight each cost one forward; dbias is negligible); so is linear backward.
+--linear-shapes replaces the ref-cnn layers by dense layers of the given N x in_features x out_features
+(forward and backward of each), to compare the compiled matrix multiply with the fallback's BLAS. Results are noisy on a shared
 machine: the medians are what to compare, and key figures are worth re-running.
 """
 import argparse
@@ -51,6 +54,22 @@ def ref_cnn_layers(size, batch):
     lin = 2.0 * batch * 128 * 14
     layers.append(("linear.fwd", "linear_fwd", dict(x=(batch, 128), w=(14, 128)), lin))
     layers.append(("linear.bwd", "linear_bwd", dict(x=(batch, 128), w=(14, 128)), 2 * lin))
+    return layers
+
+
+def linear_layers(spec):
+    """(name, kind, shapes, work) for forward and backward of every "NxKxO" dense layer in spec."""
+    layers = []
+    for item in (t for t in spec.split(",") if t):
+        try:
+            n, k, o = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--linear-shapes: expected NxKxO (e.g. 256x1024x512), got {item!r}") from None
+        if min(n, k, o) < 1:
+            raise ValueError(f"--linear-shapes: sizes must be >= 1, got {item!r}")
+        flops = 2.0 * n * k * o
+        layers.append((f"lin{item}.fwd", "linear_fwd", dict(x=(n, k), w=(o, k)), flops))
+        layers.append((f"lin{item}.bwd", "linear_bwd", dict(x=(n, k), w=(o, k)), 2 * flops))
     return layers
 
 
@@ -148,6 +167,9 @@ def main(argv=None):
     p.add_argument("--stat", choices=sorted(STAT), default="median",
                    help="median (default) or min of the timed runs; min shows the uncontended speed "
                         "when other jobs share the cores")
+    p.add_argument("--linear-shapes", default="",
+                   help="comma-separated NxKxO dense layers (x (N, K), weight (O, K)) to time instead of the "
+                        "ref-cnn layers, e.g. 32x128x14,256x1024x512,1024x4096x1000")
     p.add_argument("--json", help="also write the raw results to this file")
     p.add_argument("--reuse-memory", action="store_true",
                    help="tune the allocator as `chexcy train` does (chexcy.memory.reuse_freed_memory): "
@@ -171,7 +193,13 @@ def main(argv=None):
     if a.reuse_memory:
         from chexcy.memory import reuse_freed_memory
         reuse_freed_memory()
-    print(f"# ref-cnn ops, batch {a.batch}, {a.size}x{a.size}, {a.stat} of {a.repeats} after 1 warm-up"
+    try:
+        layers = linear_layers(a.linear_shapes) if a.linear_shapes else ref_cnn_layers(a.size, a.batch)
+    except ValueError as exc:
+        p.error(str(exc))
+    what = f"dense layers {a.linear_shapes}" if a.linear_shapes else \
+        f"ref-cnn ops, batch {a.batch}, {a.size}x{a.size}"
+    print(f"# {what}, {a.stat} of {a.repeats} after 1 warm-up"
           + ("; allocator tuned as in training (--reuse-memory)" if a.reuse_memory else ""))
     print(f"# chexcy cython: {bi.get('module', '?')} ({bi.get('variant', '?')}, {bi.get('cflags', '?')}); "
           f"numpy {np.__version__}" + (f"; torch {torch.__version__}" if torch else "; torch: not importable"))
@@ -179,7 +207,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     prefixes = [s for s in a.ops.split(",") if s]
     rows = []
-    for name, kind, shapes, work in ref_cnn_layers(a.size, a.batch):
+    for name, kind, shapes, work in layers:
         if prefixes and not any(name.startswith(pre) for pre in prefixes):
             continue
         with ops.use_backend("python"):
@@ -203,7 +231,7 @@ def main(argv=None):
         cols = ([f"cython{t}" for t in threads] if "cython" in backends else []) + \
             (["python"] if "python" in backends else []) + \
             ([f"torch{t}" for t in threads] if torch is not None else [])
-        print_row(r, cols, threads, first=len(rows) == 1)
+        print_row(r, cols, threads, first=len(rows) == 1, width=max(13, 2 + max(len(t[0]) for t in layers)))
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as fh:
@@ -215,12 +243,12 @@ def _rate(r, key):
     return r["work"] / r[key] / 1e9
 
 
-def print_row(r, cols, threads, first):
+def print_row(r, cols, threads, first, width=13):
     if first:
-        head = f"{'op':<13}{'unit':>8}" + "".join(f"{c + ' ms':>12}{'rate':>8}" for c in cols)
+        head = f"{'op':<{width}}{'unit':>8}" + "".join(f"{c + ' ms':>12}{'rate':>8}" for c in cols)
         head += f"{'cy/py':>8}{'2T/1T':>7}{'cy/torch':>9}"
         print(head)
-    line = f"{r['op']:<13}{r['unit']:>8}"
+    line = f"{r['op']:<{width}}{r['unit']:>8}"
     for c in cols:
         line += (f"{r[c] * 1e3:>12.3f}{_rate(r, c):>8.1f}" if c in r else f"{'-':>12}{'-':>8}")
     tmax = f"cython{max(threads)}"
