@@ -14,7 +14,8 @@ Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kern
 # * Every parallel loop is a `prange` whose body is one call to a `noexcept nogil` helper that computes
 #   one independent piece and owns its writes: forward over (n, group, block of output channels),
 #   dx over (n, c_in) planes (or, for stride 1, as a forward conv over (n, block of c_in)), dweight over
-#   blocks of output channels, pools over (n, c) planes, linear over rows. No two threads write the same
+#   blocks of output channels, pools over (n, c) planes, linear over (block of rows, column strip) tiles
+#   of its product (chexcy/_ops_gemm.h). No two threads write the same
 #   place and no piece's arithmetic depends on which thread runs it, so results are bitwise identical
 #   for any thread count. The thread count is passed to every prange explicitly (see _threads()).
 # * Fast conv (forward, and dx for stride 1 as the transposed conv): register tiling. A tile of FWD_F
@@ -24,8 +25,9 @@ Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kern
 #   per-thread zero-padded buffer, so the tile loop has no bounds checks at all. Weights are packed so
 #   the FWD_F weights of one tap are adjacent.
 # * Fast dweight (column stride 1): per block of DW_F output channels, vector accumulators for
-#   DW_F channels x 3 kernel columns x DW_V lanes stay in registers over a whole plane; lanes are summed
-#   in a fixed order at the end (lane-split sums: no fast-math, no reassociation by the compiler).
+#   DW_F channels x 3 kernel columns (x 3 kernel rows for 3-row kernels) x DW_V lanes stay in registers
+#   over an L1-sized chunk of dout; lanes are summed in a fixed order at the end (lane-split sums: no
+#   fast-math, no reassociation by the compiler). docs/performance.md describes each kernel.
 # * Anything else (column stride > 1, padding wider than the kernel for dx) takes a plain loop path:
 #   slower, simple, and tested against the reference like the fast one.
 # * Tile sizes depend on the instruction set (_ops_config.h); setup.py compiles this file once per
