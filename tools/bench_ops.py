@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark chexcy's ops on the layer shapes of ref-cnn (DESIGN.md section 7), backend by backend.
 
-For every op: the median time of --repeats runs after one warm-up, and GFLOP/s (convs, linear) or
-GB/s moved (pools: bytes read + written), for
+For every op: the median time of --repeats runs after a warm-up (>= 3 calls and 0.1 s), and GFLOP/s
+(convs, linear) or GB/s moved (pools: bytes read + written), for
     cython at 1 and 2 threads (or --threads), the python fallback, and torch.nn.functional as a peer
     when `import torch` works (its thread count set to match, for every thread count measured);
 then ratios: cython / python, cython 2T / 1T, cython / torch (same thread count).
@@ -145,14 +145,36 @@ def torch_call(torch, kind, d):
 STAT = {"median": statistics.median, "min": min}
 
 
+WARMUP_CALLS, WARMUP_S = 3, 0.1
+
+
 def median_time(fn, repeats, stat="median"):
-    fn()  # warm-up (allocations, page faults, thread pool start)
+    # Warm-up: at least 3 calls and 0.1 s. After a switch from 1 to 2 threads the first few 2-thread
+    # calls ran 2-6x slower here (conv4 forward: 20, 11, 8, 3.6, 5.1, then 3.4-3.6 ms: the idle core
+    # waking up, the new thread's first pages); with a single warm-up call they reached the median.
+    t_end = time.perf_counter() + WARMUP_S
+    for k in range(1000):
+        fn()
+        if k + 1 >= WARMUP_CALLS and time.perf_counter() >= t_end:
+            break
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return STAT[stat](times)
+
+
+SETTLE_S = 0.3
+
+
+def settle():
+    """Pause after a backend whose worker threads outlive its calls. OpenBLAS's workers (behind the
+    fallback's matmul) keep spinning on the cores for about 0.1 s after a BLAS call: measured here, a
+    2-thread conv4 forward timed within 0.05 s of the fallback's conv3 backward took 7.2-7.9 ms instead
+    of 3.6-3.9 ms (one core's worth), and 0.1 s or more later it was back to normal. Without the pause
+    whichever backend is timed next (the next layer's chexcy rows) pays for the previous one's threads."""
+    time.sleep(SETTLE_S)
 
 
 def main(argv=None):
@@ -199,7 +221,7 @@ def main(argv=None):
         p.error(str(exc))
     what = f"dense layers {a.linear_shapes}" if a.linear_shapes else \
         f"ref-cnn ops, batch {a.batch}, {a.size}x{a.size}"
-    print(f"# {what}, {a.stat} of {a.repeats} after 1 warm-up"
+    print(f"# {what}, {a.stat} of {a.repeats} after a warm-up of >= {WARMUP_CALLS} calls and {WARMUP_S} s"
           + ("; allocator tuned as in training (--reuse-memory)" if a.reuse_memory else ""))
     print(f"# chexcy cython: {bi.get('module', '?')} ({bi.get('variant', '?')}, {bi.get('cflags', '?')}); "
           f"numpy {np.__version__}" + (f"; torch {torch.__version__}" if torch else "; torch: not importable"))
@@ -222,11 +244,13 @@ def main(argv=None):
         if "python" in backends:
             with ops.use_backend("python"):
                 r["python"] = median_time(chexcy_call(kind, d), a.repeats, a.stat)
+            settle()
         if torch is not None:
             for t in threads:
                 torch.set_num_threads(t)
                 with torch.no_grad():
                     r[f"torch{t}"] = median_time(torch_call(torch, kind, d), a.repeats, a.stat)
+            settle()
         rows.append(r)
         cols = ([f"cython{t}" for t in threads] if "cython" in backends else []) + \
             (["python"] if "python" in backends else []) + \
