@@ -93,18 +93,46 @@ cdef enum:
 # Threads and build facts
 # ------------------------------------------------------------------------------------------------
 
-def _empty(shape):
-    """np.empty(shape, float32) whose data starts on a 64-byte boundary (a cache line). NumPy's own
-    large arrays start 16 bytes past a page, so every full-width vector store into them straddles two
-    cache lines; the kernels bound by their stores (conv outputs, fills) are 2-8% faster aligned."""
-    cdef Py_ssize_t n = 4, off
+cdef extern from "_ops_config.h" nogil:
+    int chexcy_populate(void* addr, size_t n)
+
+POPULATE_MIN = 32 << 20     # bytes: glibc's largest mmap threshold; larger blocks are always fresh pages
+_memory = None
+
+
+cdef bint _pages_may_be_fresh():
+    """False once chexcy.memory.reuse_freed_memory() has made glibc reuse freed blocks (training)."""
+    global _memory
+    if _memory is None:
+        from chexcy import memory as _m
+        _memory = _m
+    return not _memory.reusing_freed_memory()
+
+
+def _empty(shape, dtype=np.float32):
+    """np.empty(shape, dtype) whose data starts on a 64-byte boundary (a cache line), its pages mapped.
+
+    Alignment: NumPy's own large arrays start 16 bytes past a page, so every full-width vector store
+    into them straddles two cache lines; the kernels bound by their stores (conv outputs, fills) are
+    2-8% faster aligned.
+    Pages: glibc serves blocks above its largest mmap threshold (32 MB) with fresh mmap()ed pages on
+    every call, unless chexcy.memory.reuse_freed_memory() was called. Such an output is populated
+    with one madvise(MADV_POPULATE_WRITE) before the kernels write it (chexcy_populate); otherwise its
+    pages are mapped one fault at a time by whichever thread touches them first, and in this VM two
+    threads faulting at once were 15x slower than one: conv1's forward (a 33.5 MB output) took 51 ms
+    at 2 threads against 3.2 ms at 1, and 2.5 ms populated. Populating is also ~2x faster than
+    faulting on one thread. Smaller outputs are reused by glibc after the first call anyway, and
+    populating pages that are already mapped still costs a page-table walk (20 us for 4 MB)."""
+    cdef Py_ssize_t n = np.dtype(dtype).itemsize, off
     cdef unsigned char[::1] bv
     for s in shape:
         n *= s
     buf = np.empty(n + 64, np.uint8)
     bv = buf
     off = (64 - <size_t>&bv[0] % 64) % 64
-    return buf[off:off + n].view(np.float32).reshape(shape)
+    if n >= POPULATE_MIN and _pages_may_be_fresh():
+        chexcy_populate(&bv[off], n)
+    return buf[off:off + n].view(dtype).reshape(shape)
 
 
 cdef int _requested_threads = 0     # 0 = not set: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
@@ -666,7 +694,7 @@ cdef _backward_one_channel(dout, x, weight, int ph, int pw, int dw):
     cdef const float[:, :, :, ::1] wtv = wt
     cdef const float[:, :, :, :, :, ::1] wpv = _pack_weight(wt, 1)
     cdef const float[::1] zero = np.zeros(1, np.float32)
-    dx = np.empty((N, 1, H, W), np.float32)
+    dx = _empty((N, 1, H, W))
     cdef float[:, :, :, ::1] dxv = dx
     scratch = np.zeros((n_threads, dx_buf + x_buf), np.float32)
     tags = np.full(n_threads, -1, np.intp)
@@ -756,7 +784,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
 
     # dx: for stride 1 it is the forward conv of dout (padded by the kernel's reach minus the
     # padding) with the kernel flipped and in/out channels swapped per group.
-    dx = np.empty((N, C, H, W), np.float32)
+    dx = _empty((N, C, H, W))
     cdef float[:, :, :, ::1] dxv = dx
     if sh == 1 and sw == 1 and reach_ok:
         wt = (weight.reshape(groups, Fg, Cg, KH, KW)[:, :, :, ::-1, ::-1]
@@ -855,8 +883,8 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     cdef int n_threads = _threads()
     cdef bint fast = (KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
                       and dh == 1 and dw == 1)
-    out = np.empty((N, C, OH, OW), np.float32)
-    argmax = np.empty((N, C, OH, OW), np.int64)
+    out = _empty((N, C, OH, OW))
+    argmax = _empty((N, C, OH, OW), np.int64)
     cdef const float[:, :, :, ::1] xv = x
     cdef float[:, :, :, ::1] ov = out
     cdef int64_t[:, :, :, ::1] av = argmax
@@ -908,7 +936,7 @@ def max_pool2d_backward(dout, argmax, x_shape):
     cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], u
     cdef int n_threads = _threads()
-    dx = np.empty((N, C, H, W), np.float32)
+    dx = _empty((N, C, H, W))
     cdef const float[:, :, :, ::1] dv = dout
     cdef const int64_t[:, :, :, ::1] av = argmax
     cdef float[:, :, :, ::1] dxv = dx
@@ -983,7 +1011,7 @@ def avg_pool2d_forward(x, kernel_size, stride, padding, count_include_pad):
     cdef Py_ssize_t OH = _conv_out_size(H, KH, sh, ph, 1), OW = _conv_out_size(W, KW, sw, pw, 1), u
     cdef bint inc = bool(count_include_pad)
     cdef int n_threads = _threads()
-    out = np.empty((N, C, OH, OW), np.float32)
+    out = _empty((N, C, OH, OW))
     cdef const float[:, :, :, ::1] xv = x
     cdef float[:, :, :, ::1] ov = out
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
@@ -1000,7 +1028,7 @@ def avg_pool2d_backward(dout, x_shape, kernel_size, stride, padding, count_inclu
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], u
     cdef bint inc = bool(count_include_pad)
     cdef int n_threads = _threads()
-    dx = np.empty((N, C, H, W), np.float32)
+    dx = _empty((N, C, H, W))
     cdef const float[:, :, :, ::1] dv = dout
     cdef float[:, :, :, ::1] dxv = dx
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
@@ -1232,7 +1260,7 @@ def batch_norm2d_forward(x, weight, bias, double eps):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, n, c
     cdef double M = <double>N * HW, total, mu, q, d, inv, a
     cdef int n_threads = _threads()
-    out = np.empty(x.shape, np.float32)
+    out = _empty(x.shape)
     mean = np.empty(C, np.float32)
     var = np.empty(C, np.float32)
     plane_sum = np.empty((C, N), np.float64)
@@ -1281,7 +1309,7 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, n, c
     cdef double M = <double>N * HW, sg, sgx, s, w
     cdef int n_threads = _threads()
-    dx = np.empty(x.shape, np.float32)
+    dx = _empty(x.shape)
     dweight = np.empty(C, np.float32)
     dbias = np.empty(C, np.float32)
     plane_g = np.empty((C, N), np.float64)

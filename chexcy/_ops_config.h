@@ -92,6 +92,19 @@ static inline int omp_get_thread_num(void) { return 0; }
  * ------------------------------------------------------------------------------------------- */
 #include <string.h>
 #include <stdint.h>
+#include <sys/mman.h>
+
+/* Map the whole pages inside [addr, addr + n) now, in one system call (Linux 5.14+; elsewhere, or on
+ * failure, nothing happens and the pages fault in on first touch as usual). Returns madvise's result. */
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+static inline int chexcy_populate(void *addr, size_t n)
+{
+    uintptr_t page = 4096, a = ((uintptr_t)addr + page - 1) & ~(page - 1);
+    uintptr_t e = ((uintptr_t)addr + n) & ~(page - 1);
+    return e > a ? madvise((void *)a, e - a, MADV_POPULATE_WRITE) : 0;
+}
 
 #if defined(__GNUC__) || defined(__clang__)
 typedef float chexcy_vf __attribute__((vector_size(CHEXCY_VW * sizeof(float))));

@@ -27,6 +27,11 @@ _TOP_PAD = 64 << 20             # grow the heap in 64 MB steps (untouched pages 
 _done = False
 
 
+def reusing_freed_memory():
+    """True once reuse_freed_memory() has tuned the allocator (large outputs then come back mapped)."""
+    return _done
+
+
 def reuse_freed_memory():
     """Tune glibc's malloc for a loop of same-sized large allocations. Returns True when applied."""
     global _done

@@ -132,3 +132,17 @@ def test_compiled_store_bound_outputs_start_on_a_cache_line(rng):
     for name, out in outs:
         assert out.ctypes.data % 64 == 0, f"{name}: data at {out.ctypes.data % 64} bytes past a cache line"
         assert out.flags.c_contiguous and out.flags.writeable and out.dtype == np.float32, name
+
+
+@pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")
+def test_compiled_large_outputs_are_ordinary_arrays():
+    """Outputs above glibc's largest mmap threshold (32 MB) have their pages populated up front
+    (madvise); they are still plain, aligned, writeable arrays of the requested shape and dtype."""
+    from chexcy import _native
+    mod = _native.load()
+    for dtype in (np.float32, np.int64):
+        a = mod._empty((3, 1 << 22), dtype)                 # 48 / 96 MB
+        assert a.shape == (3, 1 << 22) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % 64 == 0
+        a[...] = 7
+        assert int(a[2, -1]) == 7 and int(a.sum(dtype=np.int64)) == 7 * a.size
