@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 
 PROBE = r"""
 import numpy as np
-from chexcy.memory import reuse_freed_memory
+from chexcy.memory import reuse_freed_memory, reusing_freed_memory
+was = reusing_freed_memory()
 applied = reuse_freed_memory()
 def rss_mb():
     with open("/proc/self/status") as f:
@@ -25,7 +26,7 @@ before = rss_mb()
 a = np.empty(12 << 20, np.float32)        # 48 MB: above glibc's largest default mmap threshold
 a.fill(1.0)                               # touch every page
 del a
-print(applied, round(rss_mb() - before))
+print(applied, round(rss_mb() - before), was, reusing_freed_memory())
 """
 
 
@@ -37,7 +38,9 @@ def _probe(tuning, tmp_path):
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    applied, kept_mb = out.stdout.split()
+    applied, kept_mb, was, now = out.stdout.split()
+    # reusing_freed_memory() reports the tuning (the compiled ops skip populating pages when it is on)
+    assert was == "False" and now == applied, out.stdout
     return applied == "True", int(kept_mb)
 
 
