@@ -412,7 +412,9 @@ static inline float chexcy_lane_total(const float *p)
 {
 #if CHEXCY_VW == 16
     __m512 v = _mm512_loadu_ps(p);
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    /* upper half via the AVX512F 64-bit extract (the 32-bit one needs AVX512DQ) */
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 #elif CHEXCY_VW == 8
     __m256 h = _mm256_loadu_ps(p);
