@@ -27,7 +27,10 @@ Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kern
 # * Fast dweight (column stride 1): per block of DW_F output channels, vector accumulators for
 #   DW_F channels x 3 kernel columns (x 3 kernel rows for 3-row kernels) x DW_V lanes stay in registers
 #   over an L1-sized chunk of dout; lanes are summed in a fixed order at the end (lane-split sums: no
-#   fast-math, no reassociation by the compiler). docs/performance.md describes each kernel.
+#   fast-math, no reassociation by the compiler). Wide layers (two register tiles of input channels
+#   per group or more, stride 1) instead take dweight as one matrix product per kernel tap over a
+#   channel-blocked copy of the input, with the dense layer's register tile (_dwc_thread).
+#   docs/performance.md describes each kernel.
 # * Anything else (column stride > 1, padding wider than the kernel for dx) takes a plain loop path:
 #   slower, simple, and tested against the reference like the fast one.
 # * Tile sizes depend on the instruction set (_ops_config.h); setup.py compiles this file once per
@@ -88,6 +91,17 @@ cdef extern from "_ops_config.h" nogil:
 
 cdef enum:
     DW_CHUNK = 4096     # floats of dout (one channel block) per dweight chunk: 16 KiB, within L1
+    DWC_KC = 128        # dout positions per K block of the channel-blocked dweight (_dwc_thread)
+
+cdef extern from "_ops_gemm.h" nogil:
+    enum:
+        GEMM_MR     # rows of C per register tile
+        GEMM_NR     # columns of C per register tile (and per packed B strip)
+    void chexcy_gemm_pack_a(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t m0, Py_ssize_t mc,
+                            Py_ssize_t k0, Py_ssize_t kc, float* dst)
+    void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow, const float* a, const float* b,
+                               Py_ssize_t b_rs, float* c, Py_ssize_t ldc)
+    void chexcy_dwc_pack_row(const float* p, Py_ssize_t plane, Py_ssize_t W, Py_ssize_t cn, float* d)
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -613,6 +627,113 @@ cdef void _dw_block(
                     dweight[f0 + f, c, kh, kw] = chexcy_lane_total(p)
 
 
+cdef void _dwc_pack_x(
+        const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
+        float* xt,                                  # OUT (G, nct, N, Hp, Wp, GEMM_NR), block `unit`
+        Py_ssize_t unit,                            # which (g, channel block ct, n): (g * nct + ct) * N + n
+        int groups, Py_ssize_t nct, int ph, int pw) noexcept nogil:
+    """One block of the channel-blocked padded input of _dwc_thread: channel ct * GEMM_NR + j of group
+    g in lane j of every padded position; zero in the padding and in lanes past the group's channels."""
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], Cg = x.shape[1] // groups
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw, n = unit % N, ct = unit // N % nct
+    cdef Py_ssize_t c0 = unit // N // nct * Cg + ct * GEMM_NR, cn = min(<Py_ssize_t>GEMM_NR, Cg - ct * GEMM_NR)
+    cdef Py_ssize_t h, row = Wp * GEMM_NR
+    cdef float* d = xt + unit * Hp * row
+    memset(d, 0, ph * row * sizeof(float))
+    memset(d + (ph + H) * row, 0, (Hp - ph - H) * row * sizeof(float))
+    for h in range(H):
+        memset(d + (ph + h) * row, 0, pw * GEMM_NR * sizeof(float))
+        chexcy_dwc_pack_row(&x[n, c0, h, 0], H * W, W, cn, d + (ph + h) * row + pw * GEMM_NR)
+        memset(d + (ph + h) * row + (pw + W) * GEMM_NR, 0, (Wp - pw - W) * GEMM_NR * sizeof(float))
+
+
+cdef void _dwc_thread(
+        const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
+        const float* xt,                            # IN  x channel-blocked and padded (_dwc_pack_x)
+        float* cbuf,                                # IN/OUT (G * ncot * GEMM_MR, KH * KW, nct * GEMM_NR)
+        double* bsum,                               # IN/OUT (G * ncot * GEMM_MR,) dbias sums
+        float* abuf,                                # scratch: packed dout strips, _dwc_abuf_floats
+        Py_ssize_t t, Py_ssize_t T,                 # which of the T equal shares of the work
+        int groups, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t Hp, Py_ssize_t Wp,
+        Py_ssize_t rb, int dh, int dw) noexcept nogil:
+    """Share t of T of the channel-blocked dweight of a stride-1 convolution. Per group and kernel tap
+    (kh, kw) dweight is a matrix product, dweight[:, :, kh, kw] (Fg, Cg) = dout (Fg, N OH OW) times the
+    input shifted by the tap (N OH OW, Cg), computed with the register tile of the dense layer
+    (GEMM_MR output channels x GEMM_NR input channels, chexcy_gemm_tile_rows): each step broadcasts
+    GEMM_MR dout values and loads GEMM_NR adjacent input channels, so no lanes are left to add up.
+    Work units are (g, block of GEMM_MR output channels, tap) and share t owns units [t U / T,
+    (t + 1) U / T) and their rows of cbuf (and the dbias of the blocks whose tap 0 it owns). K blocks of
+    rb output rows of one sample go in order, each summed from 0 and then added: every element's
+    arithmetic is fixed by the shape, whichever share computes it (bitwise the same for any T)."""
+    cdef Py_ssize_t N = dout.shape[0], F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3]
+    cdef Py_ssize_t Fg = F // groups, ncot = (Fg + GEMM_MR - 1) // GEMM_MR
+    cdef Py_ssize_t nct = (Cg + GEMM_NR - 1) // GEMM_NR, taps = KH * KW, Cgp = nct * GEMM_NR
+    cdef Py_ssize_t U = groups * ncot * taps, u0 = t * U // T, u1 = (t + 1) * U // T
+    cdef Py_ssize_t q0 = u0 // taps, q1 = (u1 - 1) // taps + 1
+    cdef Py_ssize_t n, r0, rr, kc, q, m0, mc, i, ct, u, tap, g
+    cdef const float* b
+    if u0 >= u1:
+        return
+    for n in range(N):
+        r0 = 0
+        while r0 < OH:
+            rr = min(rb, OH - r0)
+            kc = rr * OW
+            for q in range(q0, q1):
+                m0 = q // ncot * Fg + q % ncot * GEMM_MR
+                mc = min(<Py_ssize_t>GEMM_MR, Fg - q % ncot * GEMM_MR)
+                chexcy_gemm_pack_a(&dout[n, 0, 0, 0], OH * OW, 1, m0, mc, r0 * OW, kc,
+                                   abuf + (q - q0) * kc * GEMM_MR)
+                if q * taps >= u0:      # tap 0 of this block is ours: so is its dbias
+                    for i in range(mc):
+                        bsum[q * GEMM_MR + i] += chexcy_sum(&dout[n, m0 + i, r0, 0], kc)
+            for ct in range(nct):
+                for u in range(u0, u1):
+                    q = u // taps
+                    tap = u % taps
+                    g = q // ncot
+                    b = (xt + (((g * nct + ct) * N + n) * Hp + r0 + tap // KW * dh) * Wp * GEMM_NR
+                         + tap % KW * dw * GEMM_NR)
+                    chexcy_gemm_tile_rows(rr, OW, abuf + (q - q0) * kc * GEMM_MR, b, Wp * GEMM_NR,
+                                          cbuf + (q * GEMM_MR * taps + tap) * Cgp + ct * GEMM_NR, taps * Cgp)
+            r0 += rr
+
+
+cdef _dweight_blocked(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int ph, int pw, int dh, int dw):
+    """dweight and dbias of a stride-1 convolution by _dwc_thread (channel-blocked products)."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], Cg = C // groups
+    cdef Py_ssize_t F = dout.shape[1], OW = dout.shape[3], Fg = F // groups
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
+    cdef Py_ssize_t ncot = (Fg + GEMM_MR - 1) // GEMM_MR, nct = (Cg + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t taps = KH * KW, U = groups * ncot * taps, rb = max(1, DWC_KC // OW)
+    cdef Py_ssize_t t, u, nq = 0, abuf_len
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] dv = dout
+    for t in range(n_threads):      # the most blocks of output channels one share packs
+        if (t + 1) * U // n_threads > t * U // n_threads:
+            nq = max(nq, ((t + 1) * U // n_threads - 1) // taps + 1 - t * U // n_threads // taps)
+    abuf_len = (nq * min(rb, dout.shape[2]) * OW * GEMM_MR + 15) // 16 * 16
+    xt = _empty((groups * nct * N * Hp * Wp * GEMM_NR,))
+    cbuf = np.zeros((groups * ncot * GEMM_MR, taps, nct * GEMM_NR), np.float32)
+    bsum = np.zeros(groups * ncot * GEMM_MR, np.float64)
+    abuf = _empty((n_threads, abuf_len))
+    cdef float[::1] xtv = xt
+    cdef float[:, :, ::1] cv = cbuf
+    cdef double[::1] bv = bsum
+    cdef float[:, ::1] av = abuf
+    for u in prange(groups * nct * N, nogil=True, schedule="static", num_threads=n_threads):
+        _dwc_pack_x(xv, &xtv[0], u, groups, nct, ph, pw)
+    for t in prange(n_threads, nogil=True, schedule="static", num_threads=n_threads):
+        _dwc_thread(dv, &xtv[0], &cv[0, 0, 0], &bv[0], &av[omp_get_thread_num(), 0], t, n_threads,
+                    groups, Cg, KH, KW, Hp, Wp, rb, dh, dw)
+    dweight = np.ascontiguousarray(
+        cbuf.reshape(groups, ncot * GEMM_MR, KH, KW, nct * GEMM_NR)[:, :Fg, :, :, :Cg]
+        .transpose(0, 1, 4, 2, 3)).reshape(F, Cg, KH, KW)
+    dbias = bsum.reshape(groups, ncot * GEMM_MR)[:, :Fg].astype(np.float32).reshape(F)
+    return dweight, dbias
+
+
 cdef void _dw_plain(
         const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
         const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
@@ -796,6 +917,12 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
             _dx_plane(dv, wv, dxv, u, groups, sh, sw, ph, pw, dh, dw)
 
+    # Channel-blocked dweight from 2 register tiles of input channels up (measured, ref-cnn at 128x128,
+    # 2 threads: conv4, 64 channels, 8.3 -> 7.7 ms for the whole backward; conv3, 32 channels, was 3%
+    # slower than the lane-sum kernel below)
+    if sh == 1 and sw == 1 and Cg >= 2 * GEMM_NR:
+        dweight, dbias = _dweight_blocked(dout, x, KH, KW, groups, ph, pw, dh, dw)
+        return dx, dweight, dbias
     dweight = np.empty((F, Cg, KH, KW), np.float32)
     cdef float[:, :, :, ::1] dwv = dweight
     cdef float[:, ::1] pad_s
@@ -1091,8 +1218,6 @@ from libc.stdlib cimport malloc, free
 
 cdef extern from "_ops_gemm.h" nogil:
     enum:
-        GEMM_MR     # rows of C per register tile
-        GEMM_NR     # columns of C per register tile (and per packed B strip)
         GEMM_MC     # rows of C per task at most
         GEMM_SERIAL_MADDS   # below this many multiply-adds a product runs on one thread
     Py_ssize_t chexcy_gemm_abuf_floats(Py_ssize_t mc, Py_ssize_t K)

@@ -135,6 +135,21 @@ TILE_CONV_CASES = [
 ]
 
 
+# Wide layers: from 2 register tiles of input channels per group up (64 on AVX-512, 32 on AVX2, 16 on
+# SSE2), stride-1 dweight is a product per kernel tap over channel-blocked input (GEMM_MR = 12 output
+# x GEMM_NR = 32 input channels per tile on AVX-512, K blocks of 128 // OW rows of one sample).
+WIDE_CONV_CASES = [
+    ConvCase(2, 64, 9, 11, 26, 3, 3, 1, 1, 1, 1, True),                # 26 output channels: 2 tiles + 2
+    ConvCase(1, 70, 6, 7, 13, 3, 3, 1, 1, 1, 1, False),                # a partial block of input channels
+    ConvCase(2, 128, 7, 6, 12, 3, 3, 1, 2, 2, 2, True),                # groups 2, dilation 2, pad 2
+    ConvCase(1, 64, 7, 40, 14, 3, 5, 1, (1, 2), 1, 1, True),           # KW 5; 3-row K blocks, short last
+    ConvCase(2, 66, 20, 9, 5, 1, 1, 1, 0, 1, 1, True),                 # 1x1
+    ConvCase(3, 64, 4, 140, 7, 3, 3, 1, 1, 1, 1, False),               # rows wider than a K block
+    ConvCase(1, 64, 11, 12, 16, 3, 3, 2, 1, 1, 1, True),               # stride 2 (spread onto stride 1)
+    ConvCase(1, 64, 8, 8, 8, 2, 3, 1, "same", (2, 1), 1, True),        # same, even KH, row dilation
+]
+
+
 PoolCase = namedtuple("PoolCase", "N C H W kernel_size stride padding dilation")
 
 MAX_POOL_CASES = [
