@@ -178,6 +178,7 @@ def _extensions():
             name, [source],
             include_dirs=[PKG],
             depends=[os.path.join("chexcy", "_ops_config.h"), os.path.join("chexcy", "_ops_gemm.h"),
+                     os.path.join("chexcy", "_ops_winograd.h"),
                      os.path.join("chexcy", "_ops.pyx")],
             define_macros=[("CHEXCY_VARIANT", f'"{label}"')] + ([("CHEXCY_DEBUG", "1")] if debug else []),
             extra_compile_args=base_flags + isa_flags,

@@ -24,6 +24,9 @@ Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kern
 #   multiply-adds with broadcast weights. The input of the current (n, group) is first copied into a
 #   per-thread zero-padded buffer, so the tile loop has no bounds checks at all. Weights are packed so
 #   the FWD_F weights of one tap are adjacent.
+# * 3x3, stride 1, dilation 1, one group, from WINO_MIN_C / WINO_MIN_F channels (forward, and so dx):
+#   Winograd F(2x2, 3x3), 16 matrix products over channels instead of 36 multiply-adds per output
+#   pair and channel pair (chexcy/_ops_winograd.h, _wino_unit).
 # * Fast dweight (column stride 1): per block of DW_F output channels, vector accumulators for
 #   DW_F channels x 3 kernel columns (x 3 kernel rows for 3-row kernels) x DW_V lanes stay in registers
 #   over an L1-sized chunk of dout; lanes are summed in a fixed order at the end (lane-split sums: no
@@ -100,8 +103,27 @@ cdef extern from "_ops_gemm.h" nogil:
     void chexcy_gemm_pack_a(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t m0, Py_ssize_t mc,
                             Py_ssize_t k0, Py_ssize_t kc, float* dst)
     void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow, const float* a, const float* b,
-                               Py_ssize_t b_rs, float* c, Py_ssize_t ldc)
+                               Py_ssize_t b_rs, float* c, Py_ssize_t ldc, int add)
     void chexcy_dwc_pack_row(const float* p, Py_ssize_t plane, Py_ssize_t W, Py_ssize_t cn, float* d)
+
+cdef extern from "_ops_winograd.h" nogil:
+    void chexcy_wino_cols(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
+                          Py_ssize_t r0, Py_ssize_t rows, Py_ssize_t TW, float* pe, float* po, Py_ssize_t ps)
+    void chexcy_wino_rows(const float* pe, const float* po, Py_ssize_t ps, Py_ssize_t TW, Py_ssize_t n,
+                          float* v, Py_ssize_t vs)
+    void chexcy_wino_weight(const float* w, Py_ssize_t C, float* u, Py_ssize_t xs)
+    void chexcy_wino_output(const float* m, Py_ssize_t ms, Py_ssize_t n, float bias, float* y, Py_ssize_t ys)
+    void chexcy_wino_store_rows(const float* y, Py_ssize_t ys, Py_ssize_t TW, float* row, float* out0,
+                                float* out1, Py_ssize_t width)
+
+cdef enum:
+    # channels from which a 3x3 stride-1 conv takes Winograd (measured, ref-cnn at 128x128, 2 threads:
+    # conv2's forward, 16 -> 32 channels, 3.6 -> 3.3-3.4 ms; its dx, 32 -> 16, was 1.4 ms slower: 16
+    # output channels fill 2 register tiles of 12 rows by two thirds, and 16 input steps are short)
+    WINO_MIN_C = 16
+    WINO_MIN_F = 24
+    WINO_TILES = 256    # 2x2 output tiles per Winograd work unit at most (whole rows of tiles)
+    WINO_KC = 256       # input channels per K block of its products
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -423,6 +445,90 @@ cdef void _conv_unit(
                        1, Cg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
 
 
+cdef void _wino_unit(
+        const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
+        const float* up,                            # IN  U packed: (16, ceil(F / GEMM_MR)) strips (C, GEMM_MR)
+        const float[::1] bias,                      # IN  (F,)
+        float[:, :, :, ::1] out,                    # OUT (N, F, OH, OW): rows of tiles of one sample
+        Py_ssize_t unit,                            # (n, block of TB rows of tiles)
+        float* scratch,                             # this thread's: V, M, column halves, outputs
+        Py_ssize_t TB, Py_ssize_t Tp, Py_ssize_t PS, int ph, int pw) noexcept nogil:
+    """One work unit of the Winograd convolution F(2x2, 3x3) (chexcy/_ops_winograd.h): the input
+    transform of its n tiles (t = ty * TW + tx) for every channel into V (16, C, Tp), the 16 products
+    M[xi] (Fp, Tp) = U[xi] (Fp, C) V[xi] (C, Tp) with the dense layer's register tile (columns: tiles),
+    then the output transform plus bias into the output rows. All of it in this thread's scratch
+    (L2-sized for ref-cnn's layers); the arithmetic of a unit does not depend on the thread that runs it."""
+    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = out.shape[1], OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, ncot = (F + GEMM_MR - 1) // GEMM_MR
+    cdef Py_ssize_t Fp = ncot * GEMM_MR, nblk = (TH + TB - 1) // TB
+    cdef Py_ssize_t n = unit // nblk, ty0 = unit % nblk * TB, nty = min(TB, TH - ty0), nt = nty * TW
+    cdef Py_ssize_t ns = (nt + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t c, xi, k0, kc, q, s, f, ty, oh
+    cdef float* V = scratch
+    cdef float* M = V + 16 * C * Tp
+    cdef float* pe = M + 16 * Fp * Tp               # column halves of the even input rows (4, PS)
+    cdef float* po = pe + 4 * PS                    # and of the odd ones
+    cdef float* Y = po + 4 * PS                     # outputs of one channel (4, Tp)
+    cdef float* row = Y + 4 * Tp                    # one output row, interleaved
+    for c in range(C):
+        # padded input rows 2 ty0 .. 2 (ty0 + nty) + 1
+        chexcy_wino_cols(&x[n, c, 0, 0], H, W, ph, pw, 2 * ty0, 2 * nty + 2, TW, pe, po, PS)
+        chexcy_wino_rows(pe, po, PS, TW, nt, V + c * Tp, C * Tp)
+        if nt % GEMM_NR:    # the products read whole strips: no uninitialised memory past the tiles
+            for xi in range(16):
+                memset(V + (xi * C + c) * Tp + nt, 0, (ns * GEMM_NR - nt) * sizeof(float))
+    for xi in range(16):
+        # strips of GEMM_NR tiles outermost: a strip's block of V stays in L1 while the packed U strips
+        # of every block of output channels pass over it
+        for s in range(ns):
+            k0 = 0
+            while k0 < C:
+                kc = min(<Py_ssize_t>WINO_KC, C - k0)
+                for q in range(ncot):
+                    chexcy_gemm_tile_rows(kc, 1, up + (xi * ncot + q) * C * GEMM_MR + k0 * GEMM_MR,
+                                          V + (xi * C + k0) * Tp + s * GEMM_NR, Tp,
+                                          M + (xi * Fp + q * GEMM_MR) * Tp + s * GEMM_NR, Tp, k0 > 0)
+                k0 += kc
+    for f in range(F):
+        chexcy_wino_output(M + f * Tp, Fp * Tp, nt, bias[f], Y, Tp)
+        for ty in range(nty):
+            oh = 2 * (ty0 + ty)
+            chexcy_wino_store_rows(Y + ty * TW, Tp, TW, row, &out[n, f, oh, 0],
+                                   &out[n, f, oh + 1, 0] if oh + 1 < OH else NULL, OW)
+
+
+cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, int pw):
+    """3x3, stride 1, dilation 1, one group: out = conv(x, w) + bias by Winograd F(2x2, 3x3), every
+    (sample, block of rows of 2x2 output tiles) unit in parallel."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], F = out.shape[1], OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, ncot = (F + GEMM_MR - 1) // GEMM_MR
+    cdef Py_ssize_t TB = max(1, min(TH, WINO_TILES // TW)), units = N * ((TH + TB - 1) // TB)
+    cdef Py_ssize_t TWc = (TW + DW_V - 1) // DW_V * DW_V
+    # tile columns of V, M and Y: whole strips, plus room for the output rows' last vector
+    cdef Py_ssize_t Tp = (TB * TW + GEMM_NR - 1) // GEMM_NR * GEMM_NR + GEMM_NR
+    # a column half: TB + 1 input rows of TW tiles, plus what the last vector reads past them
+    cdef Py_ssize_t PS = ((TB + 1) * TW + 2 * DW_V + 15) // 16 * 16
+    cdef Py_ssize_t per = (16 * C * Tp + 16 * ncot * GEMM_MR * Tp + 8 * PS + 4 * Tp + 2 * TWc + 15) // 16 * 16
+    cdef Py_ssize_t i, u
+    cdef const float[:, :, :, ::1] wv = w
+    cdef const float[:, :, :, ::1] xv = x
+    uw = _empty((16, F, C))
+    cdef float[:, :, ::1] uv = uw
+    up = _empty((16 * ncot * C * GEMM_MR,))
+    cdef float[::1] upv = up
+    scratch = _empty((n_threads, per))
+    cdef float[:, ::1] sv = scratch
+    for i in prange(F, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_wino_weight(&wv[i, 0, 0, 0], C, &uv[0, i, 0], F * C)
+    for i in prange(16 * ncot, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_gemm_pack_a(&uv[i // ncot, 0, 0], C, 1, i % ncot * GEMM_MR,
+                           min(<Py_ssize_t>GEMM_MR, F - i % ncot * GEMM_MR), 0, C, &upv[i * C * GEMM_MR])
+    for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
+        _wino_unit(xv, &upv[0], bias, out, u, &sv[omp_get_thread_num(), 0], TB, Tp, PS, ph, pw)
+
+
 cdef _conv_core(
         const float[:, :, :, ::1] x,                # IN  (N, G*Cg, H, W)
         const float[:, :, :, ::1] w,                # IN  (G*Fg, Cg, KH, KW)
@@ -442,6 +548,10 @@ cdef _conv_core(
         buf_len = max(buf_len, KW * Cg * Hp * OW + FWD_WMAX)
     cdef Py_ssize_t units = N * groups * per_group, u
     cdef int tid
+    if (groups == 1 and w.shape[2] == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
+            and Cg >= WINO_MIN_C and Fg >= WINO_MIN_F):
+        _wino_conv(x, w, bias, out, ph, pw)
+        return
     cdef const float[:, :, :, :, :, ::1] wp = _pack_weight(np.asarray(w), groups)
     # zeros: the slack after the last row is read (into discarded lanes) by the last tile
     scratch = np.zeros((n_threads, buf_len), np.float32)
@@ -695,7 +805,7 @@ cdef void _dwc_thread(
                     b = (xt + (((g * nct + ct) * N + n) * Hp + r0 + tap // KW * dh) * Wp * GEMM_NR
                          + tap % KW * dw * GEMM_NR)
                     chexcy_gemm_tile_rows(rr, OW, abuf + (q - q0) * kc * GEMM_MR, b, Wp * GEMM_NR,
-                                          cbuf + (q * GEMM_MR * taps + tap) * Cgp + ct * GEMM_NR, taps * Cgp)
+                                          cbuf + (q * GEMM_MR * taps + tap) * Cgp + ct * GEMM_NR, taps * Cgp, 1)
             r0 += rr
 
 

@@ -102,15 +102,15 @@ static __attribute__((noinline)) void chexcy_gemm_tile(Py_ssize_t kc, const floa
 
 /* The dweight product of a stride-1 convolution (chexcy._ops, _dwc_*): one register tile over a
  * block of `rows` output rows of `ow` columns each, the K steps k = r * ow + w:
- *   c[i, j] += sum over k of a[k * GEMM_MR + i] * b[r * b_rs + w * GEMM_NR + j]
- * (the block summed from 0 in k order, then added to c once). a: a packed dout strip
+ *   c[i, j] (+)= sum over k of a[k * GEMM_MR + i] * b[r * b_rs + w * GEMM_NR + j]
+ * (the block summed from 0 in k order, then added to c once when `add`, else stored). a: a packed dout strip
  * (chexcy_gemm_pack_a), b: one kernel tap's view of the channel-blocked padded input, whose rows are
  * b_rs floats apart (the padding columns between them are skipped). The registers are those of
  * chexcy_gemm_tile, and so is the reason for noinline. */
 static __attribute__((noinline)) void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow,
                                                             const float *restrict a,
                                                             const float *restrict b, Py_ssize_t b_rs,
-                                                            float *c, Py_ssize_t ldc)
+                                                            float *c, Py_ssize_t ldc, int add)
 {
     chexcy_vf acc[GEMM_MR][GEMM_NV], bv[GEMM_NV];
     CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
@@ -125,9 +125,13 @@ static __attribute__((noinline)) void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_
             }
         }
     }
+    if (add) {
+        CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
+            CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++)
+                acc[i][v] = chexcy_load(c + i * ldc + v * CHEXCY_VW) + acc[i][v];
+    }
     CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
-        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++)
-            chexcy_store(c + i * ldc + v * CHEXCY_VW, chexcy_load(c + i * ldc + v * CHEXCY_VW) + acc[i][v]);
+        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) chexcy_store(c + i * ldc + v * CHEXCY_VW, acc[i][v]);
 }
 
 /* One input row of the channel-blocked padded input: d[w * GEMM_NR + j] = p[j * plane + w] for w < W,

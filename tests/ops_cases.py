@@ -150,6 +150,22 @@ WIDE_CONV_CASES = [
 ]
 
 
+# 3x3, stride 1, dilation 1, one group, from 16 input and 24 output channels: the forward conv (and dx,
+# the forward conv of dout) is Winograd F(2x2, 3x3) on 2x2 output tiles, units of up to 256 tiles
+# (whole rows of tiles), products in K blocks of 256 input channels.
+WINOGRAD_CONV_CASES = [
+    ConvCase(2, 16, 9, 11, 24, 3, 3, 1, 1, 1, 1, True),                # odd sizes: half tiles at the edges
+    ConvCase(1, 24, 16, 16, 26, 3, 3, 1, 1, 1, 1, False),              # batch 1, 26 channels: 2 tiles + 2
+    ConvCase(2, 16, 7, 40, 24, 3, 3, 1, 0, 1, 1, True),                # no padding; 19 tiles a row
+    ConvCase(1, 20, 6, 5, 30, 3, 3, 1, 2, 1, 1, True),                 # padding 2 (dx: padding 0)
+    ConvCase(1, 264, 5, 6, 24, 3, 3, 1, 1, 1, 1, True),                # 2 K blocks of input channels
+    ConvCase(2, 16, 180, 6, 24, 3, 3, 1, 1, 1, 1, False),              # units of 85 + 5 rows of tiles
+    ConvCase(2, 16, 3, 2, 24, 3, 3, 1, 1, 1, 1, True),                 # planes narrower than a tile
+    ConvCase(1, 16, 8, 70, 48, 3, 3, 1, "same", 1, 1, True),           # 35 tiles a row: 3 vectors
+    ConvCase(1, 32, 14, 13, 24, 3, 3, (1, 2), (2, 1), 1, 1, False),    # stride (1, 2): via stride 1
+]
+
+
 PoolCase = namedtuple("PoolCase", "N C H W kernel_size stride padding dilation")
 
 MAX_POOL_CASES = [

@@ -16,8 +16,8 @@ from numpy.testing import assert_array_equal
 
 from chexcy import ops
 from ops_cases import (AVG_POOL_CASES, BACKENDS, CONV_CASES, GLOBAL_POOL_SHAPES, LINEAR_CASES,
-                       MAX_POOL_CASES, TILE_CONV_CASES, WIDE_CONV_CASES, ConvCase, PoolCase,
-                       assert_close, avg_pool_args, case_id, conv_args,
+                       MAX_POOL_CASES, TILE_CONV_CASES, WIDE_CONV_CASES, WINOGRAD_CONV_CASES, ConvCase,
+                       PoolCase, assert_close, avg_pool_args, case_id, conv_args,
                        make_conv_inputs, max_pool_args, randn, run)
 
 SEED = 7
@@ -61,7 +61,8 @@ def check_conv(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CONV_CASES + TILE_CONV_CASES + WIDE_CONV_CASES, ids=case_id)
+@pytest.mark.parametrize("case", CONV_CASES + TILE_CONV_CASES + WIDE_CONV_CASES
+                         + WINOGRAD_CONV_CASES, ids=case_id)
 def test_conv2d_matches_reference(backend, case):
     check_conv(backend, case)
 

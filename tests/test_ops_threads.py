@@ -143,3 +143,23 @@ def test_channel_blocked_dweight_is_bitwise_identical_for_1_2_and_3_threads(rest
         for name, a, c in zip(("dx", "dweight", "dbias"), runs[1], runs[threads]):
             assert np.array_equal(a, c), (f"conv {name}: 1 and {threads} threads differ, max abs diff "
                                           f"{np.max(np.abs(a.astype(np.float64) - c)):.3g}")
+
+
+@needs_compiled
+@pytest.mark.parametrize("C, H, W, F", [(16, 180, 6, 26), (24, 21, 35, 24)])
+def test_winograd_conv_is_bitwise_identical_for_1_2_and_3_threads(restore_threads, C, H, W, F):
+    """3x3 stride-1 convs from 16 / 24 channels are Winograd units (sample, block of tile rows), several
+    per sample in the first shape: forward and backward must not depend on the thread count."""
+    rng = np.random.default_rng(13)
+    x, w, b = randn(rng, (3, C, H, W)), randn(rng, (F, C, 3, 3)), randn(rng, (F,))
+    dout = randn(rng, (3, F, H, W))
+    runs = {}
+    with ops.use_backend("cython"):
+        for threads in (1, 2, 3):
+            ops.set_num_threads(threads)
+            runs[threads] = [ops.conv2d_forward(x, w, b, stride=1, padding=1),
+                             *ops.conv2d_backward(dout, x, w, stride=1, padding=1)]
+    for threads in (2, 3):
+        for name, a, c in zip(("out", "dx", "dweight", "dbias"), runs[1], runs[threads]):
+            assert np.array_equal(a, c), (f"conv {name}: 1 and {threads} threads differ, max abs diff "
+                                          f"{np.max(np.abs(a.astype(np.float64) - c)):.3g}")

@@ -1,0 +1,248 @@
+/* chexcy/_ops_winograd.h: the transforms of the Winograd convolution F(2x2, 3x3) (chexcy._ops, _wino_*).
+ *
+ * A 3x3, stride-1 convolution computes each 2x2 block ("tile") of output from a 4x4 window of padded
+ * input d and the kernel g as
+ *
+ *   Y = A^T [ (G g G^T) (.) (B^T d B) ] A        ((.): element by element, 16 products)
+ *
+ *   B^T = [1  0 -1  0]     G = [ 1    0    0 ]     A^T = [1  1  1  0]
+ *         [0  1  1  0]         [1/2  1/2  1/2]           [0  1 -1 -1]
+ *         [0 -1  1  0]         [1/2 -1/2  1/2]
+ *         [0  1  0 -1]         [ 0    0    1 ]
+ *
+ * (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). Summed over input
+ * channels, the 16 products become 16 independent matrix products, one per position xi of the 4x4
+ * transformed tile: M[xi] (F, tiles) = U[xi] (F, C) V[xi] (C, tiles), with U = G g G^T per (f, c) and
+ * V = B^T d B per (c, tile). That is 16 multiply-adds per tile, channel pair instead of 36: 2.25x fewer.
+ * The transforms below are additions only; they work on whole vectors of VW tiles that lie side by side
+ * in a row of tiles, which is why the input is first split into its even and odd columns.
+ *
+ * Needs _ops_config.h first (chexcy_vf, CHEXCY_VW, chexcy_load / chexcy_store).
+ */
+#ifndef CHEXCY_OPS_WINOGRAD_H
+#define CHEXCY_OPS_WINOGRAD_H
+
+#include <string.h>
+
+/* The first n (< VW) lanes of v to p; memory past p + n is never touched. */
+static inline void chexcy_store_partial(float *p, chexcy_vf v, Py_ssize_t n)
+{
+#if CHEXCY_VW == 16
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
+#elif CHEXCY_VW == 8
+    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane), (__m256)v);
+#else
+    float t[CHEXCY_VW];
+    chexcy_store(t, v);
+    for (Py_ssize_t j = 0; j < n; j++) p[j] = t[j];
+#endif
+}
+
+/* dst[2 l] = a[l], dst[2 l + 1] = b[l] for the VW lanes: 2 VW floats. */
+static inline void chexcy_interleave(chexcy_vf a, chexcy_vf b, float *dst)
+{
+#if defined(__GNUC__) && !defined(__clang__)
+    typedef int chexcy_vi __attribute__((vector_size(CHEXCY_VW * sizeof(int))));
+#if CHEXCY_VW == 16
+    const chexcy_vi lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+    const chexcy_vi hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+#elif CHEXCY_VW == 8
+    const chexcy_vi lo = {0, 8, 1, 9, 2, 10, 3, 11};
+    const chexcy_vi hi = {4, 12, 5, 13, 6, 14, 7, 15};
+#else
+    const chexcy_vi lo = {0, 4, 1, 5};
+    const chexcy_vi hi = {2, 6, 3, 7};
+#endif
+    chexcy_store(dst, __builtin_shuffle(a, b, lo));
+    chexcy_store(dst + CHEXCY_VW, __builtin_shuffle(a, b, hi));
+#else
+    float ta[CHEXCY_VW], tb[CHEXCY_VW];
+    chexcy_store(ta, a);
+    chexcy_store(tb, b);
+    for (int l = 0; l < CHEXCY_VW; l++) {
+        dst[2 * l] = ta[l];
+        dst[2 * l + 1] = tb[l];
+    }
+#endif
+}
+
+/* U = G g G^T of the C kernels g (3, 3) of one output channel, w: (C, 3, 3); U[xi] of channel c to
+ * u[xi * xs + c] (xi = 4 i + j). */
+static void chexcy_wino_weight(const float *w, Py_ssize_t C, float *u, Py_ssize_t xs)
+{
+    for (Py_ssize_t c = 0; c < C; c++, w += 9) {
+        float gg[4][3];                                 /* G g */
+        for (int j = 0; j < 3; j++) {
+            const float g0 = w[j], g1 = w[3 + j], g2 = w[6 + j];
+            gg[0][j] = g0;
+            gg[1][j] = (g0 + g1 + g2) * 0.5f;
+            gg[2][j] = (g0 - g1 + g2) * 0.5f;
+            gg[3][j] = g2;
+        }
+        for (int i = 0; i < 4; i++) {                   /* (G g) G^T */
+            const float a0 = gg[i][0], a1 = gg[i][1], a2 = gg[i][2];
+            u[(4 * i) * xs + c] = a0;
+            u[(4 * i + 1) * xs + c] = (a0 + a1 + a2) * 0.5f;
+            u[(4 * i + 2) * xs + c] = (a0 - a1 + a2) * 0.5f;
+            u[(4 * i + 3) * xs + c] = a2;
+        }
+    }
+}
+
+/* Lanes l in [lo, hi) of p[l], the others 0 (clipped to [0, VW]); memory outside those lanes is never
+ * touched, so p may point before the start or near the end of a row. */
+static inline chexcy_vf chexcy_load_window(const float *p, Py_ssize_t lo, Py_ssize_t hi)
+{
+    if (lo < 0) lo = 0;
+    if (hi > CHEXCY_VW) hi = CHEXCY_VW;
+    if (hi <= lo) return chexcy_splat(0.0f);
+    if (lo == 0 && hi == CHEXCY_VW) return chexcy_load(p);
+#if CHEXCY_VW == 16
+    return (chexcy_vf)_mm512_maskz_loadu_ps((__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u)), p);
+#elif CHEXCY_VW == 8
+    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)hi), lane),
+                                  _mm256_cmpgt_epi32(lane, _mm256_set1_epi32((int)lo - 1)));
+    return (chexcy_vf)_mm256_maskload_ps(p, in);
+#else
+    float t[CHEXCY_VW] = {0};
+    for (Py_ssize_t j = lo; j < hi; j++) t[j] = p[j];
+    return chexcy_load(t);
+#endif
+}
+
+/* The even and the odd lanes of the 2 VW floats (a, b): a0 a2 ... b0 b2 ... and a1 a3 ... b1 b3 ... */
+static inline void chexcy_deinterleave(chexcy_vf a, chexcy_vf b, chexcy_vf *even, chexcy_vf *odd)
+{
+#if defined(__GNUC__) && !defined(__clang__)
+    typedef int chexcy_vi __attribute__((vector_size(CHEXCY_VW * sizeof(int))));
+#if CHEXCY_VW == 16
+    const chexcy_vi ev = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const chexcy_vi od = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+#elif CHEXCY_VW == 8
+    const chexcy_vi ev = {0, 2, 4, 6, 8, 10, 12, 14};
+    const chexcy_vi od = {1, 3, 5, 7, 9, 11, 13, 15};
+#else
+    const chexcy_vi ev = {0, 2, 4, 6};
+    const chexcy_vi od = {1, 3, 5, 7};
+#endif
+    *even = __builtin_shuffle(a, b, ev);
+    *odd = __builtin_shuffle(a, b, od);
+#else
+    float t[2 * CHEXCY_VW], e[CHEXCY_VW], o[CHEXCY_VW];
+    chexcy_store(t, a);
+    chexcy_store(t + CHEXCY_VW, b);
+    for (int l = 0; l < CHEXCY_VW; l++) {
+        e[l] = t[2 * l];
+        o[l] = t[2 * l + 1];
+    }
+    *even = chexcy_load(e);
+    *odd = chexcy_load(o);
+#endif
+}
+
+/* The column half of the input transform (d B), for padded input rows r0 .. r0 + rows - 1 of one
+ * plane x (H, W) and the TW tile columns:
+ *   row r (counted from r0) to p = (r odd ? po : pe) + (r / 2) * TW, then for tile tx
+ *   p[k * ps + tx], k = 0..3: d0 - d2, d1 + d2, d2 - d1, d1 - d3   with dj = padded[r0 + r][2 tx + j]
+ * where padded[i][k] = x[i - ph][k - pw] inside the plane and 0 outside. VW tiles at a time: their
+ * 2 VW + 2 columns come in as windowed loads (the padding is the masked-off lanes) and are split into
+ * even and odd columns by two shuffles. Whole vectors are stored: a row writes up to VW - 1 floats past
+ * its tile TW - 1, into the start of row r + 2, which is written after it (so p needs VW floats of slack
+ * after its last row). Masked stores of the last vector of each row instead cost 30% of this loop. */
+static void chexcy_wino_cols(const float *x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
+                             Py_ssize_t r0, Py_ssize_t rows, Py_ssize_t TW, float *pe, float *po,
+                             Py_ssize_t ps)
+{
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const Py_ssize_t ih = r0 + r - ph;
+        for (Py_ssize_t tx = 0; tx < TW; tx += CHEXCY_VW) {
+            const Py_ssize_t c0 = 2 * tx - pw;     /* input column of the first lane */
+            float *p = (r % 2 ? po : pe) + r / 2 * TW + tx;
+            chexcy_vf w[4];
+            if (ih >= 0 && ih < H) {
+                const float *q = x + ih * W + c0;
+                chexcy_vf d0, d1, d2, d3;
+                chexcy_deinterleave(chexcy_load_window(q, -c0, W - c0),
+                                    chexcy_load_window(q + CHEXCY_VW, -c0 - CHEXCY_VW, W - c0 - CHEXCY_VW),
+                                    &d0, &d1);
+                chexcy_deinterleave(chexcy_load_window(q + 2, -c0 - 2, W - c0 - 2),
+                                    chexcy_load_window(q + 2 + CHEXCY_VW, -c0 - 2 - CHEXCY_VW,
+                                                       W - c0 - 2 - CHEXCY_VW),
+                                    &d2, &d3);
+                w[0] = d0 - d2;
+                w[1] = d1 + d2;
+                w[2] = d2 - d1;
+                w[3] = d1 - d3;
+            } else {
+                w[0] = w[1] = w[2] = w[3] = chexcy_splat(0.0f);
+            }
+            CHEXCY_UNROLL for (int k = 0; k < 4; k++) chexcy_store(p + k * ps, w[k]);
+        }
+    }
+}
+
+/* The row half of the input transform (B^T (d B)) for n tiles numbered t = ty * TW + tx of one channel:
+ *   pe, po: the column halves (chexcy_wino_cols) of the even and odd input rows: row 2 ty + r of tile
+ *           row ty is at pe (r = 0), po (1), pe + TW (2), po + TW (3), element t; column half k at
+ *           + k * ps
+ *   v:      OUT V[xi] of tile t at v + xi * vs + t (xi = 4 i + k); nothing past tile n - 1 is written.
+ * Every vector holds VW consecutive tiles whatever their rows: no lanes are idle on narrow planes. Reads
+ * up to n rounded up to VW (+ TW) floats past pe and po. */
+static __attribute__((noinline)) void chexcy_wino_rows(const float *pe, const float *po, Py_ssize_t ps,
+                                                       Py_ssize_t TW, Py_ssize_t n, float *v, Py_ssize_t vs)
+{
+    for (Py_ssize_t t = 0; t < n; t += CHEXCY_VW) {
+        const Py_ssize_t left = n - t;
+        CHEXCY_UNROLL for (int k = 0; k < 4; k++) {
+            const chexcy_vf a0 = chexcy_load(pe + k * ps + t), a1 = chexcy_load(po + k * ps + t);
+            const chexcy_vf a2 = chexcy_load(pe + k * ps + t + TW), a3 = chexcy_load(po + k * ps + t + TW);
+            const chexcy_vf w[4] = {a0 - a2, a1 + a2, a2 - a1, a1 - a3};
+            CHEXCY_UNROLL for (int i = 0; i < 4; i++) {
+                if (left >= CHEXCY_VW)
+                    chexcy_store(v + (4 * i + k) * vs + t, w[i]);
+                else
+                    chexcy_store_partial(v + (4 * i + k) * vs + t, w[i], left);
+            }
+        }
+    }
+}
+
+/* Y = A^T M A + bias for n tiles t of one output channel:
+ *   m: M[xi] of tile t at m + xi * ms + t; read up to n rounded up to VW
+ *   y: OUT the tile's outputs (i, j) at y + (2 i + j) * ys + t, whole vectors (up to n rounded up) */
+static __attribute__((noinline)) void chexcy_wino_output(const float *m, Py_ssize_t ms, Py_ssize_t n,
+                                                         float bias, float *y, Py_ssize_t ys)
+{
+    const chexcy_vf b = chexcy_splat(bias);
+    for (Py_ssize_t t = 0; t < n; t += CHEXCY_VW) {
+        chexcy_vf s0[4], s1[4];
+        CHEXCY_UNROLL for (int i = 0; i < 4; i++) {
+            const chexcy_vf m0 = chexcy_load(m + (4 * i) * ms + t), m1 = chexcy_load(m + (4 * i + 1) * ms + t);
+            const chexcy_vf m2 = chexcy_load(m + (4 * i + 2) * ms + t), m3 = chexcy_load(m + (4 * i + 3) * ms + t);
+            s0[i] = m0 + m1 + m2;   /* M A: the columns */
+            s1[i] = m1 - m2 - m3;
+        }
+        chexcy_store(y + t, s0[0] + s0[1] + s0[2] + b);
+        chexcy_store(y + ys + t, s1[0] + s1[1] + s1[2] + b);
+        chexcy_store(y + 2 * ys + t, s0[1] - s0[2] - s0[3] + b);
+        chexcy_store(y + 3 * ys + t, s1[1] - s1[2] - s1[3] + b);
+    }
+}
+
+/* Output rows of one row of TW tiles: out0[2 tx + j] = y[j * ys + tx], out1[2 tx + j] = y[(2 + j) * ys
+ * + tx], the first `width` columns (out1 only when not NULL). row: scratch of 2 TW rounded up to 2 VW. */
+static void chexcy_wino_store_rows(const float *y, Py_ssize_t ys, Py_ssize_t TW, float *row, float *out0,
+                                   float *out1, Py_ssize_t width)
+{
+    for (Py_ssize_t tx = 0; tx < TW; tx += CHEXCY_VW)
+        chexcy_interleave(chexcy_load(y + tx), chexcy_load(y + ys + tx), row + 2 * tx);
+    memcpy(out0, row, width * sizeof(float));
+    if (!out1) return;
+    for (Py_ssize_t tx = 0; tx < TW; tx += CHEXCY_VW)
+        chexcy_interleave(chexcy_load(y + 2 * ys + tx), chexcy_load(y + 3 * ys + tx), row + 2 * tx);
+    memcpy(out1, row, width * sizeof(float));
+}
+
+#endif
