@@ -111,7 +111,15 @@ cdef extern from "_ops_winograd.h" nogil:
                           Py_ssize_t r0, Py_ssize_t rows, Py_ssize_t TW, float* pe, float* po, Py_ssize_t ps)
     void chexcy_wino_rows(const float* pe, const float* po, Py_ssize_t ps, Py_ssize_t TW, Py_ssize_t n,
                           float* v, Py_ssize_t vs)
-    void chexcy_wino_weight(const float* w, Py_ssize_t C, float* u, Py_ssize_t xs)
+    void chexcy_wino_weight(const float* w, Py_ssize_t C, float* u)
+    void chexcy_wdw_dout_rows(const float* dout, Py_ssize_t F, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t r0,
+                              Py_ssize_t rows, Py_ssize_t W2, Py_ssize_t Fs, float* dt)
+    void chexcy_wdw_dout_tiles(const float* dt, Py_ssize_t Fs, Py_ssize_t TW, Py_ssize_t nty, Py_ssize_t nfb,
+                               Py_ssize_t tq, float* z)
+    void chexcy_wdw_input_tiles(const float* xt, Py_ssize_t wq, Py_ssize_t TW, Py_ssize_t nty, float* v,
+                                Py_ssize_t xs)
+    void chexcy_wdw_weight_row(const float* s, Py_ssize_t nparts, Py_ssize_t ps, Py_ssize_t xs, Py_ssize_t C,
+                               float* acc, float* dw)
     void chexcy_wino_output(const float* m, Py_ssize_t ms, Py_ssize_t n, float bias, float* y, Py_ssize_t ys)
     void chexcy_wino_store_rows(const float* y, Py_ssize_t ys, Py_ssize_t TW, float* row, float* out0,
                                 float* out1, Py_ssize_t width)
@@ -122,8 +130,11 @@ cdef enum:
     # output channels fill 2 register tiles of 12 rows by two thirds, and 16 input steps are short)
     WINO_MIN_C = 16
     WINO_MIN_F = 24
-    WINO_TILES = 256    # 2x2 output tiles per Winograd work unit at most (whole rows of tiles)
+    WINO_TILES = 128    # 2x2 output tiles per Winograd work unit at most (whole rows of tiles; 64-256 measured)
     WINO_KC = 256       # input channels per K block of its products
+    WDW_MIN_C = 32      # channels from which a 3x3 stride-1 dweight takes Winograd
+    WDW_MIN_F = 24
+    WDW_PARTS = 4       # partial sums of the Winograd dweight (fixed by the shape, not the threads)
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -514,16 +525,16 @@ cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, in
     cdef Py_ssize_t i, u
     cdef const float[:, :, :, ::1] wv = w
     cdef const float[:, :, :, ::1] xv = x
-    uw = _empty((16, F, C))
+    uw = _empty((F, C, 16))
     cdef float[:, :, ::1] uv = uw
     up = _empty((16 * ncot * C * GEMM_MR,))
     cdef float[::1] upv = up
     scratch = _empty((n_threads, per))
     cdef float[:, ::1] sv = scratch
     for i in prange(F, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_wino_weight(&wv[i, 0, 0, 0], C, &uv[0, i, 0], F * C)
+        chexcy_wino_weight(&wv[i, 0, 0, 0], C, &uv[i, 0, 0])
     for i in prange(16 * ncot, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_gemm_pack_a(&uv[i // ncot, 0, 0], C, 1, i % ncot * GEMM_MR,
+        chexcy_gemm_pack_a(&uv[0, 0, i // ncot], C * 16, 16, i % ncot * GEMM_MR,
                            min(<Py_ssize_t>GEMM_MR, F - i % ncot * GEMM_MR), 0, C, &upv[i * C * GEMM_MR])
     for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
         _wino_unit(xv, &upv[0], bias, out, u, &sv[omp_get_thread_num(), 0], TB, Tp, PS, ph, pw)
@@ -741,11 +752,13 @@ cdef void _dwc_pack_x(
         const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
         float* xt,                                  # OUT (G, nct, N, Hp, Wp, GEMM_NR), block `unit`
         Py_ssize_t unit,                            # which (g, channel block ct, n): (g * nct + ct) * N + n
-        int groups, Py_ssize_t nct, int ph, int pw) noexcept nogil:
-    """One block of the channel-blocked padded input of _dwc_thread: channel ct * GEMM_NR + j of group
-    g in lane j of every padded position; zero in the padding and in lanes past the group's channels."""
+        int groups, Py_ssize_t nct, int ph, int pw,
+        Py_ssize_t Hp, Py_ssize_t Wp) noexcept nogil:   # padded size, at least H + 2 ph by W + 2 pw
+    """One block of the channel-blocked padded input of _dwc_thread (and _wdw_unit): channel
+    ct * GEMM_NR + j of group g in lane j of every padded position; zero in the padding (ph rows on top,
+    pw columns on the left, the rest of Hp x Wp below and right) and in lanes past the group's channels."""
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], Cg = x.shape[1] // groups
-    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw, n = unit % N, ct = unit // N % nct
+    cdef Py_ssize_t n = unit % N, ct = unit // N % nct
     cdef Py_ssize_t c0 = unit // N // nct * Cg + ct * GEMM_NR, cn = min(<Py_ssize_t>GEMM_NR, Cg - ct * GEMM_NR)
     cdef Py_ssize_t h, row = Wp * GEMM_NR
     cdef float* d = xt + unit * Hp * row
@@ -809,6 +822,84 @@ cdef void _dwc_thread(
             r0 += rr
 
 
+cdef void _wdw_unit(
+        const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
+        const float* xt,                            # IN  x channel-blocked, padded to (2 TH + 2, 2 TW + 2)
+        float* s,                                   # IN/OUT S (16, Fp, Cp): this unit's sums added (or stored)
+        float* scratch,                             # this thread's: dout rows, Z strips, V strips
+        Py_ssize_t unit, int add,                   # (n, block of TB rows of tiles); add to s or store
+        Py_ssize_t nct, Py_ssize_t TB, Py_ssize_t tq, Py_ssize_t Fs) noexcept nogil:
+    """One work unit of the Winograd dweight (chexcy/_ops_winograd.h): Z = A dY A^T of its tiles (output
+    channels in the lanes) and V = B^T d B (input channels in the lanes), both straight into packed
+    strips, then S[xi] (+)= Z[xi] V[xi]^T with the dense layer's register tile, K = the unit's tiles."""
+    cdef Py_ssize_t N = dout.shape[0], F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3]
+    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, nfb = (F + GEMM_MR - 1) // GEMM_MR
+    cdef Py_ssize_t Fp = nfb * GEMM_MR, Cp = nct * GEMM_NR, Hq = 2 * TH + 2, Wq = 2 * TW + 2
+    cdef Py_ssize_t nblk = (TH + TB - 1) // TB, n = unit // nblk, ty0 = unit % nblk * TB
+    cdef Py_ssize_t nty = min(TB, TH - ty0), nt = nty * TW, ct, xi, fb
+    cdef float* dt = scratch                        # (2 TB, 2 TW, Fs)
+    cdef float* z = dt + 4 * TB * TW * Fs           # (16, nfb, tq, GEMM_MR) + a vector of slack
+    cdef float* v = z + 16 * nfb * tq * GEMM_MR + DW_V     # (16, nct, tq, GEMM_NR)
+    chexcy_wdw_dout_rows(&dout[n, 0, 0, 0], F, OH, OW, 2 * ty0, 2 * nty, 2 * TW, Fs, dt)
+    chexcy_wdw_dout_tiles(dt, Fs, TW, nty, nfb, tq, z)
+    for ct in range(nct):
+        chexcy_wdw_input_tiles(xt + ((ct * N + n) * Hq + 2 * ty0) * Wq * GEMM_NR, Wq, TW, nty,
+                               v + ct * tq * GEMM_NR, nct * tq * GEMM_NR)
+    for xi in range(16):
+        for ct in range(nct):       # a V strip stays in L1 while the Z strips pass over it
+            for fb in range(nfb):
+                chexcy_gemm_tile_rows(nt, 1, z + (xi * nfb + fb) * tq * GEMM_MR,
+                                      v + (xi * nct + ct) * tq * GEMM_NR, GEMM_NR,
+                                      s + (xi * Fp + fb * GEMM_MR) * Cp + ct * GEMM_NR, Cp, add)
+
+
+cdef void _wdw_part(
+        const float[:, :, :, ::1] dout, const float* xt, float* sp, float* scratch,
+        Py_ssize_t p, Py_ssize_t P, Py_ssize_t U, Py_ssize_t nct, Py_ssize_t TB, Py_ssize_t tq,
+        Py_ssize_t Fs, Py_ssize_t ps) noexcept nogil:
+    """Partial sum p of P: units [p U / P, (p + 1) U / P) in order into sp + p * ps, the first stored."""
+    cdef Py_ssize_t u, u0 = p * U // P, u1 = (p + 1) * U // P
+    for u in range(u0, u1):
+        _wdw_unit(dout, xt, sp + p * ps, scratch, u, u > u0, nct, TB, tq, Fs)
+
+
+cdef _dweight_winograd(dout, x, int ph, int pw):
+    """dweight and dbias of a 3x3, stride-1, dilation-1, one-group convolution by Winograd F(2x2, 3x3).
+    The units (sample, block of rows of tiles) are cut into WDW_PARTS partial sums by the shape alone,
+    each computed by one thread and then added in order: bitwise the same for any thread count."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3]
+    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, TB = max(1, min(TH, WINO_TILES // TW))
+    cdef Py_ssize_t U = N * ((TH + TB - 1) // TB), P = min(U, <Py_ssize_t>WDW_PARTS)
+    cdef Py_ssize_t nct = (C + GEMM_NR - 1) // GEMM_NR, nfb = (F + GEMM_MR - 1) // GEMM_MR
+    cdef Py_ssize_t Cp = nct * GEMM_NR, Fp = nfb * GEMM_MR, Fs = Fp + DW_V, tq = TB * TW + 1
+    cdef Py_ssize_t Hq = 2 * TH + 2, Wq = 2 * TW + 2, ps = 16 * Fp * Cp, u, f, c
+    cdef Py_ssize_t per = (4 * TB * TW * Fs + 16 * nfb * tq * GEMM_MR + DW_V + 16 * nct * tq * GEMM_NR
+                           + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] dv = dout
+    xt = _empty((nct * N * Hq * Wq * GEMM_NR,))
+    sp = _empty((P, ps))
+    scratch = _empty((n_threads, per))
+    dweight = _empty((F, C, 3, 3))
+    dbias = np.empty(F, np.float32)
+    cdef float[::1] xtv = xt
+    cdef float[:, ::1] spv = sp
+    cdef float[:, ::1] sv = scratch
+    cdef float[:, :, :, ::1] dwv = dweight
+    cdef float[::1] dbv = dbias
+    for u in prange(nct * N, nogil=True, schedule="static", num_threads=n_threads):
+        _dwc_pack_x(xv, &xtv[0], u, 1, nct, ph, pw, Hq, Wq)
+    for u in prange(P, nogil=True, schedule="static", num_threads=n_threads):
+        _wdw_part(dv, &xtv[0], &spv[0, 0], &sv[omp_get_thread_num(), 0], u, P, U, nct, TB, tq, Fs, ps)
+    for f in prange(F, nogil=True, schedule="static", num_threads=n_threads):
+        _dbias_one(dv, dbv, f)
+        chexcy_wdw_weight_row(&spv[0, 0] + f * Cp, P, ps, Fp * Cp, C, &sv[omp_get_thread_num(), 0],
+                              &dwv[f, 0, 0, 0])
+    return dweight, dbias
+
+
 cdef _dweight_blocked(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int ph, int pw, int dh, int dw):
     """dweight and dbias of a stride-1 convolution by _dwc_thread (channel-blocked products)."""
     cdef int n_threads = _threads()
@@ -833,7 +924,7 @@ cdef _dweight_blocked(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int ph,
     cdef double[::1] bv = bsum
     cdef float[:, ::1] av = abuf
     for u in prange(groups * nct * N, nogil=True, schedule="static", num_threads=n_threads):
-        _dwc_pack_x(xv, &xtv[0], u, groups, nct, ph, pw)
+        _dwc_pack_x(xv, &xtv[0], u, groups, nct, ph, pw, Hp, Wp)
     for t in prange(n_threads, nogil=True, schedule="static", num_threads=n_threads):
         _dwc_thread(dv, &xtv[0], &cv[0, 0, 0], &bv[0], &av[omp_get_thread_num(), 0], t, n_threads,
                     groups, Cg, KH, KW, Hp, Wp, rb, dh, dw)
@@ -1030,6 +1121,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     # Channel-blocked dweight from 2 register tiles of input channels up (measured, ref-cnn at 128x128,
     # 2 threads: conv4, 64 channels, 8.3 -> 7.7 ms for the whole backward; conv3, 32 channels, was 3%
     # slower than the lane-sum kernel below)
+    if (groups == 1 and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
+            and C >= WDW_MIN_C and F >= WDW_MIN_F):
+        dweight, dbias = _dweight_winograd(dout, x, ph, pw)
+        return dx, dweight, dbias
     if sh == 1 and sw == 1 and Cg >= 2 * GEMM_NR:
         dweight, dbias = _dweight_blocked(dout, x, KH, KW, groups, ph, pw, dh, dw)
         return dx, dweight, dbias

@@ -17,12 +17,20 @@
  * The transforms below are additions only; they work on whole vectors of VW tiles that lie side by side
  * in a row of tiles, which is why the input is first split into its even and odd columns.
  *
+ * dweight is the same algebra read backwards: Y is linear in g, so for a tile with output gradient dY
+ * (2x2) and input window d, dL/dg = G^T [ (B^T d B) (.) (A dY A^T) ] G. Summed over tiles, that is
+ * again 16 matrix products, S[xi] (F, C) = Z[xi] (F, tiles) V[xi]^T (tiles, C) with Z = A dY A^T, and
+ * dweight = G^T S G per (f, c). Here V is computed with channels in the vector lanes (from the
+ * channel-blocked input of the dense-tile dweight) and Z with output channels in them, so both come out
+ * in the packed layouts of the register tile without a transpose.
+ *
  * Needs _ops_config.h first (chexcy_vf, CHEXCY_VW, chexcy_load / chexcy_store).
  */
 #ifndef CHEXCY_OPS_WINOGRAD_H
 #define CHEXCY_OPS_WINOGRAD_H
 
 #include <string.h>
+#include "_ops_gemm.h"
 
 /* The first n (< VW) lanes of v to p; memory past p + n is never touched. */
 static inline void chexcy_store_partial(float *p, chexcy_vf v, Py_ssize_t n)
@@ -68,8 +76,9 @@ static inline void chexcy_interleave(chexcy_vf a, chexcy_vf b, float *dst)
 }
 
 /* U = G g G^T of the C kernels g (3, 3) of one output channel, w: (C, 3, 3); U[xi] of channel c to
- * u[xi * xs + c] (xi = 4 i + j). */
-static void chexcy_wino_weight(const float *w, Py_ssize_t C, float *u, Py_ssize_t xs)
+ * u[c * 16 + xi] (xi = 4 i + j). Kept per kernel: written to 16 planes F x C floats apart, the 16
+ * streams fought over the same L1 sets. */
+static void chexcy_wino_weight(const float *w, Py_ssize_t C, float *u)
 {
     for (Py_ssize_t c = 0; c < C; c++, w += 9) {
         float gg[4][3];                                 /* G g */
@@ -82,10 +91,10 @@ static void chexcy_wino_weight(const float *w, Py_ssize_t C, float *u, Py_ssize_
         }
         for (int i = 0; i < 4; i++) {                   /* (G g) G^T */
             const float a0 = gg[i][0], a1 = gg[i][1], a2 = gg[i][2];
-            u[(4 * i) * xs + c] = a0;
-            u[(4 * i + 1) * xs + c] = (a0 + a1 + a2) * 0.5f;
-            u[(4 * i + 2) * xs + c] = (a0 - a1 + a2) * 0.5f;
-            u[(4 * i + 3) * xs + c] = a2;
+            u[c * 16 + 4 * i] = a0;
+            u[c * 16 + 4 * i + 1] = (a0 + a1 + a2) * 0.5f;
+            u[c * 16 + 4 * i + 2] = (a0 - a1 + a2) * 0.5f;
+            u[c * 16 + 4 * i + 3] = a2;
         }
     }
 }
@@ -243,6 +252,128 @@ static void chexcy_wino_store_rows(const float *y, Py_ssize_t ys, Py_ssize_t TW,
     for (Py_ssize_t tx = 0; tx < TW; tx += CHEXCY_VW)
         chexcy_interleave(chexcy_load(y + 2 * ys + tx), chexcy_load(y + 3 * ys + tx), row + 2 * tx);
     memcpy(out1, row, width * sizeof(float));
+}
+
+/* ---- dweight ---------------------------------------------------------------------------------- */
+
+/* Output rows r0 .. r0 + rows - 1 of one sample's dout (F, OH, OW), channels last:
+ *   dt[(r * W2 + w) * Fs + f] = dout[f, r0 + r, w], 0 for rows >= OH, columns >= OW (w < W2), f >= F
+ * Each dout row is read once, contiguously, and scattered with stride Fs. noinline: inlined into the
+ * OpenMP body, gcc kept the loop's strides on the stack (5 cycles a float instead of ~1). */
+static __attribute__((noinline)) void chexcy_wdw_dout_rows(const float *dout, Py_ssize_t F, Py_ssize_t OH,
+                                                           Py_ssize_t OW, Py_ssize_t r0, Py_ssize_t rows,
+                                                           Py_ssize_t W2, Py_ssize_t Fs, float *dt)
+{
+    const Py_ssize_t plane = OH * OW;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        float *d = dt + r * W2 * Fs;
+        if (r0 + r >= OH) {
+            memset(d, 0, W2 * Fs * sizeof(float));
+            continue;
+        }
+        const float *src = dout + (r0 + r) * OW;
+        for (Py_ssize_t f = 0; f < F; f++, src += plane) {
+            float *df = d + f;
+            for (Py_ssize_t w = 0; w < OW; w++) df[w * Fs] = src[w];
+        }
+        for (Py_ssize_t w = 0; w < OW; w++) memset(d + w * Fs + F, 0, (Fs - F) * sizeof(float));
+        if (W2 > OW) memset(d + OW * Fs, 0, (W2 - OW) * Fs * sizeof(float));
+    }
+}
+
+/* Z = A dY A^T of the nty x TW tiles of dt (chexcy_wdw_dout_rows, rows 2 ty and 2 ty + 1 of tile row
+ * ty), for every block of GEMM_MR output channels, as packed strips of the register tile:
+ *   Z[xi] of tile t = ty * TW + tx, channel fb * GEMM_MR + i at z[((xi * nfb + fb) * tq + t) * GEMM_MR + i]
+ * A = [1 0; 1 1; 1 -1; 0 -1]. Each store is a whole vector of VW >= GEMM_MR lanes: the lanes past
+ * GEMM_MR land on the next tile's row of the strip, written after it (row tq - 1 >= nty * TW is slack).
+ * dt needs VW - GEMM_MR channels of slack past nfb * GEMM_MR (Fs). */
+static void chexcy_wdw_dout_tiles(const float *dt, Py_ssize_t Fs, Py_ssize_t TW, Py_ssize_t nty,
+                                  Py_ssize_t nfb, Py_ssize_t tq, float *z)
+{
+    const Py_ssize_t W2 = 2 * TW, xs = nfb * tq * GEMM_MR;
+    for (Py_ssize_t ty = 0; ty < nty; ty++) {
+        for (Py_ssize_t tx = 0; tx < TW; tx++) {
+            const Py_ssize_t t = ty * TW + tx;
+            const float *p = dt + (2 * ty * W2 + 2 * tx) * Fs;
+            for (Py_ssize_t fb = 0; fb < nfb; fb++, p += GEMM_MR) {
+                const chexcy_vf y00 = chexcy_load(p), y01 = chexcy_load(p + Fs);
+                const chexcy_vf y10 = chexcy_load(p + W2 * Fs), y11 = chexcy_load(p + (W2 + 1) * Fs);
+                const chexcy_vf r0[4] = {y00, y00 + y01, y00 - y01, -y01};     /* dY A^T */
+                const chexcy_vf r1[4] = {y10, y10 + y11, y10 - y11, -y11};
+                float *o = z + (fb * tq + t) * GEMM_MR;
+                CHEXCY_UNROLL for (int j = 0; j < 4; j++) {
+                    chexcy_store(o + j * xs, r0[j]);
+                    chexcy_store(o + (4 + j) * xs, r0[j] + r1[j]);
+                    chexcy_store(o + (8 + j) * xs, r0[j] - r1[j]);
+                    chexcy_store(o + (12 + j) * xs, -r1[j]);
+                }
+            }
+        }
+    }
+}
+
+/* V = B^T d B of the nty x TW tiles of one channel block of the channel-blocked padded input
+ * (rows of wq positions of GEMM_NR channels, xt at padded row 2 ty0), as packed strips:
+ *   V[xi] of tile t, channel j at v + xi * xs + t * GEMM_NR + j */
+static void chexcy_wdw_input_tiles(const float *xt, Py_ssize_t wq, Py_ssize_t TW, Py_ssize_t nty, float *v,
+                                   Py_ssize_t xs)
+{
+    for (Py_ssize_t ty = 0; ty < nty; ty++) {
+        for (Py_ssize_t tx = 0; tx < TW; tx++) {
+            const float *p = xt + (2 * ty * wq + 2 * tx) * GEMM_NR;
+            float *o = v + (ty * TW + tx) * GEMM_NR;
+            CHEXCY_UNROLL for (int l = 0; l < GEMM_NV; l++) {
+                chexcy_vf t[4][4];
+                CHEXCY_UNROLL for (int r = 0; r < 4; r++) {
+                    const float *q = p + r * wq * GEMM_NR + l * CHEXCY_VW;
+                    const chexcy_vf d0 = chexcy_load(q), d1 = chexcy_load(q + GEMM_NR);
+                    const chexcy_vf d2 = chexcy_load(q + 2 * GEMM_NR), d3 = chexcy_load(q + 3 * GEMM_NR);
+                    t[r][0] = d0 - d2;      /* d B */
+                    t[r][1] = d1 + d2;
+                    t[r][2] = d2 - d1;
+                    t[r][3] = d1 - d3;
+                }
+                CHEXCY_UNROLL for (int k = 0; k < 4; k++) {
+                    chexcy_store(o + k * xs + l * CHEXCY_VW, t[0][k] - t[2][k]);
+                    chexcy_store(o + (4 + k) * xs + l * CHEXCY_VW, t[1][k] + t[2][k]);
+                    chexcy_store(o + (8 + k) * xs + l * CHEXCY_VW, t[2][k] - t[1][k]);
+                    chexcy_store(o + (12 + k) * xs + l * CHEXCY_VW, t[1][k] - t[3][k]);
+                }
+            }
+        }
+    }
+}
+
+/* dweight[c] (3, 3) = G^T S G for the C input channels of one output channel, where
+ *   S[xi][c] = the sum of the nparts partial sums s[p * ps + xi * xs + c], added in order p = 0, 1, ...
+ * The partial sums are first added row by row into acc (16, C) (contiguous reads; column by column,
+ * 64 streams 33 KiB apart fought over the same L1 sets). */
+static __attribute__((noinline)) void chexcy_wdw_weight_row(const float *s, Py_ssize_t nparts, Py_ssize_t ps,
+                                                            Py_ssize_t xs, Py_ssize_t C, float *acc,
+                                                            float *dw)
+{
+    for (int xi = 0; xi < 16; xi++) {
+        float *a = acc + xi * C;
+        memcpy(a, s + xi * xs, C * sizeof(float));
+        for (Py_ssize_t p = 1; p < nparts; p++) {
+            const float *q = s + p * ps + xi * xs;
+            for (Py_ssize_t c = 0; c < C; c++) a[c] += q[c];
+        }
+    }
+    for (Py_ssize_t c = 0; c < C; c++, dw += 9) {
+        float S[4][4], T[3][4];
+        for (int xi = 0; xi < 16; xi++) S[xi / 4][xi % 4] = acc[xi * C + c];
+        for (int j = 0; j < 4; j++) {               /* G^T S */
+            T[0][j] = S[0][j] + (S[1][j] + S[2][j]) * 0.5f;
+            T[1][j] = (S[1][j] - S[2][j]) * 0.5f;
+            T[2][j] = (S[1][j] + S[2][j]) * 0.5f + S[3][j];
+        }
+        for (int u = 0; u < 3; u++) {               /* (G^T S) G */
+            dw[3 * u] = T[u][0] + (T[u][1] + T[u][2]) * 0.5f;
+            dw[3 * u + 1] = (T[u][1] - T[u][2]) * 0.5f;
+            dw[3 * u + 2] = (T[u][1] + T[u][2]) * 0.5f + T[u][3];
+        }
+    }
 }
 
 #endif
