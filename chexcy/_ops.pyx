@@ -456,26 +456,58 @@ cdef void _conv_unit(
                        1, Cg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
 
 
+cdef inline void _wino_span(Py_ssize_t unit, Py_ssize_t N, Py_ssize_t TH, Py_ssize_t TB, Py_ssize_t G,
+                            Py_ssize_t* n0, Py_ssize_t* ns, Py_ssize_t* ty0, Py_ssize_t* nty) noexcept nogil:
+    """Winograd work unit -> samples [n0, n0 + ns), tile rows [ty0, ty0 + nty) of each (_wino_plan)."""
+    cdef Py_ssize_t nblk = (TH + TB - 1) // TB
+    if nblk == 1:
+        n0[0] = unit * G
+        ns[0] = min(G, N - n0[0])
+        ty0[0] = 0
+        nty[0] = TH
+    else:
+        n0[0] = unit // nblk
+        ns[0] = 1
+        ty0[0] = unit % nblk * TB
+        nty[0] = min(TB, TH - ty0[0])
+
+
+cdef (Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t) _wino_plan(Py_ssize_t N, Py_ssize_t TH, Py_ssize_t TW):
+    """How the 2x2 output tiles are cut into work units of at most WINO_TILES tiles (at least a row):
+    (TB tile rows per block, G samples per unit, units, tiles per unit at most). A sample with fewer
+    than 2 GEMM_NR tiles is taken whole, G samples to a unit, so that small planes (16 tiles at 8x8)
+    still fill the register tile's strips of GEMM_NR tiles; more per unit only outgrew L2 (conv4 of
+    ref-cnn, 64 tiles a sample, 2 samples a unit: 2.2 -> 2.4 ms forward)."""
+    cdef Py_ssize_t TB = max(1, min(TH, WINO_TILES // TW)), G = 1
+    if TB >= TH:
+        G = max(1, min(WINO_TILES // (TH * TW), (2 * GEMM_NR + TH * TW - 1) // (TH * TW)))
+        return TH, G, (N + G - 1) // G, G * TH * TW
+    return TB, 1, N * ((TH + TB - 1) // TB), TB * TW
+
+
 cdef void _wino_unit(
         const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
         const float* up,                            # IN  U packed: (16, ceil(F / GEMM_MR)) strips (C, GEMM_MR)
         const float[::1] bias,                      # IN  (F,)
-        float[:, :, :, ::1] out,                    # OUT (N, F, OH, OW): rows of tiles of one sample
-        Py_ssize_t unit,                            # (n, block of TB rows of tiles)
+        float[:, :, :, ::1] out,                    # OUT (N, F, OH, OW): the unit's samples and tile rows
+        Py_ssize_t unit,                            # see _wino_plan / _wino_span
         float* scratch,                             # this thread's: V, M, column halves, outputs
-        Py_ssize_t TB, Py_ssize_t Tp, Py_ssize_t PS, int ph, int pw) noexcept nogil:
+        Py_ssize_t TB, Py_ssize_t G, Py_ssize_t Tp, Py_ssize_t PS, int ph, int pw) noexcept nogil:
     """One work unit of the Winograd convolution F(2x2, 3x3) (chexcy/_ops_winograd.h): the input
-    transform of its n tiles (t = ty * TW + tx) for every channel into V (16, C, Tp), the 16 products
-    M[xi] (Fp, Tp) = U[xi] (Fp, C) V[xi] (C, Tp) with the dense layer's register tile (columns: tiles),
-    then the output transform plus bias into the output rows. All of it in this thread's scratch
-    (L2-sized for ref-cnn's layers); the arithmetic of a unit does not depend on the thread that runs it."""
-    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    transform of its nt tiles (sample by sample, t = s * nty * TW + ty * TW + tx) for every channel into
+    V (16, C, Tp), the 16 products M[xi] (Fp, Tp) = U[xi] (Fp, C) V[xi] (C, Tp) with the dense layer's
+    register tile (columns: tiles), then the output transform plus bias into the output rows. All of it
+    in this thread's scratch (L2-sized for ref-cnn's layers); the arithmetic of a unit does not depend
+    on the thread that runs it."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = out.shape[1], OH = out.shape[2], OW = out.shape[3]
     cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, ncot = (F + GEMM_MR - 1) // GEMM_MR
-    cdef Py_ssize_t Fp = ncot * GEMM_MR, nblk = (TH + TB - 1) // TB
-    cdef Py_ssize_t n = unit // nblk, ty0 = unit % nblk * TB, nty = min(TB, TH - ty0), nt = nty * TW
-    cdef Py_ssize_t ns = (nt + GEMM_NR - 1) // GEMM_NR
-    cdef Py_ssize_t c, xi, k0, kc, q, s, f, ty, oh
+    cdef Py_ssize_t Fp = ncot * GEMM_MR, n0, nsam, ty0, nty, ts, nt, ns
+    cdef Py_ssize_t c, sm, xi, k0, kc, q, s, f, ty, oh
+    _wino_span(unit, N, TH, TB, G, &n0, &nsam, &ty0, &nty)
+    ts = nty * TW                                   # tiles per sample in this unit
+    nt = nsam * ts
+    ns = (nt + GEMM_NR - 1) // GEMM_NR
     cdef float* V = scratch
     cdef float* M = V + 16 * C * Tp
     cdef float* pe = M + 16 * Fp * Tp               # column halves of the even input rows (4, PS)
@@ -483,9 +515,10 @@ cdef void _wino_unit(
     cdef float* Y = po + 4 * PS                     # outputs of one channel (4, Tp)
     cdef float* row = Y + 4 * Tp                    # one output row, interleaved
     for c in range(C):
-        # padded input rows 2 ty0 .. 2 (ty0 + nty) + 1
-        chexcy_wino_cols(&x[n, c, 0, 0], H, W, ph, pw, 2 * ty0, 2 * nty + 2, TW, pe, po, PS)
-        chexcy_wino_rows(pe, po, PS, TW, nt, V + c * Tp, C * Tp)
+        for sm in range(nsam):
+            # padded input rows 2 ty0 .. 2 (ty0 + nty) + 1
+            chexcy_wino_cols(&x[n0 + sm, c, 0, 0], H, W, ph, pw, 2 * ty0, 2 * nty + 2, TW, pe, po, PS)
+            chexcy_wino_rows(pe, po, PS, TW, ts, V + c * Tp + sm * ts, C * Tp)
         if nt % GEMM_NR:    # the products read whole strips: no uninitialised memory past the tiles
             for xi in range(16):
                 memset(V + (xi * C + c) * Tp + nt, 0, (ns * GEMM_NR - nt) * sizeof(float))
@@ -503,10 +536,11 @@ cdef void _wino_unit(
                 k0 += kc
     for f in range(F):
         chexcy_wino_output(M + f * Tp, Fp * Tp, nt, bias[f], Y, Tp)
-        for ty in range(nty):
-            oh = 2 * (ty0 + ty)
-            chexcy_wino_store_rows(Y + ty * TW, Tp, TW, row, &out[n, f, oh, 0],
-                                   &out[n, f, oh + 1, 0] if oh + 1 < OH else NULL, OW)
+        for sm in range(nsam):
+            for ty in range(nty):
+                oh = 2 * (ty0 + ty)
+                chexcy_wino_store_rows(Y + sm * ts + ty * TW, Tp, TW, row, &out[n0 + sm, f, oh, 0],
+                                       &out[n0 + sm, f, oh + 1, 0] if oh + 1 < OH else NULL, OW)
 
 
 cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, int pw):
@@ -515,10 +549,11 @@ cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, in
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], F = out.shape[1], OH = out.shape[2], OW = out.shape[3]
     cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, ncot = (F + GEMM_MR - 1) // GEMM_MR
-    cdef Py_ssize_t TB = max(1, min(TH, WINO_TILES // TW)), units = N * ((TH + TB - 1) // TB)
+    cdef Py_ssize_t TB, G, units, TU
+    TB, G, units, TU = _wino_plan(N, TH, TW)
     cdef Py_ssize_t TWc = (TW + DW_V - 1) // DW_V * DW_V
     # tile columns of V, M and Y: whole strips, plus room for the output rows' last vector
-    cdef Py_ssize_t Tp = (TB * TW + GEMM_NR - 1) // GEMM_NR * GEMM_NR + GEMM_NR
+    cdef Py_ssize_t Tp = (TU + GEMM_NR - 1) // GEMM_NR * GEMM_NR + GEMM_NR
     # a column half: TB + 1 input rows of TW tiles, plus what the last vector reads past them
     cdef Py_ssize_t PS = ((TB + 1) * TW + 2 * DW_V + 15) // 16 * 16
     cdef Py_ssize_t per = (16 * C * Tp + 16 * ncot * GEMM_MR * Tp + 8 * PS + 4 * Tp + 2 * TWc + 15) // 16 * 16
@@ -537,7 +572,7 @@ cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, in
         chexcy_gemm_pack_a(&uv[0, 0, i // ncot], C * 16, 16, i % ncot * GEMM_MR,
                            min(<Py_ssize_t>GEMM_MR, F - i % ncot * GEMM_MR), 0, C, &upv[i * C * GEMM_MR])
     for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
-        _wino_unit(xv, &upv[0], bias, out, u, &sv[omp_get_thread_num(), 0], TB, Tp, PS, ph, pw)
+        _wino_unit(xv, &upv[0], bias, out, u, &sv[omp_get_thread_num(), 0], TB, G, Tp, PS, ph, pw)
 
 
 cdef _conv_core(
@@ -827,40 +862,43 @@ cdef void _wdw_unit(
         const float* xt,                            # IN  x channel-blocked, padded to (2 TH + 2, 2 TW + 2)
         float* s,                                   # IN/OUT S (16, Fp, Cp): this unit's sums added (or stored)
         float* scratch,                             # this thread's: dout rows, Z strips, V strips
-        Py_ssize_t unit, int add,                   # (n, block of TB rows of tiles); add to s or store
-        Py_ssize_t nct, Py_ssize_t TB, Py_ssize_t tq, Py_ssize_t Fs) noexcept nogil:
+        Py_ssize_t unit, int add,                   # see _wino_plan / _wino_span; add to s or store
+        Py_ssize_t nct, Py_ssize_t TB, Py_ssize_t G, Py_ssize_t tq, Py_ssize_t Fs) noexcept nogil:
     """One work unit of the Winograd dweight (chexcy/_ops_winograd.h): Z = A dY A^T of its tiles (output
     channels in the lanes) and V = B^T d B (input channels in the lanes), both straight into packed
-    strips, then S[xi] (+)= Z[xi] V[xi]^T with the dense layer's register tile, K = the unit's tiles."""
+    strips, sample by sample, then S[xi] (+)= Z[xi] V[xi]^T with the dense layer's register tile,
+    K = the unit's tiles."""
     cdef Py_ssize_t N = dout.shape[0], F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3]
     cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, nfb = (F + GEMM_MR - 1) // GEMM_MR
     cdef Py_ssize_t Fp = nfb * GEMM_MR, Cp = nct * GEMM_NR, Hq = 2 * TH + 2, Wq = 2 * TW + 2
-    cdef Py_ssize_t nblk = (TH + TB - 1) // TB, n = unit // nblk, ty0 = unit % nblk * TB
-    cdef Py_ssize_t nty = min(TB, TH - ty0), nt = nty * TW, ct, xi, fb
+    cdef Py_ssize_t n0, nsam, ty0, nty, ts, sm, ct, xi, fb
     cdef float* dt = scratch                        # (2 TB, 2 TW, Fs)
     cdef float* z = dt + 4 * TB * TW * Fs           # (16, nfb, tq, GEMM_MR) + a vector of slack
     cdef float* v = z + 16 * nfb * tq * GEMM_MR + DW_V     # (16, nct, tq, GEMM_NR)
-    chexcy_wdw_dout_rows(&dout[n, 0, 0, 0], F, OH, OW, 2 * ty0, 2 * nty, 2 * TW, Fs, dt)
-    chexcy_wdw_dout_tiles(dt, Fs, TW, nty, nfb, tq, z)
-    for ct in range(nct):
-        chexcy_wdw_input_tiles(xt + ((ct * N + n) * Hq + 2 * ty0) * Wq * GEMM_NR, Wq, TW, nty,
-                               v + ct * tq * GEMM_NR, nct * tq * GEMM_NR)
+    _wino_span(unit, N, TH, TB, G, &n0, &nsam, &ty0, &nty)
+    ts = nty * TW
+    for sm in range(nsam):          # in order: each sample's Z stores spill onto the next one's first row
+        chexcy_wdw_dout_rows(&dout[n0 + sm, 0, 0, 0], F, OH, OW, 2 * ty0, 2 * nty, 2 * TW, Fs, dt)
+        chexcy_wdw_dout_tiles(dt, Fs, TW, nty, nfb, tq, z + sm * ts * GEMM_MR)
+        for ct in range(nct):
+            chexcy_wdw_input_tiles(xt + ((ct * N + n0 + sm) * Hq + 2 * ty0) * Wq * GEMM_NR, Wq, TW, nty,
+                                   v + (ct * tq + sm * ts) * GEMM_NR, nct * tq * GEMM_NR)
     for xi in range(16):
         for ct in range(nct):       # a V strip stays in L1 while the Z strips pass over it
             for fb in range(nfb):
-                chexcy_gemm_tile_rows(nt, 1, z + (xi * nfb + fb) * tq * GEMM_MR,
+                chexcy_gemm_tile_rows(nsam * ts, 1, z + (xi * nfb + fb) * tq * GEMM_MR,
                                       v + (xi * nct + ct) * tq * GEMM_NR, GEMM_NR,
                                       s + (xi * Fp + fb * GEMM_MR) * Cp + ct * GEMM_NR, Cp, add)
 
 
 cdef void _wdw_part(
         const float[:, :, :, ::1] dout, const float* xt, float* sp, float* scratch,
-        Py_ssize_t p, Py_ssize_t P, Py_ssize_t U, Py_ssize_t nct, Py_ssize_t TB, Py_ssize_t tq,
-        Py_ssize_t Fs, Py_ssize_t ps) noexcept nogil:
+        Py_ssize_t p, Py_ssize_t P, Py_ssize_t U, Py_ssize_t nct, Py_ssize_t TB, Py_ssize_t G,
+        Py_ssize_t tq, Py_ssize_t Fs, Py_ssize_t ps) noexcept nogil:
     """Partial sum p of P: units [p U / P, (p + 1) U / P) in order into sp + p * ps, the first stored."""
     cdef Py_ssize_t u, u0 = p * U // P, u1 = (p + 1) * U // P
     for u in range(u0, u1):
-        _wdw_unit(dout, xt, sp + p * ps, scratch, u, u > u0, nct, TB, tq, Fs)
+        _wdw_unit(dout, xt, sp + p * ps, scratch, u, u > u0, nct, TB, G, tq, Fs)
 
 
 cdef _dweight_winograd(dout, x, int ph, int pw):
@@ -870,10 +908,11 @@ cdef _dweight_winograd(dout, x, int ph, int pw):
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3]
-    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, TB = max(1, min(TH, WINO_TILES // TW))
-    cdef Py_ssize_t U = N * ((TH + TB - 1) // TB), P = min(U, <Py_ssize_t>WDW_PARTS)
+    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, TB, G, U, TU
+    TB, G, U, TU = _wino_plan(N, TH, TW)
+    cdef Py_ssize_t P = min(U, <Py_ssize_t>WDW_PARTS)
     cdef Py_ssize_t nct = (C + GEMM_NR - 1) // GEMM_NR, nfb = (F + GEMM_MR - 1) // GEMM_MR
-    cdef Py_ssize_t Cp = nct * GEMM_NR, Fp = nfb * GEMM_MR, Fs = Fp + DW_V, tq = TB * TW + 1
+    cdef Py_ssize_t Cp = nct * GEMM_NR, Fp = nfb * GEMM_MR, Fs = Fp + DW_V, tq = TU + 1
     cdef Py_ssize_t Hq = 2 * TH + 2, Wq = 2 * TW + 2, ps = 16 * Fp * Cp, u, f, c
     cdef Py_ssize_t per = (4 * TB * TW * Fs + 16 * nfb * tq * GEMM_MR + DW_V + 16 * nct * tq * GEMM_NR
                            + 15) // 16 * 16
@@ -892,7 +931,7 @@ cdef _dweight_winograd(dout, x, int ph, int pw):
     for u in prange(nct * N, nogil=True, schedule="static", num_threads=n_threads):
         _dwc_pack_x(xv, &xtv[0], u, 1, nct, ph, pw, Hq, Wq)
     for u in prange(P, nogil=True, schedule="static", num_threads=n_threads):
-        _wdw_part(dv, &xtv[0], &spv[0, 0], &sv[omp_get_thread_num(), 0], u, P, U, nct, TB, tq, Fs, ps)
+        _wdw_part(dv, &xtv[0], &spv[0, 0], &sv[omp_get_thread_num(), 0], u, P, U, nct, TB, G, tq, Fs, ps)
     for f in prange(F, nogil=True, schedule="static", num_threads=n_threads):
         _dbias_one(dv, dbv, f)
         chexcy_wdw_weight_row(&spv[0, 0] + f * Cp, P, ps, Fp * Cp, C, &sv[omp_get_thread_num(), 0],

@@ -152,8 +152,8 @@ WIDE_CONV_CASES = [
 
 # 3x3, stride 1, dilation 1, one group, from 16 input and 24 output channels: the forward conv (and dx,
 # the forward conv of dout) is Winograd F(2x2, 3x3) on 2x2 output tiles, units of up to 128 tiles
-# (whole rows of tiles), products in K blocks of 256 input channels; from 32 input channels dweight
-# too, its units summed into 4 partial sums.
+# (whole rows of tiles, or several whole samples when a sample has fewer), products in K blocks of 256
+# input channels; from 32 input channels dweight too, its units summed into 4 partial sums.
 WINOGRAD_CONV_CASES = [
     ConvCase(2, 16, 9, 11, 24, 3, 3, 1, 1, 1, 1, True),                # odd sizes: half tiles at the edges
     ConvCase(1, 24, 16, 16, 26, 3, 3, 1, 1, 1, 1, False),              # batch 1, 26 channels: 2 tiles + 2
@@ -167,6 +167,7 @@ WINOGRAD_CONV_CASES = [
     ConvCase(3, 32, 9, 7, 26, 3, 3, 1, 1, 1, 1, True),                 # dweight: 3 units, odd sizes
     ConvCase(2, 40, 180, 6, 24, 3, 3, 1, 1, 1, 1, False),              # dweight: 6 units in 4 sums
     ConvCase(1, 33, 5, 9, 50, 3, 3, 1, 0, 1, 1, True),                 # dweight: no padding, 33 channels
+    ConvCase(5, 32, 8, 8, 24, 3, 3, 1, 1, 1, 1, True),                 # 16 tiles a sample: units of 4 + 1
 ]
 
 

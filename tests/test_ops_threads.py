@@ -146,11 +146,11 @@ def test_channel_blocked_dweight_is_bitwise_identical_for_1_2_and_3_threads(rest
 
 
 @needs_compiled
-@pytest.mark.parametrize("C, H, W, F", [(32, 180, 6, 26), (40, 21, 35, 24)])
+@pytest.mark.parametrize("C, H, W, F", [(32, 180, 6, 26), (40, 21, 35, 24), (32, 14, 14, 26)])
 def test_winograd_conv_is_bitwise_identical_for_1_2_and_3_threads(restore_threads, C, H, W, F):
     """3x3 stride-1 convs from 32 / 24 channels are Winograd units (sample, block of tile rows), several
-    per sample in the first shape; dweight's units go into 4 partial sums fixed by the shape: forward
-    and backward must not depend on the thread count."""
+    per sample in the first shape, 2 + 1 samples a unit in the last; dweight's units go into partial sums
+    fixed by the shape: forward and backward must not depend on the thread count."""
     rng = np.random.default_rng(13)
     x, w, b = randn(rng, (3, C, H, W)), randn(rng, (F, C, 3, 3)), randn(rng, (F,))
     dout = randn(rng, (3, F, H, W))
