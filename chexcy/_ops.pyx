@@ -30,9 +30,9 @@ Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kern
 # * Fast dweight (column stride 1): per block of DW_F output channels, vector accumulators for
 #   DW_F channels x 3 kernel columns (x 3 kernel rows for 3-row kernels) x DW_V lanes stay in registers
 #   over an L1-sized chunk of dout; lanes are summed in a fixed order at the end (lane-split sums: no
-#   fast-math, no reassociation by the compiler). Wide layers (two register tiles of input channels
-#   per group or more, stride 1) instead take dweight as one matrix product per kernel tap over a
-#   channel-blocked copy of the input, with the dense layer's register tile (_dwc_thread).
+#   fast-math, no reassociation by the compiler). Wide layers (DWC_MIN_CG input channels per group or
+#   more, stride 1) instead take dweight as one matrix product per kernel tap over a channel-blocked
+#   copy of the input, with the dense layer's register tile (_dwc_thread); 3x3 ones take Winograd.
 #   docs/performance.md describes each kernel.
 # * Anything else (column stride > 1, padding wider than the kernel for dx) takes a plain loop path:
 #   slower, simple, and tested against the reference like the fast one.
@@ -94,6 +94,7 @@ cdef extern from "_ops_config.h" nogil:
 
 cdef enum:
     DW_CHUNK = 4096     # floats of dout (one channel block) per dweight chunk: 16 KiB, within L1
+    DWC_MIN_CG = 64     # input channels per group from which stride-1 dweight is channel-blocked
     DWC_KC = 128        # dout positions per K block of the channel-blocked dweight (_dwc_thread)
 
 cdef extern from "_ops_gemm.h" nogil:
@@ -1157,14 +1158,14 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
             _dx_plane(dv, wv, dxv, u, groups, sh, sw, ph, pw, dh, dw)
 
-    # Channel-blocked dweight from 2 register tiles of input channels up (measured, ref-cnn at 128x128,
-    # 2 threads: conv4, 64 channels, 8.3 -> 7.7 ms for the whole backward; conv3, 32 channels, was 3%
-    # slower than the lane-sum kernel below)
     if (groups == 1 and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
             and C >= WDW_MIN_C and F >= WDW_MIN_F):
         dweight, dbias = _dweight_winograd(dout, x, ph, pw)
         return dx, dweight, dbias
-    if sh == 1 and sw == 1 and Cg >= 2 * GEMM_NR:
+    # Channel-blocked dweight from DWC_MIN_CG input channels per group (measured, ref-cnn at 128x128,
+    # 2 threads: conv4, 64 channels, 8.3 -> 7.7 ms for the whole backward on AVX-512; 32 channels there
+    # and 16 on SSE2 (two of its 8-channel tiles) were 3% and 10% slower than the lane-sum kernel below)
+    if sh == 1 and sw == 1 and Cg >= DWC_MIN_CG:
         dweight, dbias = _dweight_blocked(dout, x, KH, KW, groups, ph, pw, dh, dw)
         return dx, dweight, dbias
     dweight = np.empty((F, Cg, KH, KW), np.float32)

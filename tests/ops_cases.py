@@ -135,11 +135,11 @@ TILE_CONV_CASES = [
 ]
 
 
-# Wide layers: from 2 register tiles of input channels per group up (64 on AVX-512, 32 on AVX2, 16 on
-# SSE2), stride-1 dweight is a product per kernel tap over channel-blocked input (GEMM_MR = 12 output
+# Wide layers: from 64 input channels per group, stride-1 dweight (when not Winograd: groups, dilation,
+# kernels other than 3x3) is a product per kernel tap over channel-blocked input (GEMM_MR = 12 output
 # x GEMM_NR = 32 input channels per tile on AVX-512, K blocks of 128 // OW rows of one sample).
 WIDE_CONV_CASES = [
-    ConvCase(2, 64, 9, 11, 26, 3, 3, 1, 1, 1, 1, True),                # 26 output channels: 2 tiles + 2
+    ConvCase(2, 64, 9, 11, 26, 3, 3, 1, (1, 2), (1, 2), 1, True),      # 26 output channels: 2 tiles + 2
     ConvCase(1, 70, 6, 7, 13, 3, 3, 1, 1, 1, 1, False),                # a partial block of input channels
     ConvCase(2, 128, 7, 6, 12, 3, 3, 1, 2, 2, 2, True),                # groups 2, dilation 2, pad 2
     ConvCase(1, 64, 7, 40, 14, 3, 5, 1, (1, 2), 1, 1, True),           # KW 5; 3-row K blocks, short last

@@ -97,6 +97,25 @@ def test_conv2d_random_geometry_matches_reference(backend, case):
     check_conv(backend, case)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("C, F", [(32, 24), (3, 4)], ids=["winograd", "direct"])
+def test_conv2d_nan_stays_within_the_output_tiles_around_it(backend, C, F, rng):
+    """A NaN in the input makes every output NaN that the reference makes NaN, and spreads no further
+    than the rest of their 2x2 output tiles (the Winograd layers mix a tile's four outputs); every
+    other output matches the reference."""
+    x, w = randn(rng, (2, C, 9, 10)), randn(rng, (F, C, 3, 3))
+    x[1, C // 2, 4, 5] = np.nan
+    want = run("reference", "conv2d_forward", x, w, None, stride=1, padding=1)
+    got = run(backend, "conv2d_forward", x, w, None, stride=1, padding=1)
+    ref_nan = np.isnan(want)
+    assert ref_nan.any() and not ref_nan.all()
+    assert np.isnan(got)[ref_nan].all(), f"{backend}: an output the reference makes NaN is a number"
+    tiles = np.pad(ref_nan, ((0, 0), (0, 0), (0, 1), (0, 0))).reshape(2, F, 5, 2, 5, 2).any(axis=(3, 5))
+    near = np.repeat(np.repeat(tiles, 2, axis=2), 2, axis=3)[:, :, :9, :10]
+    assert not np.isnan(got)[~near].any(), f"{backend}: NaN outside the 2x2 tiles of the reference's"
+    assert_close(got[~near], want[~near], "conv2d", f"{backend} outputs away from the NaN")
+
+
 # ----------------------------------------------------------------------------------------------
 # pooling
 

@@ -128,9 +128,10 @@ def test_linear_is_bitwise_identical_for_1_2_and_3_threads(restore_threads, n, k
 @needs_compiled
 @pytest.mark.parametrize("groups, C, F, W", [(1, 64, 26, 13), (2, 140, 38, 9)])
 def test_channel_blocked_dweight_is_bitwise_identical_for_1_2_and_3_threads(restore_threads, groups, C, F, W):
-    """Wide layers' dweight is cut into (group, block of output channels, kernel tap) units shared out
-    in equal ranges, which start mid-block for 2 and 3 threads (and a block's dbias belongs to the
-    owner of its tap 0): every element must come out bitwise the same whichever thread computed it."""
+    """Wide layers' dweight (here dilated, so not Winograd) is cut into (group, block of output
+    channels, kernel tap) units shared out in equal ranges, which start mid-block for 2 and 3 threads
+    (and a block's dbias belongs to the owner of its tap 0): every element must come out bitwise the
+    same whichever thread computed it."""
     rng = np.random.default_rng(12)
     x, w = randn(rng, (3, C, 11, W)), randn(rng, (F, C // groups, 3, 3))
     dout = randn(rng, (3, F, 11, W))
@@ -138,7 +139,7 @@ def test_channel_blocked_dweight_is_bitwise_identical_for_1_2_and_3_threads(rest
     with ops.use_backend("cython"):
         for threads in (1, 2, 3):
             ops.set_num_threads(threads)
-            runs[threads] = ops.conv2d_backward(dout, x, w, stride=1, padding=1, groups=groups)
+            runs[threads] = ops.conv2d_backward(dout, x, w, stride=1, padding=2, dilation=2, groups=groups)
     for threads in (2, 3):
         for name, a, c in zip(("dx", "dweight", "dbias"), runs[1], runs[threads]):
             assert np.array_equal(a, c), (f"conv {name}: 1 and {threads} threads differ, max abs diff "
