@@ -103,9 +103,10 @@ cdef extern from "_ops_gemm.h" nogil:
         GEMM_NR     # columns of C per register tile (and per packed B strip)
     void chexcy_gemm_pack_a(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t m0, Py_ssize_t mc,
                             Py_ssize_t k0, Py_ssize_t kc, float* dst)
+    void chexcy_gemm_pack_b(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K, Py_ssize_t N,
+                            Py_ssize_t s, float* dst)
     void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow, const float* a, const float* b,
                                Py_ssize_t b_rs, float* c, Py_ssize_t ldc, int add)
-    void chexcy_dwc_pack_row(const float* p, Py_ssize_t plane, Py_ssize_t W, Py_ssize_t cn, float* d)
 
 cdef extern from "_ops_winograd.h" nogil:
     void chexcy_wino_cols(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
@@ -802,7 +803,8 @@ cdef void _dwc_pack_x(
     memset(d + (ph + H) * row, 0, (Hp - ph - H) * row * sizeof(float))
     for h in range(H):
         memset(d + (ph + h) * row, 0, pw * GEMM_NR * sizeof(float))
-        chexcy_dwc_pack_row(&x[n, c0, h, 0], H * W, W, cn, d + (ph + h) * row + pw * GEMM_NR)
+        # position after position, the cn channel rows side by side, lanes past cn zero
+        chexcy_gemm_pack_b(&x[n, c0, h, 0], 1, H * W, W, cn, 0, d + (ph + h) * row + pw * GEMM_NR)
         memset(d + (ph + h) * row + (pw + W) * GEMM_NR, 0, (Wp - pw - W) * GEMM_NR * sizeof(float))
 
 
@@ -1466,8 +1468,6 @@ cdef extern from "_ops_gemm.h" nogil:
         GEMM_MC     # rows of C per task at most
         GEMM_SERIAL_MADDS   # below this many multiply-adds a product runs on one thread
     Py_ssize_t chexcy_gemm_abuf_floats(Py_ssize_t mc, Py_ssize_t K)
-    void chexcy_gemm_pack_b(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K, Py_ssize_t N,
-                            Py_ssize_t s, float* dst)
     void chexcy_gemm_task(const float* A, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t m0, Py_ssize_t mc,
                           Py_ssize_t K, const float* bp, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t N,
                           const float* init, float* C, Py_ssize_t ldc, float* abuf)

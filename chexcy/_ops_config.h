@@ -147,6 +147,21 @@ static inline chexcy_vf chexcy_load_partial(const float *p, Py_ssize_t n)
 #endif
 }
 
+/* The first n (< VW) lanes of v to p; memory past p + n is never touched. */
+static inline void chexcy_store_partial(float *p, chexcy_vf v, Py_ssize_t n)
+{
+#if CHEXCY_VW == 16
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
+#elif CHEXCY_VW == 8
+    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane), (__m256)v);
+#else
+    float t[CHEXCY_VW];
+    chexcy_store(t, v);
+    for (Py_ssize_t j = 0; j < n; j++) p[j] = t[j];
+#endif
+}
+
 /* out tile (FB, NR, NV * VW): FB output channels x NR output rows x NV vectors of output columns,
  *   = bias[f] + sum over (c, kh, kw) of w[c, kh, kw, f] * x[c, r * xrow_step + kh*dh*Wp + kw*dw + col]
  *   xt: padded input at (c = 0, first input row of the first output row, first column of the tile)

@@ -100,13 +100,14 @@ static __attribute__((noinline)) void chexcy_gemm_tile(Py_ssize_t kc, const floa
     }
 }
 
-/* The dweight product of a stride-1 convolution (chexcy._ops, _dwc_*): one register tile over a
- * block of `rows` output rows of `ow` columns each, the K steps k = r * ow + w:
+/* The register tile of the convolution products (chexcy._ops: channel-blocked dweight, _dwc_*, and
+ * Winograd, _wino_* / _wdw_*) over a block of `rows` rows of `ow` steps each, K steps k = r * ow + w:
  *   c[i, j] (+)= sum over k of a[k * GEMM_MR + i] * b[r * b_rs + w * GEMM_NR + j]
- * (the block summed from 0 in k order, then added to c once when `add`, else stored). a: a packed dout strip
- * (chexcy_gemm_pack_a), b: one kernel tap's view of the channel-blocked padded input, whose rows are
- * b_rs floats apart (the padding columns between them are skipped). The registers are those of
- * chexcy_gemm_tile, and so is the reason for noinline. */
+ * (the block summed from 0 in k order, then added to c once when `add`, else stored). a: a packed
+ * strip (k, GEMM_MR); b: rows of GEMM_NR floats, consecutive within a row, rows b_rs floats apart (for
+ * dweight, one kernel tap's view of the channel-blocked padded input, its padding columns skipped;
+ * for Winograd, ow = 1). The registers are those of chexcy_gemm_tile, and so is the reason for
+ * noinline. */
 static __attribute__((noinline)) void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow,
                                                             const float *restrict a,
                                                             const float *restrict b, Py_ssize_t b_rs,
@@ -132,22 +133,6 @@ static __attribute__((noinline)) void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_
     }
     CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
         CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) chexcy_store(c + i * ldc + v * CHEXCY_VW, acc[i][v]);
-}
-
-/* One input row of the channel-blocked padded input: d[w * GEMM_NR + j] = p[j * plane + w] for w < W,
- * channels j < cn, and 0 in lanes j >= cn. Written position after position, reading the GEMM_NR channel
- * rows side by side (as chexcy_gemm_pack_b). */
-static void chexcy_dwc_pack_row(const float *p, Py_ssize_t plane, Py_ssize_t W, Py_ssize_t cn, float *d)
-{
-    if (cn == GEMM_NR) {
-        for (Py_ssize_t w = 0; w < W; w++, p++, d += GEMM_NR)
-            GEMM_UNROLL_ALL for (int j = 0; j < GEMM_NR; j++) d[j] = p[j * plane];
-    } else {
-        for (Py_ssize_t w = 0; w < W; w++, p++, d += GEMM_NR) {
-            for (Py_ssize_t j = 0; j < cn; j++) d[j] = p[j * plane];
-            for (Py_ssize_t j = cn; j < GEMM_NR; j++) d[j] = 0.0f;
-        }
-    }
 }
 
 /* The same tile where only mr (<= GEMM_MR) rows and nr (<= GEMM_NR) columns lie inside C: it runs on

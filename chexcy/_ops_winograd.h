@@ -32,26 +32,14 @@
 #include <string.h>
 #include "_ops_gemm.h"
 
-/* The first n (< VW) lanes of v to p; memory past p + n is never touched. */
-static inline void chexcy_store_partial(float *p, chexcy_vf v, Py_ssize_t n)
-{
-#if CHEXCY_VW == 16
-    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
-#elif CHEXCY_VW == 8
-    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane), (__m256)v);
-#else
-    float t[CHEXCY_VW];
-    chexcy_store(t, v);
-    for (Py_ssize_t j = 0; j < n; j++) p[j] = t[j];
+#if defined(__GNUC__) && !defined(__clang__)
+typedef int chexcy_vi __attribute__((vector_size(CHEXCY_VW * sizeof(int))));   /* shuffle masks */
 #endif
-}
 
 /* dst[2 l] = a[l], dst[2 l + 1] = b[l] for the VW lanes: 2 VW floats. */
 static inline void chexcy_interleave(chexcy_vf a, chexcy_vf b, float *dst)
 {
 #if defined(__GNUC__) && !defined(__clang__)
-    typedef int chexcy_vi __attribute__((vector_size(CHEXCY_VW * sizeof(int))));
 #if CHEXCY_VW == 16
     const chexcy_vi lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
     const chexcy_vi hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -125,7 +113,6 @@ static inline chexcy_vf chexcy_load_window(const float *p, Py_ssize_t lo, Py_ssi
 static inline void chexcy_deinterleave(chexcy_vf a, chexcy_vf b, chexcy_vf *even, chexcy_vf *odd)
 {
 #if defined(__GNUC__) && !defined(__clang__)
-    typedef int chexcy_vi __attribute__((vector_size(CHEXCY_VW * sizeof(int))));
 #if CHEXCY_VW == 16
     const chexcy_vi ev = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
     const chexcy_vi od = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
