@@ -107,6 +107,23 @@ def test_threadpoolctl_limit_gives_the_same_results(restore_threads):
 
 
 @needs_compiled
+@pytest.mark.parametrize("shape", [(3, 5, 67, 71), (1, 1, 300, 301), (2, 64, 16, 16), (5, 7, 1, 3)],
+                         ids=str)
+def test_global_avg_pool_backward_fills_every_threads_share(restore_threads, shape):
+    """The backward fill gives each thread one contiguous share of the flat output, cut on cache lines
+    and across plane boundaries (one large plane is split too), with at least 16384 floats per share.
+    Every call gets a new dout, so a share left unwritten would show the previous call's values."""
+    rng = np.random.default_rng(7)
+    with ops.use_backend("cython"):
+        for threads in (1, 2, 3, 4, 1):
+            ops.set_num_threads(threads)
+            dout = randn(rng, shape[:2])
+            want = (dout * np.float32(1.0 / (shape[2] * shape[3])))[:, :, None, None]
+            assert_array_equal(ops.global_avg_pool2d_backward(dout, shape), np.broadcast_to(want, shape),
+                               err_msg=f"global_avg_pool2d_backward {shape}, {threads} threads")
+
+
+@needs_compiled
 @pytest.mark.parametrize("n, k, o", [(150, 300, 70), (300, 37, 290), (13, 1100, 33)])
 def test_linear_is_bitwise_identical_for_1_2_and_3_threads(restore_threads, n, k, o):
     """Shapes that split each of the three products into several tasks (row blocks of at most 144 rows,
