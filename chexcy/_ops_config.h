@@ -106,6 +106,14 @@ static inline int chexcy_populate(void *addr, size_t n)
     return e > a ? madvise((void *)a, e - a, MADV_POPULATE_WRITE) : 0;
 }
 
+/* n bytes of fresh anonymous pages (page-aligned), or NULL; and their release. */
+static inline void *chexcy_map(size_t n)
+{
+    void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+static inline void chexcy_unmap(void *p, size_t n) { munmap(p, n); }
+
 #if defined(__GNUC__) || defined(__clang__)
 typedef float chexcy_vf __attribute__((vector_size(CHEXCY_VW * sizeof(float))));
 static inline chexcy_vf chexcy_load(const float *p) { chexcy_vf v; memcpy(&v, p, sizeof v); return v; }

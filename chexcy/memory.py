@@ -11,6 +11,10 @@ between steps.
 `chexcy train` / `chexcy.train.fit` call `reuse_freed_memory()` once. It changes a process-wide setting,
 so it is not done at import; set CHEXCY_MALLOC_TUNING=0 to leave the allocator alone. Only glibc is tuned;
 elsewhere this is a no-op.
+
+Without that tuning (chexcy.ops called from a user's own loop) the compiled ops still reuse their own
+large arrays: blocks of 32 MB or more come from a cache of freed blocks in chexcy._ops, at most 8 blocks
+and CHEXCY_BLOCK_CACHE_MB (default 1024; 0 disables it). `release_cached_blocks()` gives them back.
 """
 import ctypes
 import ctypes.util
@@ -50,3 +54,11 @@ def reuse_freed_memory():
         (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD)))
     _done = ok
     return ok
+
+
+def release_cached_blocks():
+    """Unmap the freed large blocks the compiled ops keep for reuse; returns the bytes released (0 when
+    the compiled backend was never loaded, or nothing was cached)."""
+    from chexcy import _native
+    module = _native._loaded.get("module")
+    return int(module._release_block_cache()) if module is not None else 0
