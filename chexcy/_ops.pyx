@@ -80,6 +80,9 @@ cdef extern from "_ops_config.h" nogil:
                              Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dw, float bias, float* dst,
                              Py_ssize_t dst_rstride)
     double chexcy_sum(const float* p, Py_ssize_t n)
+    enum:
+        CHEXCY_FILL_AHEAD
+    void chexcy_prefetch_ahead(const float* p, Py_ssize_t ahead, Py_ssize_t n)
     void chexcy_fill_planes(float* dst, const float* vals, Py_ssize_t hw, float scale, Py_ssize_t j0,
                             Py_ssize_t j1)
     float chexcy_lane_total(const float* p)
@@ -1566,7 +1569,8 @@ def avg_pool2d_backward(dout, x_shape, kernel_size, stride, padding, count_inclu
 
 
 cdef void _plane_mean(const float* xp, float* o, Py_ssize_t HW) noexcept nogil:
-    """Mean of one plane, summed in float64 in a fixed order."""
+    """Mean of one plane, summed in float64 in a fixed order; the plane 4 KB ahead is prefetched."""
+    chexcy_prefetch_ahead(xp, CHEXCY_FILL_AHEAD, HW)
     o[0] = <float>(chexcy_sum(xp, HW) / HW)
 
 

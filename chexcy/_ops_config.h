@@ -473,6 +473,21 @@ static inline double chexcy_sum_rows(const float *p, Py_ssize_t rows, Py_ssize_t
     return s;
 }
 
+#define CHEXCY_FILL_AHEAD 1024     /* floats: how far ahead the pool fills and sums prefetch (4 KB) */
+
+/* Read prefetches for the lines of [p + ahead, p + ahead + n) floats, n at most CHEXCY_FILL_AHEAD: the
+ * global average pool's forward asks for the data one plane (or 4 KB) ahead of the plane it sums. The
+ * planes are one sequential stream, but the hardware prefetchers alone left a 4 MB read at 2 threads
+ * 20% slower (C harness, 47-50 -> 37-42 us). Addresses as integers: past the array they are never
+ * dereferenced, and a prefetch does not fault. */
+static inline void chexcy_prefetch_ahead(const float *p, Py_ssize_t ahead, Py_ssize_t n)
+{
+    uintptr_t a = ((uintptr_t)p + 4 * (uintptr_t)ahead) & ~(uintptr_t)63;
+    uintptr_t e = (uintptr_t)p + 4 * (uintptr_t)(ahead + (n < CHEXCY_FILL_AHEAD ? n : CHEXCY_FILL_AHEAD));
+    for (; a < e; a += 64)
+        __builtin_prefetch((const void *)a, 0, 3);
+}
+
 /* Sum of n floats: chexcy_sum_rows over one row. The order is fixed by n alone. */
 static inline double chexcy_sum(const float *p, Py_ssize_t n)
 {
@@ -487,7 +502,6 @@ static inline double chexcy_sum(const float *p, Py_ssize_t n)
  * 2 threads (C harness, the lines in L2/L3), 46-47 -> 39-41 us, with prefetchw or prefetcht0 alike;
  * unchanged on one thread (139 us) and from DRAM. With SSE2's 16-byte stores (4 per line) they cost
  * more than they hide (harness 48 -> 51-52 us, the op 62-70 -> 76-80 us), so that build has none. */
-#define CHEXCY_FILL_AHEAD 1024
 static inline void chexcy_fill_planes(float *dst, const float *vals, Py_ssize_t hw, float scale,
                                       Py_ssize_t j0, Py_ssize_t j1)
 {
