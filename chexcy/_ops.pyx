@@ -80,6 +80,8 @@ cdef extern from "_ops_config.h" nogil:
                              Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dw, float bias, float* dst,
                              Py_ssize_t dst_rstride)
     double chexcy_sum(const float* p, Py_ssize_t n)
+    void chexcy_pad_planes(const float* src, float* dst, Py_ssize_t P, Py_ssize_t H, Py_ssize_t W,
+                           Py_ssize_t ph, Py_ssize_t pw, double* sums)
     enum:
         CHEXCY_FILL_AHEAD
     void chexcy_prefetch_ahead(const float* p, Py_ssize_t ahead, Py_ssize_t n)
@@ -412,25 +414,8 @@ cdef void _pad_planes(
         const float* src,           # IN  (P, H, W)
         float* dst,                 # OUT (P, H + 2*ph, W + 2*pw)
         Py_ssize_t P, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
-    """Copy P planes into a zero-bordered buffer."""
-    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw, p, r, j
-    cdef float* d
-    cdef const float* s
-    for p in range(P):
-        for r in range(Hp):
-            d = dst + (p * Hp + r) * Wp
-            if r < ph or r >= ph + H:
-                memset(d, 0, Wp * sizeof(float))
-            else:
-                for j in range(pw):         # borders are a float or two: no memset call per row
-                    d[j] = 0
-                    d[pw + W + j] = 0
-                # rows are short (16 floats for conv4 at 128x128): an inline, vectorised copy, not a
-                # memcpy call per row
-                s = src + (p * H + r - ph) * W
-                d = d + pw
-                for j in range(W):
-                    d[j] = s[j]
+    """Copy P planes into a zero-bordered buffer (chexcy_pad_planes)."""
+    chexcy_pad_planes(src, dst, P, H, W, ph, pw, NULL)
 
 
 cdef void _pad_shifted(
@@ -1168,11 +1153,11 @@ cdef void _dw_one_sample(
         const float* dn,            # IN  (F planes of dplane floats) dout of one sample, rows ds floats apart
         const float* xp,            # IN  (Hp, Wp) + slack: the sample's one input plane, zero-padded
         float* part,                # OUT (nfb, 3, nkc, DW_F, 3, DW_V) lane sums of this sample
-        double* bsum,               # OUT (F,) sums of dout per channel of this sample
         Py_ssize_t F, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t dplane, Py_ssize_t ds, Py_ssize_t Wp,
         Py_ssize_t KW, Py_ssize_t R, int dw) noexcept nogil:
-    """dweight and dbias terms of one sample for a one-input-channel, 3-row, stride-1 convolution: the
-    blocks of _dw_block, over this sample only, written to its own scratch (summed over samples later)."""
+    """dweight terms of one sample for a one-input-channel, 3-row, stride-1 convolution: the blocks of
+    _dw_block, over this sample only, written to its own scratch (summed over samples later). Its dbias
+    terms come from the copy of dout into the padded buffer (chexcy_pad_planes with sums)."""
     cdef Py_ssize_t nkc = (KW + 2) // 3, nfb = (F + DW_F - 1) // DW_F, part_len = DW_F * 3 * DW_V
     cdef Py_ssize_t blk = 3 * nkc * part_len, fb, f0, nf, f, r0, rr, kc, kh, j
     cdef const float* drows[DW_F]
@@ -1180,8 +1165,6 @@ cdef void _dw_one_sample(
     for fb in range(nfb):
         f0 = fb * DW_F
         nf = min(DW_F, F - f0)
-        for f in range(nf):
-            bsum[f0 + f] = chexcy_sum_rows(dn + (f0 + f) * dplane, OH, OW, ds)
         r0 = 0
         while r0 < OH:
             rr = min(R, OH - r0)
@@ -1228,11 +1211,12 @@ cdef _backward_one_channel(dout, x, weight, int ph, int pw, int dw):
     for n in prange(N, nogil=True, schedule="static", num_threads=n_threads):
         tid = omp_get_thread_num()
         # The sample's dout is read from memory once, by the copy into dx's padded buffer (1 MB for
-        # conv1, it stays in L2); dweight and dbias then read that copy, and so does the dx tile.
-        _pad_planes(&dv[n, 0, 0, 0], &sv[tid, 0], F, OH, OW, qh, qw)
+        # conv1, it stays in L2), which also sums it for dbias; dweight then reads that copy, and so
+        # does the dx tile.
+        chexcy_pad_planes(&dv[n, 0, 0, 0], &sv[tid, 0], F, OH, OW, qh, qw, &bv[n, 0])
         tv[tid] = n                                 # tells _conv_unit the buffer already holds sample n
         _pad_planes(&xv[n, 0, 0, 0], &sv[tid, dx_buf], 1, H, W, ph, pw)
-        _dw_one_sample(&sv[tid, qh * Wq + qw], &sv[tid, dx_buf], &pv[n, 0], &bv[n, 0], F, OH, OW, Hq * Wq, Wq,
+        _dw_one_sample(&sv[tid, qh * Wq + qw], &sv[tid, dx_buf], &pv[n, 0], F, OH, OW, Hq * Wq, Wq,
                        Wp, KW, R, dw)
         _conv_unit(dv, wtv, wpv, zero, dxv, n, &sv[tid, 0], &tv[tid], 1, 1, 1, qh, qw, 1, dw, 0)
     # samples in order, then lanes in order: the same sums whatever thread did which sample
