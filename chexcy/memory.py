@@ -14,7 +14,8 @@ elsewhere this is a no-op.
 
 Without that tuning (chexcy.ops called from a user's own loop) the compiled ops still reuse their own
 large arrays: blocks of 32 MB or more come from a cache of freed blocks in chexcy._ops, at most 8 blocks
-and CHEXCY_BLOCK_CACHE_MB (default 1024; 0 disables it). `release_cached_blocks()` gives them back.
+and CHEXCY_BLOCK_CACHE_MB (default 1024; 0 disables it). `release_cached_blocks()` gives them back, and
+`reuse_freed_memory()` empties and stops that cache, since glibc then keeps freed blocks itself.
 """
 import ctypes
 import ctypes.util
@@ -53,7 +54,18 @@ def reuse_freed_memory():
     ok = all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD)))
     _done = ok
+    if ok:
+        _stop_block_cache()
     return ok
+
+
+def _stop_block_cache():
+    """glibc now keeps every freed block itself, so the compiled ops map no blocks of their own: unmap
+    the ones their cache holds, and those still in use when they are freed."""
+    from chexcy import _native
+    module = _native._loaded.get("module")
+    if module is not None:
+        module._set_block_cache_mb(0)
 
 
 def release_cached_blocks():

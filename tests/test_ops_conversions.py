@@ -256,3 +256,30 @@ def test_release_cached_blocks_empties_the_cache():
     del a
     assert mod._block_cache_info()[:2] == (1, 36 << 20)
     assert memory.release_cached_blocks() == 36 << 20 and mod._block_cache_info()[:2] == (0, 0)
+
+
+TUNED_CACHE_SCRIPT = r"""
+from chexcy import _native, memory
+mod = _native.load()
+a, b = mod._empty((9, 1 << 20)), mod._empty((9, 1 << 20))
+del a
+assert mod._block_cache_info()[:2] == (1, 36 << 20), mod._block_cache_info()
+assert memory.reuse_freed_memory()
+assert mod._block_cache_info() == (0, 0, 0), mod._block_cache_info()
+del b                                                   # still in use at the switch: unmapped when freed
+c = mod._empty((9, 1 << 20))                            # glibc's now
+del c
+assert mod._block_cache_info() == (0, 0, 0), mod._block_cache_info()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")
+def test_tuning_glibc_empties_and_stops_the_block_cache(tmp_path):
+    """Once glibc keeps freed blocks itself (chexcy train), cached blocks would only hold memory."""
+    import subprocess
+    import sys
+    from test_ops_validation import subprocess_env
+    proc = subprocess.run([sys.executable, "-c", TUNED_CACHE_SCRIPT], cwd=tmp_path, capture_output=True,
+                          text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
