@@ -177,8 +177,8 @@ cdef size_t _cache_max = 1 << 30
 def _set_block_cache_mb(value):
     """Cap the block cache from CHEXCY_BLOCK_CACHE_MB (a whole number of MB, 0 = keep nothing)."""
     global _cache_max
-    text = str(value).strip()
-    if not text.isdigit():
+    text = str(value).strip() or "1024"      # set but empty: the default
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"CHEXCY_BLOCK_CACHE_MB must be a whole number of MB (0 = no cache), got {value!r}")
     _cache_max = <size_t>min(int(text), 1 << 30) << 20
     _cache_trim(0)
@@ -285,12 +285,17 @@ cdef object _block_array(Py_ssize_t n, tuple dims, dtype, void** data):
     cdef void* p = _cache_take(n, &size)
     if p == NULL:
         size = (n + PAGE_BYTES - 1) // PAGE_BYTES * PAGE_BYTES
-        _cache_trim(size)            # an evicted block's pages go back to the system before new ones come
+        if size <= _cache_max:       # will be cached when freed: make room now, so that evicted pages
+            _cache_trim(size)        # go back to the system before new ones come
         p = chexcy_map(size)
         if p == NULL:
             raise MemoryError(f"cannot map {size} bytes for an array of shape {dims}")
         chexcy_populate(p, size)
-    block = _Block.__new__(_Block)
+    try:
+        block = _Block.__new__(_Block)
+    except BaseException:
+        chexcy_unmap(p, size)
+        raise
     (<_Block>block).ptr = p
     (<_Block>block).nbytes = size
     if data != NULL:
@@ -1553,7 +1558,8 @@ def avg_pool2d_backward(dout, x_shape, kernel_size, stride, padding, count_inclu
 
 
 cdef void _plane_mean(const float* xp, float* o, Py_ssize_t HW) noexcept nogil:
-    """Mean of one plane, summed in float64 in a fixed order; the plane 4 KB ahead is prefetched."""
+    """Mean of one plane, summed in float64 in a fixed order; prefetches min(HW, 1024) floats from 4 KB
+    past the plane's start (the next planes when they are small)."""
     chexcy_prefetch_ahead(xp, CHEXCY_FILL_AHEAD, HW)
     o[0] = <float>(chexcy_sum(xp, HW) / HW)
 
@@ -1581,6 +1587,8 @@ def global_avg_pool2d_backward(dout, x_shape):
     cdef const float[:, ::1] dv = dout
     cdef const float* dp = &dv[0, 0]
     cdef float inv = 1.0 / HW
+    if total == 0:                  # (ops.py rejects empty shapes; the kernel would divide by HW)
+        return dx
     # One contiguous share of the flat output per thread, starting on a cache line (dx is 64-byte
     # aligned), whatever the plane size: a few large planes split as evenly as many small ones.
     nt = max(1, min(_threads(), total // FILL_MIN_SHARE))

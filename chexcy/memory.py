@@ -20,6 +20,7 @@ and CHEXCY_BLOCK_CACHE_MB (default 1024; 0 disables it). `release_cached_blocks(
 import ctypes
 import ctypes.util
 import os
+import sys
 
 _M_TRIM_THRESHOLD = -1          # mallopt parameter numbers from glibc's malloc.h
 _M_TOP_PAD = -2
@@ -59,18 +60,20 @@ def reuse_freed_memory():
     return ok
 
 
+def _kernel_modules():
+    """The compiled kernel modules imported so far (normally one; a test may import every variant)."""
+    from chexcy import _native
+    return [sys.modules[name] for name, _ in _native.VARIANTS.values() if name in sys.modules]
+
+
 def _stop_block_cache():
     """glibc now keeps every freed block itself, so the compiled ops map no blocks of their own: unmap
-    the ones their cache holds, and those still in use when they are freed."""
-    from chexcy import _native
-    module = _native._loaded.get("module")
-    if module is not None:
+    the ones their caches hold, and those still in use when they are freed."""
+    for module in _kernel_modules():
         module._set_block_cache_mb(0)
 
 
 def release_cached_blocks():
     """Unmap the freed large blocks the compiled ops keep for reuse; returns the bytes released (0 when
     the compiled backend was never loaded, or nothing was cached)."""
-    from chexcy import _native
-    module = _native._loaded.get("module")
-    return int(module._release_block_cache()) if module is not None else 0
+    return sum(int(module._release_block_cache()) for module in _kernel_modules())

@@ -234,14 +234,19 @@ def test_compiled_large_blocks_are_recycled_through_a_bounded_cache(tmp_path, ca
 
 
 @pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")
-def test_block_cache_size_must_be_a_whole_number(tmp_path):
+@pytest.mark.parametrize("value, cap_mb", [("lots", None), ("\u00b2", None), ("-5", None), ("", 1024),
+                                           (" 64 ", 64)])
+def test_block_cache_size_must_be_a_whole_number(tmp_path, value, cap_mb):
     import subprocess
     import sys
     from test_ops_validation import subprocess_env
-    proc = subprocess.run([sys.executable, "-c", "import chexcy._native as n; n.load()"], cwd=tmp_path,
-                          capture_output=True, text=True, env=subprocess_env(CHEXCY_BLOCK_CACHE_MB="lots"),
-                          timeout=120)
-    assert proc.returncode != 0 and "CHEXCY_BLOCK_CACHE_MB must be a whole number of MB" in proc.stderr
+    script = "import chexcy._native as n; print(n.load()._block_cache_info()[2] >> 20)"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env=subprocess_env(CHEXCY_BLOCK_CACHE_MB=value), timeout=120)
+    if cap_mb is None:
+        assert proc.returncode != 0 and "CHEXCY_BLOCK_CACHE_MB must be a whole number of MB" in proc.stderr
+    else:
+        assert proc.returncode == 0 and proc.stdout.strip() == str(cap_mb), proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")

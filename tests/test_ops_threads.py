@@ -107,8 +107,8 @@ def test_threadpoolctl_limit_gives_the_same_results(restore_threads):
 
 
 @needs_compiled
-@pytest.mark.parametrize("shape", [(3, 5, 67, 71), (1, 1, 300, 301), (2, 64, 16, 16), (5, 7, 1, 3)],
-                         ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 67, 71), (1, 1, 300, 301), (2, 64, 16, 16), (5, 7, 1, 3),
+                                   (2, 4, 1024, 1024)], ids=str)          # the last: 32 MB, a block
 def test_global_avg_pool_backward_fills_every_threads_share(restore_threads, shape):
     """The backward fill gives each thread one contiguous share of the flat output, cut on cache lines
     and across plane boundaries (one large plane is split too), with at least 16384 floats per share.
@@ -121,6 +121,24 @@ def test_global_avg_pool_backward_fills_every_threads_share(restore_threads, sha
             want = (dout * np.float32(1.0 / (shape[2] * shape[3])))[:, :, None, None]
             assert_array_equal(ops.global_avg_pool2d_backward(dout, shape), np.broadcast_to(want, shape),
                                err_msg=f"global_avg_pool2d_backward {shape}, {threads} threads")
+
+
+@needs_compiled
+@pytest.mark.parametrize("F, H, W, KW", [(16, 33, 37, 3), (7, 20, 45, 5)])
+def test_first_layer_backward_is_bitwise_identical_for_1_2_and_3_threads(restore_threads, F, H, W, KW):
+    """One input channel and 3 kernel rows take the per-sample backward, whose dbias sums are taken while
+    each sample's dout is copied into the padded buffer; samples are then added in order."""
+    rng = np.random.default_rng(13)
+    x, w = randn(rng, (5, 1, H, W)), randn(rng, (F, 1, 3, KW))
+    dout = randn(rng, (5, F, H, W - KW + 3))
+    runs = {}
+    with ops.use_backend("cython"):
+        for threads in (1, 2, 3):
+            ops.set_num_threads(threads)
+            runs[threads] = ops.conv2d_backward(dout, x, w, padding=1)
+    for threads in (2, 3):
+        for name, a, c in zip(("dx", "dweight", "dbias"), runs[1], runs[threads]):
+            assert np.array_equal(a, c), f"first-layer {name}: 1 and {threads} threads differ"
 
 
 @needs_compiled
