@@ -194,21 +194,28 @@ del d, out
 step("all freed")
 released = mod._release_block_cache()
 step("released")
+f = mod._empty((9, MB))
+del f
+g = mod._empty((3, 4 * MB), np.int64)                   # 96 MB while 36 MB are cached
+step("96 live, 36 cached")
+del g
+step("96 freed again")
 print(json.dumps({"steps": steps, "same": same, "conv_same": conv_same, "released": released // MB}))
 """
 
 # (step, cached blocks, cached MB) for each cap. 1024: everything freed is kept and reused, a 33.5 MB
 # request takes the 36 MB block (within a quarter), 40 MB finds none (36 too small, 96 too large).
-# 64: the 96 MB block is over the cap (unmapped when freed); when the 40 MB and then the 36 MB blocks are
-# freed, 76 MB would be over the cap, so the older one (40 MB) is unmapped.
+# 64: the 96 MB block is over the cap (unmapped when freed, and no reason to evict anything while it
+# lives); when the 40 MB and then the 36 MB blocks are freed, 76 MB would be over the cap, so the older
+# one (40 MB) is unmapped.
 # 0: nothing is ever kept.
 BLOCK_CACHE_EXPECTED = {
     "1024": ([0, 0], [0, 0], [1, 36], [0, 0], [0, 0], [1, 36], [1, 36], [0, 0], [1, 96], [1, 96], [3, 172],
-             [0, 0], True, True, 172),
+             [0, 0], [1, 36], [2, 132], True, True, 172),
     "64": ([0, 0], [0, 0], [1, 36], [0, 0], [0, 0], [1, 36], [1, 36], [0, 0], [0, 0], [0, 0], [1, 36],
-           [0, 0], True, True, 36),
+           [0, 0], [1, 36], [1, 36], True, True, 36),
     "0": ([0, 0], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0],
-          None, None, 0),
+          [0, 0], [0, 0], None, None, 0),
 }
 
 
