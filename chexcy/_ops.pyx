@@ -187,15 +187,22 @@ def _set_block_cache_mb(value):
 _set_block_cache_mb(os.environ.get("CHEXCY_BLOCK_CACHE_MB", "1024"))
 
 
-cdef void _cache_drop(int i) noexcept:
-    """Unmap cached block i and close the gap, keeping the oldest-first order."""
+cdef void* _cache_remove(int i) noexcept:
+    """Take block i out of the table (closing the gap, oldest first still) and return its address."""
     global _cache_n, _cache_bytes
-    chexcy_unmap(_cache_ptr[i], _cache_len[i])
+    cdef void* p = _cache_ptr[i]
     _cache_bytes -= _cache_len[i]
     _cache_n -= 1
     for i in range(i, _cache_n):
         _cache_ptr[i] = _cache_ptr[i + 1]
         _cache_len[i] = _cache_len[i + 1]
+    return p
+
+
+cdef void _cache_drop(int i) noexcept:
+    """Unmap cached block i."""
+    cdef size_t n = _cache_len[i]
+    chexcy_unmap(_cache_remove(i), n)
 
 
 cdef void _cache_trim(size_t room) noexcept:
@@ -218,21 +225,14 @@ cdef void _cache_put(void* p, size_t n) noexcept:
 
 cdef void* _cache_take(size_t n, size_t* got) noexcept:
     """The smallest cached block of n to n + n/4 bytes (then no longer cached), or NULL."""
-    global _cache_n, _cache_bytes
     cdef int i, best = -1
-    cdef void* p
     for i in range(_cache_n):
         if n <= _cache_len[i] <= n + n // 4 and (best < 0 or _cache_len[i] < _cache_len[best]):
             best = i
     if best < 0:
         return NULL
-    p, got[0] = _cache_ptr[best], _cache_len[best]
-    _cache_bytes -= _cache_len[best]
-    _cache_n -= 1
-    for i in range(best, _cache_n):
-        _cache_ptr[i] = _cache_ptr[i + 1]
-        _cache_len[i] = _cache_len[i + 1]
-    return p
+    got[0] = _cache_len[best]
+    return _cache_remove(best)
 
 
 def _release_block_cache():
@@ -1576,7 +1576,8 @@ def global_avg_pool2d_forward(x):
     return out
 
 
-FILL_MIN_SHARE = 16384      # floats (64 KB, ~2 us of stores) per thread at least: below that, fewer threads
+cdef enum:
+    FILL_MIN_SHARE = 16384  # floats (64 KB, ~2 us of stores) per thread at least: below that, fewer threads
 
 
 def global_avg_pool2d_backward(dout, x_shape):
@@ -1591,7 +1592,9 @@ def global_avg_pool2d_backward(dout, x_shape):
         return dx
     # One contiguous share of the flat output per thread, starting on a cache line (dx is 64-byte
     # aligned), whatever the plane size: a few large planes split as evenly as many small ones.
-    nt = max(1, min(_threads(), total // FILL_MIN_SHARE))
+    nt = min(<Py_ssize_t>_threads(), total // FILL_MIN_SHARE)
+    if nt < 1:
+        nt = 1
     for t in prange(nt, nogil=True, schedule="static", chunksize=1, num_threads=nt):
         chexcy_fill_planes(dxp, dp, HW, inv, (total * t // nt) & ~15,
                            total if t == nt - 1 else (total * (t + 1) // nt) & ~15)
