@@ -48,7 +48,7 @@ class PreparedDataset:
         count, size = self.manifest["count"], self.manifest["size"]
         self._images_path = self._file_path("images.npy")
         header = read_npy_header(self._images_path)
-        _check_array(self._images_path, header, np.uint8, (count, 1, size, size), "images")
+        _check_array(self._images_path, header, np.uint8, (count, 1, size, size), "image")
         self.images = np.memmap(self._images_path, dtype=np.uint8, mode="r", offset=header.offset,
                                 shape=header.shape)
         self._images_offset = header.offset
@@ -200,7 +200,7 @@ def _check_array(path, header, dtype, shape, what):
     if header.shape[1:] == shape[1:] and header.shape[0] != shape[0] and header.dtype == dtype:
         raise DamagedFileError(path, f"holds {header.shape[0]} {what} rows but manifest.json counts {shape[0]}")
     if header.dtype != dtype or header.shape != shape:
-        raise DamagedFileError(path, f"expected {np.dtype(dtype)} {shape} (from manifest.json's count and size), "
+        raise DamagedFileError(path, f"expected {np.dtype(dtype)} {shape} (per manifest.json), "
                                      f"found {header.dtype} {header.shape}")
     if header.fortran_order and len(shape) > 1:
         raise DamagedFileError(path, "stored in Fortran order; chexcy writes C order")
@@ -227,7 +227,8 @@ def _read_meta(path, count):
     """meta.csv -> DataFrame of count rows with the prepared columns, valid ages, sexes and views."""
     import pandas as pd
 
-    text_columns = {"path": str, "patient": str, "study": str, "view": str, "ap_pa": str, "sex": str}
+    text_columns = {"path": str, "patient": str, "study": str, "view": str, "ap_pa": str, "sex": str,
+                    "age": str}          # parsed below, so a bad age is shown as written
     try:
         meta = pd.read_csv(path, dtype=text_columns, encoding="utf-8")
     except pd.errors.EmptyDataError:
@@ -245,7 +246,7 @@ def _read_meta(path, count):
     age = pd.to_numeric(meta["age"], errors="coerce")
     bad = age.isna() | (age < 0) | (age > AGE_LIMIT)
     if bad.any():
-        shown = sorted(set(meta["age"][bad].astype(str)))[:5]
+        shown = sorted(set(meta["age"][bad].fillna("")))[:5]
         raise DamagedFileError(path, f"column 'age' has value(s) {shown} at {lines_where(bad)}; "
                                      f"expected a number of years from 0 to {AGE_LIMIT}")
     meta["age"] = age.astype(np.float64)

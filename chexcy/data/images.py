@@ -87,12 +87,17 @@ def load_image(path, size):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ImageReadError(path, _OPEN_ERRORS.get(exc.errno, f"cannot open ({exc.strerror})")) from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(info.st_mode):     # a directory opens too (O_RDONLY), but cannot be read
             raise ImageReadError(path, "is a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file")
         if info.st_size == 0:
             raise ImageReadError(path, "empty file (0 bytes)")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
         return _decode(f, path, size)
 
 

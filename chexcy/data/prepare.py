@@ -315,8 +315,8 @@ def _describe_differences(held, wanted):
         for key in name.split("."):
             a = a.get(key) if isinstance(a, dict) else None
             b = b.get(key) if isinstance(b, dict) else None
-        shown = (f" ({a} there, {b} asked for)" if len(f"{a}{b}") <= 160 and not isinstance(a, (dict, list))
-                 and not isinstance(b, (dict, list)) else "")
+        readable = not name.endswith("sha256") and not isinstance(a, (dict, list)) and not isinstance(b, (dict, list))
+        shown = f" ({a} there, {b} asked for)" if readable and len(f"{a}{b}") <= 200 else ""
         parts.append(name + shown)
     return ", ".join(parts)
 
