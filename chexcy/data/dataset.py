@@ -237,7 +237,8 @@ def _read_meta(path, count):
         raise DamagedFileError(path, f"not valid UTF-8 text (byte 0x{exc.object[exc.start]:02x}: {exc.reason})") from None
     except (pd.errors.ParserError, ValueError) as exc:
         raise DamagedFileError(path, f"not a readable CSV ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in PREPARED_META_COLUMNS + LABELS if c not in meta.columns]
+    # The 14 raw CSV values that follow are kept for people, not read by chexcy: only these are required.
+    missing = [c for c in PREPARED_META_COLUMNS if c not in meta.columns]
     if missing:
         raise DamagedFileError(path, f"missing column(s): {', '.join(missing)}")
     if len(meta) != count:
