@@ -12,7 +12,7 @@ Resumable and bounded in memory whatever N is:
   np.lib.format.open_memmap; nothing keeps the array mapped, because mapped pages would count towards the
   resident memory of the process and grow with N;
 - after each chunk the parent appends one JSON line (chunk number, unreadable rows) to ``progress.jsonl``;
-  a run that is killed resumes from the chunks recorded there (a torn last line is ignored);
+  a run that is killed resumes from the chunks recorded there (a torn line is ignored);
 - ``request.json`` (written first) identifies the dataset being built: everything that defines the output
   (the CSV's path and sha256, the image root, filters, label policy and size). A folder holding another
   dataset, finished or not, (or unrelated files) is refused unless overwrite=True;
@@ -33,11 +33,11 @@ import numpy as np
 
 from chexcy.data.images import ImageReadError, load_image
 from chexcy.data.npyfile import read_npy_header
-from chexcy.fileio import DiskFullError, atomic_write, atomic_write_text, is_disk_full
-from chexcy.locks import LOCK_FILES, hold_folder_lock
 from chexcy.data.schema import (
     LABELS, PROJECTION_VALUES, SEX_VALUES, canonical, label_index, parse_path, read_csv,
 )
+from chexcy.fileio import DiskFullError, atomic_write, atomic_write_text, is_disk_full
+from chexcy.locks import LOCK_FILES, hold_folder_lock
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 256
