@@ -106,6 +106,20 @@ def _interrupted(out, monkeypatch, **options):
     assert os.path.exists(os.path.join(out, "request.json"))
 
 
+def test_rerun_removes_the_temporary_of_an_atomic_write_cut_short_by_a_kill(monkeypatch):
+    clean, out = fresh_dir("stale-clean"), fresh_dir("stale")
+    prep.prepare(train_csv(), clean, size=24, quiet=True, chunk_rows=16)
+    _interrupted(out, monkeypatch, size=24)
+    for name in (".meta.csv.k1ll3d_x.tmp", ".labels.npy.abcdefgh.tmp"):    # as atomic_write names them
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(b"half")
+    with open(os.path.join(out, "notes.tmp"), "wb") as f:                  # not ours: left alone
+        f.write(b"mine")
+    prep.prepare(train_csv(), out, size=24, quiet=True)
+    assert _bytes(out) == _bytes(clean)
+    assert _temporaries(out) == ["notes.tmp"]
+
+
 def test_killed_run_resumed_with_another_root_or_csv_is_refused(monkeypatch):
     out = fresh_dir("mixed")
     _interrupted(out, monkeypatch, size=24)

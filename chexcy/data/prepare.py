@@ -334,6 +334,9 @@ def _check_folder(out, identity, overwrite, log):
         if manifest is not None and not overwrite:
             return "complete"
         if manifest is None and not overwrite:
+            # Temporaries of atomic writes cut short by a kill: stale, as this run holds the folder's lock.
+            for name in ours - set(OUTPUT_FILES):
+                os.remove(os.path.join(out, name))
             return "resume"
     elif not overwrite:
         if isinstance(held, dict):
