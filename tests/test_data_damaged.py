@@ -182,3 +182,19 @@ def test_read_images_names_a_file_truncated_after_opening(folder):
     with pytest.raises(DamagedFileError, match="truncated") as info:
         ds.read_images([COUNT - 1])
     assert info.value.path == str(folder / "images.npy")
+
+
+@pytest.mark.parametrize("name", ["images.npy", "manifest.json"])
+def test_a_file_that_cannot_be_read_is_named(folder, monkeypatch, name):
+    # Permission bits do not stop root (the tests may run as root), so the refusal is simulated.
+    real_open = open
+
+    def refused(path, *args, **kwargs):
+        if os.fspath(path).endswith(name):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refused)
+    with pytest.raises(DamagedFileError, match=r"cannot be read \(Permission denied\)") as info:
+        PreparedDataset(folder)
+    assert info.value.path == str(folder / name)

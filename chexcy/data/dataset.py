@@ -164,7 +164,7 @@ def _read_manifest(path):
         with open(path, "rb") as f:
             text = f.read()
     except OSError as exc:
-        raise DamagedFileError(path, f"unreadable ({exc.strerror})") from None
+        raise DamagedFileError(path, f"cannot be read ({exc.strerror})") from None
     if not text:
         raise DamagedFileError(path, "empty file (0 bytes)")
     try:
@@ -237,6 +237,8 @@ def _read_meta(path, count):
         raise DamagedFileError(path, f"not valid UTF-8 text (byte 0x{exc.object[exc.start]:02x}: {exc.reason})") from None
     except (pd.errors.ParserError, ValueError) as exc:
         raise DamagedFileError(path, f"not a readable CSV ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise DamagedFileError(path, f"cannot be read ({exc.strerror})") from None
     # The 14 raw CSV values that follow are kept for people, not read by chexcy: only these are required.
     missing = [c for c in PREPARED_META_COLUMNS if c not in meta.columns]
     if missing:

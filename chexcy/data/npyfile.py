@@ -23,11 +23,17 @@ def read_npy_header(path, check_size=True):
 
     check_size: also require the file to hold all the data the header declares (a truncated file fails).
     Raises DamagedFileError(path, problem) for: an empty file, a file that is not .npy, an unsupported
-    format version, a damaged header, and (check_size) fewer data bytes than the header declares.
-    FileNotFoundError when `path` does not exist.
+    format version, a damaged header, and (check_size) fewer data bytes than the header declares; also
+    when the file cannot be opened (e.g. permission denied). FileNotFoundError when `path` does not exist.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise DamagedFileError(path, f"cannot be read ({exc.strerror})") from None
+    with f:
         file_size = os.fstat(f.fileno()).st_size
         if file_size == 0:
             raise DamagedFileError(path, "empty file (0 bytes)")
