@@ -7,6 +7,8 @@ import argparse
 import sys
 
 from chexcy import __version__
+from chexcy.fileio import DamagedFileError, DiskFullError
+from chexcy.locks import FolderLockError
 
 
 def build_parser():
@@ -33,6 +35,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("chexcy: interrupted", file=sys.stderr)
         return 130
+    except (DamagedFileError, DiskFullError, FolderLockError) as exc:
+        # The command was right, a file or the machine was not: a failure (1), in one line.
+        message = exc.strerror if isinstance(exc, DiskFullError) else exc
+        print(f"chexcy {args.command}: error: {message}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         # Expected failures (bad arguments, bad files) end with one clear line, not a traceback.
         print(f"chexcy {args.command}: error: {exc}", file=sys.stderr)
