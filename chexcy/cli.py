@@ -22,12 +22,22 @@ def build_parser():
     data_commands.register(sub)
     from chexcy import commands as train_commands
     train_commands.register(sub)
+    parser.subcommands = sub.choices          # name -> its parser, for errors found after it parsed
     return parser
+
+
+def parse(parser, argv=None):
+    """Parse argv; an option the sub-command does not know is reported with that sub-command's usage
+    (argparse would print the top-level one, which does not list the sub-command's options). Exits 2."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         status = args.func(args)
     except KeyboardInterrupt:
