@@ -138,8 +138,8 @@ def register(subparsers):
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="output on stdout: an aligned table with short column names, CSV (path + the 14 "
                         "observations) or JSON (default table)")
-    p.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR (needs "
-                                                    "--observation; matplotlib for the colour bar)")
+    p.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM heat map PNG per image into DIR (with "
+                                                    "--observation), named after its patient, study and view")
     p.add_argument("--observation", help="the observation the heat maps explain (e.g. 'Pleural Effusion')")
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                    help="images scored at once (default 32; memory grows with it, results do not change)")
