@@ -159,7 +159,8 @@ def register(subparsers):
         return f"default {DEMO[key]}; --quick {QUICK[key]}"
     p.add_argument("--size", type=_positive_int, metavar="S", help=f"image size S x S ({both('size')})")
     p.add_argument("--n-train", type=_positive_int, metavar="N", help=f"synthetic training images ({both('n_train')})")
-    p.add_argument("--n-valid", type=_positive_int, metavar="N", help=f"synthetic validation images ({both('n_valid')})")
+    p.add_argument("--n-valid", type=_positive_int, metavar="N",
+                   help=f"synthetic validation images ({both('n_valid')})")
     p.add_argument("--epochs", type=_positive_int, metavar="N", help=f"training epochs ({both('epochs')})")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training (default 0)")
     p.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP.format(cores_available()))
