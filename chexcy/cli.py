@@ -47,6 +47,11 @@ def main(argv=None):
         # Expected failures (bad arguments, bad files) end with one clear line, not a traceback.
         print(f"chexcy {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The system refused (a full disk, no permission, a read-only file system): one line, status 1.
+        # chexcy.fileio.DiskFullError already says which file and that the previous one is intact.
+        print(f"chexcy {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return int(status or 0)
 
 

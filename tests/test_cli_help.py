@@ -1,6 +1,6 @@
 """`chexcy <command> --help` for every sub-command: every option explained, every default shown, no
 format escapes printed literally; a wrong option answered with the sub-command's own usage; --threads
-beyond the cores warned about."""
+beyond the cores warned about; a command's failure ends in one line on stderr and an exit status."""
 import argparse
 
 import pytest
@@ -74,3 +74,18 @@ def test_zero_threads_is_a_usage_error(name, capsys):
     with pytest.raises(SystemExit) as stop:
         PARSER.parse_args([name, *REQUIRED.get(name, []), "--threads", "0"])
     assert stop.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, status", [
+    (lambda: __import__("chexcy.fileio").fileio.DiskFullError(28, "disk full while writing x.json; the "
+                                                                   "previous x.json is intact"), 1),
+    (lambda: PermissionError(13, "Permission denied", "out/x.json"), 1),
+    (lambda: ValueError("--bootstrap must be >= 0"), 2),
+], ids=["disk-full", "permission", "bad-value"])
+def test_failures_of_a_command_are_one_line_with_a_status(error, status, monkeypatch, capsys):
+    def fail(args):
+        raise error()
+    monkeypatch.setattr(commands, "run_evaluate", fail)     # read when the parser is built
+    assert cli.main(["evaluate", "--checkpoint", "c.npz", "--data", "d"]) == status
+    err = capsys.readouterr().err
+    assert err.startswith("chexcy evaluate: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
