@@ -365,7 +365,15 @@ def run(args):
     check_output_paths(args)
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    result = evaluate_checkpoint(args.checkpoint, args.data, bootstrap=args.bootstrap, seed=args.seed,
+    from chexcy.checkpoint import CheckpointError, load_checkpoint
+    from chexcy.predict import check_weights_finite
+    ckpt = load_checkpoint(args.checkpoint)
+    try:
+        check_weights_finite(ckpt)
+    except CheckpointError as exc:                     # a readable file that cannot do the job: a failure
+        print(f"chexcy evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    result = evaluate_checkpoint(ckpt, args.data, bootstrap=args.bootstrap, seed=args.seed,
                                  batch_size=args.batch_size, min_count=args.min_count)
     print(format_report(result))
     if args.json:

@@ -68,8 +68,8 @@ def check_weights_finite(ckpt):
     if found is not None:
         name, bad, size = found
         raise CheckpointError(f"checkpoint {ckpt.path} holds non-finite weights ({name}: {bad} of {size} "
-                              f"values are NaN or inf), so every prediction would be NaN; the run that wrote "
-                              f"it diverged: use an earlier checkpoint (e.g. best.npz of that run) or retrain")
+                              f"values are NaN or inf), so every probability would be NaN; the run that wrote "
+                              f"it diverged: use a checkpoint saved before that, or train again (e.g. with a lower --lr)")
 
 
 def colormap(t):
