@@ -24,12 +24,22 @@ def build_parser():
     data_commands.register(sub)
     from chexcy import commands as train_commands
     train_commands.register(sub)
+    parser.subcommands = sub.choices          # name -> its parser, for errors found after it parsed
     return parser
+
+
+def parse(parser, argv=None):
+    """Parse argv; an option the sub-command does not know is reported with that sub-command's usage
+    (argparse would print the top-level one, which does not list the sub-command's options). Exits 2."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         status = args.func(args)
     except KeyboardInterrupt:
@@ -44,6 +54,11 @@ def main(argv=None):
         # Expected failures (bad arguments, bad files) end with one clear line, not a traceback.
         print(f"chexcy {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The system refused (a full disk, no permission, a read-only file system): one line, status 1.
+        # chexcy.fileio.DiskFullError already says which file and that the previous one is intact.
+        print(f"chexcy {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return int(status or 0)
 
 
