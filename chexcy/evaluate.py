@@ -195,8 +195,8 @@ def require_matplotlib():
 
 
 def _save_figure(fig, path):
-    from chexcy.checkpoint import atomic_write_bytes
-    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    from chexcy.fileio import atomic_write
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_roc(result, path):
@@ -281,9 +281,9 @@ def run(args):
                                  batch_size=args.batch_size, min_count=args.min_count)
     print(format_report(result))
     if args.json:
-        from chexcy.checkpoint import atomic_write_bytes
+        from chexcy.fileio import atomic_write
         text = json.dumps(result_json(result), indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else v)
-        atomic_write_bytes(args.json, lambda f: f.write(text.encode()))
+        atomic_write(args.json, lambda f: f.write(text.encode()))
         print(f"wrote {args.json}")
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)

@@ -96,3 +96,8 @@ def atomic_write_text(path, text, encoding="utf-8"):
 def atomic_write_bytes(path, data):
     """Write the bytes `data` to `path` atomically (see atomic_write)."""
     return atomic_write(path, lambda f: f.write(data), mode="wb")
+
+
+def is_disk_full(exc):
+    """True when `exc` is the OSError of a full disk or quota (ENOSPC, EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in _NO_SPACE

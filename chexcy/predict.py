@@ -108,7 +108,8 @@ def predict_files(checkpoint, files, batch_size=32, heatmap_dir=None, observatio
     """Score image files. Returns a list of (path, probs float64 (14,), heatmap path or None) for the files
     that could be read; unreadable files are appended to `errors` as (path, reason). roots: optional dict
     file -> the folder it was found in (heat map names are relative to it)."""
-    from chexcy.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint
+    from chexcy.checkpoint import Checkpoint, load_checkpoint
+    from chexcy.fileio import atomic_write
     from chexcy.data import LABELS, load_image, normalize
     from chexcy.nn import sigmoid
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
@@ -153,7 +154,7 @@ def predict_files(checkpoint, files, batch_size=32, heatmap_dir=None, observatio
                     picture.save(buffer, format="PNG")
                     f.write(buffer.getvalue())
 
-                atomic_write_bytes(heat, write)
+                atomic_write(heat, write)
             results.append((path, probs[i], heat))
     return results
 
