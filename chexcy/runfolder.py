@@ -27,7 +27,12 @@ HOLDER_NAME = "train.lock.json"
 
 
 class RunFolderError(RuntimeError):
-    """A run folder that cannot be used as asked: held by another process, or holding a run already."""
+    """A run folder that cannot be used as asked (e.g. it holds a run and neither --resume nor --overwrite
+    was given): a usage error."""
+
+
+class RunFolderBusy(RunFolderError):
+    """Another process holds the run folder's lock: a failure of this run, not a usage error."""
 
 
 def run_files(folder):
@@ -54,13 +59,14 @@ class RunLock:
         self.path = os.path.join(self.folder, LOCK_NAME)
         self.holder_path = os.path.join(self.folder, HOLDER_NAME)
         self._lock = filelock.FileLock(self.path, timeout=0)
+        self.created = False        # set by open_run_folder when it made the folder
 
     def acquire(self):
         """Take the lock or raise RunFolderError naming the folder and the process that holds it."""
         try:
             self._lock.acquire(timeout=0)
         except filelock.Timeout:
-            raise RunFolderError(f"run folder {self.folder} is in use by another chexcy train "
+            raise RunFolderBusy(f"run folder {self.folder} is in use by another chexcy train "
                                  f"({self.describe_holder()}); wait for it to finish, or pass another "
                                  f"--checkpoint-dir") from None
         holder = dict(pid=os.getpid(), host=socket.gethostname(), command=" ".join(sys.argv),
@@ -82,12 +88,20 @@ class RunLock:
             return f"holder unknown: {self.holder_path} is missing or unreadable"
 
     def release(self):
+        """Drop the lock. A folder this run created and left without run files (it failed before its first
+        write) is removed again, so a failed start leaves nothing behind."""
         if self._lock.is_locked:
             try:
                 os.unlink(self.holder_path)
             except OSError:
                 pass
             self._lock.release()
+            if self.created and os.listdir(self.folder) == [LOCK_NAME]:
+                try:
+                    os.unlink(self.path)
+                    os.rmdir(self.folder)
+                except OSError:
+                    pass
 
     def __enter__(self):
         return self.acquire()
@@ -108,8 +122,10 @@ def open_run_folder(folder, resume=False, overwrite=False):
     folder = os.fspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise RunFolderError(f"--checkpoint-dir {folder} is a file, not a folder")
+    created = not os.path.exists(folder)
     os.makedirs(folder, exist_ok=True)
     lock = RunLock(folder).acquire()
+    lock.created = created
     try:
         present = run_files(folder)
         if present and not resume:
