@@ -99,34 +99,34 @@ def load_checkpoint(path):
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise CheckpointError(path, "checkpoint does not exist")
+        raise CheckpointError(path, "checkpoint file does not exist")
     if os.path.isdir(path):
-        raise CheckpointError(path, f"is a folder, not a checkpoint; pass the file (e.g. {os.path.join(path, 'last.npz')})")
+        raise CheckpointError(path, f"a folder, not a checkpoint file; pass the file (e.g. {os.path.join(path, 'last.npz')})")
     try:
         with open(path, "rb") as f:
             magic = f.read(len(_NPY_MAGIC))
     except OSError as exc:
         raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from None
     if not magic:
-        raise CheckpointError(path, "is empty (0 bytes), not a chexcy checkpoint")
+        raise CheckpointError(path, "empty file (0 bytes), not a chexcy checkpoint")
     if magic.startswith(_NPY_MAGIC):
-        raise CheckpointError(path, "is a single NumPy array (.npy), not a chexcy checkpoint (.npz)")
+        raise CheckpointError(path, "a single NumPy array (.npy), not a chexcy checkpoint (.npz)")
     if not magic.startswith(_ZIP_MAGIC):
-        raise CheckpointError(path, "is not a chexcy checkpoint (not an .npz archive)")
+        raise CheckpointError(path, "not a chexcy checkpoint (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             files = {name: archive[name] for name in archive.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
-        raise CheckpointError(path, f"checkpoint is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(path, f"corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from None
     if "config.json" not in files:
-        raise CheckpointError(path, "is not a chexcy checkpoint (an .npz archive without config.json)")
+        raise CheckpointError(path, "not a chexcy checkpoint (an .npz archive without config.json)")
     try:
         config = json.loads(files.pop("config.json").tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(path, f"config.json inside the checkpoint is corrupt ({exc})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise CheckpointError(path, f"is not a chexcy checkpoint (format {found!r})")
+        raise CheckpointError(path, f"not a chexcy checkpoint (format {found!r})")
     if config.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(path, f"checkpoint format version {config.get('format_version')}; this chexcy reads "
                                     f"version {FORMAT_VERSION}")

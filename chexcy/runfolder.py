@@ -51,6 +51,14 @@ def default_run_folder(base="runs", now=None):
     return name
 
 
+def _command_line():
+    """This process's command line as the user typed it (`python -m chexcy` shows as `chexcy`)."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if program == "__main__.py":
+        program = "chexcy"
+    return " ".join([program, *sys.argv[1:]])
+
+
 class RunLock:
     """The advisory lock of one run folder, held from `acquire` until `release` (or process exit)."""
 
@@ -69,7 +77,7 @@ class RunLock:
             raise RunFolderBusy(f"run folder {self.folder} is in use by another chexcy train "
                                  f"({self.describe_holder()}); wait for it to finish, or pass another "
                                  f"--checkpoint-dir") from None
-        holder = dict(pid=os.getpid(), host=socket.gethostname(), command=" ".join(sys.argv),
+        holder = dict(pid=os.getpid(), host=socket.gethostname(), command=_command_line(),
                       started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
         try:
             atomic_write_text(self.holder_path, json.dumps(holder, indent=1) + "\n")

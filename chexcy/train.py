@@ -442,7 +442,7 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
     if resume:
         ckpt = load_checkpoint(resume)
         if "train" not in ckpt.config:
-            raise CheckpointError(resume, "holds no training state (not written by chexcy train); cannot resume from it")
+            raise CheckpointError(resume, "a checkpoint without training state (not written by chexcy train); cannot resume from it")
         cfg = TrainConfig(**ckpt.config["train"])
         for name, value in settings.items():
             if name in RUN_SETTINGS:
@@ -500,13 +500,13 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
             model.load_state_dict(ckpt.model_state)
             optimizer.load_state_dict(ckpt.optim_state)
         except (ValueError, KeyError) as exc:
-            raise CheckpointError(resume, f"does not fit its own configuration: {exc}") from None
+            raise CheckpointError(resume, f"weights do not fit the checkpoint's own configuration: {exc}") from None
         position = ckpt.config["position"]
         epoch, step_in_epoch, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
         loss_sum, loss_count = position.get("epoch_loss_sum", 0.0), position.get("epoch_loss_count", 0)
         best = ckpt.config.get("best")
         if ckpt.config.get("steps_per_epoch") not in (None, steps_per_epoch):
-            raise CheckpointError(resume, f"was trained with {ckpt.config['steps_per_epoch']} steps per epoch, the "
+            raise CheckpointError(resume, f"the run was trained with {ckpt.config['steps_per_epoch']} steps per epoch, the "
                                           f"data now give {steps_per_epoch}: not the same prepared data")
         if epoch >= cfg.epochs:
             emit(f"the run in {resume} has finished its {epoch} epochs: nothing to train (pass --epochs N with "
