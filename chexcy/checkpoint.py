@@ -101,7 +101,8 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise CheckpointError(path, "checkpoint file does not exist")
     if os.path.isdir(path):
-        raise CheckpointError(path, f"a folder, not a checkpoint file; pass the file (e.g. {os.path.join(path, 'last.npz')})")
+        raise CheckpointError(path, f"a folder, not a checkpoint file; pass the file (e.g. "
+                                    f"{os.path.join(path, 'last.npz')})")
     try:
         with open(path, "rb") as f:
             magic = f.read(len(_NPY_MAGIC))

@@ -365,6 +365,8 @@ class SignalWatchdog:
                 except BlockingIOError:
                     data = b""
                 for number in data:
+                    if number not in (signal.SIGINT, signal.SIGTERM):
+                        continue        # other signals with Python handlers are none of our business
                     count, signum = count + 1, number
                     first = first or time.monotonic()
             if signum is None:

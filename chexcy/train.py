@@ -41,7 +41,7 @@ import numpy as np
 
 from chexcy import metrics
 from chexcy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from chexcy.fileio import DiskFullError, is_disk_full
+from chexcy.fileio import DamagedFileError, DiskFullError, is_disk_full
 from chexcy.memory import reuse_freed_memory
 from chexcy.nn import bce_with_logits, build_model
 from chexcy.optim import build_optimizer, make_schedule
@@ -442,7 +442,8 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
     if resume:
         ckpt = load_checkpoint(resume)
         if "train" not in ckpt.config:
-            raise CheckpointError(resume, "a checkpoint without training state (not written by chexcy train); cannot resume from it")
+            raise CheckpointError(resume, "a checkpoint without training state (not written by chexcy train); "
+                                          "cannot resume from it")
         cfg = TrainConfig(**ckpt.config["train"])
         for name, value in settings.items():
             if name in RUN_SETTINGS:
@@ -456,6 +457,12 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
         if cfg.epochs < reached:
             raise ValueError(f"--epochs {cfg.epochs}: the run in {resume} is already at epoch {reached}; pass "
                              f"--epochs N with N > {reached} to train it longer")
+        if cfg.epochs == reached:
+            if comm is None or comm.is_root:
+                emit(f"the run in {resume} has finished its {reached} epochs: nothing to train (pass --epochs N "
+                     f"with N > {reached} to train it longer)")
+            return FitResult(ckpt.build_model(), "completed", ckpt.config["position"]["global_step"], [],
+                             checkpoint_dir, cfg)
     else:
         cfg = TrainConfig(**settings).resolved()
     cfg.validate()
@@ -506,12 +513,8 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
         loss_sum, loss_count = position.get("epoch_loss_sum", 0.0), position.get("epoch_loss_count", 0)
         best = ckpt.config.get("best")
         if ckpt.config.get("steps_per_epoch") not in (None, steps_per_epoch):
-            raise CheckpointError(resume, f"the run was trained with {ckpt.config['steps_per_epoch']} steps per epoch, the "
-                                          f"data now give {steps_per_epoch}: not the same prepared data")
-        if epoch >= cfg.epochs:
-            emit(f"the run in {resume} has finished its {epoch} epochs: nothing to train (pass --epochs N with "
-                 f"N > {epoch} to train it longer)")
-            return FitResult(model, "completed", global_step, [], checkpoint_dir, cfg)
+            raise ValueError(f"--data {data}: the run in {resume} was trained with {ckpt.config['steps_per_epoch']} "
+                             f"steps per epoch, these data give {steps_per_epoch}: not the same prepared data")
 
     if dp is not None and not comm.is_root:   # rank 0 alone prints, logs and saves
         checkpoint_dir, out, emit = None, None, (lambda text="", end="\n": None)
@@ -528,12 +531,14 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
     def diverged(problem, where):
         """TrainingDiverged naming the problem, the step, the last good checkpoint and what to change."""
         last = os.path.join(checkpoint_dir, "last.npz") if checkpoint_dir else None
+        kept = ""
         if last and os.path.exists(last):
-            good = load_checkpoint(last).config["position"]["global_step"]
-            kept = (f"; the last good state is {last} (global step {good}, finite weights): evaluate or predict "
-                    f"with it, but resuming it replays the same steps and diverges again")
-        else:
-            kept = ""
+            try:
+                good = f"global step {load_checkpoint(last).config['position']['global_step']}, finite weights"
+            except (DamagedFileError, KeyError) as exc:
+                good = f"unreadable: {exc}"
+            kept = (f"; the last good state is {last} ({good}): evaluate or predict with it, but resuming it "
+                    f"replays the same steps and diverges again")
         return TrainingDiverged(f"{problem} at {where}: training diverged{kept}; lower the learning rate (start "
                                 f"over with --lr {cfg.lr / 10:g} instead of {cfg.lr:g}) or add --warmup")
 
@@ -690,8 +695,10 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
                 improved = best is None or best["metric"] != score_name or score > best["score"]
                 if improved:
                     best = dict(metric=score_name, score=score, epoch=epoch)
-                saved = [kind for kind in ("last", "best")
-                         if (kind == "last" or improved) and save(kind, epoch, 0) is not None]
+                saved = []
+                for kind in ("last", "best") if improved else ("last",):
+                    if save(kind, epoch, 0) is not None:
+                        saved.append(kind)
                 line += f" | {record['seconds']:.1f} s" + (f" | ckpt saved ({', '.join(saved)})" if saved else "")
                 record["best"] = improved
                 log.write("epoch", **record)
