@@ -472,8 +472,9 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
         from chexcy.distributed import check_ranks_agree
         position = None if ckpt is None else ckpt.config["position"]
         check_ranks_agree(comm, {
-            "--data": (fingerprint(data_identity(train_set)), len(train_set)),
-            "--valid": None if valid_set is None else (fingerprint(data_identity(valid_set)), len(valid_set)),
+            "--data": f"{len(train_set)} images, fingerprint {fingerprint(data_identity(train_set))}",
+            "--valid": None if valid_set is None else
+            f"{len(valid_set)} images, fingerprint {fingerprint(data_identity(valid_set))}",
             "settings": dataclasses.asdict(cfg),
             "resumed from": None if position is None else (str(resume), position["global_step"]),
         })

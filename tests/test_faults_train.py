@@ -386,7 +386,8 @@ def test_ranks_whose_data_differ_in_length_fail_at_start_on_every_rank(mpi_data,
     assert "Traceback" not in done.stderr, done.stderr
     lines = [line for line in done.stderr.splitlines() if "were not given the same run" in line]
     assert len(lines) == 2, done.stderr                        # the same clear line from each rank
-    assert "--data: rank 0 (" in lines[0] and ", 32), rank 1 (" in lines[0] and ", 24)" in lines[0], lines[0]
+    assert "--data: rank 0 '32 images, fingerprint " in lines[0], lines[0]
+    assert "rank 1 '24 images, fingerprint " in lines[0], lines[0]
 
 
 @needs_mpi
