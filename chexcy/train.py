@@ -540,8 +540,8 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
                 good = f"unreadable: {exc}"
             kept = (f"; the last good state is {last} ({good}): evaluate or predict with it, but resuming it "
                     f"replays the same steps and diverges again")
-        return TrainingDiverged(f"{problem} at {where}: training diverged{kept}; lower the learning rate (start "
-                                f"over with --lr {cfg.lr / 10:g} instead of {cfg.lr:g}) or add --warmup")
+        return TrainingDiverged(f"{problem} at {where}: training diverged{kept}; lower the learning rate: start "
+                                f"over (--overwrite) with --lr {cfg.lr / 10:g} (this run: {cfg.lr:g}), or add --warmup")
 
     def check_state(where):
         """Refuse to go on (and to checkpoint) from weights or optimiser moments that are not finite or have
@@ -620,8 +620,8 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
                         where = f"epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} (global step {global_step + 1})"
                         log.write("diverged", epoch=epoch, step=step, global_step=global_step + 1,
                                   loss=loss)
-                        raise diverged(f"loss is {loss}" + (f" (limit {LOSS_LIMIT:g})" if math.isfinite(loss) else ""),
-                                       where)
+                        limit = f" (limit {LOSS_LIMIT:g})" if math.isfinite(loss) else ""
+                        raise diverged(f"loss is {loss:.4g}{limit}", where)
                     model.backward(dlogits)
                     if dp is not None:      # averaged gradients, the global loss and a shared stop decision
                         totals = dp.end_batch(loss)

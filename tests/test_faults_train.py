@@ -213,7 +213,7 @@ def test_weights_that_blow_up_are_never_checkpointed(data, tmp_path, monkeypatch
         train.fit(data["train"], checkpoint_dir=tmp_path, epochs=3, checkpoint_every=1, out=None, **SMALL)
     message = str(info.value)
     assert "reached 1e+28" in message and f"the last good state is {tmp_path / 'last.npz'} (global step 5" in message
-    assert "--lr 0.005 instead of 0.05" in message, message
+    assert "start over (--overwrite) with --lr 0.005 (this run: 0.05)" in message, message
     saved = load_checkpoint(tmp_path / "last.npz")
     assert saved.config["position"]["global_step"] == 5
     assert all(np.abs(v).max() < train.PARAM_LIMIT for v in saved.model_state.values())
