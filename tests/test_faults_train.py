@@ -116,14 +116,14 @@ def test_a_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(data,
 def test_two_concurrent_trainings_into_one_folder_the_second_is_refused(data, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "chexcy", *small_train_args(
-        data["train"], "--epochs", "400", "--checkpoint-dir", run)], env=chexcy_env(),
+        data["train"], "--epochs", "5000", "--checkpoint-dir", run)], env=chexcy_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not (run / "log.jsonl").exists():
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.05)
-        second = run_cli(*small_train_args(data["train"], "--epochs", "400", "--checkpoint-dir", run, "--overwrite"))
+        second = run_cli(*small_train_args(data["train"], "--epochs", "5000", "--checkpoint-dir", run, "--overwrite"))
         assert second.returncode == 1, second.stderr
         assert f"pid {first.pid} on host" in second.stderr, second.stderr
         assert f": chexcy train --data {data['train']} " in second.stderr, second.stderr
@@ -136,9 +136,8 @@ def test_two_concurrent_trainings_into_one_folder_the_second_is_refused(data, tm
     assert first.returncode == 128 + signal.SIGTERM
     events = [r["event"] for r in records(run)]
     assert events.count("start") == 1 and events[-1] == "interrupted", events    # one run's log, not two
-    # the folder is free again: resuming works
-    done = run_cli(*small_train_args(data["train"], "--epochs", "1", "--checkpoint-dir", run, "--resume"))
-    assert done.returncode == 2 and "already at epoch" in done.stderr or done.returncode == 0, done.stderr
+    with RunLock(run):                          # the folder is free again once its run has ended
+        pass
 
 
 # -- a resume continues the same run (items 3 and 5) ----------------------------------------------------
