@@ -23,8 +23,10 @@ from chexcy import checkpoint, cli, fileio, train
 from chexcy.checkpoint import CheckpointError, load_checkpoint
 from chexcy.data.prepare import prepare
 from chexcy.data.synth import make_synthetic
-from chexcy.fileio import DamagedFileError, DiskFullError
+from chexcy.fileio import DamagedFileError
 from chexcy.runfolder import RunFolderBusy, RunFolderError, RunLock
+
+from test_mpi import MPI_TIMEOUT_S, find_mpiexec, mpi_skip_reason, needs_mpi, subprocess_env
 
 SMALL = dict(width=4, depth=2, batch_size=8, optimizer="sgd", lr=0.05)
 
@@ -348,7 +350,6 @@ def test_disk_full_on_a_real_small_tmpfs(data, tmp_path):
 
 # -- ranks of one MPI job must train one run (items 2 and 8) --------------------------------------------
 
-from test_mpi import MPI_TIMEOUT_S, find_mpiexec, mpi_skip_reason, needs_mpi, run_ranks, subprocess_env  # noqa: E402
 
 
 @pytest.fixture(scope="module")
