@@ -7,8 +7,6 @@ import argparse
 import sys
 
 from chexcy import __version__
-from chexcy.fileio import DamagedFileError, DiskFullError
-from chexcy.locks import FolderLockError
 
 
 def build_parser():
@@ -45,21 +43,23 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("chexcy: interrupted", file=sys.stderr)
         return 130
-    except (DamagedFileError, DiskFullError, FolderLockError) as exc:
-        # The command was right, a file or the machine was not: a failure (1), in one line.
-        message = exc.strerror if isinstance(exc, DiskFullError) else exc
-        print(f"chexcy {args.command}: error: {message}", file=sys.stderr)
-        return 1
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        # Expected failures (bad arguments, bad files) end with one clear line, not a traceback.
-        print(f"chexcy {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        # The system refused (a full disk, no permission, a read-only file system): one line, status 1.
-        # chexcy.fileio.DiskFullError already says which file and that the previous one is intact.
-        print(f"chexcy {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        # Expected failures (bad arguments, bad files, a full disk) end with one clear line, not a traceback.
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror and not exc.filename else exc
+        print(f"chexcy {args.command}: error: {text}", file=sys.stderr)
+        return 1 if _is_failure(exc) else 2
     return int(status or 0)
+
+
+def _is_failure(exc):
+    """Exit status 1 (the command failed) rather than 2 (it was called wrongly): a damaged file, a full
+    disk, a folder locked by another process, any other error of the operating system."""
+    from chexcy.fileio import DamagedFileError
+    from chexcy.locks import FolderLockError
+    from chexcy.runfolder import RunFolderBusy
+    if isinstance(exc, (FileNotFoundError, FileExistsError)):
+        return False
+    return isinstance(exc, (DamagedFileError, FolderLockError, RunFolderBusy, OSError))
 
 
 if __name__ == "__main__":

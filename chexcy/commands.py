@@ -94,9 +94,14 @@ def register(subparsers):
     g.add_argument("--augment", action="store_const", const=True, help="random augmentation of training images")
     g.add_argument("--seed", type=int, help="seed of weights, data order, augmentation and dropout (default 0)")
     g = p.add_argument_group("run")
-    g.add_argument("--checkpoint-dir", help="folder for last.npz, best.npz and log.jsonl")
+    g.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="folder for last.npz, best.npz and log.jsonl, one run per folder (default: a new "
+                        "folder runs/YYYYmmdd-HHMMSS in the current folder)")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (default: CHECKPOINT_DIR/last.npz)")
+                   help="continue the run in DIR from CHECKPOINT (default: DIR/last.npz); the data, the "
+                        "validation data and the settings must be the run's")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a DIR that holds one, deleting its last.npz, best.npz and log.jsonl")
     g.add_argument("--checkpoint-every", type=_nonneg_int, default=0, metavar="K",
                    help="also save last.npz every K steps (default: at the end of each epoch only)")
     g.add_argument("--log-every", type=_nonneg_int, default=20, metavar="N",
@@ -185,18 +190,28 @@ def run_train(args):
     settings = {name: getattr(args, name) for name in TRAIN_SETTINGS if getattr(args, name) is not None}
     if args.resume and not args.checkpoint_dir and args.resume is True:
         raise ValueError("--resume without a path needs --checkpoint-dir")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in the folder and --overwrite deletes it: pass one of them")
+    comm = None
     if args.distributed:        # MPI hook: one failing rank aborts the job instead of leaving the others hung
         from chexcy import distributed
         comm = distributed.init(True)
+    if not args.checkpoint_dir and not args.resume:
+        # Never train a model only to drop it: without a folder the run goes to a new one, said up front.
+        from chexcy.runfolder import default_run_folder
+        args.checkpoint_dir = default_run_folder() if comm is None else comm.bcast_object(
+            default_run_folder() if comm.is_root else None)
+        if comm is None or comm.is_root:
+            print(f"no --checkpoint-dir given: this run goes to {args.checkpoint_dir}", flush=True)
+    run = dict(checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
+               log_every=args.log_every, checkpoint_every=args.checkpoint_every, workers=args.workers,
+               out=sys.stdout, **settings)
+    if comm is not None:
         threads = args.threads or distributed.threads_per_rank(comm)
         with distributed.abort_on_error(comm, "chexcy train"):
-            result = fit(args.data, args.valid, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                         log_every=args.log_every, checkpoint_every=args.checkpoint_every, threads=threads,
-                         workers=args.workers, out=sys.stdout, comm=comm, **settings)
+            result = fit(args.data, args.valid, threads=threads, comm=comm, **run)
     else:
-        result = fit(args.data, args.valid, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                     log_every=args.log_every, checkpoint_every=args.checkpoint_every, threads=args.threads,
-                     workers=args.workers, out=sys.stdout, **settings)
+        result = fit(args.data, args.valid, threads=args.threads, **run)
     if result.status == "interrupted":
         # Conventional shell status for "ended by signal N": 128 + N (130 for SIGINT, 143 for SIGTERM).
         return 128 + int(getattr(result, "signal", signal.SIGINT))

@@ -60,9 +60,7 @@ def run_demo(out, quick=False, size=None, n_train=None, n_valid=None, epochs=Non
     say(f"      done in {time.perf_counter() - t:.1f} s")
     say(f"[3/4] training into {run_dir}")
     t = time.perf_counter()
-    if os.path.exists(os.path.join(run_dir, "log.jsonl")):
-        os.remove(os.path.join(run_dir, "log.jsonl"))       # a rerun of the demo starts a fresh log
-    fit(os.path.join(prepared, "train"), os.path.join(prepared, "valid"), checkpoint_dir=run_dir,
+    fit(os.path.join(prepared, "train"), os.path.join(prepared, "valid"), checkpoint_dir=run_dir, overwrite=True,
         epochs=epochs, seed=seed, threads=threads, log_every=0 if quick else 50, out=stream, **settings["train"])
     say(f"      training done in {time.perf_counter() - t:.1f} s")
     best = os.path.join(run_dir, "best.npz")

@@ -67,7 +67,7 @@ def check_weights_finite(ckpt):
     found = first_nonfinite_weight(ckpt)
     if found is not None:
         name, bad, size = found
-        raise CheckpointError(f"checkpoint {ckpt.path} holds non-finite weights ({name}: {bad} of {size} "
+        raise CheckpointError(ckpt.path, f"holds non-finite weights ({name}: {bad} of {size} "
                               f"values are NaN or inf), so every probability would be NaN; the run that wrote "
                               f"it diverged: use a checkpoint saved before that, or train again (e.g. with a lower --lr)")
 

@@ -45,7 +45,7 @@ def test_predict_refuses_a_checkpoint_with_nan_weights(trained, tmp_path):
         predict.predict_files(load_checkpoint(tmp_path / "diverged.npz"), two_patients_first_views(trained))
     done = run_cli("evaluate", "--checkpoint", tmp_path / "diverged.npz", "--data", trained["valid"])
     assert done.returncode == 1 and done.stdout == "", (done.returncode, done.stdout[:300], done.stderr)
-    assert f"{tmp_path / 'diverged.npz'} holds non-finite weights ({bad_name[len('model/'):]}:" in done.stderr
+    assert f"{tmp_path / 'diverged.npz'}: holds non-finite weights ({bad_name[len('model/'):]}:" in done.stderr
 
 
 def test_predict_accepts_finite_weights(trained):
