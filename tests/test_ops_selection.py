@@ -181,6 +181,7 @@ def test_fallback_in_a_clone_points_at_the_installed_copy(tmp_path):
     installed = _fake_tree(site, with_compiled=True)
     env = {k: v for k, v in subprocess_env().items()}
     env["PYTHONPATH"] = str(site)
+    env.pop("PYTHONSAFEPATH", None)     # a user's Python puts the current folder first (CI sets this)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(WHICH_ADVICE)], cwd=clone, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
