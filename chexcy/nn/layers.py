@@ -325,6 +325,13 @@ class BatchNorm2d(Module):
         self.update_running_stats(mean, var, count)
         return out
 
+    def last_forward(self):
+        """(x, mean, var) of the last forward: its input and the per-channel statistics it normalised with
+        (the batch's in training, the running ones in eval), so a caller can recompute its output."""
+        if self._train_cache is not None:
+            return self._train_cache
+        return self._eval_cache[0], self.running_mean, self.running_var
+
     def update_running_stats(self, mean, var, count):
         """running = (1 - momentum) * running + momentum * batch, var made unbiased (* count / (count - 1)).
 
