@@ -463,3 +463,28 @@ def test_dense_layers_with_sync_batchnorm_take_the_module_path_and_agree():
         np.testing.assert_allclose(b[name], a[name], rtol=1e-8, atol=1e-10 * np.abs(a[name]).max(), err_msg=name)
     for (name, p), (_, q) in zip(plain.named_buffers(), synced.named_buffers()):   # Sync rounds them to float32
         np.testing.assert_allclose(q, p, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
+def test_stem_pools_before_its_relu_and_that_is_the_same_function(arch):
+    """conv bn relu maxpool(3, 2, pad 1) (torchvision's order) and conv bn maxpool relu (chexcy's) give
+    bitwise equal outputs, input gradients and weight gradients, ties and all-negative windows included."""
+    rng = np.random.default_rng(5)
+    model = nn.build_model(arch, width=4) if arch == "resnet18" else nn.build_model(arch, **SMALL[arch])
+    if arch == "resnet18":
+        chexcy_order = [model.conv1, model.bn1, model.maxpool, model.relu]
+    else:
+        f = model.features
+        chexcy_order = [f.conv0, f.norm0, f.pool0, f.relu0]
+        assert f.names[:4] == ["conv0", "norm0", "pool0", "relu0"]
+    assert isinstance(chexcy_order[2], nn.MaxPool2d) and chexcy_order[2].padding == (1, 1)
+    torch_order = nn.Sequential(chexcy_order[0], chexcy_order[1], nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    ours = nn.Sequential(*chexcy_order)
+    x = np.round(rng.standard_normal((2, 1, 21, 19)), 1).astype(np.float32)     # rounding makes ties
+    a = ours.forward(x)
+    da = ours.backward(np.ones_like(a))
+    grads = [p.grad.copy() for p in ours.parameters()]
+    b = torch_order.forward(x)
+    db = torch_order.backward(np.ones_like(b))
+    assert np.array_equal(a, b) and np.array_equal(da, db)
+    assert all(np.array_equal(g, p.grad) for g, p in zip(grads, torch_order.parameters()))

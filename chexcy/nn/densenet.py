@@ -196,7 +196,7 @@ class DenseBlock(Module):
         if self.training:
             eps = self.layers[0].norm1.eps
             mean, var = np.empty(self.out_channels, x.dtype), np.empty(self.out_channels, x.dtype)
-            mean[:C0], var[:C0] = _channel_stats(buffer[:, :C0], eps)
+            mean[:C0], var[:C0] = _channel_stats(x, eps)       # x, not its strided copy in the buffer
         for i, layer in enumerate(self.layers):
             c = C0 + i * g
             stats = (mean[:c], var[:c]) if self.training else None
@@ -250,8 +250,9 @@ class DenseNetFeatures(Module):
         rng = rng if rng is not None else np.random.default_rng(0)
         parts = {"conv0": Conv2d(int(in_channels), num_init_features, 7, stride=2, padding=3, bias=False,
                                  rng=rng),
-                 "norm0": BatchNorm2d(num_init_features), "relu0": ReLU(inplace=True),
-                 "pool0": MaxPool2d(3, stride=2, padding=1)}
+                 "norm0": BatchNorm2d(num_init_features),
+                 # pool0 before relu0: the same function (see ResNetFeatures._stages) on a 4x smaller map
+                 "pool0": MaxPool2d(3, stride=2, padding=1), "relu0": ReLU(inplace=True)}
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
             block = DenseBlock(num_layers, channels, bn_size, growth_rate, rng)
