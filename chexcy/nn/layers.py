@@ -316,7 +316,9 @@ class BatchNorm2d(Module):
             inv_std = (1.0 / np.sqrt(self.running_var.astype(dtype) + dtype.type(self.eps)))[:, None, None]
             scale = gamma[:, None, None] * inv_std
             self._train_cache, self._eval_cache = None, (x, inv_std)
-            return x * scale + (beta[:, None, None] - self.running_mean.astype(dtype)[:, None, None] * scale)
+            out = np.multiply(x, scale)                 # one activation-sized array, shifted in place
+            out += beta[:, None, None] - self.running_mean.astype(dtype)[:, None, None] * scale
+            return out
         count = x.shape[0] * x.shape[2] * x.shape[3]
         if count < 2:
             raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input {x.shape}")
