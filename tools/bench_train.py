@@ -305,6 +305,7 @@ CHEXCY_DEEP_CHILD = CHILD_COMMON + textwrap.dedent("""
         opt.step(0.01)
         train.append(time.perf_counter() - t0)
     peak_train = peak_kb()
+    train_profile = dict(profile)                   # the training steps' op times, not the forward-only ones
     model.eval()
     forward = []
     for i in range(warmup + (0 if layout == "profile" else steps)):
@@ -313,7 +314,7 @@ CHEXCY_DEEP_CHILD = CHILD_COMMON + textwrap.dedent("""
         forward.append(time.perf_counter() - t0)
     keys = {k: list(v.shape) for k, v in model.state_dict().items()}
     print(json.dumps(dict(train=train[warmup:], forward=forward[warmup:], peak_train_kb=peak_train,
-                          base_kb=base, profile={k: v / max(1, steps) for k, v in profile.items()},
+                          base_kb=base, profile={k: v / max(1, steps) for k, v in train_profile.items()},
                           keys=keys, version=ops.get_backend())))
 """)
 
