@@ -169,6 +169,19 @@ cdef extern from "_ops_pool.h" nogil:
                                Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                                Py_ssize_t dil_h, Py_ssize_t dil_w, float* best, int32_t* idx)
+    void chexcy_avg_pool_2x2_row(const float* r0, const float* r1, float* out, Py_ssize_t OW)
+    void chexcy_avg_unpool_2x2_row(const float* g, float* d0, float* d1, Py_ssize_t W, Py_ssize_t OW)
+
+cdef extern from "_ops_depthwise.h" nogil:
+    void chexcy_dwc_forward_plane(const float* xp, const float* w, float bias, float* out, Py_ssize_t Wp,
+                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW,
+                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
+    void chexcy_dwc_dx_plane(const float* dout, const float* w, float* dxp, Py_ssize_t Hp, Py_ssize_t Wp,
+                             Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t sh,
+                             Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
+    void chexcy_dwc_dweight_plane(const float* dout, const float* xp, float* acc, Py_ssize_t Wp,
+                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW,
+                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
 
 cdef extern from "_ops_relu.h" nogil:
     void chexcy_relu(const float* x, float* y, Py_ssize_t n)
@@ -797,14 +810,16 @@ cdef _conv_core(
 # ------------------------------------------------------------------------------------------------
 #
 #   path                forward / dx / dweight of ...                               kernel
+#   DEPTHWISE           groups = C = F (one channel in and out per group), any       _depthwise_forward,
+#                       kernel, stride, padding, dilation: plane by plane             _depthwise_backward
 #   WINOGRAD            3x3, stride 1, dilation 1, one group, from WINO_MIN_C in     _wino_conv, _dweight_winograd
 #                       and WINO_MIN_F out channels (dweight: WDW_MIN_C / WDW_MIN_F)
 #   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _gemm_conv (dx: the same on
 #                       GEMM_MIN_F out channels per group: a matrix product per       dout; dweight: _gemm_run
 #                       sample, the stride folded into the packing                   per sample)
-#   IM2COL_GEMM         strided or dilated convs with K = Cg KH KW >= GEMM_MIN_K,    _gemm_conv, _gemm_conv_dx,
-#                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2, dilated): the         _gemm_conv_dweight
-#                       im2col matrix gathered into the packing, never stored
+#   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv, _gemm_conv_dx,
+#                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dweight
+#                       gathered into the packing, never stored
 #   FIRST_LAYER         one input channel, 3 kernel rows, stride 1: dx, dweight and   _backward_one_channel
 #                       dbias of a sample together
 #   DIRECT              forward (and dx of stride 1, as the transposed conv) by       _conv_core
@@ -849,12 +864,16 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     cdef bint strided = sh > 1 or sw > 1
     cdef bint reach_ok = ph <= dh * (KH - 1) and pw <= dw * (KW - 1)
     stride1 = (1, 1)
+    if groups == C and F == C:
+        return "DEPTHWISE", "DEPTHWISE", "DEPTHWISE"
     # forward
     if _is_winograd(Cg, Fg, KH, KW, sh, sw, dh, dw, groups, WINO_MIN_C, WINO_MIN_F):
         fwd = "WINOGRAD"
     elif _is_pointwise(Cg, Fg, KH, KW, ph, pw):
         fwd = "POINTWISE_GEMM"
-    elif (strided or dh > 1 or dw > 1) and Cg * KH * KW >= GEMM_MIN_K and Fg >= GEMM_MIN_F:
+    elif strided and Cg * KH * KW >= GEMM_MIN_K and Fg >= GEMM_MIN_F:
+        # (dilated convs at stride 1 stay DIRECT: 3x3, dilation 2, 64 channels at 28x28 measured 2x
+        # slower as a product, one thread, A/B in one process)
         fwd = "IM2COL_GEMM"
     elif strided and KH == 1 and KW == 1 and ph == 0 and pw == 0:
         fwd = "SUBSAMPLED>" + conv_plan(x_shape, w_shape, stride1, padding, dilation, groups)[0]
@@ -961,6 +980,8 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     b = np.zeros(F, np.float32) if bias is None else bias
     if path in ("POINTWISE_GEMM", "IM2COL_GEMM"):
         _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
+    elif path == "DEPTHWISE":
+        _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dh, dw)
     elif path == "WINOGRAD":
         _wino_conv(x, weight, b, out, ph, pw)
     else:                   # DIRECT, PLAIN (_conv_rows takes the strided loop for sw > 1)
@@ -1546,6 +1567,90 @@ cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw,
     return dx
 
 
+cdef void _dwc_fwd_unit(const float[:, :, :, ::1] x, const float[:, :, :, ::1] w, const float[::1] bias,
+                       float[:, :, :, ::1] out, float* xp, Py_ssize_t u, int sh, int sw, int ph, int pw,
+                       int dh, int dw) noexcept nogil:
+    """DEPTHWISE forward of plane u = (n, c): its input padded into this thread's xp, then the rows."""
+    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], n = u // C, c = u % C
+    _pad_planes(&x[n, c, 0, 0], xp, 1, H, W, ph, pw)
+    chexcy_dwc_forward_plane(xp, &w[c, 0, 0, 0], bias[c], &out[n, c, 0, 0], W + 2 * pw, w.shape[2], w.shape[3],
+                             out.shape[2], out.shape[3], sh, sw, dh, dw)
+
+
+cdef _depthwise_forward(x, w, const float[::1] bias, float[:, :, :, ::1] out, int sh, int sw, int ph, int pw,
+                        int dh, int dw):
+    """groups = C = F: every (n, c) plane on its own (chexcy/_ops_depthwise.h)."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], u
+    cdef Py_ssize_t plane = ((x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw) + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = w
+    scratch = _empty((n_threads, plane))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        _dwc_fwd_unit(xv, wv, bias, out, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
+
+
+cdef void _dwc_dx_unit(const float[:, :, :, ::1] dout, const float[:, :, :, ::1] w, float[:, :, :, ::1] dx,
+                       float* dxp, Py_ssize_t u, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
+    """DEPTHWISE dx of plane u = (n, c), padded in this thread's dxp, its inside copied out."""
+    cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3], n = u // C, c = u % C, r
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
+    chexcy_dwc_dx_plane(&dout[n, c, 0, 0], &w[c, 0, 0, 0], dxp, Hp, Wp, w.shape[2], w.shape[3],
+                        dout.shape[2], dout.shape[3], sh, sw, dh, dw)
+    for r in range(H):
+        memcpy(&dx[n, c, r, 0], dxp + (r + ph) * Wp + pw, W * sizeof(float))
+
+
+cdef void _dwc_dweight_unit(const float[:, :, :, ::1] dout, const float[:, :, :, ::1] x,
+                            float[:, :, :, ::1] dweight, float[::1] dbias, float* scratch, Py_ssize_t c,
+                            int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
+    """DEPTHWISE dweight and dbias of channel c: lane sums over every sample in order, then each tap's
+    lanes added in order in float64."""
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], OW = dout.shape[3], n, t, j
+    cdef Py_ssize_t KH = dweight.shape[2], KW = dweight.shape[3], Wp = W + 2 * pw
+    cdef Py_ssize_t plane = ((H + 2 * ph) * Wp + 15) // 16 * 16
+    cdef float* xp = scratch
+    cdef float* acc = scratch + plane
+    cdef double total
+    memset(acc, 0, (KH * KW + 1) * OW * sizeof(float))
+    for n in range(N):
+        _pad_planes(&x[n, c, 0, 0], xp, 1, H, W, ph, pw)
+        chexcy_dwc_dweight_plane(&dout[n, c, 0, 0], xp, acc, Wp, KH, KW, dout.shape[2], OW, sh, sw, dh, dw)
+    for t in range(KH * KW + 1):
+        total = 0
+        for j in range(OW):
+            total = total + acc[t * OW + j]
+        if t < KH * KW:
+            dweight[c, 0, t // KW, t % KW] = <float>total
+        else:
+            dbias[c] = <float>total
+
+
+cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dh, int dw):
+    """groups = C = F: dx over (n, c) planes, dweight and dbias over channels (chexcy/_ops_depthwise.h)."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], u
+    cdef Py_ssize_t KH = w.shape[2], KW = w.shape[3], OW = dout.shape[3]
+    cdef Py_ssize_t plane = ((H + 2 * ph) * (W + 2 * pw) + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = w
+    dx = _empty((N, C, H, W))
+    dweight = np.empty(w.shape, np.float32)
+    dbias = np.empty(C, np.float32)
+    cdef float[:, :, :, ::1] dxv = dx
+    cdef float[:, :, :, ::1] dwv = dweight
+    cdef float[::1] dbv = dbias
+    scratch = _empty((n_threads, plane + (KH * KW + 1) * OW + 16))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        _dwc_dx_unit(dv, wv, dxv, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
+    for u in prange(C, nogil=True, schedule="static", num_threads=n_threads):
+        _dwc_dweight_unit(dv, xv, dwv, dbv, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
+    return dx, dweight, dbias
+
+
 cdef _dweight_pointwise(dout, x, int groups):
     """dweight (F, Cg, 1, 1) of a stride-1 1x1 convolution: per group, the sum over samples in order
     of dout[n, g] (Fg, HW) . x[n, g]^T (HW, Cg), each a product on the dense layer's blocked GEMM
@@ -1593,6 +1698,8 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
 
     if dx_path == "FIRST_LAYER":
         return _backward_one_channel(dout, x, weight, ph, pw, dw)
+    if dx_path == "DEPTHWISE":
+        return _depthwise_backward(dout, x, weight, sh, sw, ph, pw, dh, dw)
 
     dbias = np.empty(F, np.float32)
     cdef float[::1] dbv = dbias
@@ -1880,12 +1987,19 @@ def avg_pool2d_forward(x, kernel_size, stride, padding, count_include_pad):
     cdef Py_ssize_t OH = _conv_out_size(H, KH, sh, ph, 1), OW = _conv_out_size(W, KW, sw, pw, 1), u
     cdef bint inc = bool(count_include_pad)
     cdef int n_threads = _threads()
+    cdef bint two = KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
+    cdef Py_ssize_t oh
     out = _empty((N, C, OH, OW))
     cdef const float[:, :, :, ::1] xv = x
     cdef float[:, :, :, ::1] ov = out
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        _avg_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
-                        H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
+        if two:     # DenseNet's transitions: whole rows, vectorised (chexcy_avg_pool_2x2_row)
+            for oh in range(OH):
+                chexcy_avg_pool_2x2_row(&xv[u // C, u % C, 2 * oh, 0], &xv[u // C, u % C, 2 * oh + 1, 0],
+                                        &ov[u // C, u % C, oh, 0], OW)
+        else:
+            _avg_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
+                            H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
     return out
 
 
@@ -1897,12 +2011,21 @@ def avg_pool2d_backward(dout, x_shape, kernel_size, stride, padding, count_inclu
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], u
     cdef bint inc = bool(count_include_pad)
     cdef int n_threads = _threads()
+    cdef bint two = KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
+    cdef Py_ssize_t oh
     dx = _empty((N, C, H, W))
     cdef const float[:, :, :, ::1] dv = dout
     cdef float[:, :, :, ::1] dxv = dx
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        _avg_unpool_plane(&dv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
-                          H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
+        if two:     # disjoint windows: every input row written once, no zeroing pass
+            for oh in range(OH):
+                chexcy_avg_unpool_2x2_row(&dv[u // C, u % C, oh, 0], &dxv[u // C, u % C, 2 * oh, 0],
+                                          &dxv[u // C, u % C, 2 * oh + 1, 0], W, OW)
+            if H > 2 * OH:
+                memset(&dxv[u // C, u % C, 2 * OH, 0], 0, W * sizeof(float))
+        else:
+            _avg_unpool_plane(&dv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
+                              H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
     return dx
 
 

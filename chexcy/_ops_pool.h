@@ -74,4 +74,31 @@ static void chexcy_max_pool_plane(const float *x, float *out, int64_t *arg, Py_s
     }
 }
 
+/* Average pool 2x2, stride 2, no padding (DenseNet's transitions), one output row: the window summed
+ * in the generic loop's order (row 0 left, right, row 1 left, right), then divided by 4. */
+static void chexcy_avg_pool_2x2_row(const float *restrict r0, const float *restrict r1, float *restrict out,
+                                    Py_ssize_t OW)
+{
+    for (Py_ssize_t ow = 0; ow < OW; ow++)
+        out[ow] = (((r0[2 * ow] + r0[2 * ow + 1]) + r1[2 * ow]) + r1[2 * ow + 1]) / 4.0f;
+}
+
+/* Its gradient for one output row: the two input rows written whole (dout / 4 in each cell of the
+ * window; the column no window reached, when W is odd, 0). */
+static void chexcy_avg_unpool_2x2_row(const float *restrict g, float *restrict d0, float *restrict d1,
+                                      Py_ssize_t W, Py_ssize_t OW)
+{
+    for (Py_ssize_t ow = 0; ow < OW; ow++) {
+        const float v = g[ow] / 4.0f;
+        d0[2 * ow] = v;
+        d0[2 * ow + 1] = v;
+        d1[2 * ow] = v;
+        d1[2 * ow + 1] = v;
+    }
+    for (Py_ssize_t j = 2 * OW; j < W; j++) {
+        d0[j] = 0.0f;
+        d1[j] = 0.0f;
+    }
+}
+
 #endif

@@ -43,7 +43,7 @@ PATH_CASES = [
     (((2, 32, 8, 9), (34, 1, 1), 1, 0, 1, 2), ("POINTWISE_GEMM", "POINTWISE_GEMM", "POINTWISE_GEMM")),
     (((2, 4, 9, 9), (6, 1, 1), 2, 0, 1, 1), ("SUBSAMPLED>DIRECT", "SUBSAMPLED>DIRECT", "SUBSAMPLED>LANE_SUM")),
     (((1, 24, 40, 37), (16, 1, 1), (2, 1), 0, 1, 1), ("POINTWISE_GEMM", "POINTWISE_GEMM", "POINTWISE_GEMM")),
-    # IM2COL_GEMM: strided or dilated, K = Cg KH KW >= 16, Fg >= 8 (stems, 3x3 stride 2, dilated)
+    # IM2COL_GEMM: strided, K = Cg KH KW >= 16, Fg >= 8 (stems, 3x3 stride 2)
     (((2, 1, 23, 21), (10, 7, 7), 2, 3, 1, 1), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
     (((1, 3, 33, 35), (8, 7, 7), 2, 3, 1, 1), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
     (((2, 1, 23, 21), (7, 7, 7), 2, 3, 1, 1),
@@ -52,7 +52,8 @@ PATH_CASES = [
     (((2, 1, 13, 11), (9, 3, 3), 2, 1, 1, 1),
      ("STRIDE1_SUBSAMPLED>DIRECT", "SPREAD>FIRST_LAYER", "SPREAD>FIRST_LAYER")),
     (((1, 40, 15, 15), (26, 3, 3), 2, 1, 1, 1), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
-    (((2, 8, 11, 10), (8, 3, 3), 1, 2, 2, 1), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
+    (((2, 8, 11, 10), (8, 3, 3), 1, 2, 2, 1), ("DIRECT", "DIRECT", "LANE_SUM")),       # dilated, stride 1
+    (((2, 8, 15, 13), (8, 3, 3), 2, 2, 2, 1), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
     (((2, 8, 12, 9), (16, 3, 3), 2, 1, 1, 2), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
     (((1, 4, 14, 16), (12, 3, 3), 3, 1, 1, 1), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
     (((2, 6, 9, 14), (13, 3, 2), (2, 1), (1, 0), (1, 2), 1), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
@@ -64,7 +65,13 @@ PATH_CASES = [
     (((2, 1, 12, 13), (16, 3, 3), 1, 1, 1, 1), ("DIRECT", "FIRST_LAYER", "FIRST_LAYER")),
     (((1, 64, 8, 9), (8, 3, 3), 1, 1, 1, 1), ("DIRECT", "DIRECT", "CHANNEL_BLOCKED")),
     (((1, 63, 8, 9), (8, 3, 3), 1, 1, 1, 1), ("DIRECT", "DIRECT", "LANE_SUM")),
-    (((2, 4, 9, 7), (4, 3, 3), 2, 1, 1, 4),
+    # DEPTHWISE: groups = C = F, any kernel, stride, padding and dilation
+    (((2, 4, 9, 7), (4, 3, 3), 2, 1, 1, 4), ("DEPTHWISE", "DEPTHWISE", "DEPTHWISE")),
+    (((1, 5, 16, 35), (5, 3, 3), 1, 1, 1, 5), ("DEPTHWISE", "DEPTHWISE", "DEPTHWISE")),
+    (((2, 3, 13, 11), (3, 5, 5), 2, 2, 1, 3), ("DEPTHWISE", "DEPTHWISE", "DEPTHWISE")),
+    (((1, 3, 12, 14), (3, 3, 3), (1, 3), 3, 2, 3), ("DEPTHWISE", "DEPTHWISE", "DEPTHWISE")),
+    (((1, 1, 6, 5), (1, 2, 3), 1, (2, 0), 1, 1), ("DEPTHWISE", "DEPTHWISE", "DEPTHWISE")),
+    (((2, 4, 9, 7), (8, 3, 3), 2, 1, 1, 4),          # two output channels per group: not depthwise
      ("STRIDE1_SUBSAMPLED>DIRECT", "SPREAD>DIRECT", "SPREAD>LANE_SUM")),
     (((1, 1, 13, 13), (3, 3, 3), 3, 1, 1, 1), ("PLAIN", "SPREAD>FIRST_LAYER", "SPREAD>FIRST_LAYER")),
     (((1, 2, 6, 7), (3, 2, 2), 1, 2, 1, 1), ("DIRECT", "PLAIN", "LANE_SUM")),
@@ -234,3 +241,42 @@ def test_relu_on_every_variant(rng):
         y = mod.relu_forward(x, False)
         np.testing.assert_array_equal(y, reference.relu_forward(x, False), err_msg=name)
         np.testing.assert_array_equal(mod.relu_backward(dout, y), reference.relu_backward(dout, y), err_msg=name)
+
+
+# -- average pool: the 2x2 / stride 2 rows and the general loop -----------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 10), (1, 2, 9, 11), (2, 1, 1, 3), (1, 4, 56, 56)])
+@pytest.mark.parametrize("k, s, p", [(2, 2, 0), (2, 2, 1), (3, 2, 1), (2, 1, 0)])
+def test_avg_pool_matches_reference(shape, k, s, p, rng, backend):
+    if shape[2] + 2 * p < k or shape[3] + 2 * p < k:
+        pytest.skip("window larger than the padded input")
+    x = rng.standard_normal(shape).astype(np.float32)
+    for inc in (True, False):
+        want = reference.avg_pool2d_forward(x, (k, k), (s, s), (p, p), inc)
+        assert_close(ops.avg_pool2d_forward(x, k, s, p, inc), want, "avg_pool2d", err_msg=f"{backend} {shape}")
+        dout = rng.standard_normal(want.shape).astype(np.float32)
+        assert_close(ops.avg_pool2d_backward(dout, shape, k, s, p, inc),
+                     reference.avg_pool2d_backward(dout, shape, (k, k), (s, s), (p, p), inc),
+                     "avg_pool2d_backward", err_msg=f"{backend} {shape}")
+
+
+@needs_compiled
+def test_avg_pool_2x2_rows_on_every_variant_and_thread_count(rng):
+    x = rng.standard_normal((3, 5, 29, 31)).astype(np.float32)
+    want = reference.avg_pool2d_forward(x, (2, 2), (2, 2), (0, 0), True)
+    dout = rng.standard_normal(want.shape).astype(np.float32)
+    want_dx = reference.avg_pool2d_backward(dout, x.shape, (2, 2), (2, 2), (0, 0), True)
+    for name, mod in _variants():
+        try:
+            got = {}
+            for threads in (1, 2, 3):
+                mod.set_num_threads(threads)
+                got[threads] = (mod.avg_pool2d_forward(x, (2, 2), (2, 2), (0, 0), True),
+                                mod.avg_pool2d_backward(dout, x.shape, (2, 2), (2, 2), (0, 0), True))
+        finally:
+            mod.set_num_threads(0)
+        assert_close(got[1][0], want, "avg_pool2d", err_msg=name)
+        assert_close(got[1][1], want_dx, "avg_pool2d_backward", err_msg=name)
+        for threads in (2, 3):
+            for a, b in zip(got[threads], got[1]):
+                np.testing.assert_array_equal(a, b, err_msg=f"variant {name}, {threads} threads")

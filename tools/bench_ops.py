@@ -196,6 +196,9 @@ def main(argv=None):
     p.add_argument("--suite", choices=("ref-cnn", "nets"), default="ref-cnn",
                    help="ref-cnn (default): its layers per backend; nets: every distinct layer of resnet18/50, "
                         "densenet121 and mobilenet_v2 at 224 (plus stems, dense layers) against torch")
+    p.add_argument("--baseline", default="",
+                   help="--suite nets: also time this compiled module (e.g. an earlier build's "
+                        "chexcy/_ops_avx512*.so) round-robin with the current one, as columns base fb, t/b fb, b/c")
     p.add_argument("--json", help="also write the raw results to this file")
     p.add_argument("--reuse-memory", action="store_true",
                    help="tune the allocator as `chexcy train` does (chexcy.memory.reuse_freed_memory): "
@@ -506,14 +509,16 @@ def _nets_row(spec, rng, torch):
         _, n, c, s = spec
         x = rng.standard_normal((n, c, s, s)).astype(np.float32)
         dout = rng.standard_normal(x.shape).astype(np.float32)
+        y_np = np.maximum(x, 0)
+        # what the ReLU layer did before the compiled op (NumPy)
+        r["fb_numpy"] = lambda: (np.maximum(x, 0), dout * (y_np > 0))
         if hasattr(ops, "relu_forward"):
             y = ops.relu_forward(x)
             r["fwd"] = lambda: ops.relu_forward(x)
             r["fb"] = lambda: (ops.relu_forward(x), ops.relu_backward(dout, y))
-        else:       # what the ReLU layer did before the compiled op
-            y = np.maximum(x, 0)
+        else:
             r["fwd"] = lambda: np.maximum(x, 0)
-            r["fb"] = lambda: (np.maximum(x, 0), dout * (y > 0))
+            r["fb"] = r["fb_numpy"]
         r["unit"] = "GB/s"
         r["work_fwd"] = 8.0 * x.size
         r["work_fb"] = r["work_fwd"] + 12.0 * x.size
@@ -550,43 +555,104 @@ def _nets_row(spec, rng, torch):
     return r
 
 
+def interleaved_times(fns, repeats, stat="median"):
+    """Time several zero-argument callables round-robin (one call of each per round, after a warm-up
+    of each), so that all of them see the same moments of a busy machine; {name: median seconds}."""
+    for fn in fns.values():
+        t_end = time.perf_counter() + WARMUP_S
+        for k in range(1000):
+            fn()
+            if k + 1 >= WARMUP_CALLS and time.perf_counter() >= t_end:
+                break
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: STAT[stat](t) for name, t in times.items()}
+
+
+def _load_baseline(path):
+    """A compiled kernel module from another build (e.g. an earlier commit's chexcy/_ops_avx512*.so),
+    loaded under a private package name so that it can sit beside this tree's module."""
+    import importlib.util
+    ops.available_backends()    # this tree's module first: the other build registers the same module name
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("chexcy._ops")}
+    base = os.path.basename(path).split(".")[0]
+    spec = importlib.util.spec_from_file_location("chexcy_baseline." + base, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules.update(saved)
+    return mod
+
+
+def _on_module(mod, fn):
+    """fn run with `mod` as the active compiled backend of chexcy.ops (its checks, then mod's kernels)."""
+    def call():
+        prev = ops._state["module"]
+        ops._state["module"] = mod
+        try:
+            return fn()
+        finally:
+            ops._state["module"] = prev
+    return call
+
+
 def run_nets(a, torch):
     """The --suite nets table: chexcy (2 threads) against torch's faster layout (2 threads) in this
-    process, medians; the NumPy column is matmul on the same product (1x1 convs, dense) or np.copyto
-    on the same bytes (memory-bound rows), as a fraction reached by chexcy's forward."""
+    process, timed round-robin with each other (and with --baseline's module), medians; the NumPy
+    column is matmul on the same product (1x1 convs, dense) or np.copyto on the same bytes
+    (memory-bound rows), as a percentage of chexcy's forward speed."""
     rng = np.random.default_rng(0)
     prefixes = [s for s in a.ops.split(",") if s]
     layers = [(nm, sp) for nm, sp in nets_layers(a.batch) if not prefixes or any(nm.startswith(p) for p in prefixes)]
     t2 = max(int(t) for t in a.threads.split(",") if t)
-    print(f"# --suite nets: {len(layers)} layers, batch {a.batch}; chexcy at {t2} and 1 threads, torch at {t2} "
-          f"threads in its faster layout (NCHW or channels_last); {a.stat} of {a.repeats}")
+    base = _load_baseline(a.baseline) if a.baseline else None
+    print(f"# --suite nets: {len(layers)} layers, batch {a.batch}; chexcy at {t2} threads (and 1 for conv rows "
+          f">= 50 MFLOP), torch at {t2} threads in its faster layout (NCHW or channels_last); {a.stat} of "
+          f"{a.repeats}, timed round-robin" + (f"; baseline module {a.baseline}" if base else ""))
     head = (f"{'layer':<26}{'unit':>8}{'fwd ms':>9}{'rate':>7}{'fb ms':>9}{'rate':>7}{'1T fb':>8}"
             f"{'2T/1T':>6}{'torch fwd':>10}{'fb':>9}{'lay':>4}{'t/c fwd':>8}{'t/c fb':>7}{'np %':>6}")
+    if base:
+        head += f"{'base fb':>9}{'t/b fb':>7}{'b/c':>6}"
     print(head)
-    ratios, rows = [], []
+    ratios, base_ratios, rows = [], [], []
     if torch is not None:
         torch.set_num_threads(t2)
+    if base:
+        base.set_num_threads(t2)
     for name, spec in layers:
-        r = _nets_row(spec, rng, torch)
-        row = {"layer": name, "unit": r["unit"]}
         with ops.use_backend("cython"):
+            r = _nets_row(spec, rng, torch)
+            row = {"layer": name, "unit": r["unit"]}
             ops.set_num_threads(t2)
-            row["fwd"] = median_time(r["fwd"], a.repeats, a.stat)
-            row["fb"] = median_time(r["fb"], a.repeats, a.stat)
+            fns = {"fwd": r["fwd"], "fb": r["fb"]}
+            if base:
+                if spec[0] == "relu" and not hasattr(base, "relu_forward"):
+                    fns["base_fb"] = r["fb_numpy"]
+                else:
+                    fns["base_fb"] = _on_module(base, r["fb"])
+            if "np_ref" in r:
+                fns["np"] = r["np_ref"]
+            for li, (tf, tfb) in enumerate(r.get("torch", [])):
+                fns[f"torch_fwd{li}"], fns[f"torch_fb{li}"] = tf, tfb
+            if torch is not None:
+                with torch.no_grad():
+                    got = interleaved_times(fns, a.repeats, a.stat)
+            else:
+                got = interleaved_times(fns, a.repeats, a.stat)
+            row.update({k: v for k, v in got.items() if not k.startswith("torch")})
+            if "np" in row:
+                row["np"] *= r.get("np_scale", 1.0)
+            layouts = [li for li in range(len(r.get("torch", [])))]
+            if layouts:
+                li = min(layouts, key=lambda i: got[f"torch_fb{i}"])
+                row["torch_fb"], row["torch_fwd"], row["layout"] = got[f"torch_fb{li}"], got[f"torch_fwd{li}"], li
             if r.get("mflop", 0) >= 50 and spec[0] == "conv":
                 ops.set_num_threads(1)
-                row["fb1"] = median_time(r["fb"], a.repeats, a.stat)
+                row["fb1"] = interleaved_times({"fb": r["fb"]}, a.repeats, a.stat)["fb"]
             ops.set_num_threads(None)
-        if "np_ref" in r:
-            row["np"] = median_time(r["np_ref"], a.repeats, a.stat) * r.get("np_scale", 1.0)
-            settle()
-        if torch is not None and "torch" in r:
-            best = None
-            with torch.no_grad():
-                for li, (tf, tfb) in enumerate(r["torch"]):
-                    cand = (median_time(tfb, a.repeats, a.stat), median_time(tf, a.repeats, a.stat), li)
-                    best = cand if best is None or cand[0] < best[0] else best
-            row["torch_fb"], row["torch_fwd"], row["layout"] = best
         rate = lambda w, t: w / t / 1e9  # noqa: E731
         line = (f"{name:<26}{r['unit']:>8}{row['fwd'] * 1e3:>9.3f}{rate(r['work_fwd'], row['fwd']):>7.1f}"
                 f"{row['fb'] * 1e3:>9.3f}{rate(r['work_fb'], row['fb']):>7.1f}")
@@ -599,18 +665,29 @@ def run_nets(a, torch):
         else:
             line += f"{'-':>10}{'-':>9}{'-':>4}{'-':>8}{'-':>7}"
         line += f"{100 * row['np'] / row['fwd']:>6.0f}" if "np" in row else f"{'-':>6}"
+        if base:
+            line += f"{row['base_fb'] * 1e3:>9.3f}"
+            if "torch_fb" in row:
+                base_ratios.append(row["torch_fb"] / row["base_fb"])
+                line += f"{base_ratios[-1]:>7.2f}"
+            else:
+                line += f"{'-':>7}"
+            line += f"{row['base_fb'] / row['fb']:>6.2f}"
         print(line, flush=True)
         rows.append(row)
     if ratios:
         gm = float(np.exp(np.mean(np.log(ratios))))
         print(f"# geometric mean of torch / chexcy (fwd+bwd) over {len(ratios)} rows: {gm:.2f}; "
               f"rows below 0.7: {sum(q < 0.7 for q in ratios)}; lowest {min(ratios):.2f}")
+    if base_ratios:
+        gm = float(np.exp(np.mean(np.log(base_ratios))))
+        print(f"# the same for the baseline module: {gm:.2f}; rows below 0.7: {sum(q < 0.7 for q in base_ratios)}; "
+              f"lowest {min(base_ratios):.2f}")
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(rows, fh, indent=1)
         os.replace(tmp, a.json)
-
 
 if __name__ == "__main__":
     main()
