@@ -810,13 +810,13 @@ cdef _conv_core(
 # ------------------------------------------------------------------------------------------------
 #
 #   path                forward / dx / dweight of ...                               kernel
-#   DEPTHWISE           groups = C = F (one channel in and out per group), any       _depthwise_forward,
-#                       kernel, stride, padding, dilation: plane by plane             _depthwise_backward
+#   DEPTHWISE           groups = C = F (one channel in and out per group), stride    _depthwise_forward,
+#                       > 1, any kernel, padding, dilation: plane by plane            _depthwise_backward
 #   WINOGRAD            3x3, stride 1, dilation 1, one group, from WINO_MIN_C in     _wino_conv, _dweight_winograd
 #                       and WINO_MIN_F out channels (dweight: WDW_MIN_C / WDW_MIN_F)
 #   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _gemm_conv (dx: the same on
-#                       GEMM_MIN_F out channels per group: a matrix product per       dout; dweight: _gemm_run
-#                       sample, the stride folded into the packing                   per sample)
+#                       GEMM_MIN_F out channels per group: a matrix product per       dout with W^T), and
+#                       sample, the stride folded into the packing                   _gemm_conv_dweight
 #   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv, _gemm_conv_dx,
 #                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dweight
 #                       gathered into the packing, never stored
@@ -864,7 +864,9 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     cdef bint strided = sh > 1 or sw > 1
     cdef bint reach_ok = ph <= dh * (KH - 1) and pw <= dw * (KW - 1)
     stride1 = (1, 1)
-    if groups == C and F == C:
+    if groups == C and F == C and strided:
+        # (at stride 1 the register tiles of DIRECT / LANE_SUM keep a row's sums in registers: 144
+        # channels at 56x56, 3x3, one thread, forward 4.8 against 9.3 ms here, A/B in one process)
         return "DEPTHWISE", "DEPTHWISE", "DEPTHWISE"
     # forward
     if _is_winograd(Cg, Fg, KH, KW, sh, sw, dh, dw, groups, WINO_MIN_C, WINO_MIN_F):
@@ -1651,36 +1653,6 @@ cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dh, int
     return dx, dweight, dbias
 
 
-cdef _dweight_pointwise(dout, x, int groups):
-    """dweight (F, Cg, 1, 1) of a stride-1 1x1 convolution: per group, the sum over samples in order
-    of dout[n, g] (Fg, HW) . x[n, g]^T (HW, Cg), each a product on the dense layer's blocked GEMM
-    (_gemm_run, parallel inside; bitwise the same for any thread count, and so is the sum)."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3]
-    cdef Py_ssize_t F = dout.shape[1], Cg = C // groups, Fg = F // groups, n, g, i
-    cdef const float[:, :, :, ::1] dv = dout
-    cdef const float[:, :, :, ::1] xv = x
-    cdef _GemmPlan p = _gemm_plan(Fg, HW, Cg, _threads())
-    dweight = np.empty((F, Cg, 1, 1), np.float32)
-    part = np.empty((Fg, Cg), np.float32)
-    cdef float[:, :, :, ::1] dwv = dweight
-    cdef float[:, ::1] pv = part
-    cdef float* acc
-    cdef float* scratch = <float*>malloc(p.scratch_len * sizeof(float))
-    if scratch == NULL:
-        raise MemoryError(f"conv2d_backward: no memory for {p.scratch_len * 4} bytes of packing scratch")
-    with nogil:
-        for g in range(groups):
-            acc = &dwv[g * Fg, 0, 0, 0]
-            for n in range(N):      # A = dout[n, g] (rows contiguous), B = x[n, g]^T (columns contiguous)
-                _gemm_run(&dv[n, g * Fg, 0, 0], HW, 1, Fg, HW, &xv[n, g * Cg, 0, 0], 1, HW, Cg, NULL,
-                          acc if n == 0 else &pv[0, 0], p, scratch)
-                if n > 0:
-                    for i in range(Fg * Cg):
-                        acc[i] = acc[i] + (&pv[0, 0])[i]
-    free(scratch)
-    return dweight
-
-
 def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     """dout (N, F, OH, OW), x (N, C, H, W), weight (F, C // groups, KH, KW)
     -> (dx like x, dweight like weight, dbias (F,)). Paths: conv_plan (the table above)."""
@@ -1723,7 +1695,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         wt = np.ascontiguousarray(weight.reshape(groups, Fg, Cg).transpose(0, 2, 1)).reshape(C, Fg, 1, 1)
         dx = _empty((N, C, H, W))
         _gemm_conv(dout, wt, np.zeros(C, np.float32), dx, groups, 1, 1, 0, 0, 1, 1)
-        return dx, _dweight_pointwise(dout, x, groups), dbias
+        # dweight: the IM2COL_GEMM product with 1x1 taps (B^T is x itself, rows of positions), in one
+        # parallel region (per-sample products on _gemm_run needed 2 per sample: on a busy machine every
+        # region's join waits for a descheduled thread)
+        return dx, _gemm_conv_dweight(dout, x, 1, 1, groups, 1, 1, 0, 0, 1, 1), dbias
 
     # Strided convolutions: spread dout onto the stride-1 grid, zeros between the samples
     # (dout_s[oh * sh, ow * sw] = dout[oh, ow]), so dx and dweight take the fast stride-1 kernels below.
