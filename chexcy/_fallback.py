@@ -256,6 +256,19 @@ def global_avg_pool2d_backward(dout, x_shape):
 
 
 # ----------------------------------------------------------------------------------------------
+# relu
+
+def relu_forward(x, inplace):
+    """x (any shape) -> max(x, 0) (NaN stays NaN), into x itself when inplace."""
+    return np.maximum(x, 0, out=x if inplace else None)
+
+
+def relu_backward(dout, y):
+    """dout, y (the same shape) -> dout where y > 0, else 0."""
+    return np.where(y > 0, dout, np.float32(0)).astype(dout.dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------
 # linear
 
 def linear_forward(x, weight, bias):

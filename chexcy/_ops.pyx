@@ -45,8 +45,9 @@ import numpy as np
 
 from cython.parallel cimport prange
 from libc.string cimport memcpy, memset
+from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t
 
 cdef extern from "_ops_config.h" nogil:
     int omp_get_max_threads()
@@ -146,6 +147,54 @@ cdef enum:
     WDW_MIN_C = 32      # channels from which a 3x3 stride-1 dweight takes Winograd
     WDW_MIN_F = 24
     WDW_PARTS = 4       # partial sums of the Winograd dweight (fixed by the shape, not the threads)
+
+cdef extern from "_ops_conv_gemm.h" nogil:
+    ctypedef struct chexcy_cg_geom:
+        const float* x
+        Py_ssize_t Hp, Wp, KH, KW, sh, sw, dil_h, dil_w, OW, P
+    enum:
+        GEMM_KC     # K steps per block of the products
+    Py_ssize_t chexcy_cg_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
+    void chexcy_cg_pack_a(const float* w, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t kb, float* ap)
+    void chexcy_cg_task(const chexcy_cg_geom* g, const float* ap, const float* bias, Py_ssize_t Fg,
+                        Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float* out, float* bbuf)
+    void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs, const float* dout,
+                                Py_ssize_t dout_ns, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0,
+                                Py_ssize_t s1, float* dw, float* abuf, float* bbuf)
+    void chexcy_cg_dx_task(const chexcy_cg_geom* g, float* dxp, Py_ssize_t Cg, const float* wt,
+                           const float* dn, Py_ssize_t Fg, Py_ssize_t K, float* bbuf, float* t)
+
+cdef extern from "_ops_pool.h" nogil:
+    void chexcy_max_pool_plane(const float* x, float* out, int64_t* arg, Py_ssize_t H, Py_ssize_t W,
+                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
+                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                               Py_ssize_t dil_h, Py_ssize_t dil_w, float* best, int32_t* idx)
+    void chexcy_avg_pool_2x2_row(const float* r0, const float* r1, float* out, Py_ssize_t OW)
+    void chexcy_avg_unpool_2x2_row(const float* g, float* d0, float* d1, Py_ssize_t W, Py_ssize_t OW)
+
+cdef extern from "_ops_depthwise.h" nogil:
+    void chexcy_dwc_forward_plane(const float* xp, const float* w, float bias, float* out, Py_ssize_t Wp,
+                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW,
+                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
+    void chexcy_dwc_dx_plane(const float* dout, const float* w, float* dxp, Py_ssize_t Hp, Py_ssize_t Wp,
+                             Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t sh,
+                             Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
+    void chexcy_dwc_dweight_plane(const float* dout, const float* xp, float* acc, Py_ssize_t Wp,
+                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW,
+                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
+
+cdef extern from "_ops_relu.h" nogil:
+    void chexcy_relu(const float* x, float* y, Py_ssize_t n)
+    void chexcy_relu_grad(const float* g, const float* y, float* dx, Py_ssize_t n)
+
+cdef enum:
+    # The matrix-product paths (_gemm_conv) need products deep and tall enough to fill the register
+    # tile: K = Cg * KH * KW steps and Fg output channels per group. Below that (depthwise, 1-2 channel
+    # 3x3s) the packing costs more than the tile saves, and the direct kernels run.
+    GEMM_MIN_K = 16
+    GEMM_MIN_F = 8
+    GEMM_TASK_COLS = 256    # output positions per task of _gemm_conv (its output block stays in L2)
+    GEMM_DW_PARTS = 4       # sample ranges of the IM2COL_GEMM dweight, summed in order (fixed by the shape)
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -742,9 +791,8 @@ cdef _conv_core(
         buf_len = max(buf_len, KW * Cg * Hp * OW + FWD_WMAX)
     cdef Py_ssize_t units = N * groups * per_group, u
     cdef int tid
-    if (groups == 1 and w.shape[2] == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
-            and Cg >= WINO_MIN_C and Fg >= WINO_MIN_F):
-        _wino_conv(x, w, bias, out, ph, pw)
+    if _is_winograd(Cg, Fg, w.shape[2], KW, sh, sw, dh, dw, groups, WINO_MIN_C, WINO_MIN_F):
+        _wino_conv(x, w, bias, out, ph, pw)     # (the planner's WINOGRAD; dx of stride 1 arrives here)
         return
     cdef const float[:, :, :, :, :, ::1] wp = _pack_weight(np.asarray(w), groups)
     # zeros: the slack after the last row is read (into discarded lanes) by the last tile
@@ -757,6 +805,162 @@ cdef _conv_core(
         _conv_unit(x, w, wp, bias, out, u, &sv[tid, 0], &tv[tid], groups, sh, sw, ph, pw, dh, dw, k)
 
 
+# ------------------------------------------------------------------------------------------------
+# The conv planner: which kernel path each part of a convolution takes
+# ------------------------------------------------------------------------------------------------
+#
+#   path                forward / dx / dweight of ...                               kernel
+#   DEPTHWISE           groups = C = F (one channel in and out per group), stride    _depthwise_forward,
+#                       > 1, any kernel, padding, dilation: plane by plane            _depthwise_backward
+#   WINOGRAD            3x3, stride 1, dilation 1, one group, from WINO_MIN_C in     _wino_conv, _dweight_winograd
+#                       and WINO_MIN_F out channels (dweight: WDW_MIN_C / WDW_MIN_F)
+#   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _gemm_conv (dx: the same on
+#                       GEMM_MIN_F out channels per group: a matrix product per       dout with W^T), and
+#                       sample, the stride folded into the packing                   _gemm_conv_dweight
+#   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv, _gemm_conv_dx,
+#                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dweight
+#                       gathered into the packing, never stored
+#   FIRST_LAYER         one input channel, 3 kernel rows, stride 1: dx, dweight and   _backward_one_channel
+#                       dbias of a sample together
+#   DIRECT              forward (and dx of stride 1, as the transposed conv) by       _conv_core
+#                       register tiles
+#   CHANNEL_BLOCKED     dweight, stride 1, from DWC_MIN_CG input channels per group   _dweight_blocked
+#   LANE_SUM            dweight, column stride 1                                     _dw_block
+#   PLAIN               what is left: column strides > 2 forward, padding wider      _fwd_strided, _dx_plane,
+#                       than the kernel's reach (dx), column stride > 1 (dweight)    _dw_plain
+# and two reductions that hand a stride-1 problem to the table again ("A>B": A, then B on the result):
+#   STRIDE1_SUBSAMPLED  forward at stride 2 (sh * sw <= 4): the stride-1 conv, every sh-th row and
+#                       sw-th column kept
+#   SPREAD              dx, dweight of a stride > 1: dout spread onto the stride-1 grid (zeros between)
+#   SUBSAMPLED          a strided 1x1 without padding: a stride-1 one on the sampled pixels
+
+cdef bint _is_winograd(Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dh, int dw,
+                       int groups, Py_ssize_t min_c, Py_ssize_t min_f):
+    return (groups == 1 and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
+            and Cg >= min_c and Fg >= min_f)
+
+
+cdef bint _is_pointwise(Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t KH, Py_ssize_t KW, int ph, int pw):
+    return KH == 1 and KW == 1 and ph == 0 and pw == 0 and Cg >= GEMM_MIN_K and Fg >= GEMM_MIN_F
+
+
+cdef bint _is_first_layer(Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, Py_ssize_t KH, Py_ssize_t KW,
+                          int sh, int sw, int ph, int pw, int dh, int dw, int groups):
+    return (groups == 1 and C == 1 and sh == 1 and sw == 1 and KH == 3 and dh == 1
+            and ph <= 2 and pw <= dw * (KW - 1)
+            # its per-sample lane sums: N x ceil(F / DW_F) x 3 x ceil(KW / 3) x DW_F x 3 x DW_V floats
+            and N * ((F + DW_F - 1) // DW_F) * 9 * ((KW + 2) // 3) * DW_F * DW_V * 4 <= (64 << 20))
+
+
+def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
+    """The kernel paths of a convolution: (forward, dx, dweight) names from the table above, for x
+    (N, C, H, W) and weight (F, C // groups, KH, KW) with (h, w) stride / padding / dilation tuples
+    (already validated by chexcy.ops). The entry points below follow it."""
+    cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
+    cdef Py_ssize_t F = w_shape[0], Cg = w_shape[1], KH = w_shape[2], KW = w_shape[3]
+    cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
+    cdef int dh = dilation[0], dw = dilation[1]
+    cdef Py_ssize_t Fg = F // groups
+    cdef bint strided = sh > 1 or sw > 1
+    cdef bint reach_ok = ph <= dh * (KH - 1) and pw <= dw * (KW - 1)
+    stride1 = (1, 1)
+    if groups == C and F == C and strided:
+        # (at stride 1 the register tiles of DIRECT / LANE_SUM keep a row's sums in registers: 144
+        # channels at 56x56, 3x3, one thread, forward 4.8 against 9.3 ms here, A/B in one process)
+        return "DEPTHWISE", "DEPTHWISE", "DEPTHWISE"
+    # forward
+    if _is_winograd(Cg, Fg, KH, KW, sh, sw, dh, dw, groups, WINO_MIN_C, WINO_MIN_F):
+        fwd = "WINOGRAD"
+    elif _is_pointwise(Cg, Fg, KH, KW, ph, pw):
+        fwd = "POINTWISE_GEMM"
+    elif strided and Cg * KH * KW >= GEMM_MIN_K and Fg >= GEMM_MIN_F:
+        # (dilated convs at stride 1 stay DIRECT: 3x3, dilation 2, 64 channels at 28x28 measured 2x
+        # slower as a product, one thread, A/B in one process)
+        fwd = "IM2COL_GEMM"
+    elif strided and KH == 1 and KW == 1 and ph == 0 and pw == 0:
+        fwd = "SUBSAMPLED>" + conv_plan(x_shape, w_shape, stride1, padding, dilation, groups)[0]
+    elif strided and sh * sw <= 4:
+        fwd = "STRIDE1_SUBSAMPLED>" + conv_plan(x_shape, w_shape, stride1, padding, dilation, groups)[0]
+    elif sw > 1:
+        fwd = "PLAIN"
+    else:
+        fwd = "DIRECT"
+    # backward
+    if _is_first_layer(N, C, F, KH, KW, sh, sw, ph, pw, dh, dw, groups):
+        return fwd, "FIRST_LAYER", "FIRST_LAYER"
+    if _is_pointwise(Cg, Fg, KH, KW, ph, pw) and _is_pointwise(Fg, Cg, KH, KW, ph, pw):
+        return fwd, "POINTWISE_GEMM", "POINTWISE_GEMM"
+    if strided and KH == 1 and KW == 1 and ph == 0 and pw == 0:
+        _, dx, dwt = conv_plan(x_shape, w_shape, stride1, padding, dilation, groups)
+        return fwd, "SUBSAMPLED>" + dx, "SUBSAMPLED>" + dwt
+    if fwd == "IM2COL_GEMM":
+        return fwd, "IM2COL_GEMM", "IM2COL_GEMM"
+    if strided and reach_ok:
+        _, dx, dwt = conv_plan(x_shape, w_shape, stride1, padding, dilation, groups)
+        return fwd, "SPREAD>" + dx, "SPREAD>" + dwt
+    if not strided and reach_ok:
+        # dx is the forward conv of dout with the kernel flipped and in/out channels swapped
+        dx = "WINOGRAD" if _is_winograd(Fg, Cg, KH, KW, 1, 1, dh, dw, groups, WINO_MIN_C, WINO_MIN_F) \
+            else "DIRECT"
+    else:
+        dx = "PLAIN"
+    if _is_winograd(C, F, KH, KW, sh, sw, dh, dw, groups, WDW_MIN_C, WDW_MIN_F):
+        dwt = "WINOGRAD"
+    elif not strided and Cg >= DWC_MIN_CG:
+        dwt = "CHANNEL_BLOCKED"
+    elif sw == 1:
+        dwt = "LANE_SUM"
+    else:
+        dwt = "PLAIN"
+    return fwd, dx, dwt
+
+
+cdef void _gemm_conv_unit(
+        const float* xp,            # IN  (N, C, Hp, Wp) input, zero-padded (or x itself when unpadded)
+        const float* ap,            # IN  (G, apack) packed weights, one block per group
+        const float* bias,          # IN  (F,)
+        float* out,                 # OUT (N, F, OH, OW): this unit's columns of one (n, g)
+        float* bbuf,                # this thread's (GEMM_KC, GEMM_NR) packing buffer
+        Py_ssize_t unit, Py_ssize_t nsb, Py_ssize_t SB, Py_ssize_t nstrips, Py_ssize_t apack,
+        Py_ssize_t groups, Py_ssize_t C, Py_ssize_t Fg, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH,
+        Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW, int sh, int sw, int dh, int dw) noexcept nogil:
+    """One unit of _gemm_conv: strips [sb SB, (sb + 1) SB) of the product of (n, g), unit = (n G + g) nsb + sb."""
+    cdef chexcy_cg_geom geo
+    cdef Py_ssize_t sb = unit % nsb, ng = unit // nsb, g = ng % groups, n = ng // groups
+    cdef Py_ssize_t Cg = C // groups, F = Fg * groups
+    geo.x = xp + (n * C + g * Cg) * Hp * Wp
+    geo.Hp, geo.Wp, geo.KH, geo.KW = Hp, Wp, KH, KW
+    geo.sh, geo.sw, geo.dil_h, geo.dil_w = sh, sw, dh, dw
+    geo.OW, geo.P = OW, OH * OW
+    chexcy_cg_task(&geo, ap + g * apack, bias + g * Fg, Fg, Cg * KH * KW, sb * SB,
+                   min(nstrips, (sb + 1) * SB), out + (n * F + g * Fg) * OH * OW, bbuf)
+
+
+cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
+                int groups, int sh, int sw, int ph, int pw, int dh, int dw):
+    """out = conv(x, w) + bias as one matrix product per (sample, group) (chexcy/_ops_conv_gemm.h): the
+    IM2COL_GEMM and POINTWISE_GEMM paths. Units are (n, g, block of GEMM_TASK_COLS output positions)."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], K = Cg * KH * KW
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw, u
+    cdef Py_ssize_t nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_cg_apack_floats(Fg, K)
+    cdef Py_ssize_t nstrips = (OH * OW + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t SB = max(1, GEMM_TASK_COLS // GEMM_NR), nsb = (nstrips + SB - 1) // SB
+    cdef const float[:, :, :, ::1] wv = w
+    cdef const float[:, :, :, ::1] pv = _padded(x, ph, pw, n_threads)
+    ap = _empty((groups, apack))
+    cdef float[:, ::1] av = ap
+    for u in prange(groups * nkb, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_pack_a(&wv[u // nkb * Fg, 0, 0, 0], Fg, K, u % nkb, &av[u // nkb, 0])
+    bbuf = _empty((n_threads, GEMM_KC * GEMM_NR))
+    cdef float[:, ::1] bv = bbuf
+    for u in prange(N * groups * nsb, nogil=True, schedule="static", num_threads=n_threads):
+        _gemm_conv_unit(&pv[0, 0, 0, 0], &av[0, 0], &bias[0], &out[0, 0, 0, 0], &bv[omp_get_thread_num(), 0],
+                        u, nsb, SB, nstrips, apack, groups, C, Fg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
+
+
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
@@ -765,18 +969,25 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     F, Cg, KH, KW = weight.shape
     OH = _conv_out_size(H, KH, sh, ph, dh)
     OW = _conv_out_size(W, KW, sw, pw, dw)
-    if (sh > 1 or sw > 1) and KH == 1 and KW == 1 and ph == 0 and pw == 0:
-        # A strided 1x1 convolution (a residual shortcut) is a stride-1 one on the sampled pixels.
+    path = conv_plan(x.shape, weight.shape, stride, padding, dilation, groups)[0]
+    if path.startswith("SUBSAMPLED>"):
         x_sub = np.ascontiguousarray(x[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
         return conv2d_forward(x_sub, weight, bias, (1, 1), padding, dilation, groups)
-    if (sh > 1 or sw > 1) and sh * sw <= 4:
+    if path.startswith("STRIDE1_SUBSAMPLED>"):
         # Stride 2: the register-tiled stride-1 kernel on every position, then every sh-th row and
         # sw-th column, is ~5x faster than the strided loop despite the sh * sw times the work.
         full = conv2d_forward(x, weight, bias, (1, 1), padding, dilation, groups)
         return np.ascontiguousarray(full[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
     out = _empty((N, F, OH, OW))
     b = np.zeros(F, np.float32) if bias is None else bias
-    _conv_core(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
+    if path in ("POINTWISE_GEMM", "IM2COL_GEMM"):
+        _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
+    elif path == "DEPTHWISE":
+        _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dh, dw)
+    elif path == "WINOGRAD":
+        _wino_conv(x, weight, b, out, ph, pw)
+    else:                   # DIRECT, PLAIN (_conv_rows takes the strided loop for sw > 1)
+        _conv_core(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
     return out
 
 
@@ -1244,9 +1455,207 @@ cdef _backward_one_channel(dout, x, weight, int ph, int pw, int dw):
     return dx, dweight, dbias
 
 
+cdef inline void _cg_geom(chexcy_cg_geom* geo, const float* xp, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH,
+                          Py_ssize_t KW, int sh, int sw, int dh, int dw, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
+    geo.x = xp
+    geo.Hp, geo.Wp, geo.KH, geo.KW = Hp, Wp, KH, KW
+    geo.sh, geo.sw, geo.dil_h, geo.dil_w = sh, sw, dh, dw
+    geo.OW, geo.P = OW, OH * OW
+
+
+cdef _padded(x, int ph, int pw, int n_threads):
+    """x (N, C, H, W) zero-padded by (ph, pw), or x itself when there is no padding."""
+    if ph == 0 and pw == 0:
+        return x
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], u
+    xp = _empty((N, C, H + 2 * ph, W + 2 * pw))
+    cdef const float[:, :, :, ::1] xv = x
+    cdef float[:, :, :, ::1] pv = xp
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        _pad_planes(&xv[u // C, u % C, 0, 0], &pv[u // C, u % C, 0, 0], 1, H, W, ph, pw)
+    return xp
+
+
+cdef void _cg_dweight_unit(
+        const float* xp, const float* dout, float* parts, float* abuf, float* bbuf,
+        Py_ssize_t u, Py_ssize_t nst, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, int groups,
+        Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dh, int dw,
+        Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
+    """Unit u = (part, g, strip) of _gemm_conv_dweight: strip `strip` of dweight[g] over the part's samples."""
+    cdef chexcy_cg_geom geo
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups, K = Cg * KH * KW, P = OH * OW
+    cdef Py_ssize_t s = u % nst, g = u // nst % groups, part = u // nst // groups
+    cdef Py_ssize_t n0 = part * N // GEMM_DW_PARTS, n1 = (part + 1) * N // GEMM_DW_PARTS
+    if n1 <= n0:
+        return
+    _cg_geom(&geo, xp + (n0 * C + g * Cg) * Hp * Wp, Hp, Wp, KH, KW, sh, sw, dh, dw, OH, OW)
+    chexcy_cg_dweight_task(geo, n1 - n0, C * Hp * Wp, dout + (n0 * F + g * Fg) * P, F * P, Fg, K, s, s + 1,
+                           parts + (part * F + g * Fg) * K, abuf, bbuf)
+
+
+cdef _gemm_conv_dweight(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int sh, int sw, int ph, int pw,
+                        int dh, int dw):
+    """IM2COL_GEMM dweight (F, Cg, KH, KW) = sum over (n, p) of dout (Fg, P) B_n^T (P, K), per group
+    (chexcy/_ops_conv_gemm.h). Units: (sample range, group, strip of GEMM_NR columns of K); the
+    GEMM_DW_PARTS sample ranges (fixed by N) give partial sums added in order at the end."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3], Cg = C // groups
+    cdef Py_ssize_t Fg = F // groups, K = Cg * KH * KW, nst = (K + GEMM_NR - 1) // GEMM_NR, u
+    cdef Py_ssize_t alen = ((Fg + GEMM_MR - 1) // GEMM_MR * GEMM_MR * GEMM_KC + 15) // 16 * 16
+    cdef Py_ssize_t blen = GEMM_KC * GEMM_NR
+    xp = _padded(x, ph, pw, n_threads)
+    cdef const float[:, :, :, ::1] pv = xp
+    cdef const float[:, :, :, ::1] dv = dout
+    parts = np.zeros((GEMM_DW_PARTS, F, K), np.float32)
+    cdef float[:, :, ::1] rv = parts
+    scratch = _empty((n_threads, alen + blen))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(GEMM_DW_PARTS * groups * nst, nogil=True, schedule="static", num_threads=n_threads):
+        _cg_dweight_unit(&pv[0, 0, 0, 0], &dv[0, 0, 0, 0], &rv[0, 0, 0], &sv[omp_get_thread_num(), 0],
+                         &sv[omp_get_thread_num(), alen], u, nst, N, C, F, groups, pv.shape[2], pv.shape[3],
+                         KH, KW, sh, sw, dh, dw, OH, OW)
+    dweight = parts[0]
+    for u in range(1, GEMM_DW_PARTS):       # in order: the same sums whatever thread made each part
+        dweight += parts[u]
+    return np.ascontiguousarray(dweight).reshape(F, Cg, KH, KW)
+
+
+cdef void _cg_dx_unit(
+        const float* dout, const float* wt, float[:, :, :, ::1] dx, float* scratch,
+        Py_ssize_t u, int groups, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW,
+        int sh, int sw, int ph, int pw, int dh, int dw, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t wlen,
+        Py_ssize_t F) noexcept nogil:
+    """Unit u = (n, g) of _gemm_conv_dx: the padded gradient of the group's planes in this thread's
+    scratch, then its inside copied to dx[n, g Cg ...]."""
+    cdef chexcy_cg_geom geo
+    cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3], Cg = C // groups, Fg = F // groups
+    cdef Py_ssize_t n = u // groups, g = u % groups, K = Cg * KH * KW, P = OH * OW, c, r
+    cdef Py_ssize_t Kp = (K + GEMM_MR - 1) // GEMM_MR * GEMM_MR
+    cdef float* dxp = scratch
+    cdef float* bbuf = dxp + (Cg * Hp * Wp + 15) // 16 * 16
+    cdef float* t = bbuf + GEMM_KC * GEMM_NR
+    _cg_geom(&geo, NULL, Hp, Wp, KH, KW, sh, sw, dh, dw, OH, OW)
+    chexcy_cg_dx_task(&geo, dxp, Cg, wt + g * wlen, dout + (n * F + g * Fg) * P, Fg, K, bbuf, t)
+    for c in range(Cg):
+        for r in range(H):
+            memcpy(&dx[n, g * Cg + c, r, 0], dxp + (c * Hp + r + ph) * Wp + pw, W * sizeof(float))
+
+
+cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw, int dh, int dw):
+    """IM2COL_GEMM dx: per (n, g), dcols = W[g]^T dout[n, g] strip by strip, added back where the forward
+    read each column (chexcy_cg_dx_task); units (n, g), each owning its dx planes."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
+    cdef Py_ssize_t K = Cg * KH * KW, Kp = (K + GEMM_MR - 1) // GEMM_MR * GEMM_MR
+    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Hp = H + 2 * ph, Wp = W + 2 * pw, u
+    cdef Py_ssize_t nfb = (Fg + GEMM_KC - 1) // GEMM_KC, wlen = Kp * Fg
+    cdef Py_ssize_t per = (Cg * Hp * Wp + 15) // 16 * 16 + GEMM_KC * GEMM_NR + Kp * GEMM_NR
+    cdef const float[:, :, :, ::1] wv = w
+    cdef const float[:, :, :, ::1] dv = dout
+    wt = _empty((groups, wlen))         # per group: W^T (K, Fg) packed, K-dim blocks over Fg
+    cdef float[:, ::1] tv = wt
+    for u in prange(groups * nfb, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_gemm_pack_a(&wv[u // nfb * Fg, 0, 0, 0], 1, K, 0, K, u % nfb * GEMM_KC,
+                           min(<Py_ssize_t>GEMM_KC, Fg - u % nfb * GEMM_KC), &tv[u // nfb, u % nfb * GEMM_KC * Kp])
+    dx = _empty((N, C, H, W))
+    cdef float[:, :, :, ::1] dxv = dx
+    scratch = _empty((n_threads, per))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * groups, nogil=True, schedule="static", num_threads=n_threads):
+        _cg_dx_unit(&dv[0, 0, 0, 0], &tv[0, 0], dxv, &sv[omp_get_thread_num(), 0], u, groups, Hp, Wp,
+                    KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, wlen, F)
+    return dx
+
+
+cdef void _dwc_fwd_unit(const float[:, :, :, ::1] x, const float[:, :, :, ::1] w, const float[::1] bias,
+                       float[:, :, :, ::1] out, float* xp, Py_ssize_t u, int sh, int sw, int ph, int pw,
+                       int dh, int dw) noexcept nogil:
+    """DEPTHWISE forward of plane u = (n, c): its input padded into this thread's xp, then the rows."""
+    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], n = u // C, c = u % C
+    _pad_planes(&x[n, c, 0, 0], xp, 1, H, W, ph, pw)
+    chexcy_dwc_forward_plane(xp, &w[c, 0, 0, 0], bias[c], &out[n, c, 0, 0], W + 2 * pw, w.shape[2], w.shape[3],
+                             out.shape[2], out.shape[3], sh, sw, dh, dw)
+
+
+cdef _depthwise_forward(x, w, const float[::1] bias, float[:, :, :, ::1] out, int sh, int sw, int ph, int pw,
+                        int dh, int dw):
+    """groups = C = F: every (n, c) plane on its own (chexcy/_ops_depthwise.h)."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], u
+    cdef Py_ssize_t plane = ((x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw) + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = w
+    scratch = _empty((n_threads, plane))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        _dwc_fwd_unit(xv, wv, bias, out, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
+
+
+cdef void _dwc_dx_unit(const float[:, :, :, ::1] dout, const float[:, :, :, ::1] w, float[:, :, :, ::1] dx,
+                       float* dxp, Py_ssize_t u, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
+    """DEPTHWISE dx of plane u = (n, c), padded in this thread's dxp, its inside copied out."""
+    cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3], n = u // C, c = u % C, r
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
+    chexcy_dwc_dx_plane(&dout[n, c, 0, 0], &w[c, 0, 0, 0], dxp, Hp, Wp, w.shape[2], w.shape[3],
+                        dout.shape[2], dout.shape[3], sh, sw, dh, dw)
+    for r in range(H):
+        memcpy(&dx[n, c, r, 0], dxp + (r + ph) * Wp + pw, W * sizeof(float))
+
+
+cdef void _dwc_dweight_unit(const float[:, :, :, ::1] dout, const float[:, :, :, ::1] x,
+                            float[:, :, :, ::1] dweight, float[::1] dbias, float* scratch, Py_ssize_t c,
+                            int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
+    """DEPTHWISE dweight and dbias of channel c: lane sums over every sample in order, then each tap's
+    lanes added in order in float64."""
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], OW = dout.shape[3], n, t, j
+    cdef Py_ssize_t KH = dweight.shape[2], KW = dweight.shape[3], Wp = W + 2 * pw
+    cdef Py_ssize_t plane = ((H + 2 * ph) * Wp + 15) // 16 * 16
+    cdef float* xp = scratch
+    cdef float* acc = scratch + plane
+    cdef double total
+    memset(acc, 0, (KH * KW + 1) * OW * sizeof(float))
+    for n in range(N):
+        _pad_planes(&x[n, c, 0, 0], xp, 1, H, W, ph, pw)
+        chexcy_dwc_dweight_plane(&dout[n, c, 0, 0], xp, acc, Wp, KH, KW, dout.shape[2], OW, sh, sw, dh, dw)
+    for t in range(KH * KW + 1):
+        total = 0
+        for j in range(OW):
+            total = total + acc[t * OW + j]
+        if t < KH * KW:
+            dweight[c, 0, t // KW, t % KW] = <float>total
+        else:
+            dbias[c] = <float>total
+
+
+cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dh, int dw):
+    """groups = C = F: dx over (n, c) planes, dweight and dbias over channels (chexcy/_ops_depthwise.h)."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], u
+    cdef Py_ssize_t KH = w.shape[2], KW = w.shape[3], OW = dout.shape[3]
+    cdef Py_ssize_t plane = ((H + 2 * ph) * (W + 2 * pw) + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = w
+    dx = _empty((N, C, H, W))
+    dweight = np.empty(w.shape, np.float32)
+    dbias = np.empty(C, np.float32)
+    cdef float[:, :, :, ::1] dxv = dx
+    cdef float[:, :, :, ::1] dwv = dweight
+    cdef float[::1] dbv = dbias
+    scratch = _empty((n_threads, plane + (KH * KW + 1) * OW + 16))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        _dwc_dx_unit(dv, wv, dxv, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
+    for u in prange(C, nogil=True, schedule="static", num_threads=n_threads):
+        _dwc_dweight_unit(dv, xv, dwv, dbv, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
+    return dx, dweight, dbias
+
+
 def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     """dout (N, F, OH, OW), x (N, C, H, W), weight (F, C // groups, KH, KW)
-    -> (dx like x, dweight like weight, dbias (F,))."""
+    -> (dx like x, dweight like weight, dbias (F,)). Paths: conv_plan (the table above)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
     cdef int dh = dilation[0], dw = dilation[1]
     cdef int n_threads = _threads()
@@ -1257,34 +1666,46 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     cdef const float[:, :, :, ::1] dv = dout
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[:, :, :, ::1] wv = weight
+    _, dx_path, dw_path = conv_plan(x.shape, weight.shape, stride, padding, dilation, groups)
 
-    if (groups == 1 and C == 1 and sh == 1 and sw == 1 and KH == 3 and dh == 1
-            and ph <= 2 and pw <= dw * (KW - 1)
-            # its per-sample lane sums: N x ceil(F / DW_F) x 3 x ceil(KW / 3) x DW_F x 3 x DW_V floats
-            and N * ((F + DW_F - 1) // DW_F) * 9 * ((KW + 2) // 3) * DW_F * DW_V * 4 <= (64 << 20)):
+    if dx_path == "FIRST_LAYER":
         return _backward_one_channel(dout, x, weight, ph, pw, dw)
+    if dx_path == "DEPTHWISE":
+        return _depthwise_backward(dout, x, weight, sh, sw, ph, pw, dh, dw)
 
     dbias = np.empty(F, np.float32)
     cdef float[::1] dbv = dbias
-    if sw != 1 or sh > 1:   # else the dweight blocks sum it (below; strided ones from this dout)
+    if sw != 1 or sh > 1 or dw_path in ("POINTWISE_GEMM", "IM2COL_GEMM"):   # else the dweight blocks sum it
         for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
             _dbias_one(dv, dbv, u)
+
+    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Hs, Ws
+    if dx_path == "IM2COL_GEMM":
+        return (_gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dh, dw),
+                _gemm_conv_dweight(dout, x, KH, KW, groups, sh, sw, ph, pw, dh, dw), dbias)
+    if dx_path == "POINTWISE_GEMM" or dx_path.startswith("SUBSAMPLED>"):
+        if sh > 1 or sw > 1:
+            # a strided 1x1 convolution (a residual shortcut) is a stride-1 one on the sampled pixels
+            x_sub = np.ascontiguousarray(x[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
+            dx_sub, dweight, _ = conv2d_backward(dout, x_sub, weight, (1, 1), padding, dilation, groups)
+            dx = np.zeros((N, C, H, W), np.float32)
+            dx[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw] = dx_sub
+            return dx, dweight, dbias
+        # dx (per sample and group) = W[g]^T (Cg, Fg) . dout[n, g] (Fg, HW): the forward path on dout
+        wt = np.ascontiguousarray(weight.reshape(groups, Fg, Cg).transpose(0, 2, 1)).reshape(C, Fg, 1, 1)
+        dx = _empty((N, C, H, W))
+        _gemm_conv(dout, wt, np.zeros(C, np.float32), dx, groups, 1, 1, 0, 0, 1, 1)
+        # dweight: the IM2COL_GEMM product with 1x1 taps (B^T is x itself, rows of positions), in one
+        # parallel region (per-sample products on _gemm_run needed 2 per sample: on a busy machine every
+        # region's join waits for a descheduled thread)
+        return dx, _gemm_conv_dweight(dout, x, 1, 1, groups, 1, 1, 0, 0, 1, 1), dbias
 
     # Strided convolutions: spread dout onto the stride-1 grid, zeros between the samples
     # (dout_s[oh * sh, ow * sw] = dout[oh, ow]), so dx and dweight take the fast stride-1 kernels below.
     # It costs sh * sw times the multiply-adds, all on zeros, and is still ~10x faster than the plain
     # strided loops. The extra rows/columns at the bottom/right (fewer than the stride) reach the input
     # rows that no output window covered, so that dx comes out with exactly H x W.
-    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Hs, Ws
-    reach_ok = ph <= dh * (KH - 1) and pw <= dw * (KW - 1)
-    if (sh > 1 or sw > 1) and KH == 1 and KW == 1 and ph == 0 and pw == 0:
-        # A strided 1x1 convolution (a residual shortcut) is a stride-1 one on the sampled pixels.
-        x_sub = np.ascontiguousarray(x[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
-        dx_sub, dweight, _ = conv2d_backward(dout, x_sub, weight, (1, 1), padding, dilation, groups)
-        dx = np.zeros((N, C, H, W), np.float32)
-        dx[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw] = dx_sub
-        return dx, dweight, dbias
-    if (sh > 1 or sw > 1) and reach_ok:
+    if dx_path.startswith("SPREAD>"):
         Hs = (OH - 1) * sh + 1
         Ws = (OW - 1) * sw + 1
         dout_s = np.zeros((N, F, H + 2 * ph - dh * (KH - 1), W + 2 * pw - dw * (KW - 1)), np.float32)
@@ -1293,10 +1714,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         return dx, dweight, dbias
 
     # dx: for stride 1 it is the forward conv of dout (padded by the kernel's reach minus the
-    # padding) with the kernel flipped and in/out channels swapped per group.
+    # padding) with the kernel flipped and in/out channels swapped per group (WINOGRAD or DIRECT).
     dx = _empty((N, C, H, W))
     cdef float[:, :, :, ::1] dxv = dx
-    if sh == 1 and sw == 1 and reach_ok:
+    if dx_path != "PLAIN":
         wt = (weight.reshape(groups, Fg, Cg, KH, KW)[:, :, :, ::-1, ::-1]
               .transpose(0, 2, 1, 3, 4).reshape(C, Fg, KH, KW))
         _conv_core(dout, np.ascontiguousarray(wt), np.zeros(C, np.float32), dx, groups,
@@ -1305,21 +1726,20 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
             _dx_plane(dv, wv, dxv, u, groups, sh, sw, ph, pw, dh, dw)
 
-    if (groups == 1 and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
-            and C >= WDW_MIN_C and F >= WDW_MIN_F):
+    if dw_path == "WINOGRAD":
         dweight, dbias = _dweight_winograd(dout, x, ph, pw)
         return dx, dweight, dbias
     # Channel-blocked dweight from DWC_MIN_CG input channels per group (measured, ref-cnn at 128x128,
     # 2 threads: conv4, 64 channels, 8.3 -> 7.7 ms for the whole backward on AVX-512; 32 channels there
     # and 16 on SSE2 (two of its 8-channel tiles) were 3% and 10% slower than the lane-sum kernel below)
-    if sh == 1 and sw == 1 and Cg >= DWC_MIN_CG:
+    if dw_path == "CHANNEL_BLOCKED":
         dweight, dbias = _dweight_blocked(dout, x, KH, KW, groups, ph, pw, dh, dw)
         return dx, dweight, dbias
     dweight = np.empty((F, Cg, KH, KW), np.float32)
     cdef float[:, :, :, ::1] dwv = dweight
     cdef float[:, ::1] pad_s
     cdef float[:, ::1] part_s
-    if sw == 1:
+    if dw_path == "LANE_SUM":
         nkc = (KW + 2) // 3
         # chunks of dout for one channel block, re-read for every (input channel, kernel row), of about
         # 16 KiB so that they stay in L1: R rows of one sample, or NB whole planes when a plane is small
@@ -1403,16 +1823,27 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     cdef int n_threads = _threads()
     cdef bint fast = (KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
                       and dh == 1 and dw == 1)
+    # any other window: a row at a time, every tap over the whole row (chexcy/_ops_pool.h), indices
+    # kept in int32 while the plane's are below 2^31 (else the scalar loop per output)
+    cdef bint rows = not fast and H * W < (1 << 31) - 1
     out = _empty((N, C, OH, OW))
     argmax = _empty((N, C, OH, OW), np.int64)
+    scratch = _empty((n_threads, 2 * OW + 16))     # per thread: OW maxima, then OW int32 indices
     cdef const float[:, :, :, ::1] xv = x
     cdef float[:, :, :, ::1] ov = out
     cdef int64_t[:, :, :, ::1] av = argmax
+    cdef float[:, ::1] sv = scratch
     cdef Py_ssize_t u
+    cdef int tid
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        tid = omp_get_thread_num()
         if fast:
             _max_pool_2x2(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0],
                           W, OH, OW)
+        elif rows:
+            chexcy_max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0],
+                                  H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw,
+                                  &sv[tid, 0], <int32_t*>&sv[tid, OW])
         else:
             _max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
                             &av[u // C, u % C, 0, 0], H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw)
@@ -1531,12 +1962,19 @@ def avg_pool2d_forward(x, kernel_size, stride, padding, count_include_pad):
     cdef Py_ssize_t OH = _conv_out_size(H, KH, sh, ph, 1), OW = _conv_out_size(W, KW, sw, pw, 1), u
     cdef bint inc = bool(count_include_pad)
     cdef int n_threads = _threads()
+    cdef bint two = KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
+    cdef Py_ssize_t oh
     out = _empty((N, C, OH, OW))
     cdef const float[:, :, :, ::1] xv = x
     cdef float[:, :, :, ::1] ov = out
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        _avg_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
-                        H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
+        if two:     # DenseNet's transitions: whole rows, vectorised (chexcy_avg_pool_2x2_row)
+            for oh in range(OH):
+                chexcy_avg_pool_2x2_row(&xv[u // C, u % C, 2 * oh, 0], &xv[u // C, u % C, 2 * oh + 1, 0],
+                                        &ov[u // C, u % C, oh, 0], OW)
+        else:
+            _avg_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
+                            H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
     return out
 
 
@@ -1548,12 +1986,21 @@ def avg_pool2d_backward(dout, x_shape, kernel_size, stride, padding, count_inclu
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], u
     cdef bint inc = bool(count_include_pad)
     cdef int n_threads = _threads()
+    cdef bint two = KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
+    cdef Py_ssize_t oh
     dx = _empty((N, C, H, W))
     cdef const float[:, :, :, ::1] dv = dout
     cdef float[:, :, :, ::1] dxv = dx
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        _avg_unpool_plane(&dv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
-                          H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
+        if two:     # disjoint windows: every input row written once, no zeroing pass
+            for oh in range(OH):
+                chexcy_avg_unpool_2x2_row(&dv[u // C, u % C, oh, 0], &dxv[u // C, u % C, 2 * oh, 0],
+                                          &dxv[u // C, u % C, 2 * oh + 1, 0], W, OW)
+            if H > 2 * OH:
+                memset(&dxv[u // C, u % C, 2 * OH, 0], 0, W * sizeof(float))
+        else:
+            _avg_unpool_plane(&dv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
+                              H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
     return dx
 
 
@@ -1602,6 +2049,44 @@ def global_avg_pool2d_backward(dout, x_shape):
 
 
 # ------------------------------------------------------------------------------------------------
+# ReLU (chexcy/_ops_relu.h): elementwise, in fixed chunks of the flat array
+# ------------------------------------------------------------------------------------------------
+
+cdef enum:
+    RELU_CHUNK = 1 << 15    # floats per loop iteration (128 KiB): the order of work does not matter here
+
+
+def relu_forward(x, bint inplace):
+    """x (any shape, C-contiguous float32) -> max(x, 0) (NaN stays NaN), into x itself when inplace."""
+    out = x if inplace else _empty(x.shape)
+    cdef Py_ssize_t n = x.size, u, nchunks = (n + RELU_CHUNK - 1) // RELU_CHUNK
+    if n == 0:
+        return out
+    cdef const float[::1] xv = x.reshape(-1)
+    cdef float[::1] ov = out.reshape(-1)
+    cdef int n_threads = <int>min(<Py_ssize_t>_threads(), nchunks)
+    for u in prange(nchunks, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_relu(&xv[u * RELU_CHUNK], &ov[u * RELU_CHUNK], min(<Py_ssize_t>RELU_CHUNK, n - u * RELU_CHUNK))
+    return out
+
+
+def relu_backward(dout, y):
+    """dout, y (the same shape, C-contiguous float32) -> dx = dout where y > 0, else 0 (a fresh array)."""
+    dx = _empty(dout.shape)
+    cdef Py_ssize_t n = dout.size, u, nchunks = (n + RELU_CHUNK - 1) // RELU_CHUNK
+    if n == 0:
+        return dx
+    cdef const float[::1] gv = dout.reshape(-1)
+    cdef const float[::1] yv = y.reshape(-1)
+    cdef float[::1] dv = dx.reshape(-1)
+    cdef int n_threads = <int>min(<Py_ssize_t>_threads(), nchunks)
+    for u in prange(nchunks, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_relu_grad(&gv[u * RELU_CHUNK], &yv[u * RELU_CHUNK], &dv[u * RELU_CHUNK],
+                         min(<Py_ssize_t>RELU_CHUNK, n - u * RELU_CHUNK))
+    return dx
+
+
+# ------------------------------------------------------------------------------------------------
 # Linear: y = x @ W.T + b
 # ------------------------------------------------------------------------------------------------
 # All three products of a dense layer are one blocked matrix multiply (_ops_gemm.h), C = init + A B,
@@ -1614,7 +2099,6 @@ def global_avg_pool2d_backward(dout, x_shape):
 # Every element of C is its init plus the sums of the K blocks (each in k order) added in order,
 # whichever task computes it, so the result is bitwise the same for any thread count (see _ops_gemm.h).
 
-from libc.stdlib cimport malloc, free
 
 cdef extern from "_ops_gemm.h" nogil:
     enum:

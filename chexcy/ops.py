@@ -30,6 +30,7 @@ At run time: ``set_backend(name)``, ``with use_backend(name): ...``, ``get_backe
 by default the kernels use as many threads as OpenMP would (OMP_NUM_THREADS, threadpoolctl limits and
 the CPUs this process may run on are honoured).
 """
+import collections
 import contextlib
 import functools
 import importlib
@@ -45,8 +46,8 @@ __all__ = [
     "conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
     "avg_pool2d_forward", "avg_pool2d_backward", "global_avg_pool2d_forward",
     "global_avg_pool2d_backward", "linear_forward", "linear_backward",
-    "batch_norm2d_forward", "batch_norm2d_backward",
-    "conv2d", "max_pool2d", "avg_pool2d", "linear",
+    "batch_norm2d_forward", "batch_norm2d_backward", "relu_forward", "relu_backward",
+    "conv2d", "max_pool2d", "avg_pool2d", "linear", "conv2d_plan", "ConvPlan",
     "get_backend", "set_backend", "use_backend", "available_backends",
     "get_num_threads", "set_num_threads", "info", "conv_output_size",
 ]
@@ -455,6 +456,43 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return conv2d_forward(x, weight, bias, stride, padding, dilation, groups)
 
 
+ConvPlan = collections.namedtuple("ConvPlan", "forward dx dweight")
+
+# What the backends without a planner do, whatever the shape.
+_FIXED_PLANS = {"python": ConvPlan("IM2COL_BLAS", "IM2COL_BLAS", "IM2COL_BLAS"),
+                "reference": ConvPlan("REFERENCE", "REFERENCE", "REFERENCE")}
+
+
+def conv2d_plan(x_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1):
+    """Which kernel path the active backend takes for a convolution of these shapes.
+
+    x_shape (N, C, H, W), weight_shape (F, C // groups, KH, KW) and the geometry, as conv2d_forward.
+    Returns ConvPlan(forward, dx, dweight) of path names. On the compiled backend they are those of the
+    planner in chexcy/_ops.pyx (WINOGRAD, POINTWISE_GEMM, IM2COL_GEMM, FIRST_LAYER, DIRECT,
+    CHANNEL_BLOCKED, LANE_SUM, PLAIN; "A>B" for a reduction A to a stride-1 problem that takes path B,
+    see docs/performance.md); the python backend always answers IM2COL_BLAS, the reference REFERENCE.
+    """
+    fn = "conv2d_plan"
+    shapes = []
+    for name, shape in (("x_shape", x_shape), ("weight_shape", weight_shape)):
+        try:
+            dims = tuple(int(d) for d in shape)
+        except (TypeError, ValueError):
+            raise TypeError(f"{fn}: {name} must be a sequence of 4 ints, got {shape!r}") from None
+        if any(d < 0 for d in dims):
+            raise ValueError(f"{fn}: {name} must not have negative sizes, got {dims}")
+        shapes.append(np.broadcast_to(np.float32(0), dims))    # shape only: no memory
+    x, weight = shapes
+    stride_hw, padding_hw, dilation_hw, extra, _ = _conv_args(fn, x, weight, stride, padding, dilation,
+                                                              groups)
+    name = get_backend()
+    if name in _FIXED_PLANS:
+        return _FIXED_PLANS[name]
+    padded = (x.shape[0], x.shape[1], x.shape[2] + extra[0], x.shape[3] + extra[1])
+    return ConvPlan(*_backend().conv_plan(padded, weight.shape, stride_hw, padding_hw, dilation_hw,
+                                          int(groups)))
+
+
 # ----------------------------------------------------------------------------------------------
 # pooling
 
@@ -693,3 +731,39 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5):
     var = _bn_channel_vector(var, C, fn, "var", x.shape, 0.0)
     weight = _bn_channel_vector(weight, C, fn, "weight", x.shape, 1.0)
     return _backend().batch_norm2d_backward(dout, x, mean, var, weight, _bn_eps(eps, fn))
+
+
+# ----------------------------------------------------------------------------------------------
+# relu
+
+def relu_forward(x, inplace=False):
+    """The rectifier max(x, 0) (as PyTorch's F.relu; a NaN stays NaN), x of any shape.
+
+    Returns a fresh float32 array, or with inplace=True writes into x and returns it; in place needs x
+    to be a writeable C-contiguous float32 array (ValueError otherwise: a converted copy would leave
+    the caller's array unchanged).
+    """
+    fn = "relu"
+    if inplace:
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError(f"{fn}: inplace=True needs a C-contiguous float32 ndarray, got "
+                             f"{type(x).__name__} {getattr(x, 'dtype', '')}".rstrip())
+        if not x.flags.writeable:
+            raise ValueError(f"{fn}: inplace=True but x {x.shape} is read-only")
+    else:
+        x = _float_array(x, fn, "x")
+    return _backend().relu_forward(x, bool(inplace))
+
+
+def relu_backward(dout, y):
+    """Gradient of relu_forward: dout where y > 0, else 0 (the derivative at 0 taken as 0, as PyTorch).
+
+    dout and y (the forward's output, or its input: the sign is the same) of one shape; returns a fresh
+    float32 array.
+    """
+    fn = "relu_backward"
+    dout = _float_array(dout, fn, "dout")
+    y = _float_array(y, fn, "y")
+    if dout.shape != y.shape:
+        raise ValueError(f"{fn}: dout {dout.shape} and y {y.shape} must have the same shape")
+    return _backend().relu_backward(dout, y)

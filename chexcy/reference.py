@@ -194,6 +194,23 @@ def global_avg_pool2d_backward(dout, x_shape):
 
 
 # ----------------------------------------------------------------------------------------------
+# relu
+
+def relu_forward(x, inplace):
+    """out = x where x >= 0 (or x is NaN), else 0; written into x when inplace."""
+    out = x if inplace else x.copy()
+    out[x < 0] = 0
+    return out
+
+
+def relu_backward(dout, y):
+    """dx = dout where the output y is positive, else 0 (the derivative at 0 taken as 0, as PyTorch)."""
+    dx = np.zeros_like(dout)
+    dx[y > 0] = dout[y > 0]
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
 # linear
 
 def linear_forward(x, weight, bias):

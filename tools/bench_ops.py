@@ -11,6 +11,7 @@ then ratios: cython / python, cython 2T / 1T, cython / torch (same thread count)
     python tools/bench_ops.py --size 64 --repeats 7
     python tools/bench_ops.py --ops conv2,conv3 --backends cython --threads 2
     python tools/bench_ops.py --linear-shapes 32x128x14,256x1024x512,1024x4096x1000
+    /work/venv-bench/bin/python tools/bench_ops.py --suite nets   # resnet/densenet/mobilenet layers vs torch
     /tmp/torchenv/bin/python tools/bench_ops.py     # with torch as the peer column
 
 Conv backward is timed as one call that returns dx, dweight and dbias, and counted as 2x the forward
@@ -192,6 +193,12 @@ def main(argv=None):
     p.add_argument("--linear-shapes", default="",
                    help="comma-separated NxKxO dense layers (x (N, K), weight (O, K)) to time instead of the "
                         "ref-cnn layers, e.g. 32x128x14,256x1024x512,1024x4096x1000")
+    p.add_argument("--suite", choices=("ref-cnn", "nets"), default="ref-cnn",
+                   help="ref-cnn (default): its layers per backend; nets: every distinct layer of resnet18/50, "
+                        "densenet121 and mobilenet_v2 at 224 (plus stems, dense layers) against torch")
+    p.add_argument("--baseline", default="",
+                   help="--suite nets: also time this compiled module (e.g. an earlier build's "
+                        "chexcy/_ops_avx512*.so) round-robin with the current one, as columns base fb, t/b fb, b/c")
     p.add_argument("--json", help="also write the raw results to this file")
     p.add_argument("--reuse-memory", action="store_true",
                    help="tune the allocator as `chexcy train` does (chexcy.memory.reuse_freed_memory): "
@@ -215,6 +222,13 @@ def main(argv=None):
     if a.reuse_memory:
         from chexcy.memory import reuse_freed_memory
         reuse_freed_memory()
+    if a.suite == "nets":
+        if a.batch == 32 and "--batch" not in (argv or sys.argv):
+            a.batch = 8
+        print(f"# chexcy cython: {bi.get('module', '?')} ({bi.get('variant', '?')}); numpy {np.__version__}"
+              + (f"; torch {torch.__version__}" if torch else "; torch: not importable"))
+        run_nets(a, torch)
+        return
     try:
         layers = linear_layers(a.linear_shapes) if a.linear_shapes else ref_cnn_layers(a.size, a.batch)
     except ValueError as exc:
@@ -282,6 +296,398 @@ def print_row(r, cols, threads, first, width=13):
     cy_t = f"{r['torch' + tmax[6:]] / r[tmax]:.2f}x" if tmax in r and "torch" + tmax[6:] in r else "-"
     print(line + f"{cy_py:>8}{scale:>7}{cy_t:>9}", flush=True)
 
+
+# ------------------------------------------------------------------------------------------------
+# --suite nets: every distinct layer of the networks people train (DESIGN.md section 7)
+# ------------------------------------------------------------------------------------------------
+
+def _conv(rows, c, f, s, k, stride=1, pad=None, dil=1, groups=1, n=8):
+    pad = dil * (k - 1) // 2 if pad is None else pad
+    rows.add(("conv", n, c, s, f, k, stride, pad, dil, groups))
+
+
+def nets_layers(batch=8):
+    """Every distinct conv, pool and batch-norm layer of torchvision's resnet18, resnet50, densenet121
+    and mobilenet_v2 at 224x224 (3 input channels), the stem with 1 input channel and at 320, a
+    dilated 3x3, and large dense layers. Returns (name, spec) pairs in a fixed order."""
+    rows = set()
+    bns = set()
+    pools = set()
+    for cin in (1, 3):
+        for s in (224, 320):
+            _conv(rows, cin, 64, s, 7, 2, 3, n=batch)
+    bns.add((batch, 64, 112))
+    pools.add(("max", batch, 64, 112, 3, 2, 1))
+    # resnet18: basic blocks
+    c, s = 64, 56
+    for f, first_stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        if first_stride == 2:
+            _conv(rows, c, f, s, 3, 2, n=batch)
+            _conv(rows, c, f, s, 1, 2, 0, n=batch)
+            s //= 2
+        _conv(rows, f if first_stride == 2 else c, f, s, 3, n=batch)
+        _conv(rows, f, f, s, 3, n=batch)
+        bns.add((batch, f, s))
+        c = f
+    # resnet50: bottlenecks (stride on the 3x3, as torchvision)
+    c, s = 64, 56
+    for w, blocks, first_stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        out = 4 * w
+        for b in range(blocks):
+            stride = first_stride if b == 0 else 1
+            _conv(rows, c, w, s, 1, n=batch)
+            bns.add((batch, w, s))
+            _conv(rows, w, w, s, 3, stride, n=batch)
+            so = s // stride
+            bns.add((batch, w, so))
+            _conv(rows, w, out, so, 1, n=batch)
+            bns.add((batch, out, so))
+            if b == 0:
+                _conv(rows, c, out, s, 1, stride, 0, n=batch)
+            c, s = out, so
+    # densenet121: growth 32, bn_size 4, blocks (6, 12, 24, 16), transitions halve channels + 2x2 avg pool
+    c, s = 64, 56
+    for bi, layers in enumerate((6, 12, 24, 16)):
+        for i in range(layers):
+            bns.add((batch, c, s))
+            _conv(rows, c, 128, s, 1, n=batch)
+            bns.add((batch, 128, s))
+            _conv(rows, 128, 32, s, 3, n=batch)
+            c += 32
+        bns.add((batch, c, s))
+        if bi < 3:
+            _conv(rows, c, c // 2, s, 1, n=batch)
+            pools.add(("avg", batch, c // 2, s, 2, 2, 0))
+            c //= 2
+            s //= 2
+    # mobilenet_v2: inverted residuals (expand 1x1, depthwise 3x3, project 1x1)
+    _conv(rows, 3, 32, 224, 3, 2, 1, n=batch)
+    c, s = 32, 112
+    for t, f, reps, first_stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                                     (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+        for r in range(reps):
+            stride = first_stride if r == 0 else 1
+            hidden = c * t
+            if t != 1:
+                _conv(rows, c, hidden, s, 1, n=batch)
+            _conv(rows, hidden, hidden, s, 3, stride, groups=hidden, n=batch)
+            s //= stride
+            _conv(rows, hidden, f, s, 1, n=batch)
+            c = f
+    _conv(rows, 320, 1280, 7, 1, n=batch)
+    # a dilated 3x3 (DeepLab-style) and a 5x5 depthwise (the issue's layer families)
+    _conv(rows, 64, 64, 28, 3, 1, dil=2, n=batch)
+    _conv(rows, 96, 96, 56, 5, 2, 2, groups=96, n=batch)
+    out = []
+    for spec in sorted(rows, key=lambda r: (r[9] > 1, r[5], -r[3], r[2], r[4], r[6], r[8])):
+        _, n, c, s, f, k, stride, pad, dil, groups = spec
+        name = f"conv{k}x{k}" + (f"s{stride}" if stride > 1 else "") + (f"d{dil}" if dil > 1 else "") + \
+            ("dw" if groups > 1 else "") + f" {c}>{f}@{s}"
+        out.append((name, spec))
+    for spec in sorted(pools):
+        kind, n, c, s, k, stride, pad = spec
+        out.append((f"{kind}pool{k}s{stride}p{pad} {c}@{s}", ("pool",) + spec))
+    for spec in sorted(bns, key=lambda b: (-b[2], b[1])):
+        out.append((f"bn {spec[1]}@{spec[2]}", ("bn",) + spec))
+    for spec in ((batch, 64, 112), (batch, 256, 56), (batch, 512, 28)):
+        out.append((f"relu {spec[1]}@{spec[2]}", ("relu",) + spec))
+    for n, k, o in ((8, 512, 1000), (8, 2048, 1000), (512, 4096, 1000)):
+        out.append((f"linear {n}x{k}>{o}", ("linear", n, k, o)))
+    return out
+
+
+def _nets_row(spec, rng, torch):
+    """Callables and work for one row: dict with fwd, fb (forward + backward), torch_fwd / torch_fb (both
+    layouts: the faster one is taken), np_ref (the matching NumPy matmul or np.copyto), work_fwd, work_fb,
+    unit."""
+    kind = spec[0]
+    r = {}
+    if kind == "conv":
+        _, n, c, s, f, k, stride, pad, dil, groups = spec
+        x = rng.standard_normal((n, c, s, s)).astype(np.float32)
+        w = (rng.standard_normal((f, c // groups, k, k)) * 0.1).astype(np.float32)
+        b = rng.standard_normal(f).astype(np.float32)
+        y = ops.conv2d_forward(x, w, b, stride, pad, dil, groups)
+        dout = rng.standard_normal(y.shape).astype(np.float32)
+        args = (stride, pad, dil, groups)
+        r["fwd"] = lambda: ops.conv2d_forward(x, w, b, *args)
+        r["fb"] = lambda: (ops.conv2d_forward(x, w, b, *args), ops.conv2d_backward(dout, x, w, *args))
+        flops = 2.0 * y.size * (c // groups) * k * k
+        if groups > 1:      # depthwise: memory-bound, GB/s of x read + out written (fwd), 3 more for bwd
+            r["unit"] = "GB/s"
+            r["work_fwd"] = 4.0 * (x.size + y.size)
+            r["work_fb"] = 4.0 * (2 * x.size + 2 * y.size + x.size + y.size)
+        else:
+            r["unit"] = "GFLOP/s"
+            r["work_fwd"], r["work_fb"] = flops, 3 * flops
+        r["mflop"] = flops / 1e6
+        if k == 1 and groups == 1:      # the same product in NumPy: (F, C) @ (C, OH*OW) per sample
+            xs = np.ascontiguousarray(x[:, :, ::stride, ::stride]).reshape(n, c, -1)
+            wm = w.reshape(f, c)
+            r["np_ref"] = lambda: np.matmul(wm, xs)
+        elif groups > 1:
+            src, dst = np.empty_like(x), np.empty_like(x)
+            src2, dst2 = np.empty_like(y), np.empty_like(y)
+            r["np_ref"] = lambda: (np.copyto(dst, src), np.copyto(dst2, src2))
+        if torch is not None:
+            def tcalls(layout):
+                tx, tw, tb, td = (torch.from_numpy(a) for a in (x, w, b, dout))
+                if layout:
+                    tx, tw, td = (t.contiguous(memory_format=torch.channels_last) for t in (tx, tw, td))
+                F = torch.nn.functional
+                fwd = lambda: F.conv2d(tx, tw, tb, stride, pad, dil, groups)  # noqa: E731
+                bwd = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
+                    td, tx, tw, [f], [stride] * 2, [pad] * 2, [dil] * 2, False, [0, 0], groups, [True] * 3)
+                return fwd, lambda: (fwd(), bwd())
+            r["torch"] = [tcalls(False), tcalls(True)]
+    elif kind == "pool":
+        _, pk, n, c, s, k, stride, pad = spec
+        x = rng.standard_normal((n, c, s, s)).astype(np.float32)
+        if pk == "max":
+            y, am = ops.max_pool2d_forward(x, k, stride, pad)
+            dout = rng.standard_normal(y.shape).astype(np.float32)
+            r["fwd"] = lambda: ops.max_pool2d_forward(x, k, stride, pad)
+            r["fb"] = lambda: (ops.max_pool2d_forward(x, k, stride, pad), ops.max_pool2d_backward(dout, am, x.shape))
+            idx_bytes = 8
+        else:
+            y = ops.avg_pool2d_forward(x, k, stride, pad)
+            dout = rng.standard_normal(y.shape).astype(np.float32)
+            r["fwd"] = lambda: ops.avg_pool2d_forward(x, k, stride, pad)
+            r["fb"] = lambda: (ops.avg_pool2d_forward(x, k, stride, pad),
+                               ops.avg_pool2d_backward(dout, x.shape, k, stride, pad))
+            idx_bytes = 0
+        r["unit"] = "GB/s"
+        r["work_fwd"] = 4.0 * x.size + (4 + idx_bytes) * y.size
+        r["work_fb"] = r["work_fwd"] + (4 + idx_bytes) * y.size + 4.0 * x.size
+        src, dst = np.empty_like(x), np.empty_like(x)
+        src2, dst2 = np.empty_like(y), np.empty_like(y)
+        r["np_ref"] = lambda: (np.copyto(dst, src), np.copyto(dst2, src2), np.copyto(dst, src))
+        if torch is not None:
+            def tcalls(layout):
+                tx, td = torch.from_numpy(x), torch.from_numpy(dout)
+                if layout:
+                    tx, td = (t.contiguous(memory_format=torch.channels_last) for t in (tx, td))
+                F = torch.nn.functional
+                if pk == "max":
+                    _, idx = F.max_pool2d(tx, k, stride, pad, return_indices=True)
+                    fwd = lambda: F.max_pool2d(tx, k, stride, pad, return_indices=True)  # noqa: E731
+                    bwd = lambda: torch.ops.aten.max_pool2d_with_indices_backward(  # noqa: E731
+                        td, tx, [k, k], [stride] * 2, [pad] * 2, [1, 1], False, idx)
+                else:
+                    fwd = lambda: F.avg_pool2d(tx, k, stride, pad)  # noqa: E731
+                    bwd = lambda: torch.ops.aten.avg_pool2d_backward(  # noqa: E731
+                        td, tx, [k, k], [stride] * 2, [pad] * 2, False, True, None)
+                return fwd, lambda: (fwd(), bwd())
+            r["torch"] = [tcalls(False), tcalls(True)]
+    elif kind == "bn":
+        _, n, c, s = spec
+        x = rng.standard_normal((n, c, s, s)).astype(np.float32)
+        g, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+        dout = rng.standard_normal(x.shape).astype(np.float32)
+        _, mean, var = ops.batch_norm2d_forward(x, g, b)
+        r["fwd"] = lambda: ops.batch_norm2d_forward(x, g, b)
+        r["fb"] = lambda: (ops.batch_norm2d_forward(x, g, b), ops.batch_norm2d_backward(dout, x, mean, var, g))
+        r["unit"] = "GB/s"
+        r["work_fwd"] = 4.0 * 3 * x.size                    # x twice (stats, apply) + out
+        r["work_fb"] = r["work_fwd"] + 4.0 * 5 * x.size     # dout, x twice each + dx
+        src, dst = np.empty_like(x), np.empty_like(x)
+        r["np_ref"] = lambda: np.copyto(dst, src)
+        r["np_scale"] = 1.5        # copyto moves 2 x.size; the forward moves 3 x.size
+        if torch is not None:
+            def tcalls(layout):
+                tx, td = torch.from_numpy(x), torch.from_numpy(dout)
+                tg, tb = torch.from_numpy(g), torch.from_numpy(b)
+                if layout:
+                    tx, td = (t.contiguous(memory_format=torch.channels_last) for t in (tx, td))
+                fwd = lambda: torch.ops.aten.native_batch_norm(tx, tg, tb, None, None, True, 0.1, 1e-5)  # noqa: E731
+                _, sm, si = fwd()
+                bwd = lambda: torch.ops.aten.native_batch_norm_backward(  # noqa: E731
+                    td, tx, tg, None, None, sm, si, True, 1e-5, [True] * 3)
+                return fwd, lambda: (fwd(), bwd())
+            r["torch"] = [tcalls(False), tcalls(True)]
+    elif kind == "relu":
+        _, n, c, s = spec
+        x = rng.standard_normal((n, c, s, s)).astype(np.float32)
+        dout = rng.standard_normal(x.shape).astype(np.float32)
+        y_np = np.maximum(x, 0)
+        # what the ReLU layer did before the compiled op (NumPy)
+        r["fb_numpy"] = lambda: (np.maximum(x, 0), dout * (y_np > 0))
+        if hasattr(ops, "relu_forward"):
+            y = ops.relu_forward(x)
+            r["fwd"] = lambda: ops.relu_forward(x)
+            r["fb"] = lambda: (ops.relu_forward(x), ops.relu_backward(dout, y))
+        else:
+            r["fwd"] = lambda: np.maximum(x, 0)
+            r["fb"] = r["fb_numpy"]
+        r["unit"] = "GB/s"
+        r["work_fwd"] = 8.0 * x.size
+        r["work_fb"] = r["work_fwd"] + 12.0 * x.size
+        src, dst = np.empty_like(x), np.empty_like(x)
+        r["np_ref"] = lambda: np.copyto(dst, src)
+        if torch is not None:
+            def tcalls(layout):
+                tx, td = torch.from_numpy(x), torch.from_numpy(dout)
+                if layout:
+                    tx, td = (t.contiguous(memory_format=torch.channels_last) for t in (tx, td))
+                fwd = lambda: torch.relu(tx)  # noqa: E731
+                ty = fwd()
+                bwd = lambda: torch.ops.aten.threshold_backward(td, ty, 0)  # noqa: E731
+                return fwd, lambda: (fwd(), bwd())
+            r["torch"] = [tcalls(False), tcalls(True)]
+    elif kind == "linear":
+        _, n, k, o = spec
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        w = (rng.standard_normal((o, k)) * 0.1).astype(np.float32)
+        b = rng.standard_normal(o).astype(np.float32)
+        dout = rng.standard_normal((n, o)).astype(np.float32)
+        r["fwd"] = lambda: ops.linear_forward(x, w, b)
+        r["fb"] = lambda: (ops.linear_forward(x, w, b), ops.linear_backward(dout, x, w))
+        r["unit"] = "GFLOP/s"
+        r["work_fwd"] = 2.0 * n * k * o
+        r["work_fb"] = 3 * r["work_fwd"]
+        r["mflop"] = r["work_fwd"] / 1e6
+        wt = np.ascontiguousarray(w.T)
+        r["np_ref"] = lambda: x @ wt
+        if torch is not None:
+            tx, tw, tb, td = (torch.from_numpy(a) for a in (x, w, b, dout))
+            fwd = lambda: torch.nn.functional.linear(tx, tw, tb)  # noqa: E731
+            r["torch"] = [(fwd, lambda: (fwd(), td @ tw, td.t() @ tx, td.sum(0)))]
+    return r
+
+
+def interleaved_times(fns, repeats, stat="median"):
+    """Time several zero-argument callables round-robin (one call of each per round, after a warm-up
+    of each), so that all of them see the same moments of a busy machine; {name: median seconds}."""
+    for fn in fns.values():
+        t_end = time.perf_counter() + WARMUP_S
+        for k in range(1000):
+            fn()
+            if k + 1 >= WARMUP_CALLS and time.perf_counter() >= t_end:
+                break
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: STAT[stat](t) for name, t in times.items()}
+
+
+def _load_baseline(path):
+    """A compiled kernel module from another build (e.g. an earlier commit's chexcy/_ops_avx512*.so),
+    loaded under a private package name so that it can sit beside this tree's module."""
+    import importlib.util
+    ops.available_backends()    # this tree's module first: the other build registers the same module name
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("chexcy._ops")}
+    base = os.path.basename(path).split(".")[0]
+    spec = importlib.util.spec_from_file_location("chexcy_baseline." + base, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules.update(saved)
+    return mod
+
+
+def _on_module(mod, fn):
+    """fn run with `mod` as the active compiled backend of chexcy.ops (its checks, then mod's kernels)."""
+    def call():
+        prev = ops._state["module"]
+        ops._state["module"] = mod
+        try:
+            return fn()
+        finally:
+            ops._state["module"] = prev
+    return call
+
+
+def run_nets(a, torch):
+    """The --suite nets table: chexcy (2 threads) against torch's faster layout (2 threads) in this
+    process, timed round-robin with each other (and with --baseline's module), medians; the NumPy
+    column is matmul on the same product (1x1 convs, dense) or np.copyto on the same bytes
+    (memory-bound rows), as a percentage of chexcy's forward speed."""
+    rng = np.random.default_rng(0)
+    prefixes = [s for s in a.ops.split(",") if s]
+    layers = [(nm, sp) for nm, sp in nets_layers(a.batch) if not prefixes or any(nm.startswith(p) for p in prefixes)]
+    t2 = max(int(t) for t in a.threads.split(",") if t)
+    base = _load_baseline(a.baseline) if a.baseline else None
+    print(f"# --suite nets: {len(layers)} layers, batch {a.batch}; chexcy at {t2} threads (and 1 for conv rows "
+          f">= 50 MFLOP), torch at {t2} threads in its faster layout (NCHW or channels_last); {a.stat} of "
+          f"{a.repeats}, timed round-robin" + (f"; baseline module {a.baseline}" if base else ""))
+    head = (f"{'layer':<26}{'unit':>8}{'fwd ms':>9}{'rate':>7}{'fb ms':>9}{'rate':>7}{'1T fb':>8}"
+            f"{'2T/1T':>6}{'torch fwd':>10}{'fb':>9}{'lay':>4}{'t/c fwd':>8}{'t/c fb':>7}{'np %':>6}")
+    if base:
+        head += f"{'base fb':>9}{'t/b fb':>7}{'b/c':>6}"
+    print(head)
+    ratios, base_ratios, rows = [], [], []
+    if torch is not None:
+        torch.set_num_threads(t2)
+    if base:
+        base.set_num_threads(t2)
+    for name, spec in layers:
+        with ops.use_backend("cython"):
+            r = _nets_row(spec, rng, torch)
+            row = {"layer": name, "unit": r["unit"]}
+            ops.set_num_threads(t2)
+            fns = {"fwd": r["fwd"], "fb": r["fb"]}
+            if base:
+                if spec[0] == "relu" and not hasattr(base, "relu_forward"):
+                    fns["base_fb"] = r["fb_numpy"]
+                else:
+                    fns["base_fb"] = _on_module(base, r["fb"])
+            if "np_ref" in r:
+                fns["np"] = r["np_ref"]
+            for li, (tf, tfb) in enumerate(r.get("torch", [])):
+                fns[f"torch_fwd{li}"], fns[f"torch_fb{li}"] = tf, tfb
+            if torch is not None:
+                with torch.no_grad():
+                    got = interleaved_times(fns, a.repeats, a.stat)
+            else:
+                got = interleaved_times(fns, a.repeats, a.stat)
+            row.update({k: v for k, v in got.items() if not k.startswith("torch")})
+            if "np" in row:
+                row["np"] *= r.get("np_scale", 1.0)
+            layouts = [li for li in range(len(r.get("torch", [])))]
+            if layouts:
+                li = min(layouts, key=lambda i: got[f"torch_fb{i}"])
+                row["torch_fb"], row["torch_fwd"], row["layout"] = got[f"torch_fb{li}"], got[f"torch_fwd{li}"], li
+            if r.get("mflop", 0) >= 50 and spec[0] == "conv":
+                ops.set_num_threads(1)
+                row["fb1"] = interleaved_times({"fb": r["fb"]}, a.repeats, a.stat)["fb"]
+            ops.set_num_threads(None)
+        rate = lambda w, t: w / t / 1e9  # noqa: E731
+        line = (f"{name:<26}{r['unit']:>8}{row['fwd'] * 1e3:>9.3f}{rate(r['work_fwd'], row['fwd']):>7.1f}"
+                f"{row['fb'] * 1e3:>9.3f}{rate(r['work_fb'], row['fb']):>7.1f}")
+        line += (f"{row['fb1'] * 1e3:>8.2f}{row['fb1'] / row['fb']:>6.2f}" if "fb1" in row else f"{'-':>8}{'-':>6}")
+        if "torch_fb" in row:
+            ratio = row["torch_fb"] / row["fb"]
+            ratios.append(ratio)
+            line += (f"{row['torch_fwd'] * 1e3:>10.3f}{row['torch_fb'] * 1e3:>9.3f}"
+                     f"{('cl' if row['layout'] else 'nc'):>4}{row['torch_fwd'] / row['fwd']:>8.2f}{ratio:>7.2f}")
+        else:
+            line += f"{'-':>10}{'-':>9}{'-':>4}{'-':>8}{'-':>7}"
+        line += f"{100 * row['np'] / row['fwd']:>6.0f}" if "np" in row else f"{'-':>6}"
+        if base:
+            line += f"{row['base_fb'] * 1e3:>9.3f}"
+            if "torch_fb" in row:
+                base_ratios.append(row["torch_fb"] / row["base_fb"])
+                line += f"{base_ratios[-1]:>7.2f}"
+            else:
+                line += f"{'-':>7}"
+            line += f"{row['base_fb'] / row['fb']:>6.2f}"
+        print(line, flush=True)
+        rows.append(row)
+    if ratios:
+        gm = float(np.exp(np.mean(np.log(ratios))))
+        print(f"# geometric mean of torch / chexcy (fwd+bwd) over {len(ratios)} rows: {gm:.2f}; "
+              f"rows below 0.7: {sum(q < 0.7 for q in ratios)}; lowest {min(ratios):.2f}")
+    if base_ratios:
+        gm = float(np.exp(np.mean(np.log(base_ratios))))
+        print(f"# the same for the baseline module: {gm:.2f}; rows below 0.7: {sum(q < 0.7 for q in base_ratios)}; "
+              f"lowest {min(base_ratios):.2f}")
+    if a.json:
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(rows, fh, indent=1)
+        os.replace(tmp, a.json)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,247 @@
+/* chexcy/_ops_conv_gemm.h: convolution as a matrix product on the dense layer's register tile
+ * (the IM2COL_GEMM and POINTWISE_GEMM paths of chexcy._ops' conv planner).
+ *
+ * Per sample n and group g, the forward convolution is one product
+ *
+ *   out[n, g] (Fg, P) = bias + W[g] (Fg, K) . B (K, P),   K = Cg KH KW,  P = OH OW,
+ *   B[k, p] = xpad[c, oh sh + kh dil_h, ow sw + kw dil_w]   for k = (c, kh, kw), p = (oh, ow),
+ *
+ * with xpad the input of (n, g) zero-padded by (ph, pw). B (the "im2col" matrix) is never stored:
+ * each block of GEMM_KC rows x GEMM_NR columns is gathered straight into the packed layout the
+ * register tile reads (chexcy_cg_pack_b), so the stride, the dilation and the kernel taps all fold into
+ * the packing. A 1x1 convolution at stride 1 without padding reads x itself (B = x[n] viewed as
+ * (C, H W)): the packing is then a copy of contiguous row segments, and that is the whole im2col.
+ *
+ * Reproducibility: every output element is bias + s_0 + s_1 + ..., s_b the sum of K block b (its
+ * GEMM_KC steps in k order, from 0), added in that order; the blocks are fixed by K alone, so the value
+ * does not depend on which task or thread computed it (as the linear op, _ops_gemm.h).
+ *
+ * Needs _ops_config.h and _ops_gemm.h first.
+ */
+#ifndef CHEXCY_OPS_CONV_GEMM_H
+#define CHEXCY_OPS_CONV_GEMM_H
+
+#include <string.h>
+
+/* Where one (sample, group) product reads its input and how B is laid over it. */
+typedef struct {
+    const float *x;         /* (Cg, Hp, Wp): the zero-padded input of this (n, g) (or x itself) */
+    Py_ssize_t Hp, Wp;      /* padded plane size */
+    Py_ssize_t KH, KW, sh, sw, dil_h, dil_w;
+    Py_ssize_t OW, P;       /* output width, output positions OH * OW */
+} chexcy_cg_geom;
+
+/* dst (kc, GEMM_NR) = B[k0 .. k0 + kc - 1, j0 .. j0 + GEMM_NR - 1], columns at or past P set to 0.
+ * When the GEMM_NR positions are equally spaced in the input (one output row, or a 1x1 convolution
+ * at stride 1 over whole rows) each row of the block is a strided copy (contiguous at column stride 1);
+ * otherwise each position's offset is computed once per block and gathered. */
+static void chexcy_cg_pack_b(const chexcy_cg_geom *g, Py_ssize_t j0, Py_ssize_t k0, Py_ssize_t kc,
+                             float *dst)
+{
+    Py_ssize_t off[GEMM_NR];
+    const Py_ssize_t nr = g->P - j0 < GEMM_NR ? g->P - j0 : GEMM_NR;
+    const Py_ssize_t plane = g->Hp * g->Wp, taps = g->KH * g->KW, sw = g->sw;
+    for (Py_ssize_t j = 0; j < GEMM_NR; j++) {
+        const Py_ssize_t p = j0 + (j < nr ? j : nr - 1);
+        off[j] = p / g->OW * g->sh * g->Wp + p % g->OW * sw;
+    }
+    const int even = nr == GEMM_NR && off[GEMM_NR - 1] - off[0] == (GEMM_NR - 1) * sw;
+    Py_ssize_t c = k0 / taps, t = k0 % taps, kh = t / g->KW, kw = t % g->KW;
+    for (Py_ssize_t k = 0; k < kc; k++) {
+        const float *src = g->x + c * plane + kh * g->dil_h * g->Wp + kw * g->dil_w;
+        float *d = dst + k * GEMM_NR;
+        if (even) {
+            const float *s = src + off[0];
+            if (sw == 1) {
+                memcpy(d, s, GEMM_NR * sizeof(float));
+            } else if (sw == 2) {
+                GEMM_UNROLL_ALL for (int j = 0; j < GEMM_NR; j++) d[j] = s[2 * j];
+            } else {
+                for (Py_ssize_t j = 0; j < GEMM_NR; j++) d[j] = s[j * sw];
+            }
+        } else {
+            for (Py_ssize_t j = 0; j < nr; j++) d[j] = src[off[j]];
+            for (Py_ssize_t j = nr; j < GEMM_NR; j++) d[j] = 0.0f;
+        }
+        if (++kw == g->KW) {
+            kw = 0;
+            if (++kh == g->KH) {
+                kh = 0;
+                c++;
+            }
+        }
+    }
+}
+
+/* Floats of the packed weight of one group: ceil(Fg / GEMM_MR) GEMM_MR-row strips for every K block. */
+static inline Py_ssize_t chexcy_cg_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
+{
+    return (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR * K;
+}
+
+/* Pack K block kb (steps kb * GEMM_KC ...) of one group's weight (Fg, K), rows contiguous, into
+ * ap + kb * GEMM_KC * Fp (Fp = Fg rounded up to GEMM_MR): its strips (kc, GEMM_MR), rows past Fg zero. */
+static void chexcy_cg_pack_a(const float *w, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t kb, float *ap)
+{
+    const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, k0 = kb * GEMM_KC;
+    const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+    chexcy_gemm_pack_a(w, K, 1, 0, Fg, k0, kc, ap + k0 * Fp);
+}
+
+/* One task: output columns of strips s0 .. s1 - 1 (GEMM_NR positions each) of one (n, g) product,
+ * all Fg rows, all of K:
+ *   ap: the group's packed weight (chexcy_cg_pack_a), bias: (Fg,) or NULL (zeros),
+ *   out: (Fg, P) rows P floats apart, bbuf: this thread's GEMM_KC x GEMM_NR floats.
+ * K blocks outermost (each element's sums in k order), then strips, then row strips of the weight:
+ * a B block is gathered once and meets every output channel while it is in L1. */
+static void chexcy_cg_task(const chexcy_cg_geom *g, const float *ap, const float *bias, Py_ssize_t Fg,
+                           Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float *out, float *bbuf)
+{
+    const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, P = g->P;
+    for (Py_ssize_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+        const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+        const float *ablk = ap + k0 * Fp;
+        for (Py_ssize_t s = s0; s < s1; s++) {
+            const Py_ssize_t j0 = s * GEMM_NR, nr = P - j0 < GEMM_NR ? P - j0 : GEMM_NR;
+            chexcy_cg_pack_b(g, j0, k0, kc, bbuf);
+            for (Py_ssize_t i0 = 0; i0 < Fg; i0 += GEMM_MR) {
+                const Py_ssize_t mr = Fg - i0 < GEMM_MR ? Fg - i0 : GEMM_MR;
+                float *c = out + i0 * P + j0;
+                if (k0 == 0)            /* start from the bias: the tile adds the block sums to it */
+                    for (Py_ssize_t i = 0; i < mr; i++) {
+                        const float b = bias ? bias[i0 + i] : 0.0f;
+                        for (Py_ssize_t j = 0; j < nr; j++) c[i * P + j] = b;
+                    }
+                if (mr == GEMM_MR && nr == GEMM_NR)
+                    chexcy_gemm_tile(kc, ablk + i0 * kc, bbuf, c, P, NULL);
+                else
+                    chexcy_gemm_tile_edge(kc, ablk + i0 * kc, bbuf, c, P, NULL, mr, nr);
+            }
+        }
+    }
+}
+
+/* ---- backward ------------------------------------------------------------------------------------
+ * dweight[g] (Fg, K) = sum over samples n and positions p of dout[n, g] (Fg, P) B_n^T (P, K): a product
+ * whose K dimension runs over (n, p), in blocks of at most GEMM_KC positions of one sample, in the order
+ * (n, block); each block's sum (from 0, in p order) is added to the running value, which starts at 0.
+ * The blocks depend on the shape alone, so the result does not depend on the tasks or threads.
+ *
+ * dx: dcols (K, P) = W[g]^T (K, Fg) dout[n, g] (Fg, P), then every column block is added into the
+ * padded input gradient at the positions its B columns were read from ("col2im"), strip after strip,
+ * k after k: a fixed order for every input position. */
+
+/* dst (kc, GEMM_NR): row p - p0 holds B[k0 .. k0 + GEMM_NR - 1, p] for positions p0 .. p0 + kc - 1
+ * (B^T packed for the dweight product: its columns are im2col rows), rows k past K set to 0. */
+static void chexcy_cg_pack_bt(const chexcy_cg_geom *g, Py_ssize_t K, Py_ssize_t k0, Py_ssize_t p0,
+                              Py_ssize_t kc, float *dst)
+{
+    const Py_ssize_t plane = g->Hp * g->Wp, taps = g->KH * g->KW, nr = K - k0 < GEMM_NR ? K - k0 : GEMM_NR;
+    Py_ssize_t c = k0 / taps, t = k0 % taps, kh = t / g->KW, kw = t % g->KW;
+    for (Py_ssize_t j = 0; j < GEMM_NR; j++) {
+        float *d = dst + j;
+        if (j >= nr) {
+            for (Py_ssize_t p = 0; p < kc; p++) d[p * GEMM_NR] = 0.0f;
+            continue;
+        }
+        const float *src = g->x + c * plane + kh * g->dil_h * g->Wp + kw * g->dil_w;
+        Py_ssize_t oh = p0 / g->OW, ow = p0 % g->OW;
+        const float *row = src + oh * g->sh * g->Wp;
+        for (Py_ssize_t p = 0; p < kc; p++) {
+            d[p * GEMM_NR] = row[ow * g->sw];
+            if (++ow == g->OW) {
+                ow = 0;
+                row += g->sh * g->Wp;
+            }
+        }
+        if (++kw == g->KW) {
+            kw = 0;
+            if (++kh == g->KH) {
+                kh = 0;
+                c++;
+            }
+        }
+    }
+}
+
+/* One dweight task: columns of strips s0 .. s1 - 1 of dweight[g] (Fg, K), rows K floats apart
+ * (already zeroed), over every sample; xs: the padded input's sample stride in floats.
+ *   dout: (N, F, P) with this group's rows at dout + g * Fg * P; abuf: ceil(Fg / GEMM_MR) GEMM_MR x GEMM_KC;
+ *   bbuf: GEMM_KC x GEMM_NR (this thread's). */
+static void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs, const float *dout,
+                                   Py_ssize_t dout_ns, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0,
+                                   Py_ssize_t s1, float *dw, float *abuf, float *bbuf)
+{
+    const Py_ssize_t P = g.P;
+    const float *x0 = g.x;
+    for (Py_ssize_t n = 0; n < N; n++) {
+        g.x = x0 + n * xs;
+        const float *dn = dout + n * dout_ns;
+        for (Py_ssize_t p0 = 0; p0 < P; p0 += GEMM_KC) {
+            const Py_ssize_t kc = P - p0 < GEMM_KC ? P - p0 : GEMM_KC;
+            chexcy_gemm_pack_a(dn, P, 1, 0, Fg, p0, kc, abuf);
+            for (Py_ssize_t s = s0; s < s1; s++) {
+                const Py_ssize_t j0 = s * GEMM_NR, nr = K - j0 < GEMM_NR ? K - j0 : GEMM_NR;
+                chexcy_cg_pack_bt(&g, K, j0, p0, kc, bbuf);
+                for (Py_ssize_t i0 = 0; i0 < Fg; i0 += GEMM_MR) {
+                    const Py_ssize_t mr = Fg - i0 < GEMM_MR ? Fg - i0 : GEMM_MR;
+                    if (mr == GEMM_MR && nr == GEMM_NR)
+                        chexcy_gemm_tile(kc, abuf + i0 * kc, bbuf, dw + i0 * K + j0, K, NULL);
+                    else
+                        chexcy_gemm_tile_edge(kc, abuf + i0 * kc, bbuf, dw + i0 * K + j0, K, NULL, mr, nr);
+                }
+            }
+        }
+    }
+}
+
+/* dx of one (n, g): dxp (Cg, Hp, Wp), the padded input gradient, zeroed here, then for every strip of
+ * GEMM_NR positions in order: t (K, GEMM_NR) = W^T dout block (tiles over K blocks of Fg), added into
+ * dxp where the forward read it. wt: packed W^T of the group (chexcy_cg_pack_a of (K, Fg) rows, i.e.
+ * K rows of Fg, strips over K; its K-dim blocks are blocks of Fg); dn: dout[n, g] (Fg, P);
+ * bbuf: GEMM_KC x GEMM_NR; t: Kp x GEMM_NR (Kp = K rounded up to GEMM_MR). */
+static void chexcy_cg_dx_task(const chexcy_cg_geom *g, float *dxp, Py_ssize_t Cg, const float *wt,
+                              const float *dn, Py_ssize_t Fg, Py_ssize_t K, float *bbuf, float *t)
+{
+    const Py_ssize_t P = g->P, plane = g->Hp * g->Wp, taps = g->KH * g->KW;
+    const Py_ssize_t Kp = (K + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
+    Py_ssize_t off[GEMM_NR];
+    memset(dxp, 0, Cg * plane * sizeof(float));
+    for (Py_ssize_t j0 = 0; j0 < P; j0 += GEMM_NR) {
+        const Py_ssize_t nr = P - j0 < GEMM_NR ? P - j0 : GEMM_NR;
+        for (Py_ssize_t f0 = 0; f0 < Fg; f0 += GEMM_KC) {
+            const Py_ssize_t kc = Fg - f0 < GEMM_KC ? Fg - f0 : GEMM_KC;
+            for (Py_ssize_t f = 0; f < kc; f++) {     /* B block: dout rows f0 .. f0 + kc, GEMM_NR columns */
+                float *d = bbuf + f * GEMM_NR;
+                memcpy(d, dn + (f0 + f) * P + j0, nr * sizeof(float));
+                for (Py_ssize_t j = nr; j < GEMM_NR; j++) d[j] = 0.0f;
+            }
+            for (Py_ssize_t i0 = 0; i0 < Kp; i0 += GEMM_MR) {
+                float *c = t + i0 * GEMM_NR;
+                if (f0 == 0)
+                    memset(c, 0, GEMM_MR * GEMM_NR * sizeof(float));
+                chexcy_gemm_tile(kc, wt + f0 * Kp + i0 * kc, bbuf, c, GEMM_NR, NULL);
+            }
+        }
+        for (Py_ssize_t j = 0; j < nr; j++) {
+            const Py_ssize_t p = j0 + j;
+            off[j] = p / g->OW * g->sh * g->Wp + p % g->OW * g->sw;
+        }
+        Py_ssize_t c = 0, kh = 0, kw = 0;
+        for (Py_ssize_t k = 0; k < K; k++) {
+            float *dst = dxp + c * plane + kh * g->dil_h * g->Wp + kw * g->dil_w;
+            const float *src = t + k * GEMM_NR;
+            for (Py_ssize_t j = 0; j < nr; j++) dst[off[j]] += src[j];
+            if (++kw == g->KW) {
+                kw = 0;
+                if (++kh == g->KH) {
+                    kh = 0;
+                    c++;
+                }
+            }
+        }
+        (void)taps;
+    }
+}
+
+#endif
