@@ -331,3 +331,51 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps):
     dx += centred
     dx += (-w * s * sg / M).astype(dtype)[:, None]
     return dx.reshape(N, C, H, W), (sgx * s).astype(dtype), sg.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch norm in two halves (chexcy.ops.batch_norm2d_plane_stats ...)
+
+def batch_norm2d_plane_stats(x):
+    """x (N, C, H, W) -> (plane_sum (C, N), plane_m2 (C, N)) float64, m2 about each plane's own mean."""
+    planes = _bn_planes(x)
+    HW = planes.shape[2]
+    plane_sum = planes.sum(axis=2, dtype=np.float64)
+    centred = planes - (plane_sum / HW).astype(x.dtype)[:, :, None]
+    m2 = np.einsum("ncl,ncl->nc", centred, centred).astype(np.float64)
+    shift = plane_sum / HW - (plane_sum / HW).astype(x.dtype).astype(np.float64)
+    m2 = np.maximum(m2 - HW * shift * shift, 0.0)        # deviations from the exact plane mean
+    return np.ascontiguousarray(plane_sum.T), np.ascontiguousarray(m2.T)
+
+
+def batch_norm2d_apply(x, mean, var, weight, bias, eps):
+    """x (N, C, H, W), float64 mean, var (C,), weight, bias (C,) -> out, x's dtype."""
+    mean_x = mean.astype(x.dtype)
+    a = weight.astype(np.float64) / np.sqrt(var + eps)
+    b = bias.astype(np.float64) - (mean - mean_x.astype(np.float64)) * a
+    out = _bn_planes(x) - mean_x[:, None]
+    out *= a.astype(x.dtype)[:, None]
+    out += b.astype(x.dtype)[:, None]
+    return out.reshape(x.shape)
+
+
+def batch_norm2d_plane_grad_sums(dout, x, mean):
+    """-> (plane_g (C, N), plane_gx (C, N)) float64: per plane sum(dout) and sum(dout * (x - mean))."""
+    g = _bn_planes(dout)
+    centred = _bn_planes(x) - mean.astype(x.dtype)[:, None]
+    plane_g = g.sum(axis=2, dtype=np.float64)
+    plane_gx = np.einsum("ncl,ncl->nc", g, centred).astype(np.float64)
+    return np.ascontiguousarray(plane_g.T), np.ascontiguousarray(plane_gx.T)
+
+
+def batch_norm2d_backward_apply(dout, x, mean, var, weight, sum_g, sum_gx, count, eps):
+    """dx = a * dout + (x - mean) * b + c from channel sums over `count` values (see batch_norm2d_backward)."""
+    s = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+    w = weight.astype(np.float64)
+    dtype = dout.dtype
+    dx = _bn_planes(dout) * (w * s).astype(dtype)[:, None]
+    centred = _bn_planes(x) - mean.astype(dtype)[:, None]
+    centred *= (-w * s ** 3 * sum_gx / count).astype(dtype)[:, None]
+    dx += centred
+    dx += (-w * s * sum_g / count).astype(dtype)[:, None]
+    return dx.reshape(x.shape)

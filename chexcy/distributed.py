@@ -1,8 +1,9 @@
 """Data-parallel chexcy on MPI (mpi4py): everything that talks to other ranks lives here.
 
-Only `--distributed` imports this module's MPI side; plain chexcy never imports mpi4py. Every helper
-also works with `LocalComm`, a one-process stand-in, so the training and preparation code has a single
-path whatever the number of ranks.
+The communicators themselves (LocalComm, MPIComm, init, shard_bounds) live in chexcy.comm and are
+re-exported here. Only `--distributed` imports mpi4py; plain chexcy never does. Every helper also works
+with `LocalComm`, a one-process stand-in, so the training and preparation code has a single path
+whatever the number of ranks.
 
 Legend: K ranks, r this rank, B global batch (rows of one optimiser step over all ranks), b = B_r the
 rows of rank r, P the total number of gradient scalars.
@@ -18,14 +19,17 @@ The scheme (see docs/distributed.md for how to run it and the cost model):
   the gradient of the global mean loss -- exactly what one process computes on the whole batch, even when
   shards have different sizes or different numbers of masked labels. The loss and the stop request
   (SIGINT/SIGTERM on any rank) come out global too, so every rank stops after the same step.
-- BatchNorm: synchronised batch statistics (`SyncBatchNorm2d`): in training mode the per-channel sums
-  (forward) and the per-channel gradient sums (backward) are summed over ranks, so normalisation uses
-  the statistics of the whole global batch and the running mean/var are identical on every rank. This is
-  the choice that makes "K ranks x B/K == 1 process x B" hold (to float32 rounding); its cost is three
-  small Allreduces (C + 1, C and 2C float64) per BatchNorm layer per step.
-- Dropout: each rank applies its rows of the mask drawn for the whole global batch.
-- Validation: each rank scores its part of every validation batch; `gather_rows` (Gatherv) brings the
-  scores to rank 0, they are put back in row order and shared, so the AUC is that of the whole set.
+- BatchNorm: synchronised batch statistics (chexcy.nn.BatchNorm2d given the communicator): in training
+  mode every rank's per-plane statistics are gathered and combined in batch order (forward), and the
+  per-channel gradient sums are summed over ranks (backward), through the backend's kernels. So
+  normalisation uses the statistics of the whole global batch and the running mean/var are identical on
+  every rank. This is the choice that makes "K ranks x B/K == 1 process x B" hold (to float32 rounding);
+  its cost per BatchNorm layer and step is one allgather of 2 x C x B_r float64 and one Allreduce of 2C.
+- Dropout: each rank applies its rows of the mask drawn for the whole global batch (chexcy.nn.Dropout
+  given the communicator and the global batch's rows).
+- Validation: each rank scores its part of every validation batch (chexcy.scoring.predict_dataset);
+  `gather_rows` (Gatherv) brings the scores to rank 0, they are put back in row order and shared, so
+  the AUC is that of the whole set.
 - Errors: `abort_on_error` turns an uncaught exception on any rank (a bad file, a NaN loss) into a message
   naming the rank and `MPI.COMM_WORLD.Abort`, so the job ends instead of the other ranks waiting forever
   in a collective. `check_ranks_agree` compares, with one allgather at start, what every rank must share
@@ -38,7 +42,6 @@ The scheme (see docs/distributed.md for how to run it and the cost model):
 """
 import collections
 import contextlib
-import functools
 import os
 import select
 import signal
@@ -51,165 +54,8 @@ import traceback
 import numpy as np
 
 from chexcy.fileio import DiskFullError
-
-MPI_EXTRA_HINT = 'install the MPI extra: pip install "chexcy[mpi]" (mpi4py and an MPI implementation)'
-
-
-# ---------------------------------------------------------------------------------------------------
-# Communicators
-# ---------------------------------------------------------------------------------------------------
-
-class LocalComm:
-    """The one-process stand-in: rank 0 of 1; every collective is the identity."""
-
-    rank = 0
-    size = 1
-    is_mpi = False
-
-    @property
-    def is_root(self):
-        return self.rank == 0
-
-    def allreduce_sum_(self, buf):
-        """Sum `buf` (contiguous ndarray) over ranks, in place. Returns buf."""
-        return buf
-
-    def allreduce_sum(self, value):
-        """Sum a Python number over ranks."""
-        return value
-
-    def bcast_(self, buf, root=0):
-        """Overwrite `buf` (contiguous ndarray) with root's copy, in place. Returns buf."""
-        return buf
-
-    def bcast_object(self, obj, root=0):
-        return obj
-
-    def allgather_object(self, obj):
-        return [obj]
-
-    def gatherv_rows(self, local):
-        """Concatenate every rank's `local` (n_r, ...) along axis 0 on rank 0 (None elsewhere)."""
-        return np.ascontiguousarray(local)
-
-    def barrier(self):
-        pass
-
-    def abort(self, code=1):
-        os._exit(code)
-
-    def __repr__(self):
-        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
-
-
-def _collective(method):
-    """Mark the time this rank enters a collective (`busy_since`), for the signal watchdog."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        self.busy_since = time.monotonic()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self.busy_since = None
-    return wrapper
-
-
-class MPIComm(LocalComm):
-    """mpi4py's COMM_WORLD behind the LocalComm interface.
-
-    `busy_since`: time.monotonic() when this rank entered the collective it is blocked in, else None."""
-
-    is_mpi = True
-    busy_since = None
-
-    def __init__(self, comm=None):
-        MPI = import_mpi()
-        self.MPI = MPI
-        self.comm = MPI.COMM_WORLD if comm is None else comm
-        self.rank = self.comm.Get_rank()
-        self.size = self.comm.Get_size()
-
-    @_collective
-    def allreduce_sum_(self, buf):
-        _check_buffer(buf, "allreduce_sum_")
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
-        return buf
-
-    @_collective
-    def allreduce_sum(self, value):
-        return self.comm.allreduce(value, op=self.MPI.SUM)
-
-    @_collective
-    def bcast_(self, buf, root=0):
-        _check_buffer(buf, "bcast_")
-        self.comm.Bcast(buf, root=root)
-        return buf
-
-    @_collective
-    def bcast_object(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
-
-    @_collective
-    def allgather_object(self, obj):
-        return self.comm.allgather(obj)
-
-    @_collective
-    def gatherv_rows(self, local):
-        local = np.ascontiguousarray(local)
-        # Shapes and dtypes first (a small object gather), so ranks may hold different row counts
-        # and a mismatch is reported instead of corrupting the receive buffer.
-        shapes = self.comm.gather((local.shape, local.dtype.str), root=0)
-        # The data travel as bytes, so any dtype works without an MPI datatype table.
-        send = local.reshape(-1).view(np.uint8)
-        if self.rank != 0:
-            self.comm.Gatherv(send, None, root=0)
-            return None
-        tails = {s[1:] for s, _ in shapes}
-        dtypes = {d for _, d in shapes}
-        if len(tails) != 1 or len(dtypes) != 1:
-            raise ValueError(f"gather_rows: ranks sent incompatible arrays (shape, dtype) {shapes}")
-        row_bytes = int(np.prod(local.shape[1:], dtype=np.int64)) * local.dtype.itemsize
-        counts = [int(s[0]) * row_bytes for s, _ in shapes]
-        displs = [int(x) for x in np.concatenate([[0], np.cumsum(counts)[:-1]])]
-        out = np.empty((int(sum(s[0] for s, _ in shapes)),) + local.shape[1:], dtype=local.dtype)
-        self.comm.Gatherv(send, [out.reshape(-1).view(np.uint8), counts, displs, self.MPI.BYTE], root=0)
-        return out
-
-    @_collective
-    def barrier(self):
-        self.comm.Barrier()
-
-    def abort(self, code=1):
-        self.comm.Abort(code)
-
-
-def _check_buffer(buf, name):
-    if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
-        raise TypeError(f"{name}: expected a C-contiguous numpy array, got {type(buf).__name__}")
-
-
-class MPIUnavailable(ImportError, RuntimeError):
-    """mpi4py (or its MPI library) cannot be loaded. A RuntimeError too, so `chexcy` reports it in one line."""
-
-
-def import_mpi():
-    """Import mpi4py.MPI, or raise MPIUnavailable saying how to install it."""
-    try:
-        from mpi4py import MPI
-    except ImportError as exc:
-        raise MPIUnavailable(f"--distributed needs mpi4py: {MPI_EXTRA_HINT} ({exc})") from None
-    return MPI
-
-
-def init(distributed=True):
-    """The communicator for this process: `MPIComm` when `distributed`, else `LocalComm`.
-
-    Started without mpiexec, an MPI program is one rank of one (a "singleton"), which is valid.
-    """
-    if not distributed:
-        return LocalComm()
-    return MPIComm()
-
+from chexcy.comm import (MPI_EXTRA_HINT, LocalComm, MPIComm, MPIUnavailable, gather_rows,  # noqa: F401
+                         import_mpi, init, shard, shard_bounds)
 
 # ---------------------------------------------------------------------------------------------------
 # Errors: one failing rank ends the job
@@ -392,31 +238,6 @@ class SignalWatchdog:
         self._send.close()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Sharding
-# ---------------------------------------------------------------------------------------------------
-
-def shard_bounds(n, rank, size):
-    """(lo, hi): rank `rank`'s contiguous part of n items split over `size` ranks.
-
-    The first n % size ranks take n // size + 1 items, the others n // size; the parts of ranks
-    0..size-1 are adjacent and cover [0, n) exactly, so concatenating per-rank results in rank order
-    restores the original order.
-    """
-    if size < 1 or not 0 <= rank < size:
-        raise ValueError(f"shard_bounds: need 0 <= rank < size, got rank={rank}, size={size}")
-    if n < 0:
-        raise ValueError(f"shard_bounds: n must be >= 0, got {n}")
-    base, extra = divmod(n, size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
-def shard(indices, comm):
-    """This rank's contiguous slice of `indices` (1-D, e.g. the rows of one global batch)."""
-    lo, hi = shard_bounds(len(indices), comm.rank, comm.size)
-    return indices[lo:hi]
-
 
 # ---------------------------------------------------------------------------------------------------
 # Gradient averaging: one Allreduce per step
@@ -467,6 +288,9 @@ class GradientAllreduce:
 
     def __call__(self, loss, weight, stop=False, rows=0):
         weight = float(weight)
+        if self.comm.size == 1:            # one rank: its gradients and loss are already the global ones
+            self.calls += 1
+            return StepTotals(float(loss), weight, int(rows), bool(stop))
         buf = self.buffer
         if weight > 0:
             for p, view in zip(self.params, self.views):
@@ -520,126 +344,6 @@ def broadcast_parameters(params, comm, root=0):
     broadcast_arrays([p.data for p in params], comm, root=root)
 
 
-def gather_rows(local, comm):
-    """Concatenate each rank's (n_r, ...) array along axis 0 in rank order on rank 0; None elsewhere.
-
-    With `shard_bounds` slices this restores the original row order (e.g. validation predictions).
-    """
-    return comm.gatherv_rows(local)
-
-
-# ---------------------------------------------------------------------------------------------------
-# BatchNorm with the statistics of the whole global batch
-# ---------------------------------------------------------------------------------------------------
-
-def _sync_batchnorm_class():
-    """SyncBatchNorm2d, built on first use so that importing this module does not import chexcy.nn."""
-    global SyncBatchNorm2d
-    if SyncBatchNorm2d is not None:
-        return SyncBatchNorm2d
-    from chexcy.nn.layers import BatchNorm2d
-
-    class _SyncBatchNorm2d(BatchNorm2d):
-        """BatchNorm2d whose training statistics are those of the global batch over all ranks.
-
-        Forward (training): the per-channel mean from Allreduce(sum x, count), then the variance from
-        Allreduce(sum (x - mean)^2): the same two-pass formula one process uses, so the normalised
-        activations, and the running mean/var (identical on every rank, no extra syncing), equal a
-        single process's on the whole batch to float32 rounding.
-        Backward: dx needs the global sums of dout and dout * xhat. Gradients here are in this rank's
-        units (the rank's loss is a mean over its own `loss_weight` = w_r terms, while the global loss
-        is a mean over W = sum w_r), so the sums are taken of w_r * dout (W cancels out of dx: see
-        below); dweight/dbias stay local sums, which GradientAllreduce then weights by w_r like every
-        other gradient. A rank with w_r = 0 contributes nothing through this layer (documented).
-        Eval mode is plain BatchNorm2d with the (shared) running statistics.
-        """
-        comm = LocalComm()
-        loss_weight = 1.0
-
-        def forward(self, x):
-            if not self.training:
-                return super().forward(x)
-            if x.ndim != 4 or x.shape[1] != self.num_features:
-                raise ValueError(f"SyncBatchNorm2d: expected (N, {self.num_features}, H, W), got {x.shape}")
-            dtype = x.dtype
-            C = self.num_features
-            stats = np.empty(C + 1, np.float64)
-            stats[:C] = x.sum(axis=(0, 2, 3), dtype=np.float64)
-            stats[C] = x.shape[0] * x.shape[2] * x.shape[3]
-            self.comm.allreduce_sum_(stats)
-            count = stats[C]
-            if count < 2:
-                raise ValueError(f"SyncBatchNorm2d: training needs more than one value per channel over all "
-                                 f"ranks, got {int(count)} (local input {x.shape})")
-            mean = (stats[:C] / count).astype(dtype)
-            xhat = x - mean[:, None, None]
-            sq = np.einsum("nchw,nchw->c", xhat, xhat).astype(np.float64)
-            self.comm.allreduce_sum_(sq)
-            var = (sq / count).astype(dtype)
-            inv_std = 1.0 / np.sqrt(var + dtype.type(self.eps))
-            xhat *= inv_std[:, None, None]
-            self._xhat, self._inv_std, self._count = xhat, inv_std, count
-            m = self.momentum
-            self.running_mean *= (1 - m)
-            self.running_mean += (m * mean).astype(np.float32)
-            self.running_var *= (1 - m)
-            self.running_var += (m * var * (count / (count - 1))).astype(np.float32)
-            gamma = self.weight.data.astype(dtype, copy=False)[:, None, None]
-            beta = self.bias.data.astype(dtype, copy=False)[:, None, None]
-            return xhat * gamma + beta
-
-        def backward(self, dout):
-            # With dout_r = (W / w_r) * g_r (g the gradient of the global loss on this rank's rows):
-            #   g_dx = gamma * inv_std * (g - sum(g) / n - xhat * sum(g * xhat) / n)   (sums over all ranks)
-            #   dx_r = (W / w_r) * g_dx = gamma * inv_std * (dout_r - S_b / (w_r n) - xhat * S_g / (w_r n))
-            # where S_b = sum_r w_r sum(dout_r), S_g = sum_r w_r sum(dout_r * xhat): W never appears.
-            xhat, inv_std, count = self._xhat, self._inv_std, self._count
-            C = self.num_features
-            dbeta = dout.sum(axis=(0, 2, 3))
-            dgamma = np.einsum("nchw,nchw->c", dout, xhat)
-            self.weight.grad, self.bias.grad = dgamma, dbeta
-            w = float(self.loss_weight)
-            sums = np.empty(2 * C, np.float64)
-            sums[:C] = dbeta
-            sums[C:] = dgamma
-            sums *= w
-            self.comm.allreduce_sum_(sums)
-            if w <= 0:
-                return np.zeros_like(dout)
-            mean_b = (sums[:C] / (w * count)).astype(dout.dtype)
-            mean_g = (sums[C:] / (w * count)).astype(dout.dtype)
-            gamma = self.weight.data.astype(dout.dtype, copy=False)
-            dx = xhat * (-mean_g)[:, None, None]
-            dx += dout
-            dx -= mean_b[:, None, None]
-            dx *= (gamma * inv_std)[:, None, None]
-            return dx
-
-    _SyncBatchNorm2d.__name__ = _SyncBatchNorm2d.__qualname__ = "SyncBatchNorm2d"
-    SyncBatchNorm2d = _SyncBatchNorm2d
-    return SyncBatchNorm2d
-
-
-SyncBatchNorm2d = None
-
-
-def convert_sync_batchnorm(model, comm):
-    """Turn every BatchNorm2d of `model` into a SyncBatchNorm2d on `comm`, in place. Returns the layers.
-
-    Only the class of each layer changes (parameters, buffers and state_dict names stay), so
-    checkpoints move freely between distributed and single-process runs.
-    """
-    from chexcy.nn.layers import BatchNorm2d
-    cls = _sync_batchnorm_class()
-    converted = []
-    for m in model.modules():
-        if isinstance(m, BatchNorm2d):
-            m.__class__ = cls
-            m.comm = comm
-            converted.append(m)
-    return converted
-
-
 # ---------------------------------------------------------------------------------------------------
 # The training loop's view of all of the above
 # ---------------------------------------------------------------------------------------------------
@@ -655,7 +359,7 @@ def present_labels(labels, mask=None):
 class DataParallel:
     """Data-parallel training of `model` over `comm`: the few calls a training loop makes.
 
-        dp = DataParallel(model, comm)       # SyncBatchNorm, sharded Dropout, identical start, one buffer
+        dp = DataParallel(model, comm)       # layers given comm, identical start, one buffer
         for batch in loader (sharded):       # each rank: its slice of the global batch
             dp.begin_step(weight, n_global)  # weight = present_labels(batch.labels, batch.mask)
             loss = forward + backward        # this rank's mean loss over its `weight` terms
@@ -671,8 +375,13 @@ class DataParallel:
     def __init__(self, model, comm, broadcast=True):
         self.model = model
         self.comm = comm
-        self.sync_bn = convert_sync_batchnorm(model, comm) if comm.size > 1 else []
-        self.dropout = convert_sharded_dropout(model, comm) if comm.size > 1 else []
+        from chexcy.nn.layers import BatchNorm2d, Dropout
+        # The layers own their math: given the communicator, BatchNorm2d uses the global batch's statistics
+        # and Dropout the global batch's mask (identity when comm has one rank).
+        self.sync_bn = [m for m in model.modules() if isinstance(m, BatchNorm2d)]
+        self.dropout = [m for m in model.modules() if isinstance(m, Dropout)]
+        for m in self.sync_bn + self.dropout:
+            m.comm = comm
         if broadcast and comm.size > 1:
             broadcast_arrays([p.data for p in model.parameters()]
                              + [b for _, b in model.named_buffers()], comm)
@@ -682,7 +391,7 @@ class DataParallel:
     def attach(self, loader):
         """Make `loader` yield this rank's rows of every global batch (BatchLoader / StudyLoader).
 
-        Every global batch must give each rank at least one row (SyncBatchNorm and the kernels need a
+        Every global batch must give each rank at least one row (synchronised BatchNorm and the kernels need a
         non-empty batch): batch_size >= K, and a last, shorter batch of an epoch must hold >= K rows.
         """
         k = self.comm.size
@@ -694,7 +403,8 @@ class DataParallel:
                 f"over {n} items gives " + (f"batches of {b}" if b < k else f"a last batch of {last}") +
                 "; choose another --batch-size (or fewer ranks)")
         self.loader = loader
-        loader.shard = self.shard_positions
+        if k > 1:
+            loader.shard = self.shard_positions
         return loader
 
     def shard_positions(self, positions):
@@ -706,87 +416,16 @@ class DataParallel:
         b = self.loader.batch_size
         return int(min(b, self.loader.n_items - step * b))
 
-    def catch_signals(self):
-        """SIGINT/SIGTERM only note the signal; `stop_signal` turns it into a decision all ranks share.
-
-        A rank must never stop on its own (the others would wait in the next Allreduce), so the signal
-        travels in the step's Allreduce buffer and every rank stops after the same step. A second signal
-        restores the previous handler and re-raises (for a hung step); a SignalWatchdog ends a rank that
-        is blocked in a collective and cannot run the handler at all.
-        """
-        self.pending_signal = None
-        self._previous_handlers = {}
-
-        def handle(signum, frame):
-            if self.pending_signal is not None:
-                signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
-                os.kill(os.getpid(), signum)
-                return
-            self.pending_signal = signum
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous_handlers[sig] = signal.signal(sig, handle)
-        self._watchdog = SignalWatchdog(self.comm) if self.comm.size > 1 else None
-
-    def restore_signals(self):
-        """Put back the handlers `catch_signals` replaced (when training ends)."""
-        if getattr(self, "_watchdog", None) is not None:
-            self._watchdog.stop()
-            self._watchdog = None
-        for sig, handler in getattr(self, "_previous_handlers", {}).items():
-            signal.signal(sig, handler)
-        self._previous_handlers = {}
-
-    def stop_signal(self, totals=None):
-        """The signal to stop on, identical on every rank (None: go on).
-
-        totals: the StepTotals of the step just done (its stop flag is already global); without it, one
-        small Allreduce asks every rank (used between epochs)."""
-        stop = totals.stop if totals is not None else self.any(self.pending_signal is not None)
-        if not stop:
-            return None
-        return self.pending_signal or signal.SIGTERM
-
     def begin_batch(self, batch, step):
-        """Before forward: tell SyncBatchNorm this rank's loss weight and Dropout the global batch size."""
+        """Before forward: tell BatchNorm this rank's loss weight and Dropout the global batch size."""
         self.weight = present_labels(batch.labels, batch.mask)
         self.rows = int(len(batch.labels))
         self.begin_step(self.weight, self.global_rows(step))
 
-    def end_batch(self, loss):
-        """After backward: the step's one Allreduce. Returns StepTotals (global loss, weight, rows, stop)."""
-        stop = getattr(self, "pending_signal", None) is not None
+    def end_batch(self, loss, stop=False):
+        """After backward: the step's one Allreduce (gradients, loss, rows and this rank's wish to stop).
+        Returns StepTotals (global loss, weight, rows, stop on any rank)."""
         return self.end_step(loss, self.weight, rows=self.rows, stop=stop)
-
-    def any(self, flag):
-        """True on every rank when `flag` is true on any rank (e.g. a signal seen during validation)."""
-        return self.comm.allreduce_sum(1 if flag else 0) > 0
-
-    def predict(self, dataset, batch_size=64, pos_weight=None):
-        """chexcy.evaluate.predict_dataset over all ranks: each rank scores its part of every batch, the
-        scores are gathered on rank 0 (Gatherv), put back in row order, and shared with every rank, so
-        the AUC (and which checkpoint is best) is that of the whole set and the same everywhere."""
-        from chexcy.evaluate import Predictions
-        from chexcy.nn import bce_with_logits, sigmoid
-        from chexcy.train import make_loader
-        model = self.model
-        model.eval()
-        loader = make_loader(model, dataset, batch_size, shuffle=False, seed=0, augment=False)
-        loader.shard = self.shard_positions
-        logits, labels, groups = [np.zeros((0, 14))], [np.zeros((0, 14))], [np.zeros(0, np.int64)]
-        for batch in loader.batches(0):
-            if len(batch.labels) == 0:          # a batch smaller than the number of ranks
-                continue
-            logits.append(np.asarray(model.forward_batch(batch), dtype=np.float64))
-            labels.append(np.where(np.asarray(batch.mask) > 0, batch.labels, np.nan).astype(np.float64))
-            groups.append(np.asarray(batch.index if model.input_kind == "image" else batch.study_rows, np.int64))
-        parts = [gather_rows(np.concatenate(a), self.comm) for a in (logits, labels, groups)]
-        parts = self.comm.bcast_object(parts)
-        all_logits, all_labels, all_groups = parts
-        order = np.argsort(all_groups, kind="stable")    # the order one process would produce
-        all_logits, all_labels, all_groups = all_logits[order], all_labels[order], all_groups[order]
-        loss, _ = bce_with_logits(all_logits, all_labels, pos_weight=pos_weight)
-        return Predictions(sigmoid(all_logits), all_labels, loss, all_groups, model.input_kind)
 
     def begin_step(self, weight, n_global=None):
         for m in self.sync_bn:
@@ -799,31 +438,58 @@ class DataParallel:
         return self.reducer(loss, weight, stop=stop, rows=rows)
 
 
-def convert_sharded_dropout(model, comm):
-    """Make every Dropout of `model` draw the global batch's mask and keep this rank's rows (in place)."""
-    from chexcy.nn.layers import Dropout
+class StopRequest:
+    """SIGINT/SIGTERM as a stop request that every rank honours after the same step (the one handler of
+    `chexcy train`, for one process and K ranks alike).
 
-    class ShardedDropout(Dropout):
-        """Dropout whose mask is the slice, for this rank's rows, of the mask one process would draw for
-        the whole global batch (`global_rows` rows) from the same generator. Costs a mask of the global
-        batch's size: dropout sits on small feature vectors, so this is cheap."""
-        global_rows = None
+        with StopRequest(comm) as stop:
+            ... stop.seen ...                  # this rank's signal, if any (send it in the step's Allreduce)
+            stop.decide(totals.stop)           # the decision all ranks share -> stop.signal (None: go on)
 
-        def forward(self, x):
-            if not self.training or self.p == 0.0 or self.global_rows is None:
-                return super().forward(x)
-            lo, hi = shard_bounds(int(self.global_rows), self.comm.rank, self.comm.size)
-            if hi - lo != x.shape[0]:
-                raise ValueError(f"Dropout: this rank holds {x.shape[0]} rows but its shard of a global batch of "
-                                 f"{self.global_rows} is {hi - lo}")
-            keep = self.rng.random((int(self.global_rows),) + x.shape[1:], dtype=np.float32)[lo:hi] >= self.p
-            self._mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
-            return x * self._mask
+    A signal only notes itself: a rank must never stop on its own (the others would wait in the next
+    collective). A second signal falls back to the default behaviour (for a step that hangs). With K > 1 a
+    SignalWatchdog also ends a rank blocked in a collective, where Python cannot run the handler at all.
+    enabled=False (or off the main thread) installs nothing: `seen` stays None.
+    """
 
-    converted = []
-    for m in model.modules():
-        if type(m) is Dropout:
-            m.__class__ = ShardedDropout
-            m.comm = comm
-            converted.append(m)
-    return converted
+    def __init__(self, comm, enabled=True):
+        self.comm = comm
+        self.seen = None
+        self.signal = None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._previous = {}
+        self._watchdog = None
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+            if self.comm.size > 1:
+                self._watchdog = SignalWatchdog(self.comm)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.seen is not None:
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+            os.kill(os.getpid(), signum)
+            return
+        self.seen = signum
+
+    def decide(self, any_rank=None):
+        """Set and return `signal`, the same on every rank: the signal to stop on, or None.
+
+        any_rank: whether some rank saw a signal, when a collective already told (the step's Allreduce);
+        None asks every rank with one small Allreduce (between epochs)."""
+        if any_rank is None:
+            any_rank = self.comm.allreduce_sum(1 if self.seen is not None else 0) > 0
+        self.signal = (self.seen or signal.SIGTERM) if any_rank else None
+        return self.signal
+
+    def __exit__(self, *exc):
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False

@@ -428,7 +428,7 @@ def test_sigterm_ends_a_job_whose_rank_is_blocked_in_a_collective(tmp_path):
         "distributed.STUCK_AFTER_SIGNAL_S = 1.0\n"
         "comm = distributed.init(True)\n"
         "dp = distributed.DataParallel(build_model('simple', widths=[2]), comm)\n"
-        "dp.catch_signals()\n"
+        "distributed.StopRequest(comm).__enter__()\n"
         "print('ready', comm.rank, flush=True)\n"
         "if comm.rank == 0:\n"
         "    comm.barrier()\n"

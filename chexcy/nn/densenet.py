@@ -28,7 +28,7 @@ A transition runs its 2x2 average pool before its 1x1 conv. Both are linear and 
 (the conv mixes channels per pixel, the pool averages pixels per channel; the conv has no bias), so
 pool(conv(z)) = conv(pool(z)) exactly in arithmetic, and the conv does 4x less work on 4x less input.
 
-When norm1 is not a plain BatchNorm2d (SyncBatchNorm2d in distributed training, whose statistics span
+When norm1 is not a plain BatchNorm2d (or one synchronised over ranks in distributed training, whose statistics span
 every rank), the layer calls it as a module on a contiguous copy of the prefix and keeps its output.
 
 Initialisation as torchvision's: convs He-normal on fan_in, BatchNorm 1 and 0, classifier weight
@@ -65,7 +65,7 @@ class DenseLayer(Module):
 
     def _shared_stats(self):
         """Whether norm1 can use the block's per-channel statistics (a plain BatchNorm2d)."""
-        return type(self.norm1) is BatchNorm2d
+        return type(self.norm1) is BatchNorm2d and not self.norm1.synchronised
 
     def _scale_shift(self, mean, var):
         """Per-channel (scale, shift) with norm1(x) = x * scale + shift for statistics mean, var (C,)."""
