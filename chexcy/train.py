@@ -45,7 +45,7 @@ from chexcy.data.dataset import open_dataset
 from chexcy.data.loader import make_loader
 from chexcy.data.prepare import policy_text
 from chexcy.data.schema import COMPETITION_TASKS, LABELS, NUM_CLASSES
-from chexcy.distributed import DataParallel, StopRequest, check_ranks_agree, raise_on_every_rank
+from chexcy.parallel import DataParallel, StopRequest, check_ranks_agree, raise_on_every_rank
 from chexcy.fileio import DamagedFileError, DiskFullError
 from chexcy.memory import reuse_freed_memory
 from chexcy.nn import ARCHITECTURES, bce_with_logits, build_model

@@ -423,9 +423,9 @@ def test_sigterm_ends_a_job_whose_rank_is_blocked_in_a_collective(tmp_path):
     script = tmp_path / "blocked.py"
     script.write_text(
         "import sys, time\n"
-        "from chexcy import distributed\n"
+        "from chexcy import distributed, parallel\n"
         "from chexcy.nn import build_model\n"
-        "distributed.STUCK_AFTER_SIGNAL_S = 1.0\n"
+        "parallel.STUCK_AFTER_SIGNAL_S = 1.0\n"
         "comm = distributed.init(True)\n"
         "dp = distributed.DataParallel(build_model('simple', widths=[2]), comm)\n"
         "distributed.StopRequest(comm).__enter__()\n"
