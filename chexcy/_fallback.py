@@ -20,6 +20,8 @@ Works for float32 (what ops passes) and float64; results have the inputs' dtype.
 """
 import numpy as np
 
+from chexcy._args import output_hw
+
 
 def _offset_slices(i, j, OH, OW, stride, dilation):
     """The strided (rows, cols) slices of a padded input that kernel offset (i, j) touches."""
@@ -37,12 +39,6 @@ def _pad(x, padding, value=0.0):
     x_pad = np.full((N, C, H + 2 * ph, W + 2 * pw), value, x.dtype)
     x_pad[:, :, ph:ph + H, pw:pw + W] = x
     return x_pad
-
-
-def _out_hw(H, W, kernel_hw, stride, padding, dilation):
-    (KH, KW), (sh, sw), (ph, pw), (dil_h, dil_w) = kernel_hw, stride, padding, dilation
-    return ((H + 2 * ph - dil_h * (KH - 1) - 1) // sh + 1,
-            (W + 2 * pw - dil_w * (KW - 1) - 1) // sw + 1)
 
 
 # Below this many rows per column (K = Cg * KH * KW) the products are so thin that moving the
@@ -63,7 +59,7 @@ def _im2col(x, kernel_hw, stride, padding, dilation, per_image):
     """
     N, C, H, W = x.shape
     KH, KW = kernel_hw
-    OH, OW = _out_hw(H, W, kernel_hw, stride, padding, dilation)
+    OH, OW = output_hw(H, W, kernel_hw, stride, padding, dilation)
     x_pad = _pad(x, padding)
     if per_image:
         columns = np.empty((N, C, KH, KW, OH, OW), x.dtype)
@@ -86,7 +82,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
     N, C, H, W = x.shape
     F, Cg, KH, KW = weight.shape
     G, K = groups, Cg * KH * KW
-    OH, OW = _out_hw(H, W, (KH, KW), stride, padding, dilation)
+    OH, OW = output_hw(H, W, (KH, KW), stride, padding, dilation)
     per_image = K < PER_IMAGE_BELOW_K
     columns = _im2col(x, (KH, KW), stride, padding, dilation, per_image)
     weight_matrix = weight.reshape(G, F // G, K)
@@ -153,7 +149,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     N, C, H, W = x.shape
     KH, KW = kernel_size
     (sh, sw), (ph, pw), (dil_h, dil_w) = stride, padding, dilation
-    OH, OW = _out_hw(H, W, kernel_size, stride, padding, dilation)
+    OH, OW = output_hw(H, W, kernel_size, stride, padding, dilation)
     x_pad = _pad(x, padding, -np.inf)
     # Start from -inf with "the first tap inside the input" as the argmax and only take a tap that is
     # strictly greater (or NaN): padding (-inf) then never wins, ties keep the earliest tap in scan
@@ -214,7 +210,7 @@ def avg_pool2d_forward(x, kernel_size, stride, padding, count_include_pad):
     """x (N, C, H, W) -> out (N, C, OH, OW): window sums over the divisor."""
     N, C, H, W = x.shape
     KH, KW = kernel_size
-    OH, OW = _out_hw(H, W, kernel_size, stride, padding, (1, 1))
+    OH, OW = output_hw(H, W, kernel_size, stride, padding, (1, 1))
     x_pad = _pad(x, padding)
     total = np.zeros((N, C, OH, OW), x.dtype)
     for i in range(KH):

@@ -11,6 +11,7 @@ import traceback
 
 from chexcy.comm import (MPI_EXTRA_HINT, LocalComm, MPIComm, MPIUnavailable, gather_rows,  # noqa: F401
                          import_mpi, init, shard, shard_bounds)
+from chexcy.cpus import cores_available
 from chexcy.fileio import DiskFullError
 from chexcy.parallel import (STUCK_AFTER_SIGNAL_S, DataParallel, GradientAllreduce, SignalWatchdog,  # noqa: F401
                              StepTotals, StopRequest, broadcast_arrays, broadcast_parameters,
@@ -91,7 +92,7 @@ def threads_per_rank(comm):
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cores_available()
     # With a binding launcher (srun --cpu-bind, mpiexec -bind-to core) the affinity already is this
     # rank's share: do not divide it again.
     if cores < (os.cpu_count() or cores):

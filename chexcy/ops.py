@@ -40,6 +40,8 @@ import warnings
 import numpy as np
 
 from chexcy import _native
+from chexcy._args import conv_output_size, output_hw
+from chexcy.cpus import cores_available
 
 __all__ = [
     "conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
@@ -166,10 +168,7 @@ def _default_num_threads():
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) >= 1:
         return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return cores_available()
 
 
 def get_num_threads():
@@ -215,15 +214,6 @@ def info():
 
 # ----------------------------------------------------------------------------------------------
 # Argument normalisers (one source of truth for the geometry)
-
-def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
-    """Output length along one axis: (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1.
-
-    Used for conv and both pools (avg pool has dilation 1). It may be <= 0 for impossible geometry;
-    the ops reject that.
-    """
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
 
 def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -318,8 +308,7 @@ def _output_hw(fn, x_shape, kernel_hw, stride, padding, dilation, what):
                 f"{fn}: {what} {(kernel_hw)} with dilation {dilation} spans {effective} along {axis} but "
                 f"the padded input has only {size + 2 * p} (x {tuple(x_shape)}, padding {padding}): "
                 f"the output would be empty")
-    return (conv_output_size(H, kernel_hw[0], stride[0], padding[0], dilation[0]),
-            conv_output_size(W, kernel_hw[1], stride[1], padding[1], dilation[1]))
+    return output_hw(H, W, kernel_hw, stride, padding, dilation)
 
 
 def _check_pool_padding(fn, kernel_hw, padding):

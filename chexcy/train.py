@@ -50,7 +50,7 @@ from chexcy.fileio import DamagedFileError, DiskFullError
 from chexcy.memory import reuse_freed_memory
 from chexcy.nn import ARCHITECTURES, bce_with_logits, build_model
 from chexcy.nn.models import TORCHVISION_ARCHITECTURES
-from chexcy.optim import build_optimizer, make_schedule
+from chexcy.optim import OPTIMIZERS, SCHEDULES, build_optimizer, make_schedule
 from chexcy.runlog import JsonLog, read_log  # noqa: F401  (read_log: chexcy.train.read_log for callers)
 from chexcy.scoring import predict_dataset
 
@@ -135,8 +135,10 @@ class TrainConfig:
             raise ValueError("bad training settings: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adamw")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         return self
 
 

@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "chexcy"
 # The layers, lowest first. A module may import modules of its own layer or lower ones, never higher ones.
 # Within a layer the graph must still be free of cycles.
 LAYERS = [
-    ("base", ["chexcy", "chexcy.fileio", "chexcy.locks", "chexcy.memory", "chexcy._native", "chexcy.comm",
+    ("base", ["chexcy", "chexcy._args", "chexcy.cpus", "chexcy.fileio", "chexcy.locks", "chexcy.memory", "chexcy._native", "chexcy.comm",
               "chexcy.metrics"]),
     ("data", ["chexcy.data"]),
     ("ops", ["chexcy.ops", "chexcy._fallback", "chexcy.reference"]),

@@ -33,6 +33,7 @@ import os
 
 import numpy as np
 
+from chexcy.cpus import cores_available
 from chexcy.data.schema import COLUMNS, DATASET_DIR, LABELS, format_label
 
 # Counts of (1, -1, 0) per observation in the real train.csv (223,414 rows); the rest are blank.
@@ -408,7 +409,7 @@ def make_synthetic(out, n_train=2000, n_valid=300, seed=0, workers=None, progres
     valid_rows, valid_jobs, _ = make_tables(n_valid, "valid", seed, first_patient=next_patient)
     tasks = [(job, out, seed, "train") for job in train_jobs] + [(job, out, seed, "valid") for job in valid_jobs]
     if workers is None:
-        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        workers = min(8, cores_available())
     total = len(tasks)
     if workers <= 1:
         for i, task in enumerate(tasks):
