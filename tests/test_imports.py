@@ -129,3 +129,24 @@ def test_imports_run_one_way_through_the_layers():
               for name, targets in import_graph().items() for target in sorted(targets)
               if layer_of(target) > layer_of(name)]
     assert not upward, "imports against the layer order:\n" + "\n".join(upward)
+
+
+def test_no_class_assignment_in_chexcy():
+    # Layers own their math: no module swaps an object's class behind its back (a synchronised BatchNorm
+    # is BatchNorm2d given a communicator).
+    offenders = [f"{name}:{node.lineno}" for name, path in modules().items()
+                 for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                 for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                 if isinstance(target, ast.Attribute) and target.attr == "__class__"]
+    assert not offenders, offenders
+
+
+def test_the_training_loop_reads_in_one_screen():
+    # fit and its steps (start_or_resume, train_epoch, end_epoch) each fit on a screen.
+    tree = ast.parse((PACKAGE / "train.py").read_text())
+    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert {"fit", "start_or_resume", "train_epoch", "end_epoch"} <= set(lengths)
+    longest = max(lengths, key=lengths.get)
+    assert lengths[longest] < 100, f"{longest} in chexcy/train.py has {lengths[longest]} lines"
