@@ -45,12 +45,15 @@ def _pos_weight(text):
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto', a number or 14 comma-separated numbers, got {text!r}")
+        from chexcy.data.schema import NUM_CLASSES
+        raise argparse.ArgumentTypeError(f"expected 'auto', a number or {NUM_CLASSES} comma-separated numbers, "
+                                         f"got {text!r}")
     return values[0] if len(values) == 1 else values
 
 
 def register(subparsers):
     from chexcy.nn.models import ARCHITECTURES, BACKBONES   # numpy only: chexcy.nn loads no kernels on import
+    from chexcy.data.schema import NUM_CLASSES
     from chexcy.optim import OPTIMIZERS, SCHEDULES
     # -- train -------------------------------------------------------------------------------------------
     p = subparsers.add_parser(
@@ -87,7 +90,7 @@ def register(subparsers):
     g.add_argument("--gamma", type=float, help="decay factor for --schedule step (default 0.1)")
     g.add_argument("--pos-weight", type=_pos_weight,
                    help="weight of positive labels in the loss: 'auto' (n_neg/n_pos per label, clipped to "
-                        "[1, 10]), a number, or 14 comma-separated numbers")
+                        f"[1, 10]), a number, or {NUM_CLASSES} comma-separated numbers")
     g.add_argument("--augment", action="store_const", const=True, help="random augmentation of training images")
     g.add_argument("--seed", type=int, help="seed of weights, data order, augmentation and dropout (default 0)")
     g = p.add_argument_group("run")
@@ -132,7 +135,7 @@ def register(subparsers):
 
     # -- predict -----------------------------------------------------------------------------------------
     p = subparsers.add_parser("predict", help="label chest X-ray images with a checkpoint",
-                              description="14 probabilities per image (JPEG or PNG files, or folders of "
+                              description=f"{NUM_CLASSES} probabilities per image (JPEG or PNG files, or folders of "
                                           "them), preprocessed exactly as `chexcy prepare` does; optional "
                                           "Grad-CAM heat maps.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
@@ -141,7 +144,7 @@ def register(subparsers):
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="a checkpoint written by `chexcy train` (e.g. RUN/best.npz)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
-                   help="output on stdout: an aligned table with short column names, CSV (path + the 14 "
+                   help=f"output on stdout: an aligned table with short column names, CSV (path + the {NUM_CLASSES} "
                         "observations) or JSON (default table)")
     p.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM heat map PNG per image into DIR (with "
                                                     "--observation), named after its patient, study and view")
