@@ -1,12 +1,17 @@
 """The training loop: `fit(...)` for notebooks and `chexcy train` alike.
 
 Data flows one way: prepared arrays -> loader -> model (chexcy.ops) -> masked BCE -> optimiser ->
-checkpoint / metrics. One step:
+checkpoint / metrics. `fit` = start_or_resume, then per epoch train_epoch and end_epoch (validate, pick
+the best, checkpoint, report). One path for one process and K MPI ranks: the model is driven through a
+replica (chexcy.parallel.DataParallel) over a communicator (chexcy.comm; LocalComm for one process, whose
+collectives return their input). One step:
 
     model.set_random_state(rng(seed, epoch, step))      dropout masks reproducible across resume
+    replica.begin_batch(batch, step)                    this rank's loss weight, the global batch's rows
     logits = model.forward_batch(batch)                 (B, 14) float32
     loss, dlogits = bce_with_logits(logits, labels, mask, pos_weight)
     model.backward(dlogits)                             sets every p.grad
+    totals = replica.end_batch(loss, stop)              gradients, loss and stop request of all ranks
     optimizer.step(lr_at(global_step))                  lr a pure function of the step
 
 Exact resume: the loader's order and augmentation depend only on (seed, epoch, row), dropout on
@@ -280,8 +285,8 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, overwrite=False,
     log_every: a progress line every N steps (0: none); checkpoint_every: also save last.npz every N steps.
     threads: kernel threads (chexcy.ops.set_num_threads); workers: loader workers.
     out: where progress goes (None: silent). settings: fields of TrainConfig (arch, epochs, lr, ...).
-    comm: a chexcy.distributed communicator for data-parallel training under mpiexec (None: one process);
-      see docs/distributed.md.
+    comm: a chexcy.comm communicator for data-parallel training under mpiexec (chexcy.distributed.init(True));
+      None: one process. See docs/distributed.md.
     Raises TrainingDiverged when the loss becomes NaN/inf/huge or the weights blow up (naming the step;
     last.npz stays the last good state), CheckpointError/ValueError for a checkpoint that does not fit the
     data or the settings, DiskFullError (naming the file) when the disk fills up.
