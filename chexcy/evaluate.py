@@ -19,7 +19,8 @@ import numpy as np
 
 from chexcy import metrics
 from chexcy.data.prepare import policy_text  # noqa: F401  (its home is the policy code)
-from chexcy.scoring import Predictions, predict_dataset  # noqa: F401
+from chexcy.scoring import Predictions, predict_dataset  # noqa: F401  (chexcy.evaluate.* for callers)
+
 
 def study_keys(dataset):
     """int64 (N,): a study number per dataset row (rows of one patient's study share it)."""
