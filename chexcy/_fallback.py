@@ -20,6 +20,8 @@ Works for float32 (what ops passes) and float64; results have the inputs' dtype.
 """
 import numpy as np
 
+from chexcy._args import output_hw
+
 
 def _offset_slices(i, j, OH, OW, stride, dilation):
     """The strided (rows, cols) slices of a padded input that kernel offset (i, j) touches."""
@@ -37,12 +39,6 @@ def _pad(x, padding, value=0.0):
     x_pad = np.full((N, C, H + 2 * ph, W + 2 * pw), value, x.dtype)
     x_pad[:, :, ph:ph + H, pw:pw + W] = x
     return x_pad
-
-
-def _out_hw(H, W, kernel_hw, stride, padding, dilation):
-    (KH, KW), (sh, sw), (ph, pw), (dil_h, dil_w) = kernel_hw, stride, padding, dilation
-    return ((H + 2 * ph - dil_h * (KH - 1) - 1) // sh + 1,
-            (W + 2 * pw - dil_w * (KW - 1) - 1) // sw + 1)
 
 
 # Below this many rows per column (K = Cg * KH * KW) the products are so thin that moving the
@@ -63,7 +59,7 @@ def _im2col(x, kernel_hw, stride, padding, dilation, per_image):
     """
     N, C, H, W = x.shape
     KH, KW = kernel_hw
-    OH, OW = _out_hw(H, W, kernel_hw, stride, padding, dilation)
+    OH, OW = output_hw(H, W, kernel_hw, stride, padding, dilation)
     x_pad = _pad(x, padding)
     if per_image:
         columns = np.empty((N, C, KH, KW, OH, OW), x.dtype)
@@ -86,7 +82,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
     N, C, H, W = x.shape
     F, Cg, KH, KW = weight.shape
     G, K = groups, Cg * KH * KW
-    OH, OW = _out_hw(H, W, (KH, KW), stride, padding, dilation)
+    OH, OW = output_hw(H, W, (KH, KW), stride, padding, dilation)
     per_image = K < PER_IMAGE_BELOW_K
     columns = _im2col(x, (KH, KW), stride, padding, dilation, per_image)
     weight_matrix = weight.reshape(G, F // G, K)
@@ -153,7 +149,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     N, C, H, W = x.shape
     KH, KW = kernel_size
     (sh, sw), (ph, pw), (dil_h, dil_w) = stride, padding, dilation
-    OH, OW = _out_hw(H, W, kernel_size, stride, padding, dilation)
+    OH, OW = output_hw(H, W, kernel_size, stride, padding, dilation)
     x_pad = _pad(x, padding, -np.inf)
     # Start from -inf with "the first tap inside the input" as the argmax and only take a tap that is
     # strictly greater (or NaN): padding (-inf) then never wins, ties keep the earliest tap in scan
@@ -214,7 +210,7 @@ def avg_pool2d_forward(x, kernel_size, stride, padding, count_include_pad):
     """x (N, C, H, W) -> out (N, C, OH, OW): window sums over the divisor."""
     N, C, H, W = x.shape
     KH, KW = kernel_size
-    OH, OW = _out_hw(H, W, kernel_size, stride, padding, (1, 1))
+    OH, OW = output_hw(H, W, kernel_size, stride, padding, (1, 1))
     x_pad = _pad(x, padding)
     total = np.zeros((N, C, OH, OW), x.dtype)
     for i in range(KH):
@@ -344,3 +340,51 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps):
     dx += centred
     dx += (-w * s * sg / M).astype(dtype)[:, None]
     return dx.reshape(N, C, H, W), (sgx * s).astype(dtype), sg.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch norm in two halves (chexcy.ops.batch_norm2d_plane_stats ...)
+
+def batch_norm2d_plane_stats(x):
+    """x (N, C, H, W) -> (plane_sum (C, N), plane_m2 (C, N)) float64, m2 about each plane's own mean."""
+    planes = _bn_planes(x)
+    HW = planes.shape[2]
+    plane_sum = planes.sum(axis=2, dtype=np.float64)
+    centred = planes - (plane_sum / HW).astype(x.dtype)[:, :, None]
+    m2 = np.einsum("ncl,ncl->nc", centred, centred).astype(np.float64)
+    shift = plane_sum / HW - (plane_sum / HW).astype(x.dtype).astype(np.float64)
+    m2 = np.maximum(m2 - HW * shift * shift, 0.0)        # deviations from the exact plane mean
+    return np.ascontiguousarray(plane_sum.T), np.ascontiguousarray(m2.T)
+
+
+def batch_norm2d_apply(x, mean, var, weight, bias, eps):
+    """x (N, C, H, W), float64 mean, var (C,), weight, bias (C,) -> out, x's dtype."""
+    mean_x = mean.astype(x.dtype)
+    a = weight.astype(np.float64) / np.sqrt(var + eps)
+    b = bias.astype(np.float64) - (mean - mean_x.astype(np.float64)) * a
+    out = _bn_planes(x) - mean_x[:, None]
+    out *= a.astype(x.dtype)[:, None]
+    out += b.astype(x.dtype)[:, None]
+    return out.reshape(x.shape)
+
+
+def batch_norm2d_plane_grad_sums(dout, x, mean):
+    """-> (plane_g (C, N), plane_gx (C, N)) float64: per plane sum(dout) and sum(dout * (x - mean))."""
+    g = _bn_planes(dout)
+    centred = _bn_planes(x) - mean.astype(x.dtype)[:, None]
+    plane_g = g.sum(axis=2, dtype=np.float64)
+    plane_gx = np.einsum("ncl,ncl->nc", g, centred).astype(np.float64)
+    return np.ascontiguousarray(plane_g.T), np.ascontiguousarray(plane_gx.T)
+
+
+def batch_norm2d_backward_apply(dout, x, mean, var, weight, sum_g, sum_gx, count, eps):
+    """dx = a * dout + (x - mean) * b + c from channel sums over `count` values (see batch_norm2d_backward)."""
+    s = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+    w = weight.astype(np.float64)
+    dtype = dout.dtype
+    dx = _bn_planes(dout) * (w * s).astype(dtype)[:, None]
+    centred = _bn_planes(x) - mean.astype(dtype)[:, None]
+    centred *= (-w * s ** 3 * sum_gx / count).astype(dtype)[:, None]
+    dx += centred
+    dx += (-w * s * sum_g / count).astype(dtype)[:, None]
+    return dx.reshape(x.shape)

@@ -2355,3 +2355,104 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
         chexcy_bn_apply_grad(&gv[u // C, u % C, 0, 0], &xv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
                              HW, mv[u % C], k[0, u % C], k[1, u % C], k[2, u % C])
     return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch norm in two halves: per-plane statistics, then the elementwise map with given channel statistics.
+# chexcy.nn.BatchNorm2d uses them when its statistics are those of a batch spread over ranks: each rank
+# computes its planes' statistics, the ranks exchange them, every rank combines them
+# (chexcy.ops.batch_norm2d_combine_stats) and applies the map to its own rows. The plane kernels and the
+# coefficient arithmetic are those of batch_norm2d_forward/backward above, so planes combined in batch
+# order give the fused results bit for bit.
+
+def batch_norm2d_plane_stats(x):
+    """x (N, C, H, W) float32 -> (plane_sum (C, N), plane_m2 (C, N)) float64: each plane's sum and sum of
+    squared deviations from the plane's own mean."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u
+    cdef int n_threads = _threads()
+    plane_sum = np.empty((C, N), np.float64)
+    plane_m2 = np.empty((C, N), np.float64)
+    cdef const float[:, :, :, ::1] xv = x
+    cdef double[:, ::1] ps = plane_sum
+    cdef double[:, ::1] pm = plane_m2
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_bn_plane_stats(&xv[u // C, u % C, 0, 0], HW, &ps[u % C, u // C], &pm[u % C, u // C])
+    return plane_sum, plane_m2
+
+
+def batch_norm2d_apply(x, mean, var, weight, bias, double eps):
+    """x (N, C, H, W) float32; mean, var (C,) float64 channel statistics; weight, bias (C,) float32
+    -> out = (x - mean) / sqrt(var + eps) * weight + bias, float32 (N, C, H, W)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, c
+    cdef double a
+    cdef float m32
+    cdef int n_threads = _threads()
+    out = _empty(x.shape)
+    coef = np.empty((3, C), np.float32)             # per channel: mean32, a, b
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const double[::1] mv = mean
+    cdef const double[::1] vv = var
+    cdef const float[::1] wv = weight
+    cdef const float[::1] bv = bias
+    cdef float[:, :, :, ::1] ov = out
+    cdef float[:, ::1] k = coef
+    with nogil:
+        for c in range(C):
+            m32 = <float>mv[c]
+            a = wv[c] * (1.0 / sqrt(vv[c] + eps))
+            k[0, c] = m32
+            k[1, c] = <float>a
+            k[2, c] = <float>(bv[c] - (mv[c] - <double>m32) * a)
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_bn_apply(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
+                        k[0, u % C], k[1, u % C], k[2, u % C])
+    return out
+
+
+def batch_norm2d_plane_grad_sums(dout, x, mean):
+    """dout, x (N, C, H, W) float32, mean (C,) float32 -> (plane_g (C, N), plane_gx (C, N)) float64: each
+    plane's sum(dout) and sum(dout * (x - mean))."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u
+    cdef int n_threads = _threads()
+    plane_g = np.empty((C, N), np.float64)
+    plane_gx = np.empty((C, N), np.float64)
+    cdef const float[:, :, :, ::1] gv = dout
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[::1] mv = mean
+    cdef double[:, ::1] pg = plane_g
+    cdef double[:, ::1] pgx = plane_gx
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_bn_plane_grad_sums(&gv[u // C, u % C, 0, 0], &xv[u // C, u % C, 0, 0], HW, mv[u % C],
+                                  &pg[u % C, u // C], &pgx[u % C, u // C])
+    return plane_g, plane_gx
+
+
+def batch_norm2d_backward_apply(dout, x, mean, var, weight, sum_g, sum_gx, double count, double eps):
+    """dx of batch norm from the channel sums Sg = sum(dout), Sgx = sum(dout * (x - mean)) over `count`
+    values per channel: dx = a * dout + (x - mean) * b + c (coefficients as batch_norm2d_backward).
+    dout, x float32 (N, C, H, W); mean, var, weight (C,) float32; sum_g, sum_gx (C,) float64."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, c
+    cdef double s, w
+    cdef int n_threads = _threads()
+    dx = _empty(x.shape)
+    coef = np.empty((3, C), np.float32)             # per channel: a, b, c
+    cdef const float[:, :, :, ::1] gv = dout
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[::1] mv = mean
+    cdef const float[::1] vv = var
+    cdef const float[::1] wv = weight
+    cdef const double[::1] sgv = sum_g
+    cdef const double[::1] sgxv = sum_gx
+    cdef float[:, :, :, ::1] dxv = dx
+    cdef float[:, ::1] k = coef
+    with nogil:
+        for c in range(C):
+            s = 1.0 / sqrt(<double>vv[c] + eps)
+            w = wv[c]
+            k[0, c] = <float>(w * s)
+            k[1, c] = <float>(-w * s * s * s * sgxv[c] / count)
+            k[2, c] = <float>(-w * s * sgv[c] / count)
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_bn_apply_grad(&gv[u // C, u % C, 0, 0], &xv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
+                             HW, mv[u % C], k[0, u % C], k[1, u % C], k[2, u % C])
+    return dx

@@ -4,13 +4,9 @@ Each handler imports its heavy modules only when it runs and returns an exit sta
 ValueError/RuntimeError, which chexcy.cli turns into one clear line.
 """
 import argparse
-import os
 import sys
 
-
-def cores_available():
-    """CPUs this process may run on (its affinity mask; the machine's count where that is unknown)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+from chexcy.cpus import cores_available
 
 
 def _positive_int(text):
@@ -49,12 +45,16 @@ def _pos_weight(text):
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto', a number or 14 comma-separated numbers, got {text!r}")
+        from chexcy.data.schema import NUM_CLASSES
+        raise argparse.ArgumentTypeError(f"expected 'auto', a number or {NUM_CLASSES} comma-separated numbers, "
+                                         f"got {text!r}")
     return values[0] if len(values) == 1 else values
 
 
 def register(subparsers):
     from chexcy.nn.models import ARCHITECTURES, BACKBONES   # numpy only: chexcy.nn loads no kernels on import
+    from chexcy.data.schema import NUM_CLASSES
+    from chexcy.optim import OPTIMIZERS, SCHEDULES
     # -- train -------------------------------------------------------------------------------------------
     p = subparsers.add_parser(
         "train", help="train a CNN on a prepared folder",
@@ -80,17 +80,17 @@ def register(subparsers):
     g.add_argument("--epochs", type=_positive_int, help="epochs (default 10)")
     g.add_argument("--batch-size", type=_positive_int, help="images per step (default 32)")
     g.add_argument("--lr", type=float, help="learning rate (default 0.01 for sgd, 0.001 for adamw)")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="default sgd")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), help="default sgd")
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     g.add_argument("--nesterov", action="store_const", const=True, help="Nesterov momentum")
     g.add_argument("--weight-decay", type=float, help="L2 (sgd) / decoupled (adamw) weight decay (default 0)")
-    g.add_argument("--schedule", choices=["constant", "step", "cosine"], help="learning-rate schedule (default constant)")
+    g.add_argument("--schedule", choices=list(SCHEDULES), help="learning-rate schedule (default constant)")
     g.add_argument("--warmup", type=_nonneg_int, help="linear warm-up steps (default 0)")
     g.add_argument("--step-size", type=_positive_int, help="steps between decays for --schedule step")
     g.add_argument("--gamma", type=float, help="decay factor for --schedule step (default 0.1)")
     g.add_argument("--pos-weight", type=_pos_weight,
                    help="weight of positive labels in the loss: 'auto' (n_neg/n_pos per label, clipped to "
-                        "[1, 10]), a number, or 14 comma-separated numbers")
+                        f"[1, 10]), a number, or {NUM_CLASSES} comma-separated numbers")
     g.add_argument("--augment", action="store_const", const=True, help="random augmentation of training images")
     g.add_argument("--seed", type=int, help="seed of weights, data order, augmentation and dropout (default 0)")
     g = p.add_argument_group("run")
@@ -135,7 +135,7 @@ def register(subparsers):
 
     # -- predict -----------------------------------------------------------------------------------------
     p = subparsers.add_parser("predict", help="label chest X-ray images with a checkpoint",
-                              description="14 probabilities per image (JPEG or PNG files, or folders of "
+                              description=f"{NUM_CLASSES} probabilities per image (JPEG or PNG files, or folders of "
                                           "them), preprocessed exactly as `chexcy prepare` does; optional "
                                           "Grad-CAM heat maps.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
@@ -144,7 +144,7 @@ def register(subparsers):
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="a checkpoint written by `chexcy train` (e.g. RUN/best.npz)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
-                   help="output on stdout: an aligned table with short column names, CSV (path + the 14 "
+                   help=f"output on stdout: an aligned table with short column names, CSV (path + the {NUM_CLASSES} "
                         "observations) or JSON (default table)")
     p.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM heat map PNG per image into DIR (with "
                                                     "--observation), named after its patient, study and view")
@@ -177,17 +177,16 @@ def register(subparsers):
     p.set_defaults(func=run_demo)
 
 
-TRAIN_SETTINGS = ("arch", "width", "depth", "blocks", "backbone", "shared", "hidden", "dropout", "epochs",
-                  "batch_size", "lr", "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "warmup",
-                  "step_size", "gamma", "pos_weight", "augment", "seed")
-
-
 def run_train(args):
     import signal
     import sys
 
-    from chexcy.train import fit
-    settings = {name: getattr(args, name) for name in TRAIN_SETTINGS if getattr(args, name) is not None}
+    import dataclasses
+
+    from chexcy.train import TrainConfig, fit
+    # Every TrainConfig field is an option of the same name (the parser's dest); unset ones keep the default.
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                if getattr(args, f.name) is not None}
     if args.resume and not args.checkpoint_dir and args.resume is True:
         raise ValueError("--resume without a path needs --checkpoint-dir")
     if args.resume and args.overwrite:

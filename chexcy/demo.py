@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+from chexcy.cpus import cores_available
+
 # Settings of the full demo and of --quick. Label policy: blanks ("not mentioned") read as negative, uncertain
 # labels ignored except U-Ones for Atelectasis and Edema (the CheXpert paper's best choices for those two).
 # With blanks masked, Atelectasis would have almost no negatives left (the CSV marks it 1 or -1 far more
@@ -36,7 +38,7 @@ def run_demo(out, quick=False, size=None, n_train=None, n_valid=None, epochs=Non
     n_valid = n_valid or settings["n_valid"]
     epochs = epochs or settings["epochs"]
     if workers is None:
-        workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        workers = min(4, cores_available())
     out = os.path.abspath(out)
     raw, prepared, run_dir = os.path.join(out, "synthetic"), os.path.join(out, "prepared"), os.path.join(out, "run")
 

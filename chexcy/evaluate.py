@@ -10,7 +10,6 @@ Every file is written through chexcy.fileio.atomic_write (whole or not at all, w
 permissions); an output folder that does not exist is an error, except the one --plot names, which is
 created when its parent exists.
 """
-import collections
 import json
 import math
 import os
@@ -19,57 +18,8 @@ import sys
 import numpy as np
 
 from chexcy import metrics
-from chexcy.nn import bce_with_logits, sigmoid
-
-Predictions = collections.namedtuple("Predictions", "probs labels loss groups kind")
-Predictions.__doc__ = """Scores of a dataset: probs float64 (M, 14) in [0, 1]; labels float64 (M, 14) 0/1 with NaN
-where not labelled; loss the masked mean BCE; groups int64 (M,) dataset rows (kind "image") or study
-numbers (kind "study")."""
-
-
-UNCERTAIN_NAMES = {"ignore": "U-Ignore", "zeros": "U-Zeros", "ones": "U-Ones"}
-BLANK_NAMES = {"ignore": "masked", "zeros": "read as negative (0)"}
-
-
-def policy_text(manifest):
-    """A one-line statement of a prepared folder's label policy (manifest["policy"] as `chexcy prepare`
-    writes it: {"uncertain": {label: "ignore"|"zeros"|"ones"}, "blank": "ignore"|"zeros"})."""
-    policy = manifest.get("policy") if isinstance(manifest, dict) else None
-    if not isinstance(policy, dict) or not isinstance(policy.get("uncertain"), dict):
-        return "label policy unknown (no policy in manifest.json)" if policy is None else f"label policy {policy!r}"
-    modes = policy["uncertain"]
-    counts = collections.Counter(modes.values())
-    default = counts.most_common(1)[0][0]
-    text = f"uncertain (-1) {UNCERTAIN_NAMES.get(default, default)}"
-    exceptions = collections.defaultdict(list)
-    for label, mode in modes.items():
-        if mode != default:
-            exceptions[mode].append(label)
-    if exceptions:
-        text += " (" + "; ".join(f"{UNCERTAIN_NAMES.get(m, m)} for {', '.join(names)}"
-                                 for m, names in sorted(exceptions.items())) + ")"
-    blank = policy.get("blank")
-    return f"{text}, blank {BLANK_NAMES.get(blank, blank)}"
-
-
-def predict_dataset(model, dataset, batch_size=64, pos_weight=None):
-    """Score every image (image models) or every study (multiview) of `dataset` in eval mode -> Predictions.
-
-    The model is left in eval mode; the loss uses `pos_weight` (L,) when given, as training does.
-    """
-    from chexcy.train import make_loader
-    model.eval()
-    loader = make_loader(model, dataset, batch_size, shuffle=False, seed=0, augment=False)
-    logits, labels, groups = [], [], []
-    for batch in loader.batches(0):
-        logits.append(np.asarray(model.forward_batch(batch), dtype=np.float64))
-        labels.append(np.where(np.asarray(batch.mask) > 0, batch.labels, np.nan))
-        groups.append(np.asarray(batch.index if model.input_kind == "image" else batch.study_rows))
-    logits = np.concatenate(logits) if logits else np.zeros((0, 14))
-    labels = np.concatenate(labels).astype(np.float64) if labels else np.zeros((0, 14))
-    groups = np.concatenate(groups) if groups else np.zeros(0, np.int64)
-    loss, _ = bce_with_logits(logits, labels, pos_weight=pos_weight)
-    return Predictions(sigmoid(logits), labels, loss, groups, model.input_kind)
+from chexcy.data.prepare import policy_text  # noqa: F401  (its home is the policy code)
+from chexcy.scoring import Predictions, predict_dataset  # noqa: F401  (chexcy.evaluate.* for callers)
 
 
 def study_keys(dataset):
@@ -117,7 +67,8 @@ def evaluate_checkpoint(checkpoint, data, bootstrap=0, seed=0, batch_size=64, mi
     with image- and study-level AUCs (lists, None = n/a), means over the 5 tasks, intervals and counts."""
     from chexcy.checkpoint import Checkpoint, load_checkpoint
     from chexcy.data import LABELS
-    from chexcy.train import _check_image_size, open_dataset
+    from chexcy.data.dataset import open_dataset
+    from chexcy.train import _check_image_size
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     dataset = open_dataset(data)
     _check_image_size(dataset, ckpt.image_size, f"--data {data}")
@@ -274,7 +225,7 @@ def training_figure(log_path):
     """The matplotlib figure of plot_training (for tests and notebooks)."""
     from matplotlib.ticker import MaxNLocator
 
-    from chexcy.train import read_log
+    from chexcy.runlog import read_log
     plt = require_matplotlib()
     records = read_log(log_path)
     steps = {}

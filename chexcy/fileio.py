@@ -53,13 +53,15 @@ def fsync_dir(folder):
         os.close(fd)
 
 
-def atomic_write(path, writer, mode="wb", encoding=None, newline=None):
+def atomic_write(path, writer, mode="wb", encoding=None, newline=None, durable=True):
     """Write `path` atomically: writer(file) fills a temporary file beside it, which then replaces `path`.
 
     mode: "wb" (binary) or "w" (text, with `encoding` and `newline` as for open()). The folder must exist
     (a missing folder is the caller's mistake to report, not something to create silently).
     Raises DiskFullError naming `path` when the disk fills up; the previous `path`, if any, is untouched
     and no temporary file is left behind. Returns `path`.
+    durable=False skips the two fsyncs, for many small files that are cheap to make again (the synthetic
+    images): the file still appears whole or not at all to a running reader, but a power cut may lose it.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
@@ -73,7 +75,8 @@ def atomic_write(path, writer, mode="wb", encoding=None, newline=None):
         with os.fdopen(fd, mode, encoding=encoding, newline=newline) as f:
             writer(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -84,7 +87,8 @@ def atomic_write(path, writer, mode="wb", encoding=None, newline=None):
             raise DiskFullError(exc.errno, f"disk full while writing {path}; the previous {os.path.basename(path)}"
                                 f" is intact (free some space and run the command again)") from None
         raise
-    fsync_dir(folder)
+    if durable:
+        fsync_dir(folder)
     return path
 
 

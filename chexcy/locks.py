@@ -49,56 +49,100 @@ def describe_holder(holder):
     command = str(holder.get("command", "?"))
     if len(command) > 160:
         command = command[:157] + "..."
-    return (f"another {holder.get('what', 'process')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+    return (f"another {holder.get('what', 'process')} (pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
             f"started {holder.get('started', '?')}: {command})")
 
 
-def read_holder(folder):
+def read_holder(folder, holder_name=HOLDER_FILE):
     """The holder record of `folder`'s lock as a dict, or None when there is none (or it is unreadable)."""
     try:
-        with open(os.path.join(folder, HOLDER_FILE), encoding="utf-8") as f:
+        with open(os.path.join(folder, holder_name), encoding="utf-8") as f:
             holder = json.load(f)
     except (OSError, ValueError):
         return None
     return holder if isinstance(holder, dict) else None
 
 
-@contextlib.contextmanager
-def hold_folder_lock(folder, what):
-    """Hold the advisory lock of the existing folder `folder` for the duration of the with-block.
+def _command_line():
+    """This process's command line as the user typed it (`python -m chexcy` shows as `chexcy`)."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else os.path.basename(sys.executable)
+    if program == "__main__.py":
+        program = "chexcy"
+    return " ".join([program, *sys.argv[1:]])
+
+
+class FolderLock:
+    """The advisory lock of the existing folder `folder`, held from `acquire` until `release` (or process exit).
 
     what: a few words naming the job, shown to whoever finds the folder busy (e.g. "chexcy prepare").
-    Yields the holder record written for this process (dict: what, pid, host, command, started).
-    Raises FolderBusyError at once (never waits) when another job holds the lock, FolderLockError when
-    the lock file cannot be created (e.g. a read-only folder), FileNotFoundError when `folder` does not
-    exist. The lock is released, and the holder record removed, when the block ends in any way.
+    lock_name, holder_name: the lock file and the holder record beside it (names of files in the folder).
+    record_required: when the holder record cannot be written, give the lock back and raise (True), or
+    hold the lock without a record (False: the record only explains a refusal).
     """
-    import filelock
 
-    folder = os.path.abspath(os.fspath(folder))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot lock {folder}: no such folder")
-    lock = filelock.FileLock(os.path.join(folder, LOCK_FILE))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise FolderBusyError(folder, read_holder(folder)) from None
-    except OSError as exc:
-        raise FolderLockError(f"cannot lock {folder}: {exc.strerror or exc}") from None
-    holder_path = os.path.join(folder, HOLDER_FILE)
-    holder = {"what": str(what), "pid": os.getpid(), "host": socket.gethostname(),
-              "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else sys.executable,
-              "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
-    try:
+    def __init__(self, folder, what, lock_name=LOCK_FILE, holder_name=HOLDER_FILE, record_required=False):
+        self.folder = os.path.abspath(os.fspath(folder))
+        self.what = str(what)
+        self.path = os.path.join(self.folder, lock_name)
+        self.holder_path = os.path.join(self.folder, holder_name)
+        self.record_required = record_required
+        self.holder = None
+        self._lock = None
+
+    def acquire(self):
+        """Take the lock; returns self (its `holder` record: what, pid, host, command, started).
+        Raises FolderBusyError at once (never waits) when another job holds it, FolderLockError when the lock
+        file cannot be created (e.g. a read-only folder), FileNotFoundError when the folder does not exist."""
+        import filelock
+
+        if not os.path.isdir(self.folder):
+            raise FileNotFoundError(f"cannot lock {self.folder}: no such folder")
+        lock = filelock.FileLock(self.path)
         try:
-            atomic_write_text(holder_path, json.dumps(holder) + "\n")
-        except OSError:
-            # The record only explains a refusal; the lock itself holds without it. A stale record from an
-            # earlier holder must not be shown as this one, though.
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise FolderBusyError(self.folder, read_holder(self.folder, os.path.basename(self.holder_path))) from None
+        except OSError as exc:
+            raise FolderLockError(f"cannot lock {self.folder}: {exc.strerror or exc}") from None
+        self._lock = lock
+        self.holder = {"what": self.what, "pid": os.getpid(), "host": socket.gethostname(),
+                       "command": _command_line(),
+                       "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+        try:
+            atomic_write_text(self.holder_path, json.dumps(self.holder) + "\n")
+        except BaseException as exc:
+            if self.record_required or not isinstance(exc, OSError):
+                self.release()
+                raise
+            # A stale record from an earlier holder must not be shown as this one.
             with contextlib.suppress(OSError):
-                os.remove(holder_path)
-        yield holder
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(holder_path)
-        lock.release()
+                os.remove(self.holder_path)
+        return self
+
+    @property
+    def is_locked(self):
+        return self._lock is not None and self._lock.is_locked
+
+    def release(self):
+        """Remove the holder record and give the lock back (nothing when not held)."""
+        if self.is_locked:
+            with contextlib.suppress(OSError):
+                os.remove(self.holder_path)
+            self._lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+@contextlib.contextmanager
+def hold_folder_lock(folder, what):
+    """Hold the advisory lock of the existing folder `folder` for the duration of the with-block
+    (FolderLock, with its errors). Yields the holder record written for this process (dict: what, pid,
+    host, command, started). The lock is released, and the holder record removed, when the block ends in
+    any way."""
+    with FolderLock(folder, what) as lock:
+        yield lock.holder

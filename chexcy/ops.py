@@ -41,6 +41,8 @@ import warnings
 import numpy as np
 
 from chexcy import _native
+from chexcy._args import conv_output_size, output_hw
+from chexcy.cpus import cores_available
 
 __all__ = [
     "conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
@@ -167,10 +169,7 @@ def _default_num_threads():
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) >= 1:
         return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return cores_available()
 
 
 def get_num_threads():
@@ -216,15 +215,6 @@ def info():
 
 # ----------------------------------------------------------------------------------------------
 # Argument normalisers (one source of truth for the geometry)
-
-def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
-    """Output length along one axis: (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1.
-
-    Used for conv and both pools (avg pool has dilation 1). It may be <= 0 for impossible geometry;
-    the ops reject that.
-    """
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
 
 def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -319,8 +309,7 @@ def _output_hw(fn, x_shape, kernel_hw, stride, padding, dilation, what):
                 f"{fn}: {what} {(kernel_hw)} with dilation {dilation} spans {effective} along {axis} but "
                 f"the padded input has only {size + 2 * p} (x {tuple(x_shape)}, padding {padding}): "
                 f"the output would be empty")
-    return (conv_output_size(H, kernel_hw[0], stride[0], padding[0], dilation[0]),
-            conv_output_size(W, kernel_hw[1], stride[1], padding[1], dilation[1]))
+    return output_hw(H, W, kernel_hw, stride, padding, dilation)
 
 
 def _check_pool_padding(fn, kernel_hw, padding):
@@ -767,3 +756,112 @@ def relu_backward(dout, y):
     if dout.shape != y.shape:
         raise ValueError(f"{fn}: dout {dout.shape} and y {y.shape} must have the same shape")
     return _backend().relu_backward(dout, y)
+
+
+# batch norm in two halves (statistics, then the elementwise map): for a batch spread over ranks,
+# whose statistics every rank combines from all ranks' planes (chexcy.nn.BatchNorm2d with a communicator).
+# Planes combined in batch order give batch_norm2d_forward/backward's results (bit for bit on the
+# compiled backend, whose fused kernels use the same plane kernels and arithmetic).
+
+def _bn_plane_x(x, fn, name="x"):
+    x = _float_array(x, fn, name)
+    _check_ndim(x, 4, fn, name, "(N, C, H, W)")
+    _check_nonempty(x.shape, fn, name, "(N, C, H, W)")
+    return x
+
+
+def _bn_stats_vector(value, C, fn, name, x_shape):
+    """(C,) float64 channel statistic (mean, var or a sum) for the second halves."""
+    if value is None:
+        raise TypeError(f"{fn}: {name} must be a ({C},) array, got None")
+    value = np.ascontiguousarray(value, dtype=np.float64)
+    if value.shape != (C,):
+        raise ValueError(f"{fn}: {name} must have shape ({C},) (one value per channel of x {x_shape}), "
+                         f"got {value.shape}")
+    return value
+
+
+def batch_norm2d_plane_stats(x):
+    """Per-plane statistics of x (N, C, H, W): (plane_sum (C, N), plane_m2 (C, N)), float64, the sum of
+    each (sample, channel) plane and the sum of squared deviations from that plane's own mean.
+    Any N >= 1 (a rank may hold one row); combine with batch_norm2d_combine_stats."""
+    x = _bn_plane_x(x, "batch_norm2d_plane_stats")
+    return _backend().batch_norm2d_plane_stats(x)
+
+
+def batch_norm2d_combine_stats(plane_sum, plane_m2, plane_size):
+    """Channel mean and biased variance, float64 (C,), from per-plane statistics (C, N) of planes of
+    `plane_size` (H * W) values: mean = sum / M and var = sum_n (m2_n + HW * (mean_n - mean)^2) / M, with
+    M = N * HW, accumulated in plane order n = 0, 1, ... as the compiled kernels do (so the result does
+    not depend on how the batch was split). Raises ValueError when M < 2."""
+    plane_sum = np.asarray(plane_sum, dtype=np.float64)
+    plane_m2 = np.asarray(plane_m2, dtype=np.float64)
+    if plane_sum.ndim != 2 or plane_sum.shape != plane_m2.shape:
+        raise ValueError(f"batch_norm2d_combine_stats: plane_sum and plane_m2 must be (C, N) arrays of one shape, "
+                         f"got {plane_sum.shape} and {plane_m2.shape}")
+    C, N = plane_sum.shape
+    hw = float(plane_size)
+    M = N * hw
+    if M < 2:
+        raise ValueError(f"batch_norm2d_combine_stats: batch statistics need more than one value per channel, "
+                         f"got {N} plane(s) of {plane_size}")
+    total = np.zeros(C)
+    for n in range(N):
+        total += plane_sum[:, n]
+    mean = total / M
+    q = np.zeros(C)
+    for n in range(N):
+        d = plane_sum[:, n] / hw - mean
+        q += plane_m2[:, n] + hw * d * d
+    return mean, q / M
+
+
+def batch_norm2d_apply(x, mean, var, weight, bias, eps=1e-5):
+    """out = (x - mean) / sqrt(var + eps) * weight + bias with given channel statistics.
+
+    x (N, C, H, W); mean, var (C,) (float64, as batch_norm2d_combine_stats returns); weight, bias (C,)
+    or None. Returns float32 (N, C, H, W)."""
+    fn = "batch_norm2d_apply"
+    x = _bn_plane_x(x, fn)
+    C = x.shape[1]
+    mean = _bn_stats_vector(mean, C, fn, "mean", x.shape)
+    var = _bn_stats_vector(var, C, fn, "var", x.shape)
+    weight = _bn_channel_vector(weight, C, fn, "weight", x.shape, 1.0)
+    bias = _bn_channel_vector(bias, C, fn, "bias", x.shape, 0.0)
+    return _backend().batch_norm2d_apply(x, mean, var, weight, bias, _bn_eps(eps, fn))
+
+
+def batch_norm2d_plane_grad_sums(dout, x, mean):
+    """Per-plane sums for batch norm's backward: (plane_g (C, N), plane_gx (C, N)), float64, each plane's
+    sum(dout) and sum(dout * (x - mean)). dout, x (N, C, H, W); mean (C,) as the forward used (float32)."""
+    fn = "batch_norm2d_plane_grad_sums"
+    dout = _bn_plane_x(dout, fn, "dout")
+    x = _bn_plane_x(x, fn)
+    if dout.shape != x.shape:
+        raise ValueError(f"{fn}: dout must have x's shape {x.shape}, got {dout.shape}")
+    mean = _bn_channel_vector(_bn_stats_vector(mean, x.shape[1], fn, "mean", x.shape), x.shape[1], fn, "mean",
+                              x.shape, 0.0)
+    return _backend().batch_norm2d_plane_grad_sums(dout, x, mean)
+
+
+def batch_norm2d_backward_apply(dout, x, mean, var, weight, sum_g, sum_gx, count, eps=1e-5):
+    """dx of batch norm given the channel sums over the whole batch: sum_g = sum(dout), sum_gx =
+    sum(dout * (x - mean)) (float64 (C,)) over `count` values per channel:
+        dx = weight / sqrt(var + eps) * (dout - sum_g / count - (x - mean) * sum_gx / (count * (var + eps))).
+    dout, x (N, C, H, W); mean, var (C,) as the forward returned (float32); weight (C,) or None.
+    Returns float32 dx (N, C, H, W)."""
+    fn = "batch_norm2d_backward_apply"
+    dout = _bn_plane_x(dout, fn, "dout")
+    x = _bn_plane_x(x, fn)
+    if dout.shape != x.shape:
+        raise ValueError(f"{fn}: dout must have x's shape {x.shape}, got {dout.shape}")
+    C = x.shape[1]
+    mean32, var32 = (_bn_channel_vector(_bn_stats_vector(v, C, fn, n, x.shape), C, fn, n, x.shape, 0.0)
+                     for n, v in (("mean", mean), ("var", var)))
+    weight = _bn_channel_vector(weight, C, fn, "weight", x.shape, 1.0)
+    sum_g = _bn_stats_vector(sum_g, C, fn, "sum_g", x.shape)
+    sum_gx = _bn_stats_vector(sum_gx, C, fn, "sum_gx", x.shape)
+    if not count >= 2:
+        raise ValueError(f"{fn}: count must be >= 2 values per channel, got {count!r}")
+    return _backend().batch_norm2d_backward_apply(dout, x, mean32, var32, weight, sum_g, sum_gx, float(count),
+                                                  _bn_eps(eps, fn))

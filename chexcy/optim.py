@@ -13,6 +13,7 @@ AdamW (Loshchilov & Hutter), decoupled weight decay:
     p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 Weight decay applies only to parameters with `decay` True (conv/linear weights).
 """
+import inspect
 import math
 
 import numpy as np
@@ -138,12 +139,13 @@ OPTIMIZERS = {"sgd": SGD, "adamw": AdamW}
 
 
 def build_optimizer(name, params, momentum=0.9, nesterov=False, weight_decay=0.0, betas=(0.9, 0.999)):
-    """The optimiser called `name` ("sgd" or "adamw") over `params`."""
-    if name == "sgd":
-        return SGD(params, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    if name == "adamw":
-        return AdamW(params, betas=betas, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    """The optimiser called `name` (a key of OPTIMIZERS) over `params`, given the options its class takes."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    cls = OPTIMIZERS[name]
+    options = dict(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas)
+    accepted = inspect.signature(cls).parameters
+    return cls(params, **{key: value for key, value in options.items() if key in accepted})
 
 
 # -- schedules: lr as a pure function of the global step (0-based) ---------------------------------------

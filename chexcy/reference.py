@@ -265,3 +265,40 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps):
     dx = (weight.astype(np.float64) * inv_std)[:, None, None] * (
         dout64 - (dbias / M)[:, None, None] - xhat * (dweight / M)[:, None, None])
     return dx.astype(dtype), dweight.astype(dtype), dbias.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch norm in two halves (statistics, then the elementwise map)
+
+def batch_norm2d_plane_stats(x):
+    """x (N, C, H, W) -> (plane_sum (C, N), plane_m2 (C, N)) float64: each plane's sum and sum of squared
+    deviations from its own mean."""
+    x64 = x.astype(np.float64)
+    plane_sum = x64.sum(axis=(2, 3))
+    plane_mean = x64.mean(axis=(2, 3))
+    plane_m2 = ((x64 - plane_mean[:, :, None, None]) ** 2).sum(axis=(2, 3))
+    return plane_sum.T.copy(), plane_m2.T.copy()
+
+
+def batch_norm2d_apply(x, mean, var, weight, bias, eps):
+    """out = (x - mean) / sqrt(var + eps) * weight + bias, in float64, returned in x's dtype."""
+    xhat = (x.astype(np.float64) - mean[:, None, None]) / np.sqrt(var + eps)[:, None, None]
+    out = xhat * weight.astype(np.float64)[:, None, None] + bias.astype(np.float64)[:, None, None]
+    return out.astype(x.dtype)
+
+
+def batch_norm2d_plane_grad_sums(dout, x, mean):
+    """-> (plane_g (C, N), plane_gx (C, N)) float64: per plane sum(dout) and sum(dout * (x - mean))."""
+    dout64 = dout.astype(np.float64)
+    centred = x.astype(np.float64) - mean.astype(np.float64)[:, None, None]
+    return dout64.sum(axis=(2, 3)).T.copy(), (dout64 * centred).sum(axis=(2, 3)).T.copy()
+
+
+def batch_norm2d_backward_apply(dout, x, mean, var, weight, sum_g, sum_gx, count, eps):
+    """dx = weight / sqrt(var + eps) * (dout - sum_g / count - xhat * sum(dout * xhat) / count), where
+    sum(dout * xhat) = sum_gx / sqrt(var + eps); float64 inside, returned in dout's dtype."""
+    inv_std = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+    xhat = (x.astype(np.float64) - mean.astype(np.float64)[:, None, None]) * inv_std[:, None, None]
+    dx = (weight.astype(np.float64) * inv_std)[:, None, None] * (
+        dout.astype(np.float64) - (sum_g / count)[:, None, None] - xhat * (sum_gx * inv_std / count)[:, None, None])
+    return dx.astype(dout.dtype)

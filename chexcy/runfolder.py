@@ -12,14 +12,9 @@ to), and two runs writing the folder at once. `open_run_folder` prevents both:
   which case those files are removed first (a fresh log, not an appended one).
 """
 import datetime
-import json
 import os
-import socket
-import sys
 
-import filelock
-
-from chexcy.fileio import atomic_write_text
+from chexcy.locks import FolderBusyError, FolderLock, describe_holder
 
 RUN_FILES = ("last.npz", "best.npz", "log.jsonl")
 LOCK_NAME = "train.lock"
@@ -51,62 +46,32 @@ def default_run_folder(base="runs", now=None):
     return name
 
 
-def _command_line():
-    """This process's command line as the user typed it (`python -m chexcy` shows as `chexcy`)."""
-    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-    if program == "__main__.py":
-        program = "chexcy"
-    return " ".join([program, *sys.argv[1:]])
-
-
 class RunLock:
-    """The advisory lock of one run folder, held from `acquire` until `release` (or process exit)."""
+    """The advisory lock of one run folder (chexcy.locks.FolderLock on train.lock, with its holder record in
+    train.lock.json), held from `acquire` until `release` (or process exit)."""
 
     def __init__(self, folder):
         self.folder = os.fspath(folder)
-        self.path = os.path.join(self.folder, LOCK_NAME)
-        self.holder_path = os.path.join(self.folder, HOLDER_NAME)
-        self._lock = filelock.FileLock(self.path, timeout=0)
+        self._lock = FolderLock(self.folder, "chexcy train", LOCK_NAME, HOLDER_NAME, record_required=True)
         self.created = False        # set by open_run_folder when it made the folder
 
     def acquire(self):
-        """Take the lock or raise RunFolderError naming the folder and the process that holds it."""
+        """Take the lock or raise RunFolderBusy naming the folder and the process that holds it."""
         try:
-            self._lock.acquire(timeout=0)
-        except filelock.Timeout:
-            raise RunFolderBusy(f"run folder {self.folder} is in use by another chexcy train "
-                                 f"({self.describe_holder()}); wait for it to finish, or pass another "
-                                 f"--checkpoint-dir") from None
-        holder = dict(pid=os.getpid(), host=socket.gethostname(), command=_command_line(),
-                      started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
-        try:
-            atomic_write_text(self.holder_path, json.dumps(holder, indent=1) + "\n")
-        except BaseException:
-            self._lock.release()
-            raise
+            self._lock.acquire()
+        except FolderBusyError as exc:
+            raise RunFolderBusy(f"run folder {self.folder} is in use by {describe_holder(exc.holder)}; wait for it "
+                                f"to finish, or pass another --checkpoint-dir") from None
         return self
-
-    def describe_holder(self):
-        """'pid P on host H since T: COMMAND' from the holder file, or why it cannot be read."""
-        try:
-            with open(self.holder_path, encoding="utf-8") as f:
-                h = json.load(f)
-            return f"pid {h['pid']} on host {h['host']} since {h['started']}: {h['command']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return f"holder unknown: {self.holder_path} is missing or unreadable"
 
     def release(self):
         """Drop the lock. A folder this run created and left without run files (it failed before its first
         write) is removed again, so a failed start leaves nothing behind."""
         if self._lock.is_locked:
-            try:
-                os.unlink(self.holder_path)
-            except OSError:
-                pass
             self._lock.release()
             if self.created and os.listdir(self.folder) == [LOCK_NAME]:
                 try:
-                    os.unlink(self.path)
+                    os.unlink(self._lock.path)
                     os.rmdir(self.folder)
                 except OSError:
                     pass

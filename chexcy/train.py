@@ -1,12 +1,17 @@
 """The training loop: `fit(...)` for notebooks and `chexcy train` alike.
 
 Data flows one way: prepared arrays -> loader -> model (chexcy.ops) -> masked BCE -> optimiser ->
-checkpoint / metrics. One step:
+checkpoint / metrics. `fit` = start_or_resume, then per epoch train_epoch and end_epoch (validate, pick
+the best, checkpoint, report). One path for one process and K MPI ranks: the model is driven through a
+replica (chexcy.parallel.DataParallel) over a communicator (chexcy.comm; LocalComm for one process, whose
+collectives return their input). One step:
 
     model.set_random_state(rng(seed, epoch, step))      dropout masks reproducible across resume
+    replica.begin_batch(batch, step)                    this rank's loss weight, the global batch's rows
     logits = model.forward_batch(batch)                 (B, 14) float32
     loss, dlogits = bce_with_logits(logits, labels, mask, pos_weight)
     model.backward(dlogits)                             sets every p.grad
+    totals = replica.end_batch(loss, stop)              gradients, loss and stop request of all ranks
     optimizer.step(lr_at(global_step))                  lr a pure function of the step
 
 Exact resume: the loader's order and augmentation depend only on (seed, epoch, row), dropout on
@@ -34,18 +39,25 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 
 import numpy as np
 
-from chexcy import metrics
+from chexcy import metrics, ops
 from chexcy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from chexcy.fileio import DamagedFileError, DiskFullError, is_disk_full
+from chexcy.comm import LocalComm
+from chexcy.data.dataset import open_dataset
+from chexcy.data.loader import make_loader
+from chexcy.data.prepare import policy_text
+from chexcy.data.schema import COMPETITION_TASKS, LABELS, NUM_CLASSES
+from chexcy.parallel import DataParallel, StopRequest, check_ranks_agree, raise_on_every_rank
+from chexcy.fileio import DamagedFileError, DiskFullError
 from chexcy.memory import reuse_freed_memory
 from chexcy.nn import ARCHITECTURES, bce_with_logits, build_model
 from chexcy.nn.models import TORCHVISION_ARCHITECTURES
-from chexcy.optim import build_optimizer, make_schedule
+from chexcy.optim import OPTIMIZERS, SCHEDULES, build_optimizer, make_schedule
+from chexcy.runlog import JsonLog, read_log  # noqa: F401  (read_log: chexcy.train.read_log for callers)
+from chexcy.scoring import predict_dataset
 
 
 class TrainingDiverged(RuntimeError):
@@ -128,8 +140,10 @@ class TrainConfig:
             raise ValueError("bad training settings: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adamw")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         return self
 
 
@@ -183,98 +197,8 @@ class FitResult:
         return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, "best.npz")
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves at the end of the current step and returns.
-    A second signal falls back to the default behaviour (for when a step hangs)."""
-
-    def __init__(self, enabled):
-        self.signal = None
-        self._previous = {}
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-
-    def __enter__(self):
-        if self.enabled:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-            os.kill(os.getpid(), signum)
-            return
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-class JsonLog:
-    """Append-only JSON-lines log; each record goes to the file with one write(2) at once (a killed run keeps
-    every line). A full disk raises DiskFullError naming the file; the records already in it stay intact."""
-
-    def __init__(self, path):
-        self.path = path
-        self._fd = None
-        if path:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            # A crash can cut the last line short; the next record must start on a line of its own.
-            if os.fstat(self._fd).st_size > 0:
-                with open(path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        self._append(b"\n")
-
-    def _append(self, data):
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise DiskFullError(exc.errno, f"disk full while writing {self.path}; the records already in "
-                                               f"it are intact") from None
-            raise
-
-    def write(self, event, **fields):
-        if self._fd is None:
-            return
-        record = {"event": event, "time": round(time.time(), 3), **fields}
-        self._append((json.dumps(record, default=_json_default) + "\n").encode("utf-8"))
-
-    def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
 def _nan_to_none(values):
     return [None if (v is None or math.isnan(v)) else float(v) for v in values]
-
-
-def read_log(path):
-    """Records of a log.jsonl; for step records seen twice (a resumed run replays the steps after its
-    checkpoint) the later one wins. Returns a list of dicts in file order."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue          # a line torn by a crash
-    return records
 
 
 def _differences_text(saved, current, most=4):
@@ -313,16 +237,6 @@ def _format_duration(seconds):
     return f"{seconds}s"
 
 
-def open_dataset(data, what="--data"):
-    """A PreparedDataset from a path or an already-open dataset."""
-    from chexcy.data import PreparedDataset
-    if data is None or isinstance(data, PreparedDataset):
-        return data
-    if not os.path.isdir(os.fspath(data)):
-        raise FileNotFoundError(f"{what}: prepared folder {data} does not exist (run `chexcy prepare` first)")
-    return PreparedDataset(data)
-
-
 def resolve_pos_weight(spec, labels, n_labels):
     """pos_weight spec -> float64 (L,) or None. "auto": n_neg / n_pos per label over present labels,
     clipped to [1, 10] (a rare positive counts more, but never so much that one image dominates)."""
@@ -339,13 +253,6 @@ def resolve_pos_weight(spec, labels, n_labels):
     if np.any(weights <= 0) or not np.all(np.isfinite(weights)):
         raise ValueError(f"pos_weight must be positive and finite, got {weights.tolist()}")
     return weights
-
-
-def make_loader(model, dataset, batch_size, *, shuffle, seed, augment, workers=1):
-    from chexcy.data import BatchLoader, StudyLoader
-    if model.input_kind == "study":
-        return StudyLoader(dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment, workers=workers)
-    return BatchLoader(dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment, workers=workers)
 
 
 def batch_size_of(batch):
@@ -378,8 +285,8 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, overwrite=False,
     log_every: a progress line every N steps (0: none); checkpoint_every: also save last.npz every N steps.
     threads: kernel threads (chexcy.ops.set_num_threads); workers: loader workers.
     out: where progress goes (None: silent). settings: fields of TrainConfig (arch, epochs, lr, ...).
-    comm: a chexcy.distributed communicator for data-parallel training under mpiexec (None: one process);
-      see docs/distributed.md.
+    comm: a chexcy.comm communicator for data-parallel training under mpiexec (chexcy.distributed.init(True));
+      None: one process. See docs/distributed.md.
     Raises TrainingDiverged when the loss becomes NaN/inf/huge or the weights blow up (naming the step;
     last.npz stays the last good state), CheckpointError/ValueError for a checkpoint that does not fit the
     data or the settings, DiskFullError (naming the file) when the disk fills up.
@@ -395,11 +302,35 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, overwrite=False,
         resume = os.path.join(checkpoint_dir, "last.npz")
     elif resume and checkpoint_dir is None:
         checkpoint_dir = os.path.dirname(os.path.abspath(resume))
+    comm = LocalComm() if comm is None else comm
     lock = _open_run_folder(checkpoint_dir, bool(resume), overwrite, comm) if checkpoint_dir else None
     try:
-        return _fit(data, valid, checkpoint_dir=checkpoint_dir, resume=resume, log_every=log_every,
-                    checkpoint_every=checkpoint_every, threads=threads, workers=workers, out=out,
-                    handle_signals=handle_signals, comm=comm, settings=settings)
+        run = start_or_resume(data, valid, checkpoint_dir=checkpoint_dir, resume=resume, log_every=log_every,
+                              checkpoint_every=checkpoint_every, threads=threads, workers=workers, out=out,
+                              comm=comm, settings=settings)
+        if isinstance(run, FitResult):          # a finished run asked for no more epochs
+            return run
+        with StopRequest(comm, enabled=handle_signals or comm.size > 1) as stop:
+            try:
+                while run.epoch < run.cfg.epochs:
+                    if not train_epoch(run, stop):
+                        return _stopped(run, stop, in_epoch=True)
+                    end_epoch(run)
+                    if stop.decide() is not None and run.epoch < run.cfg.epochs:
+                        return _stopped(run, stop, in_epoch=False)
+                run.log.write("end", global_step=run.global_step, best=run.best)
+                if run.checkpoint_dir:
+                    run.emit(f"checkpoints: {os.path.join(run.checkpoint_dir, 'last.npz')}, "
+                             f"{os.path.join(run.checkpoint_dir, 'best.npz')} | log: "
+                             f"{os.path.join(run.checkpoint_dir, 'log.jsonl')}")
+                return FitResult(run.model, "completed", run.global_step, run.history, run.checkpoint_dir, run.cfg)
+            except DiskFullError as exc:
+                last = os.path.join(run.checkpoint_dir, "last.npz")
+                then = ("continue the run with --resume" if os.path.exists(last) else
+                        "start it again with --overwrite")
+                raise DiskFullError(exc.errno, f"{exc.strerror}; free some space, then {then}") from None
+            finally:
+                run.log.close()
     finally:
         if lock is not None:
             lock.release()
@@ -420,48 +351,141 @@ def _open_run_folder(folder, resume, overwrite, comm):
     if comm is not None and comm.size > 1:
         problem = comm.bcast_object(problem)
         if problem is not None:
-            from chexcy.distributed import raise_on_every_rank
             raise raise_on_every_rank(problem)
     if problem is not None:
         raise problem
     return lock
 
 
-def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, threads, workers, out,
-         handle_signals, comm, settings):
-    from chexcy import ops
-    from chexcy.data import COMPETITION_TASKS, LABELS
+class _Run:
+    """One training run while `fit` drives it: what start_or_resume builds and the steps advance.
 
+    cfg TrainConfig; model; optimizer; replica (chexcy.distributed.DataParallel over `comm`: the rank's rows
+    of each global batch, one gradient Allreduce per step; free on one process); loader; lr_at; pos_weight;
+    train_set, valid_set; log (chexcy.runlog.JsonLog, inactive off rank 0); emit(text, end) prints on rank 0.
+    Position: epoch, step_in_epoch, global_step, loss_sum, loss_count (running training loss of the epoch),
+    best (dict metric/score/epoch or None); history: one record per epoch finished in this call.
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+        self.history = []
+        self.window = _ProgressWindow()
+
+    def diverged(self, problem, where):
+        """TrainingDiverged naming the problem, the step, the last good checkpoint and what to change."""
+        last = os.path.join(self.checkpoint_dir, "last.npz") if self.checkpoint_dir else None
+        kept = ""
+        if last and os.path.exists(last):
+            try:
+                good = f"global step {load_checkpoint(last).config['position']['global_step']}, finite weights"
+            except (DamagedFileError, KeyError) as exc:
+                good = f"unreadable: {exc}"
+            kept = (f"; the last good state is {last} ({good}): evaluate or predict with it, but resuming it "
+                    f"replays the same steps and diverges again")
+        lr = self.cfg.lr
+        return TrainingDiverged(f"{problem} at {where}: training diverged{kept}; lower the learning rate: start "
+                                f"over (--overwrite) with --lr {lr / 10:g} (this run: {lr:g}), or add --warmup")
+
+    def check_state(self, where):
+        """Refuse to go on (and to checkpoint) from weights or optimiser moments that are not finite or have
+        blown up: such a last.npz would diverge again the moment it is resumed."""
+        for name, p in self.model.named_parameters():
+            if not np.all(np.isfinite(p.data)):
+                raise self.diverged(f"parameter {name} is not finite", where)
+            peak = float(np.max(np.abs(p.data))) if p.data.size else 0.0
+            if peak > PARAM_LIMIT:
+                raise self.diverged(f"parameter {name} reached {peak:.3g} (limit {PARAM_LIMIT:g})", where)
+        for name, value in self.model.named_buffers():
+            if not np.all(np.isfinite(value)):
+                raise self.diverged(f"buffer {name} is not finite", where)
+        for key, value in self.optimizer.state_dict().items():
+            if isinstance(value, np.ndarray) and not np.all(np.isfinite(value)):
+                raise self.diverged(f"optimiser state {key} is not finite", where)
+
+    def save(self, kind, epoch, step):
+        """Check the state (every rank), then write checkpoint_dir/KIND.npz (rank 0). Returns its path or None."""
+        self.check_state(f"global step {self.global_step} (before writing {kind}.npz)")
+        if not self.checkpoint_dir:
+            return None
+        train_set, valid_set = self.train_set, self.valid_set
+        doc = dict(train=dataclasses.asdict(self.cfg), image_size=int(train_set.size), label_names=list(LABELS),
+                   policy=self.policy, steps_per_epoch=self.steps_per_epoch, best=self.best,
+                   position=dict(epoch=epoch, step_in_epoch=step, global_step=self.global_step,
+                                 epoch_loss_sum=self.loss_sum, epoch_loss_count=self.loss_count),
+                   data=str(getattr(train_set, "path", self.data)), data_identity=self.train_identity,
+                   data_fingerprint=fingerprint(self.train_identity),
+                   valid=None if valid_set is None else str(getattr(valid_set, "path", self.valid)),
+                   valid_identity=data_identity(valid_set), ranks=self.comm.size)
+        target = os.path.join(self.checkpoint_dir, f"{kind}.npz")
+        existed = os.path.exists(target)
+        try:
+            path = save_checkpoint(target, self.model, self.optimizer, doc)
+        except DiskFullError as exc:
+            raise DiskFullError(exc.errno, f"disk full while writing {target}; " + (
+                f"the previous {kind}.npz is intact" if existed else f"no {kind}.npz was written")) from None
+        self.log.write("checkpoint", kind=kind, epoch=epoch, step_in_epoch=step, global_step=self.global_step,
+                       path=path)
+        return path
+
+
+class _ProgressWindow:
+    """Steps since the last progress line (loss, images, seconds), and the recent step times for the ETA."""
+
+    def __init__(self):
+        self.reset()
+        self.recent = []
+
+    def reset(self):
+        self.loss, self.images, self.seconds, self.steps = 0.0, 0, 0.0, 0
+
+    def add(self, loss, images, seconds):
+        self.loss += loss
+        self.images += images
+        self.seconds += seconds
+        self.steps += 1
+        self.recent = (self.recent + [seconds])[-50:]
+
+
+def _resume_config(ckpt, resume, settings, train_set, valid_set, data):
+    """The TrainConfig of the run in checkpoint `ckpt`, with the settings a resume may change applied;
+    ValueError when the other settings, the data or the validation data differ from the run's."""
+    if "train" not in ckpt.config:
+        raise CheckpointError(resume, "a checkpoint without training state (not written by chexcy train); "
+                                      "cannot resume from it")
+    cfg = TrainConfig(**ckpt.config["train"])
+    for name, value in settings.items():
+        if name in RUN_SETTINGS:
+            setattr(cfg, name, value)
+        elif value != getattr(cfg, name):
+            raise ValueError(f"--resume continues the saved run: {name}={value!r} differs from the "
+                             f"checkpoint's {getattr(cfg, name)!r} (drop the option or start a new run)")
+    _check_image_size(train_set, ckpt.image_size, f"--data {getattr(train_set, 'path', data)}")
+    _check_same_data(ckpt, resume, train_set, valid_set)
+    reached = ckpt.config["position"]["epoch"]
+    if cfg.epochs < reached:
+        raise ValueError(f"--epochs {cfg.epochs}: the run in {resume} is already at epoch {reached}; pass "
+                         f"--epochs N with N > {reached} to train it longer")
+    return cfg
+
+
+def start_or_resume(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, threads, workers, out,
+                    comm, settings):
+    """Open the data, build (or load from `resume`) the model, optimiser, loader and replica, and announce
+    the run. Returns a _Run positioned where training goes on, or a FitResult when a resumed run has
+    already finished its epochs. Arguments as `fit`'s; comm a communicator (LocalComm for one process)."""
     if threads is not None:
         ops.set_num_threads(int(threads))
     reuse_freed_memory()
-    train_set = open_dataset(data, "--data")
-    valid_set = open_dataset(valid, "--valid")
+    train_set, valid_set = open_dataset(data, "--data"), open_dataset(valid, "--valid")
     emit = (lambda text="", end="\n": (print(text, end=end, file=out, flush=True))) if out is not None else \
         (lambda text="", end="\n": None)
-
-    # -- configuration and state: fresh, or from a checkpoint ---------------------------------------------
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(resume)
-        if "train" not in ckpt.config:
-            raise CheckpointError(resume, "a checkpoint without training state (not written by chexcy train); "
-                                          "cannot resume from it")
-        cfg = TrainConfig(**ckpt.config["train"])
-        for name, value in settings.items():
-            if name in RUN_SETTINGS:
-                setattr(cfg, name, value)
-            elif value != getattr(cfg, name):
-                raise ValueError(f"--resume continues the saved run: {name}={value!r} differs from the "
-                                 f"checkpoint's {getattr(cfg, name)!r} (drop the option or start a new run)")
-        _check_image_size(train_set, ckpt.image_size, f"--data {getattr(train_set, 'path', data)}")
-        _check_same_data(ckpt, resume, train_set, valid_set)
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:
+        cfg = _resume_config(ckpt, resume, settings, train_set, valid_set, data)
         reached = ckpt.config["position"]["epoch"]
-        if cfg.epochs < reached:
-            raise ValueError(f"--epochs {cfg.epochs}: the run in {resume} is already at epoch {reached}; pass "
-                             f"--epochs N with N > {reached} to train it longer")
         if cfg.epochs == reached:
-            if comm is None or comm.is_root:
+            if comm.is_root:
                 emit(f"the run in {resume} has finished its {reached} epochs: nothing to train (pass --epochs N "
                      f"with N > {reached} to train it longer)")
             return FitResult(ckpt.build_model(), "completed", ckpt.config["position"]["global_step"], [],
@@ -471,271 +495,201 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
     cfg.validate()
     if valid_set is not None:
         _check_image_size(valid_set, train_set.size, f"--valid {valid}")
-    if comm is not None:        # every rank must train the same run on the same data, or they hang or mix
-        from chexcy.distributed import check_ranks_agree
-        position = None if ckpt is None else ckpt.config["position"]
-        check_ranks_agree(comm, {
-            "--data": f"{len(train_set)} images, fingerprint {fingerprint(data_identity(train_set))}",
-            "--valid": None if valid_set is None else
-            f"{len(valid_set)} images, fingerprint {fingerprint(data_identity(valid_set))}",
-            "settings": dataclasses.asdict(cfg),
-            "resumed from": None if position is None else (str(resume), position["global_step"]),
-        })
+    # Every rank must train the same run on the same data, or they hang or mix (one rank: nothing to compare).
+    position = None if ckpt is None else ckpt.config["position"]
+    check_ranks_agree(comm, {
+        "--data": f"{len(train_set)} images, fingerprint {fingerprint(data_identity(train_set))}",
+        "--valid": None if valid_set is None else
+        f"{len(valid_set)} images, fingerprint {fingerprint(data_identity(valid_set))}",
+        "settings": dataclasses.asdict(cfg),
+        "resumed from": None if position is None else (str(resume), position["global_step"]),
+    })
 
     model = build_model(cfg.arch, **cfg.model_config())
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     loader = make_loader(model, train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
                          workers=workers)
-    dp = None
-    if comm is not None:    # MPI data parallel: each rank its rows of every batch, one Allreduce per step
-        from chexcy.distributed import DataParallel
-        dp = DataParallel(model, comm)
-        dp.attach(loader)
-        handle_signals = False
-        dp.catch_signals()
+    replica = DataParallel(model, comm)     # each rank its rows of every batch, one Allreduce per step
+    replica.attach(loader)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ValueError(f"--data {data}: no batches (empty dataset?)")
     total_steps = cfg.epochs * steps_per_epoch
-    lr_at = make_schedule(cfg.schedule, cfg.lr, total_steps, warmup_steps=cfg.warmup, step_size=cfg.step_size,
-                          gamma=cfg.gamma)
-    pos_weight = resolve_pos_weight(cfg.pos_weight, train_set.labels, len(LABELS))
-    policy = describe_policy(train_set)
-
-    epoch, step_in_epoch, global_step = 0, 0, 0
-    best = None
-    loss_sum, loss_count = 0.0, 0           # running training loss of the current epoch
+    run = _Run(cfg=cfg, model=model, optimizer=optimizer, loader=loader, replica=replica, comm=comm,
+               train_set=train_set, valid_set=valid_set, data=data, valid=valid, steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, lr_at=make_schedule(cfg.schedule, cfg.lr, total_steps,
+                                                            warmup_steps=cfg.warmup, step_size=cfg.step_size,
+                                                            gamma=cfg.gamma),
+               pos_weight=resolve_pos_weight(cfg.pos_weight, train_set.labels, NUM_CLASSES),
+               policy=describe_policy(train_set), train_identity=data_identity(train_set),
+               epoch=0, step_in_epoch=0, global_step=0, best=None, loss_sum=0.0, loss_count=0,
+               log_every=log_every, checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, emit=emit,
+               is_tty=out is not None and hasattr(out, "isatty") and out.isatty())
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt.model_state)
-            optimizer.load_state_dict(ckpt.optim_state)
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(resume, f"weights do not fit the checkpoint's own configuration: {exc}") from None
-        position = ckpt.config["position"]
-        epoch, step_in_epoch, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
-        loss_sum, loss_count = position.get("epoch_loss_sum", 0.0), position.get("epoch_loss_count", 0)
-        best = ckpt.config.get("best")
-        if ckpt.config.get("steps_per_epoch") not in (None, steps_per_epoch):
-            raise ValueError(f"--data {data}: the run in {resume} was trained with {ckpt.config['steps_per_epoch']} "
-                             f"steps per epoch, these data give {steps_per_epoch}: not the same prepared data")
+        _load_position(run, ckpt, resume)
+    if not comm.is_root:                # rank 0 alone prints, logs and saves
+        run.checkpoint_dir, run.is_tty, run.emit = None, False, (lambda text="", end="\n": None)
+    if ckpt is not None and ckpt.config.get("ranks", 1) != comm.size:
+        run.emit(f"note: {resume} was written by {ckpt.config.get('ranks', 1)} rank(s), this run has {comm.size}: "
+                 "the same global batches, order and learning rates, so training continues, but the losses equal "
+                 "an uninterrupted run's to float32 rounding, not bit for bit (docs/distributed.md)")
+    run.log = JsonLog(os.path.join(run.checkpoint_dir, "log.jsonl") if run.checkpoint_dir else None)
+    run.backend = (f"{ops.get_backend()} x{ops.get_num_threads()}"
+                   + ("" if comm.size == 1 and not comm.is_mpi else f" x {comm.size} ranks"))
+    _announce(run, ckpt, resume)
+    return run
 
-    if dp is not None and not comm.is_root:   # rank 0 alone prints, logs and saves
-        checkpoint_dir, out, emit = None, None, (lambda text="", end="\n": None)
-    ranks = 1 if comm is None else comm.size
-    if ckpt is not None and ckpt.config.get("ranks", 1) != ranks:
-        emit(f"note: {resume} was written by {ckpt.config.get('ranks', 1)} rank(s), this run has {ranks}: the same "
-             "global batches, order and learning rates, so training continues, but the losses equal an "
-             "uninterrupted run's to float32 rounding, not bit for bit (docs/distributed.md)")
-    log = JsonLog(os.path.join(checkpoint_dir, "log.jsonl") if checkpoint_dir else None)
-    backend = f"{ops.get_backend()} x{ops.get_num_threads()}" + ("" if comm is None else f" x {comm.size} ranks")
 
-    train_identity, valid_identity = data_identity(train_set), data_identity(valid_set)
+def _load_position(run, ckpt, resume):
+    """Weights, optimiser moments and position from checkpoint `ckpt` into `run`."""
+    try:
+        run.model.load_state_dict(ckpt.model_state)
+        run.optimizer.load_state_dict(ckpt.optim_state)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(resume, f"weights do not fit the checkpoint's own configuration: {exc}") from None
+    position = ckpt.config["position"]
+    run.epoch, run.step_in_epoch = position["epoch"], position["step_in_epoch"]
+    run.global_step = position["global_step"]
+    run.loss_sum, run.loss_count = position.get("epoch_loss_sum", 0.0), position.get("epoch_loss_count", 0)
+    run.best = ckpt.config.get("best")
+    if ckpt.config.get("steps_per_epoch") not in (None, run.steps_per_epoch):
+        raise ValueError(f"--data {run.data}: the run in {resume} was trained with {ckpt.config['steps_per_epoch']} "
+                         f"steps per epoch, these data give {run.steps_per_epoch}: not the same prepared data")
 
-    def diverged(problem, where):
-        """TrainingDiverged naming the problem, the step, the last good checkpoint and what to change."""
-        last = os.path.join(checkpoint_dir, "last.npz") if checkpoint_dir else None
-        kept = ""
-        if last and os.path.exists(last):
-            try:
-                good = f"global step {load_checkpoint(last).config['position']['global_step']}, finite weights"
-            except (DamagedFileError, KeyError) as exc:
-                good = f"unreadable: {exc}"
-            kept = (f"; the last good state is {last} ({good}): evaluate or predict with it, but resuming it "
-                    f"replays the same steps and diverges again")
-        return TrainingDiverged(f"{problem} at {where}: training diverged{kept}; lower the learning rate: start "
-                                f"over (--overwrite) with --lr {cfg.lr / 10:g} (this run: {cfg.lr:g}), or add --warmup")
 
-    def check_state(where):
-        """Refuse to go on (and to checkpoint) from weights or optimiser moments that are not finite or have
-        blown up: such a last.npz would diverge again the moment it is resumed."""
-        for name, p in model.named_parameters():
-            if not np.all(np.isfinite(p.data)):
-                raise diverged(f"parameter {name} is not finite", where)
-            peak = float(np.max(np.abs(p.data))) if p.data.size else 0.0
-            if peak > PARAM_LIMIT:
-                raise diverged(f"parameter {name} reached {peak:.3g} (limit {PARAM_LIMIT:g})", where)
-        for name, value in model.named_buffers():
-            if not np.all(np.isfinite(value)):
-                raise diverged(f"buffer {name} is not finite", where)
-        for key, value in optimizer.state_dict().items():
-            if isinstance(value, np.ndarray) and not np.all(np.isfinite(value)):
-                raise diverged(f"optimiser state {key} is not finite", where)
-
-    def save(kind, epoch_, step_, extra=None):
-        """Check the state (every rank), then write checkpoint_dir/KIND.npz (rank 0). Returns its path or None."""
-        check_state(f"global step {global_step} (before writing {kind}.npz)")
-        if not checkpoint_dir:
-            return None
-        doc = dict(train=dataclasses.asdict(cfg), image_size=int(train_set.size), label_names=list(LABELS),
-                   policy=policy, steps_per_epoch=steps_per_epoch, best=best,
-                   position=dict(epoch=epoch_, step_in_epoch=step_, global_step=global_step,
-                                 epoch_loss_sum=loss_sum, epoch_loss_count=loss_count),
-                   data=str(getattr(train_set, "path", data)), data_identity=train_identity,
-                   data_fingerprint=fingerprint(train_identity),
-                   valid=None if valid_set is None else str(getattr(valid_set, "path", valid)),
-                   valid_identity=valid_identity, ranks=ranks)
-        doc.update(extra or {})
-        target = os.path.join(checkpoint_dir, f"{kind}.npz")
-        existed = os.path.exists(target)
-        try:
-            path = save_checkpoint(target, model, optimizer, doc)
-        except DiskFullError as exc:
-            raise DiskFullError(exc.errno, f"disk full while writing {target}; " + (
-                f"the previous {kind}.npz is intact" if existed else f"no {kind}.npz was written")) from None
-        log.write("checkpoint", kind=kind, epoch=epoch_, step_in_epoch=step_, global_step=global_step, path=path)
-        return path
-
-    model_desc = f"{cfg.arch} ({model.num_parameters():,} parameters)"
+def _announce(run, ckpt, resume):
+    """The start (or resume) record of the log and the run's first lines."""
+    cfg, train_set, valid_set = run.cfg, run.train_set, run.valid_set
     if ckpt is not None:
-        emit(f"resuming {resume}: epoch {epoch + 1}, step {step_in_epoch}/{steps_per_epoch}, "
-             f"global step {global_step}")
-        log.write("resume", checkpoint=str(resume), epoch=epoch, step_in_epoch=step_in_epoch,
-                  global_step=global_step)
+        run.emit(f"resuming {resume}: epoch {run.epoch + 1}, step {run.step_in_epoch}/{run.steps_per_epoch}, "
+                 f"global step {run.global_step}")
+        run.log.write("resume", checkpoint=str(resume), epoch=run.epoch, step_in_epoch=run.step_in_epoch,
+                      global_step=run.global_step)
     else:
-        log.write("start", config=dataclasses.asdict(cfg), model=model.config, image_size=int(train_set.size),
-                  n_train=len(train_set), n_valid=None if valid_set is None else len(valid_set), policy=policy,
-                  backend=backend, steps_per_epoch=steps_per_epoch)
-    emit(f"train {model_desc} on {len(train_set):,} images {train_set.size}x{train_set.size}"
-         f"{'' if valid_set is None else f', valid {len(valid_set):,}'} | {cfg.optimizer} lr {cfg.lr:g} "
-         f"{cfg.schedule} | batch {cfg.batch_size} | {cfg.epochs} epochs x {steps_per_epoch} steps | {backend}")
-    emit(f"labels: {policy}")
+        run.log.write("start", config=dataclasses.asdict(cfg), model=run.model.config,
+                      image_size=int(train_set.size), n_train=len(train_set),
+                      n_valid=None if valid_set is None else len(valid_set), policy=run.policy,
+                      backend=run.backend, steps_per_epoch=run.steps_per_epoch)
+    model_desc = f"{cfg.arch} ({run.model.num_parameters():,} parameters)"
+    run.emit(f"train {model_desc} on {len(train_set):,} images {train_set.size}x{train_set.size}"
+             f"{'' if valid_set is None else f', valid {len(valid_set):,}'} | {cfg.optimizer} lr {cfg.lr:g} "
+             f"{cfg.schedule} | batch {cfg.batch_size} | {cfg.epochs} epochs x {run.steps_per_epoch} steps | "
+             f"{run.backend}")
+    run.emit(f"labels: {run.policy}")
 
-    history = []
-    is_tty = out is not None and hasattr(out, "isatty") and out.isatty()
-    window_loss, window_images, window_time, window_steps = 0.0, 0, 0.0, 0
-    recent_step_times = []
-    status = "completed"
-    with _StopRequest(handle_signals) as stop:
-        try:
-            while epoch < cfg.epochs:
-                model.train()
-                epoch_start = time.perf_counter()
-                step = step_in_epoch
-                for step, batch in enumerate(loader.batches(epoch, start=step_in_epoch), start=step_in_epoch):
-                    t0 = time.perf_counter()
-                    model.set_random_state(step_rng(cfg.seed, epoch, step))
-                    if dp is not None:
-                        dp.begin_batch(batch, step)
-                    logits = model.forward_batch(batch)
-                    loss, dlogits = bce_with_logits(logits, batch.labels, batch.mask, pos_weight)
-                    if not (math.isfinite(loss) and loss <= LOSS_LIMIT) or not np.all(np.isfinite(dlogits)):
-                        where = f"epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} (global step {global_step + 1})"
-                        log.write("diverged", epoch=epoch, step=step, global_step=global_step + 1,
-                                  loss=loss)
-                        limit = f" (limit {LOSS_LIMIT:g})" if math.isfinite(loss) else ""
-                        raise diverged(f"loss is {loss:.4g}{limit}", where)
-                    model.backward(dlogits)
-                    if dp is not None:      # averaged gradients, the global loss and a shared stop decision
-                        totals = dp.end_batch(loss)
-                        loss, stop.signal = totals.loss, dp.stop_signal(totals)
-                    lr = lr_at(global_step)
-                    optimizer.step(lr)
-                    global_step += 1
-                    loss_sum += loss
-                    loss_count += 1
-                    n_images = batch_size_of(batch) if dp is None else totals.rows
-                    dt = time.perf_counter() - t0
-                    log.write("step", epoch=epoch, step=step, global_step=global_step, loss=loss, lr=lr,
-                              images=n_images, seconds=round(dt, 5))
-                    window_loss += loss
-                    window_steps += 1
-                    window_images += n_images
-                    window_time += dt
-                    recent_step_times = (recent_step_times + [dt])[-50:]
-                    if log_every and (global_step % log_every == 0 or step + 1 == steps_per_epoch):
-                        n = window_steps
-                        eta = float(np.median(recent_step_times)) * (total_steps - global_step)
-                        line = (f"epoch {epoch + 1} step {step + 1:>{len(str(steps_per_epoch))}}/{steps_per_epoch}"
-                                f" | loss {window_loss / n:.4f} | lr {lr:.1e} | {1000 * window_time / n:.0f} ms"
-                                f" | {window_images / max(window_time, 1e-9):.1f} img/s | ETA {_format_duration(eta)}"
-                                f" | {backend}")
-                        emit(("\r" + line.ljust(110)) if is_tty else line, end="" if is_tty else "\n")
-                        window_loss, window_images, window_time, window_steps = 0.0, 0, 0.0, 0
-                    if stop.signal is not None:
-                        break
-                    if checkpoint_every and global_step % checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                        save("last", epoch, step + 1)
-                if stop.signal is not None and step + 1 < steps_per_epoch:
-                    status = "interrupted"
-                    path = save("last", epoch, step + 1)
-                    name = signal.Signals(stop.signal).name
-                    log.write("interrupted", signal=name, epoch=epoch, step_in_epoch=step + 1,
-                              global_step=global_step)
-                    if is_tty:
-                        emit()
-                    emit(f"{name}: stopped after global step {global_step}"
-                         + (f"; saved {path}; continue with --resume" if path else ""))
-                    return FitResult(model, status, global_step, history, checkpoint_dir, cfg, stop.signal)
-                if is_tty:
-                    emit()
-                # -- end of epoch: validation, checkpoints, report ------------------------------------
-                train_loss = loss_sum / max(loss_count, 1)
-                record = dict(epoch=epoch + 1, global_step=global_step, train_loss=train_loss,
-                              seconds=round(time.perf_counter() - epoch_start, 3))
-                line = f"epoch {epoch + 1} | train loss {train_loss:.4f}"
-                if valid_set is not None:
-                    from chexcy.evaluate import predict_dataset
-                    pred = (predict_dataset(model, valid_set, batch_size=max(cfg.batch_size, 64), pos_weight=pos_weight)
-                            if dp is None else dp.predict(valid_set, batch_size=max(cfg.batch_size, 64),
-                                                          pos_weight=pos_weight))
-                    aucs = metrics.per_label_auc(pred.labels, pred.probs)
-                    mean5 = metrics.mean_auc(aucs, LABELS, COMPETITION_TASKS)
-                    record.update(valid_loss=pred.loss, auc=dict(zip(LABELS, _nan_to_none(aucs))),
-                                  mean_auc=None if math.isnan(mean5) else mean5)
-                    tasks = "  ".join(f"{SHORT_NAMES.get(t, t[:4])} {metrics.format_auc(aucs[LABELS.index(t)], 4)}"
-                                      for t in COMPETITION_TASKS)
-                    line += f" | valid loss {pred.loss:.4f} | AUC  {tasks} | mean(5) {metrics.format_auc(mean5)}"
-                    others = "  ".join(f"{SHORT_NAMES.get(n, n[:4])} {metrics.format_auc(aucs[i], 4)}"
-                                       for i, n in enumerate(LABELS) if n not in COMPETITION_TASKS)
-                    score = mean5 if not math.isnan(mean5) else -pred.loss
-                    score_name = "mean_auc" if not math.isnan(mean5) else "-valid_loss"
-                else:
-                    others = None
-                    score, score_name = -train_loss, "-train_loss"
-                epoch += 1
-                step_in_epoch = 0
-                loss_sum, loss_count = 0.0, 0
-                improved = best is None or best["metric"] != score_name or score > best["score"]
-                if improved:
-                    best = dict(metric=score_name, score=score, epoch=epoch)
-                saved = []
-                for kind in ("last", "best") if improved else ("last",):
-                    if save(kind, epoch, 0) is not None:
-                        saved.append(kind)
-                line += f" | {record['seconds']:.1f} s" + (f" | ckpt saved ({', '.join(saved)})" if saved else "")
-                record["best"] = improved
-                log.write("epoch", **record)
-                history.append(record)
-                emit(line)
-                if others:
-                    emit(f"        other AUC  {others}")
-                if dp is not None:
-                    stop.signal = dp.stop_signal()
-                if stop.signal is not None and epoch < cfg.epochs:
-                    status = "interrupted"
-                    name = signal.Signals(stop.signal).name
-                    log.write("interrupted", signal=name, epoch=epoch, step_in_epoch=0, global_step=global_step)
-                    emit(f"{name}: stopped after epoch {epoch}"
-                         + ("; saved last.npz; continue with --resume" if checkpoint_dir else ""))
-                    return FitResult(model, status, global_step, history, checkpoint_dir, cfg, stop.signal)
-            log.write("end", global_step=global_step, best=best)
-            if checkpoint_dir:
-                emit(f"checkpoints: {os.path.join(checkpoint_dir, 'last.npz')}, "
-                     f"{os.path.join(checkpoint_dir, 'best.npz')} | log: {os.path.join(checkpoint_dir, 'log.jsonl')}")
-            return FitResult(model, status, global_step, history, checkpoint_dir, cfg)
-        except DiskFullError as exc:
-            last = os.path.join(checkpoint_dir, "last.npz")
-            then = ("continue the run with --resume" if os.path.exists(last) else
-                    "start it again with --overwrite")
-            raise DiskFullError(exc.errno, f"{exc.strerror}; free some space, then {then}") from None
-        finally:
-            log.close()
-            if dp is not None:
-                dp.restore_signals()
+
+def train_epoch(run, stop):
+    """Train from run's position to the end of its epoch, or until a stop request all ranks share.
+    Returns True when the epoch's last step is done, False when stopped before it (run.step_in_epoch is
+    then the next step to train). Raises TrainingDiverged on a non-finite or huge loss."""
+    cfg, model, replica = run.cfg, run.model, run.replica
+    model.train()
+    run.epoch_start = time.perf_counter()
+    for step, batch in enumerate(run.loader.batches(run.epoch, start=run.step_in_epoch), start=run.step_in_epoch):
+        t0 = time.perf_counter()
+        model.set_random_state(step_rng(cfg.seed, run.epoch, step))
+        replica.begin_batch(batch, step)
+        logits = model.forward_batch(batch)
+        loss, dlogits = bce_with_logits(logits, batch.labels, batch.mask, run.pos_weight)
+        if not (math.isfinite(loss) and loss <= LOSS_LIMIT) or not np.all(np.isfinite(dlogits)):
+            where = f"epoch {run.epoch + 1}, step {step + 1}/{run.steps_per_epoch} (global step {run.global_step + 1})"
+            run.log.write("diverged", epoch=run.epoch, step=step, global_step=run.global_step + 1, loss=loss)
+            limit = f" (limit {LOSS_LIMIT:g})" if math.isfinite(loss) else ""
+            raise run.diverged(f"loss is {loss:.4g}{limit}", where)
+        model.backward(dlogits)
+        totals = replica.end_batch(loss, stop=stop.seen is not None)  # averaged gradients, global loss, stop
+        stop.decide(totals.stop)
+        lr = run.lr_at(run.global_step)
+        run.optimizer.step(lr)
+        run.global_step += 1
+        run.loss_sum += totals.loss
+        run.loss_count += 1
+        run.step_in_epoch = step + 1
+        dt = time.perf_counter() - t0
+        run.log.write("step", epoch=run.epoch, step=step, global_step=run.global_step, loss=totals.loss, lr=lr,
+                      images=totals.rows, seconds=round(dt, 5))
+        run.window.add(totals.loss, totals.rows, dt)
+        if run.log_every and (run.global_step % run.log_every == 0 or step + 1 == run.steps_per_epoch):
+            _progress_line(run, step, lr)
+        if stop.signal is not None:
+            break
+        if run.checkpoint_every and run.global_step % run.checkpoint_every == 0 and step + 1 < run.steps_per_epoch:
+            run.save("last", run.epoch, step + 1)
+    if run.is_tty and run.step_in_epoch == run.steps_per_epoch:
+        run.emit()
+    return run.step_in_epoch == run.steps_per_epoch
+
+
+def _progress_line(run, step, lr):
+    w = run.window
+    eta = float(np.median(w.recent)) * (run.total_steps - run.global_step)
+    line = (f"epoch {run.epoch + 1} step {step + 1:>{len(str(run.steps_per_epoch))}}/{run.steps_per_epoch}"
+            f" | loss {w.loss / w.steps:.4f} | lr {lr:.1e} | {1000 * w.seconds / w.steps:.0f} ms"
+            f" | {w.images / max(w.seconds, 1e-9):.1f} img/s | ETA {_format_duration(eta)} | {run.backend}")
+    run.emit(("\r" + line.ljust(110)) if run.is_tty else line, end="" if run.is_tty else "\n")
+    w.reset()
+
+
+def end_epoch(run):
+    """End of an epoch: validate (over all ranks), pick the best, write last.npz (and best.npz), log, report."""
+    cfg = run.cfg
+    train_loss = run.loss_sum / max(run.loss_count, 1)
+    record = dict(epoch=run.epoch + 1, global_step=run.global_step, train_loss=train_loss,
+                  seconds=round(time.perf_counter() - run.epoch_start, 3))
+    line = f"epoch {run.epoch + 1} | train loss {train_loss:.4f}"
+    others = None
+    if run.valid_set is not None:
+        pred = predict_dataset(run.model, run.valid_set, batch_size=max(cfg.batch_size, 64),
+                               pos_weight=run.pos_weight, comm=run.comm)
+        aucs = metrics.per_label_auc(pred.labels, pred.probs)
+        mean5 = metrics.mean_auc(aucs, LABELS, COMPETITION_TASKS)
+        record.update(valid_loss=pred.loss, auc=dict(zip(LABELS, _nan_to_none(aucs))),
+                      mean_auc=None if math.isnan(mean5) else mean5)
+        tasks = "  ".join(f"{SHORT_NAMES.get(t, t[:4])} {metrics.format_auc(aucs[LABELS.index(t)], 4)}"
+                          for t in COMPETITION_TASKS)
+        line += f" | valid loss {pred.loss:.4f} | AUC  {tasks} | mean(5) {metrics.format_auc(mean5)}"
+        others = "  ".join(f"{SHORT_NAMES.get(n, n[:4])} {metrics.format_auc(aucs[i], 4)}"
+                           for i, n in enumerate(LABELS) if n not in COMPETITION_TASKS)
+        score = mean5 if not math.isnan(mean5) else -pred.loss
+        score_name = "mean_auc" if not math.isnan(mean5) else "-valid_loss"
+    else:
+        score, score_name = -train_loss, "-train_loss"
+    run.epoch += 1
+    run.step_in_epoch = 0
+    run.loss_sum, run.loss_count = 0.0, 0
+    improved = run.best is None or run.best["metric"] != score_name or score > run.best["score"]
+    if improved:
+        run.best = dict(metric=score_name, score=score, epoch=run.epoch)
+    saved = [kind for kind in (("last", "best") if improved else ("last",)) if run.save(kind, run.epoch, 0)]
+    line += f" | {record['seconds']:.1f} s" + (f" | ckpt saved ({', '.join(saved)})" if saved else "")
+    record["best"] = improved
+    run.log.write("epoch", **record)
+    run.history.append(record)
+    run.emit(line)
+    if others:
+        run.emit(f"        other AUC  {others}")
+
+
+def _stopped(run, stop, in_epoch):
+    """Record a shared stop request (within an epoch: save last.npz first) and return the FitResult."""
+    name = signal.Signals(stop.signal).name
+    if in_epoch:
+        path = run.save("last", run.epoch, run.step_in_epoch)
+        run.log.write("interrupted", signal=name, epoch=run.epoch, step_in_epoch=run.step_in_epoch,
+                      global_step=run.global_step)
+        if run.is_tty:
+            run.emit()
+        run.emit(f"{name}: stopped after global step {run.global_step}"
+                 + (f"; saved {path}; continue with --resume" if path else ""))
+    else:
+        run.log.write("interrupted", signal=name, epoch=run.epoch, step_in_epoch=0, global_step=run.global_step)
+        run.emit(f"{name}: stopped after epoch {run.epoch}"
+                 + ("; saved last.npz; continue with --resume" if run.checkpoint_dir else ""))
+    return FitResult(run.model, "interrupted", run.global_step, run.history, run.checkpoint_dir, run.cfg,
+                     stop.signal)
 
 
 def describe_policy(dataset):
     """One line stating how the prepared data's labels were made (uncertain / blank handling)."""
-    from chexcy.evaluate import policy_text
     return policy_text(getattr(dataset, "manifest", {}) or {})

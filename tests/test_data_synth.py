@@ -143,3 +143,25 @@ def test_no_finding_pictures_carry_no_pathology_evidence():
             strengths = dict(zip(LABELS, job[4]))
             assert all(strengths[lab] == 0 or row[5 + LABELS.index(lab)] != row[5 + LABELS.index(lab)]
                        for lab in LABELS if lab not in ("No Finding", "Support Devices")), row
+
+
+def test_synthetic_files_go_through_atomic_write(tmp_path, monkeypatch):
+    # One writer for every file chexcy writes: the images (durable=False: cheap to make again, no fsync)
+    # and the CSVs (durable) all pass through chexcy.fileio.atomic_write, and no temporary is left.
+    from chexcy import fileio
+    from chexcy.data import synth
+    calls = []
+    real = fileio.atomic_write
+
+    def spy(path, writer, *args, **kwargs):
+        calls.append((os.path.basename(path), kwargs.get("durable", True)))
+        return real(path, writer, *args, **kwargs)
+
+    monkeypatch.setattr(synth, "atomic_write", spy)
+    csv_path = synth.make_synthetic(tmp_path, n_train=6, n_valid=2, seed=3, workers=1)
+    jpegs = [p for p in tmp_path.rglob("*.jpg")]
+    assert sorted(name for name, _ in calls if name.endswith(".jpg")) == sorted(p.name for p in jpegs)
+    assert all(not durable for name, durable in calls if name.endswith(".jpg"))
+    assert {"train.csv", "valid.csv"} <= {name for name, durable in calls if durable}
+    assert os.path.exists(csv_path)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

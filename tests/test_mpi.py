@@ -229,7 +229,7 @@ def test_an_exception_on_one_rank_ends_the_job(tmp_path):
 def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
     # One step: rank r runs its shard (5 and 4 rows of a 9-row batch, different numbers of masked labels)
     # through DataParallel; the averaged gradients and the global loss must equal those of one process on
-    # all 9 rows. For resnet this also checks SyncBatchNorm (global batch statistics) and that the running
+    # all 9 rows. This also checks synchronised BatchNorm2d (global batch statistics, through the backend's kernels) and that the running
     # statistics agree; dropout 0.5 checks that each rank applies its rows of the global batch's mask. float32 tolerance: rtol 2e-4, atol 1e-6 (sums taken in a different order).
     proc = run_ranks(tmp_path, f"""
         import numpy as np
@@ -252,6 +252,18 @@ def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
             ref.backward(dlogits)
             ref_grads = [p.grad.copy() for p in ref.parameters()]
             ref_state = ref.state_dict()
+        # A test hook on the active backend: BatchNorm2d given the communicator must run the backend's own
+        # batch-norm halves (the compiled kernels on the cython backend), not a NumPy copy of its own.
+        from chexcy import ops
+        backend, calls = ops._backend(), {{}}
+        def counted(name, f):
+            def call(*args, **kwargs):
+                calls[name] = calls.get(name, 0) + 1
+                return f(*args, **kwargs)
+            return call
+        for name in ("batch_norm2d_plane_stats", "batch_norm2d_apply", "batch_norm2d_plane_grad_sums",
+                     "batch_norm2d_backward_apply"):
+            setattr(backend, name, counted(name, getattr(backend, name)))
         model = make()
         dp = distributed.DataParallel(model, comm)
         model.train()
@@ -263,7 +275,12 @@ def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
         model.backward(dlogits)
         loss, _, n_rows, stop = dp.end_step(loss, weight, rows=len(rows))
         assert n_rows == 9 and not stop
-        if comm.rank == 0:
+        n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        assert ("{arch}" != "resnet" or n_bn > 0) and all(calls.get(name, 0) == n_bn for name in (
+            "batch_norm2d_plane_stats", "batch_norm2d_apply", "batch_norm2d_plane_grad_sums",
+            "batch_norm2d_backward_apply")), (n_bn, calls)
+        if comm.rank == 0 and n_bn:
+            print("batch norm ran on backend", ops.get_backend(), sorted(calls), flush=True)
             assert abs(loss - ref_loss) < 1e-6 * max(1, abs(ref_loss)), (loss, ref_loss)
             for (name, p), g in zip(model.named_parameters(), ref_grads):
                 np.testing.assert_allclose(p.grad, g, rtol=2e-4, atol=1e-6, err_msg=name)
@@ -275,6 +292,9 @@ def test_two_ranks_give_the_gradients_of_the_whole_batch(tmp_path, arch):
             print("both ranks ok")
     """)
     assert "both ranks ok" in proc.stdout, proc.stdout
+    if arch == "resnet":
+        expected = os.environ.get("CHEXCY_EXPECT_BACKEND")
+        assert f"batch norm ran on backend {expected or ''}" in proc.stdout, proc.stdout
 
 
 @needs_mpi

@@ -446,23 +446,30 @@ def test_registry_and_bad_configuration():
         nn.build_model("multiview", backbone="vgg16")
 
 
-def test_dense_layers_with_sync_batchnorm_take_the_module_path_and_agree():
-    """Distributed training swaps every BatchNorm2d for SyncBatchNorm2d (statistics over all ranks); a
-    dense layer then runs norm1 as that module instead of sharing the block's statistics. On one process
-    both paths are the same function."""
-    from chexcy.distributed import LocalComm, convert_sync_batchnorm
+def test_dense_layers_with_synchronised_batchnorm_take_the_module_path_and_agree(monkeypatch):
+    """Under distributed training every BatchNorm2d gets a communicator of several ranks (statistics over
+    the global batch); a dense layer then runs its norms as modules instead of sharing the block's
+    statistics. On one process both paths are the same function."""
+    class TwoRanks:      # only its size is read by _shared_stats
+        size = 2
+
+    layer = nn.build_model("densenet121", **SMALL["densenet121"]).features.denseblock1.denselayer1
+    assert layer._shared_stats()
+    layer.norm1.comm = TwoRanks()
+    assert not layer._shared_stats()
+
     rng = np.random.default_rng(31)
     plain = to_float64(nn.build_model("densenet121", **SMALL["densenet121"]))
-    synced = to_float64(nn.build_model("densenet121", **SMALL["densenet121"]))
-    convert_sync_batchnorm(synced, LocalComm())
-    assert not synced.features.denseblock1.denselayer1._shared_stats()
+    modules = to_float64(nn.build_model("densenet121", **SMALL["densenet121"]))
     x = rng.standard_normal(SMALL_INPUT)
     dlogits = rng.standard_normal((SMALL_INPUT[0], 14))
     with nn.use_kernels(reference):
-        a, b = run_step(plain, x, dlogits), run_step(synced, x, dlogits)
+        a = run_step(plain, x, dlogits)
+        monkeypatch.setattr(type(layer), "_shared_stats", lambda self: False)
+        b = run_step(modules, x, dlogits)
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-8, atol=1e-10 * np.abs(a[name]).max(), err_msg=name)
-    for (name, p), (_, q) in zip(plain.named_buffers(), synced.named_buffers()):   # Sync rounds them to float32
+    for (name, p), (_, q) in zip(plain.named_buffers(), modules.named_buffers()):
         np.testing.assert_allclose(q, p, rtol=1e-6, atol=1e-9, err_msg=name)
 
 

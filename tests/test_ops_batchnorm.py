@@ -250,3 +250,74 @@ def test_batch_norm_backward_returns_fresh_arrays(backend, rng):
     assert not np.shares_memory(dx, dout) and not np.shares_memory(dx, x) and not np.shares_memory(out, x)
     assert_array_equal(x, x_copy)
     assert_array_equal(dout, dout_copy)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two halves (per-plane statistics, then the elementwise map) that BatchNorm2d uses when its batch is
+# spread over ranks: the batch is cut into parts as ranks would hold it, each part's statistics computed
+# alone, combined in batch order, and each part mapped with the combined statistics.
+
+def split_rows(N):
+    """Contiguous row ranges of a batch of N over two "ranks" (one when N == 1), as shard_bounds cuts it."""
+    return [(0, N)] if N == 1 else [(0, (N + 1) // 2), ((N + 1) // 2, N)]
+
+
+def run_halves(x, weight, bias, dout, eps=1e-5):
+    """(out, mean, var, dx, dweight, dbias) of batch norm computed part by part with the split ops."""
+    parts = split_rows(x.shape[0])
+    stats = [ops.batch_norm2d_plane_stats(x[a:b]) for a, b in parts]
+    plane_sum = np.concatenate([s[0] for s in stats], axis=1)
+    plane_m2 = np.concatenate([s[1] for s in stats], axis=1)
+    mean64, var64 = ops.batch_norm2d_combine_stats(plane_sum, plane_m2, x.shape[2] * x.shape[3])
+    out = np.concatenate([ops.batch_norm2d_apply(x[a:b], mean64, var64, weight, bias, eps) for a, b in parts])
+    mean, var = mean64.astype(np.float32), var64.astype(np.float32)
+    sums = [ops.batch_norm2d_plane_grad_sums(dout[a:b], x[a:b], mean) for a, b in parts]
+    sum_g = np.concatenate([s[0] for s in sums], axis=1).sum(axis=1)
+    sum_gx = np.concatenate([s[1] for s in sums], axis=1).sum(axis=1)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    dx = np.concatenate([ops.batch_norm2d_backward_apply(dout[a:b], x[a:b], mean, var, weight, sum_g, sum_gx,
+                                                          count, eps) for a, b in parts])
+    s = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+    return out, mean, var, dx, (sum_gx * s).astype(np.float32), sum_g.astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BN_SHAPES, ids=shape_id)
+def test_batch_norm_halves_over_parts_of_the_batch_match_reference(backend, case, rng):
+    x, weight, bias, dout = make_bn_inputs(rng, case)
+    out_ref, mean_ref, var_ref = reference.batch_norm2d_forward(x, weight, bias, 1e-5)
+    grads_ref = reference.batch_norm2d_backward(dout, x, mean_ref, var_ref, weight, 1e-5)
+    with ops.use_backend(backend):
+        out, mean, var, dx, dweight, dbias = run_halves(x, weight, bias, dout)
+    assert_bn_close((out, mean, var), (out_ref, mean_ref, var_ref), ("out", "mean", "var"), case)
+    assert_bn_close((dx, dweight, dbias), grads_ref, ("dx", "dweight", "dbias"), case,
+                    dx_scale=dx_term_scale(dout, x, mean, var, weight, 1e-5))
+
+
+@pytest.mark.skipif(not COMPILED, reason="the compiled kernels are not built")
+@pytest.mark.parametrize("case", BN_SHAPES, ids=shape_id)
+def test_compiled_batch_norm_halves_equal_the_fused_kernels_bit_for_bit(case, rng):
+    # What makes K ranks equal one process exactly: the same plane kernels, combined in the same order.
+    x, weight, bias, dout = make_bn_inputs(rng, case)
+    with ops.use_backend("cython"):
+        out, mean, var = ops.batch_norm2d_forward(x, weight, bias, eps=1e-5)
+        grads = ops.batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5)
+        halves = run_halves(x, weight, bias, dout)
+    for name, got, want in zip(("out", "mean", "var", "dx", "dweight", "dbias"), halves, (out, mean, var) + grads):
+        assert_array_equal(got, want, err_msg=f"{name} {shape_id(case)}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_halves_reject_bad_arguments_by_name(backend, rng):
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match="batch_norm2d_plane_stats: x"):
+            ops.batch_norm2d_plane_stats(x[0])
+        with pytest.raises(ValueError, match="mean must have shape"):
+            ops.batch_norm2d_apply(x, np.zeros(2), np.ones(3), None, None)
+        with pytest.raises(ValueError, match="dout must have x's shape"):
+            ops.batch_norm2d_plane_grad_sums(x[:1], x, np.zeros(3))
+        with pytest.raises(ValueError, match="count must be >= 2"):
+            ops.batch_norm2d_backward_apply(x, x, np.zeros(3), np.ones(3), None, np.zeros(3), np.zeros(3), 1)
+        with pytest.raises(ValueError, match="more than one value per channel"):
+            ops.batch_norm2d_combine_stats(np.zeros((3, 1)), np.zeros((3, 1)), 1)

@@ -225,18 +225,19 @@ def project(nbytes, bn_layers, per_image_s, args, bandwidth=1.25e9, latency=25e-
     """Predicted step time and efficiency at 8 and 32 ranks on a 10 Gb/s network (see docs/distributed.md).
 
     compute(b) = b * per_image_s (measured: one rank, one thread, this machine's core);
-    comm(K) = ring allreduce of the gradient buffer + 3 small allreduces per BatchNorm layer (SyncBatchNorm).
+    comm(K) = ring allreduce of the gradient buffer + 2 small collectives per BatchNorm layer (synchronised
+    BatchNorm2d: an allgather of per-plane statistics forward, an allreduce of 2C sums backward).
     Weak scaling: 32 images per rank (global batch 32 K). Strong scaling: global batch 256 (256 / K per rank).
     """
     print(f"projection (10 Gb/s = {bandwidth / 1e9:.2f} GB/s, {latency * 1e6:.0f} us per message, "
           f"{per_image_s * 1e3:.1f} ms compute per image per rank measured here, {nbytes:,} B gradient buffer, "
-          f"{bn_layers} BatchNorm layers x 3 small allreduces):")
+          f"{bn_layers} BatchNorm layers x 2 small collectives):")
     print(f"{'ranks':>6}{'wire MB/rank':>14}{'allreduce ms':>14}{'BN sync ms':>12}"
           f"{'weak: step ms':>15}{'eff':>7}{'img/s':>9}{'strong: step ms':>17}{'eff':>7}{'img/s':>9}")
     for k in (2, 8, 32):
         wire = 2 * (k - 1) / k * nbytes / 1e6
         ar = ring_allreduce_s(nbytes, k, bandwidth, latency)
-        bn = 3 * bn_layers * small_allreduce_s(k, latency)
+        bn = 2 * bn_layers * small_allreduce_s(k, latency)
         cols = []
         for per_rank in (32, 256 / k):
             compute = per_rank * per_image_s

@@ -10,13 +10,14 @@ Names are imported from their modules on first use (PEP 562), so `import chexcy.
 import importlib
 
 _EXPORTS = {
-    "LABELS": "schema", "COMPETITION_TASKS": "schema", "COLUMNS": "schema",
+    "LABELS": "schema", "NUM_CLASSES": "schema", "COMPETITION_TASKS": "schema", "COLUMNS": "schema",
     "PIXEL_MEAN": "images", "PIXEL_STD": "images", "ImageReadError": "images", "load_image": "images",
     "normalize": "images",
     "ChestAugment": "augment",
     "PreparedDataset": "dataset",
     "StudyIndex": "studies",
-    "Batch": "loader", "BatchLoader": "loader", "StudyBatch": "loader", "StudyLoader": "loader",
+    "Batch": "loader", "make_loader": "loader", "open_dataset": "dataset", "policy_text": "prepare",
+    "BatchLoader": "loader", "StudyBatch": "loader", "StudyLoader": "loader",
 }
 __all__ = list(_EXPORTS)
 

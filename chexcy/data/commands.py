@@ -54,7 +54,8 @@ def register(subparsers):
 
 
 def _cpus():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from chexcy.cpus import cores_available
+    return cores_available()
 
 
 def _bar(label, quiet):

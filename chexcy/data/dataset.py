@@ -260,3 +260,12 @@ def _read_meta(path, count):
             raise DamagedFileError(path, f"column {column!r} has value(s) {shown} at {lines_where(bad)}; "
                                          f"expected one of {', '.join(allowed)}")
     return meta
+
+
+def open_dataset(data, what="--data"):
+    """A PreparedDataset from a path or an already-open dataset."""
+    if data is None or isinstance(data, PreparedDataset):
+        return data
+    if not os.path.isdir(os.fspath(data)):
+        raise FileNotFoundError(f"{what}: prepared folder {data} does not exist (run `chexcy prepare` first)")
+    return PreparedDataset(data)

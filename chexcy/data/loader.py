@@ -188,3 +188,10 @@ class StudyLoader(_OrderedPrefetcher):
         labels, mask = _targets(self.index.labels[entries])
         return StudyBatch(frontal, lateral, has_frontal, has_lateral, self.index.tabular[entries], labels, mask,
                           entries)
+
+
+def make_loader(model, dataset, batch_size, *, shuffle, seed, augment, workers=1):
+    """The loader a model reads: StudyLoader for study models (model.input_kind "study"), else BatchLoader."""
+    if model.input_kind == "study":
+        return StudyLoader(dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment, workers=workers)
+    return BatchLoader(dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment, workers=workers)

@@ -21,6 +21,7 @@ Resumable and bounded in memory whatever N is:
 - a full disk ends the run with a DiskFullError in words; what was decoded is kept and no temporary file is
   left, so the same command finishes the job once space is freed.
 """
+import collections
 import contextlib
 import errno
 import hashlib
@@ -135,6 +136,31 @@ def resolve_policy(uncertain="ignore", blank="ignore", uncertain_ones=None, unce
             claimed[label] = mode
             modes[label] = mode
     return {"uncertain": modes, "blank": blank}
+
+
+UNCERTAIN_NAMES = {"ignore": "U-Ignore", "zeros": "U-Zeros", "ones": "U-Ones"}
+BLANK_NAMES = {"ignore": "masked", "zeros": "read as negative (0)"}
+
+
+def policy_text(manifest):
+    """A one-line statement of a prepared folder's label policy (manifest["policy"] as `chexcy prepare`
+    writes it: {"uncertain": {label: "ignore"|"zeros"|"ones"}, "blank": "ignore"|"zeros"})."""
+    policy = manifest.get("policy") if isinstance(manifest, dict) else None
+    if not isinstance(policy, dict) or not isinstance(policy.get("uncertain"), dict):
+        return "label policy unknown (no policy in manifest.json)" if policy is None else f"label policy {policy!r}"
+    modes = policy["uncertain"]
+    counts = collections.Counter(modes.values())
+    default = counts.most_common(1)[0][0]
+    text = f"uncertain (-1) {UNCERTAIN_NAMES.get(default, default)}"
+    exceptions = collections.defaultdict(list)
+    for label, mode in modes.items():
+        if mode != default:
+            exceptions[mode].append(label)
+    if exceptions:
+        text += " (" + "; ".join(f"{UNCERTAIN_NAMES.get(m, m)} for {', '.join(names)}"
+                                 for m, names in sorted(exceptions.items())) + ")"
+    blank = policy.get("blank")
+    return f"{text}, blank {BLANK_NAMES.get(blank, blank)}"
 
 
 def apply_policy(raw, policy):

@@ -33,7 +33,9 @@ import os
 
 import numpy as np
 
+from chexcy.cpus import cores_available
 from chexcy.data.schema import COLUMNS, DATASET_DIR, LABELS, format_label
+from chexcy.fileio import atomic_write
 
 # Counts of (1, -1, 0) per observation in the real train.csv (223,414 rows); the rest are blank.
 TRAIN_COUNTS = {
@@ -378,21 +380,20 @@ def _render_job(job_and_seed):
     pixels = render(view, h, w, strengths, rng)
     path = os.path.join(out_root, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(pixels, mode="L").save(tmp, format="JPEG", quality=JPEG_QUALITY)
-    os.replace(tmp, path)
+    image = Image.fromarray(pixels, mode="L")
+    atomic_write(path, lambda f: image.save(f, format="JPEG", quality=JPEG_QUALITY), durable=False)
     return rel
 
 
 def _write_csv(rows, path):
     import csv
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+
+    def write(f):
         out = csv.writer(f, lineterminator="\n")
         out.writerow(COLUMNS)
         for row in rows:
             out.writerow(row[:2] + [str(row[2])] + row[3:5] + [format_label(v) for v in row[5:]])
-    os.replace(tmp, path)
+    atomic_write(path, write, mode="w", newline="")
 
 
 def make_synthetic(out, n_train=2000, n_valid=300, seed=0, workers=None, progress=None):
@@ -408,7 +409,7 @@ def make_synthetic(out, n_train=2000, n_valid=300, seed=0, workers=None, progres
     valid_rows, valid_jobs, _ = make_tables(n_valid, "valid", seed, first_patient=next_patient)
     tasks = [(job, out, seed, "train") for job in train_jobs] + [(job, out, seed, "valid") for job in valid_jobs]
     if workers is None:
-        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        workers = min(8, cores_available())
     total = len(tasks)
     if workers <= 1:
         for i, task in enumerate(tasks):

@@ -28,7 +28,7 @@ A transition runs its 2x2 average pool before its 1x1 conv. Both are linear and 
 (the conv mixes channels per pixel, the pool averages pixels per channel; the conv has no bias), so
 pool(conv(z)) = conv(pool(z)) exactly in arithmetic, and the conv does 4x less work on 4x less input.
 
-When norm1 is not a plain BatchNorm2d (SyncBatchNorm2d in distributed training, whose statistics span
+When norm1 is not a plain BatchNorm2d (or one synchronised over ranks in distributed training, whose statistics span
 every rank), the layer calls it as a module on a contiguous copy of the prefix and keeps its output.
 
 Initialisation as torchvision's: convs He-normal on fan_in, BatchNorm 1 and 0, classifier weight
@@ -80,9 +80,9 @@ class DenseLayer(Module):
         self._kept = None            # norm1 -> relu output, module path only
 
     def _shared_stats(self):
-        """Whether the fast path applies: plain BatchNorm2d layers, whose statistics the layer can reuse
-        (not SyncBatchNorm2d, whose statistics span every rank)."""
-        return type(self.norm1) is BatchNorm2d and type(self.norm2) is BatchNorm2d
+        """Whether the fast path applies: plain BatchNorm2d layers whose statistics span this process's
+        batch only (a synchronised one's statistics span every rank, so it runs as a module)."""
+        return all(type(n) is BatchNorm2d and not n.synchronised for n in (self.norm1, self.norm2))
 
     def _bottleneck_input(self, prefix, stats, out):
         """out = relu(norm1(prefix)) with the block's statistics (training) or the running ones (eval)."""

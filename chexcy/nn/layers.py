@@ -246,20 +246,36 @@ class Dropout(Module):
 
     Randomness comes from `self.rng` (np.random.Generator), which the training loop replaces every step
     with one derived from (seed, epoch, step), so masks are reproducible across a resume. Identity in eval.
+
+    Over a global batch: with `comm` (a chexcy.comm communicator of K > 1 ranks) and `global_rows` (the rows
+    of the global batch, set each step by chexcy.parallel), this rank's input holds its contiguous part of
+    the global batch (chexcy.comm.shard_bounds); the layer draws the mask of the whole global batch from
+    `rng` and keeps its rows, so the masks equal one process's on the whole batch. The mask of the global
+    batch costs little: dropout sits on small feature vectors.
     """
 
-    def __init__(self, p=0.5):
+    def __init__(self, p=0.5, comm=None):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
         self.p = float(p)
         self.rng = np.random.default_rng(0)
+        self.comm = comm
+        self.global_rows = None
         self._mask = None
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
             self._mask = None
             return x
-        keep = self.rng.random(x.shape, dtype=np.float32) >= self.p
+        if self.comm is not None and self.comm.size > 1 and self.global_rows is not None:
+            from chexcy.comm import shard_bounds
+            lo, hi = shard_bounds(int(self.global_rows), self.comm.rank, self.comm.size)
+            if hi - lo != x.shape[0]:
+                raise ValueError(f"Dropout: this rank holds {x.shape[0]} rows but its shard of a global batch of "
+                                 f"{self.global_rows} is {hi - lo}")
+            keep = self.rng.random((int(self.global_rows),) + x.shape[1:], dtype=np.float32)[lo:hi] >= self.p
+        else:
+            keep = self.rng.random(x.shape, dtype=np.float32) >= self.p
         self._mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
         return x * self._mask
 
@@ -282,13 +298,25 @@ class BatchNorm2d(Module):
     copy of x): backward recomputes xhat from them. float32 input goes through `kernels()`; other float
     input under the default kernels (chexcy.ops, which computes in float32) runs the same formulas in
     NumPy (chexcy._fallback) so the layer keeps its input's dtype, like the other NumPy-backed layers.
+
+    comm (a chexcy.comm communicator, or None): with more than one rank, training uses the statistics of
+    the global batch whose rows the ranks hold (synchronised batch norm, PyTorch's SyncBatchNorm):
+    forward gathers every rank's per-plane statistics (ops.batch_norm2d_plane_stats, one allgather) and
+    combines them in batch order (ops.batch_norm2d_combine_stats), so mean, var, the output and the
+    running statistics equal one process's on the whole batch; backward sums the per-channel gradient
+    sums over ranks (one Allreduce of 2C numbers). Both halves run the backend's kernels. `loss_weight`
+    (this rank's number of loss terms, set each step by chexcy.parallel) converts this rank's gradient,
+    the gradient of its own mean loss, into its share of the global mean's: dx uses
+    sum_r(w_r * sums_r) / w_r. dweight and dbias stay this rank's sums; the gradient Allreduce weights them.
     """
     _buffers = ("running_mean", "running_var")
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, comm=None):
         if num_features < 1:
             raise ValueError(f"BatchNorm2d: num_features must be >= 1, got {num_features}")
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
+        self.comm = comm
+        self.loss_weight = 1.0
         self.weight = Parameter(np.ones(num_features, np.float32), decay=False)
         self.bias = Parameter(np.zeros(num_features, np.float32), decay=False)
         self.running_mean = np.zeros(num_features, np.float32)
@@ -319,6 +347,8 @@ class BatchNorm2d(Module):
             out = np.multiply(x, scale)                 # one activation-sized array, shifted in place
             out += beta[:, None, None] - self.running_mean.astype(dtype)[:, None, None] * scale
             return out
+        if self.synchronised:
+            return self._forward_global_batch(x, gamma, beta)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         if count < 2:
             raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input {x.shape}")
@@ -333,6 +363,50 @@ class BatchNorm2d(Module):
         if self._train_cache is not None:
             return self._train_cache
         return self._eval_cache[0], self.running_mean, self.running_var
+
+    @property
+    def synchronised(self):
+        """True when training statistics span the ranks of `comm` (more than one)."""
+        return self.comm is not None and self.comm.size > 1
+
+    def _forward_global_batch(self, x, gamma, beta):
+        """Training forward with the statistics of the batch over all ranks (see the class doc)."""
+        from chexcy import ops
+        module = self._batch_norm_ops(x.dtype)
+        plane_sum, plane_m2 = module.batch_norm2d_plane_stats(x)
+        parts = self.comm.allgather_object((plane_sum, plane_m2))     # rank order = batch order
+        plane_sum = np.concatenate([p[0] for p in parts], axis=1)
+        plane_m2 = np.concatenate([p[1] for p in parts], axis=1)
+        count = plane_sum.shape[1] * x.shape[2] * x.shape[3]
+        if count < 2:
+            raise ValueError(f"BatchNorm2d: training needs more than one value per channel over all ranks, got "
+                             f"{count} (local input {x.shape})")
+        mean64, var64 = ops.batch_norm2d_combine_stats(plane_sum, plane_m2, x.shape[2] * x.shape[3])
+        out = module.batch_norm2d_apply(x, mean64, var64, gamma, beta, self.eps)
+        mean, var = mean64.astype(x.dtype), var64.astype(x.dtype)
+        self._train_cache, self._eval_cache = (x, mean, var), None
+        self._global_count = count
+        self.update_running_stats(mean, var, count)
+        return out
+
+    def _backward_global_batch(self, dout, x, mean, var, gamma):
+        module = self._batch_norm_ops(dout.dtype)
+        plane_g, plane_gx = module.batch_norm2d_plane_grad_sums(dout, x, mean)
+        C = self.num_features
+        local = np.zeros((2, C))
+        for n in range(plane_g.shape[1]):         # in plane order, as the fused kernel sums
+            local[0] += plane_g[:, n]
+            local[1] += plane_gx[:, n]
+        s = 1.0 / np.sqrt(var.astype(np.float64) + self.eps)
+        self.bias.grad = local[0].astype(dout.dtype)
+        self.weight.grad = (local[1] * s).astype(dout.dtype)
+        w = float(self.loss_weight)
+        sums = np.ascontiguousarray(local * w)
+        self.comm.allreduce_sum_(sums)
+        if w <= 0:                                 # this rank's loss has no terms: it adds nothing
+            return np.zeros_like(dout)
+        return module.batch_norm2d_backward_apply(dout, x, mean, var, gamma, sums[0] / w, sums[1] / w,
+                                                  float(self._global_count), self.eps)
 
     def update_running_stats(self, mean, var, count):
         """running = (1 - momentum) * running + momentum * batch, var made unbiased (* count / (count - 1)).
@@ -355,6 +429,8 @@ class BatchNorm2d(Module):
             return dout * (self.weight.data.astype(dout.dtype, copy=False)[:, None, None] * inv_std)
         x, mean, var = self._train_cache
         gamma = self.weight.data.astype(dout.dtype, copy=False)
+        if self.synchronised:
+            return self._backward_global_batch(dout, x, mean, var, gamma)
         dx, self.weight.grad, self.bias.grad = self._batch_norm_ops(dout.dtype).batch_norm2d_backward(
             dout, x, mean, var, gamma, self.eps)
         return dx

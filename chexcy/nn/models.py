@@ -21,7 +21,7 @@ from chexcy.nn.densenet import DenseNet, DenseNetFeatures
 from chexcy.nn.module import Module, Sequential
 from chexcy.nn.resnet import ResNet18, ResNet34, ResNet50, ResNetFeatures
 
-NUM_CLASSES = 14
+from chexcy.data.schema import NUM_CLASSES
 
 
 def _widths(widths):

@@ -20,7 +20,7 @@ from chexcy.nn.init import he_normal, uniform_fan_in
 from chexcy.nn.layers import BatchNorm2d, Conv2d, Dropout, GlobalAvgPool2d, Linear, MaxPool2d, ReLU
 from chexcy.nn.module import Module, Sequential
 
-NUM_CLASSES = 14
+from chexcy.data.schema import NUM_CLASSES
 
 
 def _conv(in_channels, out_channels, kernel_size, stride, padding, rng):
