@@ -41,15 +41,24 @@ def _env():
     return dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 
 
-def _slow_prepare_child(csv, out, **options):
-    """A child process running prepare at 20 ms per image, so that it can be caught part-way through."""
+def _slow_prepare_child(csv, out, gate=None, **options):
+    """A child process running prepare at 20 ms per image, so that it can be caught part-way through.
+
+    gate: a path; from its 9th image on, the child waits until that file exists (at most 120 s), so a test
+    can act while the child is certainly mid-run however slowly the machine starts other processes."""
     args = ", ".join(f"{k}={v!r}" for k, v in options.items())
     script = (
-        "import sys, time\n"
+        "import os, sys, time\n"
         "import chexcy.data.prepare as p\n"
         "real = p.load_image\n"
+        "calls = [0]\n"
+        f"gate = {gate!r}\n"
         "def slow(path, size):\n"
         "    time.sleep(0.02)\n"
+        "    calls[0] += 1\n"
+        "    deadline = time.time() + 120\n"
+        "    while gate and calls[0] > 8 and not os.path.exists(gate) and time.time() < deadline:\n"
+        "        time.sleep(0.02)\n"
         "    return real(path, size)\n"
         "p.load_image = slow\n"
         f"p.prepare({csv!r}, {out!r}, quiet=True, {args})\n"
@@ -171,7 +180,8 @@ def test_hold_folder_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
 def test_second_prepare_into_a_busy_folder_fails_at_once_naming_the_first():
     clean, out = fresh_dir("busy-clean"), fresh_dir("busy")
     prep.prepare(train_csv(), clean, size=24, quiet=True, chunk_rows=8)
-    first = _slow_prepare_child(train_csv(), out, size=24, chunk_rows=8)
+    gate = os.path.join(fresh_dir("busy-gate"), "release")
+    first = _slow_prepare_child(train_csv(), out, gate=gate, size=24, chunk_rows=8)
     try:
         _wait_for_records(out, 1, first)
         for size in ("24", "16"):               # the same dataset, or another one: the folder is busy
@@ -183,6 +193,7 @@ def test_second_prepare_into_a_busy_folder_fails_at_once_naming_the_first():
             assert lines[0].startswith(f"chexcy prepare: error: {out} is in use by another chexcy prepare "
                                        f"(pid {first.pid} on "), lines[0]
             assert time.time() - t0 < 30 and first.poll() is None, "the second run must not wait for the first"
+        open(gate, "w").close()
         assert first.wait(timeout=120) == 0
     finally:
         if first.poll() is None:
