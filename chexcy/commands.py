@@ -1,4 +1,4 @@
-"""Sub-commands `train`, `evaluate`, `predict` and `demo` of the `chexcy` command.
+"""Sub-commands `train`, `evaluate`, `predict`, `export` and `demo` of the `chexcy` command.
 
 Each handler imports its heavy modules only when it runs and returns an exit status. Bad input raises
 ValueError/RuntimeError, which chexcy.cli turns into one clear line.
@@ -76,6 +76,10 @@ def register(subparsers):
     g.add_argument("--log-every", type=_nonneg_int, default=20, metavar="N", help="a progress line every N steps")
     g.add_argument("--threads", type=_positive_int, help="kernel threads (default: the cores available)")
     g.add_argument("--workers", type=_positive_int, default=1, help="data loader workers (default 1)")
+    g.add_argument("--init-from", metavar="FILE",
+                   help="start from the weights in FILE (.safetensors, e.g. from torchvision, or a chexcy .npz "
+                        "checkpoint); a 3-channel first conv and a classifier of another size are adapted, and "
+                        "each adaptation is printed")
     g.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI ranks: run as `mpiexec -n K chexcy train ... --distributed` "
                         "(needs chexcy[mpi]; see docs/distributed.md)")
@@ -111,6 +115,18 @@ def register(subparsers):
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--threads", type=_positive_int)
     p.set_defaults(func=run_predict)
+
+    # -- export ------------------------------------------------------------------------------------------
+    p = subparsers.add_parser("export", help="write a checkpoint's model as ONNX or its weights as safetensors",
+                              description="Use a chexcy model elsewhere: --onnx writes an ONNX graph of standard "
+                                          "operators (opset 17, dynamic batch axis; needs chexcy[onnx]) checked "
+                                          "by onnx.checker; --safetensors writes the state dict.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file (e.g. RUN/best.npz)")
+    p.add_argument("--onnx", metavar="FILE", help="write the model as ONNX to FILE")
+    p.add_argument("--probabilities", action="store_true",
+                   help="ONNX output: sigmoid probabilities instead of logits")
+    p.add_argument("--safetensors", metavar="FILE", help="write the weights (state dict) to FILE")
+    p.set_defaults(func=run_export)
 
     # -- demo --------------------------------------------------------------------------------------------
     p = subparsers.add_parser("demo", help="synthetic data -> prepare -> train -> evaluate, end to end",
@@ -148,11 +164,11 @@ def run_train(args):
         with distributed.abort_on_error(comm, "chexcy train"):
             result = fit(args.data, args.valid, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                          log_every=args.log_every, checkpoint_every=args.checkpoint_every, threads=threads,
-                         workers=args.workers, out=sys.stdout, comm=comm, **settings)
+                         workers=args.workers, init_from=args.init_from, out=sys.stdout, comm=comm, **settings)
     else:
         result = fit(args.data, args.valid, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                      log_every=args.log_every, checkpoint_every=args.checkpoint_every, threads=args.threads,
-                     workers=args.workers, out=sys.stdout, **settings)
+                     workers=args.workers, init_from=args.init_from, out=sys.stdout, **settings)
     if result.status == "interrupted":
         # Conventional shell status for "ended by signal N": 128 + N (130 for SIGINT, 143 for SIGTERM).
         return 128 + int(getattr(result, "signal", signal.SIGINT))
@@ -169,6 +185,27 @@ def run_evaluate(args):
 def run_predict(args):
     from chexcy import predict
     return predict.run(args)
+
+
+def run_export(args):
+    import sys
+
+    from chexcy.checkpoint import load_checkpoint
+    if not (args.onnx or args.safetensors):
+        raise ValueError("nothing to do: give --onnx FILE and/or --safetensors FILE")
+    if args.probabilities and not args.onnx:
+        raise ValueError("--probabilities only applies with --onnx FILE")
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.onnx:
+        from chexcy.onnx_export import OPSET, export_onnx
+        export_onnx(ckpt, args.onnx, probabilities=args.probabilities)
+        print(f"wrote {args.onnx} (ONNX opset {OPSET}, output "
+              f"{'probabilities' if args.probabilities else 'logits'})", file=sys.stderr)
+    if args.safetensors:
+        from chexcy.weights import save_safetensors
+        state = save_safetensors(ckpt, args.safetensors)
+        print(f"wrote {args.safetensors} ({len(state)} arrays)", file=sys.stderr)
+    return 0
 
 
 def run_demo(args):

@@ -265,7 +265,7 @@ def _check_image_size(dataset, size, what):
 
 
 def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, checkpoint_every=0,
-        threads=None, workers=1, out=sys.stdout, handle_signals=True, comm=None, **settings):
+        threads=None, workers=1, out=sys.stdout, handle_signals=True, comm=None, init_from=None, **settings):
     """Train a model on a prepared folder. Returns a FitResult.
 
     data, valid: prepared folders (paths) or chexcy.data.PreparedDataset objects; valid optional.
@@ -277,6 +277,8 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
     out: where progress goes (None: silent). settings: fields of TrainConfig (arch, epochs, lr, ...).
     comm: a chexcy.distributed communicator for data-parallel training under mpiexec (None: one process);
       see docs/distributed.md.
+    init_from: start a new run from the weights in this .safetensors or .npz file (chexcy.weights.init_from:
+      adaptations are printed); not with resume.
     Raises TrainingDiverged when the loss becomes NaN/inf (naming the step; last.npz stays the last good
     state), CheckpointError/ValueError for a checkpoint that does not fit the data or the settings.
     """
@@ -321,6 +323,14 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
         _check_image_size(valid_set, train_set.size, f"--valid {valid}")
 
     model = build_model(cfg.arch, **cfg.model_config())
+    if init_from is not None:
+        if resume:
+            raise ValueError("--init-from starts a new run; --resume continues one: give only one of them")
+        from chexcy.weights import init_from as load_initial_weights
+        notes = load_initial_weights(model, init_from)
+        if comm is None or comm.is_root:
+            for note in notes:
+                emit(f"--init-from {init_from}: {note}")
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     loader = make_loader(model, train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
