@@ -288,6 +288,8 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
     unknown = set(settings) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"fit: unknown settings {sorted(unknown)}")
+    if init_from is not None and resume:
+        raise ValueError("--init-from starts a new run and --resume continues one: give only one of them")
     if threads is not None:
         ops.set_num_threads(int(threads))
     reuse_freed_memory()
@@ -324,11 +326,10 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
 
     model = build_model(cfg.arch, **cfg.model_config())
     if init_from is not None:
-        if resume:
-            raise ValueError("--init-from starts a new run; --resume continues one: give only one of them")
         from chexcy.weights import init_from as load_initial_weights
         notes = load_initial_weights(model, init_from)
         if comm is None or comm.is_root:
+            emit(f"--init-from {init_from}: weights loaded" + (", adapted:" if notes else " as they are"))
             for note in notes:
                 emit(f"--init-from {init_from}: {note}")
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), momentum=cfg.momentum, nesterov=cfg.nesterov,

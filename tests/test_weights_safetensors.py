@@ -1,0 +1,167 @@
+"""Weights in and out through safetensors: `chexcy export --safetensors`, `chexcy train --init-from`, and
+the explicit adaptations (3-channel first conv, classifier of another size, num_batches_tracked)."""
+import io
+import json
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from chexcy import cli
+from chexcy.checkpoint import load_checkpoint, save_checkpoint
+from chexcy.fileio import DamagedFileError
+from chexcy.nn import BatchNorm2d, build_model
+from chexcy.train import fit
+from chexcy.weights import adapt_state_dict, init_from, read_weights
+
+from data_fixtures import prepared
+
+SIZE = 24
+
+
+def randomise(model, rng):
+    """Every parameter and BatchNorm statistic non-zero and far from its initial value (a file that was
+    half-loaded or loaded into the wrong slots then shows)."""
+    for p in model.parameters():
+        p.data[:] = rng.normal(0.0, 0.3, p.data.shape) + np.where(rng.random(p.data.shape) < 0.5, -0.05, 0.05)
+    for m in model.modules():
+        if isinstance(m, BatchNorm2d):
+            m.running_mean[:] = rng.normal(0.0, 0.5, m.num_features)
+            m.running_var[:] = rng.uniform(0.3, 3.0, m.num_features)
+    return model
+
+
+def torch_like_file(path, model):
+    """What `safetensors.torch.save_file(model.state_dict(), path)` writes for `model`: float32 arrays under
+    the state-dict names, plus PyTorch's int64 num_batches_tracked counter per BatchNorm."""
+    state = {name: np.ascontiguousarray(value) for name, value in model.state_dict().items()}
+    for name in list(state):
+        if name.endswith(".running_mean"):
+            state[name[:-len("running_mean")] + "num_batches_tracked"] = np.array(1234, np.int64)
+    safetensors.numpy.save_file(state, str(path))
+    return state
+
+
+@pytest.mark.parametrize("arch,config", [("simple", dict(widths=[4, 8])), ("resnet", dict(widths=[4, 8])),
+                                         ("multiview", dict(backbone="resnet", widths=[4, 8], hidden=8))])
+def test_export_then_init_from_gives_bitwise_equal_outputs(arch, config, tmp_path, rng, capsys):
+    source = randomise(build_model(arch, seed=1, **config), rng).eval()
+    ckpt = save_checkpoint(tmp_path / "m.npz", source, config={"image_size": SIZE})
+    assert cli.main(["export", str(ckpt), "--safetensors", str(tmp_path / "w.safetensors")]) == 0
+    assert "wrote" in capsys.readouterr().err
+    on_disk = safetensors.numpy.load_file(str(tmp_path / "w.safetensors"))
+    assert set(on_disk) == set(source.state_dict()) and all(v.dtype == np.float32 for v in on_disk.values())
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "w.safetensors"), "np") as f:
+        assert f.metadata()["arch"] == arch and json.loads(f.metadata()["model_config"]) == source.config
+    for weights in (tmp_path / "w.safetensors", ckpt):             # a .npz checkpoint is accepted as well
+        target = build_model(arch, seed=2, **config)                # other seed: other initial weights
+        assert init_from(target, weights) == []                     # nothing adapted
+        target.eval()
+        x = rng.normal(size=(3, 1, SIZE, SIZE)).astype(np.float32)
+        if arch == "multiview":
+            args = (x, x[::-1].copy(), np.array([1, 0, 1.0]), np.array([1, 1, 0.0]), np.full((3, 2), 0.3))
+            assert np.array_equal(target.forward(*args), source.forward(*args))
+        else:
+            assert np.array_equal(target.forward(x), source.forward(x))
+
+
+def features(model, x):
+    return model.pool.forward(model.trunk.forward(x))
+
+
+def test_three_channel_first_conv_is_summed_and_equals_rgb_model_on_repeated_gray(tmp_path, rng):
+    rgb = randomise(build_model("resnet", widths=[4, 8], in_channels=3, seed=1), rng).eval()
+    torch_like_file(tmp_path / "rgb.safetensors", rgb)
+    gray = build_model("resnet", widths=[4, 8], seed=2)
+    notes = init_from(gray, tmp_path / "rgb.safetensors")
+    assert any("trunk.0.weight: 3-channel first conv (4, 3, 3, 3) summed" in n for n in notes), notes
+    assert any("ignored 6 BatchNorm num_batches_tracked" in n for n in notes), notes
+    gray.eval()
+    x = rng.normal(size=(5, 1, SIZE, SIZE)).astype(np.float32)
+    np.testing.assert_allclose(gray.forward(x), rgb.forward(np.repeat(x, 3, axis=1)), rtol=1e-5, atol=1e-5)
+
+
+def test_imagenet_classifier_is_reinitialised_and_first_conv_adapted(tmp_path, rng):
+    """A file from a 3-channel, 1000-class network: the trunk loads (first conv summed), the classifier keeps
+    its fresh initialisation for 14 outputs, and the notes say both."""
+    imagenet = randomise(build_model("resnet", widths=[4, 8], in_channels=3, num_classes=1000, seed=1), rng).eval()
+    torch_like_file(tmp_path / "in1k.safetensors", imagenet)
+    gray = build_model("resnet", widths=[4, 8], seed=2)
+    fresh_head = {n: v for n, v in gray.state_dict().items() if n.startswith("head.")}
+    notes = init_from(gray, tmp_path / "in1k.safetensors")
+    assert any("classifier head.0.weight (1000, 8) and head.0.bias (1000,) re-initialised for 14 outputs" in n
+               for n in notes), notes
+    state = gray.state_dict()
+    for name, value in fresh_head.items():
+        assert np.array_equal(state[name], value), name
+    gray.eval()
+    x = rng.normal(size=(4, 1, SIZE, SIZE)).astype(np.float32)
+    np.testing.assert_allclose(features(gray, x), features(imagenet, np.repeat(x, 3, axis=1)), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_every_other_misfit_is_an_error_naming_the_entry(tmp_path, rng):
+    model = build_model("resnet", widths=[4, 8])
+    good = {n: v.copy() for n, v in model.state_dict().items()}
+
+    def error_for(state):
+        with pytest.raises(ValueError) as info:
+            adapt_state_dict(build_model("resnet", widths=[4, 8]), state)
+        return str(info.value)
+
+    assert "missing entries trunk.1.bias" in error_for({n: v for n, v in good.items() if n != "trunk.1.bias"})
+    assert "unexpected entries extra.weight" in error_for({**good, "extra.weight": np.ones(3, np.float32)})
+    wrong = dict(good)
+    wrong["trunk.4.branch.0.weight"] = np.ones((4, 4, 5, 5), np.float32)
+    assert "trunk.4.branch.0.weight has shape (4, 4, 5, 5), expected (4, 4, 3, 3)" in error_for(wrong)
+    wrong = dict(good)
+    wrong["trunk.0.weight"] = np.ones((4, 2, 3, 3), np.float32)         # only 3 -> 1 is an adaptation
+    assert "trunk.0.weight has shape (4, 2, 3, 3), expected (4, 1, 3, 3)" in error_for(wrong)
+    wrong = dict(good)
+    wrong["head.0.weight"] = np.ones((1000, 9), np.float32)             # another feature width: not a head swap
+    assert "head.0.weight has shape (1000, 9), expected (14, 8)" in error_for(wrong)
+    wrong = dict(good)
+    wrong["trunk.1.running_mean"] = np.ones(4, np.int64)
+    assert "trunk.1.running_mean has dtype int64" in error_for(wrong)
+
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(DamagedFileError, match="bad.safetensors: not a readable safetensors file"):
+        read_weights(tmp_path / "bad.safetensors")
+    (tmp_path / "w.pt").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="expected a .safetensors file or a chexcy .npz checkpoint"):
+        read_weights(tmp_path / "w.pt")
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors does not exist"):
+        read_weights(tmp_path / "nowhere.safetensors")
+
+
+def test_train_init_from_starts_from_the_adapted_weights(tmp_path, rng):
+    """fit(init_from=...) trains from the file's weights: with a learning rate far below float32's resolution
+    the parameters after an epoch are the file's (first conv summed, classifier fresh from the run's seed),
+    and the adaptations are printed."""
+    data = prepared("train", size=SIZE)
+    imagenet = randomise(build_model("resnet", widths=[4, 8], in_channels=3, num_classes=1000, seed=1), rng)
+    source = torch_like_file(tmp_path / "in1k.safetensors", imagenet)
+    out = io.StringIO()
+    fit(data, arch="resnet", width=4, depth=2, epochs=1, batch_size=64, lr=1e-30, seed=5,
+        checkpoint_dir=tmp_path / "run", init_from=tmp_path / "in1k.safetensors", out=out, log_every=0)
+    printed = out.getvalue()
+    assert f"--init-from {tmp_path / 'in1k.safetensors'}: trunk.0.weight: 3-channel first conv" in printed
+    assert "re-initialised for 14 outputs" in printed
+    trained = load_checkpoint(tmp_path / "run" / "last.npz").build_model()
+    fresh = build_model("resnet", widths=[4, 8], seed=5)
+    for name, p in trained.named_parameters():
+        if name == "trunk.0.weight":
+            want = source[name].sum(axis=1, keepdims=True)
+        elif name.startswith("head."):
+            want = dict(fresh.named_parameters())[name].data
+        else:
+            want = source[name]
+        # A zero bias moves by lr * gradient ~ 1e-31: within 1e-25 of its fresh zeros; every other value stays.
+        np.testing.assert_allclose(p.data, want, rtol=0, atol=1e-25 if name == "head.0.bias" else 0, err_msg=name)
+
+
+def test_init_from_and_resume_together_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="give only one of them"):
+        fit(prepared("train", size=SIZE), arch="simple", width=4, depth=2, epochs=1, resume=tmp_path / "x.npz",
+            init_from=tmp_path / "w.safetensors", out=None)
