@@ -104,9 +104,9 @@ def register(subparsers):
 
     # -- predict -----------------------------------------------------------------------------------------
     p = subparsers.add_parser("predict", help="label chest X-ray images with a checkpoint",
-                              description="14 probabilities per image (JPEG or PNG files, or folders of "
-                                          "them), preprocessed exactly as `chexcy prepare` does; optional "
-                                          "Grad-CAM heat maps.")
+                              description="14 probabilities per image (JPEG, PNG or DICOM files, or folders "
+                                          "of them; DICOM needs chexcy[dicom]), preprocessed exactly as `chexcy "
+                                          "prepare` does; optional Grad-CAM heat maps.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
