@@ -56,6 +56,11 @@ class Graph:
         self.nodes, self.initializers = [], []
         self._names = set()
 
+    def reserve(self, name):
+        """Claim `name` (a graph input) so no node output takes it."""
+        self._names.add(name)
+        return name
+
     def fresh(self, hint):
         name, k = hint, 1
         while name in self._names:
@@ -184,11 +189,12 @@ def _multiview(graph, model, name, frontal, lateral, has_frontal, has_lateral, t
     """MultiViewNet.forward in standard operators. In eval mode every image's features depend on that image
     alone, so the trunk runs on all rows and a view's features are replaced by zeros where its has_* is not
     > 0 (Where, not a multiplication, so whatever a missing view's pixels hold cannot leak in)."""
-    def present(flag):                          # (batch,) -> bool (batch, 1)
-        axes = graph.constant(_join(name, "axes1"), np.array([1], np.int64))
-        return graph.node("Greater", [graph.node("Unsqueeze", [flag, axes], f"{flag}_col"),
-                                      graph.constant(_join(name, "zero"), np.zeros((), np.float32))],
-                          f"{flag}_present")
+    axes = graph.constant(_join(name, "axis1"), np.array([1], np.int64))
+    zero = graph.constant(_join(name, "zero"), np.zeros((), np.float32))
+    column = {flag: graph.node("Unsqueeze", [flag, axes], f"{flag}_column") for flag in (has_frontal, has_lateral)}
+
+    def present(flag):                          # (batch,) -> bool (batch, 1): has_* > 0, as chexcy tests it
+        return graph.node("Greater", [column[flag], zero], f"{flag}_present")
 
     if model.shared:                            # one trunk over [frontal; lateral], like chexcy's forward
         both = graph.node("Concat", [frontal, lateral], _join(name, "views"), axis=0)
@@ -203,10 +209,7 @@ def _multiview(graph, model, name, frontal, lateral, has_frontal, has_lateral, t
     zeros = graph.constant(_join(name, "no_view"), np.zeros((1, model.width), np.float32))
     feat_f = graph.node("Where", [present(has_frontal), feat_f, zeros], "frontal_features")
     feat_l = graph.node("Where", [present(has_lateral), feat_l, zeros], "lateral_features")
-    axes = graph.constant(_join(name, "axes1"), np.array([1], np.int64))
-    flags = graph.node("Concat", [graph.node("Unsqueeze", [has_frontal, axes], "has_frontal_value"),
-                                  graph.node("Unsqueeze", [has_lateral, axes], "has_lateral_value")],
-                       "view_flags", axis=1)
+    flags = graph.node("Concat", [column[has_frontal], column[has_lateral]], "view_flags", axis=1)
     fused = graph.node("Concat", [feat_f, feat_l, flags, tabular], "fused", axis=1)
     return emit_module(graph, model.fusion, _join(name, "fusion"), fused)
 
@@ -232,13 +235,10 @@ def build_onnx_model(model, image_size, probabilities=False, metadata=None):
                   onnx.helper.make_tensor_value_info("has_frontal", onnx.TensorProto.FLOAT, [BATCH]),
                   onnx.helper.make_tensor_value_info("has_lateral", onnx.TensorProto.FLOAT, [BATCH]),
                   onnx.helper.make_tensor_value_info("tabular", onnx.TensorProto.FLOAT, [BATCH, 2])]
-        for value in inputs:
-            graph._names.add(value.name)
-        y = _multiview(graph, model, "", *(value.name for value in inputs))
+        y = _multiview(graph, model, "", *(graph.reserve(value.name) for value in inputs))
     else:
         inputs = [_image_input(onnx, "image", image_size, channels)]
-        graph._names.add("image")
-        y = emit_module(graph, model, "", "image")
+        y = emit_module(graph, model, "", graph.reserve("image"))
     output_name = "probabilities" if probabilities else "logits"
     graph.nodes.append(onnx.helper.make_node("Sigmoid" if probabilities else "Identity", [y], [output_name],
                                              name=output_name))

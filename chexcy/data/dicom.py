@@ -79,9 +79,8 @@ def window_to_8bit(values, center, width, function="LINEAR"):
 
 def _first(value):
     """The first of a multi-valued DICOM element (or the value itself)."""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return value[0]
-    return value
+    from pydicom.multival import MultiValue
+    return value[0] if isinstance(value, (MultiValue, list, tuple)) else value
 
 
 def _voi_to_8bit(values, ds, path):
