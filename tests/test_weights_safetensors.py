@@ -165,3 +165,19 @@ def test_init_from_and_resume_together_is_refused(tmp_path):
     with pytest.raises(ValueError, match="give only one of them"):
         fit(prepared("train", size=SIZE), arch="simple", width=4, depth=2, epochs=1, resume=tmp_path / "x.npz",
             init_from=tmp_path / "w.safetensors", out=None)
+
+
+def test_train_command_passes_init_from_and_names_a_misfit(tmp_path, rng, capsys):
+    data = prepared("train", size=SIZE)
+    wide = build_model("simple", widths=[8, 16])
+    safetensors.numpy.save_file(dict(wide.state_dict()), str(tmp_path / "wide.safetensors"))
+    status = cli.main(["train", "--data", data, "--arch", "simple", "--width", "4", "--depth", "2", "--epochs", "1",
+                       "--init-from", str(tmp_path / "wide.safetensors"), "--checkpoint-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2 and "trunk.0.weight has shape (8, 1, 3, 3), expected (4, 1, 3, 3)" in err
+    assert not (tmp_path / "run" / "last.npz").exists()
+    narrow = build_model("simple", widths=[4, 8])
+    safetensors.numpy.save_file(dict(randomise(narrow, rng).state_dict()), str(tmp_path / "narrow.safetensors"))
+    assert cli.main(["train", "--data", data, "--arch", "simple", "--width", "4", "--depth", "2", "--epochs", "1",
+                     "--init-from", str(tmp_path / "narrow.safetensors"), "--log-every", "0"]) == 0
+    assert "narrow.safetensors: weights loaded as they are" in capsys.readouterr().out
