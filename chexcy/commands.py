@@ -31,6 +31,7 @@ def _pos_weight(text):
 
 
 def register(subparsers):
+    from chexcy.nn.models import ARCHITECTURES, BACKBONES   # numpy only: chexcy.nn loads no kernels on import
     # -- train -------------------------------------------------------------------------------------------
     p = subparsers.add_parser(
         "train", help="train a CNN on a prepared folder",
@@ -41,11 +42,13 @@ def register(subparsers):
     p.add_argument("--data", required=True, help="prepared training folder")
     p.add_argument("--valid", help="prepared validation folder (loss and AUC after each epoch)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=["simple", "resnet", "multiview"], help="architecture (default simple)")
+    g.add_argument("--arch", choices=list(ARCHITECTURES),
+                   help="architecture (default simple); resnet18/34/50 and densenet121 are torchvision's "
+                        "networks and ignore --width, --depth and --blocks")
     g.add_argument("--width", type=_positive_int, help="channels of the first stage, doubled per stage (default 16)")
     g.add_argument("--depth", type=_positive_int, help="number of stages (default 4; 16 x 4 = ref-cnn)")
     g.add_argument("--blocks", type=_positive_int, help="residual blocks per stage (resnet; default 1)")
-    g.add_argument("--backbone", choices=["simple", "resnet"], help="multiview trunk (default simple)")
+    g.add_argument("--backbone", choices=BACKBONES, help="multiview trunk (default simple)")
     g.add_argument("--separate-trunks", dest="shared", action="store_const", const=False,
                    help="multiview: one trunk per view instead of a shared one")
     g.add_argument("--hidden", type=_positive_int, help="multiview fusion width (default 64)")

@@ -34,7 +34,8 @@ import numpy as np
 from chexcy import metrics
 from chexcy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from chexcy.memory import reuse_freed_memory
-from chexcy.nn import bce_with_logits, build_model
+from chexcy.nn import ARCHITECTURES, bce_with_logits, build_model
+from chexcy.nn.models import TORCHVISION_ARCHITECTURES
 from chexcy.optim import build_optimizer, make_schedule
 
 
@@ -55,11 +56,11 @@ SHORT_NAMES = {
 class TrainConfig:
     """Everything that defines a run's arithmetic. Stored in every checkpoint; a resume must not change it
     (only `epochs` may grow). lr None means 0.01 for SGD and 0.001 for AdamW."""
-    arch: str = "simple"
-    width: int = 16                # channels of the first stage; stage i has width * 2**i
-    depth: int = 4                 # number of stages
+    arch: str = "simple"           # a key of chexcy.nn.ARCHITECTURES
+    width: int = 16                # simple/resnet: channels of the first stage; stage i has width * 2**i
+    depth: int = 4                 # simple/resnet: number of stages
     blocks: int = 1                # residual blocks per stage (resnet, multiview with backbone resnet)
-    backbone: str = "simple"       # multiview trunk
+    backbone: str = "simple"       # multiview trunk: simple, resnet, resnet18/34/50 or densenet121
     shared: bool = True            # multiview: one trunk for both views
     hidden: int = 64               # multiview fusion width
     dropout: float = 0.0
@@ -85,6 +86,8 @@ class TrainConfig:
         return cfg
 
     def model_config(self):
+        if self.arch in TORCHVISION_ARCHITECTURES:       # torchvision's structures: no width, depth or blocks
+            return dict(dropout=self.dropout, seed=self.seed)
         widths = [self.width * 2 ** i for i in range(self.depth)]
         config = dict(widths=widths, dropout=self.dropout, seed=self.seed)
         if self.arch == "resnet":
@@ -101,8 +104,8 @@ class TrainConfig:
         bad = [name for name, ok in checks if not ok]
         if bad:
             raise ValueError("bad training settings: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
-        if self.arch not in ("simple", "resnet", "multiview"):
-            raise ValueError(f"unknown architecture {self.arch!r}; choose simple, resnet or multiview")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adamw")
         return self

@@ -98,7 +98,7 @@ def test_registry_errors():
         nn.build_model("simple", blocks=3)
     with pytest.raises(ValueError, match="widths"):
         nn.build_model("simple", widths=[])
-    assert set(nn.ARCHITECTURES) == {"simple", "resnet", "multiview"}
+    assert set(nn.ARCHITECTURES) == {"simple", "resnet", "multiview", "resnet18", "resnet34", "resnet50", "densenet121"}
 
 
 def test_he_initialisation_scale():

@@ -14,3 +14,12 @@ def he_normal(shape, fan_in, rng, gain=math.sqrt(2.0)):
         raise ValueError(f"he_normal: fan_in must be >= 1, got {fan_in}")
     std = gain / math.sqrt(fan_in)
     return (rng.standard_normal(shape) * std).astype(np.float32)
+
+
+def uniform_fan_in(shape, fan_in, rng):
+    """float32 array of `shape` drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for a
+    Linear layer's weight and bias (kaiming_uniform with a = sqrt(5) works out to this bound)."""
+    if fan_in < 1:
+        raise ValueError(f"uniform_fan_in: fan_in must be >= 1, got {fan_in}")
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, shape).astype(np.float32)

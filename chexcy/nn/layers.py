@@ -322,12 +322,19 @@ class BatchNorm2d(Module):
             raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input {x.shape}")
         out, mean, var = self._batch_norm_ops(dtype).batch_norm2d_forward(x, gamma, beta, self.eps)
         self._train_cache, self._eval_cache = (x, mean, var), None
+        self.update_running_stats(mean, var, count)
+        return out
+
+    def update_running_stats(self, mean, var, count):
+        """running = (1 - momentum) * running + momentum * batch, var made unbiased (* count / (count - 1)).
+
+        mean, var (C,): a batch's per-channel mean and biased variance over `count` values per channel.
+        """
         m = self.momentum
         self.running_mean *= (1 - m)
         self.running_mean += (m * mean).astype(self.running_mean.dtype)
         self.running_var *= (1 - m)
         self.running_var += (m * var * count / (count - 1)).astype(self.running_var.dtype)
-        return out
 
     def backward(self, dout):
         if self._train_cache is None:

@@ -8,12 +8,18 @@ training loop need not know which kind it drives.
 
 For Grad-CAM every model also has `forward_cam(x)` -> (logits, feature map A (N, C, h, w)) and
 `backward_cam(dlogits)` -> dA, the gradient of the logits with respect to the last convolutional map.
+
+Architectures: "simple" (ref-cnn and its variants), "resnet" (a small residual CNN), "multiview" (a study's
+views plus age and sex), and torchvision's "resnet18", "resnet34", "resnet50" (chexcy.nn.resnet) and
+"densenet121" (chexcy.nn.densenet) with torchvision's parameter names.
 """
 import numpy as np
 
 from chexcy.nn.layers import (BatchNorm2d, Conv2d, Dropout, GlobalAvgPool2d, Linear, MaxPool2d, ReLU,
                               ResidualBlock)
+from chexcy.nn.densenet import DenseNet, DenseNetFeatures
 from chexcy.nn.module import Module, Sequential
+from chexcy.nn.resnet import ResNet18, ResNet34, ResNet50, ResNetFeatures
 
 NUM_CLASSES = 14
 
@@ -116,12 +122,17 @@ class ResNet(ImageClassifier):
                          rng)
 
 
+BACKBONES = ("simple", "resnet", "resnet18", "resnet34", "resnet50", "densenet121")   # multiview trunks
+
+
 class MultiViewNet(Module):
     """A study's frontal and lateral views (either may be missing) plus age and sex -> 14 logits.
 
-    Each present view goes through a trunk (`backbone` "simple" or "resnet"; one trunk for both views when
-    `shared`, else one each) and a global average pool, giving W features per view (zeros when the view
-    is missing). The fusion MLP sees [frontal W | lateral W | has_frontal | has_lateral | age/100 | male]:
+    Each present view goes through a trunk (`backbone` "simple", "resnet", or the feature extractor of
+    "resnet18", "resnet34", "resnet50" or "densenet121", whose parameter names inside the trunk are
+    torchvision's; `widths` and `blocks` shape only "simple" and "resnet"; one trunk for both views when
+    `shared`, else one each) and a global average pool, giving W features per view (W = the trunk's last
+    width: widths[-1], 512, 2048 or 1024; zeros when the view is missing). The fusion MLP sees [frontal W | lateral W | has_frontal | has_lateral | age/100 | male]:
     linear(2W + 4 -> hidden) ReLU dropout linear(hidden -> 14).
 
     A shared trunk runs once on the present frontal and lateral images stacked along the batch, so its
@@ -133,8 +144,8 @@ class MultiViewNet(Module):
     def __init__(self, backbone="simple", widths=(16, 32, 64, 128), blocks=1, shared=True, hidden=64,
                  dropout=0.2, in_channels=1, num_classes=NUM_CLASSES, seed=0):
         widths = _widths(widths)
-        if backbone not in ("simple", "resnet"):
-            raise ValueError(f"multiview: backbone must be 'simple' or 'resnet', got {backbone!r}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"multiview: backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
         self.config = dict(backbone=backbone, widths=widths, blocks=int(blocks), shared=bool(shared),
                            hidden=int(hidden), dropout=float(dropout), in_channels=int(in_channels),
                            num_classes=int(num_classes), seed=int(seed))
@@ -143,10 +154,14 @@ class MultiViewNet(Module):
         def make_trunk():
             if backbone == "simple":
                 return simple_trunk(widths, in_channels, rng)
-            return resnet_trunk(widths, int(blocks), in_channels, rng)
+            if backbone == "resnet":
+                return resnet_trunk(widths, int(blocks), in_channels, rng)
+            if backbone == "densenet121":
+                return DenseNetFeatures(in_channels, rng=rng)
+            return ResNetFeatures(int(backbone[len("resnet"):]), in_channels, rng=rng)
 
-        self.width = widths[-1]
         self.frontal_trunk = make_trunk()
+        self.width = getattr(self.frontal_trunk, "out_channels", widths[-1])
         self.lateral_trunk = None if shared else make_trunk()
         self.pool_frontal, self.pool_lateral = GlobalAvgPool2d(), GlobalAvgPool2d()
         self.fusion = Sequential(Linear(2 * self.width + 4, hidden, rng=rng), ReLU(inplace=True),
@@ -231,11 +246,13 @@ class MultiViewNet(Module):
         return self.forward_cam(x, tabular)[0]
 
 
-ARCHITECTURES = {"simple": SimpleCNN, "resnet": ResNet, "multiview": MultiViewNet}
+TORCHVISION_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "densenet121")   # fixed structures
+ARCHITECTURES = {"simple": SimpleCNN, "resnet": ResNet, "multiview": MultiViewNet, "resnet18": ResNet18,
+                 "resnet34": ResNet34, "resnet50": ResNet50, "densenet121": DenseNet}
 
 
 def build_model(arch, **config):
-    """The model registered as `arch` ("simple", "resnet", "multiview") built with keyword `config`."""
+    """The model registered as `arch` (a key of ARCHITECTURES) built with keyword `config`."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     try:

@@ -145,19 +145,35 @@ class Module:
 
 
 class Sequential(Module):
-    """Modules applied in order; backward runs them in reverse."""
+    """Modules applied in order; backward runs them in reverse.
+
+    Children are named "0", "1", ... (``Sequential(a, b)`` or ``Sequential([a, b])``), or by the keys of a
+    dict (``Sequential({"conv0": conv, "norm0": bn})``, PyTorch's OrderedDict form), which is how
+    torchvision's DenseNet names its `features`.
+    """
 
     def __init__(self, *layers):
-        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
-            layers = tuple(layers[0])
-        for i, layer in enumerate(layers):
+        if len(layers) == 1 and isinstance(layers[0], dict):
+            names, layers = [str(k) for k in layers[0]], tuple(layers[0].values())
+        else:
+            if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+                layers = tuple(layers[0])
+            names = [str(i) for i in range(len(layers))]
+        for name, layer in zip(names, layers):
             if not isinstance(layer, Module):
-                raise TypeError(f"Sequential: item {i} is {type(layer).__name__}, not a Module")
+                raise TypeError(f"Sequential: item {name} is {type(layer).__name__}, not a Module")
         self.layers = list(layers)
+        self.names = names
 
     def named_children(self):
-        for i, layer in enumerate(self.layers):
-            yield str(i), layer
+        yield from zip(self.names, self.layers)
+
+    def __getattr__(self, name):
+        # Only reached when ordinary lookup fails: a child by its name (model.features.conv0, as in torch).
+        names = self.__dict__.get("names", ())
+        if name in names:
+            return self.__dict__["layers"][names.index(name)]
+        raise AttributeError(f"{type(self).__name__} has no attribute or child named {name!r}")
 
     def __len__(self):
         return len(self.layers)

@@ -1,0 +1,271 @@
+"""DenseNet-121 (Huang et al. 2017) with torchvision's structure and parameter names: CheXpert's baseline.
+
+Legend: N batch, C channels, H W height width, g growth rate (32), L layers in a block. NCHW float32.
+
+    model = build_model("densenet121", in_channels=1, num_classes=14)
+    model.state_dict()   # features.conv0.weight, features.denseblock1.denselayer1.norm1.weight, ...,
+                         # features.transition1.conv.weight, features.norm5.running_var, classifier.bias
+
+features: conv0 7x7/2 -> norm0 -> relu0 -> pool0 3x3/2 pad 1 -> denseblock1 -> transition1 -> ...
+-> denseblock4 -> norm5, then ReLU, global average pool and `classifier`. Dense layer i of a block sees
+the concatenation of the block's input and every earlier layer's g new channels:
+norm1 -> relu -> conv1 1x1 (-> bn_size * g) -> norm2 -> relu2 -> conv2 3x3 (-> g). A transition halves
+channels and resolution: norm -> relu -> 1x1 conv -> 2x2 average pool.
+
+How a dense block keeps memory linear in its depth (torchvision's plain variant holds one copy of the
+growing concatenation per layer, and its normalised copy, which is quadratic):
+- One buffer per block and forward pass, B (N, C0 + L * g, H, W), the block's output. Layer i writes
+  its g channels into B[:, c_i : c_i + g] and reads the prefix B[:, :c_i]: nothing is concatenated.
+- norm1 of every layer normalises a prefix of B. Batch statistics are per channel, so channel k has the
+  same mean and variance whichever layer normalises it: the block computes them once, when the channel
+  is written, and each layer applies only its own scale and shift.
+- The bottleneck's input relu(norm1(prefix)) is formed in one scratch buffer shared by the block's
+  layers and is not kept: backward recomputes it (torchvision's "memory efficient" idea).
+So a block holds B, the scratch, and per layer the 1x1 conv's output (for norm2) and relu2's output
+(for conv2): 2 * bn_size * g channels.
+
+A transition runs its 2x2 average pool before its 1x1 conv. Both are linear and act on different axes
+(the conv mixes channels per pixel, the pool averages pixels per channel; the conv has no bias), so
+pool(conv(z)) = conv(pool(z)) exactly in arithmetic, and the conv does 4x less work on 4x less input.
+
+When norm1 is not a plain BatchNorm2d (SyncBatchNorm2d in distributed training, whose statistics span
+every rank), the layer calls it as a module on a contiguous copy of the prefix and keeps its output.
+
+Initialisation as torchvision's: convs He-normal on fan_in, BatchNorm 1 and 0, classifier weight
+U(-1/sqrt(D), 1/sqrt(D)) and bias 0.
+"""
+import numpy as np
+
+from chexcy.nn.layers import AvgPool2d, BatchNorm2d, Conv2d, MaxPool2d, ReLU, kernels
+from chexcy.nn.module import Module, Sequential
+from chexcy.nn.resnet import NUM_CLASSES, ImageNetStyleClassifier
+
+_ONE = ((1, 1), (0, 0), (1, 1), 1)       # stride, padding, dilation, groups of a 1x1 conv, normalised
+
+
+def _channel_stats(x, eps):
+    """Batch mean and biased variance per channel of x (N, C, H, W), as BatchNorm's forward computes them."""
+    ones, zeros = np.ones(x.shape[1], x.dtype), np.zeros(x.shape[1], x.dtype)
+    _, mean, var = BatchNorm2d._batch_norm_ops(x.dtype).batch_norm2d_forward(x, ones, zeros, eps)
+    return mean, var
+
+
+class DenseLayer(Module):
+    """One dense layer (norm1 relu conv1 norm2 relu2 conv2), run by its DenseBlock on a prefix of the
+    block buffer: in_channels -> growth_rate new channels."""
+
+    def __init__(self, in_channels, growth_rate, bn_size, rng):
+        self.norm1 = BatchNorm2d(in_channels)
+        self.conv1 = Conv2d(in_channels, bn_size * growth_rate, 1, bias=False, rng=rng)
+        self.norm2 = BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = ReLU(inplace=True)
+        self.conv2 = Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False, rng=rng)
+        self.in_channels = in_channels
+        self._kept = None            # norm1 -> relu output, generic path only
+
+    def _shared_stats(self):
+        """Whether norm1 can use the block's per-channel statistics (a plain BatchNorm2d)."""
+        return type(self.norm1) is BatchNorm2d
+
+    def _scale_shift(self, mean, var):
+        """Per-channel (scale, shift) with norm1(x) = x * scale + shift for statistics mean, var (C,)."""
+        dtype = mean.dtype
+        scale = self.norm1.weight.data.astype(dtype, copy=False) / np.sqrt(var + dtype.type(self.norm1.eps))
+        return scale, self.norm1.bias.data.astype(dtype, copy=False) - mean * scale
+
+    def _norm1_relu(self, prefix, stats, out):
+        """out (N, c, H, W) = relu(norm1(prefix)); stats (mean, var) of the batch, or None in eval mode."""
+        mean, var = stats if self.norm1.training else (self.norm1.running_mean, self.norm1.running_var)
+        scale, shift = self._scale_shift(mean.astype(out.dtype, copy=False), var.astype(out.dtype, copy=False))
+        np.multiply(prefix, scale[:, None, None], out=out)
+        out += shift[:, None, None]
+        np.maximum(out, 0, out=out)
+        return out
+
+    def forward_into(self, buffer, c, stats, scratch):
+        """Compute this layer from buffer[:, :c] and return its (N, g, H, W) output.
+
+        stats: (mean, var) of the buffer's first c channels in training (None in eval); scratch: a flat
+        array of at least N * c * H * W elements this call may overwrite.
+        """
+        N, _, H, W = buffer.shape
+        prefix = buffer[:, :c]
+        if self._shared_stats():
+            y = self._norm1_relu(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
+            if self.norm1.training:
+                self.norm1.update_running_stats(stats[0], stats[1], N * H * W)
+        else:
+            y = self.norm1.forward(np.ascontiguousarray(prefix))
+            np.maximum(y, 0, out=y)
+            self._kept = y
+        h = kernels().conv2d_forward(y, self.conv1.weight.data, None, *_ONE)
+        return self.conv2.forward(self.relu2.forward(self.norm2.forward(h)))
+
+    def backward_from(self, dnew, buffer, c, stats, scratch):
+        """dnew (N, g, H, W), the gradient of this layer's output -> the gradient of buffer[:, :c].
+
+        Sets .grad of the layer's parameters; recomputes relu(norm1(prefix)) into scratch.
+        """
+        N, _, H, W = buffer.shape
+        prefix = buffer[:, :c]
+        dh = self.norm2.backward(self.relu2.backward(self.conv2.backward(dnew)))
+        if self._shared_stats():
+            y = self._norm1_relu(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
+        else:
+            y = self._kept
+        dy, self.conv1.weight.grad, _ = kernels().conv2d_backward(dh, y, self.conv1.weight.data, *_ONE)
+        np.multiply(dy, y > 0, out=dy)
+        if not self._shared_stats():
+            self._kept = None
+            return self.norm1.backward(dy)
+        norm = self.norm1
+        if norm.training:
+            dx, norm.weight.grad, norm.bias.grad = BatchNorm2d._batch_norm_ops(dy.dtype).batch_norm2d_backward(
+                dy, prefix, stats[0], stats[1], norm.weight.data.astype(dy.dtype, copy=False), norm.eps)
+            return dx
+        # Eval mode: norm1 is the affine map x * scale + shift with the running statistics.
+        mean = norm.running_mean.astype(dy.dtype)
+        scale, _ = self._scale_shift(mean, norm.running_var.astype(dy.dtype))
+        inv_std = 1 / np.sqrt(norm.running_var.astype(dy.dtype) + dy.dtype.type(norm.eps))
+        norm.bias.grad = dy.sum(axis=(0, 2, 3))
+        norm.weight.grad = np.einsum("nchw,nchw->c", dy, prefix - mean[:, None, None]) * inv_std
+        dy *= scale[:, None, None]
+        return dy
+
+
+class DenseBlock(Module):
+    """L dense layers sharing one buffer. x (N, C0, H, W) -> (N, C0 + L * growth_rate, H, W): x followed
+    by each layer's new channels in order (the concatenation torchvision builds). Children are named
+    denselayer1 .. denselayerL, as torchvision's."""
+
+    def __init__(self, num_layers, in_channels, bn_size, growth_rate, rng):
+        self.layers = [DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, rng)
+                       for i in range(num_layers)]
+        self.in_channels, self.growth_rate = int(in_channels), int(growth_rate)
+        self.out_channels = self.in_channels + num_layers * self.growth_rate
+        self._cache = None
+
+    def named_children(self):
+        for i, layer in enumerate(self.layers):
+            yield f"denselayer{i + 1}", layer
+
+    def __getattr__(self, name):
+        # Only reached when ordinary lookup fails: block.denselayer3 is self.layers[2], as in torch.
+        layers = self.__dict__.get("layers", ())
+        if name.startswith("denselayer") and name[len("denselayer"):].isdigit():
+            i = int(name[len("denselayer"):])
+            if 1 <= i <= len(layers):
+                return layers[i - 1]
+        raise AttributeError(f"{type(self).__name__} has no attribute or child named {name!r}")
+
+    def forward(self, x):
+        N, C0, H, W = x.shape
+        if C0 != self.in_channels:
+            raise ValueError(f"DenseBlock: expected (N, {self.in_channels}, H, W), got {x.shape}")
+        g = self.growth_rate
+        buffer = np.empty((N, self.out_channels, H, W), x.dtype)
+        buffer[:, :C0] = x
+        scratch = np.empty(N * (self.out_channels - g) * H * W, x.dtype)
+        mean = var = None
+        if self.training:
+            eps = self.layers[0].norm1.eps
+            mean, var = np.empty(self.out_channels, x.dtype), np.empty(self.out_channels, x.dtype)
+            mean[:C0], var[:C0] = _channel_stats(buffer[:, :C0], eps)
+        for i, layer in enumerate(self.layers):
+            c = C0 + i * g
+            stats = (mean[:c], var[:c]) if self.training else None
+            new = layer.forward_into(buffer, c, stats, scratch)
+            buffer[:, c:c + g] = new
+            if self.training:
+                mean[c:c + g], var[c:c + g] = _channel_stats(new, eps)
+        self._cache = (buffer, mean, var, scratch)
+        return buffer
+
+    def backward(self, dout):
+        """dout (N, C0 + L * g, H, W) -> dx (N, C0, H, W). Accumulates into dout when it is writeable."""
+        buffer, mean, var, scratch = self._cache
+        dbuf = dout if dout.flags.writeable and dout.flags.c_contiguous else dout.copy()
+        g = self.growth_rate
+        for i in reversed(range(len(self.layers))):
+            c = self.in_channels + i * g
+            stats = (mean[:c], var[:c]) if mean is not None else None
+            dnew = np.ascontiguousarray(dbuf[:, c:c + g])
+            dbuf[:, :c] += self.layers[i].backward_from(dnew, buffer, c, stats, scratch)
+        self._cache = None
+        return np.ascontiguousarray(dbuf[:, :self.in_channels])
+
+
+class Transition(Module):
+    """norm -> relu -> 1x1 conv (C -> C_out) -> 2x2 average pool, computed as norm relu pool conv (the
+    same function: see the module docstring). x (N, C, H, W) -> (N, C_out, H // 2, W // 2)."""
+
+    def __init__(self, in_channels, out_channels, rng):
+        self.norm = BatchNorm2d(in_channels)
+        self.relu = ReLU(inplace=True)
+        self.conv = Conv2d(in_channels, out_channels, 1, bias=False, rng=rng)
+        self.pool = AvgPool2d(2, stride=2)
+
+    def forward(self, x):
+        return self.conv.forward(self.pool.forward(self.relu.forward(self.norm.forward(x))))
+
+    def backward(self, dout):
+        return self.norm.backward(self.relu.backward(self.pool.backward(self.conv.backward(dout))))
+
+
+class DenseNetFeatures(Module):
+    """`features` (conv0 ... norm5) and the ReLU after it: x (N, C, H, W) -> last feature map
+    (N, out_channels, ~H/32, ~W/32), out_channels 1024 for densenet121. The trunk `multiview` uses for
+    backbone "densenet121"."""
+
+    def __init__(self, in_channels=1, growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64,
+                 bn_size=4, rng=None):
+        if int(in_channels) < 1:
+            raise ValueError(f"densenet: in_channels must be >= 1, got {in_channels!r}")
+        rng = rng if rng is not None else np.random.default_rng(0)
+        parts = {"conv0": Conv2d(int(in_channels), num_init_features, 7, stride=2, padding=3, bias=False,
+                                 rng=rng),
+                 "norm0": BatchNorm2d(num_init_features), "relu0": ReLU(inplace=True),
+                 "pool0": MaxPool2d(3, stride=2, padding=1)}
+        channels = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = DenseBlock(num_layers, channels, bn_size, growth_rate, rng)
+            parts[f"denseblock{i + 1}"] = block
+            channels = block.out_channels
+            if i != len(block_config) - 1:
+                parts[f"transition{i + 1}"] = Transition(channels, channels // 2, rng)
+                channels //= 2
+        parts["norm5"] = BatchNorm2d(channels)
+        self.features = Sequential(parts)
+        self.relu = ReLU(inplace=True)
+        self.out_channels = channels
+
+    def forward(self, x):
+        return self.relu.forward(self.features.forward(x))
+
+    def backward(self, dout):
+        return self.features.backward(self.relu.backward(dout))
+
+
+class DenseNet(ImageNetStyleClassifier, DenseNetFeatures):
+    """DenseNet with torchvision's names: x (N, in_channels, S, S) -> logits (N, num_classes).
+
+    The defaults are densenet121; growth_rate, block_config, num_init_features and bn_size are
+    torchvision's DenseNet arguments (small values give the small instances the tests check).
+    dropout > 0 puts a Dropout before the classifier (no parameters, so the names stay torchvision's).
+    """
+    arch = "densenet121"
+    _features = DenseNetFeatures
+    _head_name = "classifier"
+
+    def __init__(self, in_channels=1, num_classes=NUM_CLASSES, dropout=0.0, seed=0, growth_rate=32,
+                 block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4):
+        block_config = [int(b) for b in block_config]
+        if not block_config or min(block_config) < 1:
+            raise ValueError(f"densenet: block_config must list positive layer counts, got {block_config}")
+        self.config = dict(in_channels=int(in_channels), num_classes=int(num_classes), dropout=float(dropout),
+                           seed=int(seed), growth_rate=int(growth_rate), block_config=block_config,
+                           num_init_features=int(num_init_features), bn_size=int(bn_size))
+        rng = np.random.default_rng(seed)
+        DenseNetFeatures.__init__(self, in_channels, int(growth_rate), block_config, int(num_init_features),
+                                  int(bn_size), rng)
+        self._attach_head(self.out_channels, num_classes, float(dropout), rng, bias_init="zeros")
