@@ -20,10 +20,12 @@ import json
 
 import numpy as np
 
+from chexcy.nn.densenet import DenseBlock, DenseLayer, DenseNetFeatures, Transition
 from chexcy.nn.layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear,
                               MaxPool2d, ReLU, ResidualBlock)
 from chexcy.nn.models import ImageClassifier, MultiViewNet
 from chexcy.nn.module import Sequential
+from chexcy.nn.resnet import ImageNetStyleClassifier, ResNetFeatures, _Block
 
 OPSET = 17
 BATCH = "batch"                 # the name of the dynamic batch dimension
@@ -94,6 +96,15 @@ def emit_module(graph, layer, name, x):
 
 def _join(prefix, child):
     return f"{prefix}.{child}" if prefix else child
+
+
+def _emit_children(graph, parent, name, x, children):
+    """Emit `children` (modules of `parent`, in the order they compute) one after the other, each named by
+    its attribute name in `parent`, so initializers carry the state-dict names."""
+    names = {id(child): child_name for child_name, child in parent.named_children()}
+    for child in children:
+        x = emit_module(graph, child, _join(name, names[id(child)]), x)
+    return x
 
 
 # -- layers ---------------------------------------------------------------------------------------------
@@ -176,6 +187,60 @@ def _residual_block(graph, layer, name, x):
     shortcut = x if layer.shortcut is None else emit_module(graph, layer.shortcut, _join(name, "shortcut"), x)
     total = graph.node("Add", [branch, shortcut], _join(name, "add"))
     return emit_module(graph, layer.relu, _join(name, "relu"), total)
+
+
+@emitter(_Block)
+def _torchvision_block(graph, block, name, x):
+    """BasicBlock / Bottleneck: relu_out(branch(x) + (downsample(x) or x))."""
+    branch = _emit_children(graph, block, name, x, block._branch_layers())
+    shortcut = x if block.downsample is None else emit_module(graph, block.downsample, _join(name, "downsample"), x)
+    return emit_module(graph, block.relu_out, _join(name, "relu_out"),
+                       graph.node("Add", [branch, shortcut], _join(name, "add")))
+
+
+@emitter(ResNetFeatures)
+def _resnet_features(graph, features, name, x):
+    return _emit_children(graph, features, name, x, ResNetFeatures._stages(features))
+
+
+@emitter(DenseLayer)
+def _dense_layer(graph, layer, name, x):
+    """norm1 relu conv1 norm2 relu2 conv2 on x, the concatenation of the block's input and earlier layers."""
+    y = emit_module(graph, layer.norm1, _join(name, "norm1"), x)
+    y = graph.node("Relu", [y], _join(name, "relu1"))
+    return _emit_children(graph, layer, name, y, (layer.conv1, layer.norm2, layer.relu2, layer.conv2))
+
+
+@emitter(DenseBlock)
+def _dense_block(graph, block, name, x):
+    """Each layer reads the Concat of the block input and every earlier layer's output (channel axis)."""
+    outputs = [x]
+    for child_name, layer in block.named_children():
+        inputs = outputs[0] if len(outputs) == 1 else graph.node("Concat", outputs, _join(name, f"cat_{child_name}"),
+                                                                 axis=1)
+        outputs.append(emit_module(graph, layer, _join(name, child_name), inputs))
+    return graph.node("Concat", outputs, _join(name, "cat"), axis=1)
+
+
+@emitter(Transition)
+def _transition(graph, transition, name, x):
+    # chexcy pools before the 1x1 conv (the same function as conv then pool: both linear, on different axes).
+    return _emit_children(graph, transition, name, x,
+                          (transition.norm, transition.relu, transition.pool, transition.conv))
+
+
+@emitter(DenseNetFeatures)
+def _densenet_features(graph, features, name, x):
+    return _emit_children(graph, features, name, x, (features.features, features.relu))
+
+
+@emitter(ImageNetStyleClassifier)
+def _imagenet_style_classifier(graph, model, name, x):
+    """resnet18/34/50, densenet121: the feature extractor's emitter on the model itself, then avgpool and the
+    head named "fc" or "classifier" (dropout is identity at inference)."""
+    x = EMITTERS[model._features](graph, model, name, x)
+    x = emit_module(graph, model.avgpool, _join(name, "avgpool"), x)
+    return emit_module(graph, model._head(), _join(name, model._head_name), x)
 
 
 @emitter(ImageClassifier)

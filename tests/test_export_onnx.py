@@ -21,7 +21,7 @@ from chexcy.nn.models import ImageClassifier
 from chexcy.onnx_export import EMITTERS, OPSET, build_onnx_model, export_onnx
 from chexcy.predict import predict_files
 
-SIZE = 24
+SIZE = 32          # densenet121's four stages need >= 32 pixels (32 / 32 = one cell at the end)
 # float32 through different summation orders (our kernels vs onnxruntime's MLAS) on logits of size ~1-10.
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -33,12 +33,19 @@ ARCHS = [
     ("multiview", dict(backbone="simple", widths=[4, 8], hidden=12)),
     ("multiview", dict(backbone="resnet", widths=[4, 8], hidden=12)),
     ("multiview", dict(backbone="resnet", widths=[4, 8], hidden=12, shared=False)),
+    ("resnet18", dict()),                                           # torchvision's structures, full size
+    ("resnet34", dict(width=4)),
+    ("resnet50", dict(width=4, dropout=0.2)),
+    ("densenet121", dict()),
+    ("densenet121", dict(growth_rate=4, block_config=(2, 3, 2), num_init_features=8, bn_size=2)),
+    ("multiview", dict(backbone="resnet18", hidden=12, shared=False)),
+    ("multiview", dict(backbone="densenet121", hidden=12)),
 ]
 
 
 def arch_id(case):
     arch, config = case
-    return arch + "-" + "-".join(f"{k}={v}" for k, v in config.items())
+    return "-".join([arch] + [f"{k}={v}" for k, v in config.items()])
 
 
 def randomise_batch_norm(model, rng):
@@ -77,7 +84,7 @@ def study_inputs(rng, batch):
 def test_onnxruntime_equals_chexcy_for_every_architecture(case, rng, tmp_path):
     arch, config = case
     model = build_model(arch, seed=3, **config)
-    has_batch_norm = arch == "resnet" or config.get("backbone") == "resnet"
+    has_batch_norm = arch != "simple" and config.get("backbone", "resnet") != "simple"
     assert (randomise_batch_norm(model, rng) > 0) == has_batch_norm
     path = save_checkpoint(tmp_path / "model.npz", model, config={"image_size": SIZE})
     proto = export_onnx(path, tmp_path / "model.onnx")
@@ -97,6 +104,8 @@ def test_onnxruntime_equals_chexcy_for_every_architecture(case, rng, tmp_path):
         (got,) = sess.run(None, feeds)
         assert got.shape == (batch, len(LABELS))
         np.testing.assert_allclose(got, want, **TOL, err_msg=f"{arch_id(case)} batch {batch}")
+    if arch != "multiview":     # every weight in the graph under its state-dict (torchvision's) name
+        assert {i.name for i in proto.graph.initializer} == set(model.state_dict())
 
 
 def test_every_layer_emitter_matches_chexcy(rng):
@@ -138,6 +147,11 @@ def test_graph_uses_standard_operators_and_names_inputs_outputs_labels(tmp_path)
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["labels"]) == list(LABELS)
     assert props["arch"] == "multiview" and props["image_size"] == str(SIZE)
+    dense = build_onnx_model(build_model("densenet121", growth_rate=4, block_config=(2, 2), num_init_features=8),
+                             SIZE)
+    assert {n.op_type for n in dense.graph.node} == {"Conv", "BatchNormalization", "Relu", "MaxPool", "Concat",
+                                                     "AveragePool", "GlobalAveragePool", "Flatten", "Gemm",
+                                                     "Identity"}
 
 
 def test_export_command_writes_onnx_whose_probabilities_equal_predict(tmp_path):
