@@ -181,3 +181,56 @@ def test_train_command_passes_init_from_and_names_a_misfit(tmp_path, rng, capsys
     assert cli.main(["train", "--data", data, "--arch", "simple", "--width", "4", "--depth", "2", "--epochs", "1",
                      "--init-from", str(tmp_path / "narrow.safetensors"), "--log-every", "0"]) == 0
     assert "narrow.safetensors: weights loaded as they are" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch,first_conv,head", [("resnet18", "conv1.weight", "fc"),
+                                                  ("densenet121", "features.conv0.weight", "classifier")])
+def test_torchvision_named_imagenet_file_loads_with_adaptations(arch, first_conv, head, tmp_path, rng):
+    """What torchvision's ImageNet model saves (3 channels, 1000 classes, torchvision's names, int64
+    num_batches_tracked), built here from chexcy's own network with in_channels=3 and num_classes=1000."""
+    imagenet = build_model(arch, in_channels=3, num_classes=1000, seed=1)
+    for m in imagenet.modules():          # non-trivial statistics: a swapped mean/var would show
+        if isinstance(m, BatchNorm2d):
+            m.running_mean[:] = rng.normal(0.0, 0.2, m.num_features)
+            m.running_var[:] = rng.uniform(0.5, 2.0, m.num_features)
+    state = torch_like_file(tmp_path / f"{arch}.safetensors", imagenet)
+    if arch == "resnet18":
+        assert {"conv1.weight", "bn1.num_batches_tracked", "layer2.0.downsample.1.running_mean",
+                "fc.weight"} <= set(state)
+    else:
+        assert {"features.denseblock1.denselayer1.conv1.weight", "features.norm5.running_var",
+                "classifier.bias"} <= set(state)
+    assert state[first_conv].shape[1] == 3 and state[head + ".weight"].shape[0] == 1000
+    model = build_model(arch, seed=2)
+    fresh_head = {n: v for n, v in model.state_dict().items() if n.startswith(head + ".")}
+    notes = init_from(model, tmp_path / f"{arch}.safetensors")
+    assert any(n.startswith(f"{first_conv}: 3-channel first conv") for n in notes), notes
+    assert any(f"classifier {head}.weight (1000, " in n and "re-initialised for 14 outputs" in n for n in notes)
+    assert any("BatchNorm num_batches_tracked counter(s)" in n for n in notes), notes
+    loaded = model.state_dict()
+    for name, value in loaded.items():
+        if name == first_conv:
+            np.testing.assert_array_equal(value, state[name].sum(axis=1, keepdims=True))
+        elif name in fresh_head:
+            np.testing.assert_array_equal(value, fresh_head[name])
+        else:
+            np.testing.assert_array_equal(value, state[name], err_msg=name)
+    model.eval()
+    imagenet.eval()
+    x = rng.normal(size=(2, 1, 32, 32)).astype(np.float32)
+    # Everything up to the classifier: the gray model on x equals the RGB model on x repeated 3x.
+    np.testing.assert_allclose(model.forward_cam(x)[1], imagenet.forward_cam(np.repeat(x, 3, axis=1))[1],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_train_init_from_torchvision_resnet18_file(tmp_path, capsys):
+    """`chexcy train --arch resnet18 --init-from resnet18.safetensors` on an ImageNet-shaped file."""
+    imagenet = build_model("resnet18", in_channels=3, num_classes=1000, seed=1)
+    torch_like_file(tmp_path / "resnet18.safetensors", imagenet)
+    done = cli.main(["train", "--data", prepared("train", size=32, limit=16), "--arch", "resnet18", "--epochs", "1",
+                     "--batch-size", "16", "--init-from", str(tmp_path / "resnet18.safetensors"),
+                     "--checkpoint-dir", str(tmp_path / "run"), "--log-every", "0"])
+    assert done == 0
+    assert "conv1.weight: 3-channel first conv (64, 3, 7, 7) summed" in capsys.readouterr().out
+    trained = load_checkpoint(tmp_path / "run" / "last.npz").model_state
+    assert trained["conv1.weight"].shape == (64, 1, 7, 7) and trained["fc.weight"].shape == (14, 512)
