@@ -2,7 +2,7 @@
 """Inference time of a chexcy model in onnxruntime vs chexcy's own forward (eval mode), side by side.
 
     python tools/bench_onnx.py                          # every architecture, batch 16, 2 threads
-    python tools/bench_onnx.py --arch resnet --size 224 --repeats 20
+    python tools/bench_onnx.py --arch resnet18 --size 320 --repeats 20
 
 For each model: build it (random weights, randomised BatchNorm statistics), export it with
 chexcy.onnx_export.build_onnx_model, check that onnxruntime's logits equal chexcy's, then time one
@@ -22,10 +22,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))         # run from a checkout without installing
 
-MODELS = {      # name -> (arch, config)
-    "simple (ref-cnn)": ("simple", dict(widths=[16, 32, 64, 128])),
-    "resnet": ("resnet", dict(widths=[16, 32, 64, 128], blocks=1)),
-    "multiview": ("multiview", dict(backbone="simple", widths=[16, 32, 64, 128], hidden=64)),
+MODELS = {      # name -> (arch, config, image size): the small models at 128, torchvision's at their 224
+    "simple (ref-cnn)": ("simple", dict(widths=[16, 32, 64, 128]), 128),
+    "resnet": ("resnet", dict(widths=[16, 32, 64, 128], blocks=1), 128),
+    "multiview": ("multiview", dict(backbone="simple", widths=[16, 32, 64, 128], hidden=64), 128),
+    "resnet18": ("resnet18", dict(), 224),
+    "densenet121": ("densenet121", dict(), 224),
 }
 
 
@@ -41,8 +43,9 @@ def timed(fn, repeats):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=sorted({a for a, _ in MODELS.values()}), help="only this architecture")
-    parser.add_argument("--size", type=int, default=128, help="image size (default 128)")
+    parser.add_argument("--arch", choices=sorted({arch for arch, _, _ in MODELS.values()}),
+                        help="only this architecture")
+    parser.add_argument("--size", type=int, help="image size (default 128, and 224 for resnet18/densenet121)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15, help="timed batches per engine (default 15)")
@@ -56,13 +59,13 @@ def main(argv=None):
     ops.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"chexcy {__version__} ({ops.get_backend()} x{ops.get_num_threads()}) vs onnxruntime {ort.__version__} "
-          f"(CPU, {args.threads} intra-op threads); batch {args.batch}, {args.size}x{args.size}, "
-          f"median of {args.repeats}")
-    print(f"{'model':<18} {'chexcy ms':>10} {'ort ms':>9} {'chexcy img/s':>13} {'ort img/s':>10} {'ort speed-up':>13}"
-          f" {'max |diff|':>11}")
-    for name, (arch, config) in MODELS.items():
+          f"(CPU, {args.threads} intra-op threads); batch {args.batch}, median of {args.repeats}")
+    print(f"{'model':<18} {'size':>5} {'chexcy ms':>10} {'ort ms':>9} {'chexcy img/s':>13} {'ort img/s':>10} "
+          f"{'ort speed-up':>13} {'max |diff|':>11}")
+    for name, (arch, config, size) in MODELS.items():
         if args.arch and arch != args.arch:
             continue
+        size = args.size or size
         model = build_model(arch, **config)
         for m in model.modules():
             if isinstance(m, BatchNorm2d):
@@ -73,9 +76,9 @@ def main(argv=None):
         options.intra_op_num_threads = args.threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session = ort.InferenceSession(build_onnx_model(model, args.size).SerializeToString(), options,
+        session = ort.InferenceSession(build_onnx_model(model, size).SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
-        x = rng.normal(size=(args.batch, 1, args.size, args.size)).astype(np.float32)
+        x = rng.normal(size=(args.batch, 1, size, size)).astype(np.float32)
         if arch == "multiview":
             ones = np.ones(args.batch, np.float32)
             feeds = dict(frontal=x, lateral=x[::-1].copy(), has_frontal=ones, has_lateral=ones,
@@ -95,8 +98,8 @@ def main(argv=None):
             t_chexcy += timed(run_chexcy, max(1, args.repeats // 3))
             t_ort += timed(run_ort, max(1, args.repeats // 3))
         mc, mo = statistics.median(t_chexcy), statistics.median(t_ort)
-        print(f"{name:<18} {mc * 1e3:>10.1f} {mo * 1e3:>9.1f} {args.batch / mc:>13.0f} {args.batch / mo:>10.0f} "
-              f"{mc / mo:>12.2f}x {diff:>11.1e}")
+        print(f"{name:<18} {size:>5} {mc * 1e3:>10.1f} {mo * 1e3:>9.1f} {args.batch / mc:>13.0f} "
+              f"{args.batch / mo:>10.0f} {mc / mo:>12.2f}x {diff:>11.1e}")
 
 
 if __name__ == "__main__":
