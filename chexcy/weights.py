@@ -68,6 +68,9 @@ def read_weights(path):
     try:
         state = st.load_file(path)
     except Exception as exc:        # safetensors raises its own SafetensorError (and TypeError for dtypes)
+        if "bfloat16" in str(exc):  # a valid file NumPy has no dtype for
+            raise ValueError(f"weights file {path} holds bfloat16 arrays, which NumPy cannot read; save them as "
+                             f"float32 (in PyTorch: {{k: v.float() for k, v in state.items()}})") from None
         raise DamagedFileError(path, f"not a readable safetensors file ({exc})") from None
     return OrderedDict(sorted(state.items()))
 

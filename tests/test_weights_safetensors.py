@@ -128,6 +128,10 @@ def test_every_other_misfit_is_an_error_naming_the_entry(tmp_path, rng):
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(DamagedFileError, match="bad.safetensors: not a readable safetensors file"):
         read_weights(tmp_path / "bad.safetensors")
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(ValueError, match="holds bfloat16 arrays, which NumPy cannot read; save them as float32"):
+        read_weights(tmp_path / "bf16.safetensors")
     (tmp_path / "w.pt").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="expected a .safetensors file or a chexcy .npz checkpoint"):
         read_weights(tmp_path / "w.pt")
