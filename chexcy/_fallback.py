@@ -286,6 +286,10 @@ def batch_norm2d_forward(x, weight, bias, eps):
     Sums per plane in float64, then over the batch. The variance is two-pass about the mean rounded to
     x's dtype (m'), corrected exactly: mean((x - m)^2) = mean((x - m')^2) - (m - m')^2. The centred
     array is the only activation-sized temporary and becomes the output.
+
+    The squares are summed per plane in x's dtype (a fast dot product), which overflows float32 once
+    |x - m| reaches about 1e19; only the channels where that happened are summed again in float64, so
+    ordinary data pays one (C,) finiteness check.
     """
     N, C, H, W = x.shape
     M = N * H * W
@@ -294,6 +298,10 @@ def batch_norm2d_forward(x, weight, bias, eps):
     mean_x = mean.astype(x.dtype)
     centred = planes - mean_x[:, None]
     m2 = np.einsum("ncl,ncl->nc", centred, centred).sum(axis=0, dtype=np.float64)
+    overflowed = np.flatnonzero(~np.isfinite(m2))
+    for c in overflowed:                         # NaN/inf in x also lands here and stays non-finite
+        plane = centred[:, c].astype(np.float64)
+        m2[c] = np.einsum("nl,nl->", plane, plane)
     shift = mean - mean_x.astype(np.float64)
     var = np.maximum(m2 / M - shift * shift, 0.0)
     a = weight.astype(np.float64) / np.sqrt(var + eps)

@@ -11,7 +11,9 @@ setup.py compiles chexcy/_ops.pyx once per instruction-set variant (see docs/per
 forces a variant (ImportError if it is not built or the CPU lacks it), for benchmarks and tests.
 """
 import importlib
+import importlib.machinery
 import os
+import sys
 
 # variant name -> (module, CPU flags it needs as /proc/cpuinfo spells them)
 _V3_FLAGS = ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "sse4_1", "sse4_2",
@@ -27,6 +29,48 @@ PREFERENCE = ("avx512", "avx2", "baseline")
 _BUILD_HINT = ("install with a C compiler (`pip install .`) or build in place "
                "(`python setup.py build_ext --inplace`)")
 _loaded = {}
+
+
+def _compiled_files(package_dir):
+    """Names of compiled kernel modules (_ops*.so or the platform's equivalent) in a chexcy folder."""
+    try:
+        names = os.listdir(package_dir)
+    except OSError:
+        return []
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return sorted(n for n in names if n.startswith("_ops") and n.endswith(suffixes))
+
+
+def build_advice(package_dir=None, path=None):
+    """What to tell a user whose chexcy runs without compiled kernels (one or two sentences).
+
+    The common trap: `pip install .` built and installed the kernels, but Python started in the clone's
+    folder (or with it on PYTHONPATH) imports the source tree instead, which holds none; advising
+    `pip install .` again would not help. That case is recognised by the imported chexcy sitting in a
+    source checkout (setup.py or pyproject.toml beside it) with no compiled module, and the advice says
+    where the installed copy is and how to reach it. package_dir (the imported chexcy folder) and path
+    (sys.path) are parameters for tests.
+    """
+    package_dir = os.path.abspath(package_dir or os.path.dirname(__file__))
+    checkout = os.path.dirname(package_dir)
+    in_checkout = any(os.path.exists(os.path.join(checkout, f)) for f in ("setup.py", "pyproject.toml"))
+    if not in_checkout or _compiled_files(package_dir):
+        return ("Build them with a C compiler: `pip install .` from the source tree, or "
+                "`python setup.py build_ext --inplace` in a development checkout.")
+    installed = None
+    for entry in sys.path if path is None else path:
+        candidate = os.path.join(os.path.abspath(entry or os.curdir), "chexcy")
+        if os.path.realpath(candidate) != os.path.realpath(package_dir) and _compiled_files(candidate):
+            installed = candidate
+            break
+    where = (f"Python imported chexcy from the source checkout {checkout} (the current folder or "
+             f"PYTHONPATH comes first on sys.path), which holds no compiled kernels")
+    if installed:
+        return (f"{where}, instead of the installed chexcy in {installed}, which has them. Run Python from "
+                f"another folder, use the `chexcy` command or `pytest` (not `python -m pytest`) from here, "
+                f"or build the kernels in the checkout too: `python setup.py build_ext --inplace`.")
+    return (f"{where}. Build them there with `python setup.py build_ext --inplace` (needs a C compiler), "
+            f"or `pip install .` and run Python from another folder.")
 
 
 def cpu_flags():
@@ -77,5 +121,5 @@ def load():
             continue
         _loaded["module"] = module
         return module
-    raise ImportError("chexcy's compiled kernels (chexcy._ops) are not built; " + _BUILD_HINT) from (
+    raise ImportError("chexcy's compiled kernels (chexcy._ops) are not built here. " + build_advice()) from (
         errors[-1] if errors else None)

@@ -11,25 +11,34 @@ Randomness needs no generator snapshot: every random draw of a run (data order, 
 is derived from (seed, epoch, step) and the weights from the seed, so the JSON's seeds and position are the
 complete random state.
 
-Writes are atomic: the file is written to a temporary name in the same folder, fsync'ed, then renamed
-over the target (os.replace), and the folder is fsync'ed, so a crash at any moment leaves either the old
-or the new checkpoint, never a torn one.
+Writes go through chexcy.fileio.atomic_write (temporary file, fsync, rename, fsync of the folder), so a
+crash at any moment leaves either the old or the new checkpoint, never a torn one, and a full disk says so
+in words. Reads never unpickle: a file that is not a chexcy checkpoint raises CheckpointError (a
+chexcy.fileio.DamagedFileError) naming the file and what is wrong with it.
 """
 import io
 import json
 import os
-import tempfile
 import zipfile
 from collections import OrderedDict
 
 import numpy as np
 
+from chexcy.fileio import DamagedFileError, atomic_write
+
 FORMAT = "chexcy-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, corrupt, of another format, or does not fit the request."""
+class CheckpointError(DamagedFileError):
+    """A checkpoint file that is missing, corrupt, of another format, or does not fit the request.
+
+    CheckpointError(path, problem): str() is "PATH: problem", one line a command line prints as it is."""
+
+# The first bytes of a zip archive (an .npz) and of a bare .npy: anything else is not a checkpoint, and is
+# refused before NumPy would try to read it as a pickle.
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 class Checkpoint:
@@ -50,42 +59,8 @@ class Checkpoint:
         try:
             model.load_state_dict(self.model_state)
         except ValueError as exc:
-            raise CheckpointError(f"checkpoint {self.path}: weights do not fit its own architecture: {exc}") from None
+            raise CheckpointError(self.path, f"weights do not fit its own architecture: {exc}") from None
         return model.eval()
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return      # e.g. platforms without directory file descriptors
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, writer):
-    """Call writer(file) on a temporary file beside `path`, fsync it, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-    return path
 
 
 def save_checkpoint(path, model, optimizer=None, config=None):
@@ -113,36 +88,52 @@ def save_checkpoint(path, model, optimizer=None, config=None):
         np.savez(buffer, **arrays)
         f.write(buffer.getbuffer())
 
-    return atomic_write_bytes(path, write)
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by save_checkpoint. Raises CheckpointError with the reason if it cannot."""
+    """Read a checkpoint written by save_checkpoint.
+
+    Raises CheckpointError (a chexcy.fileio.DamagedFileError) naming the file and what is wrong when it is
+    missing, a folder, not a chexcy checkpoint, truncated or of another format version. Never unpickles.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(path, "checkpoint file does not exist")
     if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a folder; pass the file (e.g. {os.path.join(path, 'last.npz')})")
+        raise CheckpointError(path, f"a folder, not a checkpoint file; pass the file (e.g. "
+                                    f"{os.path.join(path, 'last.npz')})")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_NPY_MAGIC))
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from None
+    if not magic:
+        raise CheckpointError(path, "empty file (0 bytes), not a chexcy checkpoint")
+    if magic.startswith(_NPY_MAGIC):
+        raise CheckpointError(path, "a single NumPy array (.npy), not a chexcy checkpoint (.npz)")
+    if not magic.startswith(_ZIP_MAGIC):
+        raise CheckpointError(path, "not a chexcy checkpoint (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             files = {name: archive[name] for name in archive.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a chexcy checkpoint "
-                              f"({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(path, f"corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from None
     if "config.json" not in files:
-        raise CheckpointError(f"checkpoint {path} is not a chexcy checkpoint (no config.json inside)")
+        raise CheckpointError(path, "not a chexcy checkpoint (an .npz archive without config.json)")
     try:
         config = json.loads(files.pop("config.json").tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: config.json is corrupt ({exc})") from None
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a chexcy checkpoint (format {config.get('format')!r})")
+        raise CheckpointError(path, f"config.json inside the checkpoint is corrupt ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(path, f"not a chexcy checkpoint (format {found!r})")
     if config.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {config.get('format_version')}; this chexcy "
-                              f"reads version {FORMAT_VERSION}")
+        raise CheckpointError(path, f"checkpoint format version {config.get('format_version')}; this chexcy reads "
+                                    f"version {FORMAT_VERSION}")
     for key in ("arch", "model", "image_size"):
         if key not in config:
-            raise CheckpointError(f"checkpoint {path}: config.json lacks {key!r}")
+            raise CheckpointError(path, f"config.json inside the checkpoint lacks {key!r}")
     model_state = OrderedDict((k[len("model/"):], v) for k, v in files.items() if k.startswith("model/"))
     optim_state = {k[len("optim/"):]: v for k, v in files.items() if k.startswith("optim/")}
     if "optimizer_state" in config:

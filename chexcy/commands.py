@@ -4,6 +4,13 @@ Each handler imports its heavy modules only when it runs and returns an exit sta
 ValueError/RuntimeError, which chexcy.cli turns into one clear line.
 """
 import argparse
+import os
+import sys
+
+
+def cores_available():
+    """CPUs this process may run on (its affinity mask; the machine's count where that is unknown)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _positive_int(text):
@@ -18,6 +25,22 @@ def _nonneg_int(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def _threads(text):
+    """--threads: an int >= 1; more than the cores this process may use is allowed (a shared or a
+    cgroup-limited machine may report fewer than will be free) but warned about, since extra OpenMP
+    threads only take turns on the same cores and slow every kernel down."""
+    value = _positive_int(text)
+    cores = cores_available()
+    if value > cores:
+        print(f"chexcy: warning: --threads {value} is more than the {cores} core(s) this process may use; "
+              f"the extra threads only slow the kernels down (use --threads {cores} or leave it out)",
+              file=sys.stderr)
+    return value
+
+
+THREADS_HELP = "kernel threads (default: every core this process may use, {} here)"
 
 
 def _pos_weight(text):
@@ -71,13 +94,19 @@ def register(subparsers):
     g.add_argument("--augment", action="store_const", const=True, help="random augmentation of training images")
     g.add_argument("--seed", type=int, help="seed of weights, data order, augmentation and dropout (default 0)")
     g = p.add_argument_group("run")
-    g.add_argument("--checkpoint-dir", help="folder for last.npz, best.npz and log.jsonl")
+    g.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="folder for last.npz, best.npz and log.jsonl, one run per folder (default: a new "
+                        "folder runs/YYYYmmdd-HHMMSS in the current folder)")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (default: CHECKPOINT_DIR/last.npz)")
+                   help="continue the run in DIR from CHECKPOINT (default: DIR/last.npz); the data, the "
+                        "validation data and the settings must be the run's")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a DIR that holds one, deleting its last.npz, best.npz and log.jsonl")
     g.add_argument("--checkpoint-every", type=_nonneg_int, default=0, metavar="K",
                    help="also save last.npz every K steps (default: at the end of each epoch only)")
-    g.add_argument("--log-every", type=_nonneg_int, default=20, metavar="N", help="a progress line every N steps")
-    g.add_argument("--threads", type=_positive_int, help="kernel threads (default: the cores available)")
+    g.add_argument("--log-every", type=_nonneg_int, default=20, metavar="N",
+                   help="a progress line every N steps (default 20; 0: none)")
+    g.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP.format(cores_available()))
     g.add_argument("--workers", type=_positive_int, default=1, help="data loader workers (default 1)")
     g.add_argument("--init-from", metavar="FILE",
                    help="start from the weights in FILE (.safetensors, e.g. from torchvision, or a chexcy .npz "
@@ -92,17 +121,20 @@ def register(subparsers):
     p = subparsers.add_parser("evaluate", help="AUC per observation of a checkpoint on prepared data",
                               description="ROC AUC per observation (image level and study level = max over "
                                           "a study's views), the mean over the 5 competition tasks, optional "
-                                          "bootstrap 95%% intervals and plots.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. RUN/best.npz)")
-    p.add_argument("--data", required=True, help="prepared folder to score")
-    p.add_argument("--bootstrap", type=_nonneg_int, default=0, metavar="N", help="bootstrap resamples for 95%% CIs")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--plot", metavar="DIR", help="write ROC curves and training curves as PNG (needs matplotlib)")
-    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    p.add_argument("--min-count", type=_positive_int, default=None,
+                                          "bootstrap 95% intervals and plots.")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a checkpoint file (e.g. RUN/best.npz)")
+    p.add_argument("--data", required=True, metavar="DIR", help="prepared folder to score")
+    p.add_argument("--bootstrap", type=_nonneg_int, default=0, metavar="N",
+                   help="bootstrap resamples for 95%% CIs (default 0: no intervals; 1000 is usual)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--plot", metavar="DIR", help="write roc.png and training.png into DIR, an existing folder "
+                                                 "or one to create in an existing parent (needs matplotlib)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON to FILE (its folder must exist)")
+    p.add_argument("--min-count", type=_positive_int, default=None, metavar="N",
                    help="positives and negatives a label needs for an AUC (default 5)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
+                   help="images scored at once (default 64; memory grows with it, results do not change)")
+    p.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP.format(cores_available()))
     p.set_defaults(func=run_evaluate)
 
     # -- predict -----------------------------------------------------------------------------------------
@@ -110,13 +142,20 @@ def register(subparsers):
                               description="14 probabilities per image (JPEG, PNG or DICOM files, or folders "
                                           "of them; DICOM needs chexcy[dicom]), preprocessed exactly as `chexcy "
                                           "prepare` does; optional Grad-CAM heat maps.")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files (any extension Pillow reads, or DICOM) or folders, searched recursively "
+                        "for .jpg/.jpeg/.png/.dcm/.dicom")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="a checkpoint written by `chexcy train` (e.g. RUN/best.npz)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="output on stdout: an aligned table with short column names, CSV (path + the 14 "
+                        "observations) or JSON (default table)")
+    p.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM heat map PNG per image into DIR (with "
+                                                    "--observation), named after its patient, study and view")
     p.add_argument("--observation", help="the observation the heat maps explain (e.g. 'Pleural Effusion')")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                   help="images scored at once (default 32; memory grows with it, results do not change)")
+    p.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP.format(cores_available()))
     p.set_defaults(func=run_predict)
 
     # -- export ------------------------------------------------------------------------------------------
@@ -135,15 +174,22 @@ def register(subparsers):
     p = subparsers.add_parser("demo", help="synthetic data -> prepare -> train -> evaluate, end to end",
                               description="Generate a synthetic CheXpert-like dataset, prepare it, train a "
                                           "model and evaluate it, printing where everything went.")
-    p.add_argument("--out", default="chexcy-demo", help="folder for everything the demo writes (default ./chexcy-demo)")
+    p.add_argument("--out", default="chexcy-demo", metavar="DIR",
+                   help="folder for everything the demo writes (default ./chexcy-demo)")
     p.add_argument("--quick", action="store_true", help="a tiny, fast run (smoke test; AUCs are meaningless)")
-    p.add_argument("--size", type=_positive_int, help="image size")
-    p.add_argument("--n-train", type=_positive_int, help="synthetic training images")
-    p.add_argument("--n-valid", type=_positive_int, help="synthetic validation images")
-    p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int)
-    p.add_argument("--workers", type=_positive_int, help="processes for image generation and preparation")
+    from chexcy.demo import DEMO, QUICK          # (a light module: its heavy imports are inside run_demo)
+
+    def both(key):
+        return f"default {DEMO[key]}; --quick {QUICK[key]}"
+    p.add_argument("--size", type=_positive_int, metavar="S", help=f"image size S x S ({both('size')})")
+    p.add_argument("--n-train", type=_positive_int, metavar="N", help=f"synthetic training images ({both('n_train')})")
+    p.add_argument("--n-valid", type=_positive_int, metavar="N",
+                   help=f"synthetic validation images ({both('n_valid')})")
+    p.add_argument("--epochs", type=_positive_int, metavar="N", help=f"training epochs ({both('epochs')})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training (default 0)")
+    p.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP.format(cores_available()))
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="processes for image generation and preparation (default: the cores, at most 4)")
     p.set_defaults(func=run_demo)
 
 
@@ -160,18 +206,28 @@ def run_train(args):
     settings = {name: getattr(args, name) for name in TRAIN_SETTINGS if getattr(args, name) is not None}
     if args.resume and not args.checkpoint_dir and args.resume is True:
         raise ValueError("--resume without a path needs --checkpoint-dir")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in the folder and --overwrite deletes it: pass one of them")
+    comm = None
     if args.distributed:        # MPI hook: one failing rank aborts the job instead of leaving the others hung
         from chexcy import distributed
         comm = distributed.init(True)
+    if not args.checkpoint_dir and not args.resume:
+        # Never train a model only to drop it: without a folder the run goes to a new one, said up front.
+        from chexcy.runfolder import default_run_folder
+        args.checkpoint_dir = default_run_folder() if comm is None else comm.bcast_object(
+            default_run_folder() if comm.is_root else None)
+        if comm is None or comm.is_root:
+            print(f"no --checkpoint-dir given: this run goes to {args.checkpoint_dir}", flush=True)
+    run = dict(checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
+               log_every=args.log_every, checkpoint_every=args.checkpoint_every, workers=args.workers,
+               init_from=args.init_from, out=sys.stdout, **settings)
+    if comm is not None:
         threads = args.threads or distributed.threads_per_rank(comm)
         with distributed.abort_on_error(comm, "chexcy train"):
-            result = fit(args.data, args.valid, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                         log_every=args.log_every, checkpoint_every=args.checkpoint_every, threads=threads,
-                         workers=args.workers, init_from=args.init_from, out=sys.stdout, comm=comm, **settings)
+            result = fit(args.data, args.valid, threads=threads, comm=comm, **run)
     else:
-        result = fit(args.data, args.valid, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                     log_every=args.log_every, checkpoint_every=args.checkpoint_every, threads=args.threads,
-                     workers=args.workers, init_from=args.init_from, out=sys.stdout, **settings)
+        result = fit(args.data, args.valid, threads=args.threads, **run)
     if result.status == "interrupted":
         # Conventional shell status for "ended by signal N": 128 + N (130 for SIGINT, 143 for SIGTERM).
         return 128 + int(getattr(result, "signal", signal.SIGINT))

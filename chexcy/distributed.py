@@ -28,16 +28,29 @@ The scheme (see docs/distributed.md for how to run it and the cost model):
   scores to rank 0, they are put back in row order and shared, so the AUC is that of the whole set.
 - Errors: `abort_on_error` turns an uncaught exception on any rank (a bad file, a NaN loss) into a message
   naming the rank and `MPI.COMM_WORLD.Abort`, so the job ends instead of the other ranks waiting forever
-  in a collective.
+  in a collective. `check_ranks_agree` compares, with one allgather at start, what every rank must share
+  (data fingerprint and length, settings): ranks whose data differ in length would otherwise pair
+  different collectives and wait forever.
+- Signals: SIGINT/SIGTERM stop every rank after the same step (the flag rides in the step's Allreduce).
+  A rank blocked inside a collective cannot run Python's signal handler, so a watchdog thread sees the
+  signal (signal.set_wakeup_fd) and ends the process when the rank stays blocked STUCK_AFTER_SIGNAL_S
+  seconds after it, or at a second signal; the launcher then ends the others.
 """
 import collections
 import contextlib
+import functools
 import os
+import select
+import signal
+import socket
 import sys
+import threading
 import time
 import traceback
 
 import numpy as np
+
+from chexcy.fileio import DiskFullError
 
 MPI_EXTRA_HINT = 'install the MPI extra: pip install "chexcy[mpi]" (mpi4py and an MPI implementation)'
 
@@ -89,10 +102,25 @@ class LocalComm:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
 
 
+def _collective(method):
+    """Mark the time this rank enters a collective (`busy_since`), for the signal watchdog."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self.busy_since = time.monotonic()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.busy_since = None
+    return wrapper
+
+
 class MPIComm(LocalComm):
-    """mpi4py's COMM_WORLD behind the LocalComm interface."""
+    """mpi4py's COMM_WORLD behind the LocalComm interface.
+
+    `busy_since`: time.monotonic() when this rank entered the collective it is blocked in, else None."""
 
     is_mpi = True
+    busy_since = None
 
     def __init__(self, comm=None):
         MPI = import_mpi()
@@ -101,25 +129,31 @@ class MPIComm(LocalComm):
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
 
+    @_collective
     def allreduce_sum_(self, buf):
         _check_buffer(buf, "allreduce_sum_")
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         return buf
 
+    @_collective
     def allreduce_sum(self, value):
         return self.comm.allreduce(value, op=self.MPI.SUM)
 
+    @_collective
     def bcast_(self, buf, root=0):
         _check_buffer(buf, "bcast_")
         self.comm.Bcast(buf, root=root)
         return buf
 
+    @_collective
     def bcast_object(self, obj, root=0):
         return self.comm.bcast(obj, root=root)
 
+    @_collective
     def allgather_object(self, obj):
         return self.comm.allgather(obj)
 
+    @_collective
     def gatherv_rows(self, local):
         local = np.ascontiguousarray(local)
         # Shapes and dtypes first (a small object gather), so ranks may hold different row counts
@@ -141,6 +175,7 @@ class MPIComm(LocalComm):
         self.comm.Gatherv(send, [out.reshape(-1).view(np.uint8), counts, displs, self.MPI.BYTE], root=0)
         return out
 
+    @_collective
     def barrier(self):
         self.comm.Barrier()
 
@@ -198,8 +233,8 @@ def abort_on_error(comm, what="chexcy"):
             raise
         _report_and_abort(comm, what, f"exit status {exc.code}", None, code=exc.code if isinstance(exc.code, int) else 1)
     except BaseException as exc:   # noqa: B902 -- KeyboardInterrupt too: a half-stopped job hangs
-        if comm.size == 1:
-            raise
+        if comm.size == 1 or getattr(exc, "raised_on_every_rank", False):
+            raise       # every rank raises it alike (see raise_on_every_rank): all exit, none waits
         _report_and_abort(comm, what, f"{type(exc).__name__}: {exc}", exc)
 
 
@@ -207,7 +242,42 @@ def abort_on_error(comm, what="chexcy"):
 ABORT_GRACE_S = 0.5
 
 # Failures a user causes (bad arguments or files) get one line; anything else also its traceback.
-EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError)
+EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError,
+                   DiskFullError)
+
+
+def raise_on_every_rank(exc):
+    """Mark `exc` as raised by every rank alike (after a collective decision), and return it.
+
+    abort_on_error lets such an error end each rank normally (one clear line, exit status of the command)
+    instead of aborting the job: no rank is left waiting for another."""
+    exc.raised_on_every_rank = True
+    return exc
+
+
+def check_ranks_agree(comm, facts):
+    """Raise, on every rank, a ValueError naming what differs unless all ranks hold the same `facts`.
+
+    facts: dict name -> picklable value that must be equal on every rank (e.g. the training data's
+    fingerprint and length, the settings). One allgather; call it at start, before the first collective
+    whose count depends on these facts (ranks whose data differ in length would pair different collectives
+    and wait for each other forever)."""
+    gathered = comm.allgather_object(dict(facts))
+    problems = []
+    for name in facts:
+        values = [g.get(name) for g in gathered]
+        if all(v == values[0] for v in values[1:]):
+            continue
+        if all(isinstance(v, dict) for v in values):
+            keys = sorted({k for v in values for k in v if any(w.get(k) != v.get(k) for w in values)})
+            for key in keys:
+                problems.append(f"{name} {key}: " + ", ".join(f"rank {r} {v.get(key)!r}" for r, v in enumerate(values)))
+        else:
+            problems.append(f"{name}: " + ", ".join(f"rank {r} {v!r}" for r, v in enumerate(values)))
+    if problems:
+        raise raise_on_every_rank(ValueError(
+            f"the {comm.size} ranks of this job were not given the same run: " + "; ".join(problems)
+            + "; give every rank the same data and settings"))
 
 
 def _report_and_abort(comm, what, message, exc, code=1):
@@ -255,6 +325,71 @@ def threads_per_rank(comm):
     if cores < (os.cpu_count() or cores):
         return max(1, cores)
     return max(1, cores // local)
+
+
+# Seconds a rank may stay blocked in one collective after SIGINT/SIGTERM before it ends itself. A healthy
+# job leaves every collective within one step of its slowest rank; a rank blocked this long after the
+# signal waits for a partner that will never come.
+STUCK_AFTER_SIGNAL_S = 30.0
+
+
+class SignalWatchdog:
+    """Ends this rank when a stop signal cannot be honoured: the main thread blocked inside a collective
+    (`comm.busy_since`) for STUCK_AFTER_SIGNAL_S after the signal, or a second signal arrives.
+
+    Python runs signal handlers only between bytecodes of the main thread, never while it waits inside
+    an MPI call, so the handler alone cannot stop a rank stuck in a collective. The interpreter's C-level
+    handler still writes each signal's number to the wakeup fd (signal.set_wakeup_fd); this thread reads
+    it. Ending the process makes the launcher end the other ranks (nothing is saved: last.npz stays the last
+    checkpoint). Install and stop from the main thread, with Python-level handlers for the signals.
+    """
+
+    def __init__(self, comm, grace=None):
+        self.comm = comm
+        self.grace = STUCK_AFTER_SIGNAL_S if grace is None else float(grace)
+        self._recv, self._send = socket.socketpair()
+        self._recv.setblocking(False)
+        self._send.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._send.fileno(), warn_on_full_buffer=False)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="chexcy-signal-watchdog", daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        count, signum, first = 0, None, None
+        while not self._done.is_set():
+            ready, _, _ = select.select([self._recv], [], [], 0.2)
+            if ready:
+                try:
+                    data = self._recv.recv(64)
+                except BlockingIOError:
+                    data = b""
+                for number in data:
+                    if number not in (signal.SIGINT, signal.SIGTERM):
+                        continue        # other signals with Python handlers are none of our business
+                    count, signum = count + 1, number
+                    first = first or time.monotonic()
+            if signum is None:
+                continue
+            if count >= 2:
+                self._end(signum, "a second signal arrived")
+            busy = getattr(self.comm, "busy_since", None)
+            if busy is not None and time.monotonic() - max(first, busy) > self.grace:
+                self._end(signum, f"this rank stayed blocked in a collective for {self.grace:g} s after it (another "
+                                  f"rank is not taking part)")
+
+    def _end(self, signum, why):
+        name = signal.Signals(signum).name
+        print(f"chexcy: rank {self.comm.rank} of {self.comm.size}: {name} received and {why}: ending now without "
+              f"saving (the last checkpoint written stays)", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def stop(self):
+        self._done.set()
+        self._thread.join()
+        signal.set_wakeup_fd(self._previous_fd)
+        self._recv.close()
+        self._send.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -576,27 +711,30 @@ class DataParallel:
 
         A rank must never stop on its own (the others would wait in the next Allreduce), so the signal
         travels in the step's Allreduce buffer and every rank stops after the same step. A second signal
-        restores the previous handler and re-raises (for a hung step).
+        restores the previous handler and re-raises (for a hung step); a SignalWatchdog ends a rank that
+        is blocked in a collective and cannot run the handler at all.
         """
-        import signal as _signal
         self.pending_signal = None
         self._previous_handlers = {}
 
         def handle(signum, frame):
             if self.pending_signal is not None:
-                _signal.signal(signum, self._previous_handlers.get(signum, _signal.SIG_DFL))
+                signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
                 os.kill(os.getpid(), signum)
                 return
             self.pending_signal = signum
 
-        for sig in (_signal.SIGINT, _signal.SIGTERM):
-            self._previous_handlers[sig] = _signal.signal(sig, handle)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[sig] = signal.signal(sig, handle)
+        self._watchdog = SignalWatchdog(self.comm) if self.comm.size > 1 else None
 
     def restore_signals(self):
         """Put back the handlers `catch_signals` replaced (when training ends)."""
-        import signal as _signal
+        if getattr(self, "_watchdog", None) is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         for sig, handler in getattr(self, "_previous_handlers", {}).items():
-            _signal.signal(sig, handler)
+            signal.signal(sig, handler)
         self._previous_handlers = {}
 
     def stop_signal(self, totals=None):
@@ -604,11 +742,10 @@ class DataParallel:
 
         totals: the StepTotals of the step just done (its stop flag is already global); without it, one
         small Allreduce asks every rank (used between epochs)."""
-        import signal as _signal
         stop = totals.stop if totals is not None else self.any(self.pending_signal is not None)
         if not stop:
             return None
-        return self.pending_signal or _signal.SIGTERM
+        return self.pending_signal or signal.SIGTERM
 
     def begin_batch(self, batch, step):
         """Before forward: tell SyncBatchNorm this rank's loss weight and Dropout the global batch size."""

@@ -4,7 +4,11 @@ Reported: image-level AUC (every view scored on its own), study-level AUC (a stu
 maximum over its views, as in the CheXpert paper), the mean over the 5 competition tasks, optional
 percentile-bootstrap 95% intervals (rows resampled; for study level, studies resampled), and the label
 policy of the prepared data (an AUC means little without it). `--plot DIR` draws ROC curves and the
-training curves of the checkpoint's log.jsonl (matplotlib, the optional extra `chexcy[plot]`).
+training curves of the checkpoint's log.jsonl (matplotlib, the optional extra `plot`).
+
+Every file is written through chexcy.fileio.atomic_write (whole or not at all, with the umask's
+permissions); an output folder that does not exist is an error, except the one --plot names, which is
+created when its parent exists.
 """
 import collections
 import json
@@ -183,48 +187,93 @@ def result_json(result):
 
 
 # -- plots -----------------------------------------------------------------------------------------------
-def require_matplotlib():
+# What to type to get matplotlib, from where a user of chexcy stands: chexcy is installed from a clone
+# (`pip install .`), not from a package index, so `pip install 'chexcy[plot]'` would not find it.
+MATPLOTLIB_INSTALL = "pip install matplotlib"
+MATPLOTLIB_INSTALL_FROM_CLONE = 'pip install ".[plot]"'
+MATPLOTLIB_HINT = f"{MATPLOTLIB_INSTALL} (or, in the chexcy folder: {MATPLOTLIB_INSTALL_FROM_CLONE})"
+
+
+def require_matplotlib(what="--plot"):
     """Import matplotlib with the Agg backend, or raise RuntimeError saying how to get it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib, which is not installed: pip install 'chexcy[plot]'") from None
+        raise RuntimeError(f"{what} needs matplotlib, which is not installed: {MATPLOTLIB_HINT}") from None
     return plt
 
 
-def _save_figure(fig, path):
-    from chexcy.checkpoint import atomic_write_bytes
-    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+def save_figure(fig, path):
+    """A matplotlib figure -> PNG at path, written atomically with the umask's permissions."""
+    from chexcy.fileio import atomic_write
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_roc(result, path):
-    """ROC curves of the labels that have an AUC (the 5 competition tasks drawn thicker) -> PNG at path."""
-    from chexcy.data import COMPETITION_TASKS, LABELS
+# ROC curves: 14 (colour, line style) pairs that differ, the 5 competition tasks solid and thick.
+ROC_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+               "tab:gray", "tab:olive", "tab:cyan")
+
+
+def roc_style(j, name):
+    """Line keyword arguments of label j (name) in ROC plots: distinct for each of the 14 labels."""
+    from chexcy.data import COMPETITION_TASKS
+    task = name in COMPETITION_TASKS
+    # Labels j and j + 10 share a colour; the style tells them apart (solid task, dashed, dotted).
+    style = "-" if task else ("--" if j < len(ROC_COLOURS) else ":")
+    return dict(color=ROC_COLOURS[j % len(ROC_COLOURS)], linestyle=style, lw=2.2 if task else 1.2)
+
+
+def roc_figure(result):
+    """The matplotlib figure of plot_roc (for tests and notebooks)."""
+    from chexcy.data import LABELS
     plt = require_matplotlib()
     level = result.get("image") or result["study"]
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+    fig, ax = plt.subplots(figsize=(7, 6.5))
     for j, name in enumerate(LABELS):
         if math.isnan(level["auc"][j]):
             continue
         present = ~np.isnan(level["labels"][:, j])
         fpr, tpr, _ = metrics.roc_curve(level["labels"][present, j], level["probs"][present, j])
-        task = name in COMPETITION_TASKS
-        ax.plot(fpr, tpr, lw=2.0 if task else 0.8, alpha=1.0 if task else 0.5,
-                label=f"{name} {level['auc'][j]:.3f}")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.plot(fpr, tpr, label=f"{name} {level['auc'][j]:.3f}", **roc_style(j, name))
+    ax.plot([0, 1], [0, 1], color="black", linestyle=(0, (1, 4)), lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
-    ax.set_title(f"ROC ({'image' if 'image' in result else 'study'} level)\nlabels: {result['policy']}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    _save_figure(fig, path)
-    plt.close(fig)
+    ax.set_title(f"ROC ({'image' if 'image' in result else 'study'} level), AUC in the legend\n"
+                 f"labels: {result['policy']}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right", handlelength=3)
+    return fig
+
+
+def plot_roc(result, path):
+    """ROC curves of the labels that have an AUC (the 5 competition tasks solid and thicker) -> PNG at path."""
+    plt = require_matplotlib()
+    fig = roc_figure(result)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 
-def plot_training(log_path, path):
-    """Training curves from a log.jsonl: per-step loss (and a moving average), validation loss and mean AUC
-    per epoch -> PNG at path. Steps replayed after a resume count once (the later record wins)."""
+def auc_axis_limits(values, min_span=0.1):
+    """(low, high) of an AUC axis showing `values`: at least `min_span` wide, inside [0, 1], so that a
+    short run's 0.600-0.608 is not blown up into a steep climb."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.5, 0.5)
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+    shift = max(0.0, -lo) - max(0.0, hi - 1.0)
+    return max(0.0, lo + shift), min(1.0, hi + shift)
+
+
+def training_figure(log_path):
+    """The matplotlib figure of plot_training (for tests and notebooks)."""
+    from matplotlib.ticker import MaxNLocator
+
     from chexcy.train import read_log
     plt = require_matplotlib()
     records = read_log(log_path)
@@ -241,26 +290,64 @@ def plot_training(log_path, path):
     xs = np.array(sorted(steps))
     ys = np.array([steps[x] for x in xs])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(xs, ys, lw=0.5, alpha=0.4, label="step loss")
-    k = max(1, len(ys) // 50)
-    if len(ys) >= k:
+    k = len(ys) // 50                      # a moving mean only where there are steps enough to smooth
+    few = len(ys) <= 200                   # few steps: each one is worth seeing, with a marker
+    ax1.plot(xs, ys, color="tab:blue", lw=1.0 if few else 0.6, alpha=0.9 if few or k < 2 else 0.35,
+             marker="." if few else None, markersize=4, label="step loss")
+    if k >= 2:
         smooth = np.convolve(ys, np.ones(k) / k, mode="valid")
-        ax1.plot(xs[k - 1:], smooth, lw=1.5, label=f"moving mean ({k})")
+        ax1.plot(xs[k - 1:], smooth, color="tab:blue", lw=1.8, label=f"moving mean ({k} steps)")
     ep = sorted(epochs)
     if ep:
-        ax1.plot([epochs[e]["global_step"] for e in ep], [epochs[e]["train_loss"] for e in ep], "o-", label="epoch train loss")
+        ax1.plot([epochs[e]["global_step"] for e in ep], [epochs[e]["train_loss"] for e in ep], "o-",
+                 color="tab:orange", label="epoch train loss")
         if any(epochs[e].get("valid_loss") is not None for e in ep):
             ax1.plot([epochs[e]["global_step"] for e in ep], [epochs[e].get("valid_loss") for e in ep], "s-",
-                     label="valid loss")
+                     color="tab:green", label="valid loss")
     ax1.set(xlabel="step", ylabel="loss", title="loss")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.legend(fontsize=8)
     aucs = [(e, epochs[e].get("mean_auc")) for e in ep if epochs[e].get("mean_auc") is not None]
     if aucs:
-        ax2.plot([a[0] for a in aucs], [a[1] for a in aucs], "o-")
+        ax2.plot([a[0] for a in aucs], [a[1] for a in aucs], "o-", color="tab:green")
+    else:
+        ax2.text(0.5, 0.5, "no validation AUC logged\n(train with --valid)", ha="center", va="center",
+                 transform=ax2.transAxes)
+    ax2.set_ylim(*auc_axis_limits([a[1] for a in aucs]))
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set(xlabel="epoch", ylabel="mean AUC (5 tasks)", title="validation mean AUC (5 competition tasks)")
-    _save_figure(fig, path)
-    plt.close(fig)
+    return fig
+
+
+def plot_training(log_path, path):
+    """Training curves from a log.jsonl: per-step loss (and a moving average on long runs), validation
+    loss and mean AUC per epoch -> PNG at path. Steps replayed after a resume count once (the later
+    record wins)."""
+    plt = require_matplotlib()
+    fig = training_figure(log_path)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
+
+
+def check_output_paths(args):
+    """Refuse, before any scoring, output paths that cannot be written: --json FILE in a folder that does
+    not exist (a typo there must not create folders), a --json that is a folder, a --plot DIR whose
+    parent does not exist or that is a file."""
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json} is a folder; give a file name (e.g. {os.path.join(args.json, 'eval.json')})")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--json {args.json}: folder {folder} does not exist (create it first)")
+    if args.plot:
+        parent = os.path.dirname(os.path.abspath(args.plot))
+        if os.path.exists(args.plot) and not os.path.isdir(args.plot):
+            raise ValueError(f"--plot {args.plot} is a file, not a folder")
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"--plot {args.plot}: folder {parent} does not exist (create it first)")
 
 
 def find_log(checkpoint_path):
@@ -275,18 +362,27 @@ def run(args):
         ops.set_num_threads(args.threads)
     if args.plot:
         require_matplotlib()      # fail before the (possibly long) scoring, with the install hint
+    check_output_paths(args)
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    result = evaluate_checkpoint(args.checkpoint, args.data, bootstrap=args.bootstrap, seed=args.seed,
+    from chexcy.checkpoint import CheckpointError, load_checkpoint
+    from chexcy.predict import check_weights_finite
+    ckpt = load_checkpoint(args.checkpoint)
+    try:
+        check_weights_finite(ckpt)
+    except CheckpointError as exc:                     # a readable file that cannot do the job: a failure
+        print(f"chexcy evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    result = evaluate_checkpoint(ckpt, args.data, bootstrap=args.bootstrap, seed=args.seed,
                                  batch_size=args.batch_size, min_count=args.min_count)
     print(format_report(result))
     if args.json:
-        from chexcy.checkpoint import atomic_write_bytes
+        from chexcy.fileio import atomic_write_text
         text = json.dumps(result_json(result), indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else v)
-        atomic_write_bytes(args.json, lambda f: f.write(text.encode()))
+        atomic_write_text(args.json, text + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        os.makedirs(args.plot, exist_ok=True)
+        os.makedirs(args.plot, exist_ok=True)      # its parent exists (check_output_paths)
         print(f"wrote {plot_roc(result, os.path.join(args.plot, 'roc.png'))}")
         log = find_log(args.checkpoint)
         if log:

@@ -96,3 +96,9 @@ def atomic_write_text(path, text, encoding="utf-8"):
 def atomic_write_bytes(path, data):
     """Write the bytes `data` to `path` atomically (see atomic_write)."""
     return atomic_write(path, lambda f: f.write(data), mode="wb")
+
+
+def is_disk_full(exc):
+    """True when the exception `exc` is an OSError meaning the disk or the quota is full (ENOSPC, EDQUOT),
+    for writers that cannot go through atomic_write (data written in place, appended records)."""
+    return isinstance(exc, OSError) and exc.errno in _NO_SPACE

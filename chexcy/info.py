@@ -17,7 +17,8 @@ _INTERESTING_FLAGS = ("sse2", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f",
 def register(subparsers):
     parser = subparsers.add_parser(
         "info", help="show the backend, threads, OpenMP, build flags and CPU features",
-        description=__doc__.split("\n")[0])
+        description="Show which backend and build chexcy runs on (backend, kernel threads, OpenMP, the "
+                    "compiled variant and its compiler flags) and what this CPU offers.")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(func=run)
     return parser

@@ -91,8 +91,7 @@ def _resolve_default():
         reason = exc.__cause__ or exc  # the underlying import error, not _native's own advice
         warnings.warn(
             f"chexcy is using its slow pure-Python fallback: the compiled kernels did not load "
-            f"({reason}). Build them with a C compiler: `pip install .` from the source tree, or "
-            f"`python setup.py build_ext --inplace` in a development checkout. "
+            f"({reason}). {_native.build_advice()} "
             f"Set {ENV_BACKEND}=python to choose the fallback explicitly and silence this warning.",
             RuntimeWarning, stacklevel=4)
         return "python", _load_backend("python")

@@ -18,9 +18,17 @@ compiled kernels are bitwise identical for any thread count anyway).
 Files in the checkpoint folder: last.npz (latest state), best.npz (best validation mean AUC over the 5
 competition tasks, or lowest validation loss when that is undefined, or lowest training loss without
 validation data), log.jsonl (one JSON object per line: start, step, epoch, resume, interrupted,
-diverged, end events).
+diverged, end events), and while a run holds the folder train.lock + train.lock.json (chexcy.runfolder:
+one run per folder, one process at a time).
+
+A run is one thing from start to end: its checkpoints record the identity of the prepared data it trains
+and validates on (DATA_IDENTITY_FIELDS of the manifest) and its settings; --resume refuses other data,
+another validation set or other settings, and ranks of one MPI job must agree on all of them.
+A checkpoint is written only when every parameter, buffer and optimiser moment is finite and no weight
+has blown up (PARAM_LIMIT), so the last.npz a diverged run leaves is a state worth resuming.
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,6 +41,7 @@ import numpy as np
 
 from chexcy import metrics
 from chexcy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from chexcy.fileio import DamagedFileError, DiskFullError, is_disk_full
 from chexcy.memory import reuse_freed_memory
 from chexcy.nn import ARCHITECTURES, bce_with_logits, build_model
 from chexcy.nn.models import TORCHVISION_ARCHITECTURES
@@ -40,7 +49,20 @@ from chexcy.optim import build_optimizer, make_schedule
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss (or its gradient) became NaN or infinite."""
+    """The loss (or its gradient) became NaN, infinite or absurdly large, or the weights blew up."""
+
+
+# Divergence limits. A mean BCE above LOSS_LIMIT means logits in the thousands: no model that learns gets
+# there, but one whose weights are exploding passes it steps before the loss turns inf/NaN. A parameter
+# above PARAM_LIMIT in magnitude is the same story told by the weights (healthy CNN weights are O(1);
+# a checkpoint with weights near 1e28 diverges again at once when resumed).
+LOSS_LIMIT = 1e4
+PARAM_LIMIT = 1e6
+
+# The manifest fields (chexcy prepare) that decide what a prepared folder's arrays hold: the source CSV's
+# content, the row filters, the label policy, the image size and the number of images. Two folders equal on
+# these hold the same training data, wherever they are; a run must keep training on the same data.
+DATA_IDENTITY_FIELDS = ("source_sha256", "filters", "policy", "size", "count")
 
 
 # Short names for the progress lines (STYLE.md shows "Atel 0.81  Card 0.84 ...").
@@ -115,6 +137,33 @@ class TrainConfig:
 RUN_SETTINGS = ("epochs",)
 
 
+def data_identity(dataset):
+    """What makes a prepared folder's data what they are (DATA_IDENTITY_FIELDS of its manifest), as a
+    JSON-able dict; None for no dataset. The folder's path is left out on purpose: a copied or moved folder
+    is the same data."""
+    if dataset is None:
+        return None
+    manifest = getattr(dataset, "manifest", None) or {}
+    identity = {name: manifest.get(name) for name in DATA_IDENTITY_FIELDS}
+    identity["count"] = int(len(dataset))
+    return identity
+
+
+def fingerprint(identity):
+    """A short hash of a JSON-able value (e.g. data_identity), for logs and cross-rank comparison."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def describe_differences(saved, current, name=""):
+    """Lines 'name.key: A in the run, B now' for every leaf where two JSON-like values differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        lines = []
+        for key in sorted(set(saved) | set(current), key=str):
+            lines += describe_differences(saved.get(key), current.get(key), f"{name}.{key}" if name else str(key))
+        return lines
+    return [] if saved == current else [f"{name}: {saved!r} in the run, {current!r} now"]
+
+
 @dataclasses.dataclass
 class FitResult:
     model: object
@@ -163,22 +212,42 @@ class _StopRequest:
 
 
 class JsonLog:
-    """Append-only JSON-lines log; each record is flushed at once (a killed run keeps every line)."""
+    """Append-only JSON-lines log; each record goes to the file with one write(2) at once (a killed run keeps
+    every line). A full disk raises DiskFullError naming the file; the records already in it stay intact."""
 
     def __init__(self, path):
         self.path = path
-        self._file = open(path, "a", encoding="utf-8") if path else None
+        self._fd = None
+        if path:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            # A crash can cut the last line short; the next record must start on a line of its own.
+            if os.fstat(self._fd).st_size > 0:
+                with open(path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        self._append(b"\n")
+
+    def _append(self, data):
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(exc.errno, f"disk full while writing {self.path}; the records already in "
+                                               f"it are intact") from None
+            raise
 
     def write(self, event, **fields):
-        if self._file is None:
+        if self._fd is None:
             return
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        self._file.write(json.dumps(record, default=_json_default) + "\n")
-        self._file.flush()
+        self._append((json.dumps(record, default=_json_default) + "\n").encode("utf-8"))
 
     def close(self):
-        if self._file is not None:
-            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _json_default(value):
@@ -206,6 +275,33 @@ def read_log(path):
                 except json.JSONDecodeError:
                     continue          # a line torn by a crash
     return records
+
+
+def _differences_text(saved, current, most=4):
+    lines = describe_differences(saved, current)
+    return "; ".join(lines[:most]) + (f"; and {len(lines) - most} more" if len(lines) > most else "")
+
+
+def _check_same_data(ckpt, resume, train_set, valid_set):
+    """--resume must train on the data the run started on, and validate on the same set: the validation set
+    decides which checkpoint is best.npz, so changing or dropping it would change what "best" means."""
+    saved = ckpt.config.get("data_identity")
+    if saved is not None and describe_differences(saved, data_identity(train_set)):
+        raise ValueError(f"--data {getattr(train_set, 'path', '')} is not the prepared data the run in {resume} "
+                         f"trained on ({_differences_text(saved, data_identity(train_set))}); resume with the "
+                         f"run's data ({ckpt.config.get('data')}), or start a new run")
+    if "valid_identity" not in ckpt.config:
+        return          # written before checkpoints recorded the validation set: nothing to compare with
+    saved, current = ckpt.config["valid_identity"], data_identity(valid_set)
+    if saved is None and current is not None:
+        raise ValueError(f"the run in {resume} was started without --valid (its best.npz is the lowest training "
+                         f"loss); resume it without --valid, or start a new run to validate")
+    if saved is not None and current is None:
+        raise ValueError(f"the run in {resume} validates on {ckpt.config.get('valid')} ({saved['count']} images), "
+                         f"which picks best.npz; pass --valid {ckpt.config.get('valid')} to resume it")
+    if saved is not None and describe_differences(saved, current):
+        raise ValueError(f"--valid {getattr(valid_set, 'path', '')} is not the validation data of the run in "
+                         f"{resume} ({_differences_text(saved, current)}); pass --valid {ckpt.config.get('valid')}")
 
 
 def _format_duration(seconds):
@@ -267,14 +363,18 @@ def _check_image_size(dataset, size, what):
                          f"{size}x{size}; prepare the data with --size {size}")
 
 
-def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, checkpoint_every=0,
+def fit(data, valid=None, *, checkpoint_dir=None, resume=False, overwrite=False, log_every=20, checkpoint_every=0,
         threads=None, workers=1, out=sys.stdout, handle_signals=True, comm=None, init_from=None, **settings):
     """Train a model on a prepared folder. Returns a FitResult.
 
     data, valid: prepared folders (paths) or chexcy.data.PreparedDataset objects; valid optional.
-    checkpoint_dir: where last.npz, best.npz and log.jsonl go (None: keep nothing on disk).
+    checkpoint_dir: where last.npz, best.npz and log.jsonl go (None: keep nothing on disk; the trained model
+      is in the result). The folder is locked for the whole call (RunFolderBusy if another process holds
+      it) and must not hold a run unless `resume` or `overwrite` is given (RunFolderError).
     resume: True to continue from checkpoint_dir/last.npz, or a checkpoint path. Settings given together
-      with resume must equal the checkpoint's (except `epochs`, which may extend the run).
+      with resume must equal the checkpoint's (except `epochs`, which may extend the run), and the data and
+      validation data must be the ones the run was started on (data_identity).
+    overwrite: start a new run in a folder that holds one, deleting its last.npz, best.npz and log.jsonl.
     log_every: a progress line every N steps (0: none); checkpoint_every: also save last.npz every N steps.
     threads: kernel threads (chexcy.ops.set_num_threads); workers: loader workers.
     out: where progress goes (None: silent). settings: fields of TrainConfig (arch, epochs, lr, ...).
@@ -282,17 +382,60 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
       see docs/distributed.md.
     init_from: start a new run from the weights in this .safetensors or .npz file (chexcy.weights.init_from:
       adaptations are printed); not with resume.
-    Raises TrainingDiverged when the loss becomes NaN/inf (naming the step; last.npz stays the last good
-    state), CheckpointError/ValueError for a checkpoint that does not fit the data or the settings.
+    Raises TrainingDiverged when the loss becomes NaN/inf/huge or the weights blow up (naming the step;
+    last.npz stays the last good state), CheckpointError/ValueError for a checkpoint that does not fit the
+    data or the settings, DiskFullError (naming the file) when the disk fills up.
     """
-    from chexcy import ops
-    from chexcy.data import COMPETITION_TASKS, LABELS
-
     unknown = set(settings) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"fit: unknown settings {sorted(unknown)}")
     if init_from is not None and resume:
         raise ValueError("--init-from starts a new run and --resume continues one: give only one of them")
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the folder and --overwrite deletes it: pass one of them")
+    if resume is True:
+        if checkpoint_dir is None:
+            raise ValueError("resume needs a checkpoint folder (--checkpoint-dir) or a checkpoint path")
+        resume = os.path.join(checkpoint_dir, "last.npz")
+    elif resume and checkpoint_dir is None:
+        checkpoint_dir = os.path.dirname(os.path.abspath(resume))
+    lock = _open_run_folder(checkpoint_dir, bool(resume), overwrite, comm) if checkpoint_dir else None
+    try:
+        return _fit(data, valid, checkpoint_dir=checkpoint_dir, resume=resume, log_every=log_every,
+                    checkpoint_every=checkpoint_every, threads=threads, workers=workers, out=out,
+                    handle_signals=handle_signals, comm=comm, init_from=init_from, settings=settings)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _open_run_folder(folder, resume, overwrite, comm):
+    """Lock the run folder and check it fits the request (chexcy.runfolder.open_run_folder). Returns the lock.
+
+    Under MPI only rank 0 writes, so only rank 0 locks; its outcome is broadcast, so that when it fails
+    every rank raises the same error instead of the others waiting for rank 0 in their first collective."""
+    from chexcy.runfolder import open_run_folder
+    lock, problem = None, None
+    if comm is None or comm.is_root:
+        try:
+            lock = open_run_folder(folder, resume=resume, overwrite=overwrite)
+        except (RuntimeError, OSError) as exc:
+            problem = exc
+    if comm is not None and comm.size > 1:
+        problem = comm.bcast_object(problem)
+        if problem is not None:
+            from chexcy.distributed import raise_on_every_rank
+            raise raise_on_every_rank(problem)
+    if problem is not None:
+        raise problem
+    return lock
+
+
+def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, threads, workers, out,
+         handle_signals, comm, init_from, settings):
+    from chexcy import ops
+    from chexcy.data import COMPETITION_TASKS, LABELS
+
     if threads is not None:
         ops.set_num_threads(int(threads))
     reuse_freed_memory()
@@ -304,13 +447,10 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
     # -- configuration and state: fresh, or from a checkpoint ---------------------------------------------
     ckpt = None
     if resume:
-        if resume is True:
-            if checkpoint_dir is None:
-                raise ValueError("resume needs a checkpoint folder (--checkpoint-dir) or a checkpoint path")
-            resume = os.path.join(checkpoint_dir, "last.npz")
         ckpt = load_checkpoint(resume)
         if "train" not in ckpt.config:
-            raise CheckpointError(f"checkpoint {resume} holds no training state; cannot resume from it")
+            raise CheckpointError(resume, "a checkpoint without training state (not written by chexcy train); "
+                                          "cannot resume from it")
         cfg = TrainConfig(**ckpt.config["train"])
         for name, value in settings.items():
             if name in RUN_SETTINGS:
@@ -319,13 +459,32 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
                 raise ValueError(f"--resume continues the saved run: {name}={value!r} differs from the "
                                  f"checkpoint's {getattr(cfg, name)!r} (drop the option or start a new run)")
         _check_image_size(train_set, ckpt.image_size, f"--data {getattr(train_set, 'path', data)}")
-        if checkpoint_dir is None:
-            checkpoint_dir = os.path.dirname(os.path.abspath(resume))
+        _check_same_data(ckpt, resume, train_set, valid_set)
+        reached = ckpt.config["position"]["epoch"]
+        if cfg.epochs < reached:
+            raise ValueError(f"--epochs {cfg.epochs}: the run in {resume} is already at epoch {reached}; pass "
+                             f"--epochs N with N > {reached} to train it longer")
+        if cfg.epochs == reached:
+            if comm is None or comm.is_root:
+                emit(f"the run in {resume} has finished its {reached} epochs: nothing to train (pass --epochs N "
+                     f"with N > {reached} to train it longer)")
+            return FitResult(ckpt.build_model(), "completed", ckpt.config["position"]["global_step"], [],
+                             checkpoint_dir, cfg)
     else:
         cfg = TrainConfig(**settings).resolved()
     cfg.validate()
     if valid_set is not None:
         _check_image_size(valid_set, train_set.size, f"--valid {valid}")
+    if comm is not None:        # every rank must train the same run on the same data, or they hang or mix
+        from chexcy.distributed import check_ranks_agree
+        position = None if ckpt is None else ckpt.config["position"]
+        check_ranks_agree(comm, {
+            "--data": f"{len(train_set)} images, fingerprint {fingerprint(data_identity(train_set))}",
+            "--valid": None if valid_set is None else
+            f"{len(valid_set)} images, fingerprint {fingerprint(data_identity(valid_set))}",
+            "settings": dataclasses.asdict(cfg),
+            "resumed from": None if position is None else (str(resume), position["global_step"]),
+        })
 
     model = build_model(cfg.arch, **cfg.model_config())
     if init_from is not None:
@@ -363,14 +522,14 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
             model.load_state_dict(ckpt.model_state)
             optimizer.load_state_dict(ckpt.optim_state)
         except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint {resume} does not fit its own configuration: {exc}") from None
+            raise CheckpointError(resume, f"weights do not fit the checkpoint's own configuration: {exc}") from None
         position = ckpt.config["position"]
         epoch, step_in_epoch, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
         loss_sum, loss_count = position.get("epoch_loss_sum", 0.0), position.get("epoch_loss_count", 0)
         best = ckpt.config.get("best")
         if ckpt.config.get("steps_per_epoch") not in (None, steps_per_epoch):
-            raise CheckpointError(f"checkpoint {resume} was trained with {ckpt.config['steps_per_epoch']} steps "
-                                  f"per epoch, the data now gives {steps_per_epoch}: not the same prepared data")
+            raise ValueError(f"--data {data}: the run in {resume} was trained with {ckpt.config['steps_per_epoch']} "
+                             f"steps per epoch, these data give {steps_per_epoch}: not the same prepared data")
 
     if dp is not None and not comm.is_root:   # rank 0 alone prints, logs and saves
         checkpoint_dir, out, emit = None, None, (lambda text="", end="\n": None)
@@ -379,21 +538,62 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
         emit(f"note: {resume} was written by {ckpt.config.get('ranks', 1)} rank(s), this run has {ranks}: the same "
              "global batches, order and learning rates, so training continues, but the losses equal an "
              "uninterrupted run's to float32 rounding, not bit for bit (docs/distributed.md)")
-    if checkpoint_dir:
-        os.makedirs(checkpoint_dir, exist_ok=True)
     log = JsonLog(os.path.join(checkpoint_dir, "log.jsonl") if checkpoint_dir else None)
     backend = f"{ops.get_backend()} x{ops.get_num_threads()}" + ("" if comm is None else f" x {comm.size} ranks")
 
+    train_identity, valid_identity = data_identity(train_set), data_identity(valid_set)
+
+    def diverged(problem, where):
+        """TrainingDiverged naming the problem, the step, the last good checkpoint and what to change."""
+        last = os.path.join(checkpoint_dir, "last.npz") if checkpoint_dir else None
+        kept = ""
+        if last and os.path.exists(last):
+            try:
+                good = f"global step {load_checkpoint(last).config['position']['global_step']}, finite weights"
+            except (DamagedFileError, KeyError) as exc:
+                good = f"unreadable: {exc}"
+            kept = (f"; the last good state is {last} ({good}): evaluate or predict with it, but resuming it "
+                    f"replays the same steps and diverges again")
+        return TrainingDiverged(f"{problem} at {where}: training diverged{kept}; lower the learning rate: start "
+                                f"over (--overwrite) with --lr {cfg.lr / 10:g} (this run: {cfg.lr:g}), or add --warmup")
+
+    def check_state(where):
+        """Refuse to go on (and to checkpoint) from weights or optimiser moments that are not finite or have
+        blown up: such a last.npz would diverge again the moment it is resumed."""
+        for name, p in model.named_parameters():
+            if not np.all(np.isfinite(p.data)):
+                raise diverged(f"parameter {name} is not finite", where)
+            peak = float(np.max(np.abs(p.data))) if p.data.size else 0.0
+            if peak > PARAM_LIMIT:
+                raise diverged(f"parameter {name} reached {peak:.3g} (limit {PARAM_LIMIT:g})", where)
+        for name, value in model.named_buffers():
+            if not np.all(np.isfinite(value)):
+                raise diverged(f"buffer {name} is not finite", where)
+        for key, value in optimizer.state_dict().items():
+            if isinstance(value, np.ndarray) and not np.all(np.isfinite(value)):
+                raise diverged(f"optimiser state {key} is not finite", where)
+
     def save(kind, epoch_, step_, extra=None):
+        """Check the state (every rank), then write checkpoint_dir/KIND.npz (rank 0). Returns its path or None."""
+        check_state(f"global step {global_step} (before writing {kind}.npz)")
         if not checkpoint_dir:
             return None
         doc = dict(train=dataclasses.asdict(cfg), image_size=int(train_set.size), label_names=list(LABELS),
                    policy=policy, steps_per_epoch=steps_per_epoch, best=best,
                    position=dict(epoch=epoch_, step_in_epoch=step_, global_step=global_step,
                                  epoch_loss_sum=loss_sum, epoch_loss_count=loss_count),
-                   data=str(getattr(train_set, "path", data)), ranks=ranks)
+                   data=str(getattr(train_set, "path", data)), data_identity=train_identity,
+                   data_fingerprint=fingerprint(train_identity),
+                   valid=None if valid_set is None else str(getattr(valid_set, "path", valid)),
+                   valid_identity=valid_identity, ranks=ranks)
         doc.update(extra or {})
-        path = save_checkpoint(os.path.join(checkpoint_dir, f"{kind}.npz"), model, optimizer, doc)
+        target = os.path.join(checkpoint_dir, f"{kind}.npz")
+        existed = os.path.exists(target)
+        try:
+            path = save_checkpoint(target, model, optimizer, doc)
+        except DiskFullError as exc:
+            raise DiskFullError(exc.errno, f"disk full while writing {target}; " + (
+                f"the previous {kind}.npz is intact" if existed else f"no {kind}.npz was written")) from None
         log.write("checkpoint", kind=kind, epoch=epoch_, step_in_epoch=step_, global_step=global_step, path=path)
         return path
 
@@ -430,14 +630,12 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
                         dp.begin_batch(batch, step)
                     logits = model.forward_batch(batch)
                     loss, dlogits = bce_with_logits(logits, batch.labels, batch.mask, pos_weight)
-                    if not math.isfinite(loss) or not np.all(np.isfinite(dlogits)):
+                    if not (math.isfinite(loss) and loss <= LOSS_LIMIT) or not np.all(np.isfinite(dlogits)):
                         where = f"epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} (global step {global_step + 1})"
-                        log.write("diverged", epoch=epoch, step=step, global_step=global_step + 1, loss=loss)
-                        kept = (f"; the last good state is in {os.path.join(checkpoint_dir, 'last.npz')}"
-                                if checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, "last.npz"))
-                                else "")
-                        raise TrainingDiverged(f"loss is {loss} at {where}: training diverged (try a lower --lr "
-                                               f"or --warmup){kept}")
+                        log.write("diverged", epoch=epoch, step=step, global_step=global_step + 1,
+                                  loss=loss)
+                        limit = f" (limit {LOSS_LIMIT:g})" if math.isfinite(loss) else ""
+                        raise diverged(f"loss is {loss:.4g}{limit}", where)
                     model.backward(dlogits)
                     if dp is not None:      # averaged gradients, the global loss and a shared stop decision
                         totals = dp.end_batch(loss)
@@ -513,12 +711,9 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
                 if improved:
                     best = dict(metric=score_name, score=score, epoch=epoch)
                 saved = []
-                if checkpoint_dir:
-                    save("last", epoch, 0)
-                    saved.append("last")
-                    if improved:
-                        save("best", epoch, 0)
-                        saved.append("best")
+                for kind in ("last", "best") if improved else ("last",):
+                    if save(kind, epoch, 0) is not None:
+                        saved.append(kind)
                 line += f" | {record['seconds']:.1f} s" + (f" | ckpt saved ({', '.join(saved)})" if saved else "")
                 record["best"] = improved
                 log.write("epoch", **record)
@@ -540,6 +735,11 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, log_every=20, ch
                 emit(f"checkpoints: {os.path.join(checkpoint_dir, 'last.npz')}, "
                      f"{os.path.join(checkpoint_dir, 'best.npz')} | log: {os.path.join(checkpoint_dir, 'log.jsonl')}")
             return FitResult(model, status, global_step, history, checkpoint_dir, cfg)
+        except DiskFullError as exc:
+            last = os.path.join(checkpoint_dir, "last.npz")
+            then = ("continue the run with --resume" if os.path.exists(last) else
+                    "start it again with --overwrite")
+            raise DiskFullError(exc.errno, f"{exc.strerror}; free some space, then {then}") from None
         finally:
             log.close()
             if dp is not None:

@@ -4,6 +4,7 @@ A safetensors file is a JSON header plus raw little-endian arrays: no pickle, so
 code, and PyTorch writes the same format (`safetensors.torch.save_file(model.state_dict(), path)`).
 chexcy writes its state dict under its own names (parameters and BatchNorm running statistics, float32)
 with the architecture, its config and the label names in the file's string metadata.
+bfloat16 arrays (common in PyTorch files; NumPy has no such type) are widened to float32, exactly.
 
 Loading into a model (`init_from`) requires the names and shapes of the model's state dict, with three
 explicit adaptations, each reported in the returned notes:
@@ -66,13 +67,47 @@ def read_weights(path):
         raise ValueError(f"weights file {path}: expected a .safetensors file or a chexcy .npz checkpoint")
     st = _import_safetensors()
     try:
-        state = st.load_file(path)
+        state = _load_with_bfloat16(path) or st.load_file(path)
+    except DamagedFileError:
+        raise
     except Exception as exc:        # safetensors raises its own SafetensorError (and TypeError for dtypes)
-        if "bfloat16" in str(exc):  # a valid file NumPy has no dtype for
-            raise ValueError(f"weights file {path} holds bfloat16 arrays, which NumPy cannot read; save them as "
-                             f"float32 (in PyTorch: {{k: v.float() for k, v in state.items()}})") from None
         raise DamagedFileError(path, f"not a readable safetensors file ({exc})") from None
     return OrderedDict(sorted(state.items()))
+
+
+def _load_with_bfloat16(path):
+    """name -> float32 array for a safetensors file holding bfloat16 arrays (as PyTorch checkpoints often
+    do), None when it holds none. NumPy has no bfloat16, so those arrays are read here: a bfloat16 is the
+    upper 16 bits of a float32, so widening is exact. The others go through safetensors."""
+    from safetensors import safe_open
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < size <= 100_000_000:
+            return None                     # safetensors itself reports what is wrong
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        bf16 = {name for name, entry in header.items() if isinstance(entry, dict) and entry.get("dtype") == "BF16"}
+        if not bf16:
+            return None
+        state = {}
+        for name in sorted(bf16):
+            start, end = header[name]["data_offsets"]
+            shape = tuple(header[name]["shape"])
+            if end - start != 2 * int(np.prod(shape)):
+                raise DamagedFileError(path, f"{name}: {end - start} bytes for a bfloat16 array of shape {shape}")
+            f.seek(8 + size + start)
+            bits = np.frombuffer(f.read(end - start), dtype="<u2")
+            if bits.size * 2 != end - start:
+                raise DamagedFileError(path, f"{name}: the file ends inside this array (truncated)")
+            state[name] = (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    with safe_open(path, "np") as sf:
+        for name in sf.keys():
+            if name not in bf16:
+                state[name] = sf.get_tensor(name)
+    return state
 
 
 def _named_modules(module, prefix=""):

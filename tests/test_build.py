@@ -10,6 +10,7 @@ not built they fail with how to build it, unless CHEXCY_BACKEND=python says the 
 import importlib
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -128,6 +129,42 @@ def test_chexcy_info_command_prints_build_and_cpu(capsys):
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
     assert "backend" in text and "cpu features" in text
+
+
+def elf_section_names(path):
+    """Section names of an ELF64 little-endian shared object (the header fields the ELF spec defines)."""
+    import struct
+    with open(path, "rb") as fh:
+        data = fh.read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, f"{path}: not an ELF64 LE file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def section(i):                       # (name offset, file offset, size) of section header i
+        base = shoff + i * shentsize
+        return struct.unpack_from("<I", data, base)[0], *struct.unpack_from("<QQ", data, base + 0x18)
+
+    _, str_off, str_size = section(shstrndx)
+    names = data[str_off:str_off + str_size]
+    return [names[name:names.index(b"\0", name)].decode() for name, _, _ in map(section, range(shnum))]
+
+
+def test_release_modules_carry_no_debug_information():
+    # Debug information was 80% of each module (a 4.7 MB wheel); release builds drop it (-g0, and the
+    # linker strips the rest), CHEXCY_DEBUG=1 builds keep it.
+    _compiled()
+    variants = _runnable_variants()
+    if platform.system() != "Linux":
+        pytest.skip("the modules are ELF files only on Linux")
+    for name, mod in variants:
+        sections = elf_section_names(mod.__file__)
+        assert ".text" in sections and ".dynsym" in sections, f"{name}: section parser broken: {sections}"
+        debug = [s for s in sections if s.startswith(".debug")]
+        if mod.build_info()["debug"]:
+            assert ".debug_info" in debug, f"{name}: a CHEXCY_DEBUG=1 build lost its debug information"
+        else:
+            assert not debug, (f"{name} ({mod.__file__}) carries debug sections {debug}; a stale build? "
+                               f"rebuild with `python setup.py build_ext --inplace`")
 
 
 # -- thread control of the compiled module --------------------------------------------------------

@@ -1,5 +1,6 @@
 """Bad input, each case proved: unreadable images are skipped with a reason (or stop the run with strict),
 colour and 16-bit images follow the documented conversion, bad CSVs and bad folders fail clearly."""
+import errno
 import os
 import shutil
 
@@ -11,6 +12,7 @@ from PIL import Image
 from chexcy.data import LABELS, ImageReadError, PreparedDataset, load_image
 from chexcy.data import prepare as prep
 from chexcy.data.schema import COLUMNS, read_csv
+from chexcy.fileio import DamagedFileError
 
 from data_fixtures import fresh_dir, synthetic_download, train_csv
 
@@ -60,6 +62,84 @@ def test_load_image_names_the_file_and_the_reason(kind, reason):
         load_image(files[kind], 16)
     assert info.value.path == files[kind] and files[kind] in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def _unopenable_paths(folder):
+    """One path per way an image path can fail to open; returns {kind: (path, reason in skipped.csv)}."""
+    loop = os.path.join(folder, "loop.jpg")
+    os.symlink("loop.jpg", loop)                              # a symlink to itself: ELOOP
+    plain = os.path.join(folder, "plain.txt")
+    with open(plain, "w") as f:
+        f.write("a file, not a folder")
+    directory = os.path.join(folder, "folder.jpg")
+    os.mkdir(directory)
+    fifo = os.path.join(folder, "fifo.jpg")
+    os.mkfifo(fifo)                                           # opening must not wait for a writer
+    return {
+        "symlink-loop": (loop, "symlink loop"),
+        "parent-is-a-file": (os.path.join(plain, "view1_frontal.jpg"), "a parent of the path is not a folder"),
+        "directory": (directory, "is a directory"),
+        "name-too-long": (os.path.join(folder, "x" * 300 + ".jpg"), "path too long"),
+        "fifo": (fifo, "not a regular file"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["symlink-loop", "parent-is-a-file", "directory", "name-too-long", "fifo"])
+def test_load_image_names_every_path_that_cannot_be_opened(kind):
+    path, reason = _unopenable_paths(fresh_dir("unopenable-" + kind))[kind]
+    with pytest.raises(ImageReadError) as info:
+        load_image(path, 16)
+    assert info.value.reason == reason and info.value.path == path
+
+
+@pytest.mark.parametrize("error,reason", [(errno.EACCES, "permission denied"), (errno.EPERM, "permission denied"),
+                                          (errno.EIO, "cannot open (Input/output error)")])
+def test_load_image_names_other_open_errors(monkeypatch, error, reason):
+    # Permission bits do not stop root (the tests may run as root), so the refusal is simulated.
+    real_open = os.open
+
+    def refused(path, flags, *args, **kwargs):
+        if os.fspath(path).endswith("refused.jpg"):
+            raise OSError(error, os.strerror(error), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(ImageReadError) as info:
+        load_image(os.path.join(fresh_dir("refused"), "refused.jpg"), 16)
+    assert info.value.reason == reason
+
+
+def test_prepare_lists_unopenable_paths_in_skipped_csv():
+    folder = fresh_dir("unopenable")
+    bad = _unopenable_paths(folder)
+    good = _first_jpeg()
+    template = pd.read_csv(train_csv(), dtype=str, keep_default_na=False)
+    df = template.head(len(bad) + 1).copy()
+    root = os.path.join(folder, "root")
+    paths = [f"{BASE}/train/patient{90000 + i:05d}/study1/view1_frontal.jpg" for i in range(len(df))]
+    df["Path"] = paths
+    for rel, (kind, (target, _)) in zip(paths, [("good", (good, None))] + list(bad.items())):
+        dst = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if kind == "good":
+            shutil.copyfile(target, dst)
+        elif kind == "parent-is-a-file":          # the study folder is a file
+            os.rmdir(os.path.dirname(dst))
+            shutil.copyfile(os.path.join(folder, "plain.txt"), os.path.dirname(dst))
+        elif kind == "symlink-loop":
+            os.symlink(os.path.basename(dst), dst)
+        elif kind == "name-too-long":
+            df.loc[len(df) - len(bad) + list(bad).index(kind), "Path"] = rel.replace("view1", "view1" + "x" * 300)
+        else:
+            os.symlink(target, dst)               # a directory, a FIFO
+    csv = os.path.join(folder, "rows.csv")
+    df.to_csv(csv, index=False)
+    out = fresh_dir("unopenable-out")
+    manifest = prep.prepare(csv, out, root=root, size=16, quiet=True, workers=2, chunk_rows=2)
+    skipped = pd.read_csv(os.path.join(out, "skipped.csv"))
+    assert manifest["count"] == 1 and manifest["skipped"] == len(bad)
+    assert list(skipped["csv_row"]) == list(range(1, len(df)))
+    assert list(skipped["reason"]) == [reason for _, reason in bad.values()]
 
 
 def test_rgb_and_16bit_images_are_converted_by_the_documented_rule():
@@ -193,10 +273,10 @@ def test_prepared_dataset_refuses_missing_incomplete_or_damaged_folders(tmp_path
     out = fresh_dir("damaged")
     prep.prepare(train_csv(), out, size=16, quiet=True, limit=10)
     np.save(os.path.join(out, "labels.npy"), np.zeros((9, 14), np.float32))
-    with pytest.raises(ValueError, match=r"labels.npy: expected float32 \(10, 14\)"):
+    with pytest.raises(DamagedFileError, match=r"labels.npy: holds 9 label rows but manifest.json counts 10"):
         PreparedDataset(out)
     os.remove(os.path.join(out, "images.npy"))
-    with pytest.raises(ValueError, match="images.npy is missing"):
+    with pytest.raises(DamagedFileError, match="images.npy: missing"):
         PreparedDataset(out)
 
 

@@ -399,10 +399,11 @@ def test_small_model_on_the_backend_matches_the_reference(arch):
         assert err <= max(3 * ref_err, 5e-4), f"{arch} {name}: relative error {err:.2e}, float32 reference {ref_err:.2e}"
 
 
-@pytest.mark.parametrize("arch", sorted(TORCHVISION_PARAMETERS))
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "densenet121"])    # resnet34: resnet18's blocks
 def test_full_size_models_train_step_shapes_and_grad_cam(arch):
     model = nn.build_model(arch)
-    x = np.random.default_rng(0).standard_normal((2, 1, 64, 64)).astype(np.float32)
+    initial = model.state_dict()
+    x = np.random.default_rng(0).standard_normal((2, 1, 32, 32)).astype(np.float32)   # 32 px: a 1x1 last map
     logits = model.forward(x)
     assert logits.shape == (2, 14) and logits.dtype == np.float32 and np.all(np.isfinite(logits))
     dx = model.backward(np.ones_like(logits))
@@ -412,12 +413,12 @@ def test_full_size_models_train_step_shapes_and_grad_cam(arch):
     model.eval()
     logits, feature_map = model.forward_cam(x)
     channels = 1024 if arch == "densenet121" else 2048 if arch == "resnet50" else 512
-    assert feature_map.shape == (2, channels, 2, 2)
+    assert feature_map.shape == (2, channels, 1, 1)
     assert model.backward_cam(np.ones_like(logits)).shape == feature_map.shape
     np.testing.assert_array_equal(model.predict_images(x), logits)
     assert model.arch == arch and model.input_kind == "image"
-    again = nn.build_model(arch, **model.config)
-    assert all(np.array_equal(v, again.state_dict()[k]) for k, v in nn.build_model(arch).state_dict().items())
+    again = nn.build_model(arch, **model.config).state_dict()      # the config rebuilds the same start
+    assert all(np.array_equal(v, again[k]) for k, v in initial.items())
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "densenet121"])
@@ -443,3 +444,48 @@ def test_registry_and_bad_configuration():
         nn.build_model("densenet121", num_classes=0)
     with pytest.raises(ValueError, match="backbone"):
         nn.build_model("multiview", backbone="vgg16")
+
+
+def test_dense_layers_with_sync_batchnorm_take_the_module_path_and_agree():
+    """Distributed training swaps every BatchNorm2d for SyncBatchNorm2d (statistics over all ranks); a
+    dense layer then runs norm1 as that module instead of sharing the block's statistics. On one process
+    both paths are the same function."""
+    from chexcy.distributed import LocalComm, convert_sync_batchnorm
+    rng = np.random.default_rng(31)
+    plain = to_float64(nn.build_model("densenet121", **SMALL["densenet121"]))
+    synced = to_float64(nn.build_model("densenet121", **SMALL["densenet121"]))
+    convert_sync_batchnorm(synced, LocalComm())
+    assert not synced.features.denseblock1.denselayer1._shared_stats()
+    x = rng.standard_normal(SMALL_INPUT)
+    dlogits = rng.standard_normal((SMALL_INPUT[0], 14))
+    with nn.use_kernels(reference):
+        a, b = run_step(plain, x, dlogits), run_step(synced, x, dlogits)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-8, atol=1e-10 * np.abs(a[name]).max(), err_msg=name)
+    for (name, p), (_, q) in zip(plain.named_buffers(), synced.named_buffers()):   # Sync rounds them to float32
+        np.testing.assert_allclose(q, p, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
+def test_stem_pools_before_its_relu_and_that_is_the_same_function(arch):
+    """conv bn relu maxpool(3, 2, pad 1) (torchvision's order) and conv bn maxpool relu (chexcy's) give
+    bitwise equal outputs, input gradients and weight gradients, ties and all-negative windows included."""
+    rng = np.random.default_rng(5)
+    model = nn.build_model(arch, width=4) if arch == "resnet18" else nn.build_model(arch, **SMALL[arch])
+    if arch == "resnet18":
+        chexcy_order = [model.conv1, model.bn1, model.maxpool, model.relu]
+    else:
+        f = model.features
+        chexcy_order = [f.conv0, f.norm0, f.pool0, f.relu0]
+        assert f.names[:4] == ["conv0", "norm0", "pool0", "relu0"]
+    assert isinstance(chexcy_order[2], nn.MaxPool2d) and chexcy_order[2].padding == (1, 1)
+    torch_order = nn.Sequential(chexcy_order[0], chexcy_order[1], nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    ours = nn.Sequential(*chexcy_order)
+    x = np.round(rng.standard_normal((2, 1, 21, 19)), 1).astype(np.float32)     # rounding makes ties
+    a = ours.forward(x)
+    da = ours.backward(np.ones_like(a))
+    grads = [p.grad.copy() for p in ours.parameters()]
+    b = torch_order.forward(x)
+    db = torch_order.backward(np.ones_like(b))
+    assert np.array_equal(a, b) and np.array_equal(da, db)
+    assert all(np.array_equal(g, p.grad) for g, p in zip(grads, torch_order.parameters()))

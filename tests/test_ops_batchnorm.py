@@ -118,6 +118,25 @@ def test_batch_norm_eps_reaches_the_kernels(backend, rng):
             assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"{backend} {name} eps={eps}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitude", [1.0, 1e-3, 1e4, 1e19, 1e30])
+def test_batch_norm_forward_survives_huge_activations(backend, magnitude, rng):
+    # (x - mean)^2 overflows float32 from |x| ~ 1e19: a diverging network's activations must still be
+    # normalised like the reference does (it sums in float64), not turned into zeros. At 1e30 the
+    # variance itself is past float32's range, so var is +inf in every backend; out stays finite.
+    case = (2, 3, 5, 7, 0.0)
+    x, weight, bias, _ = make_bn_inputs(rng, case)
+    x = (x.astype(np.float64) * magnitude).astype(np.float32)
+    with np.errstate(over="ignore"):          # var's cast to float32 at 1e30 overflows, as it should
+        want = reference.batch_norm2d_forward(x, weight, bias, 1e-5)
+        with ops.use_backend(backend):
+            got = ops.batch_norm2d_forward(x, weight, bias, eps=1e-5)
+    assert np.all(np.isfinite(got[0])), f"{backend}: non-finite output at |x| ~ {magnitude:g}"
+    assert_allclose(got[0], want[0], rtol=0, atol=2e-5, err_msg=f"{backend} out at |x| ~ {magnitude:g}")
+    assert_allclose(got[1], want[1], rtol=1e-6, atol=0, err_msg=f"{backend} mean at |x| ~ {magnitude:g}")
+    assert_allclose(got[2], want[2], rtol=1e-5, atol=0, err_msg=f"{backend} var at |x| ~ {magnitude:g}")
+
+
 # ----------------------------------------------------------------------------------------------
 # The reference proved
 

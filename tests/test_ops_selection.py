@@ -146,3 +146,59 @@ def test_conv_output_size_is_the_documented_formula():
     assert ops.conv_output_size(128, 2, 2) == 64
     assert ops.conv_output_size(7, 3, 2, 1, 2) == 3          # (7 + 2 - 4 - 1) // 2 + 1
     assert ops.conv_output_size(4, 5) == 0                   # impossible geometry: the ops refuse it
+
+
+def _fake_tree(folder, with_compiled):
+    """A copy of chexcy's Python files in folder/chexcy (and, with_compiled, a compiled-module file name;
+    only its presence is looked at, it is never imported)."""
+    import os
+    import shutil
+    source = os.path.dirname(os.path.abspath(ops.__file__))
+    shutil.copytree(source, folder / "chexcy", ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    if with_compiled:
+        (folder / "chexcy" / "_ops.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    return folder / "chexcy"
+
+
+WHICH_ADVICE = """
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import chexcy, chexcy.ops as ops
+        print("BACKEND", ops.get_backend(), chexcy.__file__)
+    for w in caught:
+        print("WARNING", w.message)
+"""
+
+
+def test_fallback_in_a_clone_points_at_the_installed_copy(tmp_path):
+    # `pip install .` put a built chexcy in site/; Python started in the clone imports ./chexcy, which has
+    # no compiled module. Advising `pip install .` again would not help: say what does.
+    clone, site = tmp_path / "clone", tmp_path / "site"
+    clone.mkdir(), site.mkdir()
+    (clone / "pyproject.toml").write_text("[project]\nname = 'chexcy'\n")
+    _fake_tree(clone, with_compiled=False)
+    installed = _fake_tree(site, with_compiled=True)
+    env = {k: v for k, v in subprocess_env().items()}
+    env["PYTHONPATH"] = str(site)
+    env.pop("PYTHONSAFEPATH", None)     # a user's Python puts the current folder first (CI sets this)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(WHICH_ADVICE)], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"BACKEND python {clone / 'chexcy' / '__init__.py'}" in proc.stdout
+    warning = " ".join(line for line in proc.stdout.splitlines() if line.startswith("WARNING"))
+    assert f"source checkout {clone}" in warning and f"installed chexcy in {installed}" in warning, warning
+    assert "another folder" in warning and "build_ext --inplace" in warning and "`chexcy` command" in warning
+    assert "`pip install .` from the source tree" not in warning, "pip install . was done already"
+
+
+def test_fallback_in_a_clone_without_an_install_says_build_in_place(tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "setup.py").write_text("")
+    _fake_tree(clone, with_compiled=False)
+    from chexcy import _native
+    advice = _native.build_advice(str(clone / "chexcy"), path=[str(clone), str(tmp_path / "nowhere")])
+    assert f"source checkout {clone}" in advice and "build_ext --inplace" in advice
+    # Not a checkout (an installed copy whose build failed): the general advice.
+    assert "pip install ." in _native.build_advice(str(tmp_path / "site" / "chexcy"), path=[])

@@ -42,6 +42,29 @@ def torch_like_file(path, model):
     return state
 
 
+def bf16_file(values, extra=None):
+    """Bytes of a safetensors file holding `values` (float32, exactly representable in bfloat16) as BF16
+    under the name "w", plus the float32 arrays of `extra`, written byte by byte as the format specifies."""
+    bits = (np.ascontiguousarray(values, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+    header, blobs, offset = {}, [], 0
+    for name, blob, dtype, shape in [("w", bits, "BF16", values.shape)] + [
+            (n, np.ascontiguousarray(v, "<f4").tobytes(), "F32", v.shape) for n, v in (extra or {}).items()]:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def test_bfloat16_arrays_are_widened_exactly(tmp_path):
+    values = np.array([[1.0, -2.5], [3.0e-3, 65280.0]], np.float32)
+    values = ((values.view(np.uint32) >> 16) << 16).view(np.float32)      # exactly representable in bfloat16
+    (tmp_path / "bf16.safetensors").write_bytes(bf16_file(values, {"b": np.arange(3, dtype=np.float32)}))
+    state = read_weights(tmp_path / "bf16.safetensors")
+    assert state["w"].dtype == np.float32 and np.array_equal(state["w"], values)
+    assert np.array_equal(state["b"], np.arange(3, dtype=np.float32))
+
+
 @pytest.mark.parametrize("arch,config", [("simple", dict(widths=[4, 8])), ("resnet", dict(widths=[4, 8])),
                                          ("multiview", dict(backbone="resnet", widths=[4, 8], hidden=8))])
 def test_export_then_init_from_gives_bitwise_equal_outputs(arch, config, tmp_path, rng, capsys):
@@ -128,10 +151,9 @@ def test_every_other_misfit_is_an_error_naming_the_entry(tmp_path, rng):
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(DamagedFileError, match="bad.safetensors: not a readable safetensors file"):
         read_weights(tmp_path / "bad.safetensors")
-    header = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
-    (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
-    with pytest.raises(ValueError, match="holds bfloat16 arrays, which NumPy cannot read; save them as float32"):
-        read_weights(tmp_path / "bf16.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(bf16_file(np.array([1.0, -2.5, 3.0, 0.5], np.float32))[:-2])
+    with pytest.raises(DamagedFileError, match="cut.safetensors: w: the file ends inside this array"):
+        read_weights(tmp_path / "cut.safetensors")
     (tmp_path / "w.pt").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="expected a .safetensors file or a chexcy .npz checkpoint"):
         read_weights(tmp_path / "w.pt")

@@ -13,7 +13,7 @@ def register(subparsers):
     p.add_argument("--n-train", type=int, default=2000, metavar="N", help="training images (default 2000)")
     p.add_argument("--n-valid", type=int, default=300, metavar="M", help="validation images (default 300)")
     p.add_argument("--seed", type=int, default=0, help="the output is a pure function of the seed (default 0)")
-    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: CPUs available)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="rendering processes (default: CPUs available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth)
 
@@ -29,10 +29,11 @@ def register(subparsers):
                    help="folder the CSV's Path column is relative to (default: the one holding CheXpert-v1.0-small/)")
     p.add_argument("--size", type=int, default=128, metavar="S", help="images become S x S (default 128)")
     p.add_argument("--sex", default=None, help="Male, Female, Unknown (comma-separated for several)")
-    p.add_argument("--view", default="all", type=str.lower, choices=("frontal", "lateral", "all"))
+    p.add_argument("--view", default="all", type=str.lower, choices=("frontal", "lateral", "all"),
+                   help="keep frontal or lateral views only (default all)")
     p.add_argument("--projection", default=None, metavar="AP|PA|LL|RL", help="AP/PA value(s), comma-separated")
-    p.add_argument("--age-min", type=float, default=None, help="keep ages >= this")
-    p.add_argument("--age-max", type=float, default=None, help="keep ages <= this")
+    p.add_argument("--age-min", type=float, default=None, metavar="AGE", help="keep ages >= this")
+    p.add_argument("--age-max", type=float, default=None, metavar="AGE", help="keep ages <= this")
     p.add_argument("--unique-patients", action="store_true", help="keep each patient's first selected image")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N rows after the filters")
     p.add_argument("--uncertain", default="ignore", type=str.lower, choices=("ignore", "zeros", "ones"),
@@ -42,7 +43,7 @@ def register(subparsers):
     p.add_argument("--uncertain-ignore", default=None, metavar="LABELS", help="columns whose -1 is masked")
     p.add_argument("--blank", default="ignore", type=str.lower, choices=("ignore", "zeros"),
                    help="blank labels: ignore (mask) or zeros (default ignore)")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs available)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: CPUs available)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")

@@ -1,13 +1,24 @@
-"""`PreparedDataset`: a folder written by `chexcy prepare` (DESIGN.md section 5), opened and validated."""
+"""`PreparedDataset`: a folder written by `chexcy prepare` (DESIGN.md section 5), opened and validated.
+
+Everything a model will learn from is checked here, where it enters: the manifest's fields, the arrays'
+dtypes, shapes and sizes against the manifest, the label values (0, 1 or NaN), the meta.csv columns and
+values, the row counts of every file. A damaged file raises chexcy.fileio.DamagedFileError naming the file
+and what is wrong with it.
+"""
 import json
 import os
 import threading
 
 import numpy as np
 
-from chexcy.data.schema import LABELS
+from chexcy.data.npyfile import read_npy_header
+from chexcy.data.schema import AGE_LIMIT, LABELS, PREPARED_META_COLUMNS, SEX_VALUES, VIEW_VALUES, lines_where
+from chexcy.fileio import DamagedFileError
 
 SUPPORTED_FORMATS = (1,)
+# Prepared targets after the label policy: 1 positive, 0 negative, NaN masked. Anything else (0.25, -1,
+# inf) would be trained on as if it were a probability, so it is refused where the labels are read.
+TARGET_VALUES = (0.0, 1.0)
 
 
 class PreparedDataset:
@@ -18,12 +29,12 @@ class PreparedDataset:
     14 raw CSV values); tabular: float32 (N, 2) = (age / 100, 1 male / 0 female / 0.5 unknown);
     manifest: dict; size: S; label_names: tuple of 14 names; path: the folder. len(ds) = N.
     `read_images(rows)` copies rows of images.npy with positional reads (what the loaders use; see there).
-    Raises FileNotFoundError / ValueError naming the folder and what is wrong with it.
+    Raises FileNotFoundError when the folder does not exist, ValueError when it is not a prepared folder or
+    its `chexcy prepare` was interrupted, and chexcy.fileio.DamagedFileError(path, problem) for a damaged
+    or inconsistent file.
     """
 
     def __init__(self, path):
-        import pandas as pd
-
         self.path = os.path.abspath(os.fspath(path))
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"prepared folder {self.path!r} does not exist")
@@ -33,55 +44,29 @@ class PreparedDataset:
                 raise ValueError(f"{self.path} is incomplete: `chexcy prepare` was interrupted; run the same "
                                  "command again to finish it")
             raise ValueError(f"{self.path} is not a chexcy prepared folder (no manifest.json)")
-        try:
-            with open(manifest_path) as f:
-                self.manifest = json.load(f)
-        except ValueError as exc:
-            raise ValueError(f"{manifest_path}: corrupt manifest ({exc})") from None
-        version = self.manifest.get("format_version")
-        if version not in SUPPORTED_FORMATS:
-            raise ValueError(f"{manifest_path}: format_version {version!r} is not supported "
-                             f"(this chexcy reads {SUPPORTED_FORMATS})")
-        count, size = int(self.manifest["count"]), int(self.manifest["size"])
-        if tuple(self.manifest.get("label_names", ())) != LABELS:
-            raise ValueError(f"{manifest_path}: label_names differ from chexcy's {LABELS}")
-
-        def load(name):
-            p = os.path.join(self.path, name)
-            if not os.path.exists(p):
-                raise ValueError(f"{self.path}: {name} is missing (the folder is damaged; prepare it again)")
-            try:
-                return np.load(p, mmap_mode="r")
-            except (ValueError, OSError) as exc:
-                raise ValueError(f"{p}: unreadable ({exc})") from None
-
-        self.images = load("images.npy")
-        if self.images.dtype != np.uint8 or self.images.shape != (count, 1, size, size):
-            raise ValueError(f"{self.path}/images.npy: expected uint8 {(count, 1, size, size)}, "
-                             f"found {self.images.dtype} {self.images.shape}")
-        if not self.images.flags.c_contiguous:
-            raise ValueError(f"{self.path}/images.npy: stored in Fortran order; chexcy writes C order")
-        self._images_path = os.path.join(self.path, "images.npy")
-        self._images_offset = _npy_data_offset(self._images_path)
+        self.manifest = _read_manifest(manifest_path)
+        count, size = self.manifest["count"], self.manifest["size"]
+        self._images_path = self._file_path("images.npy")
+        header = read_npy_header(self._images_path)
+        _check_array(self._images_path, header, np.uint8, (count, 1, size, size), "image")
+        self.images = np.memmap(self._images_path, dtype=np.uint8, mode="r", offset=header.offset,
+                                shape=header.shape)
+        self._images_offset = header.offset
         self._fd = None                        # opened on the first read_images call
         self._fd_lock = threading.Lock()
-        self.labels = np.array(load("labels.npy"))
-        if self.labels.dtype != np.float32 or self.labels.shape != (count, len(LABELS)):
-            raise ValueError(f"{self.path}/labels.npy: expected float32 {(count, len(LABELS))}, "
-                             f"found {self.labels.dtype} {self.labels.shape}")
-        meta_path = os.path.join(self.path, "meta.csv")
-        if not os.path.exists(meta_path):
-            raise ValueError(f"{self.path}: meta.csv is missing (the folder is damaged; prepare it again)")
-        self.meta = pd.read_csv(meta_path, dtype={"path": str, "patient": str, "study": str, "view": str,
-                                                  "ap_pa": str, "sex": str})
-        self.meta["ap_pa"] = self.meta["ap_pa"].fillna("")
-        if len(self.meta) != count:
-            raise ValueError(f"{meta_path}: {len(self.meta)} rows but the manifest counts {count} images")
+        self.labels = _read_labels(self._file_path("labels.npy"), count)
+        self.meta = _read_meta(self._file_path("meta.csv"), count)
         self.size = size
         self.label_names = LABELS
         sex = self.meta["sex"].map({"Male": 1.0, "Female": 0.0}).fillna(0.5).to_numpy(np.float32)
         age = self.meta["age"].to_numpy(np.float32) / 100.0
         self.tabular = np.stack([age, sex], axis=1).astype(np.float32)
+
+    def _file_path(self, name):
+        path = os.path.join(self.path, name)
+        if not os.path.isfile(path):
+            raise DamagedFileError(path, "missing (the prepared folder is damaged; prepare it again)")
+        return path
 
     def __len__(self):
         return len(self.labels)
@@ -158,29 +143,120 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") and "SC
     else 1024
 
 
-def _npy_data_offset(path):
-    """Byte offset of the array data in the .npy file `path` (the header's length varies with the version)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            np.lib.format.read_array_header_1_0(f)
-        elif version in ((2, 0), (3, 0)):
-            np.lib.format.read_array_header_2_0(f)     # 3.0 differs only in the header's text encoding
-        else:
-            raise ValueError(f"{path}: unsupported .npy format version {version}")
-        return f.tell()
-
-
 def _preadv_exactly(fd, buffers, offset, path):
     """Fill every buffer (writable uint8 arrays) from the file at `offset`, retrying short reads."""
     views = [memoryview(b).cast("B") for b in buffers]
     while views:
         got = os.preadv(fd, views, offset)
         if got == 0:
-            raise ValueError(f"{path}: ends before byte {offset} (the file is truncated; prepare it again)")
+            raise DamagedFileError(path, f"truncated: it ends before byte {offset} (prepare it again)")
         offset += got
         while views and got >= views[0].nbytes:
             got -= views[0].nbytes
             views.pop(0)
         if got:
             views[0] = views[0][got:]
+
+
+def _read_manifest(path):
+    """manifest.json -> dict, with format_version, count, size and label_names checked."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as exc:
+        raise DamagedFileError(path, f"cannot be read ({exc.strerror})") from None
+    if not text:
+        raise DamagedFileError(path, "empty file (0 bytes)")
+    try:
+        manifest = json.loads(text)
+    except ValueError as exc:                # UnicodeDecodeError included
+        raise DamagedFileError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DamagedFileError(path, f"expected a JSON object, found {_json_type(manifest)}")
+    for key in ("format_version", "count", "size", "label_names"):
+        if key not in manifest:
+            raise DamagedFileError(path, f"no {key!r} entry")
+    version = manifest["format_version"]
+    if version not in SUPPORTED_FORMATS or isinstance(version, bool):
+        raise DamagedFileError(path, f"format_version {version!r} is not supported (this chexcy reads "
+                                     f"{', '.join(map(str, SUPPORTED_FORMATS))})")
+    for key, low in (("count", 1), ("size", 1)):
+        value = manifest[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise DamagedFileError(path, f"{key!r} must be a positive integer, found {value!r}")
+    names = manifest["label_names"]
+    if not isinstance(names, list) or tuple(names) != LABELS:
+        raise DamagedFileError(path, f"label_names {names!r} differ from chexcy's {list(LABELS)}")
+    return manifest
+
+
+def _json_type(value):
+    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_array(path, header, dtype, shape, what):
+    """Compare a .npy header with the dtype and shape the manifest implies; DamagedFileError if they differ."""
+    if header.shape[1:] == shape[1:] and header.shape[0] != shape[0] and header.dtype == dtype:
+        raise DamagedFileError(path, f"holds {header.shape[0]} {what} rows but manifest.json counts {shape[0]}")
+    if header.dtype != dtype or header.shape != shape:
+        raise DamagedFileError(path, f"expected {np.dtype(dtype)} {shape} (per manifest.json), "
+                                     f"found {header.dtype} {header.shape}")
+    if header.fortran_order and len(shape) > 1:
+        raise DamagedFileError(path, "stored in Fortran order; chexcy writes C order")
+
+
+def _read_labels(path, count):
+    """labels.npy -> float32 (count, 14), every value 0, 1 or NaN."""
+    header = read_npy_header(path)
+    _check_array(path, header, np.float32, (count, len(LABELS)), "label")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DamagedFileError(path, f"unreadable ({exc})") from None
+    bad = ~(np.isnan(labels) | np.isin(labels, TARGET_VALUES))
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        more = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
+        raise DamagedFileError(path, f"label value {labels[rows[0], cols[0]]:g} at row {rows[0]} "
+                                     f"({LABELS[cols[0]]}){more}; prepared labels are 0, 1 or NaN (masked)")
+    return labels
+
+
+def _read_meta(path, count):
+    """meta.csv -> DataFrame of count rows with the prepared columns, valid ages, sexes and views."""
+    import pandas as pd
+
+    text_columns = {"path": str, "patient": str, "study": str, "view": str, "ap_pa": str, "sex": str,
+                    "age": str}          # parsed below, so a bad age is shown as written
+    try:
+        meta = pd.read_csv(path, dtype=text_columns, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise DamagedFileError(path, "empty file (no header line)") from None
+    except UnicodeDecodeError as exc:
+        raise DamagedFileError(path, f"not valid UTF-8 text (byte 0x{exc.object[exc.start]:02x}: {exc.reason})") from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise DamagedFileError(path, f"not a readable CSV ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise DamagedFileError(path, f"cannot be read ({exc.strerror})") from None
+    # The 14 raw CSV values that follow are kept for people, not read by chexcy: only these are required.
+    missing = [c for c in PREPARED_META_COLUMNS if c not in meta.columns]
+    if missing:
+        raise DamagedFileError(path, f"missing column(s): {', '.join(missing)}")
+    if len(meta) != count:
+        raise DamagedFileError(path, f"holds {len(meta)} rows but manifest.json counts {count} images")
+    meta["ap_pa"] = meta["ap_pa"].fillna("")
+    age = pd.to_numeric(meta["age"], errors="coerce")
+    bad = age.isna() | (age < 0) | (age > AGE_LIMIT)
+    if bad.any():
+        shown = sorted(set(meta["age"][bad].fillna("")))[:5]
+        raise DamagedFileError(path, f"column 'age' has value(s) {shown} at {lines_where(bad)}; "
+                                     f"expected a number of years from 0 to {AGE_LIMIT}")
+    meta["age"] = age.astype(np.float64)
+    for column, allowed in (("sex", SEX_VALUES), ("view", VIEW_VALUES)):
+        bad = ~meta[column].isin(allowed)
+        if bad.any():
+            shown = sorted(set(meta[column][bad].astype(str)))[:5]
+            raise DamagedFileError(path, f"column {column!r} has value(s) {shown} at {lines_where(bad)}; "
+                                         f"expected one of {', '.join(allowed)}")
+    return meta

@@ -48,11 +48,13 @@ def _pydicom():
     return pydicom
 
 
-def is_dicom_file(path):
-    """True for a DICOM Part 10 file: 'DICM' after the 128-byte preamble."""
+def is_dicom_file(f):
+    """True when the open binary file `f` is a DICOM Part 10 file ('DICM' after the 128-byte preamble);
+    leaves `f` at its start."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(132)
+        f.seek(0)
+        head = f.read(132)
+        f.seek(0)
     except OSError:
         return False
     return len(head) == 132 and head[128:] == b"DICM"
@@ -126,18 +128,27 @@ def _check_decoder(ds, path):
                                    f"installed: install {packages}")
 
 
-def read_dicom(path):
+def read_dicom_image(f, path):
+    """read_dicom on the open binary file `f` (of `path`) -> mode "L" Pillow image."""
+    from PIL import Image
+    return Image.fromarray(read_dicom(path, f), mode="L")
+
+
+def read_dicom(path, f=None):
     """One DICOM file -> uint8 (rows, columns), the picture as displayed (module docstring).
 
-    Raises ImageReadError (with the reason) for files chexcy cannot use, DicomSupportMissing when pydicom
-    itself is not installed.
+    f: the file already open in binary mode (read from its start), else `path` is opened. Raises
+    ImageReadError (with the reason) for files chexcy cannot use, DicomSupportMissing when pydicom itself is
+    not installed.
     """
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut
     path = os.fspath(path)
     try:
-        ds = pydicom.dcmread(path)
+        if f is not None:
+            f.seek(0)
+        ds = pydicom.dcmread(path if f is None else f)
     except InvalidDicomError:
         raise ImageReadError(path, "not a DICOM file (no DICOM file meta header with the 'DICM' signature)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:

@@ -15,7 +15,9 @@ DICOM files (a .dcm/.dicom name, or the DICM signature in a file Pillow does not
 the 8-bit picture a viewer shows by `chexcy.data.dicom.read_dicom` (needs pydicom), then take the same
 crop and resize.
 """
+import errno
 import os
+import stat
 
 import numpy as np
 
@@ -25,6 +27,17 @@ PIXEL_MEAN = 128.0
 PIXEL_STD = 64.0
 
 _COLOUR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LA", "La", "LAB", "HSV")
+
+# Why a path cannot be opened, in the words skipped.csv records (other errors: "cannot open (<strerror>)").
+_OPEN_ERRORS = {
+    errno.ENOENT: "missing file",
+    errno.ELOOP: "symlink loop",
+    errno.ENOTDIR: "a parent of the path is not a folder",
+    errno.EISDIR: "is a directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENAMETOOLONG: "path too long",
+}
 
 
 class ImageReadError(ValueError):
@@ -74,28 +87,44 @@ def _square(gray, size):
 def load_image(path, size):
     """Read one image file and return uint8 (1, size, size).
 
-    Raises ImageReadError (a ValueError) with the reason for: a missing file, a 0-byte file, a file that
-    is not an image, a truncated or corrupt image, an unsupported pixel mode, a DICOM file chexcy cannot
-    use (see chexcy.data.dicom); chexcy.data.dicom.DicomSupportMissing (a RuntimeError) for any DICOM file
+    Raises ImageReadError (a ValueError) with the reason for: a path that cannot be opened (missing file,
+    symlink loop, a parent that is not a folder, a directory, permission denied, path too long, ...), a
+    file that is not a regular file (e.g. a FIFO), a 0-byte file, a read error, a file that is not an image,
+    a truncated or corrupt image, an unsupported pixel mode, a DICOM file chexcy cannot use (see
+    chexcy.data.dicom); chexcy.data.dicom.DicomSupportMissing (a RuntimeError) for any DICOM file
     when pydicom is not installed.
     """
-    from PIL import Image, UnidentifiedImageError
     size = int(size)
     if size < 1:
         raise ValueError(f"load_image: size must be >= 1, got {size}")
     path = os.fspath(path)
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageReadError(path, "empty file (0 bytes)")
-    except FileNotFoundError:
-        raise ImageReadError(path, "missing file") from None
-    except IsADirectoryError:
-        raise ImageReadError(path, "is a directory") from None
-    from chexcy.data import dicom
-    if path.lower().endswith(dicom.DICOM_EXTENSIONS):
-        return _square(Image.fromarray(dicom.read_dicom(path), mode="L"), size)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below); no effect on files.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ImageReadError(path, _OPEN_ERRORS.get(exc.errno, f"cannot open ({exc.strerror})")) from None
     try:
-        with Image.open(path) as img:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):     # a directory opens too (O_RDONLY), but cannot be read
+            raise ImageReadError(path, "is a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file")
+        if info.st_size == 0:
+            raise ImageReadError(path, "empty file (0 bytes)")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        from chexcy.data import dicom
+        if path.lower().endswith(dicom.DICOM_EXTENSIONS):
+            return _square(dicom.read_dicom_image(f, path), size)
+        return _decode(f, path, size)
+
+
+def _decode(f, path, size):
+    """Decode the open image file `f` (of `path`) -> uint8 (1, size, size); see load_image."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(f) as img:
             if img.mode in ("L", "RGB", "CMYK", "YCbCr") and img.format == "JPEG":
                 # Decode at a reduced DCT scale when the result still covers size x size.
                 img.draft("L", (size, size))
@@ -104,9 +133,15 @@ def load_image(path, size):
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        if dicom.is_dicom_file(path):
-            return _square(Image.fromarray(dicom.read_dicom(path), mode="L"), size)
+        from chexcy.data import dicom
+        if dicom.is_dicom_file(f):
+            return _square(dicom.read_dicom_image(f, path), size)
         raise ImageReadError(path, "not an image (unrecognised file format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:              # the system failed to read the file (EIO, ...), not Pillow
+            raise ImageReadError(path, f"read error ({exc.strerror})") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageReadError(path, f"truncated or corrupt image ({reason})") from None
+    except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageReadError(path, f"truncated or corrupt image ({reason})") from None

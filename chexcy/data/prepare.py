@@ -12,10 +12,17 @@ Resumable and bounded in memory whatever N is:
   np.lib.format.open_memmap; nothing keeps the array mapped, because mapped pages would count towards the
   resident memory of the process and grow with N;
 - after each chunk the parent appends one JSON line (chunk number, unreadable rows) to ``progress.jsonl``;
-  a run that is killed resumes from the chunks recorded there (a torn last line is ignored);
-- ``request.json`` (written first) identifies the dataset being built: the CSV's sha256, filters, label
-  policy and size. A folder holding another dataset (or unrelated files) is refused unless overwrite=True.
+  a run that is killed resumes from the chunks recorded there (a torn line is ignored);
+- ``request.json`` (written first) identifies the dataset being built: everything that defines the output
+  (the CSV's path and sha256, the image root, filters, label policy and size). A folder holding another
+  dataset, finished or not, (or unrelated files) is refused unless overwrite=True;
+- one run at a time: the folder is locked (chexcy.locks) from the folder check to the end, so a second
+  prepare into it fails at once naming the first;
+- a full disk ends the run with a DiskFullError in words; what was decoded is kept and no temporary file is
+  left, so the same command finishes the job once space is freed.
 """
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -25,22 +32,23 @@ import time
 import numpy as np
 
 from chexcy.data.images import ImageReadError, load_image
+from chexcy.data.npyfile import read_npy_header
 from chexcy.data.schema import (
     LABELS, PROJECTION_VALUES, SEX_VALUES, canonical, label_index, parse_path, read_csv,
 )
+from chexcy.fileio import DiskFullError, atomic_write, atomic_write_text, is_disk_full
+from chexcy.locks import LOCK_FILES, hold_folder_lock
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 256
 UNCERTAIN_MODES = ("ignore", "zeros", "ones")
 BLANK_MODES = ("ignore", "zeros")
 VIEW_CHOICES = ("frontal", "lateral", "all")
-# Every file prepare writes; --overwrite removes exactly these (never anything else in the folder).
+# Every file prepare writes; --overwrite removes exactly these and their temporaries (see _is_own_file),
+# never anything else in the folder.
 OUTPUT_FILES = ("manifest.json", "images.npy", "labels.npy", "meta.csv", "skipped.csv",
                 "images.partial.npy", "images.npy.tmp", "request.json", "progress.jsonl",
-                # temporaries of the atomic writes, left behind only by a kill at that instant
-                "manifest.json.tmp", "labels.npy.tmp.npy", "meta.csv.tmp", "skipped.csv.tmp",
-                "request.json.tmp", "images.partial.npy.tmp")
-META_COLUMNS = ("path", "csv_row", "patient", "study", "view", "ap_pa", "sex", "age")
+                "images.partial.npy.tmp")
 
 
 # ----------------------------------------------------------------------------------------- selection
@@ -158,32 +166,40 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def _atomic_write_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_csv(path, frame):
+    """DataFrame -> CSV file, atomically (pandas streams it in chunks: no whole-file string)."""
+    atomic_write(path, lambda f: frame.to_csv(f, index=False, lineterminator="\n"), mode="w", encoding="utf-8",
+                 newline="")
 
 
-def _atomic_write_csv(path, frame):
-    """DataFrame -> CSV file via a temporary file (pandas streams it in chunks: no whole-file string)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        frame.to_csv(f, index=False, lineterminator="\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _save_npy(path, array):
+    atomic_write(path, lambda f: np.save(f, array))
 
 
-def _atomic_save_npy(path, array):
-    tmp = path + ".tmp.npy"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _disk_full(path):
+    """The DiskFullError for a full disk while writing `path` in place (images, progress records)."""
+    return DiskFullError(errno.ENOSPC, f"disk full while writing {path}; the images decoded so far are kept: "
+                                       "free some space and run the same command again to finish")
+
+
+@contextlib.contextmanager
+def _disk_full_in_words(path):
+    """Turn ENOSPC / EDQUOT raised in the block into _disk_full(path)."""
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise _disk_full(path) from None
+        raise
+
+
+def _pwrite_all(fd, data, offset, path):
+    """Write the bytes-like `data` at `offset` of the open file `fd` (pwrite may write less than asked)."""
+    view = memoryview(data).cast("B")
+    pos, end = 0, len(view)
+    with _disk_full_in_words(path):
+        while pos < end:
+            pos += os.pwrite(fd, view[pos:], offset + pos)
 
 
 def default_root(csv_path, first_path):
@@ -195,21 +211,18 @@ def default_root(csv_path, first_path):
     return os.path.dirname(csv_dir) if os.path.basename(csv_dir) == first else csv_dir
 
 
-def _npy_data_offset(path):
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            np.lib.format.read_array_header_1_0(f)
-        else:
-            np.lib.format.read_array_header_2_0(f)
-        return f.tell()
-
-
 def _create_npy(path, shape):
-    """Create a zero-filled (sparse) uint8 .npy file of `shape` and unmap it at once."""
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    array.flush()
-    del array
+    """Create a zero-filled (sparse) uint8 .npy file of `shape` and unmap it at once (removed again when
+    that fails, e.g. on a full disk)."""
+    try:
+        with _disk_full_in_words(path):
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+            array.flush()
+            del array
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
 
 
 # ----------------------------------------------------------------------------------------- workers
@@ -229,10 +242,7 @@ def _decode_chunk(task):
             skipped.append((start + i, exc.reason))
     fd = os.open(images_path, os.O_WRONLY)
     try:
-        view = memoryview(block).cast("B")
-        pos, end = 0, len(view)
-        while pos < end:                       # pwrite may write less than asked
-            pos += os.pwrite(fd, view[pos:], offset + start * row_bytes + pos)
+        _pwrite_all(fd, block, offset + start * row_bytes, images_path)
     finally:
         os.close(fd)
     return chunk, skipped
@@ -272,12 +282,51 @@ def _read_json(path):
         return None
 
 
+def _is_own_file(name):
+    """True for the files prepare writes into --out, and the temporaries atomic_write makes of them."""
+    if name in OUTPUT_FILES:
+        return True
+    # atomic_write's temporaries: ".NAME.<random>.tmp"
+    return name.startswith(".") and name.endswith(".tmp") and name[1:-4].rsplit(".", 1)[0] in OUTPUT_FILES
+
+
+def _is_lock_file(name):
+    """The folder lock's files (chexcy.locks), their temporaries included: neither ours to remove nor foreign."""
+    return any(name == lock or name.startswith("." + lock + ".") for lock in LOCK_FILES)
+
+
+def _differences(held, wanted, prefix=""):
+    """Dotted names of the entries that differ between two identity dicts (nested dicts are compared by entry)."""
+    out = []
+    for key in sorted(set(held) | set(wanted)):
+        a, b = held.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _describe_differences(held, wanted):
+    """"root (/a there, /b asked for), filters.limit (10 there, 20 asked for)": what differs, in words."""
+    parts = []
+    for name in _differences(held, wanted):
+        a, b = held, wanted
+        for key in name.split("."):
+            a = a.get(key) if isinstance(a, dict) else None
+            b = b.get(key) if isinstance(b, dict) else None
+        readable = not name.endswith("sha256") and not isinstance(a, (dict, list)) and not isinstance(b, (dict, list))
+        shown = f" ({a} there, {b} asked for)" if readable and len(f"{a}{b}") <= 200 else ""
+        parts.append(name + shown)
+    return ", ".join(parts)
+
+
 def _check_folder(out, identity, overwrite, log):
     """Decide what to do with the output folder: "complete", "resume" or "fresh" (after any cleanup)."""
     manifest = _read_json(os.path.join(out, "manifest.json"))
     request = _read_json(os.path.join(out, "request.json"))
-    present = set(os.listdir(out))
-    ours = present & set(OUTPUT_FILES)
+    present = {name for name in os.listdir(out) if not _is_lock_file(name)}
+    ours = {name for name in present if _is_own_file(name)}
     held = manifest.get("identity") if isinstance(manifest, dict) else None
     if held is None and isinstance(request, dict):
         held = request.get("identity")
@@ -285,12 +334,16 @@ def _check_folder(out, identity, overwrite, log):
         if manifest is not None and not overwrite:
             return "complete"
         if manifest is None and not overwrite:
+            # Temporaries of atomic writes cut short by a kill: stale, as this run holds the folder's lock.
+            for name in ours - set(OUTPUT_FILES):
+                os.remove(os.path.join(out, name))
             return "resume"
     elif not overwrite:
-        if held is not None:
-            diff = sorted(k for k in set(held) | set(identity) if held.get(k) != identity.get(k))
+        if isinstance(held, dict):
+            what = "a different prepared dataset" if manifest is not None else \
+                "an unfinished prepare of a different dataset"
             raise FileExistsError(
-                f"{out} holds a different prepared dataset (differs in: {', '.join(diff)}); "
+                f"{out} holds {what} (differs in: {_describe_differences(held, identity)}); "
                 "choose another --out or pass --overwrite")
         if present:
             what = "a partial or damaged chexcy folder" if ours else "other files"
@@ -317,27 +370,33 @@ def prepare(csv_path, out, *, workers=1, **options):
     """
     if int(workers) < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    pool = None
-    if int(workers) > 1:
-        import multiprocessing as mp
-        pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(int(workers))
-    try:
-        manifest = _prepare(csv_path, out, workers=int(workers), pool=pool, **options)
-        if pool is not None:
-            pool.close()
-            pool.join()
-        return manifest
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    # The folder lock, taken by _prepare once the arguments are checked, is released last: after the
+    # workers have stopped writing into the folder. The pool is forked before it, so workers never hold it.
+    with contextlib.ExitStack() as held:
+        pool = None
+        if int(workers) > 1:
+            import multiprocessing as mp
+            pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(int(workers))
+        try:
+            manifest = _prepare(csv_path, out, workers=int(workers), pool=pool, hold=held.enter_context, **options)
+            if pool is not None:
+                pool.close()
+                pool.join()
+            return manifest
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
 
 
 def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projection=None, age_min=None,
              age_max=None, unique_patients=False, limit=None, uncertain="ignore", uncertain_ones=None,
              uncertain_zeros=None, uncertain_ignore=None, blank="ignore", workers=1, overwrite=False,
-             strict=False, quiet=False, log=print, chunk_rows=CHUNK_ROWS, comm=None, pool=None):
+             strict=False, quiet=False, log=print, chunk_rows=CHUNK_ROWS, comm=None, pool=None, hold):
     """The body of prepare(), decoding with `pool` (a multiprocessing pool, or None: in this process).
+
+    hold(context manager): enters the folder lock for as long as the caller decides (prepare: until its
+    workers have stopped).
 
     comm: a chexcy.distributed communicator (`chexcy prepare --distributed` under mpiexec): the ranks decode
     disjoint chunks into the same images file (`out` on a file system every rank sees); rank 0 alone
@@ -366,8 +425,10 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
     labels = apply_policy(raw, policy)
     filters = {"sex": sex, "view": str(view).lower(), "projection": projection, "age_min": age_min,
                "age_max": age_max, "unique_patients": bool(unique_patients), "limit": limit}
-    identity = {"format_version": FORMAT_VERSION, "source_sha256": file_sha256(csv_path), "filters": filters,
-                "policy": policy, "size": size}
+    root = os.path.abspath(root) if root else default_root(csv_path, selected["Path"].iloc[0])
+    # Everything the output depends on: a folder holding another identity, finished or not, is refused.
+    identity = {"format_version": FORMAT_VERSION, "source_csv": csv_path, "source_sha256": file_sha256(csv_path),
+                "root": root, "filters": filters, "policy": policy, "size": size}
 
     say(f"prepare: {csv_path}")
     for name, kept in steps:
@@ -378,6 +439,8 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
 
     out = os.path.abspath(os.fspath(out))
     os.makedirs(out, exist_ok=True)
+    if root_rank:          # the other ranks of a distributed prepare work under rank 0's lock
+        hold(hold_folder_lock(out, "chexcy prepare"))
     state = _check_folder(out, identity, overwrite, say) if root_rank else None
     if comm is not None:
         state = comm.bcast_object(state)
@@ -386,7 +449,6 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
         say(f"prepare: {out} already holds this dataset ({manifest['count']} images); nothing to do")
         return manifest
 
-    root = os.path.abspath(root) if root else default_root(csv_path, selected["Path"].iloc[0])
     n = len(selected)
     partial = os.path.join(out, "images.partial.npy")
     final_images = os.path.join(out, "images.npy")
@@ -402,10 +464,10 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
                         rec = json.loads(line)
                         done[int(rec["chunk"])] = [(int(r), str(why)) for r, why in rec["skipped"]]
                     except (ValueError, KeyError, TypeError):
-                        break                  # a torn last line from a killed run
+                        continue       # a torn line (a kill or a full disk mid-write): that chunk is redone
     elif root_rank:
-        _atomic_write_text(os.path.join(out, "request.json"),
-                           json.dumps({"identity": identity, "chunk_rows": int(chunk_rows)}, indent=1))
+        atomic_write_text(os.path.join(out, "request.json"),
+                          json.dumps({"identity": identity, "chunk_rows": int(chunk_rows)}, indent=1))
     n_chunks = (n + chunk_rows - 1) // chunk_rows
     paths = [os.path.join(root, p) for p in selected["Path"]]
     if not os.path.exists(final_images):
@@ -415,7 +477,7 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
             os.replace(partial + ".tmp", partial)
         if comm is not None:      # every rank goes on from rank 0's record, once the file exists
             done = comm.bcast_object(done)
-        offset = _npy_data_offset(partial)
+        offset = read_npy_header(partial).offset
         todo = [(c, c * chunk_rows, paths[c * chunk_rows:(c + 1) * chunk_rows], size, partial, offset)
                 for c in range(n_chunks) if c not in done]
         if comm is not None:      # disjoint work: every K-th chunk still to do
@@ -425,15 +487,14 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
         bar = _Progress(n, quiet)
         bar.update(sum(min(chunk_rows, n - c * chunk_rows) for c in done))
         t0 = time.perf_counter()
-        with open(progress_path, "a") as progress_file:
+        with _ProgressRecords(progress_path) as progress_file:
             def record(chunk, skipped):
                 if strict and skipped:
                     row, reason = skipped[0]
                     raise RuntimeError(f"{paths[row]}: {reason} (--strict stops at the first unreadable image; "
                                        "without it such files are skipped and listed in skipped.csv)")
                 done[chunk] = skipped
-                progress_file.write(json.dumps({"chunk": chunk, "skipped": skipped}) + "\n")
-                progress_file.flush()
+                progress_file.append({"chunk": chunk, "skipped": skipped})
                 bar.update(min(chunk_rows, n - chunk * chunk_rows))
 
             if pool is None or len(todo) <= 1:
@@ -476,12 +537,12 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
     })
     for label in LABELS:
         meta[label] = selected[label]
-    _atomic_save_npy(os.path.join(out, "labels.npy"), np.ascontiguousarray(labels[keep]))
-    _atomic_write_csv(os.path.join(out, "meta.csv"), meta[keep])
+    _save_npy(os.path.join(out, "labels.npy"), np.ascontiguousarray(labels[keep]))
+    _write_csv(os.path.join(out, "meta.csv"), meta[keep])
     skipped_df = pd.DataFrame({"path": [selected["Path"].iloc[r] for r, _ in skipped],
                                "csv_row": [int(selected["csv_row"].iloc[r]) for r, _ in skipped],
                                "reason": [why for _, why in skipped]})
-    _atomic_write_csv(os.path.join(out, "skipped.csv"), skipped_df)
+    _write_csv(os.path.join(out, "skipped.csv"), skipped_df)
     manifest = {
         "format_version": FORMAT_VERSION,
         "chexcy_version": __version__,
@@ -502,7 +563,7 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
         "files": {"images": "images.npy", "labels": "labels.npy", "meta": "meta.csv", "skipped": "skipped.csv"},
         "identity": identity,
     }
-    _atomic_write_text(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1) + "\n")
     for name in ("request.json", "progress.jsonl"):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
@@ -513,29 +574,72 @@ def _prepare(csv_path, out, *, root=None, size=128, sex=None, view="all", projec
     return manifest
 
 
+class _ProgressRecords:
+    """progress.jsonl opened for appending one JSON line per finished chunk, each in one write(2).
+
+    A torn last line (a kill or a full disk mid-write) is ended with a newline on opening, so the records
+    appended after it stay readable. A full disk raises the DiskFullError of _disk_full.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        with _disk_full_in_words(self.path):
+            self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                end = os.lseek(self.fd, 0, os.SEEK_END)
+                if end and os.pread(self.fd, 1, end - 1) != b"\n":
+                    os.write(self.fd, b"\n")
+            except BaseException:
+                os.close(self.fd)
+                raise
+        return self
+
+    def append(self, record):
+        data = (json.dumps(record) + "\n").encode()
+        with _disk_full_in_words(self.path):
+            written = os.write(self.fd, data)
+            if written < len(data):           # only a full disk cuts a regular file's write short
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
 def _finish_images(partial, final_images, keep, size):
     """partial (N rows) -> final (keep.sum() rows): a rename when nothing was skipped, else a streamed copy
-    of the kept rows (bounded memory; the partial file stays intact until the copy is complete)."""
+    of the kept rows (bounded memory; the partial file stays intact until the copy is complete, and the
+    copy is removed if it cannot be completed)."""
     if keep.all():
-        with open(partial, "rb+") as f:
+        with _disk_full_in_words(partial), open(partial, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(partial, final_images)
         return
     row_bytes = size * size
-    src_offset = _npy_data_offset(partial)
+    src_offset = read_npy_header(partial).offset
     tmp = final_images + ".tmp"
     _create_npy(tmp, (int(keep.sum()), 1, size, size))
-    dst_offset = _npy_data_offset(tmp)
-    kept = np.flatnonzero(keep)
-    with open(partial, "rb") as src, open(tmp, "rb+") as dst:
-        for first in range(0, len(kept), CHUNK_ROWS):
-            rows = kept[first:first + CHUNK_ROWS]
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            src.seek(src_offset + lo * row_bytes)
-            block = np.frombuffer(src.read((hi - lo) * row_bytes), dtype=np.uint8).reshape(hi - lo, row_bytes)
-            dst.seek(dst_offset + first * row_bytes)
-            dst.write(block[rows - lo].tobytes())
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, final_images)
+    try:
+        dst_offset = read_npy_header(tmp).offset
+        kept = np.flatnonzero(keep)
+        with open(partial, "rb") as src:
+            dst = os.open(tmp, os.O_WRONLY)
+            try:
+                for first in range(0, len(kept), CHUNK_ROWS):
+                    rows = kept[first:first + CHUNK_ROWS]
+                    lo, hi = int(rows[0]), int(rows[-1]) + 1
+                    src.seek(src_offset + lo * row_bytes)
+                    block = np.frombuffer(src.read((hi - lo) * row_bytes), dtype=np.uint8).reshape(hi - lo, row_bytes)
+                    _pwrite_all(dst, np.ascontiguousarray(block[rows - lo]), dst_offset + first * row_bytes,
+                                final_images)
+                with _disk_full_in_words(final_images):
+                    os.fsync(dst)
+            finally:
+                os.close(dst)
+        os.replace(tmp, final_images)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.remove(partial)

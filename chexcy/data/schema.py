@@ -24,6 +24,9 @@ VIEW_VALUES = ("Frontal", "Lateral")
 PROJECTION_VALUES = ("AP", "PA", "LL", "RL")  # blank (laterals) is allowed too
 LABEL_VALUES = (1.0, 0.0, -1.0)              # and NaN = blank
 AGE_RANGE = (0, 90)                          # CheXpert reports ages above 90 as 90
+AGE_LIMIT = 150                              # ages above this are errors, not old patients
+# The per-image columns of a prepared folder's meta.csv (the 14 raw label values follow them).
+PREPARED_META_COLUMNS = ("path", "csv_row", "patient", "study", "view", "ap_pa", "sex", "age")
 
 _PATH_RE = re.compile(r"(?:^|/)(?P<split>[^/]+)/(?P<patient>patient\d+)/(?P<study>study\d+)/(?P<file>[^/]+)$")
 
@@ -55,6 +58,14 @@ def parse_path(path):
     return m["split"], m["patient"], f"{m['patient']}/{m['study']}", m["file"]
 
 
+def lines_where(bad):
+    """Boolean (N,) over the rows of a CSV file -> "line(s) 3, 7 and 2 more" (1-based file lines, after the
+    header line), for error messages."""
+    idx = np.flatnonzero(np.asarray(bad))
+    shown = ", ".join(str(i + 2) for i in idx[:5])
+    return f"line(s) {shown}" + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
+
+
 def read_csv(csv_path):
     """Read and validate a CheXpert CSV; returns a pandas DataFrame with the 19 columns of :data:`COLUMNS`.
 
@@ -83,11 +94,6 @@ def read_csv(csv_path):
                          f"(found: {', '.join(df.columns)})")
     df = df.loc[:, list(COLUMNS)].copy()
 
-    def rows_where(bad):
-        idx = np.flatnonzero(np.asarray(bad))
-        shown = ", ".join(str(i + 2) for i in idx[:5])      # +2: header line, 1-based line numbers
-        return f"line(s) {shown}" + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
-
     def canonicalise(column, allowed, blank_ok=False):
         lookup = {a.lower(): a for a in allowed}
         if blank_ok:
@@ -97,7 +103,7 @@ def read_csv(csv_path):
         bad = out.isna()
         if bad.any():
             values = sorted(set(raw[bad]))[:5]
-            raise ValueError(f"{csv_path}: column {column!r} has unknown value(s) {values} at {rows_where(bad)}; "
+            raise ValueError(f"{csv_path}: column {column!r} has unknown value(s) {values} at {lines_where(bad)}; "
                              f"expected one of {', '.join(allowed)}" + (" or blank" if blank_ok else ""))
         df[column] = out
 
@@ -109,10 +115,10 @@ def read_csv(csv_path):
     bad = age.isna()
     if bad.any():
         raise ValueError(f"{csv_path}: column 'Age' has non-numeric value(s) "
-                         f"{sorted(set(df['Age'][bad]))[:5]} at {rows_where(bad)}")
-    bad = (age < AGE_RANGE[0]) | (age > 150)
+                         f"{sorted(set(df['Age'][bad]))[:5]} at {lines_where(bad)}")
+    bad = (age < AGE_RANGE[0]) | (age > AGE_LIMIT)
     if bad.any():
-        raise ValueError(f"{csv_path}: column 'Age' out of range at {rows_where(bad)}")
+        raise ValueError(f"{csv_path}: column 'Age' out of range at {lines_where(bad)}")
     df["Age"] = age.astype(np.float64)
 
     for label in LABELS:
@@ -127,7 +133,7 @@ def read_csv(csv_path):
             bad = (values.isna() & ~column.isna() & (shown != "")) | ~(values.isin(LABEL_VALUES) | values.isna())
         if bad.any():
             raise ValueError(f"{csv_path}: column {label!r} has value(s) {sorted(set(shown[bad].astype(str)))[:5]} "
-                             f"at {rows_where(bad)}; expected 1, 0, -1 or blank")
+                             f"at {lines_where(bad)}; expected 1, 0, -1 or blank")
         df[label] = values.astype(np.float64)
     for column in ("Sex", "Frontal/Lateral", "AP/PA"):  # few distinct values: categories are compact
         df[column] = df[column].astype("category")
@@ -135,7 +141,7 @@ def read_csv(csv_path):
     paths = df["Path"].str.strip()
     bad = ~paths.map(lambda p: _PATH_RE.search(p) is not None).astype(bool)
     if bad.any():
-        raise ValueError(f"{csv_path}: column 'Path' has malformed value(s) at {rows_where(bad)} "
+        raise ValueError(f"{csv_path}: column 'Path' has malformed value(s) at {lines_where(bad)} "
                          f"(expected {DATASET_DIR}/<split>/patientNNNNN/studyK/viewJ_<view>.jpg)")
     df["Path"] = paths
     return df.reset_index(drop=True)

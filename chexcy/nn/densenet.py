@@ -19,10 +19,10 @@ growing concatenation per layer, and its normalised copy, which is quadratic):
 - norm1 of every layer normalises a prefix of B. Batch statistics are per channel, so channel k has the
   same mean and variance whichever layer normalises it: the block computes them once, when the channel
   is written, and each layer applies only its own scale and shift.
-- The bottleneck's input relu(norm1(prefix)) is formed in one scratch buffer shared by the block's
-  layers and is not kept: backward recomputes it (torchvision's "memory efficient" idea).
-So a block holds B, the scratch, and per layer the 1x1 conv's output (for norm2) and relu2's output
-(for conv2): 2 * bn_size * g channels.
+- The convs' inputs relu(norm1(prefix)) and relu(norm2(h)) are formed in two scratch buffers shared by
+  the block's layers and are not kept: backward recomputes them from the prefix and from h, the 1x1
+  conv's output that norm2 keeps anyway (torchvision's "memory efficient" idea, taken one step further).
+So a block holds B, two scratch buffers, and per layer h: bn_size * g channels (128 for densenet121).
 
 A transition runs its 2x2 average pool before its 1x1 conv. Both are linear and act on different axes
 (the conv mixes channels per pixel, the pool averages pixels per channel; the conv has no bias), so
@@ -50,9 +50,25 @@ def _channel_stats(x, eps):
     return mean, var
 
 
+def _affine_relu(bn, x, mean, var, out):
+    """out = relu(bn(x)) for BatchNorm2d `bn` normalising with statistics mean, var (C,); x, out (N, C, H, W)."""
+    dtype = out.dtype
+    scale = bn.weight.data.astype(dtype, copy=False) / np.sqrt(var.astype(dtype, copy=False) + dtype.type(bn.eps))
+    shift = bn.bias.data.astype(dtype, copy=False) - mean.astype(dtype, copy=False) * scale
+    np.multiply(x, scale[:, None, None], out=out)
+    out += shift[:, None, None]
+    np.maximum(out, 0, out=out)
+    return out
+
+
 class DenseLayer(Module):
     """One dense layer (norm1 relu conv1 norm2 relu2 conv2), run by its DenseBlock on a prefix of the
-    block buffer: in_channels -> growth_rate new channels."""
+    block buffer: in_channels -> growth_rate new channels.
+
+    Kept for backward: the block's buffer and statistics, and conv1's output h (N, bn_size * g, H, W)
+    with norm2's batch statistics. Both ReLU outputs (the convs' inputs) are recomputed in backward from
+    them, which costs an elementwise pass each and saves two activation-sized arrays per layer.
+    """
 
     def __init__(self, in_channels, growth_rate, bn_size, rng):
         self.norm1 = BatchNorm2d(in_channels)
@@ -61,75 +77,84 @@ class DenseLayer(Module):
         self.relu2 = ReLU(inplace=True)
         self.conv2 = Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False, rng=rng)
         self.in_channels = in_channels
-        self._kept = None            # norm1 -> relu output, generic path only
+        self._kept = None            # norm1 -> relu output, module path only
 
     def _shared_stats(self):
-        """Whether norm1 can use the block's per-channel statistics (a plain BatchNorm2d)."""
-        return type(self.norm1) is BatchNorm2d
+        """Whether the fast path applies: plain BatchNorm2d layers, whose statistics the layer can reuse
+        (not SyncBatchNorm2d, whose statistics span every rank)."""
+        return type(self.norm1) is BatchNorm2d and type(self.norm2) is BatchNorm2d
 
-    def _scale_shift(self, mean, var):
-        """Per-channel (scale, shift) with norm1(x) = x * scale + shift for statistics mean, var (C,)."""
-        dtype = mean.dtype
-        scale = self.norm1.weight.data.astype(dtype, copy=False) / np.sqrt(var + dtype.type(self.norm1.eps))
-        return scale, self.norm1.bias.data.astype(dtype, copy=False) - mean * scale
+    def _bottleneck_input(self, prefix, stats, out):
+        """out = relu(norm1(prefix)) with the block's statistics (training) or the running ones (eval)."""
+        norm = self.norm1
+        mean, var = stats if norm.training else (norm.running_mean, norm.running_var)
+        return _affine_relu(norm, prefix, mean, var, out)
 
-    def _norm1_relu(self, prefix, stats, out):
-        """out (N, c, H, W) = relu(norm1(prefix)); stats (mean, var) of the batch, or None in eval mode."""
-        mean, var = stats if self.norm1.training else (self.norm1.running_mean, self.norm1.running_var)
-        scale, shift = self._scale_shift(mean.astype(out.dtype, copy=False), var.astype(out.dtype, copy=False))
-        np.multiply(prefix, scale[:, None, None], out=out)
-        out += shift[:, None, None]
-        np.maximum(out, 0, out=out)
-        return out
+    def _conv2_input(self, scratch2):
+        """relu(norm2(h)) recomputed into scratch2 from what norm2 kept of its last forward."""
+        h, mean, var = self.norm2.last_forward()
+        return _affine_relu(self.norm2, h, mean, var, scratch2[:h.size].reshape(h.shape))
 
-    def forward_into(self, buffer, c, stats, scratch):
+    def _conv2_args(self):
+        c = self.conv2
+        return c.stride, c.padding, c.dilation, c.groups
+
+    def forward_into(self, buffer, c, stats, scratch, scratch2):
         """Compute this layer from buffer[:, :c] and return its (N, g, H, W) output.
 
-        stats: (mean, var) of the buffer's first c channels in training (None in eval); scratch: a flat
-        array of at least N * c * H * W elements this call may overwrite.
+        stats: (mean, var) of the buffer's first c channels in training (None in eval). scratch: a flat
+        array of at least N * c * H * W elements, scratch2 one of N * bn_size * g * H * W: both may be
+        overwritten (they hold the recomputable ReLU outputs).
         """
         N, _, H, W = buffer.shape
         prefix = buffer[:, :c]
-        if self._shared_stats():
-            y = self._norm1_relu(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
-            if self.norm1.training:
-                self.norm1.update_running_stats(stats[0], stats[1], N * H * W)
-        else:
+        if not self._shared_stats():
             y = self.norm1.forward(np.ascontiguousarray(prefix))
             np.maximum(y, 0, out=y)
             self._kept = y
+            h = kernels().conv2d_forward(y, self.conv1.weight.data, None, *_ONE)
+            return self.conv2.forward(self.relu2.forward(self.norm2.forward(h)))
+        y = self._bottleneck_input(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
+        if self.norm1.training:
+            self.norm1.update_running_stats(stats[0], stats[1], N * H * W)
         h = kernels().conv2d_forward(y, self.conv1.weight.data, None, *_ONE)
-        return self.conv2.forward(self.relu2.forward(self.norm2.forward(h)))
+        z = self.norm2.forward(h)                       # keeps h and the batch statistics
+        np.maximum(z, 0, out=z)
+        return kernels().conv2d_forward(z, self.conv2.weight.data, None, *self._conv2_args())
 
-    def backward_from(self, dnew, buffer, c, stats, scratch):
+    def backward_from(self, dnew, buffer, c, stats, scratch, scratch2):
         """dnew (N, g, H, W), the gradient of this layer's output -> the gradient of buffer[:, :c].
 
-        Sets .grad of the layer's parameters; recomputes relu(norm1(prefix)) into scratch.
+        Sets .grad of the layer's parameters; recomputes both ReLU outputs into the scratch arrays.
         """
         N, _, H, W = buffer.shape
         prefix = buffer[:, :c]
-        dh = self.norm2.backward(self.relu2.backward(self.conv2.backward(dnew)))
-        if self._shared_stats():
-            y = self._norm1_relu(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
-        else:
-            y = self._kept
+        if not self._shared_stats():
+            dh = self.norm2.backward(self.relu2.backward(self.conv2.backward(dnew)))
+            y, self._kept = self._kept, None
+            dy, self.conv1.weight.grad, _ = kernels().conv2d_backward(dh, y, self.conv1.weight.data, *_ONE)
+            np.multiply(dy, y > 0, out=dy)
+            return self.norm1.backward(dy)
+        z = self._conv2_input(scratch2)
+        dz, self.conv2.weight.grad, _ = kernels().conv2d_backward(dnew, z, self.conv2.weight.data,
+                                                                  *self._conv2_args())
+        np.multiply(dz, z > 0, out=dz)
+        dh = self.norm2.backward(dz)
+        y = self._bottleneck_input(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
         dy, self.conv1.weight.grad, _ = kernels().conv2d_backward(dh, y, self.conv1.weight.data, *_ONE)
         np.multiply(dy, y > 0, out=dy)
-        if not self._shared_stats():
-            self._kept = None
-            return self.norm1.backward(dy)
         norm = self.norm1
         if norm.training:
             dx, norm.weight.grad, norm.bias.grad = BatchNorm2d._batch_norm_ops(dy.dtype).batch_norm2d_backward(
                 dy, prefix, stats[0], stats[1], norm.weight.data.astype(dy.dtype, copy=False), norm.eps)
             return dx
         # Eval mode: norm1 is the affine map x * scale + shift with the running statistics.
-        mean = norm.running_mean.astype(dy.dtype)
-        scale, _ = self._scale_shift(mean, norm.running_var.astype(dy.dtype))
-        inv_std = 1 / np.sqrt(norm.running_var.astype(dy.dtype) + dy.dtype.type(norm.eps))
+        dtype = dy.dtype
+        mean = norm.running_mean.astype(dtype)
+        inv_std = 1 / np.sqrt(norm.running_var.astype(dtype) + dtype.type(norm.eps))
         norm.bias.grad = dy.sum(axis=(0, 2, 3))
         norm.weight.grad = np.einsum("nchw,nchw->c", dy, prefix - mean[:, None, None]) * inv_std
-        dy *= scale[:, None, None]
+        dy *= (norm.weight.data.astype(dtype, copy=False) * inv_std)[:, None, None]
         return dy
 
 
@@ -166,31 +191,32 @@ class DenseBlock(Module):
         buffer = np.empty((N, self.out_channels, H, W), x.dtype)
         buffer[:, :C0] = x
         scratch = np.empty(N * (self.out_channels - g) * H * W, x.dtype)
+        scratch2 = np.empty(N * self.layers[0].norm2.num_features * H * W, x.dtype)
         mean = var = None
         if self.training:
             eps = self.layers[0].norm1.eps
             mean, var = np.empty(self.out_channels, x.dtype), np.empty(self.out_channels, x.dtype)
-            mean[:C0], var[:C0] = _channel_stats(buffer[:, :C0], eps)
+            mean[:C0], var[:C0] = _channel_stats(x, eps)       # x, not its strided copy in the buffer
         for i, layer in enumerate(self.layers):
             c = C0 + i * g
             stats = (mean[:c], var[:c]) if self.training else None
-            new = layer.forward_into(buffer, c, stats, scratch)
+            new = layer.forward_into(buffer, c, stats, scratch, scratch2)
             buffer[:, c:c + g] = new
             if self.training:
                 mean[c:c + g], var[c:c + g] = _channel_stats(new, eps)
-        self._cache = (buffer, mean, var, scratch)
+        self._cache = (buffer, mean, var, scratch, scratch2)
         return buffer
 
     def backward(self, dout):
         """dout (N, C0 + L * g, H, W) -> dx (N, C0, H, W). Accumulates into dout when it is writeable."""
-        buffer, mean, var, scratch = self._cache
+        buffer, mean, var, scratch, scratch2 = self._cache
         dbuf = dout if dout.flags.writeable and dout.flags.c_contiguous else dout.copy()
         g = self.growth_rate
         for i in reversed(range(len(self.layers))):
             c = self.in_channels + i * g
             stats = (mean[:c], var[:c]) if mean is not None else None
             dnew = np.ascontiguousarray(dbuf[:, c:c + g])
-            dbuf[:, :c] += self.layers[i].backward_from(dnew, buffer, c, stats, scratch)
+            dbuf[:, :c] += self.layers[i].backward_from(dnew, buffer, c, stats, scratch, scratch2)
         self._cache = None
         return np.ascontiguousarray(dbuf[:, :self.in_channels])
 
@@ -224,8 +250,9 @@ class DenseNetFeatures(Module):
         rng = rng if rng is not None else np.random.default_rng(0)
         parts = {"conv0": Conv2d(int(in_channels), num_init_features, 7, stride=2, padding=3, bias=False,
                                  rng=rng),
-                 "norm0": BatchNorm2d(num_init_features), "relu0": ReLU(inplace=True),
-                 "pool0": MaxPool2d(3, stride=2, padding=1)}
+                 "norm0": BatchNorm2d(num_init_features),
+                 # pool0 before relu0: the same function (see ResNetFeatures._stages) on a 4x smaller map
+                 "pool0": MaxPool2d(3, stride=2, padding=1), "relu0": ReLU(inplace=True)}
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
             block = DenseBlock(num_layers, channels, bn_size, growth_rate, rng)

@@ -316,7 +316,9 @@ class BatchNorm2d(Module):
             inv_std = (1.0 / np.sqrt(self.running_var.astype(dtype) + dtype.type(self.eps)))[:, None, None]
             scale = gamma[:, None, None] * inv_std
             self._train_cache, self._eval_cache = None, (x, inv_std)
-            return x * scale + (beta[:, None, None] - self.running_mean.astype(dtype)[:, None, None] * scale)
+            out = np.multiply(x, scale)                 # one activation-sized array, shifted in place
+            out += beta[:, None, None] - self.running_mean.astype(dtype)[:, None, None] * scale
+            return out
         count = x.shape[0] * x.shape[2] * x.shape[3]
         if count < 2:
             raise ValueError(f"BatchNorm2d: training needs more than one value per channel, got input {x.shape}")
@@ -324,6 +326,13 @@ class BatchNorm2d(Module):
         self._train_cache, self._eval_cache = (x, mean, var), None
         self.update_running_stats(mean, var, count)
         return out
+
+    def last_forward(self):
+        """(x, mean, var) of the last forward: its input and the per-channel statistics it normalised with
+        (the batch's in training, the running ones in eval), so a caller can recompute its output."""
+        if self._train_cache is not None:
+            return self._train_cache
+        return self._eval_cache[0], self.running_mean, self.running_var
 
     def update_running_stats(self, mean, var, count):
         """running = (1 - momentum) * running + momentum * batch, var made unbiased (* count / (count - 1)).

@@ -123,7 +123,7 @@ RESNET_LAYERS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
 
 
 class ResNetFeatures(Module):
-    """The convolutional part: conv1 bn1 relu maxpool layer1..layer4. x (N, C, H, W) -> the last feature
+    """The convolutional part: conv1 bn1 relu maxpool layer1..layer4 (relu run after maxpool: the same). x (N, C, H, W) -> the last feature
     map (N, out_channels, ~H/32, ~W/32), out_channels 512 (resnet18/34) or 2048 (resnet50).
 
     width: channels of conv1 and layer1's planes, doubled per stage (torchvision's 64; smaller values
@@ -157,7 +157,10 @@ class ResNetFeatures(Module):
         self.out_channels = prev
 
     def _stages(self):
-        return (self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2, self.layer3, self.layer4)
+        # maxpool before relu: the same function with the same gradients (max-pooling and ReLU commute,
+        # padding included, see chexcy.nn.models.simple_trunk), while the ReLU and its saved output shrink
+        # to the pooled map, a quarter of the 112x112 one at 224 px.
+        return (self.conv1, self.bn1, self.maxpool, self.relu, self.layer1, self.layer2, self.layer3, self.layer4)
 
     def forward(self, x):
         for layer in self._stages():
