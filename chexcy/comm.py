@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-MPI_EXTRA_HINT = 'install the MPI extra: pip install "chexcy[mpi]" (mpi4py and an MPI implementation)'
+MPI_EXTRA_HINT = 'install MPI support: pip install mpi4py mpich (or pip install ".[mpi]" in a chexcy clone)'
 
 
 # ---------------------------------------------------------------------------------------------------

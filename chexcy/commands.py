@@ -1,4 +1,4 @@
-"""Sub-commands `train`, `evaluate`, `predict` and `demo` of the `chexcy` command.
+"""Sub-commands `train`, `evaluate`, `predict`, `export` and `demo` of the `chexcy` command.
 
 Each handler imports its heavy modules only when it runs and returns an exit status. Bad input raises
 ValueError/RuntimeError, which chexcy.cli turns into one clear line.
@@ -108,9 +108,13 @@ def register(subparsers):
                    help="a progress line every N steps (default 20; 0: none)")
     g.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP.format(cores_available()))
     g.add_argument("--workers", type=_positive_int, default=1, help="data loader workers (default 1)")
+    g.add_argument("--init-from", metavar="FILE",
+                   help="start from the weights in FILE (.safetensors, e.g. from torchvision, or a chexcy .npz "
+                        "checkpoint); a 3-channel first conv and a classifier of another size are adapted, and "
+                        "each adaptation is printed")
     g.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI ranks: run as `mpiexec -n K chexcy train ... --distributed` "
-                        "(needs chexcy[mpi]; see docs/distributed.md)")
+                        "(needs mpi4py and mpich; see docs/distributed.md)")
     p.set_defaults(func=run_train)
 
     # -- evaluate ----------------------------------------------------------------------------------------
@@ -135,12 +139,12 @@ def register(subparsers):
 
     # -- predict -----------------------------------------------------------------------------------------
     p = subparsers.add_parser("predict", help="label chest X-ray images with a checkpoint",
-                              description=f"{NUM_CLASSES} probabilities per image (JPEG or PNG files, or folders of "
-                                          "them), preprocessed exactly as `chexcy prepare` does; optional "
-                                          "Grad-CAM heat maps.")
+                              description=f"{NUM_CLASSES} probabilities per image (JPEG, PNG or DICOM files, or "
+                                          "folders of them; DICOM needs pydicom), preprocessed exactly as `chexcy "
+                                          "prepare` does; optional Grad-CAM heat maps.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
-                   help="image files (any extension Pillow reads) or folders, searched recursively for "
-                        ".jpg/.jpeg/.png")
+                   help="image files (any extension Pillow reads, or DICOM) or folders, searched recursively "
+                        "for .jpg/.jpeg/.png/.dcm/.dicom")
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="a checkpoint written by `chexcy train` (e.g. RUN/best.npz)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
@@ -153,6 +157,18 @@ def register(subparsers):
                    help="images scored at once (default 32; memory grows with it, results do not change)")
     p.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP.format(cores_available()))
     p.set_defaults(func=run_predict)
+
+    # -- export ------------------------------------------------------------------------------------------
+    p = subparsers.add_parser("export", help="write a checkpoint's model as ONNX or its weights as safetensors",
+                              description="Use a chexcy model elsewhere: --onnx writes an ONNX graph of standard "
+                                          "operators (opset 17, dynamic batch axis; needs the onnx package) checked "
+                                          "by onnx.checker; --safetensors writes the state dict.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file (e.g. RUN/best.npz)")
+    p.add_argument("--onnx", metavar="FILE", help="write the model as ONNX to FILE")
+    p.add_argument("--probabilities", action="store_true",
+                   help="ONNX output: sigmoid probabilities instead of logits")
+    p.add_argument("--safetensors", metavar="FILE", help="write the weights (state dict) to FILE")
+    p.set_defaults(func=run_export)
 
     # -- demo --------------------------------------------------------------------------------------------
     p = subparsers.add_parser("demo", help="synthetic data -> prepare -> train -> evaluate, end to end",
@@ -204,7 +220,7 @@ def run_train(args):
             print(f"no --checkpoint-dir given: this run goes to {args.checkpoint_dir}", flush=True)
     run = dict(checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
                log_every=args.log_every, checkpoint_every=args.checkpoint_every, workers=args.workers,
-               out=sys.stdout, **settings)
+               init_from=args.init_from, out=sys.stdout, **settings)
     if comm is not None:
         threads = args.threads or distributed.threads_per_rank(comm)
         with distributed.abort_on_error(comm, "chexcy train"):
@@ -227,6 +243,27 @@ def run_evaluate(args):
 def run_predict(args):
     from chexcy import predict
     return predict.run(args)
+
+
+def run_export(args):
+    import sys
+
+    from chexcy.checkpoint import load_checkpoint
+    if not (args.onnx or args.safetensors):
+        raise ValueError("nothing to do: give --onnx FILE and/or --safetensors FILE")
+    if args.probabilities and not args.onnx:
+        raise ValueError("--probabilities only applies with --onnx FILE")
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.onnx:
+        from chexcy.onnx_export import OPSET, export_onnx
+        export_onnx(ckpt, args.onnx, probabilities=args.probabilities)
+        print(f"wrote {args.onnx} (ONNX opset {OPSET}, output "
+              f"{'probabilities' if args.probabilities else 'logits'})", file=sys.stderr)
+    if args.safetensors:
+        from chexcy.weights import save_safetensors
+        state = save_safetensors(ckpt, args.safetensors)
+        print(f"wrote {args.safetensors} ({len(state)} arrays)", file=sys.stderr)
+    return 0
 
 
 def run_demo(args):

@@ -22,12 +22,12 @@ import sys
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 
 
 def collect_inputs(inputs):
     """Paths given on the command line -> (files, problems, roots): folders are searched recursively for
-    JPEG/PNG files (sorted); a named file is kept whatever its extension (load_image judges it). problems
+    JPEG/PNG/DICOM files (sorted); a named file is kept whatever its extension (load_image judges it). problems
     lists (path, reason) for paths that do not exist or folders without images; roots maps each file
     found in a folder to that folder."""
     files, problems, roots = [], [], {}
@@ -38,7 +38,7 @@ def collect_inputs(inputs):
                 dirs.sort()
                 found += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
             if not found:
-                problems.append((item, "folder holds no .jpg/.jpeg/.png file"))
+                problems.append((item, "folder holds no .jpg/.jpeg/.png/.dcm file"))
             files += found
             roots.update((f, item) for f in found)
         elif os.path.exists(item):

@@ -271,7 +271,7 @@ def _check_image_size(dataset, size, what):
 
 
 def fit(data, valid=None, *, checkpoint_dir=None, resume=False, overwrite=False, log_every=20, checkpoint_every=0,
-        threads=None, workers=1, out=sys.stdout, handle_signals=True, comm=None, **settings):
+        threads=None, workers=1, out=sys.stdout, handle_signals=True, comm=None, init_from=None, **settings):
     """Train a model on a prepared folder. Returns a FitResult.
 
     data, valid: prepared folders (paths) or chexcy.data.PreparedDataset objects; valid optional.
@@ -287,6 +287,8 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, overwrite=False,
     out: where progress goes (None: silent). settings: fields of TrainConfig (arch, epochs, lr, ...).
     comm: a chexcy.comm communicator for data-parallel training under mpiexec (chexcy.distributed.init(True));
       None: one process. See docs/distributed.md.
+    init_from: start a new run from the weights in this .safetensors or .npz file (chexcy.weights.init_from:
+      adaptations are printed); not with resume.
     Raises TrainingDiverged when the loss becomes NaN/inf/huge or the weights blow up (naming the step;
     last.npz stays the last good state), CheckpointError/ValueError for a checkpoint that does not fit the
     data or the settings, DiskFullError (naming the file) when the disk fills up.
@@ -294,6 +296,8 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, overwrite=False,
     unknown = set(settings) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"fit: unknown settings {sorted(unknown)}")
+    if init_from is not None and resume:
+        raise ValueError("--init-from starts a new run and --resume continues one: give only one of them")
     if resume and overwrite:
         raise ValueError("--resume continues the run in the folder and --overwrite deletes it: pass one of them")
     if resume is True:
@@ -307,7 +311,7 @@ def fit(data, valid=None, *, checkpoint_dir=None, resume=False, overwrite=False,
     try:
         run = start_or_resume(data, valid, checkpoint_dir=checkpoint_dir, resume=resume, log_every=log_every,
                               checkpoint_every=checkpoint_every, threads=threads, workers=workers, out=out,
-                              comm=comm, settings=settings)
+                              comm=comm, init_from=init_from, settings=settings)
         if isinstance(run, FitResult):          # a finished run asked for no more epochs
             return run
         with StopRequest(comm, enabled=handle_signals or comm.size > 1) as stop:
@@ -470,7 +474,7 @@ def _resume_config(ckpt, resume, settings, train_set, valid_set, data):
 
 
 def start_or_resume(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, threads, workers, out,
-                    comm, settings):
+                    comm, settings, init_from=None):
     """Open the data, build (or load from `resume`) the model, optimiser, loader and replica, and announce
     the run. Returns a _Run positioned where training goes on, or a FitResult when a resumed run has
     already finished its epochs. Arguments as `fit`'s; comm a communicator (LocalComm for one process)."""
@@ -503,9 +507,17 @@ def start_or_resume(data, valid, *, checkpoint_dir, resume, log_every, checkpoin
         f"{len(valid_set)} images, fingerprint {fingerprint(data_identity(valid_set))}",
         "settings": dataclasses.asdict(cfg),
         "resumed from": None if position is None else (str(resume), position["global_step"]),
+        "--init-from": None if init_from is None else str(init_from),
     })
 
     model = build_model(cfg.arch, **cfg.model_config())
+    if init_from is not None:
+        from chexcy.weights import init_from as load_initial_weights
+        notes = load_initial_weights(model, init_from)
+        if comm.is_root:
+            emit(f"--init-from {init_from}: weights loaded" + (", adapted:" if notes else " as they are"))
+            for note in notes:
+                emit(f"--init-from {init_from}: {note}")
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     loader = make_loader(model, train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,

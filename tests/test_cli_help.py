@@ -18,6 +18,7 @@ REQUIRED = {
     "train": ["--data", "d"],
     "evaluate": ["--checkpoint", "c.npz", "--data", "d"],
     "predict": ["--checkpoint", "c.npz", "image.png"],
+    "export": ["c.npz"],
 }
 
 
@@ -26,7 +27,8 @@ def options(name):
 
 
 def test_every_subcommand_is_covered():
-    assert set(SUBCOMMANDS) == {"info", "synth", "prepare", "train", "evaluate", "predict", "demo"}
+    assert set(SUBCOMMANDS) == {"info", "synth", "prepare", "train", "evaluate", "predict", "export",
+                                "demo"}
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)

@@ -33,7 +33,7 @@ def find_mpiexec():
 
 def mpi_skip_reason():
     if importlib.util.find_spec("mpi4py") is None:
-        return 'mpi4py is not installed (pip install "chexcy[mpi]")'
+        return 'mpi4py is not installed (pip install mpi4py mpich)'
     if find_mpiexec() is None:
         return f"no mpiexec next to {sys.executable} or on PATH"
     return None
@@ -488,7 +488,7 @@ def test_distributed_without_mpi4py_says_how_to_install_it(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=tmp_path,
                           capture_output=True, text=True, timeout=MPI_TIMEOUT_S)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert 'chexcy train: error: --distributed needs mpi4py: install the MPI extra: pip install "chexcy[mpi]"' \
+    assert 'chexcy train: error: --distributed needs mpi4py: install MPI support: pip install mpi4py mpich' \
         in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
 

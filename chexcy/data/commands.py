@@ -48,7 +48,7 @@ def register(subparsers):
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--distributed", action="store_true",
-                   help="decode over MPI ranks: `mpiexec -n K chexcy prepare ... --distributed` (needs chexcy[mpi]; "
+                   help="decode over MPI ranks: `mpiexec -n K chexcy prepare ... --distributed` (needs mpi4py and mpich; "
                         "--out on a file system all ranks see; see docs/distributed.md)")
     p.set_defaults(func=run_prepare)
 

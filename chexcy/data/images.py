@@ -10,6 +10,10 @@ Pixel modes: "L" is used as is; colour ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA
 with Pillow's ITU-R 601-2 rule (L = 0.299 R + 0.587 G + 0.114 B); 1-bit ("1") maps to 0/255; 16-bit
 grayscale ("I;16*" and "I" holding 0..65535) is scaled to 8 bits as round(v / 257). Anything else (float
 images, multi-frame oddities) is refused with a reason.
+
+DICOM files (a .dcm/.dicom name, or the DICM signature in a file Pillow does not recognise) are turned into
+the 8-bit picture a viewer shows by `chexcy.data.dicom.read_dicom` (needs pydicom), then take the same
+crop and resize.
 """
 import errno
 import os
@@ -70,13 +74,25 @@ def _to_gray8(img, path):
     raise ImageReadError(path, f"unsupported pixel mode {mode}")
 
 
+def _square(gray, size):
+    """Mode "L" Pillow image -> uint8 (1, size, size): the centred square of side min(w, h), box-resized."""
+    from PIL import Image
+    w, h = gray.size
+    side = min(w, h)
+    left, top = (w - side) / 2.0, (h - side) / 2.0
+    out = gray.resize((size, size), Image.BOX, box=(left, top, left + side, top + side))
+    return np.asarray(out, dtype=np.uint8).reshape(1, size, size)
+
+
 def load_image(path, size):
     """Read one image file and return uint8 (1, size, size).
 
     Raises ImageReadError (a ValueError) with the reason for: a path that cannot be opened (missing file,
     symlink loop, a parent that is not a folder, a directory, permission denied, path too long, ...), a
     file that is not a regular file (e.g. a FIFO), a 0-byte file, a read error, a file that is not an image,
-    a truncated or corrupt image, an unsupported pixel mode.
+    a truncated or corrupt image, an unsupported pixel mode, a DICOM file chexcy cannot use (see
+    chexcy.data.dicom); chexcy.data.dicom.DicomSupportMissing (a RuntimeError) for any DICOM file
+    when pydicom is not installed.
     """
     size = int(size)
     if size < 1:
@@ -98,6 +114,9 @@ def load_image(path, size):
         os.close(fd)
         raise
     with f:
+        from chexcy.data import dicom
+        if path.lower().endswith(dicom.DICOM_EXTENSIONS):
+            return _square(dicom.read_dicom_image(f, path), size)
         return _decode(f, path, size)
 
 
@@ -110,15 +129,13 @@ def _decode(f, path, size):
                 # Decode at a reduced DCT scale when the result still covers size x size.
                 img.draft("L", (size, size))
             img.load()
-            gray = _to_gray8(img, path)
-            w, h = gray.size
-            side = min(w, h)
-            left, top = (w - side) / 2.0, (h - side) / 2.0
-            out = gray.resize((size, size), Image.BOX, box=(left, top, left + side, top + side))
-            return np.asarray(out, dtype=np.uint8).reshape(1, size, size)
+            return _square(_to_gray8(img, path), size)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
+        from chexcy.data import dicom
+        if dicom.is_dicom_file(f):
+            return _square(dicom.read_dicom_image(f, path), size)
         raise ImageReadError(path, "not an image (unrecognised file format)") from None
     except OSError as exc:
         if exc.errno is not None:              # the system failed to read the file (EIO, ...), not Pillow
