@@ -198,7 +198,7 @@ def test_load_image_crops_and_resizes_dicom_exactly_like_a_png(tmp_path, rng):
 def test_missing_pydicom_says_how_to_install(tmp_path, monkeypatch, capsys, rng):
     path = write(tmp_path / "x.dcm", make_dataset(rng.integers(0, 256, (9, 9), dtype=np.uint8)))
     monkeypatch.setitem(sys.modules, "pydicom", None)                   # import pydicom -> ImportError
-    with pytest.raises(DicomSupportMissing, match=r"pip install pydicom \(or pip install 'chexcy\[dicom\]'\)"):
+    with pytest.raises(DicomSupportMissing, match=r"pip install pydicom \(or pip install '\.\[dicom\]' in a chexcy clone\)"):
         load_image(path, 8)
     assert np.asarray(load_image(_png(tmp_path, rng), 8)).shape == (1, 8, 8)   # other images still load
     assert cli.main(["predict", "--checkpoint", str(_checkpoint(tmp_path)), path]) == 2
@@ -275,3 +275,25 @@ def test_prepare_over_200_dicom_files_lists_every_broken_one_in_skipped_csv(tmp_
     meta = pd.read_csv(tmp_path / "prepared" / "meta.csv")
     for k, rel in enumerate(meta["path"]):
         assert np.array_equal(images[k], load_image(good[rel], 8)), rel
+
+
+def test_prepare_reads_mimic_cxr_style_paths(tmp_path, rng):
+    """A CSV in chexcy's schema whose Path column uses MIMIC-CXR's layout
+    (files/pNN/pNNNNNNNN/sNNNNNNNN/<id>.dcm): patients and studies come from the p... and s... folders."""
+    rels = ["files/p10/p10000032/s50414267/02aa804e.dcm", "files/p10/p10000032/s50414267/174413ec.dcm",
+            "files/p10/p10000032/s53189527/2a2277a9.dcm", "files/p11/p11000011/s51029426/3e2d2b5b.dcm"]
+    rows = []
+    for i, rel in enumerate(rels):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        write(tmp_path / rel, make_dataset(rng.integers(0, 256, (12, 10), dtype=np.uint8)))
+        rows.append([rel, "Male", 60, "Lateral" if i == 1 else "Frontal", "" if i == 1 else "AP"] + [0.0] * 14)
+    write_csv(tmp_path / "mimic.csv", rows)
+    manifest = prepare(tmp_path / "mimic.csv", tmp_path / "prepared", size=8, quiet=True)
+    assert manifest["count"] == 4 and manifest["skipped"] == 0
+    meta = pd.read_csv(tmp_path / "prepared" / "meta.csv")
+    assert list(meta["patient"]) == ["p10000032", "p10000032", "p10000032", "p11000011"]
+    assert list(meta["study"]) == ["p10000032/s50414267", "p10000032/s50414267", "p10000032/s53189527",
+                                   "p11000011/s51029426"]
+    images = np.load(tmp_path / "prepared" / "images.npy")
+    for k, rel in enumerate(rels):
+        assert np.array_equal(images[k], load_image(str(tmp_path / rel), 8)), rel

@@ -31,6 +31,8 @@ AGE_LIMIT = 150                              # ages above this are errors, not o
 PREPARED_META_COLUMNS = ("path", "csv_row", "patient", "study", "view", "ap_pa", "sex", "age")
 
 _PATH_RE = re.compile(r"(?:^|/)(?P<split>[^/]+)/(?P<patient>patient\d+)/(?P<study>study\d+)/(?P<file>[^/]+)$")
+# MIMIC-CXR's layout: files/p10/p10000032/s50414267/<dicom id>.dcm (patient group, patient, study).
+_MIMIC_PATH_RE = re.compile(r"(?:^|/)(?P<split>[^/]+)/p\d\d/(?P<patient>p\d+)/(?P<study>s\d+)/(?P<file>[^/]+)$")
 
 
 def label_index(name):
@@ -53,10 +55,14 @@ def parse_path(path):
     """Split a CheXpert Path into (split, patient, study id, file name).
 
     The study id is ``"<patient>/<study>"`` (e.g. ``"patient00001/study1"``), unique over a download.
+    MIMIC-CXR's paths (``files/p10/p10000032/s50414267/<id>.dcm``) are read the same way: split "files",
+    patient "p10000032", study id "p10000032/s50414267".
     """
-    m = _PATH_RE.search(str(path).replace(os.sep, "/"))
+    text = str(path).replace(os.sep, "/")
+    m = _PATH_RE.search(text) or _MIMIC_PATH_RE.search(text)
     if m is None:
-        raise ValueError(f"Path {path!r} does not look like .../<split>/patientNNNNN/studyK/<file>")
+        raise ValueError(f"Path {path!r} does not look like .../<split>/patientNNNNN/studyK/<file> (CheXpert) "
+                         f"or .../files/pNN/pNNNNNNNN/sNNNNNNNN/<file> (MIMIC-CXR)")
     return m["split"], m["patient"], f"{m['patient']}/{m['study']}", m["file"]
 
 
@@ -141,10 +147,11 @@ def read_csv(csv_path):
         df[column] = df[column].astype("category")
 
     paths = df["Path"].str.strip()
-    bad = ~paths.map(lambda p: _PATH_RE.search(p) is not None).astype(bool)
+    bad = ~paths.map(lambda p: (_PATH_RE.search(p) or _MIMIC_PATH_RE.search(p)) is not None).astype(bool)
     if bad.any():
         raise ValueError(f"{csv_path}: column 'Path' has malformed value(s) at {lines_where(bad)} "
-                         f"(expected {DATASET_DIR}/<split>/patientNNNNN/studyK/viewJ_<view>.jpg)")
+                         f"(expected {DATASET_DIR}/<split>/patientNNNNN/studyK/viewJ_<view>.jpg, or MIMIC-CXR's "
+                         f"files/pNN/pNNNNNNNN/sNNNNNNNN/<id>.dcm)")
     df["Path"] = paths
     return df.reset_index(drop=True)
 
