@@ -49,7 +49,8 @@ def _pos_weight(text):
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto', a number or 14 comma-separated numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto', a number or 14 comma-separated numbers, got {text!r}") from None
     return values[0] if len(values) == 1 else values
 
 

@@ -7,7 +7,8 @@ checkpoint / metrics. One step:
     logits = model.forward_batch(batch)                 (B, 14) float32
     loss, dlogits = bce_with_logits(logits, labels, mask, pos_weight)
     model.backward(dlogits)                             sets every p.grad
-    optimizer.step(lr_at(global_step))                  lr a pure function of the step
+    optimizer.lr = lr_at(global_step)                   lr a pure function of the step
+    optimizer.step()
 
 Exact resume: the loader's order and augmentation depend only on (seed, epoch, row), dropout on
 (seed, epoch, step), the learning rate on the global step, and a checkpoint stores parameters, buffers,
@@ -629,8 +630,8 @@ def _fit(data, valid, *, checkpoint_dir, resume, log_every, checkpoint_every, th
                     if dp is not None:      # averaged gradients, the global loss and a shared stop decision
                         totals = dp.end_batch(loss)
                         loss, stop.signal = totals.loss, dp.stop_signal(totals)
-                    lr = lr_at(global_step)
-                    optimizer.step(lr)
+                    lr = optimizer.lr = lr_at(global_step)
+                    optimizer.step()
                     global_step += 1
                     loss_sum += loss
                     loss_count += 1
