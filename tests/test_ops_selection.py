@@ -179,8 +179,8 @@ def test_fallback_in_a_clone_points_at_the_installed_copy(tmp_path):
     (clone / "pyproject.toml").write_text("[project]\nname = 'chexcy'\n")
     _fake_tree(clone, with_compiled=False)
     installed = _fake_tree(site, with_compiled=True)
-    env = {k: v for k, v in subprocess_env().items()}
-    env["PYTHONPATH"] = str(site)
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONSAFEPATH"}   # (CI sets it) the cwd is
+    env["PYTHONPATH"] = str(site)                           # on sys.path here, as for a user in a clone
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(WHICH_ADVICE)], cwd=clone, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
