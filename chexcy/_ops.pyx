@@ -965,8 +965,8 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
     cdef int dh = dilation[0], dw = dilation[1]
-    N, C, H, W = x.shape
-    F, Cg, KH, KW = weight.shape
+    N, _, H, W = x.shape
+    F, _, KH, KW = weight.shape
     OH = _conv_out_size(H, KH, sh, ph, dh)
     OW = _conv_out_size(W, KW, sw, pw, dw)
     path = conv_plan(x.shape, weight.shape, stride, padding, dilation, groups)[0]
@@ -1266,14 +1266,14 @@ cdef _dweight_winograd(dout, x, int ph, int pw):
     The units (sample, block of rows of tiles) are cut into WDW_PARTS partial sums by the shape alone,
     each computed by one thread and then added in order: bitwise the same for any thread count."""
     cdef int n_threads = _threads()
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3]
     cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, TB, G, U, TU
     TB, G, U, TU = _wino_plan(N, TH, TW)
     cdef Py_ssize_t P = min(U, <Py_ssize_t>WDW_PARTS)
     cdef Py_ssize_t nct = (C + GEMM_NR - 1) // GEMM_NR, nfb = (F + GEMM_MR - 1) // GEMM_MR
     cdef Py_ssize_t Cp = nct * GEMM_NR, Fp = nfb * GEMM_MR, Fs = Fp + DW_V, tq = TU + 1
-    cdef Py_ssize_t Hq = 2 * TH + 2, Wq = 2 * TW + 2, ps = 16 * Fp * Cp, u, f, c
+    cdef Py_ssize_t Hq = 2 * TH + 2, Wq = 2 * TW + 2, ps = 16 * Fp * Cp, u, f
     cdef Py_ssize_t per = (4 * TB * TW * Fs + 16 * nfb * tq * GEMM_MR + DW_V + 16 * nct * tq * GEMM_NR
                            + 15) // 16 * 16
     cdef const float[:, :, :, ::1] xv = x
@@ -1375,7 +1375,7 @@ cdef void _dw_one_sample(
     _dw_block, over this sample only, written to its own scratch (summed over samples later). Its dbias
     terms come from the copy of dout into the padded buffer (chexcy_pad_planes with sums)."""
     cdef Py_ssize_t nkc = (KW + 2) // 3, nfb = (F + DW_F - 1) // DW_F, part_len = DW_F * 3 * DW_V
-    cdef Py_ssize_t blk = 3 * nkc * part_len, fb, f0, nf, f, r0, rr, kc, kh, j
+    cdef Py_ssize_t blk = 3 * nkc * part_len, fb, f0, nf, f, r0, rr
     cdef const float* drows[DW_F]
     memset(part, 0, nfb * blk * sizeof(float))
     for fb in range(nfb):
@@ -1402,7 +1402,7 @@ cdef _backward_one_channel(dout, x, weight, int ph, int pw, int dw):
     cdef Py_ssize_t F = weight.shape[0], KW = weight.shape[3], OH = dout.shape[2], OW = dout.shape[3]
     cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw, nkc = (KW + 2) // 3
     cdef Py_ssize_t nfb = (F + DW_F - 1) // DW_F, part_len = DW_F * 3 * DW_V, blk = 3 * nkc * part_len
-    cdef Py_ssize_t R = min(OH, max(1, DW_CHUNK // (DW_F * OW))), n, fb, f, kh, kw, j
+    cdef Py_ssize_t R = min(OH, max(1, DW_CHUNK // (DW_F * OW))), n, f, kh, kw, j
     cdef int n_threads = _threads(), tid
     cdef int qh = 2 - ph, qw = dw * (KW - 1) - pw       # dx: the forward conv of dout, flipped kernel
     cdef Py_ssize_t Hq = OH + 2 * qh, Wq = OW + 2 * qw       # dout padded for dx

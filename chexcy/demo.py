@@ -55,7 +55,10 @@ def run_demo(out, quick=False, size=None, n_train=None, n_valid=None, epochs=Non
         say(f"      done in {time.perf_counter() - t_start:.1f} s")
     t = time.perf_counter()
     say(f"[2/4] preparing {size}x{size} arrays into {prepared}/train and {prepared}/valid")
-    quiet_log = (lambda *a, **k: None)
+
+    def quiet_log(*args, **kwargs):
+        pass
+
     for split in ("train", "valid"):
         prepare(os.path.join(base, f"{split}.csv"), os.path.join(prepared, split), size=size, workers=workers,
                 overwrite=True, quiet=True, log=quiet_log, **POLICY)

@@ -299,7 +299,7 @@ def _x_shape(x_shape, fn):
 def _output_hw(fn, x_shape, kernel_hw, stride, padding, dilation, what):
     """(OH, OW) for the geometry; ValueError when the (dilated) kernel is larger than the padded input."""
     H, W = x_shape[2], x_shape[3]
-    for axis, size, k, s, p, d in (("H", H, kernel_hw[0], stride[0], padding[0], dilation[0]),
+    for axis, size, k, _s, p, d in (("H", H, kernel_hw[0], stride[0], padding[0], dilation[0]),
                                    ("W", W, kernel_hw[1], stride[1], padding[1], dilation[1])):
         if size + 2 * p > _INT_LIMIT:
             raise ValueError(f"{fn}: padded {axis}={size + 2 * p} is too large (limit {_INT_LIMIT})")

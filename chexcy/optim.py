@@ -2,8 +2,18 @@
 
 Optimisers update `p.data` in place from `p.grad` for a list of Parameters (objects with .data, .grad
 and .decay), in float32, with no per-step allocation of parameter-sized arrays beyond one scratch buffer.
-The learning rate is passed to every `step(lr)`: schedules are pure functions of the global step, so a
-resumed run gets exactly the rates of an uninterrupted one without any schedule state to save.
+As in PyTorch, the learning rate is given to the constructor and `step()` takes no argument:
+
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for step in range(steps):
+        opt.zero_grad()                   # every p.grad = None
+        model.backward(dlogits)           # SETS p.grad (chexcy does not accumulate; see chexcy.nn.module)
+        opt.lr = lr_at(step)              # a schedule: set the attribute before the step
+        opt.step()
+
+Schedules (make_schedule) are pure functions of the global step, so a resumed run gets exactly the rates
+of an uninterrupted one without any schedule state to save. `step()` refuses a parameter whose `.grad` is
+None (no backward since `zero_grad()`), so a forgotten backward is an error, not a silent no-op.
 
 SGD follows PyTorch's formulation (weight decay added to the gradient, L2 style):
     g = grad + wd * p;  buf = momentum * buf + g  (buf = g at the first step)
@@ -23,11 +33,34 @@ class Optimizer:
     """Common state handling: `state_dict()` -> dict of name -> ndarray or number; `load_state_dict`."""
     name = "optimizer"
 
-    def __init__(self, params):
+    def __init__(self, params, lr):
         self.params = list(params)
         if not self.params:
             raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+        self.lr = lr
         self.step_count = 0
+
+    @property
+    def lr(self):
+        """The learning rate the next `step()` uses (a positive float; set it to follow a schedule)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{type(self).__name__}: lr must be a positive number, got {value!r}")
+        self._lr = float(value)
+
+    def zero_grad(self):
+        """Forget every parameter's gradient (p.grad = None), as PyTorch's zero_grad(set_to_none=True)."""
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        """One update of every parameter from its .grad with learning rate `self.lr`."""
+        self._update(self._lr)
+        self.step_count += 1
 
     def _slots(self):
         """Names of the per-parameter state arrays (e.g. ('momentum',))."""
@@ -68,8 +101,8 @@ class Optimizer:
 class SGD(Optimizer):
     name = "sgd"
 
-    def __init__(self, params, momentum=0.0, nesterov=False, weight_decay=0.0):
-        super().__init__(params)
+    def __init__(self, params, lr=1e-3, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(params, lr)
         if momentum < 0 or weight_decay < 0:
             raise ValueError(f"SGD: momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}")
         if nesterov and momentum == 0:
@@ -80,7 +113,7 @@ class SGD(Optimizer):
     def _slots(self):
         return ("buffers",)
 
-    def step(self, lr):
+    def _update(self, lr):
         for i, p, grad in self._grads():
             g = grad
             if self.weight_decay and p.decay:
@@ -94,14 +127,13 @@ class SGD(Optimizer):
                     buf += g
                 g = g + np.float32(self.momentum) * buf if self.nesterov else buf
             p.data -= np.float32(lr) * g
-        self.step_count += 1
 
 
 class AdamW(Optimizer):
     name = "adamw"
 
-    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        super().__init__(params)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, lr)
         b1, b2 = betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1) or eps <= 0 or weight_decay < 0:
             raise ValueError(f"AdamW: need 0 <= betas < 1, eps > 0, weight_decay >= 0; got {betas}, {eps}, "
@@ -113,7 +145,7 @@ class AdamW(Optimizer):
     def _slots(self):
         return ("exp_avg", "exp_avg_sq")
 
-    def step(self, lr):
+    def _update(self, lr):
         t = self.step_count + 1
         bias1 = 1.0 - self.beta1 ** t
         bias2 = 1.0 - self.beta2 ** t
@@ -132,20 +164,20 @@ class AdamW(Optimizer):
             denom *= np.float32(1.0 / math.sqrt(bias2))
             denom += np.float32(self.eps)
             p.data -= np.float32(lr / bias1) * (m / denom)
-        self.step_count += 1
 
 
 OPTIMIZERS = {"sgd": SGD, "adamw": AdamW}
 
 
-def build_optimizer(name, params, momentum=0.9, nesterov=False, weight_decay=0.0, betas=(0.9, 0.999)):
-    """The optimiser called `name` (a key of OPTIMIZERS) over `params`, given the options its class takes."""
+def build_optimizer(name, params, lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0, betas=(0.9, 0.999)):
+    """The optimiser called `name` (a key of OPTIMIZERS) over `params`, starting at learning rate `lr`,
+    given the options its class takes."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     cls = OPTIMIZERS[name]
     options = dict(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas)
     accepted = inspect.signature(cls).parameters
-    return cls(params, **{key: value for key, value in options.items() if key in accepted})
+    return cls(params, lr=lr, **{key: value for key, value in options.items() if key in accepted})
 
 
 # -- schedules: lr as a pure function of the global step (0-based) ---------------------------------------

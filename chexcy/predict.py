@@ -277,7 +277,7 @@ def format_results(results, fmt, stream):
         width = max([len(p) for p, _, _ in results] + [4])
         short = [SHORT_NAMES.get(n, n[:4]) for n in LABELS]
         stream.write(f"{'image':<{width}}  " + " ".join(f"{s:>5}" for s in short) + "\n")
-        for p, probs, h in results:
+        for p, probs, _ in results:
             stream.write(f"{p:<{width}}  " + " ".join(f"{v:5.3f}" for v in probs) + "\n")
         stream.write("(probabilities; columns: " + ", ".join(f"{s} = {n}" for s, n in zip(short, LABELS)) + ")\n")
 

@@ -12,7 +12,8 @@ collectives return their input). One step:
     loss, dlogits = bce_with_logits(logits, labels, mask, pos_weight)
     model.backward(dlogits)                             sets every p.grad
     totals = replica.end_batch(loss, stop)              gradients, loss and stop request of all ranks
-    optimizer.step(lr_at(global_step))                  lr a pure function of the step
+    optimizer.lr = lr_at(global_step)                   lr a pure function of the step
+    optimizer.step()
 
 Exact resume: the loader's order and augmentation depend only on (seed, epoch, row), dropout on
 (seed, epoch, step), the learning rate on the global step, and a checkpoint stores parameters, buffers,
@@ -518,7 +519,7 @@ def start_or_resume(data, valid, *, checkpoint_dir, resume, log_every, checkpoin
             emit(f"--init-from {init_from}: weights loaded" + (", adapted:" if notes else " as they are"))
             for note in notes:
                 emit(f"--init-from {init_from}: {note}")
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), momentum=cfg.momentum, nesterov=cfg.nesterov,
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     loader = make_loader(model, train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
                          workers=workers)
@@ -612,8 +613,8 @@ def train_epoch(run, stop):
         model.backward(dlogits)
         totals = replica.end_batch(loss, stop=stop.seen is not None)  # averaged gradients, global loss, stop
         stop.decide(totals.stop)
-        lr = run.lr_at(run.global_step)
-        run.optimizer.step(lr)
+        lr = run.optimizer.lr = run.lr_at(run.global_step)
+        run.optimizer.step()
         run.global_step += 1
         run.loss_sum += totals.loss
         run.loss_count += 1

@@ -181,7 +181,7 @@ def test_multiview_backward_matches_finite_differences_float64(shared):
     tab = rng.random((4, 2))
     with nn.use_kernels(reference):
         check_module(model, (frontal, lateral), rng,
-                     forward=lambda f, l: model.forward(f, l, has_f, has_l, tab),
+                     forward=lambda f, lat: model.forward(f, lat, has_f, has_l, tab),
                      reset=lambda: model.set_random_state(np.random.default_rng(3)))
     # A missing view's image does not matter at all.
     model.set_random_state(np.random.default_rng(3))

@@ -26,7 +26,8 @@ def test_sgd_matches_the_written_rule(nesterov):
         lr = 0.1 / (step + 1)
         for p, g in zip(params, gs):
             p.grad = g
-        opt.step(lr)
+        opt.lr = lr
+        opt.step()
         for i, (p, g) in enumerate(zip(params, gs)):
             g = g + (0.01 * ref[i] if p.decay else 0)
             bufs[i] = g if bufs[i] is None else 0.9 * bufs[i] + g
@@ -41,11 +42,11 @@ def test_adamw_matches_the_written_rule():
     ref = [p.data.astype(np.float64) for p in params]
     m = [np.zeros_like(r) for r in ref]
     v = [np.zeros_like(r) for r in ref]
-    opt = AdamW(params, weight_decay=0.05)
+    opt = AdamW(params, lr=0.01, weight_decay=0.05)
     for t, gs in enumerate(grads, start=1):
         for p, g in zip(params, gs):
             p.grad = g
-        opt.step(0.01)
+        opt.step()
         for i, (p, g) in enumerate(zip(params, gs)):
             if p.decay:
                 ref[i] = ref[i] * (1 - 0.01 * 0.05)
@@ -60,18 +61,20 @@ def test_adamw_matches_the_written_rule():
 def test_state_dict_round_trip_continues_identically(name):
     params_a, grads = params_and_grads(2)
     params_b = [Parameter(p.data.copy(), p.decay) for p in params_a]
-    opt_a = build_optimizer(name, params_a, momentum=0.9, weight_decay=0.01)
+    opt_a = build_optimizer(name, params_a, lr=0.1, momentum=0.9, weight_decay=0.01)
     for p, g in zip(params_a, grads[0]):
         p.grad = g
-    opt_a.step(0.1)
+    opt_a.step()
     for pb, pa in zip(params_b, params_a):
         pb.data[...] = pa.data
-    opt_b = build_optimizer(name, params_b, momentum=0.9, weight_decay=0.01).load_state_dict(opt_a.state_dict())
+    opt_b = build_optimizer(name, params_b, lr=0.05, momentum=0.9, weight_decay=0.01)
+    opt_b.load_state_dict(opt_a.state_dict())
+    opt_a.lr = 0.05
     for gs in grads[1:]:
         for pa, pb, g in zip(params_a, params_b, gs):
             pa.grad = pb.grad = g
-        opt_a.step(0.05)
-        opt_b.step(0.05)
+        opt_a.step()
+        opt_b.step()
     for pa, pb in zip(params_a, params_b):
         assert np.array_equal(pa.data, pb.data)
 
@@ -79,11 +82,43 @@ def test_state_dict_round_trip_continues_identically(name):
 def test_step_without_gradient_and_bad_settings():
     params, _ = params_and_grads()
     with pytest.raises(RuntimeError, match="no gradient"):
-        SGD(params).step(0.1)
+        SGD(params, lr=0.1).step()
     with pytest.raises(ValueError, match="nesterov"):
         SGD(params, nesterov=True)
+    for bad in (0, -0.1, float("nan"), float("inf"), "0.1", None):
+        with pytest.raises(ValueError, match="lr must be a positive number"):
+            SGD(params, lr=bad)
+    opt = AdamW(params)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        opt.lr = 0.0
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer("rmsprop", params)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_pytorch_style_lr_zero_grad_and_step(name):
+    """lr in the constructor, step() without arguments, zero_grad() forgets the gradients so that a step
+    without a fresh backward is refused; a schedule drives opt.lr; the update equals the update rule."""
+    params, grads = params_and_grads(3)
+    twins = [Parameter(p.data.copy(), p.decay) for p in params]
+    opt = build_optimizer(name, params, lr=0.2, momentum=0.9)
+    rule = build_optimizer(name, twins, lr=0.2, momentum=0.9)
+    assert opt.lr == 0.2
+    schedule = make_schedule("cosine", 0.2, len(grads))
+    for step, gs in enumerate(grads):
+        opt.zero_grad()
+        assert all(p.grad is None for p in params)
+        with pytest.raises(RuntimeError, match="no gradient"):
+            opt.step()
+        for p, t, g in zip(params, twins, gs):
+            p.grad, t.grad = g, g.copy()
+        opt.lr = rule.lr = schedule(step)
+        opt.step()
+        rule._update(schedule(step))        # the rule with the rate passed explicitly
+        rule.step_count += 1
+    assert opt.step_count == len(grads) and opt.lr == schedule(len(grads) - 1)
+    for p, t in zip(params, twins):
+        assert np.array_equal(p.data, t.data)
 
 
 def test_schedules():

@@ -40,7 +40,7 @@ def _conv_data(case):
     return x, weight, bias, dout
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv_expected(case):
     x, weight, bias, dout = _conv_data(case)
     out = run("reference", "conv2d_forward", x, weight, bias, **conv_args(case))
@@ -124,7 +124,7 @@ def _pool_input(kind, case):
     return rng, randn(rng, (case.N, case.C, case.H, case.W))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _max_pool_expected(case):
     rng, x = _pool_input("max", case)
     out, argmax = run("reference", "max_pool2d_forward", x, **max_pool_args(case))
@@ -165,7 +165,7 @@ def test_max_pool2d_ties_and_minus_inf_match_reference(backend, rng):
                            run("reference", "max_pool2d_backward", dout, want_argmax, x.shape))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _avg_pool_expected(case, count_include_pad):
     rng, x = _pool_input("avg", case)
     args = avg_pool_args(case, count_include_pad)

@@ -60,6 +60,6 @@ def test_fit_applies_the_tuning(monkeypatch):
     import chexcy.train as train
     calls = []
     monkeypatch.setattr(train, "reuse_freed_memory", lambda: calls.append(1) or True)
-    with pytest.raises(Exception):
+    with pytest.raises(FileNotFoundError):
         train.fit("/nonexistent/prepared-folder", out=None)
     assert calls == [1]

@@ -43,7 +43,7 @@ def worker(args):
     model = nn.build_model(args.arch)
     model.train()
     dp = distributed.DataParallel(model, comm)
-    opt = optim.SGD(model.parameters(), momentum=0.9)
+    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 1, args.size, args.size)).astype(np.float32)
     y = (rng.random((args.batch, 14)) < 0.3).astype(np.float32)
@@ -59,7 +59,7 @@ def worker(args):
         t0 = time.perf_counter()
         dp.end_step(loss, weight, rows=len(rows))
         t_ar = time.perf_counter() - t0
-        opt.step(0.01)
+        opt.step()
         return t_ar
 
     for _ in range(args.warmup):

@@ -59,7 +59,7 @@ def bench_chexcy(backend, size, batch, steps, warmup, threads, profile=False):
     reuse_freed_memory()                            # as chexcy.train.fit does
     rng = np.random.default_rng(0)
     model = nn.build_model("simple", widths=[16, 32, 64, 128])
-    opt = SGD(model.parameters(), momentum=0.9)
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = rng.standard_normal((batch, 1, size, size)).astype(np.float32)
     y = (rng.random((batch, 14)) < 0.3).astype(np.float32)
     times = []
@@ -73,7 +73,7 @@ def bench_chexcy(backend, size, batch, steps, warmup, threads, profile=False):
         logits = model.forward(x)
         loss, dlogits = nn.bce_with_logits(logits, y)
         model.backward(dlogits)
-        opt.step(0.01)
+        opt.step()
         times.append(time.perf_counter() - t0)
     return times[warmup:], layer_times
 
@@ -207,7 +207,7 @@ RSS_CHILD = textwrap.dedent("""
     reuse_freed_memory()                            # as chexcy.train.fit does
     ds = PreparedDataset(folder)                    # images memory-mapped
     model = nn.build_model("simple", widths=[16, 32, 64, 128])
-    opt = SGD(model.parameters(), momentum=0.9)
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
     loader = BatchLoader(ds, 32, shuffle=True, seed=0)
     t0 = time.perf_counter()
     # The step of chexcy.train.fit, on shuffled batches read from the memory map by the real loader.
@@ -217,7 +217,7 @@ RSS_CHILD = textwrap.dedent("""
         logits = model.forward(batch.images)
         loss, dlogits = nn.bce_with_logits(logits, batch.labels, batch.mask)
         model.backward(dlogits)
-        opt.step(0.01)
+        opt.step()
     seconds = time.perf_counter() - t0
     stop = True
     final = status()
@@ -598,7 +598,7 @@ def main():
     print(f"{'':34s} {'ms/step':>9s} {'images/s':>9s} {'GFLOP/s':>8s} {'vs python':>9s}")
     medians = {name: statistics.median(t) for name, t in rows}
     base = medians.get("chexcy python")
-    for name, times in rows:
+    for name, _ in rows:
         m = medians[name]
         ratio = f"{base / m:8.2f}x" if base else "      n/a"
         print(f"  {name:32s} {1000 * m:9.1f} {args.batch / m:9.1f} {flops_step / m / 1e9:8.1f} {ratio}")

@@ -81,8 +81,8 @@ def worker(spec):
         w = (rng.standard_normal(ws) * 0.1).astype(np.float32)
         b = rng.standard_normal(ws[0]).astype(np.float32)
         dout = rng.standard_normal(ops.conv2d_forward(x, w, b, padding=1).shape).astype(np.float32)
-        calls = {"fwd": lambda: ops.conv2d_forward(x, w, b, padding=1),
-                 "bwd": lambda: ops.conv2d_backward(dout, x, w, padding=1)}
+        calls = {"fwd": lambda x=x, w=w, b=b: ops.conv2d_forward(x, w, b, padding=1),
+                 "bwd": lambda dout=dout, x=x, w=w: ops.conv2d_backward(dout, x, w, padding=1)}
         for kind, fn in calls.items():
             fn()  # warm-up: first-touch page faults, allocator growth
             runs = []

@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from chexcy.data.images import ImageReadError
+from chexcy.data.errors import ImageReadError
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 

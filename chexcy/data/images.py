@@ -21,6 +21,8 @@ import stat
 
 import numpy as np
 
+from chexcy.data.errors import ImageReadError  # noqa: F401  (raised here, and part of this module's API)
+
 # Normalisation: fixed constants, not dataset statistics, so any image anywhere maps the same way.
 # (x - 128) / 64 maps uint8 0..255 to about -2.0..+1.98, roughly zero-mean and unit-scale for chest films.
 PIXEL_MEAN = 128.0
@@ -38,15 +40,6 @@ _OPEN_ERRORS = {
     errno.EPERM: "permission denied",
     errno.ENAMETOOLONG: "path too long",
 }
-
-
-class ImageReadError(ValueError):
-    """An image file that cannot be used: `path` and a short `reason` (what `skipped.csv` records)."""
-
-    def __init__(self, path, reason):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def normalize(images):

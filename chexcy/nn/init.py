@@ -1,11 +1,32 @@
-"""Weight initialisation.
+"""Weight initialisation, and the generator layers draw from when built without `rng`.
 
 He/Kaiming normal (He et al. 2015): weights ~ N(0, gain**2 / fan_in) with gain sqrt(2) for ReLU networks,
 which keeps the variance of activations roughly constant from layer to layer at the start of training.
+
+A layer built without `rng` (e.g. `Conv2d(16, 16, 3)`) draws from one module-level generator, so two such
+layers start with different weights; `chexcy.manual_seed(n)` re-seeds it (a process starts as if after
+`manual_seed(0)`). Models built from a config with a `seed` use their own generator and ignore it.
 """
 import math
 
 import numpy as np
+
+_GENERATOR = np.random.default_rng(0)
+
+
+def manual_seed(seed):
+    """Re-seed the generator of layers built without `rng` (and of Dropout masks until a model's
+    set_random_state). seed: a non-negative int. Returns the generator (np.random.Generator)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"manual_seed: seed must be a non-negative integer, got {seed!r}")
+    # Re-seed in place: layers holding the generator (Dropout) keep drawing from the one stream.
+    _GENERATOR.bit_generator.state = np.random.default_rng(int(seed)).bit_generator.state
+    return _GENERATOR
+
+
+def default_generator():
+    """The module-level np.random.Generator that layers built without `rng` draw from."""
+    return _GENERATOR
 
 
 def he_normal(shape, fan_in, rng, gain=math.sqrt(2.0)):

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from chexcy.nn.init import he_normal
+from chexcy.nn.init import default_generator, he_normal
 from chexcy.nn.module import Module, Parameter, Sequential
 
 _kernel_override = None
@@ -80,7 +80,7 @@ class Conv2d(Module):
         self.padding = self._resolve_padding(padding)
         kh, kw = self.kernel_size
         fan_in = (in_channels // groups) * kh * kw
-        rng = rng if rng is not None else np.random.default_rng(0)
+        rng = rng if rng is not None else default_generator()
         self.weight = Parameter(he_normal((out_channels, in_channels // groups, kh, kw), fan_in, rng))
         self.bias = Parameter(np.zeros(out_channels, np.float32), decay=False) if bias else None
         self._x = None
@@ -181,7 +181,7 @@ class Linear(Module):
     def __init__(self, in_features, out_features, bias=True, rng=None, gain=math.sqrt(2.0)):
         if in_features < 1 or out_features < 1:
             raise ValueError(f"Linear: features must be >= 1, got in={in_features}, out={out_features}")
-        rng = rng if rng is not None else np.random.default_rng(0)
+        rng = rng if rng is not None else default_generator()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight = Parameter(he_normal((out_features, in_features), in_features, rng, gain=gain))
         self.bias = Parameter(np.zeros(out_features, np.float32), decay=False) if bias else None
@@ -244,8 +244,9 @@ class Flatten(Module):
 class Dropout(Module):
     """Inverted dropout: in training zero each element with probability p and scale the rest by 1/(1-p).
 
-    Randomness comes from `self.rng` (np.random.Generator), which the training loop replaces every step
-    with one derived from (seed, epoch, step), so masks are reproducible across a resume. Identity in eval.
+    Randomness comes from `self.rng` (np.random.Generator; at first the module-level generator that
+    `chexcy.manual_seed` seeds), which the training loop replaces every step with one derived from
+    (seed, epoch, step), so masks are reproducible across a resume. Identity in eval.
 
     Over a global batch: with `comm` (a chexcy.comm communicator of K > 1 ranks) and `global_rows` (the rows
     of the global batch, set each step by chexcy.parallel), this rank's input holds its contiguous part of
@@ -258,7 +259,7 @@ class Dropout(Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
         self.p = float(p)
-        self.rng = np.random.default_rng(0)
+        self.rng = default_generator()
         self.comm = comm
         self.global_rows = None
         self._mask = None
@@ -447,7 +448,7 @@ class ResidualBlock(Module):
     """
 
     def __init__(self, in_channels, out_channels, stride=1, rng=None):
-        rng = rng if rng is not None else np.random.default_rng(0)
+        rng = rng if rng is not None else default_generator()
         self.branch = Sequential(
             Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False, rng=rng),
             BatchNorm2d(out_channels),

@@ -4,6 +4,9 @@ A `Module` computes `forward(x)` and, from the gradient of the loss with respect
 `backward(dout)`, which returns the gradient with respect to its input and *sets* (never accumulates)
 `.grad` of each of its parameters. So a module holds the cache of exactly one forward pass: a trunk shared
 by two inputs is run once on their concatenation (see MultiViewNet), never twice.
+This differs from PyTorch, where backward adds into .grad: to accumulate over batches, sum the .grad
+arrays yourself. `zero_grad()` (here or on an optimiser) sets .grad to None, and an optimiser's `step()`
+refuses a parameter whose .grad is None, so a step always uses the gradient of the latest backward.
 
 Parameters are found by walking attributes: a `Parameter`, a `Module` or a list/tuple of Modules.
 Buffers (e.g. BatchNorm running statistics) are arrays named in ``self._buffers`` (a tuple of names).
