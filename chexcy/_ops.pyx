@@ -856,7 +856,7 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     """The kernel paths of a convolution: (forward, dx, dweight) names from the table above, for x
     (N, C, H, W) and weight (F, C // groups, KH, KW) with (h, w) stride / padding / dilation tuples
     (already validated by chexcy.ops). The entry points below follow it."""
-    cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
+    cdef Py_ssize_t N = x_shape[0], C = x_shape[1]
     cdef Py_ssize_t F = w_shape[0], Cg = w_shape[1], KH = w_shape[2], KW = w_shape[3]
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
     cdef int dh = dilation[0], dw = dilation[1]
@@ -1499,7 +1499,7 @@ cdef _gemm_conv_dweight(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int s
     (chexcy/_ops_conv_gemm.h). Units: (sample range, group, strip of GEMM_NR columns of K); the
     GEMM_DW_PARTS sample ranges (fixed by N) give partial sums added in order at the end."""
     cdef int n_threads = _threads()
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3], Cg = C // groups
     cdef Py_ssize_t Fg = F // groups, K = Cg * KH * KW, nst = (K + GEMM_NR - 1) // GEMM_NR, u
     cdef Py_ssize_t alen = ((Fg + GEMM_MR - 1) // GEMM_MR * GEMM_MR * GEMM_KC + 15) // 16 * 16
@@ -1531,7 +1531,6 @@ cdef void _cg_dx_unit(
     cdef chexcy_cg_geom geo
     cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3], Cg = C // groups, Fg = F // groups
     cdef Py_ssize_t n = u // groups, g = u % groups, K = Cg * KH * KW, P = OH * OW, c, r
-    cdef Py_ssize_t Kp = (K + GEMM_MR - 1) // GEMM_MR * GEMM_MR
     cdef float* dxp = scratch
     cdef float* bbuf = dxp + (Cg * Hp * Wp + 15) // 16 * 16
     cdef float* t = bbuf + GEMM_KC * GEMM_NR
@@ -1570,8 +1569,8 @@ cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw,
 
 
 cdef void _dwc_fwd_unit(const float[:, :, :, ::1] x, const float[:, :, :, ::1] w, const float[::1] bias,
-                       float[:, :, :, ::1] out, float* xp, Py_ssize_t u, int sh, int sw, int ph, int pw,
-                       int dh, int dw) noexcept nogil:
+                        float[:, :, :, ::1] out, float* xp, Py_ssize_t u, int sh, int sw, int ph, int pw,
+                        int dh, int dw) noexcept nogil:
     """DEPTHWISE forward of plane u = (n, c): its input padded into this thread's xp, then the rows."""
     cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], n = u // C, c = u % C
     _pad_planes(&x[n, c, 0, 0], xp, 1, H, W, ph, pw)

@@ -47,7 +47,7 @@ def _pos_weight(text):
     except ValueError:
         from chexcy.data.schema import NUM_CLASSES
         raise argparse.ArgumentTypeError(f"expected 'auto', a number or {NUM_CLASSES} comma-separated numbers, "
-                                         f"got {text!r}")
+                                         f"got {text!r}") from None
     return values[0] if len(values) == 1 else values
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from chexcy import _native, ops, reference
 
-from ops_cases import BACKENDS, COMPILED, assert_close
+from ops_cases import COMPILED, assert_close
 
 
 def _variants():

@@ -86,10 +86,10 @@ def main(argv=None):
         else:
             feeds = dict(image=x)
 
-        def run_chexcy():
+        def run_chexcy(model=model, feeds=feeds, arch=arch, x=x):
             return model.forward(**feeds) if arch == "multiview" else model.forward(x)
 
-        def run_ort():
+        def run_ort(session=session, feeds=feeds):
             return session.run(None, feeds)[0]
 
         diff = float(np.abs(run_chexcy() - run_ort()).max())

@@ -348,7 +348,7 @@ def nets_layers(batch=8):
     # densenet121: growth 32, bn_size 4, blocks (6, 12, 24, 16), transitions halve channels + 2x2 avg pool
     c, s = 64, 56
     for bi, layers in enumerate((6, 12, 24, 16)):
-        for i in range(layers):
+        for _ in range(layers):
             bns.add((batch, c, s))
             _conv(rows, c, 128, s, 1, n=batch)
             bns.add((batch, 128, s))

@@ -36,6 +36,7 @@ U(-1/sqrt(D), 1/sqrt(D)) and bias 0.
 """
 import numpy as np
 
+from chexcy.nn.init import default_generator
 from chexcy.nn.layers import AvgPool2d, BatchNorm2d, Conv2d, MaxPool2d, ReLU, kernels
 from chexcy.nn.module import Module, Sequential
 from chexcy.nn.resnet import NUM_CLASSES, ImageNetStyleClassifier
@@ -247,7 +248,7 @@ class DenseNetFeatures(Module):
                  bn_size=4, rng=None):
         if int(in_channels) < 1:
             raise ValueError(f"densenet: in_channels must be >= 1, got {in_channels!r}")
-        rng = rng if rng is not None else np.random.default_rng(0)
+        rng = rng if rng is not None else default_generator()
         parts = {"conv0": Conv2d(int(in_channels), num_init_features, 7, stride=2, padding=3, bias=False,
                                  rng=rng),
                  "norm0": BatchNorm2d(num_init_features),

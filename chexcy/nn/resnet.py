@@ -16,7 +16,7 @@ fc PyTorch's Linear default U(-1/sqrt(D), 1/sqrt(D)) for weight and bias.
 """
 import numpy as np
 
-from chexcy.nn.init import he_normal, uniform_fan_in
+from chexcy.nn.init import default_generator, he_normal, uniform_fan_in
 from chexcy.nn.layers import BatchNorm2d, Conv2d, Dropout, GlobalAvgPool2d, Linear, MaxPool2d, ReLU
 from chexcy.nn.module import Module, Sequential
 
@@ -74,7 +74,7 @@ class BasicBlock(_Block):
     expansion = 1
 
     def __init__(self, in_channels, planes, stride=1, rng=None):
-        rng = rng if rng is not None else np.random.default_rng(0)
+        rng = rng if rng is not None else default_generator()
         self.conv1 = _conv(in_channels, planes, 3, stride, 1, rng)
         self.bn1 = BatchNorm2d(planes)
         self.relu = ReLU(inplace=True)
@@ -99,7 +99,7 @@ class Bottleneck(_Block):
     expansion = 4
 
     def __init__(self, in_channels, planes, stride=1, rng=None):
-        rng = rng if rng is not None else np.random.default_rng(0)
+        rng = rng if rng is not None else default_generator()
         out_channels = planes * self.expansion
         self.conv1 = _conv(in_channels, planes, 1, 1, 0, rng)
         self.bn1 = BatchNorm2d(planes)
@@ -140,7 +140,7 @@ class ResNetFeatures(Module):
         if int(width) < 1:
             raise ValueError(f"resnet: width must be >= 1, got {width!r}")
         width = int(width)
-        rng = rng if rng is not None else np.random.default_rng(0)
+        rng = rng if rng is not None else default_generator()
         block, counts = RESNET_LAYERS[depth]
         self.conv1 = _conv(int(in_channels), width, 7, 2, 3, rng)
         self.bn1 = BatchNorm2d(width)
