@@ -12,11 +12,11 @@ Everything else about the package lives in pyproject.toml. What this file decide
 * Environment switches:
       CHEXCY_NO_OPENMP=1   build without OpenMP (kernels run on one thread)
       CHEXCY_DEBUG=1       bounds checks back on (and -O1 -g), for chasing a kernel bug
+      CHEXCY_NATIVE=1      local build only: one module compiled with -march=native, no variants
+                           (never for a wheel that leaves this machine)
 * Release builds carry no debug information (-g0 after Python's own -g, and the linker strips what
   is left): it was 80% of each module's 3.7 MB. The symbol table stays, so profilers still name
   the kernels. CHEXCY_DEBUG=1 keeps the debug information.
-      CHEXCY_NATIVE=1      local build only: one module compiled with -march=native, no variants
-                           (never for a wheel that leaves this machine)
 * No working compiler (or no Cython): the package still installs, pure Python, and says so loudly;
   chexcy.ops then runs on its NumPy fallback.
 * The generated C goes to build/cython (never into the package or the wheel), and every build deletes

@@ -1,7 +1,7 @@
 """Data-parallel training over a communicator (chexcy.comm): replicas, the gradient Allreduce, the stop request.
 
-The communicators themselves (LocalComm, MPIComm, init, shard_bounds) live in chexcy.comm and are
-re-exported here. Only `--distributed` imports mpi4py; plain chexcy never does. Every helper also works
+The communicators themselves (LocalComm, MPIComm, init, shard_bounds) live in chexcy.comm; chexcy.distributed
+re-exports both modules. Only `--distributed` imports mpi4py; plain chexcy never does. Every helper also works
 with `LocalComm`, a one-process stand-in, so the training and preparation code has a single path
 whatever the number of ranks.
 

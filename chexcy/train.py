@@ -135,7 +135,8 @@ class TrainConfig:
         checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("width", self.width >= 1),
                   ("depth", self.depth >= 1), ("lr", self.lr is None or (self.lr > 0 and math.isfinite(self.lr))),
                   ("momentum", 0 <= self.momentum < 1), ("weight_decay", self.weight_decay >= 0),
-                  ("warmup", self.warmup >= 0), ("dropout", 0 <= self.dropout < 1)]
+                  ("warmup", self.warmup >= 0), ("dropout", 0 <= self.dropout < 1),
+                  ("gamma", self.gamma > 0 and math.isfinite(self.gamma))]
         bad = [name for name, ok in checks if not ok]
         if bad:
             raise ValueError("bad training settings: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))

@@ -9,14 +9,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "chexcy"
 # The layers, lowest first. A module may import modules of its own layer or lower ones, never higher ones.
 # Within a layer the graph must still be free of cycles.
 LAYERS = [
-    ("base", ["chexcy", "chexcy._args", "chexcy.cpus", "chexcy.fileio", "chexcy.locks", "chexcy.memory", "chexcy._native", "chexcy.comm",
+    ("base", ["chexcy", "chexcy._args", "chexcy.cpus", "chexcy.fileio", "chexcy.locks", "chexcy.seeding", "chexcy.memory", "chexcy._native", "chexcy.comm",
               "chexcy.metrics"]),
     ("data", ["chexcy.data"]),
     ("ops", ["chexcy.ops", "chexcy._fallback", "chexcy.reference"]),
-    ("nn", ["chexcy.nn", "chexcy.optim", "chexcy.parallel", "chexcy.checkpoint"]),
+    ("nn", ["chexcy.nn", "chexcy.optim", "chexcy.parallel", "chexcy.checkpoint", "chexcy.weights"]),
     ("scoring", ["chexcy.scoring"]),
     ("train", ["chexcy.runlog", "chexcy.runfolder", "chexcy.train", "chexcy.distributed"]),
-    ("evaluate", ["chexcy.evaluate", "chexcy.predict", "chexcy.demo", "chexcy.info"]),
+    ("evaluate", ["chexcy.evaluate", "chexcy.predict", "chexcy.onnx_export", "chexcy.demo", "chexcy.info"]),
     ("cli", ["chexcy.commands", "chexcy.data.commands", "chexcy.cli", "chexcy.__main__"]),
 ]
 

@@ -148,7 +148,7 @@ def run_config(args, ranks, threads, fit_data=None):
     if ranks > 1:
         mpiexec = find_mpiexec()
         if mpiexec is None:
-            sys.exit('bench_mpi: no mpiexec found (pip install "chexcy[mpi]")')
+            sys.exit('bench_mpi: no mpiexec found (pip install mpi4py mpich)')
         cmd = [mpiexec, "-n", str(ranks)] + cmd + ["--distributed"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:

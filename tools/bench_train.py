@@ -273,7 +273,7 @@ CHEXCY_DEEP_CHILD = CHILD_COMMON + textwrap.dedent("""
     y = (rng.random((batch, 14)) < 0.3).astype(np.float32)
     base = rss_now_kb()
     model = nn.build_model(arch)
-    opt = SGD(model.parameters(), momentum=0.9)
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
     profile = {}
     if layout == "profile":                         # time per op: wrap chexcy.ops, which every layer calls
         def wrap(name):
@@ -302,7 +302,7 @@ CHEXCY_DEEP_CHILD = CHILD_COMMON + textwrap.dedent("""
         logits = model.forward(x)
         loss, dlogits = nn.bce_with_logits(logits, y)
         model.backward(dlogits)
-        opt.step(0.01)
+        opt.step()
         train.append(time.perf_counter() - t0)
     peak_train = peak_kb()
     train_profile = dict(profile)                   # the training steps' op times, not the forward-only ones
