@@ -136,3 +136,11 @@ def test_schedules():
     with pytest.raises(ValueError, match="positive"):
         make_schedule("constant", -1.0, 10)
     assert math.isfinite(cos(1000))
+
+
+@pytest.mark.parametrize("gamma", [0.0, -0.5, float("nan")])
+def test_training_settings_refuse_a_step_decay_factor_that_is_not_positive(gamma):
+    # Caught at the start of a run, not at the first decay (where the lr would become 0 or negative).
+    from chexcy.train import TrainConfig
+    with pytest.raises(ValueError, match="gamma="):
+        TrainConfig(schedule="step", gamma=gamma).validate()
