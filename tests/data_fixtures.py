@@ -55,3 +55,36 @@ def prepared(split="train", size=32, **prepare_args):
 def fresh_dir(name):
     """An empty folder, unique to the call."""
     return tempfile.mkdtemp(prefix=name + "-", dir=_tmp("fresh"))
+
+
+PREPARED_OUTPUTS = ("images.npy", "labels.npy", "meta.csv", "skipped.csv", "manifest.json")
+
+
+def prepared_bytes(folder):
+    """{file name: bytes} of the files a finished prepare leaves, for comparing two runs byte for byte."""
+    out = {}
+    for name in PREPARED_OUTPUTS:
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def interrupted_prepare(out, monkeypatch, **options):
+    """Run prepare of train_csv() into `out` and stop it at its fourth chunk (of 16 rows), as a kill would."""
+    import pytest
+
+    from chexcy.data import prepare as prep
+    real = prep._decode_chunk
+    calls = []
+
+    def dies_on_the_fourth_chunk(task):
+        calls.append(task[0])
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(task)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prep, "_decode_chunk", dies_on_the_fourth_chunk)
+        with pytest.raises(KeyboardInterrupt):
+            prep.prepare(train_csv(), out, quiet=True, chunk_rows=16, **options)
+    assert os.path.exists(os.path.join(out, "request.json"))

@@ -12,18 +12,7 @@ from chexcy.data import LABELS, PreparedDataset, load_image
 from chexcy.data import prepare as prep
 from chexcy.data.schema import read_csv
 
-from data_fixtures import fresh_dir, prepared, synthetic_download, train_csv
-
-OUTPUTS = ("images.npy", "labels.npy", "meta.csv", "skipped.csv", "manifest.json")
-
-
-def _bytes(folder):
-    out = {}
-    for name in OUTPUTS:
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
-
+from data_fixtures import fresh_dir, interrupted_prepare, prepared, prepared_bytes, synthetic_download, train_csv
 
 def test_prepared_folder_matches_csv_order_images_and_manifest():
     folder = prepared(size=32)
@@ -106,25 +95,13 @@ def test_two_workers_write_the_same_bytes_as_one():
     one, two = fresh_dir("w1"), fresh_dir("w2")
     prep.prepare(train_csv(), one, size=24, workers=1, quiet=True, chunk_rows=16)
     prep.prepare(train_csv(), two, size=24, workers=2, quiet=True, chunk_rows=16)
-    assert _bytes(one) == _bytes(two)
+    assert prepared_bytes(one) == prepared_bytes(two)
 
 
 def test_interrupted_run_resumes_to_the_bytes_of_a_clean_run(monkeypatch):
     clean, killed = fresh_dir("clean"), fresh_dir("killed")
     prep.prepare(train_csv(), clean, size=24, quiet=True, chunk_rows=16)
-    real = prep._decode_chunk
-    calls = []
-
-    def dies_on_the_fourth_chunk(task):
-        calls.append(task[0])
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(task)
-
-    monkeypatch.setattr(prep, "_decode_chunk", dies_on_the_fourth_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        prep.prepare(train_csv(), killed, size=24, quiet=True, chunk_rows=16)
-    monkeypatch.setattr(prep, "_decode_chunk", real)
+    interrupted_prepare(killed, monkeypatch, size=24)
     assert not os.path.exists(os.path.join(killed, "manifest.json"))
     with pytest.raises(ValueError, match="incomplete"):
         PreparedDataset(killed)
@@ -135,17 +112,17 @@ def test_interrupted_run_resumes_to_the_bytes_of_a_clean_run(monkeypatch):
     manifest = prep.prepare(train_csv(), killed, size=24, quiet=False, chunk_rows=5, log=lines.append)
     assert any("resuming, 3 of" in line for line in lines), lines
     assert manifest["count"] == len(read_csv(train_csv()))
-    assert _bytes(killed) == _bytes(clean)
+    assert prepared_bytes(killed) == prepared_bytes(clean)
 
 
 def test_same_arguments_again_is_a_no_op_and_other_arguments_are_refused():
     out = fresh_dir("again")
     prep.prepare(train_csv(), out, size=16, quiet=True)
-    before = _bytes(out)
+    before = prepared_bytes(out)
     lines = []
     prep.prepare(train_csv(), out, size=16, log=lines.append)
     assert any("already holds this dataset" in line for line in lines)
-    assert _bytes(out) == before
+    assert prepared_bytes(out) == before
     with pytest.raises(FileExistsError, match="different prepared dataset.*size"):
         prep.prepare(train_csv(), out, size=20, quiet=True)
     with pytest.raises(FileExistsError, match="different prepared dataset.*filters"):

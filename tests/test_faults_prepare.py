@@ -20,18 +20,7 @@ from chexcy.data import prepare as prep
 from chexcy.fileio import DiskFullError
 from chexcy.locks import HOLDER_FILE, FolderBusyError, hold_folder_lock, read_holder
 
-from data_fixtures import fresh_dir, synthetic_download, train_csv
-
-OUTPUTS = ("images.npy", "labels.npy", "meta.csv", "skipped.csv", "manifest.json")
-
-
-def _bytes(folder):
-    out = {}
-    for name in OUTPUTS:
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
-
+from data_fixtures import fresh_dir, interrupted_prepare, prepared_bytes, synthetic_download, train_csv
 
 def _temporaries(folder):
     return sorted(name for name in os.listdir(folder) if name.endswith(".tmp"))
@@ -93,45 +82,27 @@ def test_sigkilled_process_resumes_to_the_bytes_of_a_clean_run():
     assert child.returncode == -signal.SIGKILL, "the child should have been killed mid-run"
     assert not os.path.exists(os.path.join(killed, "manifest.json"))
     prep.prepare(train_csv(), killed, size=24, quiet=True, chunk_rows=8)
-    assert _bytes(killed) == _bytes(clean)
+    assert prepared_bytes(killed) == prepared_bytes(clean)
     assert _temporaries(killed) == []
-
-
-def _interrupted(out, monkeypatch, **options):
-    """Run prepare into `out` and stop it at its fourth chunk, as a kill would."""
-    real = prep._decode_chunk
-    calls = []
-
-    def dies_on_the_fourth_chunk(task):
-        calls.append(task[0])
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(task)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(prep, "_decode_chunk", dies_on_the_fourth_chunk)
-        with pytest.raises(KeyboardInterrupt):
-            prep.prepare(train_csv(), out, quiet=True, chunk_rows=16, **options)
-    assert os.path.exists(os.path.join(out, "request.json"))
 
 
 def test_rerun_removes_the_temporary_of_an_atomic_write_cut_short_by_a_kill(monkeypatch):
     clean, out = fresh_dir("stale-clean"), fresh_dir("stale")
     prep.prepare(train_csv(), clean, size=24, quiet=True, chunk_rows=16)
-    _interrupted(out, monkeypatch, size=24)
+    interrupted_prepare(out, monkeypatch, size=24)
     for name in (".meta.csv.k1ll3d_x.tmp", ".labels.npy.abcdefgh.tmp"):    # as atomic_write names them
         with open(os.path.join(out, name), "wb") as f:
             f.write(b"half")
     with open(os.path.join(out, "notes.tmp"), "wb") as f:                  # not ours: left alone
         f.write(b"mine")
     prep.prepare(train_csv(), out, size=24, quiet=True)
-    assert _bytes(out) == _bytes(clean)
+    assert prepared_bytes(out) == prepared_bytes(clean)
     assert _temporaries(out) == ["notes.tmp"]
 
 
 def test_killed_run_resumed_with_another_root_or_csv_is_refused(monkeypatch):
     out = fresh_dir("mixed")
-    _interrupted(out, monkeypatch, size=24)
+    interrupted_prepare(out, monkeypatch, size=24)
     # Another root holding the same layout: the rows would come from a second set of images.
     other_root = fresh_dir("other-root")
     os.symlink(os.path.join(synthetic_download(), "CheXpert-v1.0-small"), os.path.join(other_root, "CheXpert-v1.0-small"))
@@ -149,7 +120,7 @@ def test_killed_run_resumed_with_another_root_or_csv_is_refused(monkeypatch):
     clean = fresh_dir("mixed-clean")
     prep.prepare(train_csv(), clean, size=24, quiet=True, chunk_rows=16)
     prep.prepare(train_csv(), out, size=24, quiet=True)
-    assert _bytes(out) == _bytes(clean)
+    assert prepared_bytes(out) == prepared_bytes(clean)
     # --overwrite starts the other dataset afresh.
     manifest = prep.prepare(train_csv(), out, size=24, quiet=True, root=other_root, overwrite=True)
     assert manifest["root"] == other_root and manifest["identity"]["root"] == other_root
@@ -199,7 +170,7 @@ def test_second_prepare_into_a_busy_folder_fails_at_once_naming_the_first():
         if first.poll() is None:
             first.kill()
             first.wait()
-    assert _bytes(out) == _bytes(clean), "the refused runs must not have touched the first run's output"
+    assert prepared_bytes(out) == prepared_bytes(clean), "the refused runs must not have touched the first run's output"
     assert _temporaries(out) == [] and not os.path.exists(os.path.join(out, HOLDER_FILE))
 
 
@@ -249,7 +220,7 @@ def test_disk_full_while_decoding_says_so_and_a_rerun_finishes(monkeypatch, caps
     lines = []
     prep.prepare(train_csv(), out, size=24, log=lines.append)
     assert any("resuming, 2 of 10 chunks" in line for line in lines), lines
-    assert _bytes(out) == _bytes(clean)
+    assert prepared_bytes(out) == prepared_bytes(clean)
     # The command line says it in one line and exits with 1.
     out = fresh_dir("full-cli")
     argv = ["prepare", train_csv(), "--out", out, "--size", "24", "--workers", "1", "--quiet"]
@@ -261,7 +232,7 @@ def test_disk_full_while_decoding_says_so_and_a_rerun_finishes(monkeypatch, caps
         "kept: free some space and run the same command again to finish"]
     assert _temporaries(out) == []
     assert main(argv) == 0
-    assert _bytes(out) == _bytes(clean)
+    assert prepared_bytes(out) == prepared_bytes(clean)
 
 
 @needs_proc
@@ -276,7 +247,7 @@ def test_disk_full_while_copying_the_kept_rows_leaves_no_temporary_file(monkeypa
     assert info.value.strerror.startswith(f"disk full while writing {out}/images.npy;")
     assert _temporaries(out) == [] and not os.path.exists(os.path.join(out, "images.npy"))
     prep.prepare(csv, out, size=24, quiet=True, root=synthetic_download())
-    assert _bytes(out) == _bytes(clean)
+    assert prepared_bytes(out) == prepared_bytes(clean)
 
 
 @needs_proc
@@ -292,7 +263,7 @@ def test_disk_full_in_an_atomic_write_keeps_the_previous_state(monkeypatch, name
                                    "(free some space and run the command again)")
     assert _temporaries(out) == [] and not os.path.exists(os.path.join(out, "manifest.json"))
     prep.prepare(train_csv(), out, size=16, quiet=True)
-    assert _bytes(out) == _bytes(clean)
+    assert prepared_bytes(out) == prepared_bytes(clean)
 
 
 def test_disk_full_while_recording_progress_leaves_a_readable_record(monkeypatch):
@@ -315,7 +286,7 @@ def test_disk_full_while_recording_progress_leaves_a_readable_record(monkeypatch
     lines = []
     prep.prepare(train_csv(), out, size=16, log=lines.append)
     assert any("resuming, 2 of" in line for line in lines), lines
-    assert _bytes(out) == _bytes(clean)
+    assert prepared_bytes(out) == prepared_bytes(clean)
 
 
 # ---------------------------------------------------------------------------------- disk full, for real
@@ -364,4 +335,4 @@ def test_real_full_disk_says_so_leaves_nothing_behind_and_a_rerun_finishes(small
     resize("16m")
     again = _chexcy("prepare", csv, "--out", out, "--size", "128", "--workers", "2", "--quiet", *args)
     assert again.returncode == 0, again.stderr
-    assert _bytes(out) == _bytes(clean)
+    assert prepared_bytes(out) == prepared_bytes(clean)
