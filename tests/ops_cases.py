@@ -3,13 +3,14 @@
 Cases are plain namedtuples whose fields are the public arguments of chexcy.ops, so a test can call
 the op with ``**case.args`` and a failure names the case by its id.
 """
+import importlib
 import os
 from collections import namedtuple
 
 import numpy as np
 from numpy.testing import assert_allclose, assert_array_equal
 
-from chexcy import ops
+from chexcy import _native, ops
 
 # ----------------------------------------------------------------------------------------------
 # Backends under test.
@@ -22,6 +23,17 @@ AVAILABLE_BACKENDS = ops.available_backends()
 BACKENDS = [_ENV_BACKEND] if _ENV_BACKEND in AVAILABLE_BACKENDS else \
     [b for b in AVAILABLE_BACKENDS if b != "reference"]
 COMPILED = "cython" in AVAILABLE_BACKENDS
+
+
+def runnable_variants():
+    """(name, module) for every compiled variant that is built here and that this CPU can run, fastest first."""
+    out = []
+    for name in _native.supported_variants():
+        try:
+            out.append((name, importlib.import_module(_native.VARIANTS[name][0])))
+        except ImportError:
+            pass
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

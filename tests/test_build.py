@@ -7,7 +7,6 @@ widths that are not a multiple of the tile, output channels left over after the 
 block, groups, the strided and the scatter paths. These tests need the compiled module; when it is
 not built they fail with how to build it, unless CHEXCY_BACKEND=python says the fallback is intended.
 """
-import importlib
 import json
 import os
 import platform
@@ -20,7 +19,7 @@ import pytest
 import chexcy
 from chexcy import _native, cli, ops, reference
 
-from ops_cases import assert_close
+from ops_cases import assert_close, runnable_variants
 from test_ops_validation import subprocess_env
 
 EXPECT_FALLBACK_ONLY = os.environ.get("CHEXCY_BACKEND", "") in ("python", "reference") and \
@@ -34,17 +33,6 @@ def _compiled():
         if EXPECT_FALLBACK_ONLY:
             pytest.skip("CHEXCY_BACKEND selects the fallback and the extension is not built")
         pytest.fail(f"the compiled module is not built: {exc}")
-
-
-def _runnable_variants():
-    """(name, module) for every variant that is built here and that this CPU can run."""
-    out = []
-    for name in _native.supported_variants():
-        try:
-            out.append((name, importlib.import_module(_native.VARIANTS[name][0])))
-        except ImportError:
-            pass
-    return out
 
 
 # -- what the build reports -----------------------------------------------------------------------
@@ -63,7 +51,7 @@ def test_build_info_reports_variant_flags_and_openmp():
 
 
 def test_portable_variants_are_not_built_for_this_cpu_only():
-    for name, mod in _runnable_variants():
+    for name, mod in runnable_variants():
         flags = mod.build_info()["cflags"]
         if mod.build_info()["variant"] != "native":
             assert "-march=native" not in flags, f"{name}: a portable variant built with {flags}"
@@ -71,7 +59,7 @@ def test_portable_variants_are_not_built_for_this_cpu_only():
 
 def test_load_picks_the_fastest_variant_the_cpu_runs():
     mod = _compiled()
-    runnable = _runnable_variants()
+    runnable = runnable_variants()
     if os.environ.get("CHEXCY_ISA"):
         assert mod.__name__ == _native.VARIANTS[os.environ["CHEXCY_ISA"].lower()][0]
     else:
@@ -153,7 +141,7 @@ def test_release_modules_carry_no_debug_information():
     # Debug information was 80% of each module (a 4.7 MB wheel); release builds drop it (-g0, and the
     # linker strips the rest), CHEXCY_DEBUG=1 builds keep it.
     _compiled()
-    variants = _runnable_variants()
+    variants = runnable_variants()
     if platform.system() != "Linux":
         pytest.skip("the modules are ELF files only on Linux")
     for name, mod in variants:
@@ -218,7 +206,7 @@ def test_every_variant_conv_matches_reference_and_is_thread_invariant(case, rng)
     want = reference.conv2d_forward(x, w, b, stride, padding, dilation, groups)
     dout = rng.standard_normal(want.shape).astype(np.float32)
     want_b = reference.conv2d_backward(dout, x, w, stride, padding, dilation, groups)
-    for name, mod in _runnable_variants():
+    for name, mod in runnable_variants():
         results = {}
         try:
             for threads in (1, 2, 3):
@@ -244,7 +232,7 @@ def test_every_variant_pools_match_reference(rng):
     x[1, 1, 2:4, 2:4] = 1.0                       # ties: first in scan order
     want_o, want_a = reference.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1))
     want_g = reference.global_avg_pool2d_forward(x[1:])
-    for name, mod in _runnable_variants():
+    for name, mod in runnable_variants():
         o, a = mod.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1))
         np.testing.assert_array_equal(o, want_o, err_msg=f"variant {name}")
         np.testing.assert_array_equal(a, want_a, err_msg=f"variant {name}")

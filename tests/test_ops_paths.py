@@ -8,25 +8,12 @@ output channels for the matrix-product paths, WINO_MIN_C / WINO_MIN_F (16 / 24) 
 channel for FIRST_LAYER, DWC_MIN_CG (64) for CHANNEL_BLOCKED; with odd sizes, strides 2 and 3, padding,
 dilation, groups, batch 1, several K blocks (K > 256) and channels left over after full register tiles.
 """
-import importlib
-
 import numpy as np
 import pytest
 
-from chexcy import _native, ops, reference
+from chexcy import ops, reference
 
-from ops_cases import COMPILED, assert_close
-
-
-def _variants():
-    """(name, module) for every variant built here that this CPU runs."""
-    out = []
-    for name in _native.supported_variants():
-        try:
-            out.append((name, importlib.import_module(_native.VARIANTS[name][0])))
-        except ImportError:
-            pass
-    return out
+from ops_cases import COMPILED, assert_close, runnable_variants
 
 
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="the compiled module is not built (fallback-only run)")
@@ -105,7 +92,7 @@ def test_every_path_matches_the_reference_on_every_variant_and_thread_count(item
     want = reference.conv2d_forward(x, w, b, **_norm(args))
     dout = rng.standard_normal(want.shape).astype(np.float32)
     want_b = reference.conv2d_backward(dout, x, w, **_norm(args))
-    for name, mod in _variants():
+    for name, mod in runnable_variants():
         results = {}
         try:
             for threads in (1, 2, 3):
@@ -185,7 +172,7 @@ def test_max_pool_rows_kernel_on_every_variant_and_thread_count(rng):
     x = rng.standard_normal((3, 5, 29, 31)).astype(np.float32)
     x.reshape(-1)[3::17] = np.nan
     want = reference.max_pool2d_forward(x, (3, 3), (2, 2), (1, 1), (1, 1))
-    for name, mod in _variants():
+    for name, mod in runnable_variants():
         try:
             for threads in (1, 2, 3):
                 mod.set_num_threads(threads)
@@ -238,7 +225,7 @@ def test_relu_on_every_variant(rng):
     x = rng.standard_normal((3, (1 << 15) + 5)).astype(np.float32)
     x[0, ::5] = np.nan
     dout = rng.standard_normal(x.shape).astype(np.float32)
-    for name, mod in _variants():
+    for name, mod in runnable_variants():
         y = mod.relu_forward(x, False)
         np.testing.assert_array_equal(y, reference.relu_forward(x, False), err_msg=name)
         np.testing.assert_array_equal(mod.relu_backward(dout, y), reference.relu_backward(dout, y), err_msg=name)
@@ -269,7 +256,7 @@ def test_avg_pool_2x2_rows_on_every_variant_and_thread_count(rng):
     want = reference.avg_pool2d_forward(x, (2, 2), (2, 2), (0, 0), True)
     dout = rng.standard_normal(want.shape).astype(np.float32)
     want_dx = reference.avg_pool2d_backward(dout, x.shape, (2, 2), (2, 2), (0, 0), True)
-    for name, mod in _variants():
+    for name, mod in runnable_variants():
         try:
             got = {}
             for threads in (1, 2, 3):
