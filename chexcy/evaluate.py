@@ -157,9 +157,16 @@ def require_matplotlib(what="--plot"):
 
 
 def save_figure(fig, path):
-    """A matplotlib figure -> PNG at path, written atomically with the umask's permissions."""
+    """A matplotlib figure -> PNG at path, written atomically with the umask's permissions; returns path.
+
+    The figure is closed afterwards, also when the write fails: pyplot keeps every open figure alive."""
     from chexcy.fileio import atomic_write
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    plt = require_matplotlib()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+    return path
 
 
 # ROC curves: 14 (colour, line style) pairs that differ, the 5 competition tasks solid and thick.
@@ -198,13 +205,7 @@ def roc_figure(result):
 
 def plot_roc(result, path):
     """ROC curves of the labels that have an AUC (the 5 competition tasks solid and thicker) -> PNG at path."""
-    plt = require_matplotlib()
-    fig = roc_figure(result)
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(roc_figure(result), path)
 
 
 def auc_axis_limits(values, min_span=0.1):
@@ -274,13 +275,7 @@ def plot_training(log_path, path):
     """Training curves from a log.jsonl: per-step loss (and a moving average on long runs), validation
     loss and mean AUC per epoch -> PNG at path. Steps replayed after a resume count once (the later
     record wins)."""
-    plt = require_matplotlib()
-    fig = training_figure(log_path)
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(training_figure(log_path), path)
 
 
 def check_output_paths(args):
