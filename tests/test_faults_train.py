@@ -18,7 +18,6 @@ import time
 import numpy as np
 import pytest
 
-import chexcy
 from chexcy import checkpoint, cli, fileio, train
 from chexcy.checkpoint import CheckpointError, load_checkpoint
 from chexcy.data.prepare import prepare
@@ -27,16 +26,9 @@ from chexcy.fileio import DamagedFileError
 from chexcy.runfolder import RunFolderBusy, RunFolderError, RunLock
 
 from test_mpi import MPI_TIMEOUT_S, find_mpiexec, mpi_skip_reason, needs_mpi, subprocess_env
+from test_train_resume import chexcy_env
 
 SMALL = dict(width=4, depth=2, batch_size=8, optimizer="sgd", lr=0.05)
-
-
-def chexcy_env():
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(chexcy.__file__)))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def run_cli(*argv, cwd=None, timeout=120):
