@@ -10,7 +10,7 @@ from collections import namedtuple
 import numpy as np
 from numpy.testing import assert_allclose, assert_array_equal
 
-from chexcy import _native, ops
+from chexcy import _native, ops, reference
 
 # ----------------------------------------------------------------------------------------------
 # Backends under test.
@@ -34,6 +34,34 @@ def runnable_variants():
         except ImportError:
             pass
     return out
+
+
+def check_conv_on_every_variant(rng, x_shape, w_shape, stride, padding, dilation, groups, case=""):
+    """Random float32 conv2d inputs (x x_shape, weight w_shape, a bias, dout) run through forward and backward
+    on every runnable variant: at 1 thread compared with the reference, at 2 and 3 threads with the 1-thread
+    result bit for bit. stride, padding, dilation: (h, w) tuples, as the compiled modules take them."""
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    args = (stride, padding, dilation, groups)
+    want = reference.conv2d_forward(x, w, b, *args)
+    dout = rng.standard_normal(want.shape).astype(np.float32)
+    want_b = reference.conv2d_backward(dout, x, w, *args)
+    for name, mod in runnable_variants():
+        results = {}
+        try:
+            for threads in (1, 2, 3):
+                mod.set_num_threads(threads)
+                results[threads] = (mod.conv2d_forward(x, w, b, *args),) + tuple(mod.conv2d_backward(dout, x, w, *args))
+        finally:
+            mod.set_num_threads(0)
+        assert_close(results[1][0], want, "conv2d", err_msg=f"variant {name} {case}")
+        for label, got, exp in zip(("dx", "dweight", "dbias"), results[1][1:], want_b):
+            assert_close(got, exp, "conv2d_backward", err_msg=f"variant {name} {label} {case}")
+        for threads in (2, 3):
+            for i, label in enumerate(("out", "dx", "dweight", "dbias")):
+                assert_array_equal(results[threads][i], results[1][i],
+                                   err_msg=f"variant {name} {label} {case}: {threads} threads differ")
 
 
 # ----------------------------------------------------------------------------------------------

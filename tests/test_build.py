@@ -19,7 +19,7 @@ import pytest
 import chexcy
 from chexcy import _native, cli, ops, reference
 
-from ops_cases import assert_close, runnable_variants
+from ops_cases import assert_close, check_conv_on_every_variant, runnable_variants
 from test_ops_validation import subprocess_env
 
 EXPECT_FALLBACK_ONLY = os.environ.get("CHEXCY_BACKEND", "") in ("python", "reference") and \
@@ -200,29 +200,7 @@ VARIANT_CONV_CASES = [
 def test_every_variant_conv_matches_reference_and_is_thread_invariant(case, rng):
     _compiled()
     xs, (F, KH, KW), stride, padding, dilation, groups = case
-    x = rng.standard_normal(xs).astype(np.float32)
-    w = rng.standard_normal((F, xs[1] // groups, KH, KW)).astype(np.float32)
-    b = rng.standard_normal(F).astype(np.float32)
-    want = reference.conv2d_forward(x, w, b, stride, padding, dilation, groups)
-    dout = rng.standard_normal(want.shape).astype(np.float32)
-    want_b = reference.conv2d_backward(dout, x, w, stride, padding, dilation, groups)
-    for name, mod in runnable_variants():
-        results = {}
-        try:
-            for threads in (1, 2, 3):
-                mod.set_num_threads(threads)
-                out = mod.conv2d_forward(x, w, b, stride, padding, dilation, groups)
-                grads = mod.conv2d_backward(dout, x, w, stride, padding, dilation, groups)
-                results[threads] = (out,) + tuple(grads)
-        finally:
-            mod.set_num_threads(0)
-        assert_close(results[1][0], want, "conv2d", err_msg=f"variant {name}")
-        for label, g, wt in zip(("dx", "dweight", "dbias"), results[1][1:], want_b):
-            assert_close(g, wt, "conv2d_backward", err_msg=f"variant {name} {label}")
-        for threads in (2, 3):
-            for i in range(4):
-                np.testing.assert_array_equal(results[threads][i], results[1][i],
-                                              err_msg=f"variant {name}: {threads} threads differ")
+    check_conv_on_every_variant(rng, xs, (F, xs[1] // groups, KH, KW), stride, padding, dilation, groups)
 
 
 def test_every_variant_pools_match_reference(rng):

@@ -13,7 +13,7 @@ import pytest
 
 from chexcy import ops, reference
 
-from ops_cases import COMPILED, assert_close, runnable_variants
+from ops_cases import COMPILED, assert_close, check_conv_on_every_variant, runnable_variants
 
 
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="the compiled module is not built (fallback-only run)")
@@ -85,29 +85,8 @@ def test_conv2d_plan_names_the_path_each_case_takes(item):
 @pytest.mark.parametrize("item", PATH_CASES, ids=_case_id)
 def test_every_path_matches_the_reference_on_every_variant_and_thread_count(item, rng):
     (xs, (F, KH, KW), s, p, d, g), _ = item
-    x = rng.standard_normal(xs).astype(np.float32)
-    w = rng.standard_normal((F, xs[1] // g, KH, KW)).astype(np.float32)
-    b = rng.standard_normal(F).astype(np.float32)
-    args = dict(stride=s, padding=p, dilation=d, groups=g)
-    want = reference.conv2d_forward(x, w, b, **_norm(args))
-    dout = rng.standard_normal(want.shape).astype(np.float32)
-    want_b = reference.conv2d_backward(dout, x, w, **_norm(args))
-    for name, mod in runnable_variants():
-        results = {}
-        try:
-            for threads in (1, 2, 3):
-                mod.set_num_threads(threads)
-                results[threads] = (mod.conv2d_forward(x, w, b, **_norm(args)),) + \
-                    tuple(mod.conv2d_backward(dout, x, w, **_norm(args)))
-        finally:
-            mod.set_num_threads(0)
-        assert_close(results[1][0], want, "conv2d", err_msg=f"variant {name} {_case_id(item)}")
-        for label, got, exp in zip(("dx", "dweight", "dbias"), results[1][1:], want_b):
-            assert_close(got, exp, "conv2d_backward", err_msg=f"variant {name} {label} {_case_id(item)}")
-        for threads in (2, 3):
-            for i, label in enumerate(("out", "dx", "dweight", "dbias")):
-                np.testing.assert_array_equal(results[threads][i], results[1][i],
-                                              err_msg=f"variant {name} {label}: {threads} threads differ")
+    args = _norm(dict(stride=s, padding=p, dilation=d, groups=g))
+    check_conv_on_every_variant(rng, xs, (F, xs[1] // g, KH, KW), **args, case=_case_id(item))
 
 
 def _norm(args):
