@@ -36,6 +36,7 @@ U(-1/sqrt(D), 1/sqrt(D)) and bias 0.
 """
 import numpy as np
 
+from chexcy.nn.fold import FoldedPairs, conv_bn_eval, foldable, run_chain
 from chexcy.nn.init import default_generator
 from chexcy.nn.layers import AvgPool2d, BatchNorm2d, Conv2d, MaxPool2d, ReLU, kernels
 from chexcy.nn.module import Module, Sequential
@@ -79,6 +80,7 @@ class DenseLayer(Module):
         self.conv2 = Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False, rng=rng)
         self.in_channels = in_channels
         self._kept = None            # norm1 -> relu output, module path only
+        self._conv1_folded = False   # the last forward ran conv1 and norm2 as one conv (eval mode)
 
     def _shared_stats(self):
         """Whether the fast path applies: plain BatchNorm2d layers whose statistics span this process's
@@ -109,6 +111,7 @@ class DenseLayer(Module):
         """
         N, _, H, W = buffer.shape
         prefix = buffer[:, :c]
+        self._conv1_folded = False
         if not self._shared_stats():
             y = self.norm1.forward(np.ascontiguousarray(prefix))
             np.maximum(y, 0, out=y)
@@ -118,8 +121,12 @@ class DenseLayer(Module):
         y = self._bottleneck_input(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
         if self.norm1.training:
             self.norm1.update_running_stats(stats[0], stats[1], N * H * W)
-        h = kernels().conv2d_forward(y, self.conv1.weight.data, None, *_ONE)
-        z = self.norm2.forward(h)                       # keeps h and the batch statistics
+        self._conv1_folded = foldable(self.conv1, self.norm2)
+        if self._conv1_folded:
+            z = conv_bn_eval(self.conv1, self.norm2, y)   # eval: norm2 folded into conv1, h not kept
+        else:
+            h = kernels().conv2d_forward(y, self.conv1.weight.data, None, *_ONE)
+            z = self.norm2.forward(h)                   # keeps h and the batch statistics
         np.maximum(z, 0, out=z)
         return kernels().conv2d_forward(z, self.conv2.weight.data, None, *self._conv2_args())
 
@@ -130,6 +137,10 @@ class DenseLayer(Module):
         """
         N, _, H, W = buffer.shape
         prefix = buffer[:, :c]
+        if self._conv1_folded:                          # the eval forward kept no h: compute it (and norm2's cache)
+            y = self._bottleneck_input(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
+            self.norm2.forward(kernels().conv2d_forward(y, self.conv1.weight.data, None, *_ONE))
+            self._conv1_folded = False
         if not self._shared_stats():
             dh = self.norm2.backward(self.relu2.backward(self.conv2.backward(dnew)))
             y, self._kept = self._kept, None
@@ -266,11 +277,14 @@ class DenseNetFeatures(Module):
         self.features = Sequential(parts)
         self.relu = ReLU(inplace=True)
         self.out_channels = channels
+        self._folded = FoldedPairs()
 
     def forward(self, x):
-        return self.relu.forward(self.features.forward(x))
+        self._folded.clear()                            # eval: conv0 and norm0 as one conv (chexcy.nn.fold)
+        return self.relu.forward(run_chain(self.features.layers, x, self._folded))
 
     def backward(self, dout):
+        self._folded.restore()
         return self.features.backward(self.relu.backward(dout))
 
 
