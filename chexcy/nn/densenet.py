@@ -175,7 +175,7 @@ class DenseLayer(Module):
         else:
             h = kernels().conv2d_forward(y, self.conv1.weight.data, None, *_ONE)
             z = self.norm2.forward(h)                   # keeps h and the batch statistics
-        np.maximum(z, 0, out=z)
+        kernels().relu_forward(z, True)                 # in place, on the kernels' threads
         return kernels().conv2d_forward(z, self.conv2.weight.data, None, *self._conv2_args())
 
     def backward_from(self, dnew, buffer, c, stats, scratch, scratch2):
