@@ -130,6 +130,37 @@ static inline void chexcy_dwc_copy_row(float *restrict d, const float *restrict 
 #endif
 }
 
+/* Stride 2: a row s (n floats) split into its even columns d0 and odd columns d1 (merge = 0), or the
+ * inverse (merge = 1): 32 columns at a time by two permutes, masked at the row's end. */
+static inline int chexcy_dwc_copy_row2(float *s, Py_ssize_t n, float *d0, float *d1, const int merge)
+{
+#if defined(__AVX512F__)
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (Py_ssize_t j = 0; j < n; j += 32) {
+        const Py_ssize_t rem = n - j, ra = rem < 16 ? rem : 16, rb = rem < 32 ? rem - ra : 16;
+        const Py_ssize_t ne = (rem < 32 ? rem + 1 : 32) / 2, no = (rem < 32 ? rem : 32) / 2;
+        const __mmask16 ma = (__mmask16)((1u << ra) - 1), mb = (__mmask16)((1u << rb) - 1);
+        const __mmask16 me = (__mmask16)((1u << ne) - 1), mo = (__mmask16)((1u << no) - 1);
+        if (merge) {
+            const __m512 e = _mm512_maskz_loadu_ps(me, d0 + j / 2), o = _mm512_maskz_loadu_ps(mo, d1 + j / 2);
+            _mm512_mask_storeu_ps(s + j, ma, _mm512_permutex2var_ps(e, lo, o));
+            _mm512_mask_storeu_ps(s + j + 16, mb, _mm512_permutex2var_ps(e, hi, o));
+        } else {
+            const __m512 a = _mm512_maskz_loadu_ps(ma, s + j), b = _mm512_maskz_loadu_ps(mb, s + j + 16);
+            _mm512_mask_storeu_ps(d0 + j / 2, me, _mm512_permutex2var_ps(a, ev, b));
+            _mm512_mask_storeu_ps(d1 + j / 2, mo, _mm512_permutex2var_ps(a, od, b));
+        }
+    }
+    return 1;
+#else
+    (void)s; (void)n; (void)d0; (void)d1; (void)merge;
+    return 0;       /* the caller's loops */
+#endif
+}
+
 /* Where row i of xpad starts in the phase planes (for its column phase 0): row phase i % sh, row i / sh;
  * and for each column offset r < SW within a stride, the phase plane and column of x's column r and
  * how many of x's columns r, r + SW, ... there are. No divisions per row: 7x7 planes have 7-float rows. */
@@ -158,6 +189,10 @@ static inline __attribute__((always_inline)) void chexcy_dwc_copy_sw(
         for (Py_ssize_t ih = 0; ih < g->H; ih++) {
             float *base = xs + rh * SW * P + b * g->PS + ir * Wr;
             float *row = x + b * xstride + ih * W;
+            if (SW == 2 && cs.nr == 2 && chexcy_dwc_copy_row2(row, W, base + cs.off[0], base + cs.off[1], merge)) {
+                if (++rh == g->sh) { rh = 0; ir++; }
+                continue;
+            }
             for (Py_ssize_t r = 0; r < cs.nr; r++) {
                 float *restrict d = base + cs.off[r];
                 float *restrict s = row + r;
