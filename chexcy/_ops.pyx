@@ -173,15 +173,20 @@ cdef extern from "_ops_pool.h" nogil:
     void chexcy_avg_unpool_2x2_row(const float* g, float* d0, float* d1, Py_ssize_t W, Py_ssize_t OW)
 
 cdef extern from "_ops_depthwise.h" nogil:
-    void chexcy_dwc_forward_plane(const float* xp, const float* w, float bias, float* out, Py_ssize_t Wp,
-                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW,
-                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
-    void chexcy_dwc_dx_plane(const float* dout, const float* w, float* dxp, Py_ssize_t Hp, Py_ssize_t Wp,
-                             Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t sh,
-                             Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
-    void chexcy_dwc_dweight_plane(const float* dout, const float* xp, float* acc, Py_ssize_t Wp,
-                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW,
-                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
+    enum:
+        CHEXCY_DWC_MAX_TAPS     # kernels of up to this many taps take the DEPTHWISE path
+        CHEXCY_DWC_MAX_STRIDE   # and strides up to this
+    ctypedef struct chexcy_dwc_geom:
+        Py_ssize_t OH, OW, T, B
+    void chexcy_dwc_init(chexcy_dwc_geom* g, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t KH, Py_ssize_t KW,
+                         Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dil_h,
+                         Py_ssize_t dil_w)
+    Py_ssize_t chexcy_dwc_scratch_floats(const chexcy_dwc_geom* g)
+    void chexcy_dwc_forward_unit(const chexcy_dwc_geom* g, Py_ssize_t C, Py_ssize_t u, const float* x,
+                                 const float* w, const float* bias, float* out, float* scratch)
+    void chexcy_dwc_backward_channel(const chexcy_dwc_geom* g, Py_ssize_t N, Py_ssize_t C, Py_ssize_t c,
+                                     const float* dout, const float* x, const float* w, float* dx,
+                                     float* dw, float* dbias, float* scratch)
 
 cdef extern from "_ops_relu.h" nogil:
     void chexcy_relu(const float* x, float* y, Py_ssize_t n)
@@ -810,8 +815,9 @@ cdef _conv_core(
 # ------------------------------------------------------------------------------------------------
 #
 #   path                forward / dx / dweight of ...                               kernel
-#   DEPTHWISE           groups = C = F (one channel in and out per group), stride    _depthwise_forward,
-#                       > 1, any kernel, padding, dilation: plane by plane            _depthwise_backward
+#   DEPTHWISE           groups = C = F (one channel in and out per group; C > 1 at   _depthwise_forward,
+#                       stride 1), up to CHEXCY_DWC_MAX_TAPS taps and strides up to   _depthwise_backward
+#                       CHEXCY_DWC_MAX_STRIDE, any padding, dilation: plane by plane
 #   WINOGRAD            3x3, stride 1, dilation 1, one group, from WINO_MIN_C in     _wino_conv, _dweight_winograd
 #                       and WINO_MIN_F out channels (dweight: WDW_MIN_C / WDW_MIN_F)
 #   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _gemm_conv (dx: the same on
@@ -864,9 +870,8 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     cdef bint strided = sh > 1 or sw > 1
     cdef bint reach_ok = ph <= dh * (KH - 1) and pw <= dw * (KW - 1)
     stride1 = (1, 1)
-    if groups == C and F == C and strided:
-        # (at stride 1 the register tiles of DIRECT / LANE_SUM keep a row's sums in registers: 144
-        # channels at 56x56, 3x3, one thread, forward 4.8 against 9.3 ms here, A/B in one process)
+    if (groups == C and F == C and (strided or C > 1) and KH * KW <= CHEXCY_DWC_MAX_TAPS
+            and sh <= CHEXCY_DWC_MAX_STRIDE and sw <= CHEXCY_DWC_MAX_STRIDE):
         return "DEPTHWISE", "DEPTHWISE", "DEPTHWISE"
     # forward
     if _is_winograd(Cg, Fg, KH, KW, sh, sw, dh, dw, groups, WINO_MIN_C, WINO_MIN_F):
@@ -1568,72 +1573,33 @@ cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw,
     return dx
 
 
-cdef void _dwc_fwd_unit(const float[:, :, :, ::1] x, const float[:, :, :, ::1] w, const float[::1] bias,
-                        float[:, :, :, ::1] out, float* xp, Py_ssize_t u, int sh, int sw, int ph, int pw,
-                        int dh, int dw) noexcept nogil:
-    """DEPTHWISE forward of plane u = (n, c): its input padded into this thread's xp, then the rows."""
-    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], n = u // C, c = u % C
-    _pad_planes(&x[n, c, 0, 0], xp, 1, H, W, ph, pw)
-    chexcy_dwc_forward_plane(xp, &w[c, 0, 0, 0], bias[c], &out[n, c, 0, 0], W + 2 * pw, w.shape[2], w.shape[3],
-                             out.shape[2], out.shape[3], sh, sw, dh, dw)
-
-
 cdef _depthwise_forward(x, w, const float[::1] bias, float[:, :, :, ::1] out, int sh, int sw, int ph, int pw,
-                        int dh, int dw):
-    """groups = C = F: every (n, c) plane on its own (chexcy/_ops_depthwise.h)."""
-    cdef int n_threads = _threads()
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], u
-    cdef Py_ssize_t plane = ((x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw) + 15) // 16 * 16
-    cdef const float[:, :, :, ::1] xv = x
-    cdef const float[:, :, :, ::1] wv = w
-    scratch = _empty((n_threads, plane))
-    cdef float[:, ::1] sv = scratch
-    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        _dwc_fwd_unit(xv, wv, bias, out, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
-
-
-cdef void _dwc_dx_unit(const float[:, :, :, ::1] dout, const float[:, :, :, ::1] w, float[:, :, :, ::1] dx,
-                       float* dxp, Py_ssize_t u, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
-    """DEPTHWISE dx of plane u = (n, c), padded in this thread's dxp, its inside copied out."""
-    cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3], n = u // C, c = u % C, r
-    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
-    chexcy_dwc_dx_plane(&dout[n, c, 0, 0], &w[c, 0, 0, 0], dxp, Hp, Wp, w.shape[2], w.shape[3],
-                        dout.shape[2], dout.shape[3], sh, sw, dh, dw)
-    for r in range(H):
-        memcpy(&dx[n, c, r, 0], dxp + (r + ph) * Wp + pw, W * sizeof(float))
-
-
-cdef void _dwc_dweight_unit(const float[:, :, :, ::1] dout, const float[:, :, :, ::1] x,
-                            float[:, :, :, ::1] dweight, float[::1] dbias, float* scratch, Py_ssize_t c,
-                            int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
-    """DEPTHWISE dweight and dbias of channel c: lane sums over every sample in order, then each tap's
-    lanes added in order in float64."""
-    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], OW = dout.shape[3], n, t, j
-    cdef Py_ssize_t KH = dweight.shape[2], KW = dweight.shape[3], Wp = W + 2 * pw
-    cdef Py_ssize_t plane = ((H + 2 * ph) * Wp + 15) // 16 * 16
-    cdef float* xp = scratch
-    cdef float* acc = scratch + plane
-    cdef double total
-    memset(acc, 0, (KH * KW + 1) * OW * sizeof(float))
-    for n in range(N):
-        _pad_planes(&x[n, c, 0, 0], xp, 1, H, W, ph, pw)
-        chexcy_dwc_dweight_plane(&dout[n, c, 0, 0], xp, acc, Wp, KH, KW, dout.shape[2], OW, sh, sw, dh, dw)
-    for t in range(KH * KW + 1):
-        total = 0
-        for j in range(OW):
-            total = total + acc[t * OW + j]
-        if t < KH * KW:
-            dweight[c, 0, t // KW, t % KW] = <float>total
-        else:
-            dbias[c] = <float>total
-
-
-cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dh, int dw):
-    """groups = C = F: dx over (n, c) planes, dweight and dbias over channels (chexcy/_ops_depthwise.h)."""
+                        int dil_h, int dil_w):
+    """groups = C = F: units of B samples of one channel (chexcy/_ops_depthwise.h), split evenly between
+    the threads."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], u
-    cdef Py_ssize_t KH = w.shape[2], KW = w.shape[3], OW = dout.shape[3]
-    cdef Py_ssize_t plane = ((H + 2 * ph) * (W + 2 * pw) + 15) // 16 * 16
+    cdef chexcy_dwc_geom geo
+    chexcy_dwc_init(&geo, N, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
+    cdef Py_ssize_t per = (chexcy_dwc_scratch_floats(&geo) + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = w
+    # zeros: the padding of the phase planes is never written (chexcy_dwc_forward_unit)
+    scratch = np.zeros((n_threads, per), np.float32)
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N // geo.B * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_dwc_forward_unit(&geo, C, u, &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &bias[0], &out[0, 0, 0, 0],
+                                &sv[omp_get_thread_num(), 0])
+
+
+cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+    """groups = C = F: dx, dweight and dbias of every channel together (chexcy/_ops_depthwise.h),
+    channels split evenly between the threads."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], c
+    cdef chexcy_dwc_geom geo
+    chexcy_dwc_init(&geo, N, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
+    cdef Py_ssize_t per = (chexcy_dwc_scratch_floats(&geo) + 15) // 16 * 16
     cdef const float[:, :, :, ::1] dv = dout
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[:, :, :, ::1] wv = w
@@ -1643,12 +1609,11 @@ cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dh, int
     cdef float[:, :, :, ::1] dxv = dx
     cdef float[:, :, :, ::1] dwv = dweight
     cdef float[::1] dbv = dbias
-    scratch = _empty((n_threads, plane + (KH * KW + 1) * OW + 16))
+    scratch = np.zeros((n_threads, per), np.float32)
     cdef float[:, ::1] sv = scratch
-    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        _dwc_dx_unit(dv, wv, dxv, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
-    for u in prange(C, nogil=True, schedule="static", num_threads=n_threads):
-        _dwc_dweight_unit(dv, xv, dwv, dbv, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
+    for c in prange(C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_dwc_backward_channel(&geo, N, C, c, &dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[c, 0, 0, 0],
+                                    &dxv[0, 0, 0, 0], &dwv[c, 0, 0, 0], &dbv[0], &sv[omp_get_thread_num(), 0])
     return dx, dweight, dbias
 
 
