@@ -2237,6 +2237,10 @@ cdef extern from "_ops_gemm.h" nogil:
                           Py_ssize_t K, const float* bp, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t N,
                           const float* init, float* C, Py_ssize_t ldc, float* abuf)
     void chexcy_col_sums(const float* d, Py_ssize_t M, Py_ssize_t ld, Py_ssize_t j0, Py_ssize_t n, float* out)
+    enum:
+        GEMM_DOT_M  # dense layers of at most this many rows run as dot products
+    void chexcy_gemm_dot_rows(const float* x, Py_ssize_t M, Py_ssize_t K, const float* w, Py_ssize_t j0,
+                              Py_ssize_t j1, const float* bias, float* out, Py_ssize_t ldo)
 
 
 cdef void _gemm_task(
@@ -2321,6 +2325,16 @@ def linear_forward(x, weight, bias):
         bp = &bv[0]
     out = np.empty((N, O), np.float32)
     cdef float[:, ::1] ov = out
+    cdef Py_ssize_t u, units = (O + 47) // 48
+    if N <= GEMM_DOT_M:     # a few rows: dot products straight from W, no packing (chexcy_gemm_dot_rows)
+        with nogil:
+            if p.n_threads == 1:
+                chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], 0, O, bp, &ov[0, 0], O)
+            else:
+                for u in prange(units, schedule="static", num_threads=p.n_threads):
+                    chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], u * 48, min(O, u * 48 + 48), bp,
+                                         &ov[0, 0], O)
+        return out
     cdef float* scratch = <float*>malloc(p.scratch_len * sizeof(float))
     if scratch == NULL:
         raise MemoryError(f"linear: no memory for {p.scratch_len * 4} bytes of packing scratch")

@@ -1,5 +1,6 @@
 """The POINTWISE_GEMM path (chexcy/_ops_pointwise.h): 1x1 convolutions as products whose columns span
-the whole batch, forward, dx and dweight.
+the whole batch, forward, dx and dweight; and the dot-product forward of dense layers of a few rows
+(chexcy_gemm_dot_rows in chexcy/_ops_gemm.h).
 
 Each case is checked to take the path, then compared with the reference on every instruction-set
 variant built here, at 1 thread, and bit for bit at 2 and 3 threads (check_conv_on_every_variant). The
@@ -15,7 +16,7 @@ import pytest
 
 from chexcy import ops, reference
 
-from ops_cases import COMPILED, assert_close, check_conv_on_every_variant
+from ops_cases import COMPILED, assert_close, check_conv_on_every_variant, runnable_variants
 
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="the compiled module is not built (fallback-only run)")
 
@@ -84,3 +85,33 @@ def test_pointwise_bias_reaches_every_row_and_column():
     out = ops.conv2d_forward(x, w, b, (1, 1), (0, 0), (1, 1), 1)
     np.testing.assert_array_equal(out, np.broadcast_to(b[None, :, None, None], out.shape))
 
+
+# Dense layers of at most 8 rows run as dot products straight from the weight (chexcy_gemm_dot_rows):
+# 8 (AVX-512) or 4 rows of x by 3 or 2 rows of W at a time, sums in 16 / 8 / 4 lanes, 48 outputs per
+# thread unit. Sizes: 1 row, a block and one past it (4, 5, 8), in_features below a vector, not a
+# multiple of one (tail), 2048; out_features not a multiple of 2, 3 or 48; 9 rows take the GEMM again.
+DOT_CASES = [(1, 1, 1), (1, 7, 5), (4, 17, 3), (5, 33, 49), (8, 2048, 100), (8, 515, 97), (3, 16, 145),
+             (9, 40, 50)]
+
+
+@needs_compiled
+@pytest.mark.parametrize("n,k,o", DOT_CASES)
+def test_linear_few_rows_every_variant_and_thread_count(n, k, o):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    w = rng.standard_normal((o, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    for bias in (b, None):
+        want = reference.linear_forward(x, w, bias)
+        for name, mod in runnable_variants():
+            results = {}
+            try:
+                for threads in (1, 2, 3):
+                    mod.set_num_threads(threads)
+                    results[threads] = mod.linear_forward(x, w, bias)
+            finally:
+                mod.set_num_threads(0)
+            assert_close(results[1], want, "linear", err_msg=f"variant {name} ({n}, {k}, {o})")
+            for threads in (2, 3):
+                np.testing.assert_array_equal(results[threads], results[1],
+                                              err_msg=f"variant {name}: {threads} threads differ")
