@@ -164,6 +164,21 @@ cdef extern from "_ops_conv_gemm.h" nogil:
     void chexcy_cg_dx_task(const chexcy_cg_geom* g, float* dxp, Py_ssize_t Cg, const float* wt,
                            const float* dn, Py_ssize_t Fg, Py_ssize_t K, float* bbuf, float* t)
 
+cdef extern from "_ops_pointwise.h" nogil:
+    ctypedef struct chexcy_pw_geom:
+        const float* x
+        Py_ssize_t ns, cs, OW, P, rowstep, sw, NP
+    Py_ssize_t chexcy_pw_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
+    void chexcy_pw_pack_a(const float* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t Fg, Py_ssize_t K,
+                          Py_ssize_t kb, float* ap)
+    void chexcy_pw_task(const chexcy_pw_geom* g, const float* ap, const float* bias, Py_ssize_t Fg,
+                        Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float* out, Py_ssize_t out_ns,
+                        float* bbuf)
+    void chexcy_pw_dweight_task(const float* dout, Py_ssize_t d_ns, const float* x, Py_ssize_t x_ns,
+                                Py_ssize_t P, Py_ssize_t NP, Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t m0,
+                                Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float* dw, Py_ssize_t ldw,
+                                float* abuf, float* bbuf)
+
 cdef extern from "_ops_pool.h" nogil:
     void chexcy_max_pool_plane(const float* x, float* out, int64_t* arg, Py_ssize_t H, Py_ssize_t W,
                                Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
@@ -820,9 +835,9 @@ cdef _conv_core(
 #                       CHEXCY_DWC_MAX_STRIDE, any padding, dilation: plane by plane
 #   WINOGRAD            3x3, stride 1, dilation 1, one group, from WINO_MIN_C in     _wino_conv, _dweight_winograd
 #                       and WINO_MIN_F out channels (dweight: WDW_MIN_C / WDW_MIN_F)
-#   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _gemm_conv (dx: the same on
-#                       GEMM_MIN_F out channels per group: a matrix product per       dout with W^T), and
-#                       sample, the stride folded into the packing                   _gemm_conv_dweight
+#   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _pw_conv, _pw_dx (the same
+#                       GEMM_MIN_F out channels per group: a matrix product per       product on dout with W^T),
+#                       group over the whole batch, the stride folded into packing   _pw_dweight
 #   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv, _gemm_conv_dx,
 #                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dweight
 #                       gathered into the packing, never stored
@@ -944,7 +959,7 @@ cdef void _gemm_conv_unit(
 cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
                 int groups, int sh, int sw, int ph, int pw, int dh, int dw):
     """out = conv(x, w) + bias as one matrix product per (sample, group) (chexcy/_ops_conv_gemm.h): the
-    IM2COL_GEMM and POINTWISE_GEMM paths. Units are (n, g, block of GEMM_TASK_COLS output positions)."""
+    IM2COL_GEMM path. Units are (n, g, block of GEMM_TASK_COLS output positions)."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
@@ -966,6 +981,125 @@ cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
                         u, nsb, SB, nstrips, apack, groups, C, Fg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
 
 
+cdef void _pw_unit(
+        const float* src, const float* ap, const float* bias, float* out, float* bbuf, Py_ssize_t u,
+        Py_ssize_t nsb, Py_ssize_t SB, Py_ssize_t nstrips, Py_ssize_t apack, Py_ssize_t Fo, Py_ssize_t K,
+        Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW, Py_ssize_t P, Py_ssize_t rowstep, int sw,
+        Py_ssize_t NP, Py_ssize_t out_ns) noexcept nogil:
+    """Unit u = (g, sb) of _pw_product: strips [sb SB, (sb + 1) SB) of group g's product."""
+    cdef chexcy_pw_geom geo
+    cdef Py_ssize_t g = u // nsb, sb = u % nsb, Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR
+    geo.x = src + g * K * src_cs
+    geo.ns, geo.cs, geo.OW, geo.P, geo.rowstep, geo.sw, geo.NP = src_ns, src_cs, OW, P, rowstep, sw, NP
+    chexcy_pw_task(&geo, ap + g * apack, bias + g * Fp, Fo, K, sb * SB, min(nstrips, (sb + 1) * SB),
+                   out + g * Fo * P, out_ns, bbuf)
+
+
+cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW,
+                 Py_ssize_t P, Py_ssize_t rowstep, int sw, const float* w, Py_ssize_t w_gs, Py_ssize_t w_rs,
+                 Py_ssize_t w_cs, int groups, Py_ssize_t Fo, Py_ssize_t K, const float* bias, float* out,
+                 Py_ssize_t out_ns):
+    """The POINTWISE_GEMM product (chexcy/_ops_pointwise.h), per group g and over the whole batch:
+        out[n, g Fo + f, p] = bias[g Fo + f] + sum over k < K of Wg[f, k] src[n, g K + k, p]
+    with Wg[f, k] = w[g w_gs + f w_rs + k w_cs] and src[n, c, p] at src + n src_ns + c src_cs +
+    (p // OW) rowstep + (p % OW) sw; bias may be NULL (zeros); out (N, groups Fo, P) rows P floats apart,
+    samples out_ns apart. Units: (group, block of column strips)."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t NP = N * P, nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_pw_apack_floats(Fo, K)
+    cdef Py_ssize_t Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR, u, f
+    cdef Py_ssize_t nstrips = (NP + GEMM_NR - 1) // GEMM_NR
+    # strips per unit: a unit's output block (SB GEMM_NR columns x Fo rows, revisited per K block)
+    # stays within ~512 KiB of L2, and every thread gets several units
+    cdef Py_ssize_t SB = max(1, min(8, (1 << 17) // (Fo * GEMM_NR), nstrips // (4 * n_threads)))
+    cdef Py_ssize_t nsb = (nstrips + SB - 1) // SB
+    ap = _empty((groups, apack))
+    cdef float[:, ::1] av = ap
+    bp = np.zeros((groups, Fp), np.float32)
+    cdef float[:, ::1] bpv = bp
+    if bias != NULL:
+        for u in range(groups):
+            for f in range(Fo):
+                bpv[u, f] = bias[u * Fo + f]
+    bbuf = _empty((n_threads, GEMM_KC * GEMM_NR))
+    cdef float[:, ::1] bv = bbuf
+    with nogil:
+        for u in prange(groups * nkb, schedule="static", num_threads=n_threads):
+            chexcy_pw_pack_a(w + u // nkb * w_gs, w_rs, w_cs, Fo, K, u % nkb, &av[u // nkb, 0])
+        for u in prange(groups * nsb, schedule="static", num_threads=n_threads):
+            _pw_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], u, nsb, SB, nstrips,
+                     apack, Fo, K, src_ns, src_cs, OW, P, rowstep, sw, NP, out_ns)
+
+
+cdef _pw_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int groups, int sh, int sw):
+    """POINTWISE_GEMM forward: out = conv(x, w) + bias for a 1x1 kernel without padding, any stride."""
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = w
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], Fg = F // groups, OH = out.shape[2], OW = out.shape[3]
+    _pw_product(&xv[0, 0, 0, 0], N, C * H * W, H * W, OW, OH * OW, sh * W, sw, &wv[0, 0, 0, 0], Fg * Cg, Cg, 1,
+                groups, Fg, Cg, &bias[0], &out[0, 0, 0, 0], F * OH * OW)
+
+
+cdef _pw_dx(dout, w, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int groups):
+    """POINTWISE_GEMM dx at stride 1: dx[n, g] (Cg, HW) = W[g]^T (Cg, Fg) . dout[n, g] (Fg, HW), the
+    forward product on dout with the weight read transposed."""
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef const float[:, :, :, ::1] wv = w
+    cdef Py_ssize_t N = dout.shape[0], F = dout.shape[1], Fg = F // groups, Cg = C // groups
+    dx = _empty((N, C, H, W))
+    cdef float[:, :, :, ::1] dxv = dx
+    _pw_product(&dv[0, 0, 0, 0], N, F * H * W, H * W, W, H * W, W, 1, &wv[0, 0, 0, 0], Fg * Cg, 1, Cg,
+                groups, Cg, Fg, NULL, &dxv[0, 0, 0, 0], C * H * W)
+    return dx
+
+
+cdef void _pw_dweight_unit(const float* dout, const float* x, float* dw, float* abuf, float* bbuf,
+                           Py_ssize_t u, Py_ssize_t rb, Py_ssize_t cb, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F,
+                           Py_ssize_t P, int groups) noexcept nogil:
+    """Unit u = (g, row block, column block) of _pw_dweight: the blocks cut the group's GEMM_MR-row
+    tiles and GEMM_NR-column strips as evenly as they go."""
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups
+    cdef Py_ssize_t nF = (Fg + GEMM_MR - 1) // GEMM_MR, nS = (Cg + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t g = u // (rb * cb), r = u // cb % rb, c = u % cb
+    cdef Py_ssize_t m0 = r * nF // rb * GEMM_MR, m1 = min(Fg, (r + 1) * nF // rb * GEMM_MR)
+    if m1 <= m0 or (c + 1) * nS // cb <= c * nS // cb:
+        return
+    chexcy_pw_dweight_task(dout + g * Fg * P, F * P, x + g * Cg * P, C * P, P, N * P, Cg, Fg, m0, m1 - m0,
+                           c * nS // cb, (c + 1) * nS // cb, dw + g * Fg * Cg, Cg, abuf, bbuf)
+
+
+cdef _pw_dweight(dout, x, int groups):
+    """POINTWISE_GEMM dweight at stride 1: dweight[g] (Fg, Cg) = sum over the batch's columns of
+    dout[n, g] (Fg, P) x[n, g]^T (P, Cg) (chexcy_pw_dweight_task). Units: rectangles of each group's
+    result (row blocks x column blocks), as many as the threads need and no finer; which thread computes
+    which rectangle does not change a bit of the result."""
+    cdef int n_threads = _threads()
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef const float[:, :, :, ::1] xv = x
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2] * x.shape[3], F = dout.shape[1]
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups, u
+    cdef Py_ssize_t nF = (Fg + GEMM_MR - 1) // GEMM_MR, nS = (Cg + GEMM_NR - 1) // GEMM_NR
+    # row blocks of at most 12 tiles (144 rows: the packed dout block, 144 x GEMM_KC floats, in L2), then
+    # the (row blocks, column blocks) pair whose slowest thread has the fewest tiles
+    cdef Py_ssize_t rb0 = (nF + 11) // 12, rb = rb0, cb = 1, r, c, best = -1, cost, tasks
+    for r in range(rb0, min(nF, rb0 + 2 * n_threads) + 1):
+        for c in range(1, min(nS, 2 * n_threads) + 1):
+            tasks = groups * r * c
+            cost = ((tasks + n_threads - 1) // n_threads) * ((nF + r - 1) // r) * ((nS + c - 1) // c) * 64 \
+                + tasks * ((nF + r - 1) // r + (nS + c - 1) // c)     # the tiles, then the packing
+            if best < 0 or cost < best:
+                best, rb, cb = cost, r, c
+    cdef Py_ssize_t alen = ((nF + rb - 1) // rb + 1) * GEMM_MR * GEMM_KC, blen = GEMM_KC * GEMM_NR
+    dweight = _empty((F, Cg, 1, 1))
+    cdef float[:, :, :, ::1] wv = dweight
+    scratch = _empty((n_threads, alen + blen))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(groups * rb * cb, nogil=True, schedule="static", num_threads=n_threads):
+        _pw_dweight_unit(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &sv[omp_get_thread_num(), 0],
+                         &sv[omp_get_thread_num(), alen], u, rb, cb, N, C, F, P, groups)
+    return dweight
+
+
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
@@ -985,7 +1119,9 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
         return np.ascontiguousarray(full[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
     out = _empty((N, F, OH, OW))
     b = np.zeros(F, np.float32) if bias is None else bias
-    if path in ("POINTWISE_GEMM", "IM2COL_GEMM"):
+    if path == "POINTWISE_GEMM":
+        _pw_conv(x, weight, b, out, groups, sh, sw)
+    elif path == "IM2COL_GEMM":
         _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
     elif path == "DEPTHWISE":
         _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dh, dw)
@@ -1655,14 +1791,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
             dx = np.zeros((N, C, H, W), np.float32)
             dx[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw] = dx_sub
             return dx, dweight, dbias
-        # dx (per sample and group) = W[g]^T (Cg, Fg) . dout[n, g] (Fg, HW): the forward path on dout
-        wt = np.ascontiguousarray(weight.reshape(groups, Fg, Cg).transpose(0, 2, 1)).reshape(C, Fg, 1, 1)
-        dx = _empty((N, C, H, W))
-        _gemm_conv(dout, wt, np.zeros(C, np.float32), dx, groups, 1, 1, 0, 0, 1, 1)
-        # dweight: the IM2COL_GEMM product with 1x1 taps (B^T is x itself, rows of positions), in one
-        # parallel region (per-sample products on _gemm_run needed 2 per sample: on a busy machine every
-        # region's join waits for a descheduled thread)
-        return dx, _gemm_conv_dweight(dout, x, 1, 1, groups, 1, 1, 0, 0, 1, 1), dbias
+        return _pw_dx(dout, weight, C, H, W, groups), _pw_dweight(dout, x, groups), dbias
 
     # Strided convolutions: spread dout onto the stride-1 grid, zeros between the samples
     # (dout_s[oh * sh, ow * sw] = dout[oh, ow]), so dx and dweight take the fast stride-1 kernels below.
@@ -2073,6 +2202,10 @@ cdef extern from "_ops_gemm.h" nogil:
                           Py_ssize_t K, const float* bp, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t N,
                           const float* init, float* C, Py_ssize_t ldc, float* abuf)
     void chexcy_col_sums(const float* d, Py_ssize_t M, Py_ssize_t ld, Py_ssize_t j0, Py_ssize_t n, float* out)
+    enum:
+        GEMM_DOT_M  # dense layers of at most this many rows run as dot products
+    void chexcy_gemm_dot_rows(const float* x, Py_ssize_t M, Py_ssize_t K, const float* w, Py_ssize_t j0,
+                              Py_ssize_t j1, const float* bias, float* out, Py_ssize_t ldo)
 
 
 cdef void _gemm_task(
@@ -2157,6 +2290,16 @@ def linear_forward(x, weight, bias):
         bp = &bv[0]
     out = np.empty((N, O), np.float32)
     cdef float[:, ::1] ov = out
+    cdef Py_ssize_t u, units = (O + 47) // 48
+    if N <= GEMM_DOT_M:     # a few rows: dot products straight from W, no packing (chexcy_gemm_dot_rows)
+        with nogil:
+            if p.n_threads == 1:
+                chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], 0, O, bp, &ov[0, 0], O)
+            else:
+                for u in prange(units, schedule="static", num_threads=p.n_threads):
+                    chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], u * 48, min(O, u * 48 + 48), bp,
+                                         &ov[0, 0], O)
+        return out
     cdef float* scratch = <float*>malloc(p.scratch_len * sizeof(float))
     if scratch == NULL:
         raise MemoryError(f"linear: no memory for {p.scratch_len * 4} bytes of packing scratch")
