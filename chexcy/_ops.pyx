@@ -163,6 +163,14 @@ cdef extern from "_ops_conv_gemm.h" nogil:
                                 Py_ssize_t s1, float* dw, float* abuf, float* bbuf)
     void chexcy_cg_dx_task(const chexcy_cg_geom* g, float* dxp, Py_ssize_t Cg, const float* wt,
                            const float* dn, Py_ssize_t Fg, Py_ssize_t K, float* bbuf, float* t)
+    void chexcy_cg_phase_split(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
+                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float* dst)
+    void chexcy_cg_phase_taps(Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h,
+                              Py_ssize_t dil_w, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t* off)
+    void chexcy_cg_task_phase(const float* xq, const Py_ssize_t* off, Py_ssize_t taps, Py_ssize_t cs,
+                              Py_ssize_t Wq, Py_ssize_t OH, Py_ssize_t OW, const float* ap,
+                              const float* bias, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1,
+                              float* out, float* ct, float* bbuf)
 
 cdef extern from "_ops_pool.h" nogil:
     void chexcy_max_pool_plane(const float* x, float* out, int64_t* arg, Py_ssize_t H, Py_ssize_t W,
@@ -195,6 +203,10 @@ cdef enum:
     GEMM_MIN_F = 8
     GEMM_TASK_COLS = 256    # output positions per task of _gemm_conv (its output block stays in L2)
     GEMM_DW_PARTS = 4       # sample ranges of the IM2COL_GEMM dweight, summed in order (fixed by the shape)
+    # K strips (GEMM_NR columns of dweight) per unit of the IM2COL_GEMM dweight: each unit packs its blocks
+    # of dout once for all of them (one strip per unit packed them once per strip: 11% of the backward
+    # of 3x3 stride 2, 128 channels at 56x56, more than the gather of B^T)
+    GEMM_DW_STRIPS = 12
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -961,6 +973,61 @@ cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
                         u, nsb, SB, nstrips, apack, groups, C, Fg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
 
 
+cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
+                      int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+    """out = conv(x, w) + bias, the IM2COL_GEMM forward on phase planes (chexcy_cg_task_phase): the
+    input split once into (N, C, sh sw, Hq, Wq), then one product per (sample, group) whose B rows are
+    contiguous copies. Units are (n, g, block of GEMM_TASK_COLS columns); bitwise the same sums as
+    _gemm_conv."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], K = Cg * KH * KW, u, n, g, sb
+    cdef Py_ssize_t Hq = (H + 2 * ph + sh - 1) // sh, Wq = (W + 2 * pw + sw - 1) // sw
+    cdef Py_ssize_t cs = sh * sw * Hq * Wq, plane = H * W
+    cdef Py_ssize_t nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_cg_apack_floats(Fg, K)
+    cdef Py_ssize_t nstrips = (OH * Wq + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t SB = max(1, GEMM_TASK_COLS // GEMM_NR), nsb = (nstrips + SB - 1) // SB
+    cdef Py_ssize_t ctlen = (Fg * SB * GEMM_NR + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] wv = w
+    cdef const float[:, :, :, ::1] xv = x
+    # the tasks' last strips read up to GEMM_NR + Wq floats past the last plane (into dropped columns)
+    xq = _empty((N * C * cs + Wq + 2 * GEMM_NR,))
+    xq[N * C * cs:] = 0
+    cdef float[::1] qv = xq
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_phase_split(&xv[u // C, u % C, 0, 0], H, W, ph, pw, sh, sw, Hq, Wq, &qv[u * cs])
+    offs = np.empty(KH * KW, np.intp)
+    cdef Py_ssize_t[::1] ov = offs
+    chexcy_cg_phase_taps(KH, KW, sh, sw, dil_h, dil_w, Hq, Wq, &ov[0])
+    ap = _empty((groups, apack))
+    cdef float[:, ::1] av = ap
+    for u in prange(groups * nkb, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_pack_a(&wv[u // nkb * Fg, 0, 0, 0], Fg, K, u % nkb, &av[u // nkb, 0])
+    scratch = _empty((n_threads, ctlen + GEMM_KC * GEMM_NR))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * groups * nsb, nogil=True, schedule="static", num_threads=n_threads):
+        sb = u % nsb
+        g = u // nsb % groups
+        n = u // nsb // groups
+        chexcy_cg_task_phase(&qv[(n * C + g * Cg) * cs], &ov[0], KH * KW, cs, Wq, OH, OW, &av[g, 0],
+                             &bias[g * Fg], Fg, K, sb * SB, min(nstrips, (sb + 1) * SB),
+                             &out[n, g * Fg, 0, 0], &sv[omp_get_thread_num(), 0],
+                             &sv[omp_get_thread_num(), ctlen])
+
+
+def _im2col_forward_phase(x, weight, bias, stride, padding, dilation, int groups):
+    """The IM2COL_GEMM forward on phase planes for any shape, whatever conv_plan picks (for the tests
+    and benchmarks of the path): x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,)."""
+    N, _, H, W = x.shape
+    F, _, KH, KW = weight.shape
+    out = _empty((N, F, _conv_out_size(H, KH, stride[0], padding[0], dilation[0]),
+                  _conv_out_size(W, KW, stride[1], padding[1], dilation[1])))
+    _gemm_conv_phase(x, weight, bias, out, groups, stride[0], stride[1], padding[0], padding[1],
+                     dilation[0], dilation[1])
+    return out
+
+
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
@@ -980,8 +1047,10 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
         return np.ascontiguousarray(full[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
     out = _empty((N, F, OH, OW))
     b = np.zeros(F, np.float32) if bias is None else bias
-    if path in ("POINTWISE_GEMM", "IM2COL_GEMM"):
+    if path == "POINTWISE_GEMM":
         _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
+    elif path == "IM2COL_GEMM":
+        _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
     elif path == "DEPTHWISE":
         _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dh, dw)
     elif path == "WINOGRAD":
@@ -1481,27 +1550,30 @@ cdef void _cg_dweight_unit(
         Py_ssize_t u, Py_ssize_t nst, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, int groups,
         Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dh, int dw,
         Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
-    """Unit u = (part, g, strip) of _gemm_conv_dweight: strip `strip` of dweight[g] over the part's samples."""
+    """Unit u = (part, g, chunk) of _gemm_conv_dweight: strips chunk GEMM_DW_STRIPS ... of dweight[g]
+    (nst chunks per group) over the part's samples."""
     cdef chexcy_cg_geom geo
     cdef Py_ssize_t Cg = C // groups, Fg = F // groups, K = Cg * KH * KW, P = OH * OW
-    cdef Py_ssize_t s = u % nst, g = u // nst % groups, part = u // nst // groups
+    cdef Py_ssize_t s = u % nst * GEMM_DW_STRIPS, g = u // nst % groups, part = u // nst // groups
+    cdef Py_ssize_t s1 = min(s + GEMM_DW_STRIPS, (K + GEMM_NR - 1) // GEMM_NR)
     cdef Py_ssize_t n0 = part * N // GEMM_DW_PARTS, n1 = (part + 1) * N // GEMM_DW_PARTS
     if n1 <= n0:
         return
     _cg_geom(&geo, xp + (n0 * C + g * Cg) * Hp * Wp, Hp, Wp, KH, KW, sh, sw, dh, dw, OH, OW)
-    chexcy_cg_dweight_task(geo, n1 - n0, C * Hp * Wp, dout + (n0 * F + g * Fg) * P, F * P, Fg, K, s, s + 1,
+    chexcy_cg_dweight_task(geo, n1 - n0, C * Hp * Wp, dout + (n0 * F + g * Fg) * P, F * P, Fg, K, s, s1,
                            parts + (part * F + g * Fg) * K, abuf, bbuf)
 
 
 cdef _gemm_conv_dweight(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int sh, int sw, int ph, int pw,
                         int dh, int dw):
     """IM2COL_GEMM dweight (F, Cg, KH, KW) = sum over (n, p) of dout (Fg, P) B_n^T (P, K), per group
-    (chexcy/_ops_conv_gemm.h). Units: (sample range, group, strip of GEMM_NR columns of K); the
+    (chexcy/_ops_conv_gemm.h). Units: (sample range, group, chunk of GEMM_DW_STRIPS strips of GEMM_NR columns of K); the
     GEMM_DW_PARTS sample ranges (fixed by N) give partial sums added in order at the end."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3], Cg = C // groups
-    cdef Py_ssize_t Fg = F // groups, K = Cg * KH * KW, nst = (K + GEMM_NR - 1) // GEMM_NR, u
+    cdef Py_ssize_t Fg = F // groups, K = Cg * KH * KW, u
+    cdef Py_ssize_t nst = ((K + GEMM_NR - 1) // GEMM_NR + GEMM_DW_STRIPS - 1) // GEMM_DW_STRIPS
     cdef Py_ssize_t alen = ((Fg + GEMM_MR - 1) // GEMM_MR * GEMM_MR * GEMM_KC + 15) // 16 * 16
     cdef Py_ssize_t blen = GEMM_KC * GEMM_NR
     xp = _padded(x, ph, pw, n_threads)

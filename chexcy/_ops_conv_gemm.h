@@ -121,6 +121,112 @@ static void chexcy_cg_task(const chexcy_cg_geom *g, const float *ap, const float
     }
 }
 
+/* ---- forward on phase planes ---------------------------------------------------------------------
+ * The gather above costs a scalar load and store per element of B whenever a strip of GEMM_NR positions
+ * spans more than one output row (every strip of a 28-, 14- or 7-wide output): about 40% of the tile's
+ * time at 3x3 stride 2, 128 channels. The IM2COL_GEMM forward therefore first splits the padded input
+ * of every (n, c) into sh sw phase planes (Hq, Wq), Hq = ceil(Hp / sh), Wq = ceil(Wp / sw):
+ *
+ *   phase (a, b)[i, j] = xpad[i sh + a, j sw + b]   (0 past the padded plane).
+ *
+ * Tap (kh, kw) of output (oh, ow) reads xpad[oh sh + r, ow sw + s], r = kh dil_h, s = kw dil_w, which is
+ * phase (r % sh, s % sw)[oh + r / sh, ow + s / sw]. Numbering the outputs over whole phase rows,
+ * q = oh Wq + ow with ow < Wq (the columns ow >= OW are computed and dropped), B[k, q] is element
+ * q + (r / sh) Wq + s / sw of that plane for every q: each row of a packed block is one contiguous copy.
+ * Only the Wq - OW dropped columns per row are extra work (1 in 29 at 56x56, 1 in 8 at 14x14).
+ * The sums are those of chexcy_cg_task (same B values, same K blocks in the same order), so the results
+ * are bitwise those of the gathering path. */
+
+/* dst (sh sw, Hq, Wq): the phase planes of one zero-padded plane x (H, W), padding (ph, pw). */
+static void chexcy_cg_phase_split(const float *x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
+                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float *dst)
+{
+    for (Py_ssize_t a = 0; a < sh; a++)
+        for (Py_ssize_t b = 0; b < sw; b++) {
+            float *plane = dst + (a * sw + b) * Hq * Wq;
+            /* columns j of this phase that fall inside x: j sw + b - pw in [0, W) */
+            const Py_ssize_t jlo = pw > b ? (pw - b + sw - 1) / sw : 0;
+            Py_ssize_t jhi = W + pw - b > 0 ? (W + pw - b - 1) / sw + 1 : 0;
+            if (jhi > Wq) jhi = Wq;
+            for (Py_ssize_t i = 0; i < Hq; i++) {
+                float *row = plane + i * Wq;
+                const Py_ssize_t ih = i * sh + a - ph;
+                if (ih < 0 || ih >= H || jhi <= jlo) {
+                    memset(row, 0, Wq * sizeof(float));
+                    continue;
+                }
+                const float *xr = x + ih * W + b - pw;
+                for (Py_ssize_t j = 0; j < jlo; j++) row[j] = 0.0f;
+                if (sw == 1)
+                    memcpy(row + jlo, xr + jlo, (jhi - jlo) * sizeof(float));
+                else if (sw == 2)   /* a constant stride: vectorized (the variable one ran scalar, 12% of the forward) */
+                    for (Py_ssize_t j = jlo; j < jhi; j++) row[j] = xr[2 * j];
+                else
+                    for (Py_ssize_t j = jlo; j < jhi; j++) row[j] = xr[j * sw];
+                for (Py_ssize_t j = jhi; j < Wq; j++) row[j] = 0.0f;
+            }
+        }
+}
+
+/* Offsets of the KH KW taps of one channel in its phase planes: off[kh KW + kw] as described above. */
+static void chexcy_cg_phase_taps(Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h,
+                                 Py_ssize_t dil_w, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t *off)
+{
+    for (Py_ssize_t kh = 0; kh < KH; kh++)
+        for (Py_ssize_t kw = 0; kw < KW; kw++) {
+            const Py_ssize_t r = kh * dil_h, s = kw * dil_w;
+            off[kh * KW + kw] = ((r % sh) * sw + s % sw) * Hq * Wq + r / sh * Wq + s / sw;
+        }
+}
+
+/* One task of the phase-plane forward: strips s0 .. s1 - 1 (GEMM_NR columns q each) of one (n, g):
+ *   xq: (Cg, sh sw, Hq, Wq) phase planes of the group, readable GEMM_NR + Wq floats past its end;
+ *   off: chexcy_cg_phase_taps; cs = sh sw Hq Wq (floats per channel); ap: the packed weight;
+ *   bias: (Fg,); out: (Fg, OH, OW) of (n, g) with planes P = OH OW apart;
+ *   ct: this thread's Fg x (s1 - s0) GEMM_NR block of C; bbuf: GEMM_KC x GEMM_NR floats. */
+static void chexcy_cg_task_phase(const float *xq, const Py_ssize_t *off, Py_ssize_t taps, Py_ssize_t cs,
+                                 Py_ssize_t Wq, Py_ssize_t OH, Py_ssize_t OW, const float *ap,
+                                 const float *bias, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1,
+                                 float *out, float *ct, float *bbuf)
+{
+    const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, ld = (s1 - s0) * GEMM_NR;
+    const Py_ssize_t q0 = s0 * GEMM_NR, q1 = s1 * GEMM_NR, P = OH * OW;
+    for (Py_ssize_t i = 0; i < Fg; i++)     /* start from the bias: the tiles add the block sums to it */
+        for (Py_ssize_t j = 0; j < ld; j++) ct[i * ld + j] = bias[i];
+    for (Py_ssize_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+        const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+        const float *ablk = ap + k0 * Fp;
+        for (Py_ssize_t s = s0; s < s1; s++) {
+            const Py_ssize_t q = s * GEMM_NR;
+            Py_ssize_t c = k0 / taps, t = k0 % taps;
+            for (Py_ssize_t k = 0; k < kc; k++) {
+                memcpy(bbuf + k * GEMM_NR, xq + c * cs + off[t] + q, GEMM_NR * sizeof(float));
+                if (++t == taps) {
+                    t = 0;
+                    c++;
+                }
+            }
+            float *cblk = ct + (q - q0);
+            for (Py_ssize_t i0 = 0; i0 < Fg; i0 += GEMM_MR) {
+                const Py_ssize_t mr = Fg - i0 < GEMM_MR ? Fg - i0 : GEMM_MR;
+                if (mr == GEMM_MR)
+                    chexcy_gemm_tile(kc, ablk + i0 * kc, bbuf, cblk + i0 * ld, ld, NULL);
+                else
+                    chexcy_gemm_tile_edge(kc, ablk + i0 * kc, bbuf, cblk + i0 * ld, ld, NULL, mr, GEMM_NR);
+            }
+        }
+    }
+    /* the kept columns: output row oh is q in [oh Wq, oh Wq + OW) */
+    for (Py_ssize_t oh = q0 / Wq; oh < OH && oh * Wq < q1; oh++) {
+        const Py_ssize_t a = oh * Wq > q0 ? oh * Wq : q0;
+        const Py_ssize_t b = oh * Wq + OW < q1 ? oh * Wq + OW : q1;
+        if (b <= a)
+            continue;
+        for (Py_ssize_t i = 0; i < Fg; i++)
+            memcpy(out + i * P + oh * OW + (a - oh * Wq), ct + i * ld + (a - q0), (b - a) * sizeof(float));
+    }
+}
+
 /* ---- backward ------------------------------------------------------------------------------------
  * dweight[g] (Fg, K) = sum over samples n and positions p of dout[n, g] (Fg, P) B_n^T (P, K): a product
  * whose K dimension runs over (n, p), in blocks of at most GEMM_KC positions of one sample, in the order
