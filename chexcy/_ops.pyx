@@ -167,6 +167,15 @@ cdef extern from "_ops_conv_gemm.h" nogil:
                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float* dst)
     void chexcy_cg_phase_taps(Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h,
                               Py_ssize_t dil_w, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t* off)
+    void chexcy_cg_pack_a_phase(const float* w, Py_ssize_t Fg, Py_ssize_t Cg, Py_ssize_t taps,
+                                const Py_ssize_t* tap, Py_ssize_t T, Py_ssize_t kb, float* ap)
+    void chexcy_cg_dout_pad(const float* d, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t mh, Py_ssize_t mw,
+                            Py_ssize_t Hd, Py_ssize_t Wd, float* dst)
+    void chexcy_cg_dx_phase_task(const float* dp, const Py_ssize_t* off, Py_ssize_t T, Py_ssize_t Fg,
+                                 Py_ssize_t Hd, Py_ssize_t Wd, Py_ssize_t Hq, Py_ssize_t Wq,
+                                 const float* ap, Py_ssize_t Cg, Py_ssize_t a, Py_ssize_t b, Py_ssize_t sh,
+                                 Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t H, Py_ssize_t W,
+                                 Py_ssize_t s0, Py_ssize_t s1, float* dx, float* ct, float* bbuf)
     void chexcy_cg_task_phase(const float* xq, const Py_ssize_t* off, Py_ssize_t taps, Py_ssize_t cs,
                               Py_ssize_t Wq, Py_ssize_t OH, Py_ssize_t OW, const float* ap,
                               const float* bias, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1,
@@ -207,6 +216,13 @@ cdef enum:
     # of dout once for all of them (one strip per unit packed them once per strip: 11% of the backward
     # of 3x3 stride 2, 128 channels at 56x56, more than the gather of B^T)
     GEMM_DW_STRIPS = 12
+    # The IM2COL_GEMM dx is gathered phase by phase (_gemm_conv_dx_phase: a product of Cg rows per phase)
+    # from GEMM_DX_PHASE_MIN_CG input channels per group and GEMM_DX_PHASE_MIN_P output positions, else
+    # scattered back by col2im (_gemm_conv_dx, Cg KH KW rows). Measured, one thread, CPU time, 3x3 stride
+    # 2, batch 8: 32>32@28 0.71 -> 0.37 ms, 128>128@56 23.0 -> 20.4 ms, 256>256@28 19.8 -> 18.9 ms;
+    # 3>32@224 6.5 -> 10.6 ms (3 of the tile's rows used), 512>512@14 (7x7 outputs) 22.8 -> 26.6 ms.
+    GEMM_DX_PHASE_MIN_CG = 16
+    GEMM_DX_PHASE_MIN_P = 100
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -829,9 +845,10 @@ cdef _conv_core(
 #   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _gemm_conv (dx: the same on
 #                       GEMM_MIN_F out channels per group: a matrix product per       dout with W^T), and
 #                       sample, the stride folded into the packing                   _gemm_conv_dweight
-#   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv, _gemm_conv_dx,
-#                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dweight
-#                       gathered into the packing, never stored
+#   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv_phase,
+#                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dx_phase or
+#                       copied from phase planes into the packing, never stored;     _gemm_conv_dx,
+#                       dx by phases from GEMM_DX_PHASE_MIN_CG / _MIN_P, else col2im _gemm_conv_dweight
 #   FIRST_LAYER         one input channel, 3 kernel rows, stride 1: dx, dweight and   _backward_one_channel
 #                       dbias of a sample together
 #   DIRECT              forward (and dx of stride 1, as the transposed conv) by       _conv_core
@@ -1640,6 +1657,91 @@ cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw,
     return dx
 
 
+cdef _gemm_conv_dx_phase(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+    """IM2COL_GEMM dx gathered phase by phase (chexcy_cg_dx_phase_task): dout zero-padded once into
+    (N, F, Hd, Wd), then per (n, g, phase, block of columns) one product of the phase's taps. Every
+    pixel of dx is written by exactly one unit."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
+    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], S = sh * sw, u, n, g, ph_i, sb, T
+    cdef Py_ssize_t Hq = (H + 2 * ph + sh - 1) // sh, Wq = (W + 2 * pw + sw - 1) // sw
+    cdef Py_ssize_t mh = (KH - 1) * dil_h // sh, mw = (KW - 1) * dil_w // sw
+    cdef Py_ssize_t Hd = Hq + mh, Wd = Wq + mw, dplane = Hd * Wd
+    cdef Py_ssize_t nstrips = (Hq * Wd + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t SB = max(1, GEMM_TASK_COLS // GEMM_NR), nsb = (nstrips + SB - 1) // SB
+    cdef Py_ssize_t Cgp = (Cg + GEMM_MR - 1) // GEMM_MR * GEMM_MR, ctlen = (Cg * SB * GEMM_NR + 15) // 16 * 16
+    cdef Py_ssize_t kh, kw
+    ublk = np.zeros(S + 1, np.intp)     # units of the weight packing: (group, phase, K block)
+    # the taps of each phase (a, b) = (r % sh, s % sw): their indices kh KW + kw, offsets in doutpad,
+    # and where A_ab (Cg, Fg T) of each group starts in the packed weights
+    taps = np.zeros((S, KH * KW), np.intp)
+    offs = np.zeros((S, KH * KW), np.intp)
+    ntaps = np.zeros(S, np.intp)
+    aoff = np.zeros(S + 1, np.intp)
+    for ph_i in range(S):
+        T = 0
+        for kh in range(KH):
+            for kw in range(KW):
+                if kh * dil_h % sh == ph_i // sw and kw * dil_w % sw == ph_i % sw:
+                    taps[ph_i, T] = kh * KW + kw
+                    offs[ph_i, T] = (mh - kh * dil_h // sh) * Wd + mw - kw * dil_w // sw
+                    T += 1
+        ntaps[ph_i] = T
+        aoff[ph_i + 1] = aoff[ph_i] + Cgp * Fg * T
+        ublk[ph_i + 1] = ublk[ph_i] + (Fg * T + GEMM_KC - 1) // GEMM_KC
+    ap = _empty((groups, max(1, aoff[S])))
+    cdef float[:, ::1] av = ap
+    cdef const Py_ssize_t[:, ::1] tpv = taps
+    cdef const Py_ssize_t[::1] ubv = ublk
+    cdef const float[:, :, :, ::1] wv = w
+    cdef const Py_ssize_t[:, ::1] ov = offs
+    cdef const Py_ssize_t[::1] tv = ntaps
+    cdef const Py_ssize_t[::1] aov = aoff
+    for u in prange(groups * ubv[S], nogil=True, schedule="static", num_threads=n_threads):
+        g = u // ubv[S]
+        ph_i = 0
+        while ubv[ph_i + 1] <= u % ubv[S]:
+            ph_i = ph_i + 1
+        chexcy_cg_pack_a_phase(&wv[g * Fg, 0, 0, 0], Fg, Cg, KH * KW, &tpv[ph_i, 0], tv[ph_i],
+                               u % ubv[S] - ubv[ph_i], &av[g, aov[ph_i]])
+    cdef const float[:, :, :, ::1] dv = dout
+    # doutpad: the tasks' last strips read up to GEMM_NR + Wd floats past the last plane (dropped columns)
+    dpad = _empty((N * F * dplane + Wd + 2 * GEMM_NR,))
+    dpad[N * F * dplane:] = 0
+    cdef float[::1] pv = dpad
+    for u in prange(N * F, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_dout_pad(&dv[u // F, u % F, 0, 0], OH, OW, mh, mw, Hd, Wd, &pv[u * dplane])
+    dx = _empty((N, C, H, W))
+    cdef float[:, :, :, ::1] dxv = dx
+    scratch = _empty((n_threads, ctlen + GEMM_KC * GEMM_NR))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * groups * S * nsb, nogil=True, schedule="static", num_threads=n_threads):
+        sb = u % nsb
+        ph_i = u // nsb % S
+        g = u // nsb // S % groups
+        n = u // nsb // S // groups
+        chexcy_cg_dx_phase_task(&pv[(n * F + g * Fg) * dplane], &ov[ph_i, 0], tv[ph_i], Fg, Hd, Wd, Hq, Wq,
+                                &av[g, aov[ph_i]], Cg, ph_i // sw, ph_i % sw, sh, sw, ph, pw, H, W,
+                                sb * SB, min(nstrips, (sb + 1) * SB), &dxv[n, g * Cg, 0, 0],
+                                &sv[omp_get_thread_num(), 0], &sv[omp_get_thread_num(), ctlen])
+    return dx
+
+
+def _im2col_dx_col2im(dout, weight, x_shape, stride, padding, dilation, int groups):
+    """The IM2COL_GEMM dx by col2im for any shape (below GEMM_DX_PHASE_MIN_CG input channels per group the
+    path's own; for the tests and benchmarks): dout (N, F, OH, OW), weight -> dx (N, C, H, W)."""
+    return _gemm_conv_dx(dout, weight, x_shape, groups, stride[0], stride[1], padding[0], padding[1],
+                         dilation[0], dilation[1])
+
+
+def _im2col_dx_phase(dout, weight, x_shape, stride, padding, dilation, int groups):
+    """The IM2COL_GEMM dx on phase planes for any shape, whatever conv_plan picks (for the tests and
+    benchmarks of the path): dout (N, F, OH, OW), weight (F, C // groups, KH, KW) -> dx (N, C, H, W)."""
+    return _gemm_conv_dx_phase(dout, weight, x_shape, groups, stride[0], stride[1], padding[0], padding[1],
+                               dilation[0], dilation[1])
+
+
 cdef void _dwc_fwd_unit(const float[:, :, :, ::1] x, const float[:, :, :, ::1] w, const float[::1] bias,
                         float[:, :, :, ::1] out, float* xp, Py_ssize_t u, int sh, int sw, int ph, int pw,
                         int dh, int dw) noexcept nogil:
@@ -1752,7 +1854,9 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
 
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Hs, Ws
     if dx_path == "IM2COL_GEMM":
-        return (_gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dh, dw),
+        return (_gemm_conv_dx_phase(dout, weight, x.shape, groups, sh, sw, ph, pw, dh, dw)
+                if Cg >= GEMM_DX_PHASE_MIN_CG and OH * OW >= GEMM_DX_PHASE_MIN_P
+                else _gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dh, dw),
                 _gemm_conv_dweight(dout, x, KH, KW, groups, sh, sw, ph, pw, dh, dw), dbias)
     if dx_path == "POINTWISE_GEMM" or dx_path.startswith("SUBSAMPLED>"):
         if sh > 1 or sw > 1:

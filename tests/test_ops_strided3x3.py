@@ -5,6 +5,8 @@ product in chunks of K strips, against the reference on every instruction-set va
 The forward on phase planes (_im2col_forward_phase) runs for any stride, padding and dilation, so it is
 checked directly on shapes the planner sends elsewhere too (stride 1 with dilation, unequal strides,
 padding wider than the kernel's reach); conv2d_forward's IM2COL_GEMM rows must be exactly its result.
+dx is gathered phase by phase (_im2col_dx_phase) from 16 input channels per group and 100 output
+positions, else scattered by col2im (_im2col_dx_col2im); both are checked on every shape above.
 The dweight chunks hold GEMM_DW_STRIPS (12) strips of GEMM_NR columns of K = Cg KH KW: K = 378 and
 387 sit just below and above one chunk on AVX-512 (GEMM_NR 32), 189 / 198 on AVX2 (16).
 """
@@ -97,3 +99,53 @@ def test_dweight_chunks_of_strips_match_reference_on_every_variant_and_thread_co
         assert mod.conv_plan(x_shape, (f, x_shape[1] // groups, kh, kw), *args) == \
             ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")
     check_conv_on_every_variant(rng, x_shape, (f, x_shape[1] // groups, kh, kw), *args, case=str(case))
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", PHASE_CASES + [((2, 4, 9, 9), (6, 1, 1), 2, 0, 1, 1)], ids=str)
+@pytest.mark.parametrize("kind", ["phase", "col2im"])
+def test_dx_by_phases_and_by_col2im_match_reference_on_every_variant_and_thread_count(case, kind, rng):
+    """Both dx kernels of the path on any shape (a 1x1 stride-2 kernel leaves three phases without taps)."""
+    x_shape, (f, kh, kw), stride, padding, dilation, groups = case
+    args = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((f, x_shape[1] // groups, kh, kw)).astype(np.float32)
+    dout = rng.standard_normal(reference.conv2d_forward(x, w, None, *args).shape).astype(np.float32)
+    want = reference.conv2d_backward(dout, x, w, *args)[0]
+    for name, mod in runnable_variants():
+        run = mod._im2col_dx_phase if kind == "phase" else mod._im2col_dx_col2im
+        got = {}
+        try:
+            for threads in (1, 2, 3):
+                mod.set_num_threads(threads)
+                got[threads] = run(dout, w, x_shape, *args)
+        finally:
+            mod.set_num_threads(0)
+        assert_close(got[1], want, "conv2d_backward", err_msg=f"variant {name} {case}")
+        for threads in (2, 3):
+            assert_array_equal(got[threads], got[1], err_msg=f"variant {name} {case}: {threads} threads differ")
+
+
+# around GEMM_DX_PHASE_MIN_CG (16 input channels per group) and GEMM_DX_PHASE_MIN_P (100 output positions)
+DX_CHOICE_CASES = [
+    (((1, 15, 20, 20), (9, 3, 3), 2, 1, 1, 1), "col2im"),      # 15 channels, 10x10 outputs
+    (((1, 16, 20, 20), (9, 3, 3), 2, 1, 1, 1), "phase"),       # 16 channels, 10x10 outputs
+    (((2, 16, 18, 21), (9, 3, 3), 2, 1, 1, 1), "col2im"),      # 9x11 = 99 outputs
+    (((2, 32, 20, 20), (18, 3, 3), 2, 1, 1, 2), "phase"),      # groups 2 of 16 channels, 10x10 = 100 outputs
+]
+
+
+@needs_compiled
+@pytest.mark.parametrize("case,kind", DX_CHOICE_CASES, ids=str)
+def test_im2col_gemm_dx_takes_the_kernel_of_its_thresholds(case, kind, rng):
+    x_shape, (f, kh, kw), stride, padding, dilation, groups = case
+    args = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((f, x_shape[1] // groups, kh, kw)).astype(np.float32)
+    dout = rng.standard_normal(reference.conv2d_forward(x, w, None, *args).shape).astype(np.float32)
+    for name, mod in runnable_variants():
+        assert mod.conv_plan(x_shape, w.shape, *args)[1] == "IM2COL_GEMM"
+        run = mod._im2col_dx_phase if kind == "phase" else mod._im2col_dx_col2im
+        assert_array_equal(mod.conv2d_backward(dout, x, w, *args)[0], run(dout, w, x_shape, *args),
+                           err_msg=f"variant {name} {case}")
+    check_conv_on_every_variant(rng, x_shape, w.shape, *args, case=str(case))
