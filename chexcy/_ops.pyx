@@ -222,6 +222,12 @@ cdef enum:
     # 2, batch 8: 32>32@28 0.71 -> 0.37 ms, 128>128@56 23.0 -> 20.4 ms, 256>256@28 19.8 -> 18.9 ms;
     # 3>32@224 6.5 -> 10.6 ms (3 of the tile's rows used), 512>512@14 (7x7 outputs) 22.8 -> 26.6 ms.
     GEMM_DX_PHASE_MIN_CG = 16
+    # K = Cg KH KW from which the IM2COL_GEMM forward runs on phase planes (_gemm_conv_phase); below it the
+    # gathering _gemm_conv (same sums, bitwise), which writes the tiles straight into out: with few
+    # multiply-adds per output the phase path's copy of its blocks into out costs more than the gathers
+    # save. One thread, CPU time, batch 8 at 224: 7x7 stride 2, 1 -> 64 channels (K 49) 8.3 -> 10.8 ms on
+    # phase planes, 3 -> 64 (K 147) 20.9 -> 18.3 ms; 3x3 stride 2, 3 -> 32 (K 27) 3.8 -> 4.0 ms.
+    GEMM_PHASE_MIN_K = 64
     GEMM_DX_PHASE_MIN_P = 100
 
 # ------------------------------------------------------------------------------------------------
@@ -847,8 +853,9 @@ cdef _conv_core(
 #                       sample, the stride folded into the packing                   _gemm_conv_dweight
 #   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv_phase,
 #                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dx_phase or
-#                       copied from phase planes into the packing, never stored;     _gemm_conv_dx,
-#                       dx by phases from GEMM_DX_PHASE_MIN_CG / _MIN_P, else col2im _gemm_conv_dweight
+#                       copied from phase planes into the packing from K >=         _gemm_conv_dx,
+#                       GEMM_PHASE_MIN_K (else gathered: _gemm_conv), never stored;  _gemm_conv_dweight
+#                       dx by phases from GEMM_DX_PHASE_MIN_CG / _MIN_P, else col2im
 #   FIRST_LAYER         one input channel, 3 kernel rows, stride 1: dx, dweight and   _backward_one_channel
 #                       dbias of a sample together
 #   DIRECT              forward (and dx of stride 1, as the transposed conv) by       _conv_core
@@ -1066,8 +1073,10 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     b = np.zeros(F, np.float32) if bias is None else bias
     if path == "POINTWISE_GEMM":
         _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
-    elif path == "IM2COL_GEMM":
+    elif path == "IM2COL_GEMM" and weight.shape[1] * KH * KW >= GEMM_PHASE_MIN_K:
         _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
+    elif path == "IM2COL_GEMM":
+        _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
     elif path == "DEPTHWISE":
         _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dh, dw)
     elif path == "WINOGRAD":

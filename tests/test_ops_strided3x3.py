@@ -7,6 +7,7 @@ checked directly on shapes the planner sends elsewhere too (stride 1 with dilati
 padding wider than the kernel's reach); conv2d_forward's IM2COL_GEMM rows must be exactly its result.
 dx is gathered phase by phase (_im2col_dx_phase) from 16 input channels per group and 100 output
 positions, else scattered by col2im (_im2col_dx_col2im); both are checked on every shape above.
+The forward runs on phase planes from K = 64 (GEMM_PHASE_MIN_K), below it gathers B.
 The dweight chunks hold GEMM_DW_STRIPS (12) strips of GEMM_NR columns of K = Cg KH KW: K = 378 and
 387 sit just below and above one chunk on AVX-512 (GEMM_NR 32), 189 / 198 on AVX2 (16).
 """
@@ -67,7 +68,8 @@ def test_forward_on_phase_planes_matches_reference_on_every_variant_and_thread_c
 @needs_compiled
 @pytest.mark.parametrize("case", [c for c in PHASE_CASES if c[0] not in ((1, 16, 9, 10), (1, 2, 6, 5))], ids=str)
 def test_im2col_gemm_forward_is_the_phase_plane_product(case, rng):
-    """(the two cases left out go to DIRECT and STRIDE1_SUBSAMPLED>DIRECT)"""
+    """Below GEMM_PHASE_MIN_K (64) the path gathers B instead (_gemm_conv): the same sums, bitwise.
+    (The two cases left out go to DIRECT and STRIDE1_SUBSAMPLED>DIRECT.)"""
     x_shape, (f, kh, kw), stride, padding, dilation, groups = case
     args = (_pair(stride), _pair(padding), _pair(dilation), groups)
     x = rng.standard_normal(x_shape).astype(np.float32)
@@ -124,6 +126,18 @@ def test_dx_by_phases_and_by_col2im_match_reference_on_every_variant_and_thread_
         assert_close(got[1], want, "conv2d_backward", err_msg=f"variant {name} {case}")
         for threads in (2, 3):
             assert_array_equal(got[threads], got[1], err_msg=f"variant {name} {case}: {threads} threads differ")
+
+
+# around GEMM_PHASE_MIN_K (64): K = 63 gathers B, K = 64 copies it from phase planes
+@needs_compiled
+@pytest.mark.parametrize("case", [((2, 7, 13, 12), (10, 3, 3), 2, 1, 1, 1), ((2, 16, 13, 12), (10, 2, 2), 2, 1, 1, 1),
+                                  ((1, 4, 17, 15), (9, 4, 4), 3, 2, 1, 1)], ids=str)
+def test_im2col_gemm_around_the_phase_plane_threshold_matches_reference(case, rng):
+    x_shape, (f, kh, kw), stride, padding, dilation, groups = case
+    args = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    for name, mod in runnable_variants():
+        assert mod.conv_plan(x_shape, (f, x_shape[1] // groups, kh, kw), *args)[0] == "IM2COL_GEMM"
+    check_conv_on_every_variant(rng, x_shape, (f, x_shape[1] // groups, kh, kw), *args, case=str(case))
 
 
 # around GEMM_DX_PHASE_MIN_CG (16 input channels per group) and GEMM_DX_PHASE_MIN_P (100 output positions)
