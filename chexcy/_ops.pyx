@@ -163,6 +163,23 @@ cdef extern from "_ops_conv_gemm.h" nogil:
                                 Py_ssize_t s1, float* dw, float* abuf, float* bbuf)
     void chexcy_cg_dx_task(const chexcy_cg_geom* g, float* dxp, Py_ssize_t Cg, const float* wt,
                            const float* dn, Py_ssize_t Fg, Py_ssize_t K, float* bbuf, float* t)
+    void chexcy_cg_phase_split(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
+                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float* dst)
+    void chexcy_cg_phase_taps(Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h,
+                              Py_ssize_t dil_w, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t* off)
+    void chexcy_cg_pack_a_phase(const float* w, Py_ssize_t Fg, Py_ssize_t Cg, Py_ssize_t taps,
+                                const Py_ssize_t* tap, Py_ssize_t T, Py_ssize_t kb, float* ap)
+    void chexcy_cg_dout_pad(const float* d, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t mh, Py_ssize_t mw,
+                            Py_ssize_t Hd, Py_ssize_t Wd, float* dst)
+    void chexcy_cg_dx_phase_task(const float* dp, const Py_ssize_t* off, Py_ssize_t T, Py_ssize_t Fg,
+                                 Py_ssize_t Hd, Py_ssize_t Wd, Py_ssize_t Hq, Py_ssize_t Wq,
+                                 const float* ap, Py_ssize_t Cg, Py_ssize_t a, Py_ssize_t b, Py_ssize_t sh,
+                                 Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t H, Py_ssize_t W,
+                                 Py_ssize_t s0, Py_ssize_t s1, float* dx, float* ct, float* bbuf)
+    void chexcy_cg_task_phase(const float* xq, const Py_ssize_t* off, Py_ssize_t taps, Py_ssize_t cs,
+                              Py_ssize_t Wq, Py_ssize_t OH, Py_ssize_t OW, const float* ap,
+                              const float* bias, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1,
+                              float* out, float* ct, float* bbuf)
 
 cdef extern from "_ops_pointwise.h" nogil:
     ctypedef struct chexcy_pw_geom:
@@ -215,6 +232,23 @@ cdef enum:
     GEMM_MIN_F = 8
     GEMM_TASK_COLS = 256    # output positions per task of _gemm_conv (its output block stays in L2)
     GEMM_DW_PARTS = 4       # sample ranges of the IM2COL_GEMM dweight, summed in order (fixed by the shape)
+    # K strips (GEMM_NR columns of dweight) per unit of the IM2COL_GEMM dweight: each unit packs its blocks
+    # of dout once for all of them (one strip per unit packed them once per strip: 11% of the backward
+    # of 3x3 stride 2, 128 channels at 56x56, more than the gather of B^T)
+    GEMM_DW_STRIPS = 12
+    # The IM2COL_GEMM dx is gathered phase by phase (_gemm_conv_dx_phase: a product of Cg rows per phase)
+    # from GEMM_DX_PHASE_MIN_CG input channels per group and GEMM_DX_PHASE_MIN_P output positions, else
+    # scattered back by col2im (_gemm_conv_dx, Cg KH KW rows). Measured, one thread, CPU time, 3x3 stride
+    # 2, batch 8: 32>32@28 0.71 -> 0.37 ms, 128>128@56 23.0 -> 20.4 ms, 256>256@28 19.8 -> 18.9 ms;
+    # 3>32@224 6.5 -> 10.6 ms (3 of the tile's rows used), 512>512@14 (7x7 outputs) 22.8 -> 26.6 ms.
+    GEMM_DX_PHASE_MIN_CG = 16
+    # K = Cg KH KW from which the IM2COL_GEMM forward runs on phase planes (_gemm_conv_phase); below it the
+    # gathering _gemm_conv (same sums, bitwise), which writes the tiles straight into out: with few
+    # multiply-adds per output the phase path's copy of its blocks into out costs more than the gathers
+    # save. One thread, CPU time, batch 8 at 224: 7x7 stride 2, 1 -> 64 channels (K 49) 8.3 -> 10.8 ms on
+    # phase planes, 3 -> 64 (K 147) 20.9 -> 18.3 ms; 3x3 stride 2, 3 -> 32 (K 27) 3.8 -> 4.0 ms.
+    GEMM_PHASE_MIN_K = 64
+    GEMM_DX_PHASE_MIN_P = 100
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -838,9 +872,11 @@ cdef _conv_core(
 #   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _pw_conv, _pw_dx (the same
 #                       GEMM_MIN_F out channels per group: a matrix product per       product on dout with W^T),
 #                       group over the whole batch, the stride folded into packing   _pw_dweight
-#   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv, _gemm_conv_dx,
-#                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dweight
-#                       gathered into the packing, never stored
+#   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv_phase,
+#                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dx_phase or
+#                       copied from phase planes into the packing from K >=         _gemm_conv_dx,
+#                       GEMM_PHASE_MIN_K (else gathered: _gemm_conv), never stored;  _gemm_conv_dweight
+#                       dx by phases from GEMM_DX_PHASE_MIN_CG / _MIN_P, else col2im
 #   FIRST_LAYER         one input channel, 3 kernel rows, stride 1: dx, dweight and   _backward_one_channel
 #                       dbias of a sample together
 #   DIRECT              forward (and dx of stride 1, as the transposed conv) by       _conv_core
@@ -895,7 +931,7 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
         fwd = "POINTWISE_GEMM"
     elif strided and Cg * KH * KW >= GEMM_MIN_K and Fg >= GEMM_MIN_F:
         # (dilated convs at stride 1 stay DIRECT: 3x3, dilation 2, 64 channels at 28x28 measured 2x
-        # slower as a product, one thread, A/B in one process)
+        # slower as a product, one thread, A/B in one process; on phase planes still 1.25x, 4.5 vs 3.6 ms)
         fwd = "IM2COL_GEMM"
     elif strided and KH == 1 and KW == 1 and ph == 0 and pw == 0:
         fwd = "SUBSAMPLED>" + conv_plan(x_shape, w_shape, stride1, padding, dilation, groups)[0]
@@ -1098,6 +1134,59 @@ cdef _pw_dweight(dout, x, int groups):
         _pw_dweight_unit(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &sv[omp_get_thread_num(), 0],
                          &sv[omp_get_thread_num(), alen], u, rb, cb, N, C, F, P, groups)
     return dweight
+cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
+                      int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+    """out = conv(x, w) + bias, the IM2COL_GEMM forward on phase planes (chexcy_cg_task_phase): the
+    input split once into (N, C, sh sw, Hq, Wq), then one product per (sample, group) whose B rows are
+    contiguous copies. Units are (n, g, block of GEMM_TASK_COLS columns); bitwise the same sums as
+    _gemm_conv."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], K = Cg * KH * KW, u, n, g, sb
+    cdef Py_ssize_t Hq = (H + 2 * ph + sh - 1) // sh, Wq = (W + 2 * pw + sw - 1) // sw
+    cdef Py_ssize_t cs = sh * sw * Hq * Wq, plane = H * W
+    cdef Py_ssize_t nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_cg_apack_floats(Fg, K)
+    cdef Py_ssize_t nstrips = (OH * Wq + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t SB = max(1, GEMM_TASK_COLS // GEMM_NR), nsb = (nstrips + SB - 1) // SB
+    cdef Py_ssize_t ctlen = (Fg * SB * GEMM_NR + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] wv = w
+    cdef const float[:, :, :, ::1] xv = x
+    # the tasks' last strips read up to GEMM_NR + Wq floats past the last plane (into dropped columns)
+    xq = _empty((N * C * cs + Wq + 2 * GEMM_NR,))
+    xq[N * C * cs:] = 0
+    cdef float[::1] qv = xq
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_phase_split(&xv[u // C, u % C, 0, 0], H, W, ph, pw, sh, sw, Hq, Wq, &qv[u * cs])
+    offs = np.empty(KH * KW, np.intp)
+    cdef Py_ssize_t[::1] ov = offs
+    chexcy_cg_phase_taps(KH, KW, sh, sw, dil_h, dil_w, Hq, Wq, &ov[0])
+    ap = _empty((groups, apack))
+    cdef float[:, ::1] av = ap
+    for u in prange(groups * nkb, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_pack_a(&wv[u // nkb * Fg, 0, 0, 0], Fg, K, u % nkb, &av[u // nkb, 0])
+    scratch = _empty((n_threads, ctlen + GEMM_KC * GEMM_NR))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * groups * nsb, nogil=True, schedule="static", num_threads=n_threads):
+        sb = u % nsb
+        g = u // nsb % groups
+        n = u // nsb // groups
+        chexcy_cg_task_phase(&qv[(n * C + g * Cg) * cs], &ov[0], KH * KW, cs, Wq, OH, OW, &av[g, 0],
+                             &bias[g * Fg], Fg, K, sb * SB, min(nstrips, (sb + 1) * SB),
+                             &out[n, g * Fg, 0, 0], &sv[omp_get_thread_num(), 0],
+                             &sv[omp_get_thread_num(), ctlen])
+
+
+def _im2col_forward_phase(x, weight, bias, stride, padding, dilation, int groups):
+    """The IM2COL_GEMM forward on phase planes for any shape, whatever conv_plan picks (for the tests
+    and benchmarks of the path): x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,)."""
+    N, _, H, W = x.shape
+    F, _, KH, KW = weight.shape
+    out = _empty((N, F, _conv_out_size(H, KH, stride[0], padding[0], dilation[0]),
+                  _conv_out_size(W, KW, stride[1], padding[1], dilation[1])))
+    _gemm_conv_phase(x, weight, bias, out, groups, stride[0], stride[1], padding[0], padding[1],
+                     dilation[0], dilation[1])
+    return out
 
 
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
@@ -1121,6 +1210,8 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     b = np.zeros(F, np.float32) if bias is None else bias
     if path == "POINTWISE_GEMM":
         _pw_conv(x, weight, b, out, groups, sh, sw)
+    elif path == "IM2COL_GEMM" and weight.shape[1] * KH * KW >= GEMM_PHASE_MIN_K:
+        _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
     elif path == "IM2COL_GEMM":
         _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
     elif path == "DEPTHWISE":
@@ -1622,27 +1713,30 @@ cdef void _cg_dweight_unit(
         Py_ssize_t u, Py_ssize_t nst, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, int groups,
         Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dh, int dw,
         Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
-    """Unit u = (part, g, strip) of _gemm_conv_dweight: strip `strip` of dweight[g] over the part's samples."""
+    """Unit u = (part, g, chunk) of _gemm_conv_dweight: strips chunk GEMM_DW_STRIPS ... of dweight[g]
+    (nst chunks per group) over the part's samples."""
     cdef chexcy_cg_geom geo
     cdef Py_ssize_t Cg = C // groups, Fg = F // groups, K = Cg * KH * KW, P = OH * OW
-    cdef Py_ssize_t s = u % nst, g = u // nst % groups, part = u // nst // groups
+    cdef Py_ssize_t s = u % nst * GEMM_DW_STRIPS, g = u // nst % groups, part = u // nst // groups
+    cdef Py_ssize_t s1 = min(s + GEMM_DW_STRIPS, (K + GEMM_NR - 1) // GEMM_NR)
     cdef Py_ssize_t n0 = part * N // GEMM_DW_PARTS, n1 = (part + 1) * N // GEMM_DW_PARTS
     if n1 <= n0:
         return
     _cg_geom(&geo, xp + (n0 * C + g * Cg) * Hp * Wp, Hp, Wp, KH, KW, sh, sw, dh, dw, OH, OW)
-    chexcy_cg_dweight_task(geo, n1 - n0, C * Hp * Wp, dout + (n0 * F + g * Fg) * P, F * P, Fg, K, s, s + 1,
+    chexcy_cg_dweight_task(geo, n1 - n0, C * Hp * Wp, dout + (n0 * F + g * Fg) * P, F * P, Fg, K, s, s1,
                            parts + (part * F + g * Fg) * K, abuf, bbuf)
 
 
 cdef _gemm_conv_dweight(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int sh, int sw, int ph, int pw,
                         int dh, int dw):
     """IM2COL_GEMM dweight (F, Cg, KH, KW) = sum over (n, p) of dout (Fg, P) B_n^T (P, K), per group
-    (chexcy/_ops_conv_gemm.h). Units: (sample range, group, strip of GEMM_NR columns of K); the
+    (chexcy/_ops_conv_gemm.h). Units: (sample range, group, chunk of GEMM_DW_STRIPS strips of GEMM_NR columns of K); the
     GEMM_DW_PARTS sample ranges (fixed by N) give partial sums added in order at the end."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3], Cg = C // groups
-    cdef Py_ssize_t Fg = F // groups, K = Cg * KH * KW, nst = (K + GEMM_NR - 1) // GEMM_NR, u
+    cdef Py_ssize_t Fg = F // groups, K = Cg * KH * KW, u
+    cdef Py_ssize_t nst = ((K + GEMM_NR - 1) // GEMM_NR + GEMM_DW_STRIPS - 1) // GEMM_DW_STRIPS
     cdef Py_ssize_t alen = ((Fg + GEMM_MR - 1) // GEMM_MR * GEMM_MR * GEMM_KC + 15) // 16 * 16
     cdef Py_ssize_t blen = GEMM_KC * GEMM_NR
     xp = _padded(x, ph, pw, n_threads)
@@ -1707,6 +1801,91 @@ cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw,
         _cg_dx_unit(&dv[0, 0, 0, 0], &tv[0, 0], dxv, &sv[omp_get_thread_num(), 0], u, groups, Hp, Wp,
                     KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, wlen, F)
     return dx
+
+
+cdef _gemm_conv_dx_phase(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+    """IM2COL_GEMM dx gathered phase by phase (chexcy_cg_dx_phase_task): dout zero-padded once into
+    (N, F, Hd, Wd), then per (n, g, phase, block of columns) one product of the phase's taps. Every
+    pixel of dx is written by exactly one unit."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
+    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], S = sh * sw, u, n, g, ph_i, sb, T
+    cdef Py_ssize_t Hq = (H + 2 * ph + sh - 1) // sh, Wq = (W + 2 * pw + sw - 1) // sw
+    cdef Py_ssize_t mh = (KH - 1) * dil_h // sh, mw = (KW - 1) * dil_w // sw
+    cdef Py_ssize_t Hd = Hq + mh, Wd = Wq + mw, dplane = Hd * Wd
+    cdef Py_ssize_t nstrips = (Hq * Wd + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t SB = max(1, GEMM_TASK_COLS // GEMM_NR), nsb = (nstrips + SB - 1) // SB
+    cdef Py_ssize_t Cgp = (Cg + GEMM_MR - 1) // GEMM_MR * GEMM_MR, ctlen = (Cg * SB * GEMM_NR + 15) // 16 * 16
+    cdef Py_ssize_t kh, kw
+    ublk = np.zeros(S + 1, np.intp)     # units of the weight packing: (group, phase, K block)
+    # the taps of each phase (a, b) = (r % sh, s % sw): their indices kh KW + kw, offsets in doutpad,
+    # and where A_ab (Cg, Fg T) of each group starts in the packed weights
+    taps = np.zeros((S, KH * KW), np.intp)
+    offs = np.zeros((S, KH * KW), np.intp)
+    ntaps = np.zeros(S, np.intp)
+    aoff = np.zeros(S + 1, np.intp)
+    for ph_i in range(S):
+        T = 0
+        for kh in range(KH):
+            for kw in range(KW):
+                if kh * dil_h % sh == ph_i // sw and kw * dil_w % sw == ph_i % sw:
+                    taps[ph_i, T] = kh * KW + kw
+                    offs[ph_i, T] = (mh - kh * dil_h // sh) * Wd + mw - kw * dil_w // sw
+                    T += 1
+        ntaps[ph_i] = T
+        aoff[ph_i + 1] = aoff[ph_i] + Cgp * Fg * T
+        ublk[ph_i + 1] = ublk[ph_i] + (Fg * T + GEMM_KC - 1) // GEMM_KC
+    ap = _empty((groups, max(1, aoff[S])))
+    cdef float[:, ::1] av = ap
+    cdef const Py_ssize_t[:, ::1] tpv = taps
+    cdef const Py_ssize_t[::1] ubv = ublk
+    cdef const float[:, :, :, ::1] wv = w
+    cdef const Py_ssize_t[:, ::1] ov = offs
+    cdef const Py_ssize_t[::1] tv = ntaps
+    cdef const Py_ssize_t[::1] aov = aoff
+    for u in prange(groups * ubv[S], nogil=True, schedule="static", num_threads=n_threads):
+        g = u // ubv[S]
+        ph_i = 0
+        while ubv[ph_i + 1] <= u % ubv[S]:
+            ph_i = ph_i + 1
+        chexcy_cg_pack_a_phase(&wv[g * Fg, 0, 0, 0], Fg, Cg, KH * KW, &tpv[ph_i, 0], tv[ph_i],
+                               u % ubv[S] - ubv[ph_i], &av[g, aov[ph_i]])
+    cdef const float[:, :, :, ::1] dv = dout
+    # doutpad: the tasks' last strips read up to GEMM_NR + Wd floats past the last plane (dropped columns)
+    dpad = _empty((N * F * dplane + Wd + 2 * GEMM_NR,))
+    dpad[N * F * dplane:] = 0
+    cdef float[::1] pv = dpad
+    for u in prange(N * F, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_dout_pad(&dv[u // F, u % F, 0, 0], OH, OW, mh, mw, Hd, Wd, &pv[u * dplane])
+    dx = _empty((N, C, H, W))
+    cdef float[:, :, :, ::1] dxv = dx
+    scratch = _empty((n_threads, ctlen + GEMM_KC * GEMM_NR))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * groups * S * nsb, nogil=True, schedule="static", num_threads=n_threads):
+        sb = u % nsb
+        ph_i = u // nsb % S
+        g = u // nsb // S % groups
+        n = u // nsb // S // groups
+        chexcy_cg_dx_phase_task(&pv[(n * F + g * Fg) * dplane], &ov[ph_i, 0], tv[ph_i], Fg, Hd, Wd, Hq, Wq,
+                                &av[g, aov[ph_i]], Cg, ph_i // sw, ph_i % sw, sh, sw, ph, pw, H, W,
+                                sb * SB, min(nstrips, (sb + 1) * SB), &dxv[n, g * Cg, 0, 0],
+                                &sv[omp_get_thread_num(), 0], &sv[omp_get_thread_num(), ctlen])
+    return dx
+
+
+def _im2col_dx_col2im(dout, weight, x_shape, stride, padding, dilation, int groups):
+    """The IM2COL_GEMM dx by col2im for any shape (below GEMM_DX_PHASE_MIN_CG input channels per group the
+    path's own; for the tests and benchmarks): dout (N, F, OH, OW), weight -> dx (N, C, H, W)."""
+    return _gemm_conv_dx(dout, weight, x_shape, groups, stride[0], stride[1], padding[0], padding[1],
+                         dilation[0], dilation[1])
+
+
+def _im2col_dx_phase(dout, weight, x_shape, stride, padding, dilation, int groups):
+    """The IM2COL_GEMM dx on phase planes for any shape, whatever conv_plan picks (for the tests and
+    benchmarks of the path): dout (N, F, OH, OW), weight (F, C // groups, KH, KW) -> dx (N, C, H, W)."""
+    return _gemm_conv_dx_phase(dout, weight, x_shape, groups, stride[0], stride[1], padding[0], padding[1],
+                               dilation[0], dilation[1])
 
 
 cdef _depthwise_forward(x, w, const float[::1] bias, float[:, :, :, ::1] out, int sh, int sw, int ph, int pw,
@@ -1781,7 +1960,9 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
 
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Hs, Ws
     if dx_path == "IM2COL_GEMM":
-        return (_gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dh, dw),
+        return (_gemm_conv_dx_phase(dout, weight, x.shape, groups, sh, sw, ph, pw, dh, dw)
+                if Cg >= GEMM_DX_PHASE_MIN_CG and OH * OW >= GEMM_DX_PHASE_MIN_P
+                else _gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dh, dw),
                 _gemm_conv_dweight(dout, x, KH, KW, groups, sh, sw, ph, pw, dh, dw), dbias)
     if dx_path == "POINTWISE_GEMM" or dx_path.startswith("SUBSAMPLED>"):
         if sh > 1 or sw > 1:
