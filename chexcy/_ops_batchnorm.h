@@ -10,22 +10,27 @@
  *             B = -weight * s^3 * Sgx / M, K = -weight * s * Sg / M.
  * The statistics are float64: each float converted exactly, summed in double vector lanes. A plane's
  * sum and its squared deviations from its own mean come from one pass over values shifted by the
- * plane's first one (chexcy_bn_plane_stats says why that is exact enough); the planes of a channel are combined with Chan's formula in plane order n = 0, 1, ...
- * (chexcy_bn_combine, the arithmetic of chexcy.ops.batch_norm2d_combine_stats), so the result does
- * not depend on the thread count, and the split ops of synchronised batch norm (per-plane statistics,
- * exchanged, combined, applied) give the fused kernels' bits.
+ * plane's first one (chexcy_bn_plane_stats says why that is exact enough); the planes of a channel are
+ * combined with Chan's formula in plane order n = 0, 1, ... (chexcy_bn_combine, the arithmetic of
+ * chexcy.ops.batch_norm2d_combine_stats), so the result does not depend on the thread count, and the
+ * split ops of synchronised batch norm (per-plane statistics, exchanged, combined, applied) give the
+ * fused kernels' bits.
  *
  * How it is fast.
  * - One thread owns a block of whole channels (chexcy_bn_forward_block / _backward_block): their planes'
  *   statistics, their combination and the elementwise map run back to back, so the map re-reads the
- *   block from L1/L2 (batch 8 at 56 x 56: one channel, 100 KB) rather than from memory. Memory traffic is a copy's:
- *   x read once, out written once (backward: dout and x read once, dx written once), and a call is one
- *   parallel region, not three.
+ *   block from L1/L2 (batch 8 at 56 x 56: one channel, 100 KB) rather than from memory. Memory
+ *   traffic is a copy's: x read once, out written once (backward: dout and x read once, dx written
+ *   once), and a call is one parallel region, not three.
  * - Every loop runs in vectors to the end of its plane: the last partial vector is a masked load
  *   (AVX-512 / AVX2) and, for the deviations, a lane mask. A 7 x 7 plane (49 floats) is 3 vectors
  *   (AVX-512), not 1 vector and a 17-float scalar float64 tail whose 4-cycle add chain was most of the
  *   plane's time. Lanes are summed by halving (4 dependent adds at AVX-512, not 15), in an order fixed
  *   by the plane size alone.
+ * - A plane's statistics take one pass with two independent sums (chexcy_bn_plane_stats), not a sum,
+ *   a divide and then a second pass waiting on them.
+ * - Channel blocks (up to CHEXCY_BN_BLOCK channels) run each phase over the whole block, so the
+ *   channels' dependency chains (sums, divides, a square root) overlap.
  *
  * Self-contained: needs only Py_ssize_t (Python.h) and the compiler's target macros. No fast-math:
  * the compiler may contract a multiply and an add into an FMA, the same way in every kernel here.
