@@ -43,7 +43,7 @@ import os
 
 import numpy as np
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
@@ -90,11 +90,6 @@ cdef extern from "_ops_config.h" nogil:
                             Py_ssize_t j1)
     float chexcy_lane_total(const float* p)
     double chexcy_sum_rows(const float* p, Py_ssize_t rows, Py_ssize_t n, Py_ssize_t stride)
-    void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
-                                 int64_t base, Py_ssize_t W, Py_ssize_t OW)
-    void chexcy_max_unpool_2x2_row(const float* g, const int64_t* arg, float* d0, float* d1, int64_t base,
-                                   Py_ssize_t W, Py_ssize_t OW)
-    int chexcy_argmax_in_2x2_cells(const int64_t* arg, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW)
     void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
                          Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ds,
                          Py_ssize_t xstep, Py_ssize_t dw, float* part)
@@ -200,9 +195,14 @@ cdef extern from "_ops_pool.h" nogil:
     void chexcy_max_pool_plane(const float* x, float* out, int64_t* arg, Py_ssize_t H, Py_ssize_t W,
                                Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                               Py_ssize_t dil_h, Py_ssize_t dil_w, float* best, int32_t* idx)
+                               Py_ssize_t dil_h, Py_ssize_t dil_w, float* best, int32_t* idx, float* row)
     void chexcy_avg_pool_2x2_row(const float* r0, const float* r1, float* out, Py_ssize_t OW)
     void chexcy_avg_unpool_2x2_row(const float* g, float* d0, float* d1, Py_ssize_t W, Py_ssize_t OW)
+    void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
+                                 int64_t base, Py_ssize_t W, Py_ssize_t OW)
+    void chexcy_max_unpool_2x2_row(const float* g, const int64_t* arg, float* d0, float* d1, int64_t base,
+                                   Py_ssize_t W, Py_ssize_t OW)
+    int chexcy_argmax_in_2x2_cells(const int64_t* arg, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW)
 
 cdef extern from "_ops_depthwise.h" nogil:
     enum:
@@ -2102,7 +2102,8 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     cdef bint rows = not fast and H * W < (1 << 31) - 1
     out = _empty((N, C, OH, OW))
     argmax = _empty((N, C, OH, OW), np.int64)
-    scratch = _empty((n_threads, 2 * OW + 16))     # per thread: OW maxima, then OW int32 indices
+    # per thread: OW maxima, OW int32 indices, then a W + 2 float row buffer
+    scratch = _empty((n_threads, 2 * OW + W + 32))
     cdef const float[:, :, :, ::1] xv = x
     cdef float[:, :, :, ::1] ov = out
     cdef int64_t[:, :, :, ::1] av = argmax
@@ -2117,7 +2118,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
         elif rows:
             chexcy_max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0],
                                   H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw,
-                                  &sv[tid, 0], <int32_t*>&sv[tid, OW])
+                                  &sv[tid, 0], <int32_t*>&sv[tid, OW], &sv[tid, 2 * OW + 16])
         else:
             _max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
                             &av[u // C, u % C, 0, 0], H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw)
@@ -2528,24 +2529,52 @@ def linear_backward(dout, x, weight):
 # ------------------------------------------------------------------------------------------------
 # Batch norm, training mode: statistics per channel over (N, H, W)
 # ------------------------------------------------------------------------------------------------
-# Two parallel passes over (n, c) planes, each plane owned by one thread:
-#   1. per-plane float64 sums (forward: sum and squared deviations from the plane mean; backward:
-#      sum(dout) and sum(dout * (x - mean))) into a (C, N) scratch;
-#   2. after a serial combine of each channel's N partial sums in the order n = 0, 1, ... (so the
-#      statistics do not depend on the thread count), one elementwise pass per plane with the
-#      channel's coefficients.
-# Both passes read x once from memory (a 128 x 128 plane is 64 KiB: its second in-plane read in pass 1
-# hits L2), and no activation-sized temporary is allocated beyond the result.
+# The kernels are chexcy/_ops_batchnorm.h's (its header says what they compute and why they are fast).
+# The fused ops give each thread blocks of whole channels (statistics of their planes, their combination
+# in plane order, then the elementwise map while the block is in L1/L2: one parallel region, x read from
+# memory once); a block holds up to BN_BLOCK_FLOATS floats (at least one channel, at most
+# CHEXCY_BN_BLOCK). With fewer than BN_BLOCKS_PER_THREAD one-channel blocks per thread (a 3-channel
+# input layer) whole channels would leave threads idle, so the planes are split instead: per-plane sums
+# into a (C, N) scratch, a serial combine, then a parallel map. Both ways run the same plane kernels and the same
+# combine in the same order, so they, and the thread count, give the same bits.
 
 from libc.math cimport sqrt
 
-cdef extern from "_ops_config.h" nogil:
+cdef extern from "_ops_batchnorm.h" nogil:
     void chexcy_bn_plane_stats(const float* p, Py_ssize_t n, double* sum, double* m2)
     void chexcy_bn_plane_grad_sums(const float* g, const float* x, Py_ssize_t n, double mean,
                                    double* sum_g, double* sum_gx)
     void chexcy_bn_apply(const float* x, float* out, Py_ssize_t n, float m, float a, float b)
     void chexcy_bn_apply_grad(const float* g, const float* x, float* dx, Py_ssize_t n, float m, float a,
                               float b, float c)
+    void chexcy_bn_combine(const double* ps, const double* pm, Py_ssize_t N, Py_ssize_t hw, double* mean,
+                           double* var)
+    void chexcy_bn_coefficients(double mean, double var, float weight, float bias, double eps, float* k)
+    void chexcy_bn_grad_coefficients(float var, float weight, double sg, double sgx, double M, double eps,
+                                     float* k)
+    enum:
+        CHEXCY_BN_BLOCK
+    void chexcy_bn_forward_block(const float* x, float* out, Py_ssize_t N, Py_ssize_t xs, Py_ssize_t hw,
+                                 Py_ssize_t c0, Py_ssize_t c1, const float* weight, const float* bias,
+                                 double eps, double* scratch, float* mean, float* var)
+    void chexcy_bn_backward_block(const float* g, const float* x, float* dx, Py_ssize_t N, Py_ssize_t xs,
+                                  Py_ssize_t hw, Py_ssize_t c0, Py_ssize_t c1, const float* mean,
+                                  const float* var, const float* weight, double eps, float* dweight,
+                                  float* dbias)
+
+
+cdef enum:
+    BN_BLOCKS_PER_THREAD = 4
+    BN_BLOCK_FLOATS = 16384     # 64 KiB of x per channel block
+
+
+cdef Py_ssize_t _bn_block(Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, int n_threads) noexcept:
+    """Channels per block of the fused batch-norm kernels, or 0 for the plane-split path."""
+    cdef Py_ssize_t cb = max(1, min(<Py_ssize_t>CHEXCY_BN_BLOCK, BN_BLOCK_FLOATS // (N * HW)))
+    if n_threads == 1:
+        return cb
+    cb = min(cb, C // (BN_BLOCKS_PER_THREAD * n_threads))
+    return cb
 
 
 def batch_norm2d_forward(x, weight, bias, double eps):
@@ -2553,46 +2582,50 @@ def batch_norm2d_forward(x, weight, bias, double eps):
 
     out = (x - mean) / sqrt(var + eps) * weight + bias, computed as (x - mean32) * a + b with a and b
     from float64 statistics; b also absorbs mean - mean32, the rounding of the mean to float32."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, n, c
-    cdef double M = <double>N * HW, total, mu, q, d, inv, a
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, c
+    cdef double mu, v
     cdef int n_threads = _threads()
     out = _empty(x.shape)
     mean = np.empty(C, np.float32)
     var = np.empty(C, np.float32)
-    plane_sum = np.empty((C, N), np.float64)
-    plane_m2 = np.empty((C, N), np.float64)
-    coef = np.empty((3, C), np.float32)             # per channel: mean32, a, b
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[::1] wv = weight
     cdef const float[::1] bv = bias
     cdef float[:, :, :, ::1] ov = out
     cdef float[::1] mv = mean
     cdef float[::1] vv = var
-    cdef double[:, ::1] ps = plane_sum
-    cdef double[:, ::1] pm = plane_m2
-    cdef float[:, ::1] k = coef
+    cdef const float* xp = &xv[0, 0, 0, 0]
+    cdef float* op = &ov[0, 0, 0, 0]
+    cdef double* scratch
+    cdef double[:, ::1] ps
+    cdef double[:, ::1] pm
+    cdef float[:, ::1] k
+    cdef Py_ssize_t cb = _bn_block(N, C, HW, n_threads)
+    if cb > 0:
+        scratch = <double*>malloc(<size_t>n_threads * 2 * N * cb * sizeof(double))
+        if scratch == NULL:
+            raise MemoryError(f"batch_norm2d: no memory for {n_threads} x {2 * N * cb} float64 sums")
+        for u in prange((C + cb - 1) // cb, nogil=True, schedule="static", num_threads=n_threads):
+            chexcy_bn_forward_block(xp, op, N, C * HW, HW, u * cb, min(C, u * cb + cb), &wv[0], &bv[0], eps,
+                                    scratch + 2 * N * cb * threadid(), &mv[0], &vv[0])
+        free(scratch)
+        return out, mean, var
+    plane_sum = np.empty((C, N), np.float64)
+    plane_m2 = np.empty((C, N), np.float64)
+    coef = np.empty((C, 3), np.float32)             # per channel: mean32, a, b
+    ps = plane_sum
+    pm = plane_m2
+    k = coef
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_plane_stats(&xv[u // C, u % C, 0, 0], HW, &ps[u % C, u // C], &pm[u % C, u // C])
+        chexcy_bn_plane_stats(xp + u * HW, HW, &ps[u % C, u // C], &pm[u % C, u // C])
     with nogil:
         for c in range(C):
-            total = 0
-            for n in range(N):
-                total = total + ps[c, n]
-            mu = total / M
-            q = 0
-            for n in range(N):
-                d = ps[c, n] / HW - mu
-                q = q + pm[c, n] + HW * d * d
-            mv[c] = <float>mu
-            vv[c] = <float>(q / M)
-            inv = 1.0 / sqrt(q / M + eps)
-            a = wv[c] * inv
-            k[0, c] = mv[c]
-            k[1, c] = <float>a
-            k[2, c] = <float>(bv[c] - (mu - <double>mv[c]) * a)
+            chexcy_bn_combine(&ps[c, 0], &pm[c, 0], N, HW, &mu, &v)
+            chexcy_bn_coefficients(mu, v, wv[c], bv[c], eps, &k[c, 0])
+            mv[c] = k[c, 0]
+            vv[c] = <float>v
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_apply(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
-                        k[0, u % C], k[1, u % C], k[2, u % C])
+        chexcy_bn_apply(xp + u * HW, op + u * HW, HW, k[u % C, 0], k[u % C, 1], k[u % C, 2])
     return out, mean, var
 
 
@@ -2603,14 +2636,11 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
     M = N * H * W values: dbias = Sg, dweight = s * Sgx and
     dx = weight * s * (dout - Sg / M - (x - mean) * s^2 * Sgx / M) = a * dout + ((x - mean) * b + c)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, n, c
-    cdef double M = <double>N * HW, sg, sgx, s, w
+    cdef double sg, sgx
     cdef int n_threads = _threads()
     dx = _empty(x.shape)
     dweight = np.empty(C, np.float32)
     dbias = np.empty(C, np.float32)
-    plane_g = np.empty((C, N), np.float64)
-    plane_gx = np.empty((C, N), np.float64)
-    coef = np.empty((3, C), np.float32)             # per channel: a, b, c
     cdef const float[:, :, :, ::1] gv = dout
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[::1] mv = mean
@@ -2619,12 +2649,26 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
     cdef float[:, :, :, ::1] dxv = dx
     cdef float[::1] dwv = dweight
     cdef float[::1] dbv = dbias
-    cdef double[:, ::1] pg = plane_g
-    cdef double[:, ::1] pgx = plane_gx
-    cdef float[:, ::1] k = coef
+    cdef const float* gp = &gv[0, 0, 0, 0]
+    cdef const float* xp = &xv[0, 0, 0, 0]
+    cdef float* dxp = &dxv[0, 0, 0, 0]
+    cdef double[:, ::1] pg
+    cdef double[:, ::1] pgx
+    cdef float[:, ::1] k
+    cdef Py_ssize_t cb = _bn_block(N, C, HW, n_threads)
+    if cb > 0:
+        for u in prange((C + cb - 1) // cb, nogil=True, schedule="static", num_threads=n_threads):
+            chexcy_bn_backward_block(gp, xp, dxp, N, C * HW, HW, u * cb, min(C, u * cb + cb), &mv[0], &vv[0],
+                                     &wv[0], eps, &dwv[0], &dbv[0])
+        return dx, dweight, dbias
+    plane_g = np.empty((C, N), np.float64)
+    plane_gx = np.empty((C, N), np.float64)
+    coef = np.empty((C, 3), np.float32)             # per channel: a, b, c
+    pg = plane_g
+    pgx = plane_gx
+    k = coef
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_plane_grad_sums(&gv[u // C, u % C, 0, 0], &xv[u // C, u % C, 0, 0], HW, mv[u % C],
-                                  &pg[u % C, u // C], &pgx[u % C, u // C])
+        chexcy_bn_plane_grad_sums(gp + u * HW, xp + u * HW, HW, mv[u % C], &pg[u % C, u // C], &pgx[u % C, u // C])
     with nogil:
         for c in range(C):
             sg = 0
@@ -2632,16 +2676,12 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
             for n in range(N):
                 sg = sg + pg[c, n]
                 sgx = sgx + pgx[c, n]
-            s = 1.0 / sqrt(<double>vv[c] + eps)
-            w = wv[c]
             dbv[c] = <float>sg
-            dwv[c] = <float>(sgx * s)
-            k[0, c] = <float>(w * s)
-            k[1, c] = <float>(-w * s * s * s * sgx / M)
-            k[2, c] = <float>(-w * s * sg / M)
+            dwv[c] = <float>(sgx * (1.0 / sqrt(<double>vv[c] + eps)))
+            chexcy_bn_grad_coefficients(vv[c], wv[c], sg, sgx, <double>N * HW, eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_apply_grad(&gv[u // C, u % C, 0, 0], &xv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
-                             HW, mv[u % C], k[0, u % C], k[1, u % C], k[2, u % C])
+        chexcy_bn_apply_grad(gp + u * HW, xp + u * HW, dxp + u * HW, HW, mv[u % C], k[u % C, 0], k[u % C, 1],
+                             k[u % C, 2])
     return dx, dweight, dbias
 
 
@@ -2672,11 +2712,9 @@ def batch_norm2d_apply(x, mean, var, weight, bias, double eps):
     """x (N, C, H, W) float32; mean, var (C,) float64 channel statistics; weight, bias (C,) float32
     -> out = (x - mean) / sqrt(var + eps) * weight + bias, float32 (N, C, H, W)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, c
-    cdef double a
-    cdef float m32
     cdef int n_threads = _threads()
     out = _empty(x.shape)
-    coef = np.empty((3, C), np.float32)             # per channel: mean32, a, b
+    coef = np.empty((C, 3), np.float32)             # per channel: mean32, a, b
     cdef const float[:, :, :, ::1] xv = x
     cdef const double[::1] mv = mean
     cdef const double[::1] vv = var
@@ -2686,14 +2724,10 @@ def batch_norm2d_apply(x, mean, var, weight, bias, double eps):
     cdef float[:, ::1] k = coef
     with nogil:
         for c in range(C):
-            m32 = <float>mv[c]
-            a = wv[c] * (1.0 / sqrt(vv[c] + eps))
-            k[0, c] = m32
-            k[1, c] = <float>a
-            k[2, c] = <float>(bv[c] - (mv[c] - <double>m32) * a)
+            chexcy_bn_coefficients(mv[c], vv[c], wv[c], bv[c], eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
         chexcy_bn_apply(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
-                        k[0, u % C], k[1, u % C], k[2, u % C])
+                        k[u % C, 0], k[u % C, 1], k[u % C, 2])
     return out
 
 
@@ -2720,10 +2754,9 @@ def batch_norm2d_backward_apply(dout, x, mean, var, weight, sum_g, sum_gx, doubl
     values per channel: dx = a * dout + (x - mean) * b + c (coefficients as batch_norm2d_backward).
     dout, x float32 (N, C, H, W); mean, var, weight (C,) float32; sum_g, sum_gx (C,) float64."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, c
-    cdef double s, w
     cdef int n_threads = _threads()
     dx = _empty(x.shape)
-    coef = np.empty((3, C), np.float32)             # per channel: a, b, c
+    coef = np.empty((C, 3), np.float32)             # per channel: a, b, c
     cdef const float[:, :, :, ::1] gv = dout
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[::1] mv = mean
@@ -2735,12 +2768,8 @@ def batch_norm2d_backward_apply(dout, x, mean, var, weight, sum_g, sum_gx, doubl
     cdef float[:, ::1] k = coef
     with nogil:
         for c in range(C):
-            s = 1.0 / sqrt(<double>vv[c] + eps)
-            w = wv[c]
-            k[0, c] = <float>(w * s)
-            k[1, c] = <float>(-w * s * s * s * sgxv[c] / count)
-            k[2, c] = <float>(-w * s * sgv[c] / count)
+            chexcy_bn_grad_coefficients(vv[c], wv[c], sgv[c], sgxv[c], count, eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
         chexcy_bn_apply_grad(&gv[u // C, u % C, 0, 0], &xv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
-                             HW, mv[u % C], k[0, u % C], k[1, u % C], k[2, u % C])
+                             HW, mv[u % C], k[u % C, 0], k[u % C, 1], k[u % C, 2])
     return dx
