@@ -22,6 +22,7 @@ Everything else about the package lives in pyproject.toml. What this file decide
 * The generated C goes to build/cython (never into the package or the wheel), and every build deletes
   the module it is about to produce first, so a failed compile cannot leave an old .so to be installed.
 """
+import glob
 import os
 import platform
 import shutil
@@ -34,6 +35,10 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG = os.path.join(HERE, "chexcy")
 CYTHON_BUILD_DIR = os.path.join("build", "cython")
+# What the kernels are compiled from besides the .pyx: the headers (one per job, docs/kernels.md) and the
+# .pxd of their declarations. A change to any of them rebuilds every variant.
+KERNEL_SOURCES = sorted(glob.glob(os.path.join("chexcy", "_ops*.h")) + glob.glob(os.path.join("chexcy", "_ops*.pxd"))
+                        + [os.path.join("chexcy", "_ops.pyx")])
 
 
 def _flag(name):
@@ -181,9 +186,7 @@ def _extensions():
         ext = Extension(
             name, [source],
             include_dirs=[PKG],
-            depends=[os.path.join("chexcy", "_ops_config.h"), os.path.join("chexcy", "_ops_gemm.h"),
-                     os.path.join("chexcy", "_ops_winograd.h"),
-                     os.path.join("chexcy", "_ops.pyx")],
+            depends=KERNEL_SOURCES,
             define_macros=[("CHEXCY_VARIANT", f'"{label}"')] + ([("CHEXCY_DEBUG", "1")] if debug else []),
             extra_compile_args=base_flags + isa_flags,
             extra_link_args=link_flags,

@@ -68,6 +68,18 @@ cdef extern from "_ops_config.h" nogil:
         DW_F        # output channels per dweight tile (x 3 kernel columns x DW_V lanes)
         DWR_F       # output channels per 3-kernel-row dweight tile (x 3 x 3 x DW_V lanes)
         DW_V
+    # the 2x2 max-pool row kernels (on their way to _ops_pool.h)
+    void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
+                                 int64_t base, Py_ssize_t W, Py_ssize_t OW)
+    void chexcy_max_unpool_2x2_row(const float* g, const int64_t* arg, float* d0, float* d1, int64_t base,
+                                   Py_ssize_t W, Py_ssize_t OW)
+    int chexcy_argmax_in_2x2_cells(const int64_t* arg, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW)
+
+cdef extern from "_ops_vec.h" nogil:
+    double chexcy_sum(const float* p, Py_ssize_t n)
+    double chexcy_sum_rows(const float* p, Py_ssize_t rows, Py_ssize_t n, Py_ssize_t stride)
+
+cdef extern from "_ops_conv_tiles.h" nogil:
     # register tiles: FWD_F channels x FWD_NR, 2 or 1 rows; 1 channel x 1 row;
     # 1 channel x FWD_NR3 rows (KH = 3, stride 1, row dilation 1)
     void chexcy_fwd_tile_rows(Py_ssize_t nr, const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH,
@@ -80,7 +92,8 @@ cdef extern from "_ops_config.h" nogil:
     void chexcy_fwd_tile1_k3(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KW,
                              Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dw, float bias, float* dst,
                              Py_ssize_t dst_rstride)
-    double chexcy_sum(const float* p, Py_ssize_t n)
+
+cdef extern from "_ops_pad_fill.h" nogil:
     void chexcy_pad_planes(const float* src, float* dst, Py_ssize_t P, Py_ssize_t H, Py_ssize_t W,
                            Py_ssize_t ph, Py_ssize_t pw, double* sums)
     enum:
@@ -88,13 +101,9 @@ cdef extern from "_ops_config.h" nogil:
     void chexcy_prefetch_ahead(const float* p, Py_ssize_t ahead, Py_ssize_t n)
     void chexcy_fill_planes(float* dst, const float* vals, Py_ssize_t hw, float scale, Py_ssize_t j0,
                             Py_ssize_t j1)
+
+cdef extern from "_ops_dweight_tiles.h" nogil:
     float chexcy_lane_total(const float* p)
-    double chexcy_sum_rows(const float* p, Py_ssize_t rows, Py_ssize_t n, Py_ssize_t stride)
-    void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
-                                 int64_t base, Py_ssize_t W, Py_ssize_t OW)
-    void chexcy_max_unpool_2x2_row(const float* g, const int64_t* arg, float* d0, float* d1, int64_t base,
-                                   Py_ssize_t W, Py_ssize_t OW)
-    int chexcy_argmax_in_2x2_cells(const int64_t* arg, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW)
     void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
                          Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ds,
                          Py_ssize_t xstep, Py_ssize_t dw, float* part)
@@ -200,7 +209,7 @@ cdef enum:
 # Threads and build facts
 # ------------------------------------------------------------------------------------------------
 
-cdef extern from "_ops_config.h" nogil:
+cdef extern from "_ops_pages.h" nogil:
     int chexcy_populate(void* addr, size_t n)
     void* chexcy_map(size_t n)
     void chexcy_unmap(void* p, size_t n)
