@@ -193,8 +193,11 @@ def _extensions():
         )
         ext.chexcy_isa_flags = isa_flags
         exts.append(ext)
+    # include_path: `from chexcy._ops_kernels cimport *` must find chexcy/_ops_kernels.pxd from the variants'
+    # copies in build/cython/variants too, and under pip's isolated build, which does not put this folder on
+    # sys.path. The headers it names are found through include_dirs.
     out = cythonize(exts, compiler_directives=directives, build_dir=CYTHON_BUILD_DIR, quiet=True,
-                    force=True)
+                    force=True, include_path=[HERE])
     for ext, (_, isa_flags, _) in zip(out, _variants()):
         ext.chexcy_isa_flags = isa_flags
     return out

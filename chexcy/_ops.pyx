@@ -49,101 +49,12 @@ from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t
 
-cdef extern from "_ops_config.h" nogil:
-    int omp_get_max_threads()
-    int omp_get_thread_num()
-    int CHEXCY_OPENMP
-    const char* CHEXCY_ISA
-    const char* CHEXCY_VARIANT
-    const char* CHEXCY_CFLAGS
-    const char* CHEXCY_COMPILER
-    enum:
-        FWD_F       # output channels per forward register tile
-        FWD_NR      # output rows per forward register tile
-        FWD_W       # output columns per forward register tile
-        FWD_W1      # output columns of the one-channel tile (leftover channels)
-        FWD_NR3     # output rows of the one-channel tile for 3-row kernels at stride 1
-        FWD_W3      # output columns of that tile
-        FWD_WMAX    # widest tile: the slack a padded buffer needs after its last row
-        DW_F        # output channels per dweight tile (x 3 kernel columns x DW_V lanes)
-        DWR_F       # output channels per 3-kernel-row dweight tile (x 3 x 3 x DW_V lanes)
-        DW_V
-    # the 2x2 max-pool row kernels (on their way to _ops_pool.h)
-    void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
-                                 int64_t base, Py_ssize_t W, Py_ssize_t OW)
-    void chexcy_max_unpool_2x2_row(const float* g, const int64_t* arg, float* d0, float* d1, int64_t base,
-                                   Py_ssize_t W, Py_ssize_t OW)
-    int chexcy_argmax_in_2x2_cells(const int64_t* arg, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW)
-
-cdef extern from "_ops_vec.h" nogil:
-    double chexcy_sum(const float* p, Py_ssize_t n)
-    double chexcy_sum_rows(const float* p, Py_ssize_t rows, Py_ssize_t n, Py_ssize_t stride)
-
-cdef extern from "_ops_conv_tiles.h" nogil:
-    # register tiles: FWD_F channels x FWD_NR, 2 or 1 rows; 1 channel x 1 row;
-    # 1 channel x FWD_NR3 rows (KH = 3, stride 1, row dilation 1)
-    void chexcy_fwd_tile_rows(Py_ssize_t nr, const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH,
-                              Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
-                              Py_ssize_t xrow_step, const float* bias, float* dst, Py_ssize_t dst_fstride,
-                              Py_ssize_t dst_rstride)
-    void chexcy_fwd_tile1(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
-                          Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
-                          const float* bias, float* dst, Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)
-    void chexcy_fwd_tile1_k3(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KW,
-                             Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dw, float bias, float* dst,
-                             Py_ssize_t dst_rstride)
-
-cdef extern from "_ops_pad_fill.h" nogil:
-    void chexcy_pad_planes(const float* src, float* dst, Py_ssize_t P, Py_ssize_t H, Py_ssize_t W,
-                           Py_ssize_t ph, Py_ssize_t pw, double* sums)
-    enum:
-        CHEXCY_FILL_AHEAD
-    void chexcy_prefetch_ahead(const float* p, Py_ssize_t ahead, Py_ssize_t n)
-    void chexcy_fill_planes(float* dst, const float* vals, Py_ssize_t hw, float scale, Py_ssize_t j0,
-                            Py_ssize_t j1)
-
-cdef extern from "_ops_dweight_tiles.h" nogil:
-    float chexcy_lane_total(const float* p)
-    void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
-                         Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ds,
-                         Py_ssize_t xstep, Py_ssize_t dw, float* part)
-    void chexcy_dw_rows33(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
-                          Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t Wp,
-                          Py_ssize_t dw, float* part, Py_ssize_t kh_stride, const float* pf)
+from chexcy._ops_kernels cimport *
 
 cdef enum:
     DW_CHUNK = 4096     # floats of dout (one channel block) per dweight chunk: 16 KiB, within L1
     DWC_MIN_CG = 64     # input channels per group from which stride-1 dweight is channel-blocked
     DWC_KC = 128        # dout positions per K block of the channel-blocked dweight (_dwc_thread)
-
-cdef extern from "_ops_gemm.h" nogil:
-    enum:
-        GEMM_MR     # rows of C per register tile
-        GEMM_NR     # columns of C per register tile (and per packed B strip)
-    void chexcy_gemm_pack_a(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t m0, Py_ssize_t mc,
-                            Py_ssize_t k0, Py_ssize_t kc, float* dst)
-    void chexcy_gemm_pack_b(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K, Py_ssize_t N,
-                            Py_ssize_t s, float* dst)
-    void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow, const float* a, const float* b,
-                               Py_ssize_t b_rs, float* c, Py_ssize_t ldc, int add)
-
-cdef extern from "_ops_winograd.h" nogil:
-    void chexcy_wino_cols(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
-                          Py_ssize_t r0, Py_ssize_t rows, Py_ssize_t TW, float* pe, float* po, Py_ssize_t ps)
-    void chexcy_wino_rows(const float* pe, const float* po, Py_ssize_t ps, Py_ssize_t TW, Py_ssize_t n,
-                          float* v, Py_ssize_t vs)
-    void chexcy_wino_weight(const float* w, Py_ssize_t C, float* u)
-    void chexcy_wdw_dout_rows(const float* dout, Py_ssize_t F, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t r0,
-                              Py_ssize_t rows, Py_ssize_t W2, Py_ssize_t Fs, float* dt)
-    void chexcy_wdw_dout_tiles(const float* dt, Py_ssize_t Fs, Py_ssize_t TW, Py_ssize_t nty, Py_ssize_t nfb,
-                               Py_ssize_t tq, float* z)
-    void chexcy_wdw_input_tiles(const float* xt, Py_ssize_t wq, Py_ssize_t TW, Py_ssize_t nty, float* v,
-                                Py_ssize_t xs)
-    void chexcy_wdw_weight_row(const float* s, Py_ssize_t nparts, Py_ssize_t ps, Py_ssize_t xs, Py_ssize_t C,
-                               float* acc, float* dw)
-    void chexcy_wino_output(const float* m, Py_ssize_t ms, Py_ssize_t n, float bias, float* y, Py_ssize_t ys)
-    void chexcy_wino_store_rows(const float* y, Py_ssize_t ys, Py_ssize_t TW, float* row, float* out0,
-                                float* out1, Py_ssize_t width)
 
 cdef enum:
     # channels from which a 3x3 stride-1 conv takes Winograd (measured, ref-cnn at 128x128, 2 threads:
@@ -157,45 +68,6 @@ cdef enum:
     WDW_MIN_F = 24
     WDW_PARTS = 4       # partial sums of the Winograd dweight (fixed by the shape, not the threads)
 
-cdef extern from "_ops_conv_gemm.h" nogil:
-    ctypedef struct chexcy_cg_geom:
-        const float* x
-        Py_ssize_t Hp, Wp, KH, KW, sh, sw, dil_h, dil_w, OW, P
-    enum:
-        GEMM_KC     # K steps per block of the products
-    Py_ssize_t chexcy_cg_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
-    void chexcy_cg_pack_a(const float* w, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t kb, float* ap)
-    void chexcy_cg_task(const chexcy_cg_geom* g, const float* ap, const float* bias, Py_ssize_t Fg,
-                        Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float* out, float* bbuf)
-    void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs, const float* dout,
-                                Py_ssize_t dout_ns, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0,
-                                Py_ssize_t s1, float* dw, float* abuf, float* bbuf)
-    void chexcy_cg_dx_task(const chexcy_cg_geom* g, float* dxp, Py_ssize_t Cg, const float* wt,
-                           const float* dn, Py_ssize_t Fg, Py_ssize_t K, float* bbuf, float* t)
-
-cdef extern from "_ops_pool.h" nogil:
-    void chexcy_max_pool_plane(const float* x, float* out, int64_t* arg, Py_ssize_t H, Py_ssize_t W,
-                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
-                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                               Py_ssize_t dil_h, Py_ssize_t dil_w, float* best, int32_t* idx)
-    void chexcy_avg_pool_2x2_row(const float* r0, const float* r1, float* out, Py_ssize_t OW)
-    void chexcy_avg_unpool_2x2_row(const float* g, float* d0, float* d1, Py_ssize_t W, Py_ssize_t OW)
-
-cdef extern from "_ops_depthwise.h" nogil:
-    void chexcy_dwc_forward_plane(const float* xp, const float* w, float bias, float* out, Py_ssize_t Wp,
-                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW,
-                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
-    void chexcy_dwc_dx_plane(const float* dout, const float* w, float* dxp, Py_ssize_t Hp, Py_ssize_t Wp,
-                             Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t sh,
-                             Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
-    void chexcy_dwc_dweight_plane(const float* dout, const float* xp, float* acc, Py_ssize_t Wp,
-                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW,
-                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
-
-cdef extern from "_ops_relu.h" nogil:
-    void chexcy_relu(const float* x, float* y, Py_ssize_t n)
-    void chexcy_relu_grad(const float* g, const float* y, float* dx, Py_ssize_t n)
-
 cdef enum:
     # The matrix-product paths (_gemm_conv) need products deep and tall enough to fill the register
     # tile: K = Cg * KH * KW steps and Fg output channels per group. Below that (depthwise, 1-2 channel
@@ -208,11 +80,6 @@ cdef enum:
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
 # ------------------------------------------------------------------------------------------------
-
-cdef extern from "_ops_pages.h" nogil:
-    int chexcy_populate(void* addr, size_t n)
-    void* chexcy_map(size_t n)
-    void chexcy_unmap(void* p, size_t n)
 
 POPULATE_MIN = 32 << 20     # bytes: glibc's largest mmap threshold; larger blocks are always fresh pages
 _memory = None
@@ -454,17 +321,6 @@ def build_info():
         "tiles": {"forward": (int(FWD_F), int(FWD_NR), int(FWD_W)), "dweight": (int(DW_F), 3, int(DW_V))},
     }
 
-
-# A CHEXCY_DEBUG=1 build (bounds checks on) also defines the C macro CHEXCY_DEBUG; build_info reports it.
-cdef extern from *:
-    """
-    #ifdef CHEXCY_DEBUG
-    #define CHEXCY_DEBUG_BUILD 1
-    #else
-    #define CHEXCY_DEBUG_BUILD 0
-    #endif
-    """
-    int CHEXCY_DEBUG_BUILD
 
 _DEBUG_BUILD = bool(CHEXCY_DEBUG_BUILD)
 
@@ -2108,17 +1964,6 @@ def relu_backward(dout, y):
 # whichever task computes it, so the result is bitwise the same for any thread count (see _ops_gemm.h).
 
 
-cdef extern from "_ops_gemm.h" nogil:
-    enum:
-        GEMM_MC     # rows of C per task at most
-        GEMM_SERIAL_MADDS   # below this many multiply-adds a product runs on one thread
-    Py_ssize_t chexcy_gemm_abuf_floats(Py_ssize_t mc, Py_ssize_t K)
-    void chexcy_gemm_task(const float* A, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t m0, Py_ssize_t mc,
-                          Py_ssize_t K, const float* bp, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t N,
-                          const float* init, float* C, Py_ssize_t ldc, float* abuf)
-    void chexcy_col_sums(const float* d, Py_ssize_t M, Py_ssize_t ld, Py_ssize_t j0, Py_ssize_t n, float* out)
-
-
 cdef void _gemm_task(
         const float* A, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t M, Py_ssize_t K,   # IN A (M, K)
         const float* bp, Py_ssize_t N, const float* init,      # IN packed B (K, N) strips, init (N_pad,)
@@ -2258,14 +2103,6 @@ def linear_backward(dout, x, weight):
 # hits L2), and no activation-sized temporary is allocated beyond the result.
 
 from libc.math cimport sqrt
-
-cdef extern from "_ops_config.h" nogil:
-    void chexcy_bn_plane_stats(const float* p, Py_ssize_t n, double* sum, double* m2)
-    void chexcy_bn_plane_grad_sums(const float* g, const float* x, Py_ssize_t n, double mean,
-                                   double* sum_g, double* sum_gx)
-    void chexcy_bn_apply(const float* x, float* out, Py_ssize_t n, float m, float a, float b)
-    void chexcy_bn_apply_grad(const float* g, const float* x, float* dx, Py_ssize_t n, float m, float a,
-                              float b, float c)
 
 
 def batch_norm2d_forward(x, weight, bias, double eps):
