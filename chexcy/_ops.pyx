@@ -39,8 +39,6 @@ Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kern
 # * Tile sizes depend on the instruction set (_ops_config.h); setup.py compiles this file once per
 #   instruction-set variant and chexcy._native picks the best one the CPU runs.
 
-import os
-
 import numpy as np
 
 from cython.parallel cimport prange
@@ -50,6 +48,8 @@ from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t
 
 from chexcy._ops_kernels cimport *
+from chexcy._blocks cimport empty_at as _empty_at   # outputs: 64-byte aligned, large ones from the block
+from chexcy._blocks import empty as _empty          # cache (chexcy/_blocks.pyx, built once)
 
 cdef enum:
     DW_CHUNK = 4096     # floats of dout (one channel block) per dweight chunk: 16 KiB, within L1
@@ -80,198 +80,6 @@ cdef enum:
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
 # ------------------------------------------------------------------------------------------------
-
-POPULATE_MIN = 32 << 20     # bytes: glibc's largest mmap threshold; larger blocks are always fresh pages
-_memory = None
-
-# Large blocks (POPULATE_MIN bytes or more) while glibc is not tuned: chexcy maps them itself and keeps
-# freed ones for the next output of about the same size (see _empty). Oldest evicted first; at most
-# BLOCK_CACHE_SLOTS blocks and _cache_max bytes (CHEXCY_BLOCK_CACHE_MB, default 1024; 0 keeps none).
-# A plain C table: blocks come back from _Block.__dealloc__, where the GIL is held but Python objects
-# may already be gone (interpreter shutdown).
-cdef enum:
-    BLOCK_CACHE_SLOTS = 8
-    PAGE_BYTES = 4096
-cdef void* _cache_ptr[BLOCK_CACHE_SLOTS]
-cdef size_t _cache_len[BLOCK_CACHE_SLOTS]
-cdef int _cache_n = 0
-cdef size_t _cache_bytes = 0
-cdef size_t _cache_max = 1 << 30
-
-
-def _set_block_cache_mb(value):
-    """Cap the block cache from CHEXCY_BLOCK_CACHE_MB (a whole number of MB, 0 = keep nothing)."""
-    global _cache_max
-    text = str(value).strip() or "1024"      # set but empty: the default
-    if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"CHEXCY_BLOCK_CACHE_MB must be a whole number of MB (0 = no cache), got {value!r}")
-    _cache_max = <size_t>min(int(text), 1 << 30) << 20
-    _cache_trim(0)
-
-
-_set_block_cache_mb(os.environ.get("CHEXCY_BLOCK_CACHE_MB", "1024"))
-
-
-cdef void* _cache_remove(int i) noexcept:
-    """Take block i out of the table (closing the gap, oldest first still) and return its address."""
-    global _cache_n, _cache_bytes
-    cdef void* p = _cache_ptr[i]
-    _cache_bytes -= _cache_len[i]
-    _cache_n -= 1
-    for i in range(i, _cache_n):
-        _cache_ptr[i] = _cache_ptr[i + 1]
-        _cache_len[i] = _cache_len[i + 1]
-    return p
-
-
-cdef void _cache_drop(int i) noexcept:
-    """Unmap cached block i."""
-    cdef size_t n = _cache_len[i]
-    chexcy_unmap(_cache_remove(i), n)
-
-
-cdef void _cache_trim(size_t room) noexcept:
-    """Evict the oldest blocks until one more block of `room` bytes fits."""
-    while _cache_n > 0 and (_cache_n >= BLOCK_CACHE_SLOTS or _cache_bytes + room > _cache_max):
-        _cache_drop(0)
-
-
-cdef void _cache_put(void* p, size_t n) noexcept:
-    global _cache_n, _cache_bytes
-    if n > _cache_max:
-        chexcy_unmap(p, n)
-        return
-    _cache_trim(n)
-    _cache_ptr[_cache_n] = p
-    _cache_len[_cache_n] = n
-    _cache_n += 1
-    _cache_bytes += n
-
-
-cdef void* _cache_take(size_t n, size_t* got) noexcept:
-    """The smallest cached block of n to n + n/4 bytes (then no longer cached), or NULL."""
-    cdef int i, best = -1
-    for i in range(_cache_n):
-        if n <= _cache_len[i] <= n + n // 4 and (best < 0 or _cache_len[i] < _cache_len[best]):
-            best = i
-    if best < 0:
-        return NULL
-    got[0] = _cache_len[best]
-    return _cache_remove(best)
-
-
-def _release_block_cache():
-    """Unmap every cached block; returns the bytes released."""
-    cdef size_t released = _cache_bytes
-    while _cache_n > 0:
-        _cache_drop(0)
-    return released
-
-
-def _block_cache_info():
-    """(blocks, bytes) held by the cache now, and its byte cap."""
-    return _cache_n, _cache_bytes, _cache_max
-
-
-cdef class _Block:
-    """Mapped pages behind one large array (exported as bytes); cached again when the array dies."""
-    cdef void* ptr
-    cdef Py_ssize_t nbytes
-    cdef Py_ssize_t shape[1]
-    cdef Py_ssize_t strides[1]
-
-    def __getbuffer__(self, Py_buffer* view, int flags):
-        self.shape[0] = self.nbytes
-        self.strides[0] = 1
-        view.buf = self.ptr
-        view.obj = self
-        view.len = self.nbytes
-        view.readonly = 0
-        view.itemsize = 1
-        view.format = "B"
-        view.ndim = 1
-        view.shape = self.shape
-        view.strides = self.strides
-        view.suboffsets = NULL
-        view.internal = NULL
-
-    def __releasebuffer__(self, Py_buffer* view):
-        pass
-
-    def __dealloc__(self):
-        if self.ptr != NULL:
-            _cache_put(self.ptr, self.nbytes)
-            self.ptr = NULL
-
-
-cdef object _block_array(Py_ssize_t n, tuple dims, dtype, void** data):
-    """An array of n bytes on a cached block, or on fresh pages populated in one system call."""
-    cdef size_t size = 0
-    cdef void* p = _cache_take(n, &size)
-    if p == NULL:
-        size = (n + PAGE_BYTES - 1) // PAGE_BYTES * PAGE_BYTES
-        if size <= _cache_max:       # will be cached when freed: make room now, so that evicted pages
-            _cache_trim(size)        # go back to the system before new ones come
-        p = chexcy_map(size)
-        if p == NULL:
-            raise MemoryError(f"cannot map {size} bytes for an array of shape {dims}")
-        chexcy_populate(p, size)
-    try:
-        block = _Block.__new__(_Block)
-    except BaseException:
-        chexcy_unmap(p, size)
-        raise
-    (<_Block>block).ptr = p
-    (<_Block>block).nbytes = size
-    if data != NULL:
-        data[0] = p
-    return np.frombuffer(block, np.uint8, n).view(dtype).reshape(dims)
-
-
-cdef bint _pages_may_be_fresh():
-    """False once chexcy.memory.reuse_freed_memory() has made glibc reuse freed blocks (training)."""
-    global _memory
-    if _memory is None:
-        from chexcy import memory as _m
-        _memory = _m
-    return not _memory.reusing_freed_memory()
-
-
-def _empty(shape, dtype=np.float32):
-    """np.empty(shape, dtype) whose data starts on a 64-byte boundary (a cache line), its pages mapped.
-
-    Alignment: NumPy's own large arrays start 16 bytes past a page, so every full-width vector store
-    into them straddles two cache lines; the kernels bound by their stores (conv outputs, fills) are
-    2-8% faster aligned.
-    Pages: glibc serves blocks above its largest mmap threshold (32 MB) with fresh mmap()ed pages on
-    every call, unless chexcy.memory.reuse_freed_memory() was called, and unmaps them on free. Fresh
-    pages fault in one at a time under whichever thread touches them first, and in this VM two threads
-    faulting at once were 15x slower than one: conv1's forward (a 33.5 MB output) took 51 ms at 2
-    threads against 3.2 ms at 1. So such blocks come from chexcy's own block cache instead
-    (_block_array): a block freed by an earlier output of about the same size is reused as it is
-    (conv1's forward, called in a loop: 2.5 -> 1.0 ms at 2 threads), and a new one is populated with
-    one madvise(MADV_POPULATE_WRITE) before the kernels write it (chexcy_populate, ~2x faster than
-    faulting even on one thread). Smaller outputs are reused by glibc after the first call anyway, and
-    populating pages that are already mapped would still cost a page-table walk (20 us for 4 MB)."""
-    return _empty_at(shape, dtype, NULL)
-
-
-cdef object _empty_at(shape, dtype, void** data):
-    """_empty(shape, dtype), and its data pointer in *data unless data is NULL."""
-    cdef Py_ssize_t n = 4 if dtype is np.float32 else np.dtype(dtype).itemsize, off, k
-    cdef unsigned char[::1] bv
-    cdef tuple dims = tuple(shape)
-    for k in range(len(dims)):
-        n *= <Py_ssize_t>dims[k]
-    if n >= POPULATE_MIN and _pages_may_be_fresh():
-        return _block_array(n, dims, dtype, data)
-    buf = np.empty(n + 64, np.uint8)
-    bv = buf
-    off = (64 - <size_t>&bv[0] % 64) % 64
-    if data != NULL:
-        data[0] = &bv[off]
-    return buf[off:off + n].view(dtype).reshape(shape)
-
 
 cdef int _requested_threads = 0     # 0 = not set: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
 _MAX_THREADS = 4096
