@@ -6,7 +6,7 @@ C-contiguous float32 and turned stride / padding / dilation / kernel_size into (
 Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kernels trust that.
 """
 # Legend: N batch, C in-channels, F out-channels, G groups, Cg = C // G and Fg = F // G per group,
-# H W input, OH OW output, KH KW kernel, sh sw stride, ph pw padding, dh dw dilation,
+# H W input, OH OW output, KH KW kernel, sh sw stride, ph pw padding, dil_h dil_w dilation,
 # Hp Wp zero-padded input (H + 2*ph, W + 2*pw). Gradients are d + full name (dout, dx, dweight, dbias).
 #
 # Design
@@ -147,15 +147,15 @@ cdef void _pad_planes(
 
 cdef void _pad_shifted(
         const float* src,           # IN  (P, H, W)
-        float* dst,                 # OUT (KW, P, Hp, OW): dst[kw, p, r, j] = padded x[p, r, j + kw * dw]
+        float* dst,                 # OUT (KW, P, Hp, OW): dst[kw, p, r, j] = padded x[p, r, j + kw * dil_w]
         Py_ssize_t P, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Hp, Py_ssize_t OW, Py_ssize_t KW,
-        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dw) noexcept nogil:
+        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dil_w) noexcept nogil:
     """For planes narrower than a tile: one copy of the padded input per kernel column, each row cut to
     the OW columns that kernel column reads, so consecutive rows are contiguous (see _conv_core)."""
     cdef Py_ssize_t kw, p, r, j0, j1, shift
     cdef float* d
     for kw in range(KW):
-        shift = kw * dw - pw                        # input column of output column 0
+        shift = kw * dil_w - pw                        # input column of output column 0
         j0 = min(OW, max(0, -shift))                # output columns [j0, j1) read inside the input
         j1 = max(j0, min(OW, W - shift))
         for p in range(P):
@@ -507,9 +507,9 @@ cdef _conv_core(
 #   SPREAD              dx, dweight of a stride > 1: dout spread onto the stride-1 grid (zeros between)
 #   SUBSAMPLED          a strided 1x1 without padding: a stride-1 one on the sampled pixels
 
-cdef bint _is_winograd(Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dh, int dw,
+cdef bint _is_winograd(Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dil_h, int dil_w,
                        int groups, Py_ssize_t min_c, Py_ssize_t min_f):
-    return (groups == 1 and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
+    return (groups == 1 and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dil_h == 1 and dil_w == 1
             and Cg >= min_c and Fg >= min_f)
 
 
@@ -518,9 +518,9 @@ cdef bint _is_pointwise(Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t KH, Py_ssize_t 
 
 
 cdef bint _is_first_layer(Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, Py_ssize_t KH, Py_ssize_t KW,
-                          int sh, int sw, int ph, int pw, int dh, int dw, int groups):
-    return (groups == 1 and C == 1 and sh == 1 and sw == 1 and KH == 3 and dh == 1
-            and ph <= 2 and pw <= dw * (KW - 1)
+                          int sh, int sw, int ph, int pw, int dil_h, int dil_w, int groups):
+    return (groups == 1 and C == 1 and sh == 1 and sw == 1 and KH == 3 and dil_h == 1
+            and ph <= 2 and pw <= dil_w * (KW - 1)
             # its per-sample lane sums: N x ceil(F / DW_F) x 3 x ceil(KW / 3) x DW_F x 3 x DW_V floats
             and N * ((F + DW_F - 1) // DW_F) * 9 * ((KW + 2) // 3) * DW_F * DW_V * 4 <= (64 << 20))
 
@@ -532,17 +532,17 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     cdef Py_ssize_t N = x_shape[0], C = x_shape[1]
     cdef Py_ssize_t F = w_shape[0], Cg = w_shape[1], KH = w_shape[2], KW = w_shape[3]
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
-    cdef int dh = dilation[0], dw = dilation[1]
+    cdef int dil_h = dilation[0], dil_w = dilation[1]
     cdef Py_ssize_t Fg = F // groups
     cdef bint strided = sh > 1 or sw > 1
-    cdef bint reach_ok = ph <= dh * (KH - 1) and pw <= dw * (KW - 1)
+    cdef bint reach_ok = ph <= dil_h * (KH - 1) and pw <= dil_w * (KW - 1)
     stride1 = (1, 1)
     if groups == C and F == C and strided:
         # (at stride 1 the register tiles of DIRECT / LANE_SUM keep a row's sums in registers: 144
         # channels at 56x56, 3x3, one thread, forward 4.8 against 9.3 ms here, A/B in one process)
         return "DEPTHWISE", "DEPTHWISE", "DEPTHWISE"
     # forward
-    if _is_winograd(Cg, Fg, KH, KW, sh, sw, dh, dw, groups, WINO_MIN_C, WINO_MIN_F):
+    if _is_winograd(Cg, Fg, KH, KW, sh, sw, dil_h, dil_w, groups, WINO_MIN_C, WINO_MIN_F):
         fwd = "WINOGRAD"
     elif _is_pointwise(Cg, Fg, KH, KW, ph, pw):
         fwd = "POINTWISE_GEMM"
@@ -559,7 +559,7 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     else:
         fwd = "DIRECT"
     # backward
-    if _is_first_layer(N, C, F, KH, KW, sh, sw, ph, pw, dh, dw, groups):
+    if _is_first_layer(N, C, F, KH, KW, sh, sw, ph, pw, dil_h, dil_w, groups):
         return fwd, "FIRST_LAYER", "FIRST_LAYER"
     if _is_pointwise(Cg, Fg, KH, KW, ph, pw) and _is_pointwise(Fg, Cg, KH, KW, ph, pw):
         return fwd, "POINTWISE_GEMM", "POINTWISE_GEMM"
@@ -573,11 +573,11 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
         return fwd, "SPREAD>" + dx, "SPREAD>" + dwt
     if not strided and reach_ok:
         # dx is the forward conv of dout with the kernel flipped and in/out channels swapped
-        dx = "WINOGRAD" if _is_winograd(Fg, Cg, KH, KW, 1, 1, dh, dw, groups, WINO_MIN_C, WINO_MIN_F) \
+        dx = "WINOGRAD" if _is_winograd(Fg, Cg, KH, KW, 1, 1, dil_h, dil_w, groups, WINO_MIN_C, WINO_MIN_F) \
             else "DIRECT"
     else:
         dx = "PLAIN"
-    if _is_winograd(C, F, KH, KW, sh, sw, dh, dw, groups, WDW_MIN_C, WDW_MIN_F):
+    if _is_winograd(C, F, KH, KW, sh, sw, dil_h, dil_w, groups, WDW_MIN_C, WDW_MIN_F):
         dwt = "WINOGRAD"
     elif not strided and Cg >= DWC_MIN_CG:
         dwt = "CHANNEL_BLOCKED"
@@ -637,11 +637,11 @@ cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
-    cdef int dh = dilation[0], dw = dilation[1]
+    cdef int dil_h = dilation[0], dil_w = dilation[1]
     N, _, H, W = x.shape
     F, _, KH, KW = weight.shape
-    OH = _conv_out_size(H, KH, sh, ph, dh)
-    OW = _conv_out_size(W, KW, sw, pw, dw)
+    OH = _conv_out_size(H, KH, sh, ph, dil_h)
+    OW = _conv_out_size(W, KW, sw, pw, dil_w)
     path = conv_plan(x.shape, weight.shape, stride, padding, dilation, groups)[0]
     if path.startswith("SUBSAMPLED>"):
         x_sub = np.ascontiguousarray(x[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
@@ -654,13 +654,13 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     out = _empty((N, F, OH, OW))
     b = np.zeros(F, np.float32) if bias is None else bias
     if path in ("POINTWISE_GEMM", "IM2COL_GEMM"):
-        _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
+        _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
     elif path == "DEPTHWISE":
-        _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dh, dw)
+        _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dil_h, dil_w)
     elif path == "WINOGRAD":
         _wino_conv(x, weight, b, out, ph, pw)
     else:                   # DIRECT, PLAIN (_conv_rows takes the strided loop for sw > 1)
-        _conv_core(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
+        _conv_core(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
     return out
 
 
@@ -1329,7 +1329,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     """dout (N, F, OH, OW), x (N, C, H, W), weight (F, C // groups, KH, KW)
     -> (dx like x, dweight like weight, dbias (F,)). Paths: conv_plan (the table above)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
-    cdef int dh = dilation[0], dw = dilation[1]
+    cdef int dil_h = dilation[0], dil_w = dilation[1]
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = weight.shape[0], Cg = weight.shape[1], KH = weight.shape[2], KW = weight.shape[3]
@@ -1341,9 +1341,9 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     _, dx_path, dw_path = conv_plan(x.shape, weight.shape, stride, padding, dilation, groups)
 
     if dx_path == "FIRST_LAYER":
-        return _backward_one_channel(dout, x, weight, ph, pw, dw)
+        return _backward_one_channel(dout, x, weight, ph, pw, dil_w)
     if dx_path == "DEPTHWISE":
-        return _depthwise_backward(dout, x, weight, sh, sw, ph, pw, dh, dw)
+        return _depthwise_backward(dout, x, weight, sh, sw, ph, pw, dil_h, dil_w)
 
     dbias = np.empty(F, np.float32)
     cdef float[::1] dbv = dbias
@@ -1353,8 +1353,8 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
 
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Hs, Ws
     if dx_path == "IM2COL_GEMM":
-        return (_gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dh, dw),
-                _gemm_conv_dweight(dout, x, KH, KW, groups, sh, sw, ph, pw, dh, dw), dbias)
+        return (_gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dil_h, dil_w),
+                _gemm_conv_dweight(dout, x, KH, KW, groups, sh, sw, ph, pw, dil_h, dil_w), dbias)
     if dx_path == "POINTWISE_GEMM" or dx_path.startswith("SUBSAMPLED>"):
         if sh > 1 or sw > 1:
             # a strided 1x1 convolution (a residual shortcut) is a stride-1 one on the sampled pixels
@@ -1380,7 +1380,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     if dx_path.startswith("SPREAD>"):
         Hs = (OH - 1) * sh + 1
         Ws = (OW - 1) * sw + 1
-        dout_s = np.zeros((N, F, H + 2 * ph - dh * (KH - 1), W + 2 * pw - dw * (KW - 1)), np.float32)
+        dout_s = np.zeros((N, F, H + 2 * ph - dil_h * (KH - 1), W + 2 * pw - dil_w * (KW - 1)), np.float32)
         dout_s[:, :, :Hs:sh, :Ws:sw] = dout
         dx, dweight, _ = conv2d_backward(dout_s, x, weight, (1, 1), padding, dilation, groups)
         return dx, dweight, dbias
@@ -1393,10 +1393,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         wt = (weight.reshape(groups, Fg, Cg, KH, KW)[:, :, :, ::-1, ::-1]
               .transpose(0, 2, 1, 3, 4).reshape(C, Fg, KH, KW))
         _conv_core(dout, np.ascontiguousarray(wt), np.zeros(C, np.float32), dx, groups,
-                   1, 1, dh * (KH - 1) - ph, dw * (KW - 1) - pw, dh, dw)
+                   1, 1, dil_h * (KH - 1) - ph, dil_w * (KW - 1) - pw, dil_h, dil_w)
     else:
         for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-            _dx_plane(dv, wv, dxv, u, groups, sh, sw, ph, pw, dh, dw)
+            _dx_plane(dv, wv, dxv, u, groups, sh, sw, ph, pw, dil_h, dil_w)
 
     if dw_path == "WINOGRAD":
         dweight, dbias = _dweight_winograd(dout, x, ph, pw)
@@ -1405,7 +1405,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     # 2 threads: conv4, 64 channels, 8.3 -> 7.7 ms for the whole backward on AVX-512; 32 channels there
     # and 16 on SSE2 (two of its 8-channel tiles) were 3% and 10% slower than the lane-sum kernel below)
     if dw_path == "CHANNEL_BLOCKED":
-        dweight, dbias = _dweight_blocked(dout, x, KH, KW, groups, ph, pw, dh, dw)
+        dweight, dbias = _dweight_blocked(dout, x, KH, KW, groups, ph, pw, dil_h, dil_w)
         return dx, dweight, dbias
     dweight = np.empty((F, Cg, KH, KW), np.float32)
     cdef float[:, :, :, ::1] dwv = dweight
@@ -1418,10 +1418,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         rows = max(1, DW_CHUNK // (DW_F * OW))
         nb = max(1, min(N, rows // OH)) if rows >= OH else 1
         # x zero-padded once, shared read-only by all units; slack: kernel-column groups of 3 may
-        # read up to 2 * dw past the last row (into lanes whose sums are never stored)
+        # read up to 2 * dil_w past the last row (into lanes whose sums are never stored)
         Hp = H + 2 * ph
         Wp = W + 2 * pw
-        xpad_flat = _empty((N * C * Hp * Wp + 3 * dw + DW_V,))
+        xpad_flat = _empty((N * C * Hp * Wp + 3 * dil_w + DW_V,))
         xpad_flat[N * C * Hp * Wp:] = 0     # the slack; _pad_planes writes every float of the planes
         pad_s = xpad_flat[:N * C * Hp * Wp].reshape(N * C, Hp * Wp)
         for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
@@ -1435,10 +1435,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
             tid = omp_get_thread_num()
             _dw_block(dv, xv, dwv, &pad_s[0, 0], u, min(rows, OH), nb, &part_s[tid, 0], &part_s[tid, part_n],
-                      &dbv[0], groups, sh, ph, pw, dh, dw)
+                      &dbv[0], groups, sh, ph, pw, dil_h, dil_w)
     else:
         for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
-            _dw_plain(dv, xv, dwv, u, groups, sh, sw, ph, pw, dh, dw)
+            _dw_plain(dv, xv, dwv, u, groups, sh, sw, ph, pw, dil_h, dil_w)
     return dx, dweight, dbias
 
 

@@ -8,14 +8,14 @@
 #include "_ops_vec.h"
 
 /* out tile (FB, NR, NV * VW): FB output channels x NR output rows x NV vectors of output columns,
- *   = bias[f] + sum over (c, kh, kw) of w[c, kh, kw, f] * x[c, r * xrow_step + kh*dh*Wp + kw*dw + col]
+ *   = bias[f] + sum over (c, kh, kw) of w[c, kh, kw, f] * x[c, r * xrow_step + kh*dil_h*Wp + kw*dil_w + col]
  *   xt: padded input at (c = 0, first input row of the first output row, first column of the tile)
  *   wt: packed weights (Cg, KH, KW, FB) of this channel block; bias: (FB,)
  *   dst: OUT (f, r) of the tile at dst + f * dst_fstride + r * dst_rstride (output planes or scratch) */
 #define CHEXCY_DEFINE_FWD_TILE(NAME, FB, NR, NV)                                                   \
 static inline void NAME(const float *xt, const float *wt, Py_ssize_t Cg, Py_ssize_t KH,            \
-                        Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh,             \
-                        Py_ssize_t dw, Py_ssize_t xrow_step, const float *bias, float *dst,        \
+                        Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dil_h,          \
+                        Py_ssize_t dil_w, Py_ssize_t xrow_step, const float *bias, float *dst,     \
                         Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)                            \
 {                                                                                                  \
     chexcy_vf acc[FB][NR][NV], xv[NR][NV];                                                         \
@@ -24,12 +24,12 @@ static inline void NAME(const float *xt, const float *wt, Py_ssize_t Cg, Py_ssiz
             CHEXCY_UNROLL for (int v = 0; v < NV; v++) acc[f][r][v] = chexcy_splat(0.0f);          \
     for (Py_ssize_t c = 0; c < Cg; c++) {                                                          \
         for (Py_ssize_t kh = 0; kh < KH; kh++) {                                                   \
-            const float *xr = xt + c * plane + kh * dh * Wp;                                       \
+            const float *xr = xt + c * plane + kh * dil_h * Wp;                                    \
             const float *wk = wt + (c * KH + kh) * KW * FB;                                        \
             for (Py_ssize_t kw = 0; kw < KW; kw++, wk += FB) {                                     \
                 CHEXCY_UNROLL for (int r = 0; r < NR; r++)                                         \
                     CHEXCY_UNROLL for (int v = 0; v < NV; v++)                                     \
-                        xv[r][v] = chexcy_load(xr + r * xrow_step + kw * dw + v * CHEXCY_VW);      \
+                        xv[r][v] = chexcy_load(xr + r * xrow_step + kw * dil_w + v * CHEXCY_VW);   \
                 CHEXCY_UNROLL for (int f = 0; f < FB; f++) {                                       \
                     chexcy_vf w = chexcy_splat(wk[f]);                                             \
                     CHEXCY_UNROLL for (int r = 0; r < NR; r++)                                     \
@@ -58,18 +58,18 @@ CHEXCY_DEFINE_FWD_TILE(chexcy_fwd_tile1, 1, 1, FWD_NV1)            /* channels l
 #define CHEXCY_FWD_TILE_ROWS(KH_, KW_)                                                             \
     do {                                                                                           \
         if (nr == FWD_NR)                                                                          \
-            chexcy_fwd_tile(xt, wt, Cg, KH_, KW_, plane, Wp, dh, dw, xrow_step, bias, dst,         \
+            chexcy_fwd_tile(xt, wt, Cg, KH_, KW_, plane, Wp, dil_h, dil_w, xrow_step, bias, dst,   \
                             dst_fstride, dst_rstride);                                             \
         else if (nr == 2)                                                                          \
-            chexcy_fwd_tile_r2(xt, wt, Cg, KH_, KW_, plane, Wp, dh, dw, xrow_step, bias, dst,      \
+            chexcy_fwd_tile_r2(xt, wt, Cg, KH_, KW_, plane, Wp, dil_h, dil_w, xrow_step, bias, dst, \
                                dst_fstride, dst_rstride);                                          \
         else                                                                                       \
-            chexcy_fwd_tile_r1(xt, wt, Cg, KH_, KW_, plane, Wp, dh, dw, xrow_step, bias, dst,      \
+            chexcy_fwd_tile_r1(xt, wt, Cg, KH_, KW_, plane, Wp, dil_h, dil_w, xrow_step, bias, dst, \
                                dst_fstride, dst_rstride);                                          \
     } while (0)
 static inline void chexcy_fwd_tile_rows(Py_ssize_t nr, const float *xt, const float *wt, Py_ssize_t Cg,
                                         Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp,
-                                        Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
+                                        Py_ssize_t dil_h, Py_ssize_t dil_w, Py_ssize_t xrow_step,
                                         const float *bias, float *dst, Py_ssize_t dst_fstride,
                                         Py_ssize_t dst_rstride)
 {
@@ -81,7 +81,7 @@ static inline void chexcy_fwd_tile_rows(Py_ssize_t nr, const float *xt, const fl
 #undef CHEXCY_FWD_TILE_ROWS
 
 /* One output channel, 3-row kernel, stride 1, row dilation 1: out tile (NR, NV * VW),
- *   = bias + sum over (c, kh, kw) of w[c, kh, kw] * x[c, (r + kh) * Wp + kw*dw + col]
+ *   = bias + sum over (c, kh, kw) of w[c, kh, kw] * x[c, (r + kh) * Wp + kw*dil_w + col]
  * Why: the one-channel tile above needs an input load per FMA. Here each of the NR + 2 input rows
  * of the window is loaded once per kernel column and feeds the up-to-3 output rows it touches
  * (r = i - kh), so NR x NV accumulators share every load. The loops over rows and kh are unrolled
@@ -94,9 +94,9 @@ static inline void chexcy_fwd_tile_rows(Py_ssize_t nr, const float *xt, const fl
  *   xt: padded input at (c = 0, input row of output row 0, first column of the tile)
  *   wt: (Cg, 3, KW) weights of this channel; dst: OUT row r at dst + r * dst_rstride */
 #define CHEXCY_DEFINE_FWD_TILE1_K3(NAME, NR, NV)                                                   \
-static __attribute__((noinline)) void NAME(const float *xt, const float *wt, Py_ssize_t Cg,       \
+static __attribute__((noinline)) void NAME(const float *xt, const float *wt, Py_ssize_t Cg,        \
                                            Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp,         \
-                                           Py_ssize_t dw, float bias, float *dst,                  \
+                                           Py_ssize_t dil_w, float bias, float *dst,               \
                                            Py_ssize_t dst_rstride)                                 \
 {                                                                                                  \
     chexcy_vf acc[NR][NV], xv[NV], w0, w1, w2;                                                     \
@@ -110,7 +110,7 @@ static __attribute__((noinline)) void NAME(const float *xt, const float *wt, Py_
             w1 = chexcy_splat(wc[KW + kw]);                                                        \
             w2 = chexcy_splat(wc[2 * KW + kw]);                                                    \
             CHEXCY_IN_REGISTER(w0); CHEXCY_IN_REGISTER(w1); CHEXCY_IN_REGISTER(w2);                \
-            const float *xr = xc + kw * dw;  /* stepped row by row: one pointer register */       \
+            const float *xr = xc + kw * dil_w;  /* stepped row by row: one pointer register */     \
             CHEXCY_UNROLL for (int i = 0; i < NR + 2; i++, xr += Wp) {                             \
                 CHEXCY_UNROLL for (int v = 0; v < NV; v++) {                                       \
                     xv[v] = chexcy_load(xr + v * CHEXCY_VW);                                       \

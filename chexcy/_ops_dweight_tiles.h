@@ -9,14 +9,14 @@
 
 /* dweight lane sums for DW_F output channels x 3 kernel columns of one (c, kh), over NB samples:
  *   part[f][k][lane] += sum over (n, oh, ow = lane mod VW) of
- *                       dout_f[n, oh, ow] * x[n * x_nstride + oh * xstep + ow + k * dw]
+ *                       dout_f[n, oh, ow] * x[n * x_nstride + oh * xstep + ow + k * dil_w]
  *   xr0: padded input of sample 0 at (row of oh = 0 for this kh, column of kernel column 0 of the group)
  *   drows: DW_F pointers to the dout planes (OH, OW) of sample 0; sample n is d_nstride further
  *   part: IN/OUT (DW_F, 3, VW) lane partial sums, kept in registers over all NB planes
  * The last OW % VW columns use masked loads, so nothing outside a plane is read. */
 static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, Py_ssize_t NB,
                                    Py_ssize_t x_nstride, Py_ssize_t d_nstride, Py_ssize_t OH,
-                                   Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t xstep, Py_ssize_t dw, float *part)
+                                   Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t xstep, Py_ssize_t dil_w, float *part)
 {
     chexcy_vf acc[DW_F][3], x0, x1, x2, d;
     CHEXCY_UNROLL for (int f = 0; f < DW_F; f++)
@@ -28,8 +28,8 @@ static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, 
             Py_ssize_t ow0 = 0;
             for (; ow0 + CHEXCY_VW <= OW; ow0 += CHEXCY_VW) {
                 x0 = chexcy_load(xr + ow0);
-                x1 = chexcy_load(xr + ow0 + dw);
-                x2 = chexcy_load(xr + ow0 + 2 * dw);
+                x1 = chexcy_load(xr + ow0 + dil_w);
+                x2 = chexcy_load(xr + ow0 + 2 * dil_w);
                 CHEXCY_UNROLL for (int f = 0; f < DW_F; f++) {
                     d = chexcy_load(drows[f] + doff + ow0);
                     CHEXCY_IN_REGISTER(d);
@@ -41,8 +41,8 @@ static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, 
             if (ow0 < OW) {  /* last OW % VW columns: masked loads, other lanes read as 0 */
                 Py_ssize_t rem = OW - ow0;
                 x0 = chexcy_load_partial(xr + ow0, rem);
-                x1 = chexcy_load_partial(xr + ow0 + dw, rem);
-                x2 = chexcy_load_partial(xr + ow0 + 2 * dw, rem);
+                x1 = chexcy_load_partial(xr + ow0 + dil_w, rem);
+                x2 = chexcy_load_partial(xr + ow0 + 2 * dil_w, rem);
                 CHEXCY_UNROLL for (int f = 0; f < DW_F; f++) {
                     d = chexcy_load_partial(drows[f] + doff + ow0, rem);
                     acc[f][0] += d * x0;
@@ -59,7 +59,7 @@ static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, 
 /* dweight lane sums for DWR_F output channels x 3 kernel rows x 3 kernel columns of one input
  * channel (stride 1, dilation 1 in rows), over NB samples of rows [0, OH) of dout:
  *   part[(kh * kh_stride) + (f * 3 + kw) * VW + lane] += sum over (n, ow = lane mod VW, oh) of
- *       dout_f[n, oh, ow] * x[n * x_nstride + (oh + kh) * Wp + ow + kw * dw]
+ *       dout_f[n, oh, ow] * x[n * x_nstride + (oh + kh) * Wp + ow + kw * dil_w]
  *   xr0: padded input of sample 0 at (row of oh = 0 for kh = 0, column of kernel column 0 of the group)
  *   drows: DWR_F pointers to the dout planes of sample 0 (row 0 of the chunk); sample n is d_nstride further
  * Each input row is loaded once per column vector (3 shifted vectors) and feeds the 3 kernel rows whose
@@ -69,16 +69,16 @@ static inline void chexcy_dw_rows3(const float *xr0, const float *const *drows, 
  * prefetched one per input row here. Without it each call's input comes from L2/L3 at ~20% of the time. */
 static inline __attribute__((always_inline)) void chexcy_dw_col33(
         const float *xr, const float *const *drows, Py_ssize_t doff, Py_ssize_t OH, Py_ssize_t ds,
-        Py_ssize_t Wp, Py_ssize_t dw, Py_ssize_t rem, chexcy_vf acc[DWR_F][3][3], const float *pf)
+        Py_ssize_t Wp, Py_ssize_t dil_w, Py_ssize_t rem, chexcy_vf acc[DWR_F][3][3], const float *pf)
 {
     chexcy_vf d0[DWR_F], d1[DWR_F], d2[DWR_F], x0, x1, x2;
 #define CHEXCY_DW33_X(T)                                                                          \
     if (rem == CHEXCY_VW) {                                                                       \
-        x0 = chexcy_load(xr + (T) * Wp); x1 = chexcy_load(xr + (T) * Wp + dw);                    \
-        x2 = chexcy_load(xr + (T) * Wp + 2 * dw);                                                 \
+        x0 = chexcy_load(xr + (T) * Wp); x1 = chexcy_load(xr + (T) * Wp + dil_w);                 \
+        x2 = chexcy_load(xr + (T) * Wp + 2 * dil_w);                                              \
     } else {                                                                                      \
-        x0 = chexcy_load_partial(xr + (T) * Wp, rem); x1 = chexcy_load_partial(xr + (T) * Wp + dw, rem); \
-        x2 = chexcy_load_partial(xr + (T) * Wp + 2 * dw, rem);                                    \
+        x0 = chexcy_load_partial(xr + (T) * Wp, rem); x1 = chexcy_load_partial(xr + (T) * Wp + dil_w, rem); \
+        x2 = chexcy_load_partial(xr + (T) * Wp + 2 * dil_w, rem);                                 \
     }
 #define CHEXCY_DW33_D(T)                                                                          \
     CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++) {                                               \
@@ -116,7 +116,7 @@ static inline __attribute__((always_inline)) void chexcy_dw_col33(
  * live in registers rather than in the caller's stack frame. */
 static __attribute__((noinline)) void chexcy_dw_rows33(const float *xr0, const float *const *drows, Py_ssize_t NB,
                                     Py_ssize_t x_nstride, Py_ssize_t d_nstride, Py_ssize_t OH,
-                                    Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t Wp, Py_ssize_t dw, float *part,
+                                    Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t Wp, Py_ssize_t dil_w, float *part,
                                     Py_ssize_t kh_stride, const float *pf)
 {
     chexcy_vf acc[DWR_F][3][3];
@@ -127,10 +127,10 @@ static __attribute__((noinline)) void chexcy_dw_rows33(const float *xr0, const f
     for (Py_ssize_t n = 0; n < NB; n++) {
         Py_ssize_t ow0 = 0;
         for (; ow0 + CHEXCY_VW <= OW; ow0 += CHEXCY_VW)
-            chexcy_dw_col33(xr0 + n * x_nstride + ow0, drows, n * d_nstride + ow0, OH, ds, Wp, dw,
+            chexcy_dw_col33(xr0 + n * x_nstride + ow0, drows, n * d_nstride + ow0, OH, ds, Wp, dil_w,
                             CHEXCY_VW, acc, pf + n * x_nstride + ow0);
         if (ow0 < OW)   /* last OW % VW columns: masked loads, other lanes read as 0 */
-            chexcy_dw_col33(xr0 + n * x_nstride + ow0, drows, n * d_nstride + ow0, OH, ds, Wp, dw,
+            chexcy_dw_col33(xr0 + n * x_nstride + ow0, drows, n * d_nstride + ow0, OH, ds, Wp, dil_w,
                             OW - ow0, acc, pf + n * x_nstride + ow0);
     }
     CHEXCY_UNROLL for (int f = 0; f < DWR_F; f++)

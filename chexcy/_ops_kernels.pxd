@@ -51,14 +51,14 @@ cdef extern from "_ops_conv_tiles.h" nogil:
     # register tiles: FWD_F channels x FWD_NR, 2 or 1 rows; 1 channel x 1 row;
     # 1 channel x FWD_NR3 rows (KH = 3, stride 1, row dilation 1)
     void chexcy_fwd_tile_rows(Py_ssize_t nr, const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH,
-                              Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
+                              Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dil_h, Py_ssize_t dil_w,
                               Py_ssize_t xrow_step, const float* bias, float* dst, Py_ssize_t dst_fstride,
                               Py_ssize_t dst_rstride)
     void chexcy_fwd_tile1(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
-                          Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
+                          Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dil_h, Py_ssize_t dil_w, Py_ssize_t xrow_step,
                           const float* bias, float* dst, Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)
     void chexcy_fwd_tile1_k3(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KW,
-                             Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dw, float bias, float* dst,
+                             Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dil_w, float bias, float* dst,
                              Py_ssize_t dst_rstride)
 
 # zero-bordered plane copies, plane fills, prefetches
@@ -76,10 +76,10 @@ cdef extern from "_ops_dweight_tiles.h" nogil:
     float chexcy_lane_total(const float* p)
     void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
                          Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ds,
-                         Py_ssize_t xstep, Py_ssize_t dw, float* part)
+                         Py_ssize_t xstep, Py_ssize_t dil_w, float* part)
     void chexcy_dw_rows33(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
                           Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t Wp,
-                          Py_ssize_t dw, float* part, Py_ssize_t kh_stride, const float* pf)
+                          Py_ssize_t dil_w, float* part, Py_ssize_t kh_stride, const float* pf)
 
 # the blocked matrix product (linear, POINTWISE_GEMM, CHANNEL_BLOCKED dweight)
 cdef extern from "_ops_gemm.h" nogil:

@@ -101,11 +101,11 @@ def test_chexcy_isa_forces_or_refuses_a_variant(isa, ok, tmp_path):
 
 
 def _kernel_sources():
-    """Every file the compiled kernels are built from: _ops.pyx, the .pxd files it cimports from chexcy, and
-    every header those declare or include (followed through the headers' own #include "..." lines)."""
+    """Every file the compiled modules are built from: _ops.pyx and _blocks.pyx, the .pxd files they cimport
+    from chexcy, and every header those declare or include (followed through the headers' #include "...")."""
     import re
     pkg = os.path.dirname(chexcy.__file__)
-    todo, seen = ["_ops.pyx"], []
+    todo, seen = ["_ops.pyx", "_blocks.pyx"], []
     while todo:
         name = todo.pop()
         if name in seen:
@@ -129,7 +129,7 @@ def test_every_kernel_source_ships_with_the_package():
         setuptools_conf = tomllib.load(fh)["tool"]["setuptools"]
     shipped = setuptools_conf["package-data"]["chexcy"]
     dropped = setuptools_conf.get("exclude-package-data", {}).get("chexcy", [])
-    assert "_ops_kernels.pxd" in sources and "_ops_config.h" in sources, sources
+    assert {"_ops_kernels.pxd", "_blocks.pxd", "_ops_config.h", "_ops_pages.h"} <= set(sources), sources
     for name in sources:
         assert os.path.isfile(os.path.join(pkg, name)), f"{name} is named by the kernels but not in chexcy/"
         assert any(fnmatch.fnmatch(name, pat) for pat in shipped), f"{name} is not in package-data {shipped}"
