@@ -38,6 +38,8 @@ Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kern
 #   slower, simple, and tested against the reference like the fast one.
 # * Tile sizes depend on the instruction set (_ops_config.h); setup.py compiles this file once per
 #   instruction-set variant and chexcy._native picks the best one the CPU runs.
+# * The C kernels sit in one header per job, declared in _ops_kernels.pxd; outputs and scratch come from
+#   chexcy._blocks (built once, shared by the variants). docs/kernels.md maps the files.
 
 import numpy as np
 
