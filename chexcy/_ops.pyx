@@ -43,7 +43,7 @@ Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kern
 
 import numpy as np
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
@@ -78,6 +78,23 @@ cdef enum:
     GEMM_MIN_F = 8
     GEMM_TASK_COLS = 256    # output positions per task of _gemm_conv (its output block stays in L2)
     GEMM_DW_PARTS = 4       # sample ranges of the IM2COL_GEMM dweight, summed in order (fixed by the shape)
+    # K strips (GEMM_NR columns of dweight) per unit of the IM2COL_GEMM dweight: each unit packs its blocks
+    # of dout once for all of them (one strip per unit packed them once per strip: 11% of the backward
+    # of 3x3 stride 2, 128 channels at 56x56, more than the gather of B^T)
+    GEMM_DW_STRIPS = 12
+    # The IM2COL_GEMM dx is gathered phase by phase (_gemm_conv_dx_phase: a product of Cg rows per phase)
+    # from GEMM_DX_PHASE_MIN_CG input channels per group and GEMM_DX_PHASE_MIN_P output positions, else
+    # scattered back by col2im (_gemm_conv_dx, Cg KH KW rows). Measured, one thread, CPU time, 3x3 stride
+    # 2, batch 8: 32>32@28 0.71 -> 0.37 ms, 128>128@56 23.0 -> 20.4 ms, 256>256@28 19.8 -> 18.9 ms;
+    # 3>32@224 6.5 -> 10.6 ms (3 of the tile's rows used), 512>512@14 (7x7 outputs) 22.8 -> 26.6 ms.
+    GEMM_DX_PHASE_MIN_CG = 16
+    # K = Cg KH KW from which the IM2COL_GEMM forward runs on phase planes (_gemm_conv_phase); below it the
+    # gathering _gemm_conv (same sums, bitwise), which writes the tiles straight into out: with few
+    # multiply-adds per output the phase path's copy of its blocks into out costs more than the gathers
+    # save. One thread, CPU time, batch 8 at 224: 7x7 stride 2, 1 -> 64 channels (K 49) 8.3 -> 10.8 ms on
+    # phase planes, 3 -> 64 (K 147) 20.9 -> 18.3 ms; 3x3 stride 2, 3 -> 32 (K 27) 3.8 -> 4.0 ms.
+    GEMM_PHASE_MIN_K = 64
+    GEMM_DX_PHASE_MIN_P = 100
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -485,16 +502,19 @@ cdef _conv_core(
 # ------------------------------------------------------------------------------------------------
 #
 #   path                forward / dx / dweight of ...                               kernel
-#   DEPTHWISE           groups = C = F (one channel in and out per group), stride    _depthwise_forward,
-#                       > 1, any kernel, padding, dilation: plane by plane            _depthwise_backward
+#   DEPTHWISE           groups = C = F (one channel in and out per group; C > 1 at   _depthwise_forward,
+#                       stride 1), up to CHEXCY_DWC_MAX_TAPS taps and strides up to   _depthwise_backward
+#                       CHEXCY_DWC_MAX_STRIDE, any padding, dilation: plane by plane
 #   WINOGRAD            3x3, stride 1, dilation 1, one group, from WINO_MIN_C in     _wino_conv, _dweight_winograd
 #                       and WINO_MIN_F out channels (dweight: WDW_MIN_C / WDW_MIN_F)
-#   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _gemm_conv (dx: the same on
-#                       GEMM_MIN_F out channels per group: a matrix product per       dout with W^T), and
-#                       sample, the stride folded into the packing                   _gemm_conv_dweight
-#   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv, _gemm_conv_dx,
-#                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dweight
-#                       gathered into the packing, never stored
+#   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _pw_conv, _pw_dx (the same
+#                       GEMM_MIN_F out channels per group: a matrix product per       product on dout with W^T),
+#                       group over the whole batch, the stride folded into packing   _pw_dweight
+#   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv_phase,
+#                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dx_phase or
+#                       copied from phase planes into the packing from K >=         _gemm_conv_dx,
+#                       GEMM_PHASE_MIN_K (else gathered: _gemm_conv), never stored;  _gemm_conv_dweight
+#                       dx by phases from GEMM_DX_PHASE_MIN_CG / _MIN_P, else col2im
 #   FIRST_LAYER         one input channel, 3 kernel rows, stride 1: dx, dweight and   _backward_one_channel
 #                       dbias of a sample together
 #   DIRECT              forward (and dx of stride 1, as the transposed conv) by       _conv_core
@@ -539,9 +559,8 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     cdef bint strided = sh > 1 or sw > 1
     cdef bint reach_ok = ph <= dil_h * (KH - 1) and pw <= dil_w * (KW - 1)
     stride1 = (1, 1)
-    if groups == C and F == C and strided:
-        # (at stride 1 the register tiles of DIRECT / LANE_SUM keep a row's sums in registers: 144
-        # channels at 56x56, 3x3, one thread, forward 4.8 against 9.3 ms here, A/B in one process)
+    if (groups == C and F == C and (strided or C > 1) and KH * KW <= CHEXCY_DWC_MAX_TAPS
+            and sh <= CHEXCY_DWC_MAX_STRIDE and sw <= CHEXCY_DWC_MAX_STRIDE):
         return "DEPTHWISE", "DEPTHWISE", "DEPTHWISE"
     # forward
     if _is_winograd(Cg, Fg, KH, KW, sh, sw, dil_h, dil_w, groups, WINO_MIN_C, WINO_MIN_F):
@@ -550,7 +569,7 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
         fwd = "POINTWISE_GEMM"
     elif strided and Cg * KH * KW >= GEMM_MIN_K and Fg >= GEMM_MIN_F:
         # (dilated convs at stride 1 stay DIRECT: 3x3, dilation 2, 64 channels at 28x28 measured 2x
-        # slower as a product, one thread, A/B in one process)
+        # slower as a product, one thread, A/B in one process; on phase planes still 1.25x, 4.5 vs 3.6 ms)
         fwd = "IM2COL_GEMM"
     elif strided and KH == 1 and KW == 1 and ph == 0 and pw == 0:
         fwd = "SUBSAMPLED>" + conv_plan(x_shape, w_shape, stride1, padding, dilation, groups)[0]
@@ -614,7 +633,7 @@ cdef void _gemm_conv_unit(
 cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
                 int groups, int sh, int sw, int ph, int pw, int dh, int dw):
     """out = conv(x, w) + bias as one matrix product per (sample, group) (chexcy/_ops_conv_gemm.h): the
-    IM2COL_GEMM and POINTWISE_GEMM paths. Units are (n, g, block of GEMM_TASK_COLS output positions)."""
+    IM2COL_GEMM path. Units are (n, g, block of GEMM_TASK_COLS output positions)."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
@@ -636,6 +655,178 @@ cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
                         u, nsb, SB, nstrips, apack, groups, C, Fg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
 
 
+cdef void _pw_unit(
+        const float* src, const float* ap, const float* bias, float* out, float* bbuf, Py_ssize_t u,
+        Py_ssize_t nsb, Py_ssize_t SB, Py_ssize_t nstrips, Py_ssize_t apack, Py_ssize_t Fo, Py_ssize_t K,
+        Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW, Py_ssize_t P, Py_ssize_t rowstep, int sw,
+        Py_ssize_t NP, Py_ssize_t out_ns) noexcept nogil:
+    """Unit u = (g, sb) of _pw_product: strips [sb SB, (sb + 1) SB) of group g's product."""
+    cdef chexcy_pw_geom geo
+    cdef Py_ssize_t g = u // nsb, sb = u % nsb, Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR
+    geo.x = src + g * K * src_cs
+    geo.ns, geo.cs, geo.OW, geo.P, geo.rowstep, geo.sw, geo.NP = src_ns, src_cs, OW, P, rowstep, sw, NP
+    chexcy_pw_task(&geo, ap + g * apack, bias + g * Fp, Fo, K, sb * SB, min(nstrips, (sb + 1) * SB),
+                   out + g * Fo * P, out_ns, bbuf)
+
+
+cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW,
+                 Py_ssize_t P, Py_ssize_t rowstep, int sw, const float* w, Py_ssize_t w_gs, Py_ssize_t w_rs,
+                 Py_ssize_t w_cs, int groups, Py_ssize_t Fo, Py_ssize_t K, const float* bias, float* out,
+                 Py_ssize_t out_ns):
+    """The POINTWISE_GEMM product (chexcy/_ops_pointwise.h), per group g and over the whole batch:
+        out[n, g Fo + f, p] = bias[g Fo + f] + sum over k < K of Wg[f, k] src[n, g K + k, p]
+    with Wg[f, k] = w[g w_gs + f w_rs + k w_cs] and src[n, c, p] at src + n src_ns + c src_cs +
+    (p // OW) rowstep + (p % OW) sw; bias may be NULL (zeros); out (N, groups Fo, P) rows P floats apart,
+    samples out_ns apart. Units: (group, block of column strips)."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t NP = N * P, nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_pw_apack_floats(Fo, K)
+    cdef Py_ssize_t Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR, u, f
+    cdef Py_ssize_t nstrips = (NP + GEMM_NR - 1) // GEMM_NR
+    # strips per unit: a unit's output block (SB GEMM_NR columns x Fo rows, revisited per K block)
+    # stays within ~512 KiB of L2, and every thread gets several units
+    cdef Py_ssize_t SB = max(1, min(8, (1 << 17) // (Fo * GEMM_NR), nstrips // (4 * n_threads)))
+    cdef Py_ssize_t nsb = (nstrips + SB - 1) // SB
+    ap = _empty((groups, apack))
+    cdef float[:, ::1] av = ap
+    bp = np.zeros((groups, Fp), np.float32)
+    cdef float[:, ::1] bpv = bp
+    if bias != NULL:
+        for u in range(groups):
+            for f in range(Fo):
+                bpv[u, f] = bias[u * Fo + f]
+    bbuf = _empty((n_threads, GEMM_KC * GEMM_NR))
+    cdef float[:, ::1] bv = bbuf
+    with nogil:
+        for u in prange(groups * nkb, schedule="static", num_threads=n_threads):
+            chexcy_pw_pack_a(w + u // nkb * w_gs, w_rs, w_cs, Fo, K, u % nkb, &av[u // nkb, 0])
+        for u in prange(groups * nsb, schedule="static", num_threads=n_threads):
+            _pw_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], u, nsb, SB, nstrips,
+                     apack, Fo, K, src_ns, src_cs, OW, P, rowstep, sw, NP, out_ns)
+
+
+cdef _pw_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int groups, int sh, int sw):
+    """POINTWISE_GEMM forward: out = conv(x, w) + bias for a 1x1 kernel without padding, any stride."""
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = w
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], Fg = F // groups, OH = out.shape[2], OW = out.shape[3]
+    _pw_product(&xv[0, 0, 0, 0], N, C * H * W, H * W, OW, OH * OW, sh * W, sw, &wv[0, 0, 0, 0], Fg * Cg, Cg, 1,
+                groups, Fg, Cg, &bias[0], &out[0, 0, 0, 0], F * OH * OW)
+
+
+cdef _pw_dx(dout, w, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int groups):
+    """POINTWISE_GEMM dx at stride 1: dx[n, g] (Cg, HW) = W[g]^T (Cg, Fg) . dout[n, g] (Fg, HW), the
+    forward product on dout with the weight read transposed."""
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef const float[:, :, :, ::1] wv = w
+    cdef Py_ssize_t N = dout.shape[0], F = dout.shape[1], Fg = F // groups, Cg = C // groups
+    dx = _empty((N, C, H, W))
+    cdef float[:, :, :, ::1] dxv = dx
+    _pw_product(&dv[0, 0, 0, 0], N, F * H * W, H * W, W, H * W, W, 1, &wv[0, 0, 0, 0], Fg * Cg, 1, Cg,
+                groups, Cg, Fg, NULL, &dxv[0, 0, 0, 0], C * H * W)
+    return dx
+
+
+cdef void _pw_dweight_unit(const float* dout, const float* x, float* dw, float* abuf, float* bbuf,
+                           Py_ssize_t u, Py_ssize_t rb, Py_ssize_t cb, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F,
+                           Py_ssize_t P, int groups) noexcept nogil:
+    """Unit u = (g, row block, column block) of _pw_dweight: the blocks cut the group's GEMM_MR-row
+    tiles and GEMM_NR-column strips as evenly as they go."""
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups
+    cdef Py_ssize_t nF = (Fg + GEMM_MR - 1) // GEMM_MR, nS = (Cg + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t g = u // (rb * cb), r = u // cb % rb, c = u % cb
+    cdef Py_ssize_t m0 = r * nF // rb * GEMM_MR, m1 = min(Fg, (r + 1) * nF // rb * GEMM_MR)
+    if m1 <= m0 or (c + 1) * nS // cb <= c * nS // cb:
+        return
+    chexcy_pw_dweight_task(dout + g * Fg * P, F * P, x + g * Cg * P, C * P, P, N * P, Cg, Fg, m0, m1 - m0,
+                           c * nS // cb, (c + 1) * nS // cb, dw + g * Fg * Cg, Cg, abuf, bbuf)
+
+
+cdef _pw_dweight(dout, x, int groups):
+    """POINTWISE_GEMM dweight at stride 1: dweight[g] (Fg, Cg) = sum over the batch's columns of
+    dout[n, g] (Fg, P) x[n, g]^T (P, Cg) (chexcy_pw_dweight_task). Units: rectangles of each group's
+    result (row blocks x column blocks), as many as the threads need and no finer; which thread computes
+    which rectangle does not change a bit of the result."""
+    cdef int n_threads = _threads()
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef const float[:, :, :, ::1] xv = x
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2] * x.shape[3], F = dout.shape[1]
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups, u
+    cdef Py_ssize_t nF = (Fg + GEMM_MR - 1) // GEMM_MR, nS = (Cg + GEMM_NR - 1) // GEMM_NR
+    # row blocks of at most 12 tiles (144 rows: the packed dout block, 144 x GEMM_KC floats, in L2), then
+    # the (row blocks, column blocks) pair whose slowest thread has the fewest tiles
+    cdef Py_ssize_t rb0 = (nF + 11) // 12, rb = rb0, cb = 1, r, c, best = -1, cost, tasks
+    for r in range(rb0, min(nF, rb0 + 2 * n_threads) + 1):
+        for c in range(1, min(nS, 2 * n_threads) + 1):
+            tasks = groups * r * c
+            cost = ((tasks + n_threads - 1) // n_threads) * ((nF + r - 1) // r) * ((nS + c - 1) // c) * 64 \
+                + tasks * ((nF + r - 1) // r + (nS + c - 1) // c)     # the tiles, then the packing
+            if best < 0 or cost < best:
+                best, rb, cb = cost, r, c
+    cdef Py_ssize_t alen = ((nF + rb - 1) // rb + 1) * GEMM_MR * GEMM_KC, blen = GEMM_KC * GEMM_NR
+    dweight = _empty((F, Cg, 1, 1))
+    cdef float[:, :, :, ::1] wv = dweight
+    scratch = _empty((n_threads, alen + blen))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(groups * rb * cb, nogil=True, schedule="static", num_threads=n_threads):
+        _pw_dweight_unit(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &sv[omp_get_thread_num(), 0],
+                         &sv[omp_get_thread_num(), alen], u, rb, cb, N, C, F, P, groups)
+    return dweight
+cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
+                      int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+    """out = conv(x, w) + bias, the IM2COL_GEMM forward on phase planes (chexcy_cg_task_phase): the
+    input split once into (N, C, sh sw, Hq, Wq), then one product per (sample, group) whose B rows are
+    contiguous copies. Units are (n, g, block of GEMM_TASK_COLS columns); bitwise the same sums as
+    _gemm_conv."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], K = Cg * KH * KW, u, n, g, sb
+    cdef Py_ssize_t Hq = (H + 2 * ph + sh - 1) // sh, Wq = (W + 2 * pw + sw - 1) // sw
+    cdef Py_ssize_t cs = sh * sw * Hq * Wq, plane = H * W
+    cdef Py_ssize_t nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_cg_apack_floats(Fg, K)
+    cdef Py_ssize_t nstrips = (OH * Wq + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t SB = max(1, GEMM_TASK_COLS // GEMM_NR), nsb = (nstrips + SB - 1) // SB
+    cdef Py_ssize_t ctlen = (Fg * SB * GEMM_NR + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] wv = w
+    cdef const float[:, :, :, ::1] xv = x
+    # the tasks' last strips read up to GEMM_NR + Wq floats past the last plane (into dropped columns)
+    xq = _empty((N * C * cs + Wq + 2 * GEMM_NR,))
+    xq[N * C * cs:] = 0
+    cdef float[::1] qv = xq
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_phase_split(&xv[u // C, u % C, 0, 0], H, W, ph, pw, sh, sw, Hq, Wq, &qv[u * cs])
+    offs = np.empty(KH * KW, np.intp)
+    cdef Py_ssize_t[::1] ov = offs
+    chexcy_cg_phase_taps(KH, KW, sh, sw, dil_h, dil_w, Hq, Wq, &ov[0])
+    ap = _empty((groups, apack))
+    cdef float[:, ::1] av = ap
+    for u in prange(groups * nkb, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_pack_a(&wv[u // nkb * Fg, 0, 0, 0], Fg, K, u % nkb, &av[u // nkb, 0])
+    scratch = _empty((n_threads, ctlen + GEMM_KC * GEMM_NR))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * groups * nsb, nogil=True, schedule="static", num_threads=n_threads):
+        sb = u % nsb
+        g = u // nsb % groups
+        n = u // nsb // groups
+        chexcy_cg_task_phase(&qv[(n * C + g * Cg) * cs], &ov[0], KH * KW, cs, Wq, OH, OW, &av[g, 0],
+                             &bias[g * Fg], Fg, K, sb * SB, min(nstrips, (sb + 1) * SB),
+                             &out[n, g * Fg, 0, 0], &sv[omp_get_thread_num(), 0],
+                             &sv[omp_get_thread_num(), ctlen])
+
+
+def _im2col_forward_phase(x, weight, bias, stride, padding, dilation, int groups):
+    """The IM2COL_GEMM forward on phase planes for any shape, whatever conv_plan picks (for the tests
+    and benchmarks of the path): x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,)."""
+    N, _, H, W = x.shape
+    F, _, KH, KW = weight.shape
+    out = _empty((N, F, _conv_out_size(H, KH, stride[0], padding[0], dilation[0]),
+                  _conv_out_size(W, KW, stride[1], padding[1], dilation[1])))
+    _gemm_conv_phase(x, weight, bias, out, groups, stride[0], stride[1], padding[0], padding[1],
+                     dilation[0], dilation[1])
+    return out
+
+
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
@@ -655,7 +846,11 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
         return np.ascontiguousarray(full[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
     out = _empty((N, F, OH, OW))
     b = np.zeros(F, np.float32) if bias is None else bias
-    if path in ("POINTWISE_GEMM", "IM2COL_GEMM"):
+    if path == "POINTWISE_GEMM":
+        _pw_conv(x, weight, b, out, groups, sh, sw)
+    elif path == "IM2COL_GEMM" and weight.shape[1] * KH * KW >= GEMM_PHASE_MIN_K:
+        _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
+    elif path == "IM2COL_GEMM":
         _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
     elif path == "DEPTHWISE":
         _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dil_h, dil_w)
@@ -1156,27 +1351,30 @@ cdef void _cg_dweight_unit(
         Py_ssize_t u, Py_ssize_t nst, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, int groups,
         Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dh, int dw,
         Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
-    """Unit u = (part, g, strip) of _gemm_conv_dweight: strip `strip` of dweight[g] over the part's samples."""
+    """Unit u = (part, g, chunk) of _gemm_conv_dweight: strips chunk GEMM_DW_STRIPS ... of dweight[g]
+    (nst chunks per group) over the part's samples."""
     cdef chexcy_cg_geom geo
     cdef Py_ssize_t Cg = C // groups, Fg = F // groups, K = Cg * KH * KW, P = OH * OW
-    cdef Py_ssize_t s = u % nst, g = u // nst % groups, part = u // nst // groups
+    cdef Py_ssize_t s = u % nst * GEMM_DW_STRIPS, g = u // nst % groups, part = u // nst // groups
+    cdef Py_ssize_t s1 = min(s + GEMM_DW_STRIPS, (K + GEMM_NR - 1) // GEMM_NR)
     cdef Py_ssize_t n0 = part * N // GEMM_DW_PARTS, n1 = (part + 1) * N // GEMM_DW_PARTS
     if n1 <= n0:
         return
     _cg_geom(&geo, xp + (n0 * C + g * Cg) * Hp * Wp, Hp, Wp, KH, KW, sh, sw, dh, dw, OH, OW)
-    chexcy_cg_dweight_task(geo, n1 - n0, C * Hp * Wp, dout + (n0 * F + g * Fg) * P, F * P, Fg, K, s, s + 1,
+    chexcy_cg_dweight_task(geo, n1 - n0, C * Hp * Wp, dout + (n0 * F + g * Fg) * P, F * P, Fg, K, s, s1,
                            parts + (part * F + g * Fg) * K, abuf, bbuf)
 
 
 cdef _gemm_conv_dweight(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int sh, int sw, int ph, int pw,
                         int dh, int dw):
     """IM2COL_GEMM dweight (F, Cg, KH, KW) = sum over (n, p) of dout (Fg, P) B_n^T (P, K), per group
-    (chexcy/_ops_conv_gemm.h). Units: (sample range, group, strip of GEMM_NR columns of K); the
+    (chexcy/_ops_conv_gemm.h). Units: (sample range, group, chunk of GEMM_DW_STRIPS strips of GEMM_NR columns of K); the
     GEMM_DW_PARTS sample ranges (fixed by N) give partial sums added in order at the end."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3], Cg = C // groups
-    cdef Py_ssize_t Fg = F // groups, K = Cg * KH * KW, nst = (K + GEMM_NR - 1) // GEMM_NR, u
+    cdef Py_ssize_t Fg = F // groups, K = Cg * KH * KW, u
+    cdef Py_ssize_t nst = ((K + GEMM_NR - 1) // GEMM_NR + GEMM_DW_STRIPS - 1) // GEMM_DW_STRIPS
     cdef Py_ssize_t alen = ((Fg + GEMM_MR - 1) // GEMM_MR * GEMM_MR * GEMM_KC + 15) // 16 * 16
     cdef Py_ssize_t blen = GEMM_KC * GEMM_NR
     xp = _padded(x, ph, pw, n_threads)
@@ -1243,72 +1441,118 @@ cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw,
     return dx
 
 
-cdef void _dwc_fwd_unit(const float[:, :, :, ::1] x, const float[:, :, :, ::1] w, const float[::1] bias,
-                        float[:, :, :, ::1] out, float* xp, Py_ssize_t u, int sh, int sw, int ph, int pw,
-                        int dh, int dw) noexcept nogil:
-    """DEPTHWISE forward of plane u = (n, c): its input padded into this thread's xp, then the rows."""
-    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], n = u // C, c = u % C
-    _pad_planes(&x[n, c, 0, 0], xp, 1, H, W, ph, pw)
-    chexcy_dwc_forward_plane(xp, &w[c, 0, 0, 0], bias[c], &out[n, c, 0, 0], W + 2 * pw, w.shape[2], w.shape[3],
-                             out.shape[2], out.shape[3], sh, sw, dh, dw)
+cdef _gemm_conv_dx_phase(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+    """IM2COL_GEMM dx gathered phase by phase (chexcy_cg_dx_phase_task): dout zero-padded once into
+    (N, F, Hd, Wd), then per (n, g, phase, block of columns) one product of the phase's taps. Every
+    pixel of dx is written by exactly one unit."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x_shape[0], C = x_shape[1], H = x_shape[2], W = x_shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
+    cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], S = sh * sw, u, n, g, ph_i, sb, T
+    cdef Py_ssize_t Hq = (H + 2 * ph + sh - 1) // sh, Wq = (W + 2 * pw + sw - 1) // sw
+    cdef Py_ssize_t mh = (KH - 1) * dil_h // sh, mw = (KW - 1) * dil_w // sw
+    cdef Py_ssize_t Hd = Hq + mh, Wd = Wq + mw, dplane = Hd * Wd
+    cdef Py_ssize_t nstrips = (Hq * Wd + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t SB = max(1, GEMM_TASK_COLS // GEMM_NR), nsb = (nstrips + SB - 1) // SB
+    cdef Py_ssize_t Cgp = (Cg + GEMM_MR - 1) // GEMM_MR * GEMM_MR, ctlen = (Cg * SB * GEMM_NR + 15) // 16 * 16
+    cdef Py_ssize_t kh, kw
+    ublk = np.zeros(S + 1, np.intp)     # units of the weight packing: (group, phase, K block)
+    # the taps of each phase (a, b) = (r % sh, s % sw): their indices kh KW + kw, offsets in doutpad,
+    # and where A_ab (Cg, Fg T) of each group starts in the packed weights
+    taps = np.zeros((S, KH * KW), np.intp)
+    offs = np.zeros((S, KH * KW), np.intp)
+    ntaps = np.zeros(S, np.intp)
+    aoff = np.zeros(S + 1, np.intp)
+    for ph_i in range(S):
+        T = 0
+        for kh in range(KH):
+            for kw in range(KW):
+                if kh * dil_h % sh == ph_i // sw and kw * dil_w % sw == ph_i % sw:
+                    taps[ph_i, T] = kh * KW + kw
+                    offs[ph_i, T] = (mh - kh * dil_h // sh) * Wd + mw - kw * dil_w // sw
+                    T += 1
+        ntaps[ph_i] = T
+        aoff[ph_i + 1] = aoff[ph_i] + Cgp * Fg * T
+        ublk[ph_i + 1] = ublk[ph_i] + (Fg * T + GEMM_KC - 1) // GEMM_KC
+    ap = _empty((groups, max(1, aoff[S])))
+    cdef float[:, ::1] av = ap
+    cdef const Py_ssize_t[:, ::1] tpv = taps
+    cdef const Py_ssize_t[::1] ubv = ublk
+    cdef const float[:, :, :, ::1] wv = w
+    cdef const Py_ssize_t[:, ::1] ov = offs
+    cdef const Py_ssize_t[::1] tv = ntaps
+    cdef const Py_ssize_t[::1] aov = aoff
+    for u in prange(groups * ubv[S], nogil=True, schedule="static", num_threads=n_threads):
+        g = u // ubv[S]
+        ph_i = 0
+        while ubv[ph_i + 1] <= u % ubv[S]:
+            ph_i = ph_i + 1
+        chexcy_cg_pack_a_phase(&wv[g * Fg, 0, 0, 0], Fg, Cg, KH * KW, &tpv[ph_i, 0], tv[ph_i],
+                               u % ubv[S] - ubv[ph_i], &av[g, aov[ph_i]])
+    cdef const float[:, :, :, ::1] dv = dout
+    # doutpad: the tasks' last strips read up to GEMM_NR + Wd floats past the last plane (dropped columns)
+    dpad = _empty((N * F * dplane + Wd + 2 * GEMM_NR,))
+    dpad[N * F * dplane:] = 0
+    cdef float[::1] pv = dpad
+    for u in prange(N * F, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_dout_pad(&dv[u // F, u % F, 0, 0], OH, OW, mh, mw, Hd, Wd, &pv[u * dplane])
+    dx = _empty((N, C, H, W))
+    cdef float[:, :, :, ::1] dxv = dx
+    scratch = _empty((n_threads, ctlen + GEMM_KC * GEMM_NR))
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * groups * S * nsb, nogil=True, schedule="static", num_threads=n_threads):
+        sb = u % nsb
+        ph_i = u // nsb % S
+        g = u // nsb // S % groups
+        n = u // nsb // S // groups
+        chexcy_cg_dx_phase_task(&pv[(n * F + g * Fg) * dplane], &ov[ph_i, 0], tv[ph_i], Fg, Hd, Wd, Hq, Wq,
+                                &av[g, aov[ph_i]], Cg, ph_i // sw, ph_i % sw, sh, sw, ph, pw, H, W,
+                                sb * SB, min(nstrips, (sb + 1) * SB), &dxv[n, g * Cg, 0, 0],
+                                &sv[omp_get_thread_num(), 0], &sv[omp_get_thread_num(), ctlen])
+    return dx
+
+
+def _im2col_dx_col2im(dout, weight, x_shape, stride, padding, dilation, int groups):
+    """The IM2COL_GEMM dx by col2im for any shape (below GEMM_DX_PHASE_MIN_CG input channels per group the
+    path's own; for the tests and benchmarks): dout (N, F, OH, OW), weight -> dx (N, C, H, W)."""
+    return _gemm_conv_dx(dout, weight, x_shape, groups, stride[0], stride[1], padding[0], padding[1],
+                         dilation[0], dilation[1])
+
+
+def _im2col_dx_phase(dout, weight, x_shape, stride, padding, dilation, int groups):
+    """The IM2COL_GEMM dx on phase planes for any shape, whatever conv_plan picks (for the tests and
+    benchmarks of the path): dout (N, F, OH, OW), weight (F, C // groups, KH, KW) -> dx (N, C, H, W)."""
+    return _gemm_conv_dx_phase(dout, weight, x_shape, groups, stride[0], stride[1], padding[0], padding[1],
+                               dilation[0], dilation[1])
 
 
 cdef _depthwise_forward(x, w, const float[::1] bias, float[:, :, :, ::1] out, int sh, int sw, int ph, int pw,
-                        int dh, int dw):
-    """groups = C = F: every (n, c) plane on its own (chexcy/_ops_depthwise.h)."""
-    cdef int n_threads = _threads()
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], u
-    cdef Py_ssize_t plane = ((x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw) + 15) // 16 * 16
-    cdef const float[:, :, :, ::1] xv = x
-    cdef const float[:, :, :, ::1] wv = w
-    scratch = _empty((n_threads, plane))
-    cdef float[:, ::1] sv = scratch
-    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        _dwc_fwd_unit(xv, wv, bias, out, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
-
-
-cdef void _dwc_dx_unit(const float[:, :, :, ::1] dout, const float[:, :, :, ::1] w, float[:, :, :, ::1] dx,
-                       float* dxp, Py_ssize_t u, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
-    """DEPTHWISE dx of plane u = (n, c), padded in this thread's dxp, its inside copied out."""
-    cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3], n = u // C, c = u % C, r
-    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
-    chexcy_dwc_dx_plane(&dout[n, c, 0, 0], &w[c, 0, 0, 0], dxp, Hp, Wp, w.shape[2], w.shape[3],
-                        dout.shape[2], dout.shape[3], sh, sw, dh, dw)
-    for r in range(H):
-        memcpy(&dx[n, c, r, 0], dxp + (r + ph) * Wp + pw, W * sizeof(float))
-
-
-cdef void _dwc_dweight_unit(const float[:, :, :, ::1] dout, const float[:, :, :, ::1] x,
-                            float[:, :, :, ::1] dweight, float[::1] dbias, float* scratch, Py_ssize_t c,
-                            int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
-    """DEPTHWISE dweight and dbias of channel c: lane sums over every sample in order, then each tap's
-    lanes added in order in float64."""
-    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], OW = dout.shape[3], n, t, j
-    cdef Py_ssize_t KH = dweight.shape[2], KW = dweight.shape[3], Wp = W + 2 * pw
-    cdef Py_ssize_t plane = ((H + 2 * ph) * Wp + 15) // 16 * 16
-    cdef float* xp = scratch
-    cdef float* acc = scratch + plane
-    cdef double total
-    memset(acc, 0, (KH * KW + 1) * OW * sizeof(float))
-    for n in range(N):
-        _pad_planes(&x[n, c, 0, 0], xp, 1, H, W, ph, pw)
-        chexcy_dwc_dweight_plane(&dout[n, c, 0, 0], xp, acc, Wp, KH, KW, dout.shape[2], OW, sh, sw, dh, dw)
-    for t in range(KH * KW + 1):
-        total = 0
-        for j in range(OW):
-            total = total + acc[t * OW + j]
-        if t < KH * KW:
-            dweight[c, 0, t // KW, t % KW] = <float>total
-        else:
-            dbias[c] = <float>total
-
-
-cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dh, int dw):
-    """groups = C = F: dx over (n, c) planes, dweight and dbias over channels (chexcy/_ops_depthwise.h)."""
+                        int dil_h, int dil_w):
+    """groups = C = F: units of B samples of one channel (chexcy/_ops_depthwise.h), split evenly between
+    the threads."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], u
-    cdef Py_ssize_t KH = w.shape[2], KW = w.shape[3], OW = dout.shape[3]
-    cdef Py_ssize_t plane = ((H + 2 * ph) * (W + 2 * pw) + 15) // 16 * 16
+    cdef chexcy_dwc_geom geo
+    chexcy_dwc_init(&geo, N, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
+    cdef Py_ssize_t per = (chexcy_dwc_scratch_floats(&geo) + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = w
+    # zeros: the padding of the phase planes is never written (chexcy_dwc_forward_unit)
+    scratch = np.zeros((n_threads, per), np.float32)
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N // geo.B * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_dwc_forward_unit(&geo, C, u, &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &bias[0], &out[0, 0, 0, 0],
+                                &sv[omp_get_thread_num(), 0])
+
+
+cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+    """groups = C = F: dx, dweight and dbias of every channel together (chexcy/_ops_depthwise.h),
+    channels split evenly between the threads."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], c
+    cdef chexcy_dwc_geom geo
+    chexcy_dwc_init(&geo, N, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
+    cdef Py_ssize_t per = (chexcy_dwc_scratch_floats(&geo) + 15) // 16 * 16
     cdef const float[:, :, :, ::1] dv = dout
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[:, :, :, ::1] wv = w
@@ -1318,12 +1562,11 @@ cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dh, int
     cdef float[:, :, :, ::1] dxv = dx
     cdef float[:, :, :, ::1] dwv = dweight
     cdef float[::1] dbv = dbias
-    scratch = _empty((n_threads, plane + (KH * KW + 1) * OW + 16))
+    scratch = np.zeros((n_threads, per), np.float32)
     cdef float[:, ::1] sv = scratch
-    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        _dwc_dx_unit(dv, wv, dxv, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
-    for u in prange(C, nogil=True, schedule="static", num_threads=n_threads):
-        _dwc_dweight_unit(dv, xv, dwv, dbv, &sv[omp_get_thread_num(), 0], u, sh, sw, ph, pw, dh, dw)
+    for c in prange(C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_dwc_backward_channel(&geo, N, C, c, &dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[c, 0, 0, 0],
+                                    &dxv[0, 0, 0, 0], &dwv[c, 0, 0, 0], &dbv[0], &sv[omp_get_thread_num(), 0])
     return dx, dweight, dbias
 
 
@@ -1355,7 +1598,9 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
 
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Hs, Ws
     if dx_path == "IM2COL_GEMM":
-        return (_gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dil_h, dil_w),
+        return (_gemm_conv_dx_phase(dout, weight, x.shape, groups, sh, sw, ph, pw, dil_h, dil_w)
+                if Cg >= GEMM_DX_PHASE_MIN_CG and OH * OW >= GEMM_DX_PHASE_MIN_P
+                else _gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dil_h, dil_w),
                 _gemm_conv_dweight(dout, x, KH, KW, groups, sh, sw, ph, pw, dil_h, dil_w), dbias)
     if dx_path == "POINTWISE_GEMM" or dx_path.startswith("SUBSAMPLED>"):
         if sh > 1 or sw > 1:
@@ -1365,14 +1610,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
             dx = np.zeros((N, C, H, W), np.float32)
             dx[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw] = dx_sub
             return dx, dweight, dbias
-        # dx (per sample and group) = W[g]^T (Cg, Fg) . dout[n, g] (Fg, HW): the forward path on dout
-        wt = np.ascontiguousarray(weight.reshape(groups, Fg, Cg).transpose(0, 2, 1)).reshape(C, Fg, 1, 1)
-        dx = _empty((N, C, H, W))
-        _gemm_conv(dout, wt, np.zeros(C, np.float32), dx, groups, 1, 1, 0, 0, 1, 1)
-        # dweight: the IM2COL_GEMM product with 1x1 taps (B^T is x itself, rows of positions), in one
-        # parallel region (per-sample products on _gemm_run needed 2 per sample: on a busy machine every
-        # region's join waits for a descheduled thread)
-        return dx, _gemm_conv_dweight(dout, x, 1, 1, groups, 1, 1, 0, 0, 1, 1), dbias
+        return _pw_dx(dout, weight, C, H, W, groups), _pw_dweight(dout, x, groups), dbias
 
     # Strided convolutions: spread dout onto the stride-1 grid, zeros between the samples
     # (dout_s[oh * sh, ow * sw] = dout[oh, ow]), so dx and dweight take the fast stride-1 kernels below.
@@ -1502,7 +1740,8 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     cdef bint rows = not fast and H * W < (1 << 31) - 1
     out = _empty((N, C, OH, OW))
     argmax = _empty((N, C, OH, OW), np.int64)
-    scratch = _empty((n_threads, 2 * OW + 16))     # per thread: OW maxima, then OW int32 indices
+    # per thread: OW maxima, OW int32 indices, then a W + 2 float row buffer
+    scratch = _empty((n_threads, 2 * OW + W + 32))
     cdef const float[:, :, :, ::1] xv = x
     cdef float[:, :, :, ::1] ov = out
     cdef int64_t[:, :, :, ::1] av = argmax
@@ -1517,7 +1756,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
         elif rows:
             chexcy_max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0],
                                   H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw,
-                                  &sv[tid, 0], <int32_t*>&sv[tid, OW])
+                                  &sv[tid, 0], <int32_t*>&sv[tid, OW], &sv[tid, 2 * OW + 16])
         else:
             _max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
                             &av[u // C, u % C, 0, 0], H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw)
@@ -1856,6 +2095,16 @@ def linear_forward(x, weight, bias):
         bp = &bv[0]
     out = np.empty((N, O), np.float32)
     cdef float[:, ::1] ov = out
+    cdef Py_ssize_t u, units = (O + 47) // 48
+    if N <= GEMM_DOT_M:     # a few rows: dot products straight from W, no packing (chexcy_gemm_dot_rows)
+        with nogil:
+            if p.n_threads == 1:
+                chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], 0, O, bp, &ov[0, 0], O)
+            else:
+                for u in prange(units, schedule="static", num_threads=p.n_threads):
+                    chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], u * 48, min(O, u * 48 + 48), bp,
+                                         &ov[0, 0], O)
+        return out
     cdef float* scratch = <float*>malloc(p.scratch_len * sizeof(float))
     if scratch == NULL:
         raise MemoryError(f"linear: no memory for {p.scratch_len * 4} bytes of packing scratch")
@@ -1903,16 +2152,29 @@ def linear_backward(dout, x, weight):
 # ------------------------------------------------------------------------------------------------
 # Batch norm, training mode: statistics per channel over (N, H, W)
 # ------------------------------------------------------------------------------------------------
-# Two parallel passes over (n, c) planes, each plane owned by one thread:
-#   1. per-plane float64 sums (forward: sum and squared deviations from the plane mean; backward:
-#      sum(dout) and sum(dout * (x - mean))) into a (C, N) scratch;
-#   2. after a serial combine of each channel's N partial sums in the order n = 0, 1, ... (so the
-#      statistics do not depend on the thread count), one elementwise pass per plane with the
-#      channel's coefficients.
-# Both passes read x once from memory (a 128 x 128 plane is 64 KiB: its second in-plane read in pass 1
-# hits L2), and no activation-sized temporary is allocated beyond the result.
+# The kernels are chexcy/_ops_batchnorm.h's (its header says what they compute and why they are fast).
+# The fused ops give each thread blocks of whole channels (statistics of their planes, their combination
+# in plane order, then the elementwise map while the block is in L1/L2: one parallel region, x read from
+# memory once); a block holds up to BN_BLOCK_FLOATS floats (at least one channel, at most
+# CHEXCY_BN_BLOCK). With fewer than BN_BLOCKS_PER_THREAD one-channel blocks per thread (a 3-channel
+# input layer) whole channels would leave threads idle, so the planes are split instead: per-plane sums
+# into a (C, N) scratch, a serial combine, then a parallel map. Both ways run the same plane kernels and the same
+# combine in the same order, so they, and the thread count, give the same bits.
 
 from libc.math cimport sqrt
+
+cdef enum:
+    BN_BLOCKS_PER_THREAD = 4
+    BN_BLOCK_FLOATS = 16384     # 64 KiB of x per channel block
+
+
+cdef Py_ssize_t _bn_block(Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, int n_threads) noexcept:
+    """Channels per block of the fused batch-norm kernels, or 0 for the plane-split path."""
+    cdef Py_ssize_t cb = max(1, min(<Py_ssize_t>CHEXCY_BN_BLOCK, BN_BLOCK_FLOATS // (N * HW)))
+    if n_threads == 1:
+        return cb
+    cb = min(cb, C // (BN_BLOCKS_PER_THREAD * n_threads))
+    return cb
 
 
 def batch_norm2d_forward(x, weight, bias, double eps):
@@ -1920,46 +2182,50 @@ def batch_norm2d_forward(x, weight, bias, double eps):
 
     out = (x - mean) / sqrt(var + eps) * weight + bias, computed as (x - mean32) * a + b with a and b
     from float64 statistics; b also absorbs mean - mean32, the rounding of the mean to float32."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, n, c
-    cdef double M = <double>N * HW, total, mu, q, d, inv, a
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, c
+    cdef double mu, v
     cdef int n_threads = _threads()
     out = _empty(x.shape)
     mean = np.empty(C, np.float32)
     var = np.empty(C, np.float32)
-    plane_sum = np.empty((C, N), np.float64)
-    plane_m2 = np.empty((C, N), np.float64)
-    coef = np.empty((3, C), np.float32)             # per channel: mean32, a, b
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[::1] wv = weight
     cdef const float[::1] bv = bias
     cdef float[:, :, :, ::1] ov = out
     cdef float[::1] mv = mean
     cdef float[::1] vv = var
-    cdef double[:, ::1] ps = plane_sum
-    cdef double[:, ::1] pm = plane_m2
-    cdef float[:, ::1] k = coef
+    cdef const float* xp = &xv[0, 0, 0, 0]
+    cdef float* op = &ov[0, 0, 0, 0]
+    cdef double* scratch
+    cdef double[:, ::1] ps
+    cdef double[:, ::1] pm
+    cdef float[:, ::1] k
+    cdef Py_ssize_t cb = _bn_block(N, C, HW, n_threads)
+    if cb > 0:
+        scratch = <double*>malloc(<size_t>n_threads * 2 * N * cb * sizeof(double))
+        if scratch == NULL:
+            raise MemoryError(f"batch_norm2d: no memory for {n_threads} x {2 * N * cb} float64 sums")
+        for u in prange((C + cb - 1) // cb, nogil=True, schedule="static", num_threads=n_threads):
+            chexcy_bn_forward_block(xp, op, N, C * HW, HW, u * cb, min(C, u * cb + cb), &wv[0], &bv[0], eps,
+                                    scratch + 2 * N * cb * threadid(), &mv[0], &vv[0])
+        free(scratch)
+        return out, mean, var
+    plane_sum = np.empty((C, N), np.float64)
+    plane_m2 = np.empty((C, N), np.float64)
+    coef = np.empty((C, 3), np.float32)             # per channel: mean32, a, b
+    ps = plane_sum
+    pm = plane_m2
+    k = coef
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_plane_stats(&xv[u // C, u % C, 0, 0], HW, &ps[u % C, u // C], &pm[u % C, u // C])
+        chexcy_bn_plane_stats(xp + u * HW, HW, &ps[u % C, u // C], &pm[u % C, u // C])
     with nogil:
         for c in range(C):
-            total = 0
-            for n in range(N):
-                total = total + ps[c, n]
-            mu = total / M
-            q = 0
-            for n in range(N):
-                d = ps[c, n] / HW - mu
-                q = q + pm[c, n] + HW * d * d
-            mv[c] = <float>mu
-            vv[c] = <float>(q / M)
-            inv = 1.0 / sqrt(q / M + eps)
-            a = wv[c] * inv
-            k[0, c] = mv[c]
-            k[1, c] = <float>a
-            k[2, c] = <float>(bv[c] - (mu - <double>mv[c]) * a)
+            chexcy_bn_combine(&ps[c, 0], &pm[c, 0], N, HW, &mu, &v)
+            chexcy_bn_coefficients(mu, v, wv[c], bv[c], eps, &k[c, 0])
+            mv[c] = k[c, 0]
+            vv[c] = <float>v
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_apply(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
-                        k[0, u % C], k[1, u % C], k[2, u % C])
+        chexcy_bn_apply(xp + u * HW, op + u * HW, HW, k[u % C, 0], k[u % C, 1], k[u % C, 2])
     return out, mean, var
 
 
@@ -1970,14 +2236,11 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
     M = N * H * W values: dbias = Sg, dweight = s * Sgx and
     dx = weight * s * (dout - Sg / M - (x - mean) * s^2 * Sgx / M) = a * dout + ((x - mean) * b + c)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, n, c
-    cdef double M = <double>N * HW, sg, sgx, s, w
+    cdef double sg, sgx
     cdef int n_threads = _threads()
     dx = _empty(x.shape)
     dweight = np.empty(C, np.float32)
     dbias = np.empty(C, np.float32)
-    plane_g = np.empty((C, N), np.float64)
-    plane_gx = np.empty((C, N), np.float64)
-    coef = np.empty((3, C), np.float32)             # per channel: a, b, c
     cdef const float[:, :, :, ::1] gv = dout
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[::1] mv = mean
@@ -1986,12 +2249,26 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
     cdef float[:, :, :, ::1] dxv = dx
     cdef float[::1] dwv = dweight
     cdef float[::1] dbv = dbias
-    cdef double[:, ::1] pg = plane_g
-    cdef double[:, ::1] pgx = plane_gx
-    cdef float[:, ::1] k = coef
+    cdef const float* gp = &gv[0, 0, 0, 0]
+    cdef const float* xp = &xv[0, 0, 0, 0]
+    cdef float* dxp = &dxv[0, 0, 0, 0]
+    cdef double[:, ::1] pg
+    cdef double[:, ::1] pgx
+    cdef float[:, ::1] k
+    cdef Py_ssize_t cb = _bn_block(N, C, HW, n_threads)
+    if cb > 0:
+        for u in prange((C + cb - 1) // cb, nogil=True, schedule="static", num_threads=n_threads):
+            chexcy_bn_backward_block(gp, xp, dxp, N, C * HW, HW, u * cb, min(C, u * cb + cb), &mv[0], &vv[0],
+                                     &wv[0], eps, &dwv[0], &dbv[0])
+        return dx, dweight, dbias
+    plane_g = np.empty((C, N), np.float64)
+    plane_gx = np.empty((C, N), np.float64)
+    coef = np.empty((C, 3), np.float32)             # per channel: a, b, c
+    pg = plane_g
+    pgx = plane_gx
+    k = coef
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_plane_grad_sums(&gv[u // C, u % C, 0, 0], &xv[u // C, u % C, 0, 0], HW, mv[u % C],
-                                  &pg[u % C, u // C], &pgx[u % C, u // C])
+        chexcy_bn_plane_grad_sums(gp + u * HW, xp + u * HW, HW, mv[u % C], &pg[u % C, u // C], &pgx[u % C, u // C])
     with nogil:
         for c in range(C):
             sg = 0
@@ -1999,16 +2276,12 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
             for n in range(N):
                 sg = sg + pg[c, n]
                 sgx = sgx + pgx[c, n]
-            s = 1.0 / sqrt(<double>vv[c] + eps)
-            w = wv[c]
             dbv[c] = <float>sg
-            dwv[c] = <float>(sgx * s)
-            k[0, c] = <float>(w * s)
-            k[1, c] = <float>(-w * s * s * s * sgx / M)
-            k[2, c] = <float>(-w * s * sg / M)
+            dwv[c] = <float>(sgx * (1.0 / sqrt(<double>vv[c] + eps)))
+            chexcy_bn_grad_coefficients(vv[c], wv[c], sg, sgx, <double>N * HW, eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_apply_grad(&gv[u // C, u % C, 0, 0], &xv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
-                             HW, mv[u % C], k[0, u % C], k[1, u % C], k[2, u % C])
+        chexcy_bn_apply_grad(gp + u * HW, xp + u * HW, dxp + u * HW, HW, mv[u % C], k[u % C, 0], k[u % C, 1],
+                             k[u % C, 2])
     return dx, dweight, dbias
 
 
@@ -2039,11 +2312,9 @@ def batch_norm2d_apply(x, mean, var, weight, bias, double eps):
     """x (N, C, H, W) float32; mean, var (C,) float64 channel statistics; weight, bias (C,) float32
     -> out = (x - mean) / sqrt(var + eps) * weight + bias, float32 (N, C, H, W)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, c
-    cdef double a
-    cdef float m32
     cdef int n_threads = _threads()
     out = _empty(x.shape)
-    coef = np.empty((3, C), np.float32)             # per channel: mean32, a, b
+    coef = np.empty((C, 3), np.float32)             # per channel: mean32, a, b
     cdef const float[:, :, :, ::1] xv = x
     cdef const double[::1] mv = mean
     cdef const double[::1] vv = var
@@ -2053,14 +2324,10 @@ def batch_norm2d_apply(x, mean, var, weight, bias, double eps):
     cdef float[:, ::1] k = coef
     with nogil:
         for c in range(C):
-            m32 = <float>mv[c]
-            a = wv[c] * (1.0 / sqrt(vv[c] + eps))
-            k[0, c] = m32
-            k[1, c] = <float>a
-            k[2, c] = <float>(bv[c] - (mv[c] - <double>m32) * a)
+            chexcy_bn_coefficients(mv[c], vv[c], wv[c], bv[c], eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
         chexcy_bn_apply(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
-                        k[0, u % C], k[1, u % C], k[2, u % C])
+                        k[u % C, 0], k[u % C, 1], k[u % C, 2])
     return out
 
 
@@ -2087,10 +2354,9 @@ def batch_norm2d_backward_apply(dout, x, mean, var, weight, sum_g, sum_gx, doubl
     values per channel: dx = a * dout + (x - mean) * b + c (coefficients as batch_norm2d_backward).
     dout, x float32 (N, C, H, W); mean, var, weight (C,) float32; sum_g, sum_gx (C,) float64."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, c
-    cdef double s, w
     cdef int n_threads = _threads()
     dx = _empty(x.shape)
-    coef = np.empty((3, C), np.float32)             # per channel: a, b, c
+    coef = np.empty((C, 3), np.float32)             # per channel: a, b, c
     cdef const float[:, :, :, ::1] gv = dout
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[::1] mv = mean
@@ -2102,12 +2368,8 @@ def batch_norm2d_backward_apply(dout, x, mean, var, weight, sum_g, sum_gx, doubl
     cdef float[:, ::1] k = coef
     with nogil:
         for c in range(C):
-            s = 1.0 / sqrt(<double>vv[c] + eps)
-            w = wv[c]
-            k[0, c] = <float>(w * s)
-            k[1, c] = <float>(-w * s * s * s * sgxv[c] / count)
-            k[2, c] = <float>(-w * s * sgv[c] / count)
+            chexcy_bn_grad_coefficients(vv[c], wv[c], sgv[c], sgxv[c], count, eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
         chexcy_bn_apply_grad(&gv[u // C, u % C, 0, 0], &xv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
-                             HW, mv[u % C], k[0, u % C], k[1, u % C], k[2, u % C])
+                             HW, mv[u % C], k[u % C, 0], k[u % C, 1], k[u % C, 2])
     return dx

@@ -121,6 +121,215 @@ static void chexcy_cg_task(const chexcy_cg_geom *g, const float *ap, const float
     }
 }
 
+/* ---- forward on phase planes ---------------------------------------------------------------------
+ * The gather above costs a scalar load and store per element of B whenever a strip of GEMM_NR positions
+ * spans more than one output row (every strip of a 28-, 14- or 7-wide output): about 40% of the tile's
+ * time at 3x3 stride 2, 128 channels. The IM2COL_GEMM forward therefore first splits the padded input
+ * of every (n, c) into sh sw phase planes (Hq, Wq), Hq = ceil(Hp / sh), Wq = ceil(Wp / sw):
+ *
+ *   phase (a, b)[i, j] = xpad[i sh + a, j sw + b]   (0 past the padded plane).
+ *
+ * Tap (kh, kw) of output (oh, ow) reads xpad[oh sh + r, ow sw + s], r = kh dil_h, s = kw dil_w, which is
+ * phase (r % sh, s % sw)[oh + r / sh, ow + s / sw]. Numbering the outputs over whole phase rows,
+ * q = oh Wq + ow with ow < Wq (the columns ow >= OW are computed and dropped), B[k, q] is element
+ * q + (r / sh) Wq + s / sw of that plane for every q: each row of a packed block is one contiguous copy.
+ * Only the Wq - OW dropped columns per row are extra work (1 in 29 at 56x56, 1 in 8 at 14x14).
+ * The sums are those of chexcy_cg_task (same B values, same K blocks in the same order), so the results
+ * are bitwise those of the gathering path. */
+
+/* dst (sh sw, Hq, Wq): the phase planes of one zero-padded plane x (H, W), padding (ph, pw). */
+static void chexcy_cg_phase_split(const float *x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
+                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float *dst)
+{
+    for (Py_ssize_t a = 0; a < sh; a++)
+        for (Py_ssize_t b = 0; b < sw; b++) {
+            float *plane = dst + (a * sw + b) * Hq * Wq;
+            /* columns j of this phase that fall inside x: j sw + b - pw in [0, W) */
+            const Py_ssize_t jlo = pw > b ? (pw - b + sw - 1) / sw : 0;
+            Py_ssize_t jhi = W + pw - b > 0 ? (W + pw - b - 1) / sw + 1 : 0;
+            if (jhi > Wq) jhi = Wq;
+            for (Py_ssize_t i = 0; i < Hq; i++) {
+                float *row = plane + i * Wq;
+                const Py_ssize_t ih = i * sh + a - ph;
+                if (ih < 0 || ih >= H || jhi <= jlo) {
+                    memset(row, 0, Wq * sizeof(float));
+                    continue;
+                }
+                const float *xr = x + ih * W + b - pw;
+                for (Py_ssize_t j = 0; j < jlo; j++) row[j] = 0.0f;
+                if (sw == 1)
+                    memcpy(row + jlo, xr + jlo, (jhi - jlo) * sizeof(float));
+                else if (sw == 2)   /* a constant stride: vectorized (the variable one ran scalar, 12% of the forward) */
+                    for (Py_ssize_t j = jlo; j < jhi; j++) row[j] = xr[2 * j];
+                else
+                    for (Py_ssize_t j = jlo; j < jhi; j++) row[j] = xr[j * sw];
+                for (Py_ssize_t j = jhi; j < Wq; j++) row[j] = 0.0f;
+            }
+        }
+}
+
+/* Offsets of the KH KW taps of one channel in its phase planes: off[kh KW + kw] as described above. */
+static void chexcy_cg_phase_taps(Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h,
+                                 Py_ssize_t dil_w, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t *off)
+{
+    for (Py_ssize_t kh = 0; kh < KH; kh++)
+        for (Py_ssize_t kw = 0; kw < KW; kw++) {
+            const Py_ssize_t r = kh * dil_h, s = kw * dil_w;
+            off[kh * KW + kw] = ((r % sh) * sw + s % sw) * Hq * Wq + r / sh * Wq + s / sw;
+        }
+}
+
+/* C (M, (s1 - s0) GEMM_NR), rows ld floats apart, += A B over strips s0 .. s1 - 1 of a product whose B rows
+ * are contiguous: row k = (c, t) of B (c = k / taps, t = k % taps) is src + c cs + off[t] + q for the
+ * columns q of the strips. ap: A (M, K) packed by chexcy_cg_pack_a; bbuf: GEMM_KC x GEMM_NR floats.
+ * K blocks outermost, each element's block sums added in k order (as chexcy_cg_task). */
+static void chexcy_cg_shift_product(const float *src, const Py_ssize_t *off, Py_ssize_t taps, Py_ssize_t cs,
+                                    const float *ap, Py_ssize_t M, Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1,
+                                    float *ct, Py_ssize_t ld, float *bbuf)
+{
+    const Py_ssize_t Mp = (M + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
+    for (Py_ssize_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+        const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+        const float *ablk = ap + k0 * Mp;
+        for (Py_ssize_t s = s0; s < s1; s++) {
+            const Py_ssize_t q = s * GEMM_NR;
+            Py_ssize_t c = k0 / taps, t = k0 % taps;
+            for (Py_ssize_t k = 0; k < kc; k++) {
+                memcpy(bbuf + k * GEMM_NR, src + c * cs + off[t] + q, GEMM_NR * sizeof(float));
+                if (++t == taps) {
+                    t = 0;
+                    c++;
+                }
+            }
+            float *cblk = ct + (s - s0) * GEMM_NR;
+            for (Py_ssize_t i0 = 0; i0 < M; i0 += GEMM_MR) {
+                const Py_ssize_t mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR;
+                if (mr == GEMM_MR)
+                    chexcy_gemm_tile(kc, ablk + i0 * kc, bbuf, cblk + i0 * ld, ld, NULL);
+                else
+                    chexcy_gemm_tile_edge(kc, ablk + i0 * kc, bbuf, cblk + i0 * ld, ld, NULL, mr, GEMM_NR);
+            }
+        }
+    }
+}
+
+/* One task of the phase-plane forward: strips s0 .. s1 - 1 (GEMM_NR columns q each) of one (n, g):
+ *   xq: (Cg, sh sw, Hq, Wq) phase planes of the group, readable GEMM_NR + Wq floats past its end;
+ *   off: chexcy_cg_phase_taps; cs = sh sw Hq Wq (floats per channel); ap: the packed weight;
+ *   bias: (Fg,); out: (Fg, OH, OW) of (n, g) with planes P = OH OW apart;
+ *   ct: this thread's Fg x (s1 - s0) GEMM_NR block of C; bbuf: GEMM_KC x GEMM_NR floats. */
+static void chexcy_cg_task_phase(const float *xq, const Py_ssize_t *off, Py_ssize_t taps, Py_ssize_t cs,
+                                 Py_ssize_t Wq, Py_ssize_t OH, Py_ssize_t OW, const float *ap,
+                                 const float *bias, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1,
+                                 float *out, float *ct, float *bbuf)
+{
+    const Py_ssize_t ld = (s1 - s0) * GEMM_NR, q0 = s0 * GEMM_NR, q1 = s1 * GEMM_NR, P = OH * OW;
+    for (Py_ssize_t i = 0; i < Fg; i++)     /* start from the bias: the tiles add the block sums to it */
+        for (Py_ssize_t j = 0; j < ld; j++) ct[i * ld + j] = bias[i];
+    chexcy_cg_shift_product(xq, off, taps, cs, ap, Fg, K, s0, s1, ct, ld, bbuf);
+    /* the kept columns: output row oh is q in [oh Wq, oh Wq + OW) */
+    for (Py_ssize_t oh = q0 / Wq; oh < OH && oh * Wq < q1; oh++) {
+        const Py_ssize_t a = oh * Wq > q0 ? oh * Wq : q0;
+        const Py_ssize_t b = oh * Wq + OW < q1 ? oh * Wq + OW : q1;
+        if (b <= a)
+            continue;
+        for (Py_ssize_t i = 0; i < Fg; i++)
+            memcpy(out + i * P + oh * OW + (a - oh * Wq), ct + i * ld + (a - q0), (b - a) * sizeof(float));
+    }
+}
+
+/* ---- dx on phase planes ---------------------------------------------------------------------------
+ * dx is gathered, not scattered: the padded input gradient's phase (a, b) (its pixels i sh + a, j sw + b)
+ * receives exactly the taps with r % sh == a and s % sw == b (r = kh dil_h, s = kw dil_w), from output
+ * (i - r / sh, j - s / sw). So phase (a, b) of dxpad (Cg, Hq, Wq) = A_ab (Cg, Fg T_ab) . B_ab, a product
+ * of depth Fg T_ab (T_ab taps in that phase) whose B row (f, t) is dout[f] shifted by tap t. With dout
+ * zero-padded by (mh, mw) = the largest (r / sh, s / sw) on the top and left into planes (Hd, Wd),
+ * Hd = Hq + mh, Wd = Wq + mw, and the columns numbered q = i Wd + j, row (f, t) is the contiguous run
+ * doutpad[f] + (mh - r / sh) Wd + (mw - s / sw) + q: chexcy_cg_shift_product again, and every pixel of dx
+ * is written once, with a sum over (f, t) in K blocks fixed by the shape (no col2im adds). */
+
+/* dst (Hd, Wd): dout plane (OH, OW) at rows mh .., columns mw .., zeros around it. */
+static void chexcy_cg_dout_pad(const float *d, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t mh, Py_ssize_t mw,
+                               Py_ssize_t Hd, Py_ssize_t Wd, float *dst)
+{
+    const Py_ssize_t w = OW < Wd - mw ? OW : Wd - mw;
+    for (Py_ssize_t i = 0; i < Hd; i++) {
+        float *row = dst + i * Wd;
+        const Py_ssize_t oh = i - mh;
+        if (oh < 0 || oh >= OH || w <= 0) {
+            memset(row, 0, Wd * sizeof(float));
+            continue;
+        }
+        memset(row, 0, mw * sizeof(float));
+        memcpy(row + mw, d + oh * OW, w * sizeof(float));
+        memset(row + mw + w, 0, (Wd - mw - w) * sizeof(float));
+    }
+}
+
+/* Pack K block kb of A_ab (Cg, Fg T) of one group straight from its weight w (Fg, Cg, KH KW):
+ * A_ab[c, f T + t] = w[f, c, tap[t]], in chexcy_cg_pack_a's layout (strips (kc, GEMM_MR), rows past Cg zero). */
+static void chexcy_cg_pack_a_phase(const float *w, Py_ssize_t Fg, Py_ssize_t Cg, Py_ssize_t taps,
+                                   const Py_ssize_t *tap, Py_ssize_t T, Py_ssize_t kb, float *ap)
+{
+    const Py_ssize_t Mp = (Cg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, K = Fg * T, k0 = kb * GEMM_KC;
+    const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+    float *dst = ap + k0 * Mp;
+    for (Py_ssize_t i0 = 0; i0 < Mp; i0 += GEMM_MR)
+        for (Py_ssize_t k = 0; k < kc; k++) {
+            const Py_ssize_t f = (k0 + k) / T, t = (k0 + k) % T;
+            float *d = dst + i0 * kc + k * GEMM_MR;
+            for (Py_ssize_t i = 0; i < GEMM_MR; i++)
+                d[i] = i0 + i < Cg ? w[(f * Cg + i0 + i) * taps + tap[t]] : 0.0f;
+        }
+}
+
+/* One dx task: strips s0 .. s1 - 1 of phase (a, b) of one (n, g), written into dx (Cg, H, W) of (n, g).
+ * Only the phase's rows i in [ilo, ihi) and columns j in [jlo, jhi) that land inside dx are computed:
+ * q = (i - ilo) Wd + j - jlo (the Wd - (jhi - jlo) columns past jhi in each row are dropped), so a 14x14
+ * dx at stride 2 costs 7 rows of 9 columns per phase instead of 8 of 9 (its padding ring is never made).
+ *   dp: doutpad of (n, g) (Fg, Hd, Wd), readable GEMM_NR + Wd floats past its end; off: (T,) offsets of
+ *   the phase's taps (T = 0: the phase receives nothing, zeros); ap: A_ab packed (Cg, Fg T);
+ *   ct: Cg x (s1 - s0) GEMM_NR floats; bbuf: GEMM_KC x GEMM_NR floats. Strips past the phase's end: none. */
+static void chexcy_cg_dx_phase_task(const float *dp, const Py_ssize_t *off, Py_ssize_t T, Py_ssize_t Fg,
+                                    Py_ssize_t Hd, Py_ssize_t Wd, Py_ssize_t Hq, Py_ssize_t Wq,
+                                    const float *ap, Py_ssize_t Cg, Py_ssize_t a, Py_ssize_t b, Py_ssize_t sh,
+                                    Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t H, Py_ssize_t W,
+                                    Py_ssize_t s0, Py_ssize_t s1, float *dx, float *ct, float *bbuf)
+{
+    /* rows i with i sh + a - ph in [0, H), columns j with j sw + b - pw in [0, W) */
+    const Py_ssize_t ilo = ph > a ? (ph - a + sh - 1) / sh : 0, jlo = pw > b ? (pw - b + sw - 1) / sw : 0;
+    Py_ssize_t ihi = H + ph - a > 0 ? (H + ph - a - 1) / sh + 1 : 0;
+    Py_ssize_t jhi = W + pw - b > 0 ? (W + pw - b - 1) / sw + 1 : 0;
+    if (ihi > Hq) ihi = Hq;
+    if (jhi > Wq) jhi = Wq;
+    if (ihi <= ilo || jhi <= jlo)
+        return;
+    const Py_ssize_t nst = ((ihi - ilo) * Wd + GEMM_NR - 1) / GEMM_NR;
+    if (s1 > nst) s1 = nst;
+    if (s0 >= s1)
+        return;
+    const Py_ssize_t ld = (s1 - s0) * GEMM_NR, q0 = s0 * GEMM_NR, q1 = s1 * GEMM_NR;
+    memset(ct, 0, Cg * ld * sizeof(float));
+    if (T > 0)
+        chexcy_cg_shift_product(dp + ilo * Wd + jlo, off, T, Hd * Wd, ap, Cg, Fg * T, s0, s1, ct, ld, bbuf);
+    for (Py_ssize_t r = q0 / Wd; r < ihi - ilo && r * Wd < q1; r++) {
+        const Py_ssize_t y = (ilo + r) * sh + a - ph;
+        const Py_ssize_t lo = r * Wd > q0 ? r * Wd : q0;
+        const Py_ssize_t hi = r * Wd + jhi - jlo < q1 ? r * Wd + jhi - jlo : q1;
+        if (hi <= lo)
+            continue;
+        const Py_ssize_t x0 = (jlo + lo - r * Wd) * sw + b - pw;
+        for (Py_ssize_t c = 0; c < Cg; c++) {
+            float *drow = dx + (c * H + y) * W + x0;
+            const float *crow = ct + c * ld + (lo - q0);
+            if (sw == 1)
+                memcpy(drow, crow, (hi - lo) * sizeof(float));
+            else
+                for (Py_ssize_t j = 0; j < hi - lo; j++) drow[j * sw] = crow[j];
+        }
+    }
+}
+
 /* ---- backward ------------------------------------------------------------------------------------
  * dweight[g] (Fg, K) = sum over samples n and positions p of dout[n, g] (Fg, P) B_n^T (P, K): a product
  * whose K dimension runs over (n, p), in blocks of at most GEMM_KC positions of one sample, in the order

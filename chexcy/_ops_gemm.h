@@ -31,6 +31,8 @@
  * errors, at the size of one block's sum instead of letting them grow with K (measured: ~3e-5 absolute
  * at K = 1100 for standard-normal inputs, like the BLAS fallback's).
  *
+ * A forward of at most GEMM_DOT_M rows skips all of this for dot products (chexcy_gemm_dot_rows, below).
+ *
  * Needs _ops_config.h first (chexcy_vf, CHEXCY_VW, chexcy_load / chexcy_store / chexcy_splat).
  */
 #ifndef CHEXCY_OPS_GEMM_H
@@ -251,6 +253,58 @@ static void chexcy_gemm_task(const float *A, Py_ssize_t a_rs, Py_ssize_t a_cs, P
                 else
                     chexcy_gemm_tile_edge(kc, a, b, C + i0 * ldc + j0, ldc, ini, mr, nr);
             }
+        }
+    }
+}
+
+/* ---- dense layers of a few rows: dot products --------------------------------------------------------
+ * y (M, O) = x (M, K) W^T + b for M <= GEMM_DOT_M (a classifier at inference batch sizes): the GEMM
+ * above would pack all of W transposed (O x K floats written, then read again) for a product that
+ * reuses each weight only M times. Instead every output is a dot product of two contiguous rows,
+ * x[m] and W[j], computed GEMM_DOT_MB rows of x by GEMM_DOT_JB rows of W at a time with the sums in
+ * vector lanes: W is read once, straight from the caller's array, and x (M x K) stays in cache.
+ * Each element is bias[j] + (the lanes' sums totalled by chexcy_lane_total's fixed halving) + (the
+ * K % VW tail in k order): fixed by the shape, whichever thread computes it. */
+#if CHEXCY_VW == 16
+#define GEMM_DOT_MB 8
+#define GEMM_DOT_JB 3
+#else
+#define GEMM_DOT_MB 4
+#define GEMM_DOT_JB 2
+#endif
+#define GEMM_DOT_M 8
+
+/* out[m * ldo + j] for m < M, j0 <= j < j1 (M <= GEMM_DOT_M); bias may be NULL. Rows of x or W past
+ * the last are computed on a repeat of the last row and not stored. */
+static void chexcy_gemm_dot_rows(const float *x, Py_ssize_t M, Py_ssize_t K, const float *w,
+                                 Py_ssize_t j0, Py_ssize_t j1, const float *bias, float *out, Py_ssize_t ldo)
+{
+    const Py_ssize_t Kv = K / CHEXCY_VW * CHEXCY_VW;
+    for (Py_ssize_t m0 = 0; m0 < M; m0 += GEMM_DOT_MB) {
+        const float *xr[GEMM_DOT_MB];
+        for (int i = 0; i < GEMM_DOT_MB; i++) xr[i] = x + (m0 + i < M ? m0 + i : M - 1) * K;
+        for (Py_ssize_t jb = j0; jb < j1; jb += GEMM_DOT_JB) {
+            const float *wr[GEMM_DOT_JB];
+            for (int jj = 0; jj < GEMM_DOT_JB; jj++) wr[jj] = w + (jb + jj < j1 ? jb + jj : j1 - 1) * K;
+            chexcy_vf acc[GEMM_DOT_MB][GEMM_DOT_JB];
+            CHEXCY_UNROLL for (int i = 0; i < GEMM_DOT_MB; i++)
+                CHEXCY_UNROLL for (int jj = 0; jj < GEMM_DOT_JB; jj++) acc[i][jj] = chexcy_splat(0.0f);
+            for (Py_ssize_t k = 0; k < Kv; k += CHEXCY_VW) {
+                chexcy_vf wv[GEMM_DOT_JB];
+                CHEXCY_UNROLL for (int jj = 0; jj < GEMM_DOT_JB; jj++) wv[jj] = chexcy_load(wr[jj] + k);
+                CHEXCY_UNROLL for (int i = 0; i < GEMM_DOT_MB; i++) {
+                    chexcy_vf xv = chexcy_load(xr[i] + k);
+                    CHEXCY_UNROLL for (int jj = 0; jj < GEMM_DOT_JB; jj++) acc[i][jj] += xv * wv[jj];
+                }
+            }
+            for (int i = 0; i < GEMM_DOT_MB && m0 + i < M; i++)
+                for (int jj = 0; jj < GEMM_DOT_JB && jb + jj < j1; jj++) {
+                    float l[CHEXCY_VW];
+                    chexcy_store(l, acc[i][jj]);
+                    float t = chexcy_lane_total(l);
+                    for (Py_ssize_t k = Kv; k < K; k++) t += xr[i][k] * wr[jj][k];
+                    out[(m0 + i) * ldo + jb + jj] = (bias ? bias[jb + jj] : 0.0f) + t;
+                }
         }
     }
 }

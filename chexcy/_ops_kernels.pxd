@@ -7,7 +7,7 @@
 
 from libc.stdint cimport int32_t, int64_t
 
-# build facts, OpenMP shim, register-tile sizes (and, for now, the 2x2 max-pool rows and batch norm)
+# build facts, OpenMP shim, register-tile sizes
 cdef extern from "_ops_config.h" nogil:
     int omp_get_max_threads()
     int omp_get_thread_num()
@@ -27,19 +27,6 @@ cdef extern from "_ops_config.h" nogil:
         DW_F        # output channels per dweight tile (x 3 kernel columns x DW_V lanes)
         DWR_F       # output channels per 3-kernel-row dweight tile (x 3 x 3 x DW_V lanes)
         DW_V
-    # the 2x2 max-pool row kernels (on their way to _ops_pool.h)
-    void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
-                                 int64_t base, Py_ssize_t W, Py_ssize_t OW)
-    void chexcy_max_unpool_2x2_row(const float* g, const int64_t* arg, float* d0, float* d1, int64_t base,
-                                   Py_ssize_t W, Py_ssize_t OW)
-    int chexcy_argmax_in_2x2_cells(const int64_t* arg, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW)
-    # the batch-norm plane kernels (on their way to _ops_batchnorm.h)
-    void chexcy_bn_plane_stats(const float* p, Py_ssize_t n, double* sum, double* m2)
-    void chexcy_bn_plane_grad_sums(const float* g, const float* x, Py_ssize_t n, double mean,
-                                   double* sum_g, double* sum_gx)
-    void chexcy_bn_apply(const float* x, float* out, Py_ssize_t n, float m, float a, float b)
-    void chexcy_bn_apply_grad(const float* g, const float* x, float* dx, Py_ssize_t n, float m, float a,
-                              float b, float c)
 
 # vector helpers: fixed-order sums
 cdef extern from "_ops_vec.h" nogil:
@@ -101,6 +88,10 @@ cdef extern from "_ops_gemm.h" nogil:
                           Py_ssize_t K, const float* bp, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t N,
                           const float* init, float* C, Py_ssize_t ldc, float* abuf)
     void chexcy_col_sums(const float* d, Py_ssize_t M, Py_ssize_t ld, Py_ssize_t j0, Py_ssize_t n, float* out)
+    enum:
+        GEMM_DOT_M  # dense layers of at most this many rows run as dot products
+    void chexcy_gemm_dot_rows(const float* x, Py_ssize_t M, Py_ssize_t K, const float* w, Py_ssize_t j0,
+                              Py_ssize_t j1, const float* bias, float* out, Py_ssize_t ldo)
 
 # Winograd F(2x2, 3x3) transforms (WINOGRAD path)
 cdef extern from "_ops_winograd.h" nogil:
@@ -137,27 +128,93 @@ cdef extern from "_ops_conv_gemm.h" nogil:
                                 Py_ssize_t s1, float* dw, float* abuf, float* bbuf)
     void chexcy_cg_dx_task(const chexcy_cg_geom* g, float* dxp, Py_ssize_t Cg, const float* wt,
                            const float* dn, Py_ssize_t Fg, Py_ssize_t K, float* bbuf, float* t)
+    void chexcy_cg_phase_split(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
+                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float* dst)
+    void chexcy_cg_phase_taps(Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h,
+                              Py_ssize_t dil_w, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t* off)
+    void chexcy_cg_pack_a_phase(const float* w, Py_ssize_t Fg, Py_ssize_t Cg, Py_ssize_t taps,
+                                const Py_ssize_t* tap, Py_ssize_t T, Py_ssize_t kb, float* ap)
+    void chexcy_cg_dout_pad(const float* d, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t mh, Py_ssize_t mw,
+                            Py_ssize_t Hd, Py_ssize_t Wd, float* dst)
+    void chexcy_cg_dx_phase_task(const float* dp, const Py_ssize_t* off, Py_ssize_t T, Py_ssize_t Fg,
+                                 Py_ssize_t Hd, Py_ssize_t Wd, Py_ssize_t Hq, Py_ssize_t Wq,
+                                 const float* ap, Py_ssize_t Cg, Py_ssize_t a, Py_ssize_t b, Py_ssize_t sh,
+                                 Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t H, Py_ssize_t W,
+                                 Py_ssize_t s0, Py_ssize_t s1, float* dx, float* ct, float* bbuf)
+    void chexcy_cg_task_phase(const float* xq, const Py_ssize_t* off, Py_ssize_t taps, Py_ssize_t cs,
+                              Py_ssize_t Wq, Py_ssize_t OH, Py_ssize_t OW, const float* ap,
+                              const float* bias, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1,
+                              float* out, float* ct, float* bbuf)
+
+# 1x1 convs as one product per group over the batch (POINTWISE_GEMM path)
+cdef extern from "_ops_pointwise.h" nogil:
+    ctypedef struct chexcy_pw_geom:
+        const float* x
+        Py_ssize_t ns, cs, OW, P, rowstep, sw, NP
+    Py_ssize_t chexcy_pw_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
+    void chexcy_pw_pack_a(const float* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t Fg, Py_ssize_t K,
+                          Py_ssize_t kb, float* ap)
+    void chexcy_pw_task(const chexcy_pw_geom* g, const float* ap, const float* bias, Py_ssize_t Fg,
+                        Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float* out, Py_ssize_t out_ns,
+                        float* bbuf)
+    void chexcy_pw_dweight_task(const float* dout, Py_ssize_t d_ns, const float* x, Py_ssize_t x_ns,
+                                Py_ssize_t P, Py_ssize_t NP, Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t m0,
+                                Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float* dw, Py_ssize_t ldw,
+                                float* abuf, float* bbuf)
+
+# batch-norm statistics and apply passes, channel blocks
+cdef extern from "_ops_batchnorm.h" nogil:
+    void chexcy_bn_plane_stats(const float* p, Py_ssize_t n, double* sum, double* m2)
+    void chexcy_bn_plane_grad_sums(const float* g, const float* x, Py_ssize_t n, double mean,
+                                   double* sum_g, double* sum_gx)
+    void chexcy_bn_apply(const float* x, float* out, Py_ssize_t n, float m, float a, float b)
+    void chexcy_bn_apply_grad(const float* g, const float* x, float* dx, Py_ssize_t n, float m, float a,
+                              float b, float c)
+    void chexcy_bn_combine(const double* ps, const double* pm, Py_ssize_t N, Py_ssize_t hw, double* mean,
+                           double* var)
+    void chexcy_bn_coefficients(double mean, double var, float weight, float bias, double eps, float* k)
+    void chexcy_bn_grad_coefficients(float var, float weight, double sg, double sgx, double M, double eps,
+                                     float* k)
+    enum:
+        CHEXCY_BN_BLOCK
+    void chexcy_bn_forward_block(const float* x, float* out, Py_ssize_t N, Py_ssize_t xs, Py_ssize_t hw,
+                                 Py_ssize_t c0, Py_ssize_t c1, const float* weight, const float* bias,
+                                 double eps, double* scratch, float* mean, float* var)
+    void chexcy_bn_backward_block(const float* g, const float* x, float* dx, Py_ssize_t N, Py_ssize_t xs,
+                                  Py_ssize_t hw, Py_ssize_t c0, Py_ssize_t c1, const float* mean,
+                                  const float* var, const float* weight, double eps, float* dweight,
+                                  float* dbias)
 
 # max / average pool planes and rows
 cdef extern from "_ops_pool.h" nogil:
     void chexcy_max_pool_plane(const float* x, float* out, int64_t* arg, Py_ssize_t H, Py_ssize_t W,
                                Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                               Py_ssize_t dil_h, Py_ssize_t dil_w, float* best, int32_t* idx)
+                               Py_ssize_t dil_h, Py_ssize_t dil_w, float* best, int32_t* idx, float* row)
     void chexcy_avg_pool_2x2_row(const float* r0, const float* r1, float* out, Py_ssize_t OW)
     void chexcy_avg_unpool_2x2_row(const float* g, float* d0, float* d1, Py_ssize_t W, Py_ssize_t OW)
+    void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
+                                 int64_t base, Py_ssize_t W, Py_ssize_t OW)
+    void chexcy_max_unpool_2x2_row(const float* g, const int64_t* arg, float* d0, float* d1, int64_t base,
+                                   Py_ssize_t W, Py_ssize_t OW)
+    int chexcy_argmax_in_2x2_cells(const int64_t* arg, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW)
 
 # depthwise planes (DEPTHWISE path)
 cdef extern from "_ops_depthwise.h" nogil:
-    void chexcy_dwc_forward_plane(const float* xp, const float* w, float bias, float* out, Py_ssize_t Wp,
-                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW,
-                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
-    void chexcy_dwc_dx_plane(const float* dout, const float* w, float* dxp, Py_ssize_t Hp, Py_ssize_t Wp,
-                             Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t sh,
-                             Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
-    void chexcy_dwc_dweight_plane(const float* dout, const float* xp, float* acc, Py_ssize_t Wp,
-                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW,
-                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h, Py_ssize_t dil_w)
+    enum:
+        CHEXCY_DWC_MAX_TAPS     # kernels of up to this many taps take the DEPTHWISE path
+        CHEXCY_DWC_MAX_STRIDE   # and strides up to this
+    ctypedef struct chexcy_dwc_geom:
+        Py_ssize_t OH, OW, T, B
+    void chexcy_dwc_init(chexcy_dwc_geom* g, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t KH, Py_ssize_t KW,
+                         Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dil_h,
+                         Py_ssize_t dil_w)
+    Py_ssize_t chexcy_dwc_scratch_floats(const chexcy_dwc_geom* g)
+    void chexcy_dwc_forward_unit(const chexcy_dwc_geom* g, Py_ssize_t C, Py_ssize_t u, const float* x,
+                                 const float* w, const float* bias, float* out, float* scratch)
+    void chexcy_dwc_backward_channel(const chexcy_dwc_geom* g, Py_ssize_t N, Py_ssize_t C, Py_ssize_t c,
+                                     const float* dout, const float* x, const float* w, float* dx,
+                                     float* dw, float* dbias, float* scratch)
 
 # ReLU
 cdef extern from "_ops_relu.h" nogil:

@@ -109,24 +109,44 @@ class SGD(Optimizer):
             raise ValueError("SGD: nesterov needs momentum > 0")
         self.momentum, self.nesterov, self.weight_decay = float(momentum), bool(nesterov), float(weight_decay)
         self.buffers = [None] * len(self.params)
+        self._scratch_buffers = {}
 
     def _slots(self):
         return ("buffers",)
 
+    def _scratch(self, like, k):
+        """Scratch array k (0 or 1) shaped like `like`, a view of a flat buffer kept across steps: the
+        update touches every parameter every step, and a fresh temporary per parameter costs an allocation
+        (page faults for the large ones) on top of the arithmetic."""
+        key = (k, like.dtype)
+        flat = self._scratch_buffers.get(key)
+        if flat is None or flat.size < like.size:
+            flat = self._scratch_buffers[key] = np.empty(max(q.data.size for q in self.params), like.dtype)
+        return flat[:like.size].reshape(like.shape)
+
     def _update(self, lr):
+        # The same float32 operations in the same order as g = grad + wd * p; buf = m * buf + g;
+        # p -= lr * buf (or lr * (g + m * buf)), with every temporary in a reused scratch array.
+        lr, m, wd = np.float32(lr), np.float32(self.momentum), np.float32(self.weight_decay)
         for i, p, grad in self._grads():
             g = grad
             if self.weight_decay and p.decay:
-                g = grad + np.float32(self.weight_decay) * p.data
+                g = np.multiply(p.data, wd, out=self._scratch(p.data, 0))
+                g += grad
             if self.momentum:
                 buf = self.buffers[i]
                 if buf is None:
                     buf = self.buffers[i] = np.array(g, dtype=p.data.dtype, copy=True)
                 else:
-                    buf *= np.float32(self.momentum)
+                    buf *= m
                     buf += g
-                g = g + np.float32(self.momentum) * buf if self.nesterov else buf
-            p.data -= np.float32(lr) * g
+                if self.nesterov:
+                    ahead = np.multiply(buf, m, out=self._scratch(p.data, 1))
+                    ahead += g
+                    g = ahead
+                else:
+                    g = buf
+            p.data -= np.multiply(g, lr, out=self._scratch(p.data, 1))   # in place when g is scratch 1
 
 
 class AdamW(Optimizer):

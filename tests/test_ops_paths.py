@@ -52,9 +52,10 @@ PATH_CASES = [
     (((2, 1, 12, 13), (16, 3, 3), 1, 1, 1, 1), ("DIRECT", "FIRST_LAYER", "FIRST_LAYER")),
     (((1, 64, 8, 9), (8, 3, 3), 1, 1, 1, 1), ("DIRECT", "DIRECT", "CHANNEL_BLOCKED")),
     (((1, 63, 8, 9), (8, 3, 3), 1, 1, 1, 1), ("DIRECT", "DIRECT", "LANE_SUM")),
-    # DEPTHWISE: groups = C = F, stride > 1, any kernel, padding (even wider than the kernel) and dilation
+    # DEPTHWISE: groups = C = F, strides up to 4, kernels up to 7x7, any padding (even wider than the
+    # kernel) and dilation (more cases: test_ops_depthwise.py)
     (((2, 4, 9, 7), (4, 3, 3), 2, 1, 1, 4), ("DEPTHWISE", "DEPTHWISE", "DEPTHWISE")),
-    (((1, 5, 16, 35), (5, 3, 3), 1, 1, 1, 5), ("DIRECT", "DIRECT", "LANE_SUM")),    # stride 1: the tiles
+    (((1, 5, 16, 35), (5, 3, 3), 1, 1, 1, 5), ("DEPTHWISE", "DEPTHWISE", "DEPTHWISE")),
     (((2, 3, 13, 11), (3, 5, 5), 2, 2, 1, 3), ("DEPTHWISE", "DEPTHWISE", "DEPTHWISE")),
     (((1, 3, 12, 14), (3, 3, 3), (1, 3), 3, 2, 3), ("DEPTHWISE", "DEPTHWISE", "DEPTHWISE")),
     (((1, 1, 6, 9), (1, 2, 3), (1, 2), (2, 0), 1, 1), ("DEPTHWISE", "DEPTHWISE", "DEPTHWISE")),

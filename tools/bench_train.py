@@ -292,20 +292,29 @@ CHEXCY_DEEP_CHILD = CHILD_COMMON + textwrap.dedent("""
         for name in ("conv2d_forward", "conv2d_backward", "batch_norm2d_forward", "batch_norm2d_backward",
                      "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
                      "global_avg_pool2d_forward", "global_avg_pool2d_backward", "linear_forward",
-                     "linear_backward"):
+                     "linear_backward", "relu_forward", "relu_backward"):
             wrap(name)
     train = []
+    phases = {"forward": 0.0, "loss": 0.0, "backward": 0.0, "optimizer step": 0.0}
     for i in range(warmup + steps):
         if i == warmup:
             profile.clear()
+            phases = dict.fromkeys(phases, 0.0)
         t0 = time.perf_counter()
         logits = model.forward(x)
+        t1 = time.perf_counter()
         loss, dlogits = nn.bce_with_logits(logits, y)
+        t2 = time.perf_counter()
         model.backward(dlogits)
+        t3 = time.perf_counter()
         opt.step()
-        train.append(time.perf_counter() - t0)
+        t4 = time.perf_counter()
+        train.append(t4 - t0)
+        for key, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[key] += seconds
     peak_train = peak_kb()
     train_profile = dict(profile)                   # the training steps' op times, not the forward-only ones
+    train_profile.update({f"phase {k}": v for k, v in phases.items()})
     model.eval()
     forward = []
     for i in range(warmup + (0 if layout == "profile" else steps)):
@@ -498,7 +507,9 @@ def bench_deep(args):
     if mine:
         runs.append(("chexcy cython", mine))
     torch_python = args.torch_python
-    if not torch_python:
+    if args.no_torch:
+        torch_python = None
+    elif not torch_python:
         try:
             import torch  # noqa: F401
             torch_python = sys.executable
@@ -538,13 +549,15 @@ def bench_deep(args):
                                                                                args.threads, "profile"], env)
         if prof:
             step = statistics.mean(prof["train"])     # the op times are means over the same steps
-            table = sorted(prof["profile"].items(), key=lambda kv: -kv[1])
+            phases = {k[len("phase "):]: v for k, v in prof["profile"].items() if k.startswith("phase ")}
+            ops_only = {k: v for k, v in prof["profile"].items() if not k.startswith("phase ")}
             print(f"\nwhere a chexcy training step goes ({args.arch}, {1000 * step:.0f} ms, mean of "
-                  f"{len(prof['train'])} steps; time per op per step):")
-            for name, seconds in table:
+                  f"{len(prof['train'])} steps): " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in phases.items())
+                  + "; time per op per step:")
+            for name, seconds in sorted(ops_only.items(), key=lambda kv: -kv[1]):
                 print(f"  {name:36s} {1000 * seconds:9.1f} ms {100 * seconds / step:5.1f}%")
-            rest = step - sum(prof["profile"].values())
-            print(f"  {'NumPy in the layers (ReLU, sums, ...)':36s} {1000 * rest:9.1f} ms {100 * rest / step:5.1f}%")
+            rest = step - sum(ops_only.values()) - phases.get("optimizer step", 0.0) - phases.get("loss", 0.0)
+            print(f"  {'NumPy between the ops (ReLU, sums, ...)':36s} {1000 * rest:9.1f} ms {100 * rest / step:5.1f}%")
 
 
 def main():
@@ -557,6 +570,7 @@ def main():
     parser.add_argument("--backends", default="cython,python")
     parser.add_argument("--torch-python", help="an interpreter with torch, when this one has none")
     parser.add_argument("--profile", action="store_true", help="time per layer for the first backend")
+    parser.add_argument("--no-torch", action="store_true", help="deep networks: chexcy alone (e.g. with --profile)")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS on 20,000 prepared images")
     parser.add_argument("--rss-images", type=int, default=20000)
     parser.add_argument("--rss-steps", type=int, default=100)

@@ -34,8 +34,12 @@ every rank), the layer calls it as a module on a contiguous copy of the prefix a
 Initialisation as torchvision's: convs He-normal on fan_in, BatchNorm 1 and 0, classifier weight
 U(-1/sqrt(D), 1/sqrt(D)) and bias 0.
 """
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
+from chexcy.nn.fold import FoldedPairs, conv_bn_eval, foldable, run_chain
 from chexcy.nn.init import default_generator
 from chexcy.nn.layers import AvgPool2d, BatchNorm2d, Conv2d, MaxPool2d, ReLU, kernels
 from chexcy.nn.module import Module, Sequential
@@ -51,15 +55,60 @@ def _channel_stats(x, eps):
     return mean, var
 
 
+_pool = {"threads": 0, "executor": None}
+
+
+def _forget_pool():
+    _pool["threads"], _pool["executor"] = 0, None      # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _by_samples(fn, n):
+    """Run fn(lo, hi) on sample ranges covering range(n), split between as many threads as the kernels
+    use (chexcy.ops.get_num_threads). For the elementwise NumPy passes over a dense block's buffer, which
+    are memory bound and release the GIL: one thread alone leaves the other core idle. Each element is
+    computed by the same operations whatever the split, so results do not depend on the thread count."""
+    from chexcy import ops
+    threads = max(1, min(int(ops.get_num_threads()), n))
+    if threads == 1 or n < 2:
+        fn(0, n)
+        return
+    if _pool["threads"] < threads:
+        if _pool["executor"] is not None:
+            _pool["executor"].shutdown(wait=True)
+        _pool["executor"] = ThreadPoolExecutor(threads - 1, thread_name_prefix="chexcy-dense")
+        _pool["threads"] = threads
+    bounds = [n * i // threads for i in range(threads + 1)]
+    futures = [_pool["executor"].submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    fn(bounds[0], bounds[1])                            # this thread takes the first range
+    for f in futures:
+        f.result()
+
+
 def _affine_relu(bn, x, mean, var, out):
     """out = relu(bn(x)) for BatchNorm2d `bn` normalising with statistics mean, var (C,); x, out (N, C, H, W)."""
     dtype = out.dtype
     scale = bn.weight.data.astype(dtype, copy=False) / np.sqrt(var.astype(dtype, copy=False) + dtype.type(bn.eps))
     shift = bn.bias.data.astype(dtype, copy=False) - mean.astype(dtype, copy=False) * scale
-    np.multiply(x, scale[:, None, None], out=out)
-    out += shift[:, None, None]
-    np.maximum(out, 0, out=out)
+    scale, shift = scale[:, None, None], shift[:, None, None]
+
+    def rows(lo, hi):
+        part = out[lo:hi]
+        np.multiply(x[lo:hi], scale, out=part)
+        part += shift
+        np.maximum(part, 0, out=part)
+    _by_samples(rows, x.shape[0])
     return out
+
+
+def _add_into(target, values):
+    """target += values, both (N, ...), split by samples between threads (target may be a strided view)."""
+    def rows(lo, hi):
+        target[lo:hi] += values[lo:hi]
+    _by_samples(rows, target.shape[0])
 
 
 class DenseLayer(Module):
@@ -79,6 +128,7 @@ class DenseLayer(Module):
         self.conv2 = Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False, rng=rng)
         self.in_channels = in_channels
         self._kept = None            # norm1 -> relu output, module path only
+        self._conv1_folded = False   # the last forward ran conv1 and norm2 as one conv (eval mode)
 
     def _shared_stats(self):
         """Whether the fast path applies: plain BatchNorm2d layers whose statistics span this process's
@@ -109,6 +159,7 @@ class DenseLayer(Module):
         """
         N, _, H, W = buffer.shape
         prefix = buffer[:, :c]
+        self._conv1_folded = False
         if not self._shared_stats():
             y = self.norm1.forward(np.ascontiguousarray(prefix))
             np.maximum(y, 0, out=y)
@@ -118,9 +169,13 @@ class DenseLayer(Module):
         y = self._bottleneck_input(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
         if self.norm1.training:
             self.norm1.update_running_stats(stats[0], stats[1], N * H * W)
-        h = kernels().conv2d_forward(y, self.conv1.weight.data, None, *_ONE)
-        z = self.norm2.forward(h)                       # keeps h and the batch statistics
-        np.maximum(z, 0, out=z)
+        self._conv1_folded = foldable(self.conv1, self.norm2)
+        if self._conv1_folded:
+            z = conv_bn_eval(self.conv1, self.norm2, y)   # eval: norm2 folded into conv1, h not kept
+        else:
+            h = kernels().conv2d_forward(y, self.conv1.weight.data, None, *_ONE)
+            z = self.norm2.forward(h)                   # keeps h and the batch statistics
+        kernels().relu_forward(z, True)                 # in place, on the kernels' threads
         return kernels().conv2d_forward(z, self.conv2.weight.data, None, *self._conv2_args())
 
     def backward_from(self, dnew, buffer, c, stats, scratch, scratch2):
@@ -130,6 +185,10 @@ class DenseLayer(Module):
         """
         N, _, H, W = buffer.shape
         prefix = buffer[:, :c]
+        if self._conv1_folded:                          # the eval forward kept no h: compute it (and norm2's cache)
+            y = self._bottleneck_input(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
+            self.norm2.forward(kernels().conv2d_forward(y, self.conv1.weight.data, None, *_ONE))
+            self._conv1_folded = False
         if not self._shared_stats():
             dh = self.norm2.backward(self.relu2.backward(self.conv2.backward(dnew)))
             y, self._kept = self._kept, None
@@ -139,11 +198,10 @@ class DenseLayer(Module):
         z = self._conv2_input(scratch2)
         dz, self.conv2.weight.grad, _ = kernels().conv2d_backward(dnew, z, self.conv2.weight.data,
                                                                   *self._conv2_args())
-        np.multiply(dz, z > 0, out=dz)
-        dh = self.norm2.backward(dz)
+        dh = self.norm2.backward(kernels().relu_backward(dz, z))
         y = self._bottleneck_input(prefix, stats, scratch[:N * c * H * W].reshape(N, c, H, W))
         dy, self.conv1.weight.grad, _ = kernels().conv2d_backward(dh, y, self.conv1.weight.data, *_ONE)
-        np.multiply(dy, y > 0, out=dy)
+        dy = kernels().relu_backward(dy, y)
         norm = self.norm1
         if norm.training:
             dx, norm.weight.grad, norm.bias.grad = BatchNorm2d._batch_norm_ops(dy.dtype).batch_norm2d_backward(
@@ -217,7 +275,7 @@ class DenseBlock(Module):
             c = self.in_channels + i * g
             stats = (mean[:c], var[:c]) if mean is not None else None
             dnew = np.ascontiguousarray(dbuf[:, c:c + g])
-            dbuf[:, :c] += self.layers[i].backward_from(dnew, buffer, c, stats, scratch, scratch2)
+            _add_into(dbuf[:, :c], self.layers[i].backward_from(dnew, buffer, c, stats, scratch, scratch2))
         self._cache = None
         return np.ascontiguousarray(dbuf[:, :self.in_channels])
 
@@ -266,11 +324,14 @@ class DenseNetFeatures(Module):
         self.features = Sequential(parts)
         self.relu = ReLU(inplace=True)
         self.out_channels = channels
+        self._folded = FoldedPairs()
 
     def forward(self, x):
-        return self.relu.forward(self.features.forward(x))
+        self._folded.clear()                            # eval: conv0 and norm0 as one conv (chexcy.nn.fold)
+        return self.relu.forward(run_chain(self.features.layers, x, self._folded))
 
     def backward(self, dout):
+        self._folded.restore()
         return self.features.backward(self.relu.backward(dout))
 
 

@@ -205,26 +205,26 @@ class Linear(Module):
 class ReLU(Module):
     """max(x, 0), any shape. inplace=True overwrites x (use only on a fresh array no one else keeps).
 
-    Backward writes into `dout` (it is the gradient flowing down this chain and nobody else's) to avoid
-    allocating a second activation-sized array per layer and step.
+    Both passes are chexcy.ops.relu_forward / relu_backward (or the kernels() override's): one pass over
+    memory each, on every thread.
     """
 
     def __init__(self, inplace=False):
         self.inplace = bool(inplace)
-        self._out = self._mask = None
+        self._out = None
 
     def forward(self, x):
-        out = np.maximum(x, 0, out=x if self.inplace else None)
+        if self.inplace and not (isinstance(x, np.ndarray) and x.dtype == np.float32
+                                 and x.flags.c_contiguous and x.flags.writeable):
+            out = np.maximum(x, 0, out=x)        # in place on an array the compiled op cannot take
+        else:
+            out = kernels().relu_forward(x, self.inplace)
         self._out = out
         return out
 
     def backward(self, dout):
-        # The derivative at exactly 0 is taken as 0 (PyTorch's choice). The boolean mask lives in a buffer
-        # kept across steps: a fresh activation-sized array per step costs page faults, not just bytes.
-        if self._mask is None or self._mask.shape != self._out.shape:
-            self._mask = np.empty(self._out.shape, dtype=bool)
-        np.greater(self._out, 0, out=self._mask)
-        return np.multiply(dout, self._mask, out=dout if dout.flags.writeable else None)
+        # The derivative at exactly 0 is taken as 0 (PyTorch's choice).
+        return kernels().relu_backward(dout, self._out)
 
     def extra_repr(self):
         return "inplace=True" if self.inplace else ""

@@ -16,6 +16,7 @@ fc PyTorch's Linear default U(-1/sqrt(D), 1/sqrt(D)) for weight and bias.
 """
 import numpy as np
 
+from chexcy.nn.fold import FoldedPairs, run_chain
 from chexcy.nn.init import default_generator, he_normal, uniform_fan_in
 from chexcy.nn.layers import BatchNorm2d, Conv2d, Dropout, GlobalAvgPool2d, Linear, MaxPool2d, ReLU
 from chexcy.nn.module import Module, Sequential
@@ -43,6 +44,9 @@ class _Block(Module):
     not keep) and the final ReLU runs in place on it, so a block holds no activation beyond what its
     layers need for backward. Backward needs no copy of the incoming gradient either: BatchNorm backward
     only reads its dout, so the same array feeds the branch's last BN and the shortcut.
+
+    Eval mode: every conv and the BatchNorm after it run as one convolution (chexcy.nn.fold), which
+    removes the BatchNorm's NumPy passes over the activations.
     """
     expansion = 1
 
@@ -50,13 +54,13 @@ class _Block(Module):
         raise NotImplementedError
 
     def forward(self, x):
-        out = x
-        for layer in self._branch_layers():
-            out = layer.forward(out)
-        out += x if self.downsample is None else self.downsample.forward(x)
+        self._folded.clear()
+        out = run_chain(self._branch_layers(), x, self._folded)
+        out += x if self.downsample is None else run_chain(self.downsample.layers, x, self._folded)
         return self.relu_out.forward(out)
 
     def backward(self, dout):
+        self._folded.restore()                           # after a folded eval forward: the layers' caches
         d = self.relu_out.backward(dout)                 # in place on dout; d is now ours to read
         dx = d
         for layer in reversed(self._branch_layers()):
@@ -84,6 +88,7 @@ class BasicBlock(_Block):
                            if stride != 1 or in_channels != planes else None)
         self.relu_out = ReLU(inplace=True)
         self.stride = stride
+        self._folded = FoldedPairs()
 
     def _branch_layers(self):
         return (self.conv1, self.bn1, self.relu, self.conv2, self.bn2)
@@ -113,6 +118,7 @@ class Bottleneck(_Block):
                            if stride != 1 or in_channels != out_channels else None)
         self.relu_out = ReLU(inplace=True)
         self.stride = stride
+        self._folded = FoldedPairs()
 
     def _branch_layers(self):
         return (self.conv1, self.bn1, self.relu, self.conv2, self.bn2, self.relu2, self.conv3, self.bn3)
@@ -155,6 +161,7 @@ class ResNetFeatures(Module):
                 prev = planes * block.expansion
             setattr(self, f"layer{stage + 1}", Sequential(blocks))
         self.out_channels = prev
+        self._folded = FoldedPairs()
 
     def _stages(self):
         # maxpool before relu: the same function with the same gradients (max-pooling and ReLU commute,
@@ -163,11 +170,12 @@ class ResNetFeatures(Module):
         return (self.conv1, self.bn1, self.maxpool, self.relu, self.layer1, self.layer2, self.layer3, self.layer4)
 
     def forward(self, x):
-        for layer in self._stages():
-            x = layer.forward(x)
-        return x
+        # eval mode: conv1 and bn1 as one convolution (chexcy.nn.fold)
+        self._folded.clear()
+        return run_chain(self._stages(), x, self._folded)
 
     def backward(self, dout):
+        self._folded.restore()
         for layer in reversed(self._stages()):
             dout = layer.backward(dout)
         return dout

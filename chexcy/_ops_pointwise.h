@@ -1,0 +1,328 @@
+/* chexcy/_ops_pointwise.h: 1x1 convolutions without padding (the POINTWISE_GEMM path of chexcy._ops'
+ * conv planner) as products whose columns span the whole batch.
+ *
+ * Forward, per group g (the same function serves dx at stride 1, on dout with W^T):
+ *
+ *   out (Fg, N P) = bias + W[g] (Fg, Cg) . X (Cg, N P),   X[c, q] = x[n, g Cg + c, oh sh, ow sw]
+ *   for column q = n P + p, p = oh OW + ow.
+ *
+ * Numbering the columns over the whole batch (instead of one product per sample) means a 7x7 layer is
+ * 392 columns, 12.25 strips of GEMM_NR = 32, not 8 x (32 + 17): no half-empty strip per sample, and
+ * the two threads share 13 strips instead of 8 products. A strip that crosses a sample boundary (or
+ * runs past the last column) is gathered into the packed block like any other and its tile is written
+ * back through a local copy, column by column.
+ *
+ * Memory: the GEMM_NR columns of a strip lie on Cg different rows of x (x[n, c, :] are HW floats
+ * apart), too many streams for the hardware prefetchers, so each packing would wait on Cg cache misses.
+ * While the tiles of one strip run, the next strip's input rows are prefetched, a share per tile.
+ *
+ * dweight (Fg, Cg) = sum over columns q of dout[q] (Fg) x[q]^T (Cg): a product whose K dimension is the
+ * N P columns, cut into blocks of GEMM_KC columns numbered over the whole batch. Tasks are rectangles of
+ * the (Fg, Cg) result (not ranges of samples): a task packs its rows of dout once per K block and
+ * reuses them for all its column strips.
+ *
+ * Reproducibility: every element is (bias +) s_0 + s_1 + ..., s_b the sum of its K block b (in k order,
+ * from 0) added in block order; the blocks are fixed by the shape, and an edge tile (local copy) does
+ * exactly the arithmetic of a full one, so the value of an element does not depend on the task grid or
+ * the thread that computed it: results are bitwise identical for any thread count.
+ *
+ * Needs _ops_config.h and _ops_gemm.h first.
+ */
+#ifndef CHEXCY_OPS_POINTWISE_H
+#define CHEXCY_OPS_POINTWISE_H
+
+#include <string.h>
+
+/* Where the columns of a pointwise product live: column q = n P + p of a (C, N P) operand is row c at
+ *   base + n * ns + c * cs + (p / OW) * rowstep + (p % OW) * sw. */
+typedef struct {
+    const float *x;
+    Py_ssize_t ns, cs;          /* sample and channel strides (floats) */
+    Py_ssize_t OW, P;           /* positions per output row, per sample */
+    Py_ssize_t rowstep, sw;     /* input floats per output row (sh * W) and per output column */
+    Py_ssize_t NP;              /* columns in all: N * P */
+} chexcy_pw_geom;
+
+static inline Py_ssize_t chexcy_pw_off(const chexcy_pw_geom *g, Py_ssize_t q)
+{
+    const Py_ssize_t n = q / g->P, p = q % g->P;
+    return n * g->ns + p / g->OW * g->rowstep + p % g->OW * g->sw;
+}
+
+/* One register tile over kc steps (the arithmetic of chexcy_gemm_tile):
+ *   c[i, j] = rowinit[i] + s    when rowinit != NULL (the first K block: the bias)
+ *   c[i, j] = c[i, j] + s       otherwise
+ * s = sum over k of a[k * GEMM_MR + i] * b[k * GEMM_NR + j], from 0 in k order. noinline for the
+ * reason given at chexcy_gemm_tile. */
+static __attribute__((noinline)) void chexcy_pw_tile(Py_ssize_t kc, const float *restrict a,
+                                                     const float *restrict b, float *c, Py_ssize_t ldc,
+                                                     const float *rowinit)
+{
+    chexcy_vf acc[GEMM_MR][GEMM_NV], bv[GEMM_NV];
+    CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
+        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) acc[i][v] = chexcy_splat(0.0f);
+    for (Py_ssize_t k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
+        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) bv[v] = chexcy_load(b + v * CHEXCY_VW);
+        CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++) {
+            chexcy_vf ai = chexcy_splat(a[i]);
+            CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) acc[i][v] += ai * bv[v];
+        }
+    }
+    if (rowinit) {
+        CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++) {
+            chexcy_vf s = chexcy_splat(rowinit[i]);
+            CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++)
+                chexcy_store(c + i * ldc + v * CHEXCY_VW, s + acc[i][v]);
+        }
+    } else {
+        CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
+            CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++)
+                chexcy_store(c + i * ldc + v * CHEXCY_VW, chexcy_load(c + i * ldc + v * CHEXCY_VW) + acc[i][v]);
+    }
+}
+
+/* The runs of strip q0: columns j0 .. j0 + len - 1 of the strip that are equally spaced (sw apart) in
+ * the input, the first at input offset src. Returns the number of runs (at most GEMM_NR); columns at or
+ * past NP are in none. */
+typedef struct {
+    Py_ssize_t j0, len, src;
+} chexcy_pw_run;
+
+static int chexcy_pw_runs(const chexcy_pw_geom *g, Py_ssize_t q0, chexcy_pw_run *runs)
+{
+    const Py_ssize_t nr = g->NP - q0 < GEMM_NR ? g->NP - q0 : GEMM_NR;
+    int nrun = 0;
+    for (Py_ssize_t j = 0; j < nr;) {
+        const Py_ssize_t q = q0 + j, p = q % g->P;
+        /* to the end of the output row (the end of the sample at column stride 1 and full rows) */
+        Py_ssize_t len = g->sw == 1 && g->rowstep == g->OW ? g->P - p : g->OW - p % g->OW;
+        if (len > nr - j)
+            len = nr - j;
+        runs[nrun].j0 = j;
+        runs[nrun].len = len;
+        runs[nrun].src = chexcy_pw_off(g, q);
+        nrun++;
+        j += len;
+    }
+    return nrun;
+}
+
+/* dst (kc, GEMM_NR) = X[k0 .. k0 + kc - 1, strip columns], columns at or past NP zero: per row, a copy
+ * (column stride 1) or a stride-2 loop per run. */
+static void chexcy_pw_pack_b(const chexcy_pw_geom *g, const chexcy_pw_run *runs, int nrun, Py_ssize_t k0,
+                             Py_ssize_t kc, float *dst)
+{
+    const Py_ssize_t sw = g->sw;
+    const Py_ssize_t nr = runs[nrun - 1].j0 + runs[nrun - 1].len;
+    const float *row = g->x + k0 * g->cs;
+    for (Py_ssize_t k = 0; k < kc; k++, row += g->cs) {
+        float *d = dst + k * GEMM_NR;
+        if (nrun == 1 && nr == GEMM_NR && sw == 1) {
+            memcpy(d, row + runs[0].src, GEMM_NR * sizeof(float));
+        } else if (nrun == 1 && nr == GEMM_NR && sw == 2) {
+            const float *s = row + runs[0].src;
+            GEMM_UNROLL_ALL for (int j = 0; j < GEMM_NR; j++) d[j] = s[2 * j];
+        } else {
+            for (int r = 0; r < nrun; r++) {
+                const float *s = row + runs[r].src;
+                float *o = d + runs[r].j0;
+                if (sw == 1)
+                    memcpy(o, s, runs[r].len * sizeof(float));
+                else
+                    for (Py_ssize_t j = 0; j < runs[r].len; j++) o[j] = s[j * sw];
+            }
+            for (Py_ssize_t j = nr; j < GEMM_NR; j++) d[j] = 0.0f;
+        }
+    }
+}
+
+/* Prefetch part `part` of `parts` of strip q0's input rows k0 .. k0 + kc - 1: its first, middle and
+ * last column, the lines a copy of 32 floats touches. (Prefetching the output rows for writing as
+ * well was not measurably better, and with 256+ rows fills L1 over the packed strip.) */
+static inline void chexcy_pw_prefetch(const chexcy_pw_geom *g, Py_ssize_t q0, Py_ssize_t k0, Py_ssize_t kc,
+                                      Py_ssize_t part, Py_ssize_t parts)
+{
+    if (q0 >= g->NP)
+        return;
+    const Py_ssize_t last = (g->NP - q0 < GEMM_NR ? g->NP - q0 : GEMM_NR) - 1;
+    const Py_ssize_t o0 = chexcy_pw_off(g, q0), o1 = chexcy_pw_off(g, q0 + last);
+    const Py_ssize_t k_per = (kc + parts - 1) / parts;
+    for (Py_ssize_t k = part * k_per; k < (part + 1) * k_per && k < kc; k++) {
+        const float *r = g->x + (k0 + k) * g->cs;
+        __builtin_prefetch(r + o0, 0, 3);
+        __builtin_prefetch(r + (o0 + o1) / 2, 0, 3);
+        __builtin_prefetch(r + o1, 0, 3);
+    }
+}
+
+/* Floats of one group's packed weight: ceil(Fg / GEMM_MR) strips of GEMM_MR rows for every K block
+ * (the layout of chexcy_cg_pack_a: block kb at kb * GEMM_KC * Fp, strips (kc, GEMM_MR)). */
+static inline Py_ssize_t chexcy_pw_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
+{
+    return (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR * K;
+}
+
+/* Pack K block kb of a weight whose element (f, k) is w[f * rs + k * cs] into ap (layout above). */
+static void chexcy_pw_pack_a(const float *w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t Fg, Py_ssize_t K,
+                             Py_ssize_t kb, float *ap)
+{
+    const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, k0 = kb * GEMM_KC;
+    const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+    chexcy_gemm_pack_a(w, rs, cs, 0, Fg, k0, kc, ap + k0 * Fp);
+}
+
+/* One forward task: strips s0 .. s1 - 1 (columns s GEMM_NR ...) of one group's product, all Fg rows,
+ * all of K.
+ *   g: the group's input columns (g->x at its channel 0); ap: its packed weight; bias: (Fp,) the
+ *   group's bias zero-padded to Fp = Fg rounded up to GEMM_MR; out: (N, ...) with this group's row f
+ *   of sample n at out + n * out_ns + f * P; bbuf: GEMM_KC x GEMM_NR floats (this thread's).
+ * K blocks outermost (each element's blocks in order), then strips, then tiles down the rows: a packed
+ * strip block stays in L1 while the weight block streams from L2. */
+static void chexcy_pw_task(const chexcy_pw_geom *g, const float *ap, const float *bias, Py_ssize_t Fg,
+                           Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float *out, Py_ssize_t out_ns,
+                           float *bbuf)
+{
+    const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, P = g->P, nt = Fp / GEMM_MR;
+    chexcy_pw_run runs[GEMM_NR];
+    float t[GEMM_MR * GEMM_NR] __attribute__((aligned(64)));
+    for (Py_ssize_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+        const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+        const float *ablk = ap + k0 * Fp;
+        for (Py_ssize_t s = s0; s < s1; s++) {
+            const Py_ssize_t q0 = s * GEMM_NR;
+            const int nrun = chexcy_pw_runs(g, q0, runs);
+            const Py_ssize_t nr = g->NP - q0 < GEMM_NR ? g->NP - q0 : GEMM_NR;
+            const int inside = nr == GEMM_NR && q0 % P + GEMM_NR <= P;   /* one sample, every column */
+            /* the pieces of the strip in the output: within one sample each, rows P floats apart */
+            Py_ssize_t pj[GEMM_NR + 1], pdst[GEMM_NR];
+            int npc = 0;
+            for (Py_ssize_t j = 0; j < nr; npc++) {
+                const Py_ssize_t p = (q0 + j) % P;
+                pj[npc] = j;
+                pdst[npc] = (q0 + j) / P * out_ns + p;
+                j += P - p < nr - j ? P - p : nr - j;
+            }
+            pj[npc] = nr;
+            /* the next strip of this task, or the first of the next K block */
+            const Py_ssize_t nq = s + 1 < s1 ? q0 + GEMM_NR : s0 * GEMM_NR;
+            const Py_ssize_t nk0 = s + 1 < s1 ? k0 : k0 + GEMM_KC;
+            const Py_ssize_t nkc = K - nk0 < GEMM_KC ? K - nk0 : GEMM_KC;
+            chexcy_pw_pack_b(g, runs, nrun, k0, kc, bbuf);
+            for (Py_ssize_t q = 0; q < nt; q++) {
+                const Py_ssize_t i0 = q * GEMM_MR, mr = Fg - i0 < GEMM_MR ? Fg - i0 : GEMM_MR;
+                const float *ini = k0 == 0 ? bias + i0 : NULL;
+                float *base = out + i0 * P;
+                if (nk0 < K)
+                    chexcy_pw_prefetch(g, nq, nk0, nkc, q, nt);
+                if (inside && mr == GEMM_MR) {
+                    chexcy_pw_tile(kc, ablk + i0 * kc, bbuf, base + pdst[0], P, ini);
+                    continue;
+                }
+                /* edge: a local tile, its pieces copied from (and back to) their samples */
+                if (!ini) {
+                    memset(t, 0, sizeof t);
+                    for (int r = 0; r < npc; r++)
+                        for (Py_ssize_t i = 0; i < mr; i++)
+                            memcpy(t + i * GEMM_NR + pj[r], base + pdst[r] + i * P,
+                                   (pj[r + 1] - pj[r]) * sizeof(float));
+                }
+                chexcy_pw_tile(kc, ablk + i0 * kc, bbuf, t, GEMM_NR, ini);
+                for (int r = 0; r < npc; r++)
+                    for (Py_ssize_t i = 0; i < mr; i++)
+                        memcpy(base + pdst[r] + i * P, t + i * GEMM_NR + pj[r],
+                               (pj[r + 1] - pj[r]) * sizeof(float));
+            }
+        }
+    }
+}
+
+/* ---- dweight -------------------------------------------------------------------------------------- */
+
+/* A K block of dweight's operands: columns q0 .. q0 + kc - 1 of the batch, in runs within one sample.
+ * Pack rows m0 .. m0 + mc - 1 of dout (row f of sample n at d + n * d_ns + f * P) into strips
+ * (kc, GEMM_MR), strip stride kc * GEMM_MR, rows past mc zero. The GEMM_MR rows are read side by side. */
+static void chexcy_pw_pack_dout(const float *d, Py_ssize_t d_ns, Py_ssize_t P, Py_ssize_t m0, Py_ssize_t mc,
+                                Py_ssize_t q0, Py_ssize_t kc, float *dst)
+{
+    for (Py_ssize_t q = 0; q * GEMM_MR < mc; q++, dst += kc * GEMM_MR) {
+        const Py_ssize_t i0 = m0 + q * GEMM_MR, mr = mc - q * GEMM_MR < GEMM_MR ? mc - q * GEMM_MR : GEMM_MR;
+        for (Py_ssize_t k = 0; k < kc;) {
+            const Py_ssize_t n = (q0 + k) / P, p = (q0 + k) % P;
+            const Py_ssize_t len = P - p < kc - k ? P - p : kc - k;
+            const float *src = d + n * d_ns + i0 * P + p;
+            float *o = dst + k * GEMM_MR;
+            if (mr == GEMM_MR) {
+                for (Py_ssize_t e = 0; e < len; e++, o += GEMM_MR)
+                    GEMM_UNROLL_ALL for (int i = 0; i < GEMM_MR; i++) o[i] = src[i * P + e];
+            } else {
+                for (Py_ssize_t e = 0; e < len; e++, o += GEMM_MR) {
+                    for (Py_ssize_t i = 0; i < mr; i++) o[i] = src[i * P + e];
+                    for (Py_ssize_t i = mr; i < GEMM_MR; i++) o[i] = 0.0f;
+                }
+            }
+            k += len;
+        }
+    }
+}
+
+/* dst (kc, GEMM_NR): row k = x[n, c0 .. c0 + GEMM_NR - 1, p] for column q0 + k = n P + p (channel c at
+ * x + n * x_ns + c * P), channels at or past C zero. The GEMM_NR channel rows are read side by side. */
+static void chexcy_pw_pack_xt(const float *x, Py_ssize_t x_ns, Py_ssize_t P, Py_ssize_t C, Py_ssize_t c0,
+                              Py_ssize_t q0, Py_ssize_t kc, float *dst)
+{
+    const Py_ssize_t nr = C - c0 < GEMM_NR ? C - c0 : GEMM_NR;
+    for (Py_ssize_t k = 0; k < kc;) {
+        const Py_ssize_t n = (q0 + k) / P, p = (q0 + k) % P;
+        const Py_ssize_t len = P - p < kc - k ? P - p : kc - k;
+        const float *src = x + n * x_ns + c0 * P + p;
+        float *o = dst + k * GEMM_NR;
+        if (nr == GEMM_NR) {
+            for (Py_ssize_t e = 0; e < len; e++, o += GEMM_NR)
+                GEMM_UNROLL_ALL for (int j = 0; j < GEMM_NR; j++) o[j] = src[j * P + e];
+        } else {
+            for (Py_ssize_t e = 0; e < len; e++, o += GEMM_NR) {
+                for (Py_ssize_t j = 0; j < nr; j++) o[j] = src[j * P + e];
+                for (Py_ssize_t j = nr; j < GEMM_NR; j++) o[j] = 0.0f;
+            }
+        }
+        k += len;
+    }
+}
+
+/* One dweight task: rows m0 .. m0 + mc - 1 and column strips s0 .. s1 - 1 of one group's dweight
+ * (Fg, Cg), rows ldw floats apart, over all N P columns of the batch (stride 1).
+ *   dout: the group's row 0 of sample 0 (row f of sample n at + n * d_ns + f * P);
+ *   x: the group's channel 0 of sample 0 (channel c of sample n at + n * x_ns + c * P);
+ *   abuf: mc rounded up to GEMM_MR times GEMM_KC floats, bbuf: GEMM_KC x GEMM_NR (this thread's). */
+static void chexcy_pw_dweight_task(const float *dout, Py_ssize_t d_ns, const float *x, Py_ssize_t x_ns,
+                                   Py_ssize_t P, Py_ssize_t NP, Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t m0,
+                                   Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float *dw, Py_ssize_t ldw,
+                                   float *abuf, float *bbuf)
+{
+    float t[GEMM_MR * GEMM_NR] __attribute__((aligned(64)));
+    (void)Fg;
+    for (Py_ssize_t q0 = 0; q0 < NP; q0 += GEMM_KC) {
+        const Py_ssize_t kc = NP - q0 < GEMM_KC ? NP - q0 : GEMM_KC;
+        const int add = q0 > 0;
+        chexcy_pw_pack_dout(dout, d_ns, P, m0, mc, q0, kc, abuf);
+        for (Py_ssize_t s = s0; s < s1; s++) {
+            const Py_ssize_t j0 = s * GEMM_NR, nr = Cg - j0 < GEMM_NR ? Cg - j0 : GEMM_NR;
+            chexcy_pw_pack_xt(x, x_ns, P, Cg, j0, q0, kc, bbuf);
+            for (Py_ssize_t q = 0; q * GEMM_MR < mc; q++) {
+                const Py_ssize_t i0 = m0 + q * GEMM_MR, mr = mc - q * GEMM_MR < GEMM_MR ? mc - q * GEMM_MR : GEMM_MR;
+                float *c = dw + i0 * ldw + j0;
+                if (mr == GEMM_MR && nr == GEMM_NR) {
+                    chexcy_gemm_tile_rows(1, kc, abuf + q * kc * GEMM_MR, bbuf, 0, c, ldw, add);
+                } else {
+                    memset(t, 0, sizeof t);
+                    if (add)
+                        for (Py_ssize_t i = 0; i < mr; i++) memcpy(t + i * GEMM_NR, c + i * ldw, nr * sizeof(float));
+                    chexcy_gemm_tile_rows(1, kc, abuf + q * kc * GEMM_MR, bbuf, 0, t, GEMM_NR, add);
+                    for (Py_ssize_t i = 0; i < mr; i++) memcpy(c + i * ldw, t + i * GEMM_NR, nr * sizeof(float));
+                }
+            }
+        }
+    }
+}
+
+#endif

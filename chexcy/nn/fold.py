@@ -1,0 +1,75 @@
+"""Evaluation-mode shortcuts shared by the deep networks: a convolution and the BatchNorm after it as one
+convolution, with no activation-sized pass of NumPy left for the BatchNorm.
+
+In eval mode BatchNorm2d is the per-channel affine map y = h * s + t with s = gamma / sqrt(running_var +
+eps) and t = beta - running_mean * s. After a convolution h = conv(x, W) + b this is conv(x, W * s) + (b * s
++ t): the scale goes into the (small) weight, the shift into the bias that the conv kernel adds while it
+writes its output. The result equals the two layers' up to float rounding (a few ulp).
+
+Nothing is kept for backward (forward-only evaluation is what eval mode is for). Backward through an
+eval-mode network still works (Grad-CAM, the gradient checks): `FoldedPairs.restore()` reruns the two layers
+unfolded from the kept input, which sets their usual caches, before the backward that needs them.
+"""
+import numpy as np
+
+from chexcy.nn.layers import BatchNorm2d, Conv2d, kernels
+
+
+def foldable(conv, norm):
+    """True when `norm` (eval mode) can be folded into the convolution `conv` before it."""
+    return type(conv) is Conv2d and type(norm) is BatchNorm2d and not norm.training
+
+
+def conv_bn_eval(conv, norm, x):
+    """norm(conv(x)) for eval-mode BatchNorm2d `norm`, as one convolution. x (N, C, H, W) -> (N, F, OH, OW)
+    in x's dtype; the folded weight (F, C // groups, KH, KW) and bias (F,) are formed anew on each call
+    (a pass over the weight, not the activations), so they always follow the current parameters."""
+    dtype = x.dtype
+    scale = norm.weight.data.astype(dtype) / np.sqrt(norm.running_var.astype(dtype) + dtype.type(norm.eps))
+    shift = norm.bias.data.astype(dtype) - norm.running_mean.astype(dtype) * scale
+    if conv.bias is not None:
+        shift += conv.bias.data.astype(dtype) * scale
+    weight = conv.weight.data.astype(dtype) * scale[:, None, None, None]
+    return kernels().conv2d_forward(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class FoldedPairs:
+    """The (conv, norm) pairs a module's last eval forward ran folded, with their inputs, so that a backward
+    can first restore the caches folding skipped. A training forward calls `clear()`."""
+
+    def __init__(self):
+        self._pairs = []
+
+    def clear(self):
+        self._pairs = []
+
+    def run(self, conv, norm, x):
+        """conv_bn_eval(conv, norm, x), remembering x for `restore`."""
+        self._pairs.append((conv, norm, x))
+        return conv_bn_eval(conv, norm, x)
+
+    def restore(self):
+        """Run every folded pair unfolded (its BatchNorm in eval mode, whatever the mode is now), so their
+        backward finds the caches of the forward they stand for."""
+        for conv, norm, x in self._pairs:
+            training, norm.training = norm.training, False
+            try:
+                norm.forward(conv.forward(x))
+            finally:
+                norm.training = training
+        self._pairs = []
+
+
+def run_chain(layers, x, folded):
+    """Apply `layers` in order to x; in eval mode a Conv2d followed by a plain BatchNorm2d runs as one folded
+    convolution (recorded in `folded`, a FoldedPairs). A training forward runs them one by one."""
+    i, n = 0, len(layers)
+    while i < n:
+        layer = layers[i]
+        if i + 1 < n and foldable(layer, layers[i + 1]):
+            x = folded.run(layer, layers[i + 1], x)
+            i += 2
+        else:
+            x = layer.forward(x)
+            i += 1
+    return x

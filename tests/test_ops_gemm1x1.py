@@ -1,0 +1,117 @@
+"""The POINTWISE_GEMM path (chexcy/_ops_pointwise.h): 1x1 convolutions as products whose columns span
+the whole batch, forward, dx and dweight; and the dot-product forward of dense layers of a few rows
+(chexcy_gemm_dot_rows in chexcy/_ops_gemm.h).
+
+Each case is checked to take the path, then compared with the reference on every instruction-set
+variant built here, at 1 thread, and bit for bit at 2 and 3 threads (check_conv_on_every_variant). The
+shapes aim at the kernel's edges: column strips (32 columns on AVX-512, 16 on AVX2, 8 on SSE2) that
+cross one or several sample boundaries or run past the last column (P below, at and just above a strip,
+P = 1, a batch of one), output channels not a multiple of the register tile's rows (12 / 6 / 4), input
+channels not a multiple of a strip (dweight's columns), products deeper than one K block of 256 (forward
+and dx: Cg or Fg > 256; dweight: N P > 256 columns, blocks that cross samples), groups, and strides 2
+and 3 (the subsample gathered by the packing, runs broken at every output row) with odd sizes.
+"""
+import numpy as np
+import pytest
+
+from chexcy import ops, reference
+
+from ops_cases import COMPILED, assert_close, check_conv_on_every_variant, runnable_variants
+
+needs_compiled = pytest.mark.skipif(not COMPILED, reason="the compiled module is not built (fallback-only run)")
+
+# x shape, F, stride, groups
+CASES = [
+    ((1, 16, 1, 1), 8, 1, 1),          # one column in all
+    ((5, 33, 1, 1), 47, 1, 1),         # P = 1: every strip spans 32 (or 8, 16) samples
+    ((3, 17, 3, 5), 9, 1, 1),          # 45 columns, strips across samples, last strip short
+    ((4, 32, 7, 7), 40, 1, 1),         # 7x7: 196 columns, a boundary in most strips
+    ((2, 20, 4, 8), 13, 1, 1),         # P = 32: every strip exactly one sample (AVX-512)
+    ((3, 19, 3, 11), 25, 1, 1),        # P = 33: one column over into every next strip
+    ((1, 300, 6, 7), 30, 1, 1),        # batch 1, K = 300: two K blocks, forward and dweight rows
+    ((2, 48, 5, 5), 270, 1, 1),        # Fg = 270: dx has two K blocks; 22.5 tiles of 12 rows
+    ((3, 70, 11, 13), 29, 1, 1),       # N P = 429: dweight's second K block crosses a sample
+    ((2, 64, 8, 9), 68, 1, 2),         # groups
+    ((3, 48, 5, 6), 36, 1, 3),         # three groups of odd sizes
+    ((2, 40, 9, 11), 26, 2, 1),        # stride 2, odd sizes: runs end at every output row
+    ((1, 24, 40, 37), 16, (2, 1), 1),  # row stride only
+    ((2, 24, 9, 13), 17, (1, 2), 1),   # column stride only
+    ((2, 18, 10, 14), 20, 3, 1),       # stride 3
+    ((3, 32, 13, 13), 24, 2, 2),       # stride 2 with groups
+]
+
+
+def _args(case):
+    x_shape, f, stride, groups = case
+    stride = stride if isinstance(stride, tuple) else (stride, stride)
+    return x_shape, (f, x_shape[1] // groups, 1, 1), stride, (0, 0), (1, 1), groups
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", CASES, ids=[f"x{c[0]}-f{c[1]}-s{c[2]}-g{c[3]}" for c in CASES])
+def test_pointwise_path_every_variant_and_thread_count(case):
+    x_shape, w_shape, stride, padding, dilation, groups = _args(case)
+    with ops.use_backend("cython"):
+        plan = ops.conv2d_plan(x_shape, w_shape, stride, padding, dilation, groups)
+    assert plan.forward == "POINTWISE_GEMM", plan
+    check_conv_on_every_variant(np.random.default_rng(7), x_shape, w_shape, stride, padding, dilation,
+                                groups, case=str(case))
+
+
+@pytest.mark.parametrize("case", CASES[:6] + CASES[11:13], ids=lambda c: f"x{c[0]}-f{c[1]}-s{c[2]}")
+def test_pointwise_active_backend_matches_reference(case):
+    """The active backend (compiled or the fallback) on the same shapes, forward and backward."""
+    x_shape, w_shape, stride, padding, dilation, groups = _args(case)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    args = (stride, padding, dilation, groups)
+    out = ops.conv2d_forward(x, w, b, *args)
+    assert_close(out, reference.conv2d_forward(x, w, b, *args), "conv2d")
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    for label, got, want in zip(("dx", "dweight", "dbias"), ops.conv2d_backward(dout, x, w, *args),
+                                reference.conv2d_backward(dout, x, w, *args)):
+        assert_close(got, want, "conv2d_backward", err_msg=label)
+
+
+@needs_compiled
+def test_pointwise_bias_reaches_every_row_and_column():
+    """Zero input, so the output is the bias alone: every row (the padded tile rows past F must not leak)
+    and every column, including those of strips that cross samples, hold exactly their channel's bias."""
+    x = np.zeros((3, 16, 5, 7), np.float32)
+    w = np.ones((13, 16, 1, 1), np.float32)
+    b = np.arange(1, 14, dtype=np.float32)
+    out = ops.conv2d_forward(x, w, b, (1, 1), (0, 0), (1, 1), 1)
+    np.testing.assert_array_equal(out, np.broadcast_to(b[None, :, None, None], out.shape))
+
+
+# Dense layers of at most 8 rows run as dot products straight from the weight (chexcy_gemm_dot_rows):
+# 8 (AVX-512) or 4 rows of x by 3 or 2 rows of W at a time, sums in 16 / 8 / 4 lanes, 48 outputs per
+# thread unit. Sizes: 1 row, a block and one past it (4, 5, 8), in_features below a vector, not a
+# multiple of one (tail), 2048; out_features not a multiple of 2, 3 or 48; 9 rows take the GEMM again.
+DOT_CASES = [(1, 1, 1), (1, 7, 5), (4, 17, 3), (5, 33, 49), (8, 2048, 100), (8, 515, 97), (3, 16, 145),
+             (9, 40, 50)]
+
+
+@needs_compiled
+@pytest.mark.parametrize("n,k,o", DOT_CASES)
+def test_linear_few_rows_every_variant_and_thread_count(n, k, o):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    w = rng.standard_normal((o, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    for bias in (b, None):
+        want = reference.linear_forward(x, w, bias)
+        for name, mod in runnable_variants():
+            results = {}
+            try:
+                for threads in (1, 2, 3):
+                    mod.set_num_threads(threads)
+                    results[threads] = mod.linear_forward(x, w, bias)
+            finally:
+                mod.set_num_threads(0)
+            assert_close(results[1], want, "linear", err_msg=f"variant {name} ({n}, {k}, {o})")
+            for threads in (2, 3):
+                np.testing.assert_array_equal(results[threads], results[1],
+                                              err_msg=f"variant {name}: {threads} threads differ")
