@@ -8,6 +8,9 @@ Everything else about the package lives in pyproject.toml. What this file decide
       chexcy._ops_avx512   -march=x86-64-v4 (AVX-512), 512-bit vectors preferred
   chexcy._native picks the best variant the running CPU supports, so a portable wheel gets vector speed
   without -march=native. A variant the compiler cannot target is skipped (with a message).
+* `chexcy/_blocks.pyx` (the allocator of the kernels' outputs: 64-byte alignment, the block cache of large
+  arrays) has no arithmetic, so it is built once, without instruction-set flags; every variant cimports it
+  and shares its one cache.
 * Flags: -O3 (never fast-math), OpenMP when a try-compile shows the compiler supports it.
 * Environment switches:
       CHEXCY_NO_OPENMP=1   build without OpenMP (kernels run on one thread)
@@ -35,6 +38,10 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG = os.path.join(HERE, "chexcy")
 CYTHON_BUILD_DIR = os.path.join("build", "cython")
+# What the kernels are compiled from besides the .pyx: the headers (one per job, docs/kernels.md) and the
+# .pxd of their declarations. A change to any of them rebuilds every variant.
+KERNEL_SOURCES = sorted(glob.glob(os.path.join("chexcy", "_ops*.h")) + glob.glob(os.path.join("chexcy", "_ops*.pxd"))
+                        + [os.path.join("chexcy", "_ops.pyx"), os.path.join("chexcy", "_blocks.pxd")])
 
 
 def _flag(name):
@@ -143,7 +150,7 @@ class BuildKernels(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:
-            if ext.name == "chexcy._ops":
+            if ext.name in ("chexcy._ops", "chexcy._blocks"):     # every variant needs both
                 self._give_up(exc)
             else:
                 print(f"chexcy: variant {ext.name} failed to build ({exc}); the baseline module remains")
@@ -171,7 +178,15 @@ def _extensions():
     # .pyx file, so variants are compiled from copies placed in build/cython/variants.
     variant_dir = os.path.join("build", "cython", "variants", "chexcy")
     os.makedirs(variant_dir, exist_ok=True)
-    exts = []
+    blocks = Extension(
+        "chexcy._blocks", [os.path.join("chexcy", "_blocks.pyx")],
+        include_dirs=[PKG],
+        depends=[os.path.join("chexcy", "_blocks.pxd"), os.path.join("chexcy", "_ops_pages.h")],
+        define_macros=[("CHEXCY_DEBUG", "1")] if debug else [],
+        extra_compile_args=list(base_flags),
+        extra_link_args=list(link_flags),
+    )
+    exts = [blocks]
     for name, isa_flags, label in _variants():
         short = name.rsplit(".", 1)[1]
         if short == "_ops":
@@ -182,17 +197,21 @@ def _extensions():
         ext = Extension(
             name, [source],
             include_dirs=[PKG],
-            depends=sorted(glob.glob(os.path.join("chexcy", "_ops*.h"))) + [os.path.join("chexcy", "_ops.pyx")],
+            depends=KERNEL_SOURCES,
             define_macros=[("CHEXCY_VARIANT", f'"{label}"')] + ([("CHEXCY_DEBUG", "1")] if debug else []),
             extra_compile_args=base_flags + isa_flags,
             extra_link_args=link_flags,
         )
         ext.chexcy_isa_flags = isa_flags
         exts.append(ext)
+    # include_path: `from chexcy._ops_kernels cimport *` must find chexcy/_ops_kernels.pxd from the variants'
+    # copies in build/cython/variants too, and under pip's isolated build, which does not put this folder on
+    # sys.path. The headers it names are found through include_dirs.
     out = cythonize(exts, compiler_directives=directives, build_dir=CYTHON_BUILD_DIR, quiet=True,
-                    force=True)
-    for ext, (_, isa_flags, _) in zip(out, _variants()):
-        ext.chexcy_isa_flags = isa_flags
+                    force=True, include_path=[HERE])
+    isa_flags = {name: flags for name, flags, _ in _variants()}
+    for ext in out:
+        ext.chexcy_isa_flags = isa_flags.get(ext.name, [])
     return out
 
 

@@ -6,7 +6,7 @@ C-contiguous float32 and turned stride / padding / dilation / kernel_size into (
 Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kernels trust that.
 """
 # Legend: N batch, C in-channels, F out-channels, G groups, Cg = C // G and Fg = F // G per group,
-# H W input, OH OW output, KH KW kernel, sh sw stride, ph pw padding, dh dw dilation,
+# H W input, OH OW output, KH KW kernel, sh sw stride, ph pw padding, dil_h dil_w dilation,
 # Hp Wp zero-padded input (H + 2*ph, W + 2*pw). Gradients are d + full name (dout, dx, dweight, dbias).
 #
 # Design
@@ -38,8 +38,8 @@ Bounds checks are off (a CHEXCY_DEBUG=1 build turns them back on), so these kern
 #   slower, simple, and tested against the reference like the fast one.
 # * Tile sizes depend on the instruction set (_ops_config.h); setup.py compiles this file once per
 #   instruction-set variant and chexcy._native picks the best one the CPU runs.
-
-import os
+# * The C kernels sit in one header per job, declared in _ops_kernels.pxd; outputs and scratch come from
+#   chexcy._blocks (built once, shared by the variants). docs/kernels.md maps the files.
 
 import numpy as np
 
@@ -49,87 +49,14 @@ from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t
 
-cdef extern from "_ops_config.h" nogil:
-    int omp_get_max_threads()
-    int omp_get_thread_num()
-    int CHEXCY_OPENMP
-    const char* CHEXCY_ISA
-    const char* CHEXCY_VARIANT
-    const char* CHEXCY_CFLAGS
-    const char* CHEXCY_COMPILER
-    enum:
-        FWD_F       # output channels per forward register tile
-        FWD_NR      # output rows per forward register tile
-        FWD_W       # output columns per forward register tile
-        FWD_W1      # output columns of the one-channel tile (leftover channels)
-        FWD_NR3     # output rows of the one-channel tile for 3-row kernels at stride 1
-        FWD_W3      # output columns of that tile
-        FWD_WMAX    # widest tile: the slack a padded buffer needs after its last row
-        DW_F        # output channels per dweight tile (x 3 kernel columns x DW_V lanes)
-        DWR_F       # output channels per 3-kernel-row dweight tile (x 3 x 3 x DW_V lanes)
-        DW_V
-    # register tiles: FWD_F channels x FWD_NR, 2 or 1 rows; 1 channel x 1 row;
-    # 1 channel x FWD_NR3 rows (KH = 3, stride 1, row dilation 1)
-    void chexcy_fwd_tile_rows(Py_ssize_t nr, const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH,
-                              Py_ssize_t KW, Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
-                              Py_ssize_t xrow_step, const float* bias, float* dst, Py_ssize_t dst_fstride,
-                              Py_ssize_t dst_rstride)
-    void chexcy_fwd_tile1(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
-                          Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t xrow_step,
-                          const float* bias, float* dst, Py_ssize_t dst_fstride, Py_ssize_t dst_rstride)
-    void chexcy_fwd_tile1_k3(const float* xt, const float* wt, Py_ssize_t Cg, Py_ssize_t KW,
-                             Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dw, float bias, float* dst,
-                             Py_ssize_t dst_rstride)
-    double chexcy_sum(const float* p, Py_ssize_t n)
-    void chexcy_pad_planes(const float* src, float* dst, Py_ssize_t P, Py_ssize_t H, Py_ssize_t W,
-                           Py_ssize_t ph, Py_ssize_t pw, double* sums)
-    enum:
-        CHEXCY_FILL_AHEAD
-    void chexcy_prefetch_ahead(const float* p, Py_ssize_t ahead, Py_ssize_t n)
-    void chexcy_fill_planes(float* dst, const float* vals, Py_ssize_t hw, float scale, Py_ssize_t j0,
-                            Py_ssize_t j1)
-    float chexcy_lane_total(const float* p)
-    double chexcy_sum_rows(const float* p, Py_ssize_t rows, Py_ssize_t n, Py_ssize_t stride)
-    void chexcy_dw_rows3(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
-                         Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ds,
-                         Py_ssize_t xstep, Py_ssize_t dw, float* part)
-    void chexcy_dw_rows33(const float* xr0, const float** drows, Py_ssize_t NB, Py_ssize_t x_nstride,
-                          Py_ssize_t d_nstride, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t Wp,
-                          Py_ssize_t dw, float* part, Py_ssize_t kh_stride, const float* pf)
+from chexcy._ops_kernels cimport *
+from chexcy._blocks cimport empty_at as _empty_at   # outputs: 64-byte aligned, large ones from the block
+from chexcy._blocks import empty as _empty          # cache (chexcy/_blocks.pyx, built once)
 
 cdef enum:
     DW_CHUNK = 4096     # floats of dout (one channel block) per dweight chunk: 16 KiB, within L1
     DWC_MIN_CG = 64     # input channels per group from which stride-1 dweight is channel-blocked
     DWC_KC = 128        # dout positions per K block of the channel-blocked dweight (_dwc_thread)
-
-cdef extern from "_ops_gemm.h" nogil:
-    enum:
-        GEMM_MR     # rows of C per register tile
-        GEMM_NR     # columns of C per register tile (and per packed B strip)
-    void chexcy_gemm_pack_a(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t m0, Py_ssize_t mc,
-                            Py_ssize_t k0, Py_ssize_t kc, float* dst)
-    void chexcy_gemm_pack_b(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K, Py_ssize_t N,
-                            Py_ssize_t s, float* dst)
-    void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow, const float* a, const float* b,
-                               Py_ssize_t b_rs, float* c, Py_ssize_t ldc, int add)
-
-cdef extern from "_ops_winograd.h" nogil:
-    void chexcy_wino_cols(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
-                          Py_ssize_t r0, Py_ssize_t rows, Py_ssize_t TW, float* pe, float* po, Py_ssize_t ps)
-    void chexcy_wino_rows(const float* pe, const float* po, Py_ssize_t ps, Py_ssize_t TW, Py_ssize_t n,
-                          float* v, Py_ssize_t vs)
-    void chexcy_wino_weight(const float* w, Py_ssize_t C, float* u)
-    void chexcy_wdw_dout_rows(const float* dout, Py_ssize_t F, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t r0,
-                              Py_ssize_t rows, Py_ssize_t W2, Py_ssize_t Fs, float* dt)
-    void chexcy_wdw_dout_tiles(const float* dt, Py_ssize_t Fs, Py_ssize_t TW, Py_ssize_t nty, Py_ssize_t nfb,
-                               Py_ssize_t tq, float* z)
-    void chexcy_wdw_input_tiles(const float* xt, Py_ssize_t wq, Py_ssize_t TW, Py_ssize_t nty, float* v,
-                                Py_ssize_t xs)
-    void chexcy_wdw_weight_row(const float* s, Py_ssize_t nparts, Py_ssize_t ps, Py_ssize_t xs, Py_ssize_t C,
-                               float* acc, float* dw)
-    void chexcy_wino_output(const float* m, Py_ssize_t ms, Py_ssize_t n, float bias, float* y, Py_ssize_t ys)
-    void chexcy_wino_store_rows(const float* y, Py_ssize_t ys, Py_ssize_t TW, float* row, float* out0,
-                                float* out1, Py_ssize_t width)
 
 cdef enum:
     # channels from which a 3x3 stride-1 conv takes Winograd (measured, ref-cnn at 128x128, 2 threads:
@@ -142,87 +69,6 @@ cdef enum:
     WDW_MIN_C = 32      # channels from which a 3x3 stride-1 dweight takes Winograd
     WDW_MIN_F = 24
     WDW_PARTS = 4       # partial sums of the Winograd dweight (fixed by the shape, not the threads)
-
-cdef extern from "_ops_conv_gemm.h" nogil:
-    ctypedef struct chexcy_cg_geom:
-        const float* x
-        Py_ssize_t Hp, Wp, KH, KW, sh, sw, dil_h, dil_w, OW, P
-    enum:
-        GEMM_KC     # K steps per block of the products
-    Py_ssize_t chexcy_cg_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
-    void chexcy_cg_pack_a(const float* w, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t kb, float* ap)
-    void chexcy_cg_task(const chexcy_cg_geom* g, const float* ap, const float* bias, Py_ssize_t Fg,
-                        Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float* out, float* bbuf)
-    void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs, const float* dout,
-                                Py_ssize_t dout_ns, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0,
-                                Py_ssize_t s1, float* dw, float* abuf, float* bbuf)
-    void chexcy_cg_dx_task(const chexcy_cg_geom* g, float* dxp, Py_ssize_t Cg, const float* wt,
-                           const float* dn, Py_ssize_t Fg, Py_ssize_t K, float* bbuf, float* t)
-    void chexcy_cg_phase_split(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
-                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float* dst)
-    void chexcy_cg_phase_taps(Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h,
-                              Py_ssize_t dil_w, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t* off)
-    void chexcy_cg_pack_a_phase(const float* w, Py_ssize_t Fg, Py_ssize_t Cg, Py_ssize_t taps,
-                                const Py_ssize_t* tap, Py_ssize_t T, Py_ssize_t kb, float* ap)
-    void chexcy_cg_dout_pad(const float* d, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t mh, Py_ssize_t mw,
-                            Py_ssize_t Hd, Py_ssize_t Wd, float* dst)
-    void chexcy_cg_dx_phase_task(const float* dp, const Py_ssize_t* off, Py_ssize_t T, Py_ssize_t Fg,
-                                 Py_ssize_t Hd, Py_ssize_t Wd, Py_ssize_t Hq, Py_ssize_t Wq,
-                                 const float* ap, Py_ssize_t Cg, Py_ssize_t a, Py_ssize_t b, Py_ssize_t sh,
-                                 Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t H, Py_ssize_t W,
-                                 Py_ssize_t s0, Py_ssize_t s1, float* dx, float* ct, float* bbuf)
-    void chexcy_cg_task_phase(const float* xq, const Py_ssize_t* off, Py_ssize_t taps, Py_ssize_t cs,
-                              Py_ssize_t Wq, Py_ssize_t OH, Py_ssize_t OW, const float* ap,
-                              const float* bias, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1,
-                              float* out, float* ct, float* bbuf)
-
-cdef extern from "_ops_pointwise.h" nogil:
-    ctypedef struct chexcy_pw_geom:
-        const float* x
-        Py_ssize_t ns, cs, OW, P, rowstep, sw, NP
-    Py_ssize_t chexcy_pw_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
-    void chexcy_pw_pack_a(const float* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t Fg, Py_ssize_t K,
-                          Py_ssize_t kb, float* ap)
-    void chexcy_pw_task(const chexcy_pw_geom* g, const float* ap, const float* bias, Py_ssize_t Fg,
-                        Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float* out, Py_ssize_t out_ns,
-                        float* bbuf)
-    void chexcy_pw_dweight_task(const float* dout, Py_ssize_t d_ns, const float* x, Py_ssize_t x_ns,
-                                Py_ssize_t P, Py_ssize_t NP, Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t m0,
-                                Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float* dw, Py_ssize_t ldw,
-                                float* abuf, float* bbuf)
-
-cdef extern from "_ops_pool.h" nogil:
-    void chexcy_max_pool_plane(const float* x, float* out, int64_t* arg, Py_ssize_t H, Py_ssize_t W,
-                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
-                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                               Py_ssize_t dil_h, Py_ssize_t dil_w, float* best, int32_t* idx, float* row)
-    void chexcy_avg_pool_2x2_row(const float* r0, const float* r1, float* out, Py_ssize_t OW)
-    void chexcy_avg_unpool_2x2_row(const float* g, float* d0, float* d1, Py_ssize_t W, Py_ssize_t OW)
-    void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
-                                 int64_t base, Py_ssize_t W, Py_ssize_t OW)
-    void chexcy_max_unpool_2x2_row(const float* g, const int64_t* arg, float* d0, float* d1, int64_t base,
-                                   Py_ssize_t W, Py_ssize_t OW)
-    int chexcy_argmax_in_2x2_cells(const int64_t* arg, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW)
-
-cdef extern from "_ops_depthwise.h" nogil:
-    enum:
-        CHEXCY_DWC_MAX_TAPS     # kernels of up to this many taps take the DEPTHWISE path
-        CHEXCY_DWC_MAX_STRIDE   # and strides up to this
-    ctypedef struct chexcy_dwc_geom:
-        Py_ssize_t OH, OW, T, B
-    void chexcy_dwc_init(chexcy_dwc_geom* g, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t KH, Py_ssize_t KW,
-                         Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dil_h,
-                         Py_ssize_t dil_w)
-    Py_ssize_t chexcy_dwc_scratch_floats(const chexcy_dwc_geom* g)
-    void chexcy_dwc_forward_unit(const chexcy_dwc_geom* g, Py_ssize_t C, Py_ssize_t u, const float* x,
-                                 const float* w, const float* bias, float* out, float* scratch)
-    void chexcy_dwc_backward_channel(const chexcy_dwc_geom* g, Py_ssize_t N, Py_ssize_t C, Py_ssize_t c,
-                                     const float* dout, const float* x, const float* w, float* dx,
-                                     float* dw, float* dbias, float* scratch)
-
-cdef extern from "_ops_relu.h" nogil:
-    void chexcy_relu(const float* x, float* y, Py_ssize_t n)
-    void chexcy_relu_grad(const float* g, const float* y, float* dx, Py_ssize_t n)
 
 cdef enum:
     # The matrix-product paths (_gemm_conv) need products deep and tall enough to fill the register
@@ -253,203 +99,6 @@ cdef enum:
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
 # ------------------------------------------------------------------------------------------------
-
-cdef extern from "_ops_config.h" nogil:
-    int chexcy_populate(void* addr, size_t n)
-    void* chexcy_map(size_t n)
-    void chexcy_unmap(void* p, size_t n)
-
-POPULATE_MIN = 32 << 20     # bytes: glibc's largest mmap threshold; larger blocks are always fresh pages
-_memory = None
-
-# Large blocks (POPULATE_MIN bytes or more) while glibc is not tuned: chexcy maps them itself and keeps
-# freed ones for the next output of about the same size (see _empty). Oldest evicted first; at most
-# BLOCK_CACHE_SLOTS blocks and _cache_max bytes (CHEXCY_BLOCK_CACHE_MB, default 1024; 0 keeps none).
-# A plain C table: blocks come back from _Block.__dealloc__, where the GIL is held but Python objects
-# may already be gone (interpreter shutdown).
-cdef enum:
-    BLOCK_CACHE_SLOTS = 8
-    PAGE_BYTES = 4096
-cdef void* _cache_ptr[BLOCK_CACHE_SLOTS]
-cdef size_t _cache_len[BLOCK_CACHE_SLOTS]
-cdef int _cache_n = 0
-cdef size_t _cache_bytes = 0
-cdef size_t _cache_max = 1 << 30
-
-
-def _set_block_cache_mb(value):
-    """Cap the block cache from CHEXCY_BLOCK_CACHE_MB (a whole number of MB, 0 = keep nothing)."""
-    global _cache_max
-    text = str(value).strip() or "1024"      # set but empty: the default
-    if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"CHEXCY_BLOCK_CACHE_MB must be a whole number of MB (0 = no cache), got {value!r}")
-    _cache_max = <size_t>min(int(text), 1 << 30) << 20
-    _cache_trim(0)
-
-
-_set_block_cache_mb(os.environ.get("CHEXCY_BLOCK_CACHE_MB", "1024"))
-
-
-cdef void* _cache_remove(int i) noexcept:
-    """Take block i out of the table (closing the gap, oldest first still) and return its address."""
-    global _cache_n, _cache_bytes
-    cdef void* p = _cache_ptr[i]
-    _cache_bytes -= _cache_len[i]
-    _cache_n -= 1
-    for i in range(i, _cache_n):
-        _cache_ptr[i] = _cache_ptr[i + 1]
-        _cache_len[i] = _cache_len[i + 1]
-    return p
-
-
-cdef void _cache_drop(int i) noexcept:
-    """Unmap cached block i."""
-    cdef size_t n = _cache_len[i]
-    chexcy_unmap(_cache_remove(i), n)
-
-
-cdef void _cache_trim(size_t room) noexcept:
-    """Evict the oldest blocks until one more block of `room` bytes fits."""
-    while _cache_n > 0 and (_cache_n >= BLOCK_CACHE_SLOTS or _cache_bytes + room > _cache_max):
-        _cache_drop(0)
-
-
-cdef void _cache_put(void* p, size_t n) noexcept:
-    global _cache_n, _cache_bytes
-    if n > _cache_max:
-        chexcy_unmap(p, n)
-        return
-    _cache_trim(n)
-    _cache_ptr[_cache_n] = p
-    _cache_len[_cache_n] = n
-    _cache_n += 1
-    _cache_bytes += n
-
-
-cdef void* _cache_take(size_t n, size_t* got) noexcept:
-    """The smallest cached block of n to n + n/4 bytes (then no longer cached), or NULL."""
-    cdef int i, best = -1
-    for i in range(_cache_n):
-        if n <= _cache_len[i] <= n + n // 4 and (best < 0 or _cache_len[i] < _cache_len[best]):
-            best = i
-    if best < 0:
-        return NULL
-    got[0] = _cache_len[best]
-    return _cache_remove(best)
-
-
-def _release_block_cache():
-    """Unmap every cached block; returns the bytes released."""
-    cdef size_t released = _cache_bytes
-    while _cache_n > 0:
-        _cache_drop(0)
-    return released
-
-
-def _block_cache_info():
-    """(blocks, bytes) held by the cache now, and its byte cap."""
-    return _cache_n, _cache_bytes, _cache_max
-
-
-cdef class _Block:
-    """Mapped pages behind one large array (exported as bytes); cached again when the array dies."""
-    cdef void* ptr
-    cdef Py_ssize_t nbytes
-    cdef Py_ssize_t shape[1]
-    cdef Py_ssize_t strides[1]
-
-    def __getbuffer__(self, Py_buffer* view, int flags):
-        self.shape[0] = self.nbytes
-        self.strides[0] = 1
-        view.buf = self.ptr
-        view.obj = self
-        view.len = self.nbytes
-        view.readonly = 0
-        view.itemsize = 1
-        view.format = "B"
-        view.ndim = 1
-        view.shape = self.shape
-        view.strides = self.strides
-        view.suboffsets = NULL
-        view.internal = NULL
-
-    def __releasebuffer__(self, Py_buffer* view):
-        pass
-
-    def __dealloc__(self):
-        if self.ptr != NULL:
-            _cache_put(self.ptr, self.nbytes)
-            self.ptr = NULL
-
-
-cdef object _block_array(Py_ssize_t n, tuple dims, dtype, void** data):
-    """An array of n bytes on a cached block, or on fresh pages populated in one system call."""
-    cdef size_t size = 0
-    cdef void* p = _cache_take(n, &size)
-    if p == NULL:
-        size = (n + PAGE_BYTES - 1) // PAGE_BYTES * PAGE_BYTES
-        if size <= _cache_max:       # will be cached when freed: make room now, so that evicted pages
-            _cache_trim(size)        # go back to the system before new ones come
-        p = chexcy_map(size)
-        if p == NULL:
-            raise MemoryError(f"cannot map {size} bytes for an array of shape {dims}")
-        chexcy_populate(p, size)
-    try:
-        block = _Block.__new__(_Block)
-    except BaseException:
-        chexcy_unmap(p, size)
-        raise
-    (<_Block>block).ptr = p
-    (<_Block>block).nbytes = size
-    if data != NULL:
-        data[0] = p
-    return np.frombuffer(block, np.uint8, n).view(dtype).reshape(dims)
-
-
-cdef bint _pages_may_be_fresh():
-    """False once chexcy.memory.reuse_freed_memory() has made glibc reuse freed blocks (training)."""
-    global _memory
-    if _memory is None:
-        from chexcy import memory as _m
-        _memory = _m
-    return not _memory.reusing_freed_memory()
-
-
-def _empty(shape, dtype=np.float32):
-    """np.empty(shape, dtype) whose data starts on a 64-byte boundary (a cache line), its pages mapped.
-
-    Alignment: NumPy's own large arrays start 16 bytes past a page, so every full-width vector store
-    into them straddles two cache lines; the kernels bound by their stores (conv outputs, fills) are
-    2-8% faster aligned.
-    Pages: glibc serves blocks above its largest mmap threshold (32 MB) with fresh mmap()ed pages on
-    every call, unless chexcy.memory.reuse_freed_memory() was called, and unmaps them on free. Fresh
-    pages fault in one at a time under whichever thread touches them first, and in this VM two threads
-    faulting at once were 15x slower than one: conv1's forward (a 33.5 MB output) took 51 ms at 2
-    threads against 3.2 ms at 1. So such blocks come from chexcy's own block cache instead
-    (_block_array): a block freed by an earlier output of about the same size is reused as it is
-    (conv1's forward, called in a loop: 2.5 -> 1.0 ms at 2 threads), and a new one is populated with
-    one madvise(MADV_POPULATE_WRITE) before the kernels write it (chexcy_populate, ~2x faster than
-    faulting even on one thread). Smaller outputs are reused by glibc after the first call anyway, and
-    populating pages that are already mapped would still cost a page-table walk (20 us for 4 MB)."""
-    return _empty_at(shape, dtype, NULL)
-
-
-cdef object _empty_at(shape, dtype, void** data):
-    """_empty(shape, dtype), and its data pointer in *data unless data is NULL."""
-    cdef Py_ssize_t n = 4 if dtype is np.float32 else np.dtype(dtype).itemsize, off, k
-    cdef unsigned char[::1] bv
-    cdef tuple dims = tuple(shape)
-    for k in range(len(dims)):
-        n *= <Py_ssize_t>dims[k]
-    if n >= POPULATE_MIN and _pages_may_be_fresh():
-        return _block_array(n, dims, dtype, data)
-    buf = np.empty(n + 64, np.uint8)
-    bv = buf
-    off = (64 - <size_t>&bv[0] % 64) % 64
-    if data != NULL:
-        data[0] = &bv[off]
-    return buf[off:off + n].view(dtype).reshape(shape)
-
 
 cdef int _requested_threads = 0     # 0 = not set: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
 _MAX_THREADS = 4096
@@ -500,17 +149,6 @@ def build_info():
     }
 
 
-# A CHEXCY_DEBUG=1 build (bounds checks on) also defines the C macro CHEXCY_DEBUG; build_info reports it.
-cdef extern from *:
-    """
-    #ifdef CHEXCY_DEBUG
-    #define CHEXCY_DEBUG_BUILD 1
-    #else
-    #define CHEXCY_DEBUG_BUILD 0
-    #endif
-    """
-    int CHEXCY_DEBUG_BUILD
-
 _DEBUG_BUILD = bool(CHEXCY_DEBUG_BUILD)
 
 
@@ -528,15 +166,15 @@ cdef void _pad_planes(
 
 cdef void _pad_shifted(
         const float* src,           # IN  (P, H, W)
-        float* dst,                 # OUT (KW, P, Hp, OW): dst[kw, p, r, j] = padded x[p, r, j + kw * dw]
+        float* dst,                 # OUT (KW, P, Hp, OW): dst[kw, p, r, j] = padded x[p, r, j + kw * dil_w]
         Py_ssize_t P, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Hp, Py_ssize_t OW, Py_ssize_t KW,
-        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dw) noexcept nogil:
+        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dil_w) noexcept nogil:
     """For planes narrower than a tile: one copy of the padded input per kernel column, each row cut to
     the OW columns that kernel column reads, so consecutive rows are contiguous (see _conv_core)."""
     cdef Py_ssize_t kw, p, r, j0, j1, shift
     cdef float* d
     for kw in range(KW):
-        shift = kw * dw - pw                        # input column of output column 0
+        shift = kw * dil_w - pw                        # input column of output column 0
         j0 = min(OW, max(0, -shift))                # output columns [j0, j1) read inside the input
         j1 = max(j0, min(OW, W - shift))
         for p in range(P):
@@ -891,9 +529,9 @@ cdef _conv_core(
 #   SPREAD              dx, dweight of a stride > 1: dout spread onto the stride-1 grid (zeros between)
 #   SUBSAMPLED          a strided 1x1 without padding: a stride-1 one on the sampled pixels
 
-cdef bint _is_winograd(Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dh, int dw,
+cdef bint _is_winograd(Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dil_h, int dil_w,
                        int groups, Py_ssize_t min_c, Py_ssize_t min_f):
-    return (groups == 1 and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
+    return (groups == 1 and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dil_h == 1 and dil_w == 1
             and Cg >= min_c and Fg >= min_f)
 
 
@@ -902,9 +540,9 @@ cdef bint _is_pointwise(Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t KH, Py_ssize_t 
 
 
 cdef bint _is_first_layer(Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, Py_ssize_t KH, Py_ssize_t KW,
-                          int sh, int sw, int ph, int pw, int dh, int dw, int groups):
-    return (groups == 1 and C == 1 and sh == 1 and sw == 1 and KH == 3 and dh == 1
-            and ph <= 2 and pw <= dw * (KW - 1)
+                          int sh, int sw, int ph, int pw, int dil_h, int dil_w, int groups):
+    return (groups == 1 and C == 1 and sh == 1 and sw == 1 and KH == 3 and dil_h == 1
+            and ph <= 2 and pw <= dil_w * (KW - 1)
             # its per-sample lane sums: N x ceil(F / DW_F) x 3 x ceil(KW / 3) x DW_F x 3 x DW_V floats
             and N * ((F + DW_F - 1) // DW_F) * 9 * ((KW + 2) // 3) * DW_F * DW_V * 4 <= (64 << 20))
 
@@ -916,16 +554,16 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     cdef Py_ssize_t N = x_shape[0], C = x_shape[1]
     cdef Py_ssize_t F = w_shape[0], Cg = w_shape[1], KH = w_shape[2], KW = w_shape[3]
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
-    cdef int dh = dilation[0], dw = dilation[1]
+    cdef int dil_h = dilation[0], dil_w = dilation[1]
     cdef Py_ssize_t Fg = F // groups
     cdef bint strided = sh > 1 or sw > 1
-    cdef bint reach_ok = ph <= dh * (KH - 1) and pw <= dw * (KW - 1)
+    cdef bint reach_ok = ph <= dil_h * (KH - 1) and pw <= dil_w * (KW - 1)
     stride1 = (1, 1)
     if (groups == C and F == C and (strided or C > 1) and KH * KW <= CHEXCY_DWC_MAX_TAPS
             and sh <= CHEXCY_DWC_MAX_STRIDE and sw <= CHEXCY_DWC_MAX_STRIDE):
         return "DEPTHWISE", "DEPTHWISE", "DEPTHWISE"
     # forward
-    if _is_winograd(Cg, Fg, KH, KW, sh, sw, dh, dw, groups, WINO_MIN_C, WINO_MIN_F):
+    if _is_winograd(Cg, Fg, KH, KW, sh, sw, dil_h, dil_w, groups, WINO_MIN_C, WINO_MIN_F):
         fwd = "WINOGRAD"
     elif _is_pointwise(Cg, Fg, KH, KW, ph, pw):
         fwd = "POINTWISE_GEMM"
@@ -942,7 +580,7 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     else:
         fwd = "DIRECT"
     # backward
-    if _is_first_layer(N, C, F, KH, KW, sh, sw, ph, pw, dh, dw, groups):
+    if _is_first_layer(N, C, F, KH, KW, sh, sw, ph, pw, dil_h, dil_w, groups):
         return fwd, "FIRST_LAYER", "FIRST_LAYER"
     if _is_pointwise(Cg, Fg, KH, KW, ph, pw) and _is_pointwise(Fg, Cg, KH, KW, ph, pw):
         return fwd, "POINTWISE_GEMM", "POINTWISE_GEMM"
@@ -956,11 +594,11 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
         return fwd, "SPREAD>" + dx, "SPREAD>" + dwt
     if not strided and reach_ok:
         # dx is the forward conv of dout with the kernel flipped and in/out channels swapped
-        dx = "WINOGRAD" if _is_winograd(Fg, Cg, KH, KW, 1, 1, dh, dw, groups, WINO_MIN_C, WINO_MIN_F) \
+        dx = "WINOGRAD" if _is_winograd(Fg, Cg, KH, KW, 1, 1, dil_h, dil_w, groups, WINO_MIN_C, WINO_MIN_F) \
             else "DIRECT"
     else:
         dx = "PLAIN"
-    if _is_winograd(C, F, KH, KW, sh, sw, dh, dw, groups, WDW_MIN_C, WDW_MIN_F):
+    if _is_winograd(C, F, KH, KW, sh, sw, dil_h, dil_w, groups, WDW_MIN_C, WDW_MIN_F):
         dwt = "WINOGRAD"
     elif not strided and Cg >= DWC_MIN_CG:
         dwt = "CHANNEL_BLOCKED"
@@ -1192,11 +830,11 @@ def _im2col_forward_phase(x, weight, bias, stride, padding, dilation, int groups
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
-    cdef int dh = dilation[0], dw = dilation[1]
+    cdef int dil_h = dilation[0], dil_w = dilation[1]
     N, _, H, W = x.shape
     F, _, KH, KW = weight.shape
-    OH = _conv_out_size(H, KH, sh, ph, dh)
-    OW = _conv_out_size(W, KW, sw, pw, dw)
+    OH = _conv_out_size(H, KH, sh, ph, dil_h)
+    OW = _conv_out_size(W, KW, sw, pw, dil_w)
     path = conv_plan(x.shape, weight.shape, stride, padding, dilation, groups)[0]
     if path.startswith("SUBSAMPLED>"):
         x_sub = np.ascontiguousarray(x[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
@@ -1211,15 +849,15 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     if path == "POINTWISE_GEMM":
         _pw_conv(x, weight, b, out, groups, sh, sw)
     elif path == "IM2COL_GEMM" and weight.shape[1] * KH * KW >= GEMM_PHASE_MIN_K:
-        _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
+        _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
     elif path == "IM2COL_GEMM":
-        _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
+        _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
     elif path == "DEPTHWISE":
-        _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dh, dw)
+        _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dil_h, dil_w)
     elif path == "WINOGRAD":
         _wino_conv(x, weight, b, out, ph, pw)
     else:                   # DIRECT, PLAIN (_conv_rows takes the strided loop for sw > 1)
-        _conv_core(x, weight, b, out, groups, sh, sw, ph, pw, dh, dw)
+        _conv_core(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
     return out
 
 
@@ -1936,7 +1574,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     """dout (N, F, OH, OW), x (N, C, H, W), weight (F, C // groups, KH, KW)
     -> (dx like x, dweight like weight, dbias (F,)). Paths: conv_plan (the table above)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
-    cdef int dh = dilation[0], dw = dilation[1]
+    cdef int dil_h = dilation[0], dil_w = dilation[1]
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = weight.shape[0], Cg = weight.shape[1], KH = weight.shape[2], KW = weight.shape[3]
@@ -1948,9 +1586,9 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     _, dx_path, dw_path = conv_plan(x.shape, weight.shape, stride, padding, dilation, groups)
 
     if dx_path == "FIRST_LAYER":
-        return _backward_one_channel(dout, x, weight, ph, pw, dw)
+        return _backward_one_channel(dout, x, weight, ph, pw, dil_w)
     if dx_path == "DEPTHWISE":
-        return _depthwise_backward(dout, x, weight, sh, sw, ph, pw, dh, dw)
+        return _depthwise_backward(dout, x, weight, sh, sw, ph, pw, dil_h, dil_w)
 
     dbias = np.empty(F, np.float32)
     cdef float[::1] dbv = dbias
@@ -1960,10 +1598,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
 
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Hs, Ws
     if dx_path == "IM2COL_GEMM":
-        return (_gemm_conv_dx_phase(dout, weight, x.shape, groups, sh, sw, ph, pw, dh, dw)
+        return (_gemm_conv_dx_phase(dout, weight, x.shape, groups, sh, sw, ph, pw, dil_h, dil_w)
                 if Cg >= GEMM_DX_PHASE_MIN_CG and OH * OW >= GEMM_DX_PHASE_MIN_P
-                else _gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dh, dw),
-                _gemm_conv_dweight(dout, x, KH, KW, groups, sh, sw, ph, pw, dh, dw), dbias)
+                else _gemm_conv_dx(dout, weight, x.shape, groups, sh, sw, ph, pw, dil_h, dil_w),
+                _gemm_conv_dweight(dout, x, KH, KW, groups, sh, sw, ph, pw, dil_h, dil_w), dbias)
     if dx_path == "POINTWISE_GEMM" or dx_path.startswith("SUBSAMPLED>"):
         if sh > 1 or sw > 1:
             # a strided 1x1 convolution (a residual shortcut) is a stride-1 one on the sampled pixels
@@ -1982,7 +1620,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     if dx_path.startswith("SPREAD>"):
         Hs = (OH - 1) * sh + 1
         Ws = (OW - 1) * sw + 1
-        dout_s = np.zeros((N, F, H + 2 * ph - dh * (KH - 1), W + 2 * pw - dw * (KW - 1)), np.float32)
+        dout_s = np.zeros((N, F, H + 2 * ph - dil_h * (KH - 1), W + 2 * pw - dil_w * (KW - 1)), np.float32)
         dout_s[:, :, :Hs:sh, :Ws:sw] = dout
         dx, dweight, _ = conv2d_backward(dout_s, x, weight, (1, 1), padding, dilation, groups)
         return dx, dweight, dbias
@@ -1995,10 +1633,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         wt = (weight.reshape(groups, Fg, Cg, KH, KW)[:, :, :, ::-1, ::-1]
               .transpose(0, 2, 1, 3, 4).reshape(C, Fg, KH, KW))
         _conv_core(dout, np.ascontiguousarray(wt), np.zeros(C, np.float32), dx, groups,
-                   1, 1, dh * (KH - 1) - ph, dw * (KW - 1) - pw, dh, dw)
+                   1, 1, dil_h * (KH - 1) - ph, dil_w * (KW - 1) - pw, dil_h, dil_w)
     else:
         for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-            _dx_plane(dv, wv, dxv, u, groups, sh, sw, ph, pw, dh, dw)
+            _dx_plane(dv, wv, dxv, u, groups, sh, sw, ph, pw, dil_h, dil_w)
 
     if dw_path == "WINOGRAD":
         dweight, dbias = _dweight_winograd(dout, x, ph, pw)
@@ -2007,7 +1645,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     # 2 threads: conv4, 64 channels, 8.3 -> 7.7 ms for the whole backward on AVX-512; 32 channels there
     # and 16 on SSE2 (two of its 8-channel tiles) were 3% and 10% slower than the lane-sum kernel below)
     if dw_path == "CHANNEL_BLOCKED":
-        dweight, dbias = _dweight_blocked(dout, x, KH, KW, groups, ph, pw, dh, dw)
+        dweight, dbias = _dweight_blocked(dout, x, KH, KW, groups, ph, pw, dil_h, dil_w)
         return dx, dweight, dbias
     dweight = np.empty((F, Cg, KH, KW), np.float32)
     cdef float[:, :, :, ::1] dwv = dweight
@@ -2020,10 +1658,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         rows = max(1, DW_CHUNK // (DW_F * OW))
         nb = max(1, min(N, rows // OH)) if rows >= OH else 1
         # x zero-padded once, shared read-only by all units; slack: kernel-column groups of 3 may
-        # read up to 2 * dw past the last row (into lanes whose sums are never stored)
+        # read up to 2 * dil_w past the last row (into lanes whose sums are never stored)
         Hp = H + 2 * ph
         Wp = W + 2 * pw
-        xpad_flat = _empty((N * C * Hp * Wp + 3 * dw + DW_V,))
+        xpad_flat = _empty((N * C * Hp * Wp + 3 * dil_w + DW_V,))
         xpad_flat[N * C * Hp * Wp:] = 0     # the slack; _pad_planes writes every float of the planes
         pad_s = xpad_flat[:N * C * Hp * Wp].reshape(N * C, Hp * Wp)
         for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
@@ -2037,10 +1675,10 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
             tid = omp_get_thread_num()
             _dw_block(dv, xv, dwv, &pad_s[0, 0], u, min(rows, OH), nb, &part_s[tid, 0], &part_s[tid, part_n],
-                      &dbv[0], groups, sh, ph, pw, dh, dw)
+                      &dbv[0], groups, sh, ph, pw, dil_h, dil_w)
     else:
         for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
-            _dw_plain(dv, xv, dwv, u, groups, sh, sw, ph, pw, dh, dw)
+            _dw_plain(dv, xv, dwv, u, groups, sh, sw, ph, pw, dil_h, dil_w)
     return dx, dweight, dbias
 
 
@@ -2375,21 +2013,6 @@ def relu_backward(dout, y):
 # whichever task computes it, so the result is bitwise the same for any thread count (see _ops_gemm.h).
 
 
-cdef extern from "_ops_gemm.h" nogil:
-    enum:
-        GEMM_MC     # rows of C per task at most
-        GEMM_SERIAL_MADDS   # below this many multiply-adds a product runs on one thread
-    Py_ssize_t chexcy_gemm_abuf_floats(Py_ssize_t mc, Py_ssize_t K)
-    void chexcy_gemm_task(const float* A, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t m0, Py_ssize_t mc,
-                          Py_ssize_t K, const float* bp, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t N,
-                          const float* init, float* C, Py_ssize_t ldc, float* abuf)
-    void chexcy_col_sums(const float* d, Py_ssize_t M, Py_ssize_t ld, Py_ssize_t j0, Py_ssize_t n, float* out)
-    enum:
-        GEMM_DOT_M  # dense layers of at most this many rows run as dot products
-    void chexcy_gemm_dot_rows(const float* x, Py_ssize_t M, Py_ssize_t K, const float* w, Py_ssize_t j0,
-                              Py_ssize_t j1, const float* bias, float* out, Py_ssize_t ldo)
-
-
 cdef void _gemm_task(
         const float* A, Py_ssize_t a_rs, Py_ssize_t a_cs, Py_ssize_t M, Py_ssize_t K,   # IN A (M, K)
         const float* bp, Py_ssize_t N, const float* init,      # IN packed B (K, N) strips, init (N_pad,)
@@ -2539,29 +2162,6 @@ def linear_backward(dout, x, weight):
 # combine in the same order, so they, and the thread count, give the same bits.
 
 from libc.math cimport sqrt
-
-cdef extern from "_ops_batchnorm.h" nogil:
-    void chexcy_bn_plane_stats(const float* p, Py_ssize_t n, double* sum, double* m2)
-    void chexcy_bn_plane_grad_sums(const float* g, const float* x, Py_ssize_t n, double mean,
-                                   double* sum_g, double* sum_gx)
-    void chexcy_bn_apply(const float* x, float* out, Py_ssize_t n, float m, float a, float b)
-    void chexcy_bn_apply_grad(const float* g, const float* x, float* dx, Py_ssize_t n, float m, float a,
-                              float b, float c)
-    void chexcy_bn_combine(const double* ps, const double* pm, Py_ssize_t N, Py_ssize_t hw, double* mean,
-                           double* var)
-    void chexcy_bn_coefficients(double mean, double var, float weight, float bias, double eps, float* k)
-    void chexcy_bn_grad_coefficients(float var, float weight, double sg, double sgx, double M, double eps,
-                                     float* k)
-    enum:
-        CHEXCY_BN_BLOCK
-    void chexcy_bn_forward_block(const float* x, float* out, Py_ssize_t N, Py_ssize_t xs, Py_ssize_t hw,
-                                 Py_ssize_t c0, Py_ssize_t c1, const float* weight, const float* bias,
-                                 double eps, double* scratch, float* mean, float* var)
-    void chexcy_bn_backward_block(const float* g, const float* x, float* dx, Py_ssize_t N, Py_ssize_t xs,
-                                  Py_ssize_t hw, Py_ssize_t c0, Py_ssize_t c1, const float* mean,
-                                  const float* var, const float* weight, double eps, float* dweight,
-                                  float* dbias)
-
 
 cdef enum:
     BN_BLOCKS_PER_THREAD = 4

@@ -13,7 +13,7 @@ so it is not done at import; set CHEXCY_MALLOC_TUNING=0 to leave the allocator a
 elsewhere this is a no-op.
 
 Without that tuning (chexcy.ops called from a user's own loop) the compiled ops still reuse their own
-large arrays: blocks of 32 MB or more come from a cache of freed blocks in chexcy._ops, at most 8 blocks
+large arrays: blocks of 32 MB or more come from a cache of freed blocks in chexcy._blocks, at most 8 blocks
 and CHEXCY_BLOCK_CACHE_MB (default 1024; 0 disables it). `release_cached_blocks()` gives them back, and
 `reuse_freed_memory()` empties and stops that cache, since glibc then keeps freed blocks itself.
 """
@@ -60,20 +60,22 @@ def reuse_freed_memory():
     return ok
 
 
-def _kernel_modules():
-    """The compiled kernel modules imported so far (normally one; a test may import every variant)."""
-    from chexcy import _native
-    return [sys.modules[name] for name, _ in _native.VARIANTS.values() if name in sys.modules]
+def _block_cache():
+    """chexcy._blocks, where the compiled ops (every variant) take their large arrays, once they have loaded
+    it; else None."""
+    return sys.modules.get("chexcy._blocks")
 
 
 def _stop_block_cache():
     """glibc now keeps every freed block itself, so the compiled ops map no blocks of their own: unmap
-    the ones their caches hold, and those still in use when they are freed."""
-    for module in _kernel_modules():
-        module._set_block_cache_mb(0)
+    the ones the cache holds, and those still in use when they are freed."""
+    blocks = _block_cache()
+    if blocks is not None:
+        blocks.set_cache_mb(0)
 
 
 def release_cached_blocks():
     """Unmap the freed large blocks the compiled ops keep for reuse; returns the bytes released (0 when
     the compiled backend was never loaded, or nothing was cached)."""
-    return sum(int(module._release_block_cache()) for module in _kernel_modules())
+    blocks = _block_cache()
+    return 0 if blocks is None else int(blocks.release_cache())

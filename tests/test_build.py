@@ -100,6 +100,42 @@ def test_chexcy_isa_forces_or_refuses_a_variant(isa, ok, tmp_path):
         assert proc.stdout.startswith("REFUSED") and "bogus" in proc.stdout, proc.stdout
 
 
+def _kernel_sources():
+    """Every file the compiled modules are built from: _ops.pyx and _blocks.pyx, the .pxd files they cimport
+    from chexcy, and every header those declare or include (followed through the headers' #include "...")."""
+    import re
+    pkg = os.path.dirname(chexcy.__file__)
+    todo, seen = ["_ops.pyx", "_blocks.pyx"], []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.append(name)
+        with open(os.path.join(pkg, name)) as fh:
+            text = fh.read()
+        todo += [m + ".pxd" for m in re.findall(r"^from chexcy\.(\w+) cimport", text, re.M)]
+        todo += re.findall(r'^cdef extern from "([^"]+)"', text, re.M)
+        todo += re.findall(r'^#include "([^"]+)"', text, re.M)
+    return pkg, sorted(seen)
+
+
+def test_every_kernel_source_ships_with_the_package():
+    # setup.py compiles _ops.pyx (and its copies for the variants) against chexcy/: a header or .pxd missing
+    # from pyproject.toml's package-data would build here and fail in an sdist or a wheel built from one.
+    import fnmatch
+    import tomllib
+    pkg, sources = _kernel_sources()
+    with open(os.path.join(os.path.dirname(pkg), "pyproject.toml"), "rb") as fh:
+        setuptools_conf = tomllib.load(fh)["tool"]["setuptools"]
+    shipped = setuptools_conf["package-data"]["chexcy"]
+    dropped = setuptools_conf.get("exclude-package-data", {}).get("chexcy", [])
+    assert {"_ops_kernels.pxd", "_blocks.pxd", "_ops_config.h", "_ops_pages.h"} <= set(sources), sources
+    for name in sources:
+        assert os.path.isfile(os.path.join(pkg, name)), f"{name} is named by the kernels but not in chexcy/"
+        assert any(fnmatch.fnmatch(name, pat) for pat in shipped), f"{name} is not in package-data {shipped}"
+        assert not any(fnmatch.fnmatch(name, pat) for pat in dropped), f"{name} is excluded by {dropped}"
+
+
 def test_no_generated_c_next_to_the_sources():
     pkg = os.path.dirname(chexcy.__file__)
     leftovers = [f for f in os.listdir(pkg) if f.endswith((".c", ".html"))]

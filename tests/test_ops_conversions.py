@@ -138,10 +138,9 @@ def test_compiled_store_bound_outputs_start_on_a_cache_line(rng):
 def test_compiled_large_outputs_are_ordinary_arrays():
     """Outputs above glibc's largest mmap threshold (32 MB) have their pages populated up front
     (madvise); they are still plain, aligned, writeable arrays of the requested shape and dtype."""
-    from chexcy import _native
-    mod = _native.load()
+    from chexcy import _blocks
     for dtype in (np.float32, np.int64):
-        a = mod._empty((3, 1 << 22), dtype)                 # 48 / 96 MB
+        a = _blocks.empty((3, 1 << 22), dtype)                 # 48 / 96 MB
         assert a.shape == (3, 1 << 22) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
         assert a.ctypes.data % 64 == 0
         a[...] = 7
@@ -151,25 +150,24 @@ def test_compiled_large_outputs_are_ordinary_arrays():
 BLOCK_CACHE_SCRIPT = r"""
 import json
 import numpy as np
-from chexcy import _native, ops
-mod = _native.load()
+from chexcy import _blocks, ops
 MB = 1 << 20
 steps = []
 def step(name):                                         # cached (blocks, MB) after each step
-    blocks, nbytes, cap = mod._block_cache_info()
+    blocks, nbytes, cap = _blocks.cache_info()
     steps.append([name, blocks, nbytes // MB])
 step("start")
-a = mod._empty((9, MB))                                 # 36 MB of float32: above glibc's mmap threshold
+a = _blocks.empty((9, MB))                                 # 36 MB of float32: above glibc's mmap threshold
 addr = a.ctypes.data
 a[...] = 3
 assert float(a.sum(dtype=np.float64)) == 3.0 * a.size and a.ctypes.data % 4096 == 0
 step("36 live")
 del a
 step("36 freed")
-b = mod._empty((9, MB))
+b = _blocks.empty((9, MB))
 same = b.ctypes.data == addr
 step("36 again")
-c = mod._empty((3, 4 * MB), np.int64)                  # 96 MB
+c = _blocks.empty((3, 4 * MB), np.int64)                  # 96 MB
 assert c.dtype == np.int64 and c.shape == (3, 4 * MB) and c.ctypes.data != b.ctypes.data
 view = b[4:]
 del b
@@ -177,7 +175,7 @@ step("view alive")
 view[...] = 1
 del view
 step("view freed")
-small = mod._empty((2, MB))                             # 8 MB: glibc's, never the cache's
+small = _blocks.empty((2, MB))                             # 8 MB: glibc's, never the cache's
 del small
 step("small")
 x = np.ones((32, 1, 128, 128), np.float32)              # conv1-like: a 33.5 MB output
@@ -188,15 +186,15 @@ conv_same = out.ctypes.data == addr
 step("conv out")
 del c
 step("96 freed")
-d = mod._empty((10, MB))                                # 40 MB: no cached block between 40 and 50 MB
+d = _blocks.empty((10, MB))                                # 40 MB: no cached block between 40 and 50 MB
 step("40 live")
 del d, out
 step("all freed")
-released = mod._release_block_cache()
+released = _blocks.release_cache()
 step("released")
-f = mod._empty((9, MB))
+f = _blocks.empty((9, MB))
 del f
-g = mod._empty((3, 4 * MB), np.int64)                   # 96 MB while 36 MB are cached
+g = _blocks.empty((3, 4 * MB), np.int64)                   # 96 MB while 36 MB are cached
 step("96 live, 36 cached")
 del g
 step("96 freed again")
@@ -247,7 +245,7 @@ def test_block_cache_size_must_be_a_whole_number(tmp_path, value, cap_mb):
     import subprocess
     import sys
     from test_ops_validation import subprocess_env
-    script = "import chexcy._native as n; print(n.load()._block_cache_info()[2] >> 20)"
+    script = "import chexcy._native as n, sys; n.load(); print(sys.modules['chexcy._blocks'].cache_info()[2] >> 20)"
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                           env=subprocess_env(CHEXCY_BLOCK_CACHE_MB=value), timeout=120)
     if cap_mb is None:
@@ -258,30 +256,64 @@ def test_block_cache_size_must_be_a_whole_number(tmp_path, value, cap_mb):
 
 @pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")
 def test_release_cached_blocks_empties_the_cache():
-    from chexcy import _native, memory
-    mod = _native.load()
+    from chexcy import _blocks, _native, memory
+    _native.load()
     memory.release_cached_blocks()
     if memory.reusing_freed_memory():       # glibc tuned by an earlier test: large arrays are glibc's
-        assert mod._block_cache_info()[:2] == (0, 0)
+        assert _blocks.cache_info()[:2] == (0, 0)
         return
-    a = mod._empty((9, 1 << 20))
+    a = _blocks.empty((9, 1 << 20))
     del a
-    assert mod._block_cache_info()[:2] == (1, 36 << 20)
-    assert memory.release_cached_blocks() == 36 << 20 and mod._block_cache_info()[:2] == (0, 0)
+    assert _blocks.cache_info()[:2] == (1, 36 << 20)
+    assert memory.release_cached_blocks() == 36 << 20 and _blocks.cache_info()[:2] == (0, 0)
+
+
+SHARED_CACHE_SCRIPT = r"""
+import importlib
+import numpy as np
+from chexcy import _blocks, _native
+x, w, b = np.ones((32, 1, 128, 128), np.float32), np.ones((16, 1, 3, 3), np.float32), np.zeros(16, np.float32)
+addrs = []
+for variant in _native.supported_variants():
+    try:
+        mod = importlib.import_module(_native.VARIANTS[variant][0])
+    except ImportError:
+        continue
+    out = mod.conv2d_forward(x, w, b, (1, 1), (1, 1), (1, 1), 1)      # a 32 MB output
+    assert float(out[0, 0, 5, 5]) == 9.0
+    addrs.append(out.ctypes.data)
+    del out
+    assert _blocks.cache_info()[:2] == (1, 32 << 20), _blocks.cache_info()
+print(len(addrs), len(set(addrs)))
+"""
+
+
+@pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")
+def test_every_variant_shares_the_one_block_cache(tmp_path):
+    """chexcy._blocks is built once and every instruction-set variant takes its large outputs from it: a block
+    freed by one variant's output is the next variant's output."""
+    import subprocess
+    import sys
+    from test_ops_validation import subprocess_env
+    proc = subprocess.run([sys.executable, "-c", SHARED_CACHE_SCRIPT], cwd=tmp_path, capture_output=True,
+                          text=True, env=subprocess_env(CHEXCY_BLOCK_CACHE_MB="1024"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from ops_cases import runnable_variants
+    assert proc.stdout.split() == [str(len(runnable_variants())), "1"], proc.stdout
 
 
 TUNED_CACHE_SCRIPT = r"""
-from chexcy import _native, memory
-mod = _native.load()
-a, b = mod._empty((9, 1 << 20)), mod._empty((9, 1 << 20))
+from chexcy import _blocks, _native, memory
+_native.load()
+a, b = _blocks.empty((9, 1 << 20)), _blocks.empty((9, 1 << 20))
 del a
-assert mod._block_cache_info()[:2] == (1, 36 << 20), mod._block_cache_info()
+assert _blocks.cache_info()[:2] == (1, 36 << 20), _blocks.cache_info()
 assert memory.reuse_freed_memory()
-assert mod._block_cache_info() == (0, 0, 0), mod._block_cache_info()
+assert _blocks.cache_info() == (0, 0, 0), _blocks.cache_info()
 del b                                                   # still in use at the switch: unmapped when freed
-c = mod._empty((9, 1 << 20))                            # glibc's now
+c = _blocks.empty((9, 1 << 20))                            # glibc's now
 del c
-assert mod._block_cache_info() == (0, 0, 0), mod._block_cache_info()
+assert _blocks.cache_info() == (0, 0, 0), _blocks.cache_info()
 print("ok")
 """
 

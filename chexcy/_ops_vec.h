@@ -1,0 +1,118 @@
+/* chexcy/_ops_vec.h: the vector helpers every kernel header builds on.
+ *
+ * chexcy_vf (one vector register of CHEXCY_VW floats, as a GCC/Clang vector extension), its loads and
+ * stores (whole and partial), the broadcast, the unroll and keep-in-register hints, and the fixed-order
+ * sums (chexcy_sum_rows, chexcy_sum) whose order depends on the shape alone.
+ */
+/* CHEXCY_VW comes from _ops_config.h. Included before this header's guard: _ops_config.h includes this
+ * header for the kernels it still holds, and whichever of the two comes first, the vector width is then
+ * defined before the vector type. */
+#include "_ops_config.h"
+#ifndef CHEXCY_OPS_VEC_H
+#define CHEXCY_OPS_VEC_H
+
+/* ---------------------------------------------------------------------------------------------
+ * Register-tile micro-kernels. Why C here and not in _ops.pyx: gcc does not keep a Cython-generated
+ * float accumulator array in registers (measured: the same loops written in Cython vectorised to
+ * 128-bit with spills, 3.7 GFLOP/s). GCC/Clang vector extensions make each accumulator a register
+ * value. All blocking, padding, threading and ownership stay in _ops.pyx; these only do the
+ * innermost multiply-adds of one tile. Multiply-adds contract to FMA where the target has it
+ * (-ffp-contract=fast is GCC's default; this is not fast-math: no reassociation, lanes are summed
+ * in a fixed order, so results are bitwise reproducible for a given build).
+ * ------------------------------------------------------------------------------------------- */
+#include <string.h>
+#include <stdint.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+typedef float chexcy_vf __attribute__((vector_size(CHEXCY_VW * sizeof(float))));
+static inline chexcy_vf chexcy_load(const float *p) { chexcy_vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void chexcy_store(float *p, chexcy_vf v) { memcpy(p, &v, sizeof v); }
+/* Broadcast with the target's own set1 (one vbroadcastss from memory). Not `zero + s`: without
+ * fast-math that is a real scalar add (0 + -0 is +0) plus a shuffle per weight; an element-wise
+ * init compiles to 16 masked broadcasts. */
+#include <immintrin.h>
+static inline chexcy_vf chexcy_splat(float s)
+{
+#if CHEXCY_VW == 16
+    return (chexcy_vf)_mm512_set1_ps(s);
+#elif CHEXCY_VW == 8
+    return (chexcy_vf)_mm256_set1_ps(s);
+#else
+    return (chexcy_vf)_mm_set1_ps(s);
+#endif
+}
+#define CHEXCY_UNROLL _Pragma("GCC unroll 16")
+/* Keep a loaded vector in a register: otherwise gcc folds the same load into each of the FMAs that
+ * use it (3 load uops instead of 1 in the dweight loop, which is load-bound). */
+#define CHEXCY_IN_REGISTER(v) __asm__("" : "+x"(v))
+#else
+#error "chexcy's kernels need GCC or Clang vector extensions"
+#endif
+
+/* The first n (< VW) floats at p, other lanes 0; memory past p + n is never touched. */
+static inline chexcy_vf chexcy_load_partial(const float *p, Py_ssize_t n)
+{
+#if CHEXCY_VW == 16
+    return (chexcy_vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+#elif CHEXCY_VW == 8
+    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return (chexcy_vf)_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane));
+#else
+    float t[CHEXCY_VW] = {0};
+    for (Py_ssize_t j = 0; j < n; j++) t[j] = p[j];
+    return chexcy_load(t);
+#endif
+}
+
+/* The first n (< VW) lanes of v to p; memory past p + n is never touched. */
+static inline void chexcy_store_partial(float *p, chexcy_vf v, Py_ssize_t n)
+{
+#if CHEXCY_VW == 16
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
+#elif CHEXCY_VW == 8
+    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane), (__m256)v);
+#else
+    float t[CHEXCY_VW];
+    chexcy_store(t, v);
+    for (Py_ssize_t j = 0; j < n; j++) p[j] = t[j];
+#endif
+}
+/* The four lane accumulators of chexcy_sum_rows to one double: (a0 + a1) + (a2 + a3), then its lanes in
+ * order. */
+static inline double chexcy_acc_total(const chexcy_vf a[4])
+{
+    float lanes[CHEXCY_VW];
+    double s = 0;
+    chexcy_store(lanes, (a[0] + a[1]) + (a[2] + a[3]));
+    for (int j = 0; j < CHEXCY_VW; j++) s += lanes[j];
+    return s;
+}
+
+/* Sum of a rows x n block whose rows are `stride` floats apart: the same lane scheme as chexcy_sum, the
+ * lanes carried across rows and added in double once at the end. The order is fixed by the shape. */
+static inline double chexcy_sum_rows(const float *p, Py_ssize_t rows, Py_ssize_t n, Py_ssize_t stride)
+{
+    chexcy_vf a[4] = {chexcy_splat(0.0f), chexcy_splat(0.0f), chexcy_splat(0.0f), chexcy_splat(0.0f)};
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *q = p + r * stride;
+        Py_ssize_t i = 0;
+        for (; i + 4 * CHEXCY_VW <= n; i += 4 * CHEXCY_VW) {
+            a[0] += chexcy_load(q + i);
+            a[1] += chexcy_load(q + i + CHEXCY_VW);
+            a[2] += chexcy_load(q + i + 2 * CHEXCY_VW);
+            a[3] += chexcy_load(q + i + 3 * CHEXCY_VW);
+        }
+        for (; i + CHEXCY_VW <= n; i += CHEXCY_VW) a[0] += chexcy_load(q + i);
+        if (i < n) a[1] += chexcy_load_partial(q + i, n - i);
+    }
+    return chexcy_acc_total(a);
+}
+
+/* Sum of n floats: chexcy_sum_rows over one row. The order is fixed by n alone. */
+static inline double chexcy_sum(const float *p, Py_ssize_t n)
+{
+    return chexcy_sum_rows(p, 1, n, n);
+}
+
+#endif
