@@ -212,7 +212,7 @@ cdef void _fwd_strided(
         const float* xt,            # IN  padded input at (c=0, first input row of this output row, column 0)
         const float* wt,            # IN  (Cg, KH, KW, FB) weights, FB adjacent per tap
         Py_ssize_t FB, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW,
-        Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
+        Py_ssize_t plane, Py_ssize_t Wp, Py_ssize_t dil_h, Py_ssize_t dil_w,
         Py_ssize_t ow0, Py_ssize_t width, Py_ssize_t sw,
         float* tile, Py_ssize_t tile_w) noexcept nogil:    # OUT (FB, tile_w), first `width` columns
     """Plain path for column stride > 1: no register tiling, no reads past the row."""
@@ -224,12 +224,12 @@ cdef void _fwd_strided(
             tile[f * tile_w + j] = 0
     for c in range(Cg):
         for kh in range(KH):
-            xr = xt + c * plane + kh * dh * Wp
+            xr = xt + c * plane + kh * dil_h * Wp
             for kw in range(KW):
                 for f in range(FB):
                     wv = wt[((c * KH + kh) * KW + kw) * FB + f]
                     for j in range(width):
-                        tile[f * tile_w + j] += wv * xr[(ow0 + j) * sw + kw * dw]
+                        tile[f * tile_w + j] += wv * xr[(ow0 + j) * sw + kw * dil_w]
 
 
 cdef void _conv_rows(
@@ -238,11 +238,11 @@ cdef void _conv_rows(
         const float* bias,          # IN  (FB,)
         float* out,                 # OUT (FB, OH, OW) planes of these output channels
         Py_ssize_t FB, Py_ssize_t Cg, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW,
-        Py_ssize_t OH, Py_ssize_t OW, int sh, int sw, int dh, int dw) noexcept nogil:
+        Py_ssize_t OH, Py_ssize_t OW, int sh, int sw, int dil_h, int dil_w) noexcept nogil:
     """FB output planes (FB = FWD_F, or 1 for leftover channels), tile by tile: FWD_NR rows at a time
     (2 or 1 for the rows left over, one for leftover channels), FWD_W (or FWD_W1) columns at a time. One channel with a
     3-row kernel at stride 1 goes FWD_NR3 rows x FWD_W3 columns at a time (rows left over: one by one)."""
-    cdef bint rows3 = FB == 1 and KH == 3 and dh == 1 and sh == 1 and sw == 1
+    cdef bint rows3 = FB == 1 and KH == 3 and dil_h == 1 and sh == 1 and sw == 1
     cdef bint use3
     cdef Py_ssize_t tile_w
     cdef Py_ssize_t oh, ow0, width, f, r, j, nr
@@ -270,7 +270,7 @@ cdef void _conv_rows(
             width = min(tile_w, OW - ow0)
             orow = out + oh * OW + ow0
             if sw != 1:
-                _fwd_strided(xrow, wt, FB, Cg, KH, KW, Hp * Wp, Wp, dh, dw, ow0, width, sw, tile, tile_w)
+                _fwd_strided(xrow, wt, FB, Cg, KH, KW, Hp * Wp, Wp, dil_h, dil_w, ow0, width, sw, tile, tile_w)
                 for f in range(FB):
                     for j in range(width):
                         orow[f * OH * OW + j] = tile[f * tile_w + j] + bias[f]
@@ -281,12 +281,12 @@ cdef void _conv_rows(
             else:                   # last, partial tile: via scratch (its extra lanes are discarded)
                 dst, fstride, rstride = tile, nr * tile_w, tile_w
             if use3:
-                chexcy_fwd_tile1_k3(xrow + ow0, wt, Cg, KW, Hp * Wp, Wp, dw, bias[0], dst, rstride)
+                chexcy_fwd_tile1_k3(xrow + ow0, wt, Cg, KW, Hp * Wp, Wp, dil_w, bias[0], dst, rstride)
             elif FB != FWD_F:
-                chexcy_fwd_tile1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, sh * Wp,
+                chexcy_fwd_tile1(xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dil_h, dil_w, sh * Wp,
                                  bias, dst, fstride, rstride)
             else:
-                chexcy_fwd_tile_rows(nr, xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dh, dw, sh * Wp,
+                chexcy_fwd_tile_rows(nr, xrow + ow0, wt, Cg, KH, KW, Hp * Wp, Wp, dil_h, dil_w, sh * Wp,
                                      bias, dst, fstride, rstride)
             if width != tile_w:
                 for f in range(FB):
@@ -306,7 +306,7 @@ cdef void _conv_unit(
         Py_ssize_t unit,                            # which (n, g, block)
         float* xpad,                                # scratch (Cg, Hp, Wp) + FWD_WMAX, this thread's
         Py_ssize_t* padded_for,                     # which (n, g) xpad holds, this thread's
-        int groups, int sh, int sw, int ph, int pw, int dh, int dw,
+        int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w,
         Py_ssize_t k) noexcept nogil:               # output rows per tile row (narrow planes), else 0
     """One work unit, owned by one thread: a block of FWD_F output channels of sample n in group g,
     or (the last unit of a group when Fg % FWD_F != 0) its leftover channels one at a time."""
@@ -323,26 +323,26 @@ cdef void _conv_unit(
         # contiguous too: the tiles run unchanged on "rows" of k * OW, the kernel column step being
         # the distance between the copies.
         if padded_for[0] != ng:
-            _pad_shifted(&x[n, g * Cg, 0, 0], xpad, Cg, H, W, Hp, OW, KW, ph, pw, dw)
+            _pad_shifted(&x[n, g * Cg, 0, 0], xpad, Cg, H, W, Hp, OW, KW, ph, pw, dil_w)
             padded_for[0] = ng
         if fb < nfull:
             _conv_rows(xpad, &wp[g, fb, 0, 0, 0, 0], &bias[f0], &out[n, f0, 0, 0],
-                       FWD_F, Cg, Hp, OW, KH, KW, OH // k, k * OW, <int>k, 1, dh, <int>(Cg * Hp * OW))
+                       FWD_F, Cg, Hp, OW, KH, KW, OH // k, k * OW, <int>k, 1, dil_h, <int>(Cg * Hp * OW))
         else:
             for f in range(f0, (g + 1) * Fg):
                 _conv_rows(xpad, &w[f, 0, 0, 0], &bias[f], &out[n, f, 0, 0],
-                           1, Cg, Hp, OW, KH, KW, OH // k, k * OW, <int>k, 1, dh, <int>(Cg * Hp * OW))
+                           1, Cg, Hp, OW, KH, KW, OH // k, k * OW, <int>k, 1, dil_h, <int>(Cg * Hp * OW))
         return
     if padded_for[0] != ng:
         _pad_planes(&x[n, g * Cg, 0, 0], xpad, Cg, H, W, ph, pw)
         padded_for[0] = ng
     if fb < nfull:
         _conv_rows(xpad, &wp[g, fb, 0, 0, 0, 0], &bias[f0], &out[n, f0, 0, 0],
-                   FWD_F, Cg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
+                   FWD_F, Cg, Hp, Wp, KH, KW, OH, OW, sh, sw, dil_h, dil_w)
     else:
         for f in range(f0, (g + 1) * Fg):
             _conv_rows(xpad, &w[f, 0, 0, 0], &bias[f], &out[n, f, 0, 0],
-                       1, Cg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
+                       1, Cg, Hp, Wp, KH, KW, OH, OW, sh, sw, dil_h, dil_w)
 
 
 cdef inline void _wino_span(Py_ssize_t unit, Py_ssize_t N, Py_ssize_t TH, Py_ssize_t TB, Py_ssize_t G,
@@ -469,7 +469,7 @@ cdef _conv_core(
         const float[:, :, :, ::1] w,                # IN  (G*Fg, Cg, KH, KW)
         const float[::1] bias,                      # IN  (G*Fg,)
         float[:, :, :, ::1] out,                    # OUT (N, G*Fg, OH, OW)
-        int groups, int sh, int sw, int ph, int pw, int dh, int dw):
+        int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
     """Forward conv with symmetric zero padding; every (n, g, block) unit in parallel."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], Cg = w.shape[1], Fg = w.shape[0] // groups
@@ -483,7 +483,7 @@ cdef _conv_core(
         buf_len = max(buf_len, KW * Cg * Hp * OW + FWD_WMAX)
     cdef Py_ssize_t units = N * groups * per_group, u
     cdef int tid
-    if _is_winograd(Cg, Fg, w.shape[2], KW, sh, sw, dh, dw, groups, WINO_MIN_C, WINO_MIN_F):
+    if _is_winograd(Cg, Fg, w.shape[2], KW, sh, sw, dil_h, dil_w, groups, WINO_MIN_C, WINO_MIN_F):
         _wino_conv(x, w, bias, out, ph, pw)     # (the planner's WINOGRAD; dx of stride 1 arrives here)
         return
     cdef const float[:, :, :, :, :, ::1] wp = _pack_weight(np.asarray(w), groups)
@@ -494,7 +494,7 @@ cdef _conv_core(
     cdef Py_ssize_t[::1] tv = tags
     for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
         tid = omp_get_thread_num()
-        _conv_unit(x, w, wp, bias, out, u, &sv[tid, 0], &tv[tid], groups, sh, sw, ph, pw, dh, dw, k)
+        _conv_unit(x, w, wp, bias, out, u, &sv[tid, 0], &tv[tid], groups, sh, sw, ph, pw, dil_h, dil_w, k)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -617,21 +617,21 @@ cdef void _gemm_conv_unit(
         float* bbuf,                # this thread's (GEMM_KC, GEMM_NR) packing buffer
         Py_ssize_t unit, Py_ssize_t nsb, Py_ssize_t SB, Py_ssize_t nstrips, Py_ssize_t apack,
         Py_ssize_t groups, Py_ssize_t C, Py_ssize_t Fg, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH,
-        Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW, int sh, int sw, int dh, int dw) noexcept nogil:
+        Py_ssize_t KW, Py_ssize_t OH, Py_ssize_t OW, int sh, int sw, int dil_h, int dil_w) noexcept nogil:
     """One unit of _gemm_conv: strips [sb SB, (sb + 1) SB) of the product of (n, g), unit = (n G + g) nsb + sb."""
     cdef chexcy_cg_geom geo
     cdef Py_ssize_t sb = unit % nsb, ng = unit // nsb, g = ng % groups, n = ng // groups
     cdef Py_ssize_t Cg = C // groups, F = Fg * groups
     geo.x = xp + (n * C + g * Cg) * Hp * Wp
     geo.Hp, geo.Wp, geo.KH, geo.KW = Hp, Wp, KH, KW
-    geo.sh, geo.sw, geo.dil_h, geo.dil_w = sh, sw, dh, dw
+    geo.sh, geo.sw, geo.dil_h, geo.dil_w = sh, sw, dil_h, dil_w
     geo.OW, geo.P = OW, OH * OW
     chexcy_cg_task(&geo, ap + g * apack, bias + g * Fg, Fg, Cg * KH * KW, sb * SB,
                    min(nstrips, (sb + 1) * SB), out + (n * F + g * Fg) * OH * OW, bbuf)
 
 
 cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
-                int groups, int sh, int sw, int ph, int pw, int dh, int dw):
+                int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
     """out = conv(x, w) + bias as one matrix product per (sample, group) (chexcy/_ops_conv_gemm.h): the
     IM2COL_GEMM path. Units are (n, g, block of GEMM_TASK_COLS output positions)."""
     cdef int n_threads = _threads()
@@ -652,7 +652,7 @@ cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
     cdef float[:, ::1] bv = bbuf
     for u in prange(N * groups * nsb, nogil=True, schedule="static", num_threads=n_threads):
         _gemm_conv_unit(&pv[0, 0, 0, 0], &av[0, 0], &bias[0], &out[0, 0, 0, 0], &bv[omp_get_thread_num(), 0],
-                        u, nsb, SB, nstrips, apack, groups, C, Fg, Hp, Wp, KH, KW, OH, OW, sh, sw, dh, dw)
+                        u, nsb, SB, nstrips, apack, groups, C, Fg, Hp, Wp, KH, KW, OH, OW, sh, sw, dil_h, dil_w)
 
 
 cdef void _pw_unit(
@@ -727,7 +727,7 @@ cdef _pw_dx(dout, w, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int groups):
     return dx
 
 
-cdef void _pw_dweight_unit(const float* dout, const float* x, float* dw, float* abuf, float* bbuf,
+cdef void _pw_dweight_unit(const float* dout, const float* x, float* dweight, float* abuf, float* bbuf,
                            Py_ssize_t u, Py_ssize_t rb, Py_ssize_t cb, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F,
                            Py_ssize_t P, int groups) noexcept nogil:
     """Unit u = (g, row block, column block) of _pw_dweight: the blocks cut the group's GEMM_MR-row
@@ -739,7 +739,7 @@ cdef void _pw_dweight_unit(const float* dout, const float* x, float* dw, float* 
     if m1 <= m0 or (c + 1) * nS // cb <= c * nS // cb:
         return
     chexcy_pw_dweight_task(dout + g * Fg * P, F * P, x + g * Cg * P, C * P, P, N * P, Cg, Fg, m0, m1 - m0,
-                           c * nS // cb, (c + 1) * nS // cb, dw + g * Fg * Cg, Cg, abuf, bbuf)
+                           c * nS // cb, (c + 1) * nS // cb, dweight + g * Fg * Cg, Cg, abuf, bbuf)
 
 
 cdef _pw_dweight(dout, x, int groups):
@@ -783,7 +783,7 @@ cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
     cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], K = Cg * KH * KW, u, n, g, sb
     cdef Py_ssize_t Hq = (H + 2 * ph + sh - 1) // sh, Wq = (W + 2 * pw + sw - 1) // sw
-    cdef Py_ssize_t cs = sh * sw * Hq * Wq, plane = H * W
+    cdef Py_ssize_t cs = sh * sw * Hq * Wq
     cdef Py_ssize_t nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_cg_apack_floats(Fg, K)
     cdef Py_ssize_t nstrips = (OH * Wq + GEMM_NR - 1) // GEMM_NR
     cdef Py_ssize_t SB = max(1, GEMM_TASK_COLS // GEMM_NR), nsb = (nstrips + SB - 1) // SB
@@ -869,7 +869,7 @@ cdef void _dx_plane(
         const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
         const float[:, :, :, ::1] w,                # IN  (F, Cg, KH, KW)
         float[:, :, :, ::1] dx,                     # OUT (N, C, H, W), plane (n, c)
-        Py_ssize_t nc, int groups, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
+        Py_ssize_t nc, int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w) noexcept nogil:
     """General dx path: scatter every dout of the group into the (n, c) plane this thread owns."""
     cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3]
@@ -885,12 +885,12 @@ cdef void _dx_plane(
             for kw in range(KW):
                 wv = w[f, cl, kh, kw]
                 for oh in range(OH):
-                    ih = oh * sh - ph + kh * dh
+                    ih = oh * sh - ph + kh * dil_h
                     if ih < 0 or ih >= H:
                         continue
                     drow = &dout[n, f, oh, 0]
                     for ow in range(OW):
-                        iw = ow * sw - pw + kw * dw
+                        iw = ow * sw - pw + kw * dil_w
                         if iw >= 0 and iw < W:
                             plane[ih * W + iw] += wv * drow[ow]
 
@@ -911,7 +911,7 @@ cdef void _dw_rows(
         const float** drows,                        # IN  DW_F dout rows (the chunk's first), DW_F channels
         Py_ssize_t nb, Py_ssize_t x_nstride, Py_ssize_t d_nstride,   # samples in the chunk, their strides
         Py_ssize_t rr, Py_ssize_t OW, Py_ssize_t ds, Py_ssize_t Wp,  # chunk rows, width, dout/x row steps
-        int sh, int dh, int dw, Py_ssize_t KH, Py_ssize_t nkc, bint rows33,
+        int sh, int dil_h, int dil_w, Py_ssize_t KH, Py_ssize_t nkc, bint rows33,
         float* part,                                # IN/OUT (KH, nkc, DW_F, 3, DW_V) lane sums, this channel
         const float* pf) noexcept nogil:            # IN  the next call's input (prefetched), laid out as xc
     """One chunk of dweight lane sums for one input channel: all kernel rows and groups of 3 columns,
@@ -922,14 +922,14 @@ cdef void _dw_rows(
     if rows33 and rr >= 2:
         for kc in range(nkc):
             for j in range(DW_F // DWR_F):
-                chexcy_dw_rows33(xc + kc * 3 * dw, &drows[j * DWR_F], nb, x_nstride, d_nstride, rr, OW, ds, Wp,
-                                 dw, part + kc * part_len + j * DWR_F * 3 * DW_V, nkc * part_len,
-                                 pf + kc * 3 * dw + (j % 2) * 16)
+                chexcy_dw_rows33(xc + kc * 3 * dil_w, &drows[j * DWR_F], nb, x_nstride, d_nstride, rr, OW, ds, Wp,
+                                 dil_w, part + kc * part_len + j * DWR_F * 3 * DW_V, nkc * part_len,
+                                 pf + kc * 3 * dil_w + (j % 2) * 16)
         return
     for kh in range(KH):
         for kc in range(nkc):
-            chexcy_dw_rows3(xc + kh * dh * Wp + kc * 3 * dw, drows, nb, x_nstride, d_nstride, rr, OW, ds,
-                            sh * Wp, dw, part + (kh * nkc + kc) * part_len)
+            chexcy_dw_rows3(xc + kh * dil_h * Wp + kc * 3 * dil_w, drows, nb, x_nstride, d_nstride, rr, OW, ds,
+                            sh * Wp, dil_w, part + (kh * nkc + kc) * part_len)
 
 
 cdef inline Py_ssize_t _chunk_plane(Py_ssize_t n, Py_ssize_t c, Py_ssize_t N, Py_ssize_t C,
@@ -952,7 +952,7 @@ cdef void _dw_block(
         float* part,                                # scratch (Cg, KH, ceil(KW/3), DW_F, 3, DW_V)
         float* dchunk,                              # scratch (DW_F, NB, R, OW), 64-byte aligned
         float* dbias,                               # OUT (F,) entries [f0, f0 + nf)
-        int groups, int sh, int ph, int pw, int dh, int dw) noexcept nogil:
+        int groups, int sh, int ph, int pw, int dil_h, int dil_w) noexcept nogil:
     """Fast dweight (column stride 1) and dbias for one block of DW_F output channels, owned by one thread.
 
     dout is walked in chunks of R rows of NB samples (about 16 KiB for the DW_F channels, so it stays
@@ -975,7 +975,7 @@ cdef void _dw_block(
     cdef float* p
     cdef double bsum[DW_F]
     # 3 kernel rows, stride and dilation 1 in rows: each input row feeds all 3 (chexcy_dw_rows33)
-    cdef bint rows33 = KH == 3 and sh == 1 and dh == 1
+    cdef bint rows33 = KH == 3 and sh == 1 and dil_h == 1
     if nf > DW_F:
         nf = DW_F
     memset(part, 0, Cg * KH * nkc * part_len * sizeof(float))
@@ -999,7 +999,7 @@ cdef void _dw_block(
                 xc = xpad + plane * Hp * Wp + r0 * sh * Wp
                 # the next channel's planes (or the next chunk's first: they follow on), when all in x
                 pf = xc + nb * Hp * Wp if plane + 2 * nb <= N * C else xc
-                _dw_rows(xc, drows, nb, Hp * Wp, rr * OW, rr, OW, OW, Wp, sh, dh, dw, KH, nkc, rows33,
+                _dw_rows(xc, drows, nb, Hp * Wp, rr * OW, rr, OW, OW, Wp, sh, dil_h, dil_w, KH, nkc, rows33,
                          part + c * KH * nkc * part_len, pf)
             r0 += rr
         n0 += nb
@@ -1043,7 +1043,7 @@ cdef void _dwc_thread(
         float* abuf,                                # scratch: packed dout strips, _dwc_abuf_floats
         Py_ssize_t t, Py_ssize_t T,                 # which of the T equal shares of the work
         int groups, Py_ssize_t Cg, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t Hp, Py_ssize_t Wp,
-        Py_ssize_t rb, int dh, int dw) noexcept nogil:
+        Py_ssize_t rb, int dil_h, int dil_w) noexcept nogil:
     """Share t of T of the channel-blocked dweight of a stride-1 convolution. Per group and kernel tap
     (kh, kw) dweight is a matrix product, dweight[:, :, kh, kw] (Fg, Cg) = dout (Fg, N OH OW) times the
     input shifted by the tap (N OH OW, Cg), computed with the register tile of the dense layer
@@ -1080,8 +1080,8 @@ cdef void _dwc_thread(
                     q = u // taps
                     tap = u % taps
                     g = q // ncot
-                    b = (xt + (((g * nct + ct) * N + n) * Hp + r0 + tap // KW * dh) * Wp * GEMM_NR
-                         + tap % KW * dw * GEMM_NR)
+                    b = (xt + (((g * nct + ct) * N + n) * Hp + r0 + tap // KW * dil_h) * Wp * GEMM_NR
+                         + tap % KW * dil_w * GEMM_NR)
                     chexcy_gemm_tile_rows(rr, OW, abuf + (q - q0) * kc * GEMM_MR, b, Wp * GEMM_NR,
                                           cbuf + (q * GEMM_MR * taps + tap) * Cgp + ct * GEMM_NR, taps * Cgp, 1)
             r0 += rr
@@ -1169,7 +1169,7 @@ cdef _dweight_winograd(dout, x, int ph, int pw):
     return dweight, dbias
 
 
-cdef _dweight_blocked(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int ph, int pw, int dh, int dw):
+cdef _dweight_blocked(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int ph, int pw, int dil_h, int dil_w):
     """dweight and dbias of a stride-1 convolution by _dwc_thread (channel-blocked products)."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], Cg = C // groups
@@ -1196,7 +1196,7 @@ cdef _dweight_blocked(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int ph,
         _dwc_pack_x(xv, &xtv[0], u, groups, nct, ph, pw, Hp, Wp)
     for t in prange(n_threads, nogil=True, schedule="static", num_threads=n_threads):
         _dwc_thread(dv, &xtv[0], &cv[0, 0, 0], &bv[0], &av[omp_get_thread_num(), 0], t, n_threads,
-                    groups, Cg, KH, KW, Hp, Wp, rb, dh, dw)
+                    groups, Cg, KH, KW, Hp, Wp, rb, dil_h, dil_w)
     dweight = np.ascontiguousarray(
         cbuf.reshape(groups, ncot * GEMM_MR, KH, KW, nct * GEMM_NR)[:, :Fg, :, :, :Cg]
         .transpose(0, 1, 4, 2, 3)).reshape(F, Cg, KH, KW)
@@ -1208,7 +1208,7 @@ cdef void _dw_plain(
         const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
         const float[:, :, :, ::1] x,                # IN  (N, C, H, W)
         float[:, :, :, ::1] dweight,                # OUT (F, Cg, KH, KW), channel f
-        Py_ssize_t f, int groups, int sh, int sw, int ph, int pw, int dh, int dw) noexcept nogil:
+        Py_ssize_t f, int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w) noexcept nogil:
     """General dweight path (column stride > 1): direct sums with bounds checks."""
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Fg = dout.shape[1] // groups
@@ -1223,13 +1223,13 @@ cdef void _dw_plain(
                 s = 0
                 for n in range(N):
                     for oh in range(OH):
-                        ih = oh * sh - ph + kh * dh
+                        ih = oh * sh - ph + kh * dil_h
                         if ih < 0 or ih >= H:
                             continue
                         xr = &x[n, g * Cg + cl, ih, 0]
                         dr = &dout[n, f, oh, 0]
                         for ow in range(OW):
-                            iw = ow * sw - pw + kw * dw
+                            iw = ow * sw - pw + kw * dil_w
                             if iw >= 0 and iw < W:
                                 s += dr[ow] * xr[iw]
                 dweight[f, cl, kh, kw] = <float>s
@@ -1240,7 +1240,7 @@ cdef void _dw_one_sample(
         const float* xp,            # IN  (Hp, Wp) + slack: the sample's one input plane, zero-padded
         float* part,                # OUT (nfb, 3, nkc, DW_F, 3, DW_V) lane sums of this sample
         Py_ssize_t F, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t dplane, Py_ssize_t ds, Py_ssize_t Wp,
-        Py_ssize_t KW, Py_ssize_t R, int dw) noexcept nogil:
+        Py_ssize_t KW, Py_ssize_t R, int dil_w) noexcept nogil:
     """dweight terms of one sample for a one-input-channel, 3-row, stride-1 convolution: the blocks of
     _dw_block, over this sample only, written to its own scratch (summed over samples later). Its dbias
     terms come from the copy of dout into the padded buffer (chexcy_pad_planes with sums)."""
@@ -1257,12 +1257,12 @@ cdef void _dw_one_sample(
             for f in range(DW_F):
                 # channels past the end repeat the last one; their sums are never used
                 drows[f] = dn + (f0 + (f if f < nf else nf - 1)) * dplane + r0 * ds
-            _dw_rows(xp + r0 * Wp, drows, 1, 0, 0, rr, OW, ds, Wp, 1, 1, dw, 3, nkc, True, part + fb * blk,
+            _dw_rows(xp + r0 * Wp, drows, 1, 0, 0, rr, OW, ds, Wp, 1, 1, dil_w, 3, nkc, True, part + fb * blk,
                      xp + r0 * Wp)      # the plane is in L1 already: nothing further to prefetch
             r0 += rr
 
 
-cdef _backward_one_channel(dout, x, weight, int ph, int pw, int dw):
+cdef _backward_one_channel(dout, x, weight, int ph, int pw, int dil_w):
     """conv2d backward for a first layer: one input channel, groups 1, stride 1, 3 kernel rows, row
     dilation 1. dx, dweight and dbias of a sample are computed together, so its `dout` (F planes) is read
     from memory once, into the cache, instead of once for dx and once more for dweight + dbias (conv1 of
@@ -1274,10 +1274,10 @@ cdef _backward_one_channel(dout, x, weight, int ph, int pw, int dw):
     cdef Py_ssize_t nfb = (F + DW_F - 1) // DW_F, part_len = DW_F * 3 * DW_V, blk = 3 * nkc * part_len
     cdef Py_ssize_t R = min(OH, max(1, DW_CHUNK // (DW_F * OW))), n, f, kh, kw, j
     cdef int n_threads = _threads(), tid
-    cdef int qh = 2 - ph, qw = dw * (KW - 1) - pw       # dx: the forward conv of dout, flipped kernel
+    cdef int qh = 2 - ph, qw = dil_w * (KW - 1) - pw       # dx: the forward conv of dout, flipped kernel
     cdef Py_ssize_t Hq = OH + 2 * qh, Wq = OW + 2 * qw       # dout padded for dx
     cdef Py_ssize_t dx_buf = F * Hq * Wq + FWD_WMAX
-    cdef Py_ssize_t x_buf = Hp * Wp + 3 * dw + DW_V
+    cdef Py_ssize_t x_buf = Hp * Wp + 3 * dil_w + DW_V
     cdef const float[:, :, :, ::1] dv = dout
     cdef const float[:, :, :, ::1] xv = x
     wt = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))     # (1, F, 3, KW)
@@ -1303,8 +1303,8 @@ cdef _backward_one_channel(dout, x, weight, int ph, int pw, int dw):
         tv[tid] = n                                 # tells _conv_unit the buffer already holds sample n
         _pad_planes(&xv[n, 0, 0, 0], &sv[tid, dx_buf], 1, H, W, ph, pw)
         _dw_one_sample(&sv[tid, qh * Wq + qw], &sv[tid, dx_buf], &pv[n, 0], F, OH, OW, Hq * Wq, Wq,
-                       Wp, KW, R, dw)
-        _conv_unit(dv, wtv, wpv, zero, dxv, n, &sv[tid, 0], &tv[tid], 1, 1, 1, qh, qw, 1, dw, 0)
+                       Wp, KW, R, dil_w)
+        _conv_unit(dv, wtv, wpv, zero, dxv, n, &sv[tid, 0], &tv[tid], 1, 1, 1, qh, qw, 1, dil_w, 0)
     # samples in order, then lanes in order: the same sums whatever thread did which sample
     lanes = parts.reshape(N, nfb, 3, nkc, DW_F, 3, DW_V)
     acc = lanes[0].copy()
@@ -1326,10 +1326,11 @@ cdef _backward_one_channel(dout, x, weight, int ph, int pw, int dw):
 
 
 cdef inline void _cg_geom(chexcy_cg_geom* geo, const float* xp, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH,
-                          Py_ssize_t KW, int sh, int sw, int dh, int dw, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
+                          Py_ssize_t KW, int sh, int sw, int dil_h, int dil_w,
+                          Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
     geo.x = xp
     geo.Hp, geo.Wp, geo.KH, geo.KW = Hp, Wp, KH, KW
-    geo.sh, geo.sw, geo.dil_h, geo.dil_w = sh, sw, dh, dw
+    geo.sh, geo.sw, geo.dil_h, geo.dil_w = sh, sw, dil_h, dil_w
     geo.OW, geo.P = OW, OH * OW
 
 
@@ -1349,7 +1350,7 @@ cdef _padded(x, int ph, int pw, int n_threads):
 cdef void _cg_dweight_unit(
         const float* xp, const float* dout, float* parts, float* abuf, float* bbuf,
         Py_ssize_t u, Py_ssize_t nst, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, int groups,
-        Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dh, int dw,
+        Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dil_h, int dil_w,
         Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
     """Unit u = (part, g, chunk) of _gemm_conv_dweight: strips chunk GEMM_DW_STRIPS ... of dweight[g]
     (nst chunks per group) over the part's samples."""
@@ -1360,13 +1361,13 @@ cdef void _cg_dweight_unit(
     cdef Py_ssize_t n0 = part * N // GEMM_DW_PARTS, n1 = (part + 1) * N // GEMM_DW_PARTS
     if n1 <= n0:
         return
-    _cg_geom(&geo, xp + (n0 * C + g * Cg) * Hp * Wp, Hp, Wp, KH, KW, sh, sw, dh, dw, OH, OW)
+    _cg_geom(&geo, xp + (n0 * C + g * Cg) * Hp * Wp, Hp, Wp, KH, KW, sh, sw, dil_h, dil_w, OH, OW)
     chexcy_cg_dweight_task(geo, n1 - n0, C * Hp * Wp, dout + (n0 * F + g * Fg) * P, F * P, Fg, K, s, s1,
                            parts + (part * F + g * Fg) * K, abuf, bbuf)
 
 
 cdef _gemm_conv_dweight(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int sh, int sw, int ph, int pw,
-                        int dh, int dw):
+                        int dil_h, int dil_w):
     """IM2COL_GEMM dweight (F, Cg, KH, KW) = sum over (n, p) of dout (Fg, P) B_n^T (P, K), per group
     (chexcy/_ops_conv_gemm.h). Units: (sample range, group, chunk of GEMM_DW_STRIPS strips of GEMM_NR columns of K); the
     GEMM_DW_PARTS sample ranges (fixed by N) give partial sums added in order at the end."""
@@ -1387,7 +1388,7 @@ cdef _gemm_conv_dweight(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int s
     for u in prange(GEMM_DW_PARTS * groups * nst, nogil=True, schedule="static", num_threads=n_threads):
         _cg_dweight_unit(&pv[0, 0, 0, 0], &dv[0, 0, 0, 0], &rv[0, 0, 0], &sv[omp_get_thread_num(), 0],
                          &sv[omp_get_thread_num(), alen], u, nst, N, C, F, groups, pv.shape[2], pv.shape[3],
-                         KH, KW, sh, sw, dh, dw, OH, OW)
+                         KH, KW, sh, sw, dil_h, dil_w, OH, OW)
     dweight = parts[0]
     for u in range(1, GEMM_DW_PARTS):       # in order: the same sums whatever thread made each part
         dweight += parts[u]
@@ -1397,7 +1398,7 @@ cdef _gemm_conv_dweight(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int s
 cdef void _cg_dx_unit(
         const float* dout, const float* wt, float[:, :, :, ::1] dx, float* scratch,
         Py_ssize_t u, int groups, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW,
-        int sh, int sw, int ph, int pw, int dh, int dw, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t wlen,
+        int sh, int sw, int ph, int pw, int dil_h, int dil_w, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t wlen,
         Py_ssize_t F) noexcept nogil:
     """Unit u = (n, g) of _gemm_conv_dx: the padded gradient of the group's planes in this thread's
     scratch, then its inside copied to dx[n, g Cg ...]."""
@@ -1407,14 +1408,14 @@ cdef void _cg_dx_unit(
     cdef float* dxp = scratch
     cdef float* bbuf = dxp + (Cg * Hp * Wp + 15) // 16 * 16
     cdef float* t = bbuf + GEMM_KC * GEMM_NR
-    _cg_geom(&geo, NULL, Hp, Wp, KH, KW, sh, sw, dh, dw, OH, OW)
+    _cg_geom(&geo, NULL, Hp, Wp, KH, KW, sh, sw, dil_h, dil_w, OH, OW)
     chexcy_cg_dx_task(&geo, dxp, Cg, wt + g * wlen, dout + (n * F + g * Fg) * P, Fg, K, bbuf, t)
     for c in range(Cg):
         for r in range(H):
             memcpy(&dx[n, g * Cg + c, r, 0], dxp + (c * Hp + r + ph) * Wp + pw, W * sizeof(float))
 
 
-cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw, int dh, int dw):
+cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
     """IM2COL_GEMM dx: per (n, g), dcols = W[g]^T dout[n, g] strip by strip, added back where the forward
     read each column (chexcy_cg_dx_task); units (n, g), each owning its dx planes."""
     cdef int n_threads = _threads()
@@ -1437,7 +1438,7 @@ cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw,
     cdef float[:, ::1] sv = scratch
     for u in prange(N * groups, nogil=True, schedule="static", num_threads=n_threads):
         _cg_dx_unit(&dv[0, 0, 0, 0], &tv[0, 0], dxv, &sv[omp_get_thread_num(), 0], u, groups, Hp, Wp,
-                    KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, wlen, F)
+                    KH, KW, sh, sw, ph, pw, dil_h, dil_w, OH, OW, wlen, F)
     return dx
 
 
@@ -1692,7 +1693,7 @@ cdef void _max_pool_plane(
         int64_t* ap,                # OUT (OH, OW) flat index ih * W + iw of each maximum
         Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
         Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
-        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dil_h, Py_ssize_t dil_w) noexcept nogil:
     """First maximum in (kh, kw) scan order; a NaN wins over numbers (the first NaN); padding is -inf."""
     cdef Py_ssize_t oh, ow, kh, kw, ih, iw, idx
     cdef float best, v
@@ -1701,11 +1702,11 @@ cdef void _max_pool_plane(
             best = -INFINITY
             idx = -1
             for kh in range(KH):
-                ih = oh * sh - ph + kh * dh
+                ih = oh * sh - ph + kh * dil_h
                 if ih < 0 or ih >= H:
                     continue
                 for kw in range(KW):
-                    iw = ow * sw - pw + kw * dw
+                    iw = ow * sw - pw + kw * dil_w
                     if iw < 0 or iw >= W:
                         continue
                     v = xp[ih * W + iw]
@@ -1729,12 +1730,12 @@ cdef void _max_pool_2x2(
 def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     """x (N, C, H, W) -> (out (N, C, OH, OW), argmax int64 (N, C, OH, OW))."""
     cdef Py_ssize_t KH = kernel_size[0], KW = kernel_size[1], sh = stride[0], sw = stride[1]
-    cdef Py_ssize_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1]
+    cdef Py_ssize_t ph = padding[0], pw = padding[1], dil_h = dilation[0], dil_w = dilation[1]
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t OH = _conv_out_size(H, KH, sh, ph, dh), OW = _conv_out_size(W, KW, sw, pw, dw)
+    cdef Py_ssize_t OH = _conv_out_size(H, KH, sh, ph, dil_h), OW = _conv_out_size(W, KW, sw, pw, dil_w)
     cdef int n_threads = _threads()
     cdef bint fast = (KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
-                      and dh == 1 and dw == 1)
+                      and dil_h == 1 and dil_w == 1)
     # any other window: a row at a time, every tap over the whole row (chexcy/_ops_pool.h), indices
     # kept in int32 while the plane's are below 2^31 (else the scalar loop per output)
     cdef bint rows = not fast and H * W < (1 << 31) - 1
@@ -1755,11 +1756,11 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
                           W, OH, OW)
         elif rows:
             chexcy_max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0],
-                                  H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw,
+                                  H, W, OH, OW, KH, KW, sh, sw, ph, pw, dil_h, dil_w,
                                   &sv[tid, 0], <int32_t*>&sv[tid, OW], &sv[tid, 2 * OW + 16])
         else:
             _max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
-                            &av[u // C, u % C, 0, 0], H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw)
+                            &av[u // C, u % C, 0, 0], H, W, OH, OW, KH, KW, sh, sw, ph, pw, dil_h, dil_w)
     return out, argmax
 
 

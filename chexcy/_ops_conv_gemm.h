@@ -379,7 +379,7 @@ static void chexcy_cg_pack_bt(const chexcy_cg_geom *g, Py_ssize_t K, Py_ssize_t 
  *   bbuf: GEMM_KC x GEMM_NR (this thread's). */
 static void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs, const float *dout,
                                    Py_ssize_t dout_ns, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0,
-                                   Py_ssize_t s1, float *dw, float *abuf, float *bbuf)
+                                   Py_ssize_t s1, float *dweight, float *abuf, float *bbuf)
 {
     const Py_ssize_t P = g.P;
     const float *x0 = g.x;
@@ -395,9 +395,9 @@ static void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs
                 for (Py_ssize_t i0 = 0; i0 < Fg; i0 += GEMM_MR) {
                     const Py_ssize_t mr = Fg - i0 < GEMM_MR ? Fg - i0 : GEMM_MR;
                     if (mr == GEMM_MR && nr == GEMM_NR)
-                        chexcy_gemm_tile(kc, abuf + i0 * kc, bbuf, dw + i0 * K + j0, K, NULL);
+                        chexcy_gemm_tile(kc, abuf + i0 * kc, bbuf, dweight + i0 * K + j0, K, NULL);
                     else
-                        chexcy_gemm_tile_edge(kc, abuf + i0 * kc, bbuf, dw + i0 * K + j0, K, NULL, mr, nr);
+                        chexcy_gemm_tile_edge(kc, abuf + i0 * kc, bbuf, dweight + i0 * K + j0, K, NULL, mr, nr);
                 }
             }
         }

@@ -221,10 +221,10 @@ static void chexcy_dwc_split(const chexcy_dwc_geom *g, const float *x, Py_ssize_
 
 static void chexcy_dwc_merge(const chexcy_dwc_geom *g, const float *ds, float *dx, Py_ssize_t xstride)
 {
-    float *dw = (float *)ds;    /* only read (merge = 1) */
-    if (g->sw == 1) chexcy_dwc_copy_sw(g, dx, xstride, dw, 1, 1);
-    else if (g->sw == 2) chexcy_dwc_copy_sw(g, dx, xstride, dw, 2, 1);
-    else chexcy_dwc_copy_sw(g, dx, xstride, dw, g->sw, 1);
+    float *src = (float *)ds;   /* only read (merge = 1) */
+    if (g->sw == 1) chexcy_dwc_copy_sw(g, dx, xstride, src, 1, 1);
+    else if (g->sw == 2) chexcy_dwc_copy_sw(g, dx, xstride, src, 2, 1);
+    else chexcy_dwc_copy_sw(g, dx, xstride, src, g->sw, 1);
 }
 
 #define CHEXCY_DWC_LOAD(p) (*(const chexcy_dwc_vu *)(p))
@@ -367,10 +367,10 @@ static void chexcy_dwc_dx_phases(const chexcy_dwc_geom *g, const float *restrict
 }
 
 /* Channel c of a depthwise conv's backward: dx[n, c] for every n, dweight[c] (T,) and dbias[c].
- * dout (N, C, OH, OW), x and dx (N, C, H, W); w and dw point at channel c's T weights. */
+ * dout (N, C, OH, OW), x and dx (N, C, H, W); w and dweight point at channel c's T weights. */
 static void chexcy_dwc_backward_channel(const chexcy_dwc_geom *g, Py_ssize_t N, Py_ssize_t C, Py_ssize_t c,
                                         const float *dout, const float *x, const float *w, float *dx,
-                                        float *dw, float *dbias, float *scratch)
+                                        float *dweight, float *dbias, float *scratch)
 {
     const Py_ssize_t T = g->T, OH = g->OH, OW = g->OW, Wr = g->Wr, HW = g->H * g->W;
     float *xs = scratch;
@@ -393,7 +393,7 @@ static void chexcy_dwc_backward_channel(const chexcy_dwc_geom *g, Py_ssize_t N, 
     for (Py_ssize_t t = 0; t <= T; t++) {
         float s = 0;
         for (Py_ssize_t l = 0; l < CHEXCY_DWC_VB; l++) s += acc[t * CHEXCY_DWC_VB + l];
-        if (t < T) dw[t] = s;
+        if (t < T) dweight[t] = s;
         else dbias[c] = s;
     }
 }

@@ -107,7 +107,7 @@ cdef extern from "_ops_winograd.h" nogil:
     void chexcy_wdw_input_tiles(const float* xt, Py_ssize_t wq, Py_ssize_t TW, Py_ssize_t nty, float* v,
                                 Py_ssize_t xs)
     void chexcy_wdw_weight_row(const float* s, Py_ssize_t nparts, Py_ssize_t ps, Py_ssize_t xs, Py_ssize_t C,
-                               float* acc, float* dw)
+                               float* acc, float* dweight)
     void chexcy_wino_output(const float* m, Py_ssize_t ms, Py_ssize_t n, float bias, float* y, Py_ssize_t ys)
     void chexcy_wino_store_rows(const float* y, Py_ssize_t ys, Py_ssize_t TW, float* row, float* out0,
                                 float* out1, Py_ssize_t width)
@@ -125,7 +125,7 @@ cdef extern from "_ops_conv_gemm.h" nogil:
                         Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float* out, float* bbuf)
     void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs, const float* dout,
                                 Py_ssize_t dout_ns, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t s0,
-                                Py_ssize_t s1, float* dw, float* abuf, float* bbuf)
+                                Py_ssize_t s1, float* dweight, float* abuf, float* bbuf)
     void chexcy_cg_dx_task(const chexcy_cg_geom* g, float* dxp, Py_ssize_t Cg, const float* wt,
                            const float* dn, Py_ssize_t Fg, Py_ssize_t K, float* bbuf, float* t)
     void chexcy_cg_phase_split(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
@@ -159,7 +159,7 @@ cdef extern from "_ops_pointwise.h" nogil:
                         float* bbuf)
     void chexcy_pw_dweight_task(const float* dout, Py_ssize_t d_ns, const float* x, Py_ssize_t x_ns,
                                 Py_ssize_t P, Py_ssize_t NP, Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t m0,
-                                Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float* dw, Py_ssize_t ldw,
+                                Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float* dweight, Py_ssize_t ldw,
                                 float* abuf, float* bbuf)
 
 # batch-norm statistics and apply passes, channel blocks
@@ -214,7 +214,7 @@ cdef extern from "_ops_depthwise.h" nogil:
                                  const float* w, const float* bias, float* out, float* scratch)
     void chexcy_dwc_backward_channel(const chexcy_dwc_geom* g, Py_ssize_t N, Py_ssize_t C, Py_ssize_t c,
                                      const float* dout, const float* x, const float* w, float* dx,
-                                     float* dw, float* dbias, float* scratch)
+                                     float* dweight, float* dbias, float* scratch)
 
 # ReLU
 cdef extern from "_ops_relu.h" nogil:

@@ -296,7 +296,7 @@ static void chexcy_pw_pack_xt(const float *x, Py_ssize_t x_ns, Py_ssize_t P, Py_
  *   abuf: mc rounded up to GEMM_MR times GEMM_KC floats, bbuf: GEMM_KC x GEMM_NR (this thread's). */
 static void chexcy_pw_dweight_task(const float *dout, Py_ssize_t d_ns, const float *x, Py_ssize_t x_ns,
                                    Py_ssize_t P, Py_ssize_t NP, Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t m0,
-                                   Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float *dw, Py_ssize_t ldw,
+                                   Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float *dweight, Py_ssize_t ldw,
                                    float *abuf, float *bbuf)
 {
     float t[GEMM_MR * GEMM_NR] __attribute__((aligned(64)));
@@ -310,7 +310,7 @@ static void chexcy_pw_dweight_task(const float *dout, Py_ssize_t d_ns, const flo
             chexcy_pw_pack_xt(x, x_ns, P, Cg, j0, q0, kc, bbuf);
             for (Py_ssize_t q = 0; q * GEMM_MR < mc; q++) {
                 const Py_ssize_t i0 = m0 + q * GEMM_MR, mr = mc - q * GEMM_MR < GEMM_MR ? mc - q * GEMM_MR : GEMM_MR;
-                float *c = dw + i0 * ldw + j0;
+                float *c = dweight + i0 * ldw + j0;
                 if (mr == GEMM_MR && nr == GEMM_NR) {
                     chexcy_gemm_tile_rows(1, kc, abuf + q * kc * GEMM_MR, bbuf, 0, c, ldw, add);
                 } else {

@@ -337,7 +337,7 @@ static void chexcy_wdw_input_tiles(const float *xt, Py_ssize_t wq, Py_ssize_t TW
  * 64 streams 33 KiB apart fought over the same L1 sets). */
 static __attribute__((noinline)) void chexcy_wdw_weight_row(const float *s, Py_ssize_t nparts, Py_ssize_t ps,
                                                             Py_ssize_t xs, Py_ssize_t C, float *acc,
-                                                            float *dw)
+                                                            float *dweight)
 {
     for (int xi = 0; xi < 16; xi++) {
         float *a = acc + xi * C;
@@ -347,7 +347,7 @@ static __attribute__((noinline)) void chexcy_wdw_weight_row(const float *s, Py_s
             for (Py_ssize_t c = 0; c < C; c++) a[c] += q[c];
         }
     }
-    for (Py_ssize_t c = 0; c < C; c++, dw += 9) {
+    for (Py_ssize_t c = 0; c < C; c++, dweight += 9) {
         float S[4][4], T[3][4];
         for (int xi = 0; xi < 16; xi++) S[xi / 4][xi % 4] = acc[xi * C + c];
         for (int j = 0; j < 4; j++) {               /* G^T S */
@@ -356,9 +356,9 @@ static __attribute__((noinline)) void chexcy_wdw_weight_row(const float *s, Py_s
             T[2][j] = (S[1][j] + S[2][j]) * 0.5f + S[3][j];
         }
         for (int u = 0; u < 3; u++) {               /* (G^T S) G */
-            dw[3 * u] = T[u][0] + (T[u][1] + T[u][2]) * 0.5f;
-            dw[3 * u + 1] = (T[u][1] - T[u][2]) * 0.5f;
-            dw[3 * u + 2] = (T[u][1] + T[u][2]) * 0.5f + T[u][3];
+            dweight[3 * u] = T[u][0] + (T[u][1] + T[u][2]) * 0.5f;
+            dweight[3 * u + 1] = (T[u][1] - T[u][2]) * 0.5f;
+            dweight[3 * u + 2] = (T[u][1] + T[u][2]) * 0.5f + T[u][3];
         }
     }
 }

@@ -15,7 +15,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from chexcy import nn, ops, reference
-from ops_cases import BACKENDS, COMPILED
+from ops_cases import COMPILED
 
 
 @pytest.fixture

@@ -97,7 +97,7 @@ CHUNK_CASES = [
 def test_dweight_chunks_of_strips_match_reference_on_every_variant_and_thread_count(case, rng):
     x_shape, (f, kh, kw), stride, padding, dilation, groups = case
     args = (_pair(stride), _pair(padding), _pair(dilation), groups)
-    for name, mod in runnable_variants():
+    for _name, mod in runnable_variants():
         assert mod.conv_plan(x_shape, (f, x_shape[1] // groups, kh, kw), *args) == \
             ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")
     check_conv_on_every_variant(rng, x_shape, (f, x_shape[1] // groups, kh, kw), *args, case=str(case))
@@ -135,7 +135,7 @@ def test_dx_by_phases_and_by_col2im_match_reference_on_every_variant_and_thread_
 def test_im2col_gemm_around_the_phase_plane_threshold_matches_reference(case, rng):
     x_shape, (f, kh, kw), stride, padding, dilation, groups = case
     args = (_pair(stride), _pair(padding), _pair(dilation), groups)
-    for name, mod in runnable_variants():
+    for _name, mod in runnable_variants():
         assert mod.conv_plan(x_shape, (f, x_shape[1] // groups, kh, kw), *args)[0] == "IM2COL_GEMM"
     check_conv_on_every_variant(rng, x_shape, (f, x_shape[1] // groups, kh, kw), *args, case=str(case))
 
