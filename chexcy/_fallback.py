@@ -350,9 +350,10 @@ def batch_norm2d_plane_stats(x):
     planes = _bn_planes(x)
     HW = planes.shape[2]
     plane_sum = planes.sum(axis=2, dtype=np.float64)
-    centred = planes - (plane_sum / HW).astype(x.dtype)[:, :, None]
+    with np.errstate(invalid="ignore"):     # inf - inf in a plane holding inf: NaN statistics, as compiled
+        centred = planes - (plane_sum / HW).astype(x.dtype)[:, :, None]
+        shift = plane_sum / HW - (plane_sum / HW).astype(x.dtype).astype(np.float64)
     m2 = np.einsum("ncl,ncl->nc", centred, centred).astype(np.float64)
-    shift = plane_sum / HW - (plane_sum / HW).astype(x.dtype).astype(np.float64)
     m2 = np.maximum(m2 - HW * shift * shift, 0.0)        # deviations from the exact plane mean
     return np.ascontiguousarray(plane_sum.T), np.ascontiguousarray(m2.T)
 

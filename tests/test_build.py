@@ -125,7 +125,8 @@ def test_every_kernel_source_ships_with_the_package():
     import fnmatch
     import tomllib
     pkg, sources = _kernel_sources()
-    with open(os.path.join(os.path.dirname(pkg), "pyproject.toml"), "rb") as fh:
+    # the checkout's pyproject.toml (the tests run from the repository, chexcy may be installed elsewhere)
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as fh:
         setuptools_conf = tomllib.load(fh)["tool"]["setuptools"]
     shipped = setuptools_conf["package-data"]["chexcy"]
     dropped = setuptools_conf.get("exclude-package-data", {}).get("chexcy", [])
