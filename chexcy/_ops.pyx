@@ -449,17 +449,12 @@ cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, in
     cdef Py_ssize_t i, u
     cdef const float[:, :, :, ::1] wv = w
     cdef const float[:, :, :, ::1] xv = x
-    uw = _empty((F, C, 16))
-    cdef float[:, :, ::1] uv = uw
     up = _empty((16 * ncot * C * GEMM_MR,))
     cdef float[::1] upv = up
     scratch = _empty((n_threads, per))
     cdef float[:, ::1] sv = scratch
-    for i in prange(F, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_wino_weight(&wv[i, 0, 0, 0], C, &uv[i, 0, 0])
-    for i in prange(16 * ncot, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_gemm_pack_a(&uv[0, 0, i // ncot], C * 16, 16, i % ncot * GEMM_MR,
-                           min(<Py_ssize_t>GEMM_MR, F - i % ncot * GEMM_MR), 0, C, &upv[i * C * GEMM_MR])
+    for i in prange(ncot, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_wino_weight_pack(&wv[0, 0, 0, 0], F, C, i, &upv[0], ncot * C * GEMM_MR)
     for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
         _wino_unit(xv, &upv[0], bias, out, u, &sv[omp_get_thread_num(), 0], TB, G, Tp, PS, ph, pw)
 
