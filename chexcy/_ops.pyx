@@ -69,6 +69,7 @@ cdef enum:
     WDW_MIN_C = 32      # channels from which a 3x3 stride-1 dweight takes Winograd
     WDW_MIN_F = 24
     WDW_PARTS = 4       # partial sums of the Winograd dweight (fixed by the shape, not the threads)
+    WDW_WHOLE_BYTES = 64 << 20  # Z and V of the whole batch at most, for its one-pass dweight
 
 cdef enum:
     # The matrix-product paths (_gemm_conv) need products deep and tall enough to fill the register
@@ -432,9 +433,10 @@ cdef void _wino_unit(
                                        &out[n0 + sm, f, oh + 1, 0] if oh + 1 < OH else NULL, OW)
 
 
-cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, int pw):
+cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, int pw, bint flip=False):
     """3x3, stride 1, dilation 1, one group: out = conv(x, w) + bias by Winograd F(2x2, 3x3), every
-    (sample, block of rows of 2x2 output tiles) unit in parallel."""
+    (sample, block of rows of 2x2 output tiles) unit in parallel. w (F, C, 3, 3); with flip, w is the
+    weight of the conv whose dx this is, (C, F, 3, 3), read transposed and turned by 180 degrees."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], F = out.shape[1], OH = out.shape[2], OW = out.shape[3]
     cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, ncot = (F + GEMM_MR - 1) // GEMM_MR
@@ -454,7 +456,8 @@ cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, in
     scratch = _empty((n_threads, per))
     cdef float[:, ::1] sv = scratch
     for i in prange(ncot, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_wino_weight_pack(&wv[0, 0, 0, 0], F, C, i, &upv[0], ncot * C * GEMM_MR)
+        chexcy_wino_weight_pack(&wv[0, 0, 0, 0], 9 if flip else C * 9, F * 9 if flip else 9, flip, F, C, i,
+                                &upv[0], ncot * C * GEMM_MR)
     for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
         _wino_unit(xv, &upv[0], bias, out, u, &sv[omp_get_thread_num(), 0], TB, G, Tp, PS, ph, pw)
 
@@ -1082,38 +1085,68 @@ cdef void _dwc_thread(
             r0 += rr
 
 
-cdef void _wdw_unit(
+cdef void _wdw_transforms(
         const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
         const float* xt,                            # IN  x channel-blocked, padded to (2 TH + 2, 2 TW + 2)
-        float* s,                                   # IN/OUT S (16, Fp, Cp): this unit's sums added (or stored)
-        float* scratch,                             # this thread's: dout rows, Z strips, V strips
-        Py_ssize_t unit, int add,                   # see _wino_plan / _wino_span; add to s or store
-        Py_ssize_t nct, Py_ssize_t TB, Py_ssize_t G, Py_ssize_t tq, Py_ssize_t Fs) noexcept nogil:
-    """One work unit of the Winograd dweight (chexcy/_ops_winograd.h): Z = A dY A^T of its tiles (output
-    channels in the lanes) and V = B^T d B (input channels in the lanes), both straight into packed
-    strips, sample by sample, then S[xi] (+)= Z[xi] V[xi]^T with the dense layer's register tile,
-    K = the unit's tiles."""
+        float* z,                                   # OUT Z strips (16, nfb, ql, GEMM_MR) + a vector of slack
+        float* v,                                   # OUT V strips (16, nct, ql, GEMM_NR)
+        float* dt,                                  # this thread's dout rows (2 TB, 2 TW, Fs)
+        Py_ssize_t unit, Py_ssize_t nct, Py_ssize_t TB, Py_ssize_t G, Py_ssize_t Fs,
+        Py_ssize_t ql, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    """The transforms of one work unit of the Winograd dweight (chexcy/_ops_winograd.h, _wino_plan /
+    _wino_span): Z = A dY A^T of its tiles (output channels in the lanes) and V = B^T d B (input
+    channels in the lanes), straight into rows r0 ... of strips ql rows long, sample by sample; rows
+    from r0 + its tiles to r1 are zeroed (they take the last Z stores' spill), so a product may run
+    over them."""
     cdef Py_ssize_t N = dout.shape[0], F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3]
     cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, nfb = (F + GEMM_MR - 1) // GEMM_MR
-    cdef Py_ssize_t Fp = nfb * GEMM_MR, Cp = nct * GEMM_NR, Hq = 2 * TH + 2, Wq = 2 * TW + 2
-    cdef Py_ssize_t n0, nsam, ty0, nty, ts, sm, ct, xi, fb
-    cdef float* dt = scratch                        # (2 TB, 2 TW, Fs)
-    cdef float* z = dt + 4 * TB * TW * Fs           # (16, nfb, tq, GEMM_MR) + a vector of slack
-    cdef float* v = z + 16 * nfb * tq * GEMM_MR + DW_V     # (16, nct, tq, GEMM_NR)
+    cdef Py_ssize_t Hq = 2 * TH + 2, Wq = 2 * TW + 2
+    cdef Py_ssize_t n0, nsam, ty0, nty, ts, sm, ct, xi, fb, r
     _wino_span(unit, N, TH, TB, G, &n0, &nsam, &ty0, &nty)
     ts = nty * TW
     for sm in range(nsam):          # in order: each sample's Z stores spill onto the next one's first row
         chexcy_wdw_dout_rows(&dout[n0 + sm, 0, 0, 0], F, OH, OW, 2 * ty0, 2 * nty, 2 * TW, Fs, dt)
-        chexcy_wdw_dout_tiles(dt, Fs, TW, nty, nfb, tq, z + sm * ts * GEMM_MR)
+        chexcy_wdw_dout_tiles(dt, Fs, TW, nty, nfb, ql, z + (r0 + sm * ts) * GEMM_MR)
         for ct in range(nct):
             chexcy_wdw_input_tiles(xt + ((ct * N + n0 + sm) * Hq + 2 * ty0) * Wq * GEMM_NR, Wq, TW, nty,
-                                   v + (ct * tq + sm * ts) * GEMM_NR, nct * tq * GEMM_NR)
-    for xi in range(16):
-        for ct in range(nct):       # a V strip stays in L1 while the Z strips pass over it
+                                   v + (ct * ql + r0 + sm * ts) * GEMM_NR, nct * ql * GEMM_NR)
+    r = r0 + nsam * ts
+    if r < r1:
+        for xi in range(16):
             for fb in range(nfb):
-                chexcy_gemm_tile_rows(nsam * ts, 1, z + (xi * nfb + fb) * tq * GEMM_MR,
-                                      v + (xi * nct + ct) * tq * GEMM_NR, GEMM_NR,
-                                      s + (xi * Fp + fb * GEMM_MR) * Cp + ct * GEMM_NR, Cp, add)
+                memset(z + ((xi * nfb + fb) * ql + r) * GEMM_MR, 0, (r1 - r) * GEMM_MR * sizeof(float))
+            for ct in range(nct):
+                memset(v + ((xi * nct + ct) * ql + r) * GEMM_NR, 0, (r1 - r) * GEMM_NR * sizeof(float))
+
+
+cdef void _wdw_products(const float* z, const float* v, float* s, Py_ssize_t xi, Py_ssize_t fb0, Py_ssize_t fb1,
+                        Py_ssize_t nfb, Py_ssize_t nct, Py_ssize_t ql, Py_ssize_t K, int add) noexcept nogil:
+    """S[xi] (+)= Z[xi] V[xi]^T for the output-channel blocks [fb0, fb1), K rows of the strips (S: (16, Fp,
+    Cp)) with the dense layer's register tile; a V strip stays in L1 while the Z strips pass over it."""
+    cdef Py_ssize_t Fp = nfb * GEMM_MR, Cp = nct * GEMM_NR, ct, fb
+    for ct in range(nct):
+        for fb in range(fb0, fb1):
+            chexcy_gemm_tile_rows(K, 1, z + (xi * nfb + fb) * ql * GEMM_MR, v + (xi * nct + ct) * ql * GEMM_NR,
+                                  GEMM_NR, s + (xi * Fp + fb * GEMM_MR) * Cp + ct * GEMM_NR, Cp, add)
+
+
+cdef void _wdw_unit(
+        const float[:, :, :, ::1] dout, const float* xt,
+        float* s,                                   # IN/OUT S (16, Fp, Cp): this unit's sums added (or stored)
+        float* scratch,                             # this thread's: dout rows, Z strips, V strips
+        Py_ssize_t unit, int add,                   # see _wino_plan / _wino_span; add to s or store
+        Py_ssize_t nct, Py_ssize_t TB, Py_ssize_t G, Py_ssize_t tq, Py_ssize_t Fs) noexcept nogil:
+    """One work unit of the Winograd dweight by partial sums: its transforms into this thread's scratch,
+    then its products, K = the unit's tiles, added to (or stored in) s."""
+    cdef Py_ssize_t TW = (dout.shape[3] + 1) // 2, nfb = (dout.shape[1] + GEMM_MR - 1) // GEMM_MR, xi
+    cdef float* dt = scratch                        # (2 TB, 2 TW, Fs)
+    cdef float* z = dt + 4 * TB * TW * Fs           # (16, nfb, tq, GEMM_MR) + a vector of slack
+    cdef float* v = z + 16 * nfb * tq * GEMM_MR + DW_V     # (16, nct, tq, GEMM_NR)
+    cdef Py_ssize_t n0, nsam, ty0, nty
+    _wino_span(unit, dout.shape[0], (dout.shape[2] + 1) // 2, TB, G, &n0, &nsam, &ty0, &nty)
+    _wdw_transforms(dout, xt, z, v, dt, unit, nct, TB, G, Fs, tq, 0, 0)
+    for xi in range(16):
+        _wdw_products(z, v, s, xi, 0, nfb, nfb, nct, tq, nsam * nty * TW, add)
 
 
 cdef void _wdw_part(
@@ -1128,19 +1161,25 @@ cdef void _wdw_part(
 
 cdef _dweight_winograd(dout, x, int ph, int pw):
     """dweight and dbias of a 3x3, stride-1, dilation-1, one-group convolution by Winograd F(2x2, 3x3).
-    The units (sample, block of rows of tiles) are cut into WDW_PARTS partial sums by the shape alone,
-    each computed by one thread and then added in order: bitwise the same for any thread count."""
+    Small planes (several samples to a unit of _wino_plan): every unit's transforms side by side in one
+    set of strips, then the 16 products once over all the batch's tiles, cut by blocks of output
+    channels. Larger planes: the units are cut into WDW_PARTS partial sums by the shape alone, each
+    computed by one thread and then added in order. Both bitwise the same for any thread count."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3]
     cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, TB, G, U, TU
     TB, G, U, TU = _wino_plan(N, TH, TW)
-    cdef Py_ssize_t P = min(U, <Py_ssize_t>WDW_PARTS)
     cdef Py_ssize_t nct = (C + GEMM_NR - 1) // GEMM_NR, nfb = (F + GEMM_MR - 1) // GEMM_MR
-    cdef Py_ssize_t Cp = nct * GEMM_NR, Fp = nfb * GEMM_MR, Fs = Fp + DW_V, tq = TU + 1
+    cdef Py_ssize_t Cp = nct * GEMM_NR, Fp = nfb * GEMM_MR, Fs = Fp + DW_V, tq = TU + 1, ql = U * tq
+    # the batch's strips at once: S is written once, not once per unit and added up per part (3x3 at
+    # 7x7, 512 channels, batch 8: 16 MiB of S per unit; the partial sums made the whole backward 2.9x
+    # torch's time)
+    cdef bint whole = G > 1 and 16 * (Fp + Cp) * ql * 4 <= WDW_WHOLE_BYTES
+    cdef Py_ssize_t P = 1 if whole else min(U, <Py_ssize_t>WDW_PARTS)
     cdef Py_ssize_t Hq = 2 * TH + 2, Wq = 2 * TW + 2, ps = 16 * Fp * Cp, u, f
-    cdef Py_ssize_t per = (4 * TB * TW * Fs + 16 * nfb * tq * GEMM_MR + DW_V + 16 * nct * tq * GEMM_NR
-                           + 15) // 16 * 16
+    cdef Py_ssize_t per = (4 * TB * TW * Fs + 15) // 16 * 16 + max(
+        16 * nfb * tq * GEMM_MR + DW_V + 16 * nct * tq * GEMM_NR if not whole else 0, 16 * C)
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[:, :, :, ::1] dv = dout
     xt = _empty((nct * N * Hq * Wq * GEMM_NR,))
@@ -1153,10 +1192,23 @@ cdef _dweight_winograd(dout, x, int ph, int pw):
     cdef float[:, ::1] sv = scratch
     cdef float[:, :, :, ::1] dwv = dweight
     cdef float[::1] dbv = dbias
+    cdef float[::1] zv
+    cdef float[::1] vv
     for u in prange(nct * N, nogil=True, schedule="static", num_threads=n_threads):
         _dwc_pack_x(xv, &xtv[0], u, 1, nct, ph, pw, Hq, Wq)
-    for u in prange(P, nogil=True, schedule="static", num_threads=n_threads):
-        _wdw_part(dv, &xtv[0], &spv[0, 0], &sv[omp_get_thread_num(), 0], u, P, U, nct, TB, G, tq, Fs, ps)
+    if whole:
+        z = _empty((16 * nfb * ql * GEMM_MR + DW_V,))
+        v = _empty((16 * nct * ql * GEMM_NR,))
+        zv = z
+        vv = v
+        for u in prange(U, nogil=True, schedule="static", num_threads=n_threads):
+            _wdw_transforms(dv, &xtv[0], &zv[0], &vv[0], &sv[omp_get_thread_num(), 0], u, nct, TB, G, Fs, ql,
+                            u * tq, (u + 1) * tq)
+        for u in prange(16 * nfb, nogil=True, schedule="static", num_threads=n_threads):
+            _wdw_products(&zv[0], &vv[0], &spv[0, 0], u // nfb, u % nfb, u % nfb + 1, nfb, nct, ql, ql, 0)
+    else:
+        for u in prange(P, nogil=True, schedule="static", num_threads=n_threads):
+            _wdw_part(dv, &xtv[0], &spv[0, 0], &sv[omp_get_thread_num(), 0], u, P, U, nct, TB, G, tq, Fs, ps)
     for f in prange(F, nogil=True, schedule="static", num_threads=n_threads):
         _dbias_one(dv, dbv, f)
         chexcy_wdw_weight_row(&spv[0, 0] + f * Cp, P, ps, Fp * Cp, C, &sv[omp_get_thread_num(), 0],
@@ -1625,7 +1677,9 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     # padding) with the kernel flipped and in/out channels swapped per group (WINOGRAD or DIRECT).
     dx = _empty((N, C, H, W))
     cdef float[:, :, :, ::1] dxv = dx
-    if dx_path != "PLAIN":
+    if dx_path == "WINOGRAD":
+        _wino_conv(dout, weight, np.zeros(C, np.float32), dx, 2 - ph, 2 - pw, flip=True)
+    elif dx_path != "PLAIN":
         wt = (weight.reshape(groups, Fg, Cg, KH, KW)[:, :, :, ::-1, ::-1]
               .transpose(0, 2, 1, 3, 4).reshape(C, Fg, KH, KW))
         _conv_core(dout, np.ascontiguousarray(wt), np.zeros(C, np.float32), dx, groups,

@@ -99,8 +99,8 @@ cdef extern from "_ops_winograd.h" nogil:
                           Py_ssize_t r0, Py_ssize_t rows, Py_ssize_t TW, float* pe, float* po, Py_ssize_t ps)
     void chexcy_wino_rows(const float* pe, const float* po, Py_ssize_t ps, Py_ssize_t TW, Py_ssize_t n,
                           float* v, Py_ssize_t vs)
-    void chexcy_wino_weight_pack(const float* w, Py_ssize_t F, Py_ssize_t C, Py_ssize_t q, float* up,
-                                 Py_ssize_t xstride)
+    void chexcy_wino_weight_pack(const float* w, Py_ssize_t rs, Py_ssize_t cs, int flip, Py_ssize_t F,
+                                 Py_ssize_t C, Py_ssize_t q, float* up, Py_ssize_t xstride)
     void chexcy_wdw_dout_rows(const float* dout, Py_ssize_t F, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t r0,
                               Py_ssize_t rows, Py_ssize_t W2, Py_ssize_t Fs, float* dt)
     void chexcy_wdw_dout_tiles(const float* dt, Py_ssize_t Fs, Py_ssize_t TW, Py_ssize_t nty, Py_ssize_t nfb,

@@ -87,14 +87,16 @@ static void chexcy_wino_weight(const float *w, Py_ssize_t C, float *u)
 
 /* U of output channels [q GEMM_MR, q GEMM_MR + GEMM_MR) (clipped to F; the rows past F zero), every
  * input channel, straight into the packed A strips of the 16 products: U[xi] of (f, c) at
- * up + xi * xstride + q * C * GEMM_MR + c * GEMM_MR + f % GEMM_MR, w: (F, C, 3, 3). The channels go in
+ * up + xi * xstride + q * C * GEMM_MR + c * GEMM_MR + f % GEMM_MR. The kernel of (f, c) is the 3x3 at
+ * w + f * rs + c * cs, turned by 180 degrees when flip (dx as a forward conv: w (C, F, 3, 3) read with
+ * rs = 9, cs = F * 9, no transposed copy). The channels go in
  * blocks of CHEXCY_WINO_CB through a local buffer, so each of the 16 destinations gets one contiguous
  * run per block (the 16 streams are xstride apart, often a multiple of 4 KiB: single floats written to
  * each would fight over the same L1 sets). Packing U (F, C, 16) afterwards read one float per cache line
  * per product: 16 passes over all of U, half the forward time of a 512-channel layer at 7x7. */
 #define CHEXCY_WINO_CB 16
-static void chexcy_wino_weight_pack(const float *w, Py_ssize_t F, Py_ssize_t C, Py_ssize_t q, float *up,
-                                    Py_ssize_t xstride)
+static void chexcy_wino_weight_pack(const float *w, Py_ssize_t rs, Py_ssize_t cs, int flip, Py_ssize_t F,
+                                    Py_ssize_t C, Py_ssize_t q, float *up, Py_ssize_t xstride)
 {
     float buf[16][CHEXCY_WINO_CB * GEMM_MR];           /* 12 KiB on AVX-512 */
     const Py_ssize_t f0 = q * GEMM_MR, mr = F - f0 < GEMM_MR ? F - f0 : GEMM_MR;
@@ -104,8 +106,14 @@ static void chexcy_wino_weight_pack(const float *w, Py_ssize_t F, Py_ssize_t C, 
         for (Py_ssize_t r = 0; r < GEMM_MR; r++) {
             for (Py_ssize_t c = 0; c < cb; c++) {
                 float u[16];
-                if (r < mr) chexcy_wino_weight(w + ((f0 + r) * C + c0 + c) * 9, 1, u);
-                else memset(u, 0, sizeof u);
+                if (r < mr) {
+                    const float *g = w + (f0 + r) * rs + (c0 + c) * cs;
+                    float gf[9];
+                    if (flip) for (int t = 0; t < 9; t++) gf[t] = g[8 - t];
+                    chexcy_wino_weight(flip ? gf : g, 1, u);
+                } else {
+                    memset(u, 0, sizeof u);
+                }
                 for (int xi = 0; xi < 16; xi++) buf[xi][c * GEMM_MR + r] = u[xi];
             }
         }
