@@ -193,7 +193,8 @@ WIDE_CONV_CASES = [
 # 3x3, stride 1, dilation 1, one group, from 16 input and 24 output channels: the forward conv (and dx,
 # the forward conv of dout) is Winograd F(2x2, 3x3) on 2x2 output tiles, units of up to 128 tiles
 # (whole rows of tiles, or several whole samples when a sample has fewer), products in K blocks of 256
-# input channels; from 32 input channels dweight too, its units summed into 4 partial sums.
+# input channels; from 32 input channels dweight too: small planes (several samples to a unit) in one
+# pass over the whole batch's tiles, larger ones with their units summed into 4 partial sums.
 WINOGRAD_CONV_CASES = [
     ConvCase(2, 16, 9, 11, 24, 3, 3, 1, 1, 1, 1, True),                # odd sizes: half tiles at the edges
     ConvCase(1, 24, 16, 16, 26, 3, 3, 1, 1, 1, 1, False),              # batch 1, 26 channels: 2 tiles + 2
@@ -204,10 +205,11 @@ WINOGRAD_CONV_CASES = [
     ConvCase(2, 16, 3, 2, 24, 3, 3, 1, 1, 1, 1, True),                 # planes narrower than a tile
     ConvCase(1, 16, 8, 70, 48, 3, 3, 1, "same", 1, 1, True),           # 35 tiles a row: 3 vectors
     ConvCase(1, 32, 14, 13, 24, 3, 3, (1, 2), (2, 1), 1, 1, False),    # stride (1, 2): via stride 1
-    ConvCase(3, 32, 9, 7, 26, 3, 3, 1, 1, 1, 1, True),                 # dweight: 3 units, odd sizes
+    ConvCase(3, 32, 9, 7, 26, 3, 3, 1, 1, 1, 1, True),                 # dweight: one pass, odd sizes
     ConvCase(2, 40, 180, 6, 24, 3, 3, 1, 1, 1, 1, False),              # dweight: 6 units in 4 sums
     ConvCase(1, 33, 5, 9, 50, 3, 3, 1, 0, 1, 1, True),                 # dweight: no padding, 33 channels
     ConvCase(5, 32, 8, 8, 24, 3, 3, 1, 1, 1, 1, True),                 # 16 tiles a sample: units of 4 + 1
+    ConvCase(7, 40, 13, 14, 36, 3, 3, 1, 1, 1, 1, True),               # one pass: 49 tiles, units of 2 + 1
 ]
 
 
