@@ -79,6 +79,10 @@ cdef enum:
     GEMM_MIN_F = 8
     GEMM_TASK_COLS = 256    # output positions per task of _gemm_conv (its output block stays in L2)
     GEMM_DW_PARTS = 4       # sample ranges of the IM2COL_GEMM dweight, summed in order (fixed by the shape)
+    # ... used only below this many units of column strips: a deep K (3x3 stride 2, 512 channels at 14x14:
+    # 12 units) is parallel enough, and its 4 partial sums of 9 MiB each cost more to zero and add than
+    # they saved
+    GEMM_DW_MIN_UNITS = 8
     # K strips (GEMM_NR columns of dweight) per unit of the IM2COL_GEMM dweight: each unit packs its blocks
     # of dout once for all of them (one strip per unit packed them once per strip: 11% of the backward
     # of 3x3 stride 2, 128 channels at 56x56, more than the gather of B^T)
@@ -1396,28 +1400,43 @@ cdef _padded(x, int ph, int pw, int n_threads):
 
 cdef void _cg_dweight_unit(
         const float* xp, const float* dout, float* parts, float* abuf, float* bbuf,
-        Py_ssize_t u, Py_ssize_t nst, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, int groups,
+        Py_ssize_t u, Py_ssize_t nst, Py_ssize_t nparts, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, int groups,
         Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dil_h, int dil_w,
         Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
     """Unit u = (part, g, chunk) of _gemm_conv_dweight: strips chunk GEMM_DW_STRIPS ... of dweight[g]
-    (nst chunks per group) over the part's samples."""
+    (nst chunks per group) over the part's samples (nparts parts), zeroed here first."""
     cdef chexcy_cg_geom geo
-    cdef Py_ssize_t Cg = C // groups, Fg = F // groups, K = Cg * KH * KW, P = OH * OW
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups, K = Cg * KH * KW, P = OH * OW, r
     cdef Py_ssize_t s = u % nst * GEMM_DW_STRIPS, g = u // nst % groups, part = u // nst // groups
     cdef Py_ssize_t s1 = min(s + GEMM_DW_STRIPS, (K + GEMM_NR - 1) // GEMM_NR)
-    cdef Py_ssize_t n0 = part * N // GEMM_DW_PARTS, n1 = (part + 1) * N // GEMM_DW_PARTS
+    cdef Py_ssize_t n0 = part * N // nparts, n1 = (part + 1) * N // nparts
+    cdef float* dst = parts + (part * F + g * Fg) * K
+    for r in range(Fg):
+        memset(dst + r * K + s * GEMM_NR, 0, (min(s1 * GEMM_NR, K) - s * GEMM_NR) * sizeof(float))
     if n1 <= n0:
         return
     _cg_geom(&geo, xp + (n0 * C + g * Cg) * Hp * Wp, Hp, Wp, KH, KW, sh, sw, dil_h, dil_w, OH, OW)
     chexcy_cg_dweight_task(geo, n1 - n0, C * Hp * Wp, dout + (n0 * F + g * Fg) * P, F * P, Fg, K, s, s1,
-                           parts + (part * F + g * Fg) * K, abuf, bbuf)
+                           dst, abuf, bbuf)
+
+
+cdef void _sum_parts(const float* parts, Py_ssize_t nparts, Py_ssize_t plen, Py_ssize_t row, Py_ssize_t K,
+                     float* out) noexcept nogil:
+    """out row = parts[0] row + parts[1] row + ..., added in that order (rows K floats long)."""
+    cdef Py_ssize_t p, k
+    cdef float* o = out + row * K
+    memcpy(o, parts + row * K, K * sizeof(float))
+    for p in range(1, nparts):
+        for k in range(K):
+            o[k] += parts[p * plen + row * K + k]
 
 
 cdef _gemm_conv_dweight(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int sh, int sw, int ph, int pw,
                         int dil_h, int dil_w):
     """IM2COL_GEMM dweight (F, Cg, KH, KW) = sum over (n, p) of dout (Fg, P) B_n^T (P, K), per group
-    (chexcy/_ops_conv_gemm.h). Units: (sample range, group, chunk of GEMM_DW_STRIPS strips of GEMM_NR columns of K); the
-    GEMM_DW_PARTS sample ranges (fixed by N) give partial sums added in order at the end."""
+    (chexcy/_ops_conv_gemm.h). Units: (sample range, group, chunk of GEMM_DW_STRIPS strips of GEMM_NR columns
+    of K). Where the chunks alone are fewer than GEMM_DW_MIN_UNITS, the batch is cut into GEMM_DW_PARTS
+    sample ranges whose partial sums are added in order at the end (the count fixed by the shape)."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t F = dout.shape[1], OH = dout.shape[2], OW = dout.shape[3], Cg = C // groups
@@ -1428,18 +1447,22 @@ cdef _gemm_conv_dweight(dout, x, Py_ssize_t KH, Py_ssize_t KW, int groups, int s
     xp = _padded(x, ph, pw, n_threads)
     cdef const float[:, :, :, ::1] pv = xp
     cdef const float[:, :, :, ::1] dv = dout
-    parts = np.zeros((GEMM_DW_PARTS, F, K), np.float32)
+    cdef Py_ssize_t nparts = 1 if groups * nst >= GEMM_DW_MIN_UNITS else GEMM_DW_PARTS
+    parts = _empty((nparts, F, K))
     cdef float[:, :, ::1] rv = parts
     scratch = _empty((n_threads, alen + blen))
     cdef float[:, ::1] sv = scratch
-    for u in prange(GEMM_DW_PARTS * groups * nst, nogil=True, schedule="static", num_threads=n_threads):
+    for u in prange(nparts * groups * nst, nogil=True, schedule="static", num_threads=n_threads):
         _cg_dweight_unit(&pv[0, 0, 0, 0], &dv[0, 0, 0, 0], &rv[0, 0, 0], &sv[omp_get_thread_num(), 0],
-                         &sv[omp_get_thread_num(), alen], u, nst, N, C, F, groups, pv.shape[2], pv.shape[3],
-                         KH, KW, sh, sw, dil_h, dil_w, OH, OW)
-    dweight = parts[0]
-    for u in range(1, GEMM_DW_PARTS):       # in order: the same sums whatever thread made each part
-        dweight += parts[u]
-    return np.ascontiguousarray(dweight).reshape(F, Cg, KH, KW)
+                         &sv[omp_get_thread_num(), alen], u, nst, nparts, N, C, F, groups, pv.shape[2],
+                         pv.shape[3], KH, KW, sh, sw, dil_h, dil_w, OH, OW)
+    if nparts == 1:
+        return parts.reshape(F, Cg, KH, KW)
+    dweight = _empty((F, Cg, KH, KW))
+    cdef float[:, :, :, ::1] dwv = dweight
+    for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
+        _sum_parts(&rv[0, 0, 0], nparts, F * K, u, K, &dwv[0, 0, 0, 0])     # in order, whatever thread
+    return dweight
 
 
 cdef void _cg_dx_unit(
