@@ -1576,8 +1576,9 @@ cdef _gemm_conv_dx_phase(dout, w, x_shape, int groups, int sh, int sw, int ph, i
         ph_i = u // nsb % S
         g = u // nsb // S % groups
         n = u // nsb // S // groups
+        # (&av[g, 0] + offset: a phase without taps starts at the end of the row, which is no index)
         chexcy_cg_dx_phase_task(&pv[(n * F + g * Fg) * dplane], &ov[ph_i, 0], tv[ph_i], Fg, Hd, Wd, Hq, Wq,
-                                &av[g, aov[ph_i]], Cg, ph_i // sw, ph_i % sw, sh, sw, ph, pw, H, W,
+                                &av[g, 0] + aov[ph_i], Cg, ph_i // sw, ph_i % sw, sh, sw, ph, pw, H, W,
                                 sb * SB, min(nstrips, (sb + 1) * SB), &dxv[n, g * Cg, 0, 0],
                                 &sv[omp_get_thread_num(), 0], &sv[omp_get_thread_num(), ctlen])
     return dx
