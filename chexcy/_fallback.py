@@ -358,15 +358,20 @@ def batch_norm2d_plane_stats(x):
     return np.ascontiguousarray(plane_sum.T), np.ascontiguousarray(m2.T)
 
 
-def batch_norm2d_apply(x, mean, var, weight, bias, eps):
-    """x (N, C, H, W), float64 mean, var (C,), weight, bias (C,) -> out, x's dtype."""
+def batch_norm2d_apply(x, mean, var, weight, bias, eps, relu=False, out=None):
+    """x (N, C, H, W), float64 mean, var (C,), weight, bias (C,) -> out, x's dtype (max(., 0) when relu),
+    fresh or written into out."""
     mean_x = mean.astype(x.dtype)
     a = weight.astype(np.float64) / np.sqrt(var + eps)
     b = bias.astype(np.float64) - (mean - mean_x.astype(np.float64)) * a
-    out = _bn_planes(x) - mean_x[:, None]
-    out *= a.astype(x.dtype)[:, None]
-    out += b.astype(x.dtype)[:, None]
-    return out.reshape(x.shape)
+    if out is None:
+        out = np.empty(x.shape, x.dtype)
+    np.subtract(x, mean_x[:, None, None], out=out)
+    out *= a.astype(x.dtype)[:, None, None]
+    out += b.astype(x.dtype)[:, None, None]
+    if relu:
+        np.maximum(out, 0, out=out)
+    return out
 
 
 def batch_norm2d_plane_grad_sums(dout, x, mean):

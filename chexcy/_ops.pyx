@@ -2382,14 +2382,17 @@ def batch_norm2d_plane_stats(x):
     return plane_sum, plane_m2
 
 
-def batch_norm2d_apply(x, mean, var, weight, bias, double eps):
-    """x (N, C, H, W) float32; mean, var (C,) float64 channel statistics; weight, bias (C,) float32
-    -> out = (x - mean) / sqrt(var + eps) * weight + bias, float32 (N, C, H, W)."""
+def batch_norm2d_apply(x, mean, var, weight, bias, double eps, bint relu=False, out=None):
+    """x (N, C, H, W) float32, planes contiguous (samples any distance apart: a channel prefix of a larger
+    array); mean, var (C,) float64 channel statistics; weight, bias (C,) float32 -> out = (x - mean) /
+    sqrt(var + eps) * weight + bias, then max(., 0) when relu, float32 (N, C, H, W): a fresh array, or
+    written into out (C-contiguous, may be x itself)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, c
     cdef int n_threads = _threads()
-    out = _empty(x.shape)
+    if out is None:
+        out = _empty(x.shape)
     coef = np.empty((C, 3), np.float32)             # per channel: mean32, a, b
-    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, :] xv = x          # planes contiguous (chexcy.ops checks), samples strided
     cdef const double[::1] mv = mean
     cdef const double[::1] vv = var
     cdef const float[::1] wv = weight
@@ -2400,8 +2403,12 @@ def batch_norm2d_apply(x, mean, var, weight, bias, double eps):
         for c in range(C):
             chexcy_bn_coefficients(mv[c], vv[c], wv[c], bv[c], eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_apply(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
-                        k[u % C, 0], k[u % C, 1], k[u % C, 2])
+        if relu:
+            chexcy_bn_apply_relu(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
+                                 k[u % C, 0], k[u % C, 1], k[u % C, 2])
+        else:
+            chexcy_bn_apply(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
+                            k[u % C, 0], k[u % C, 1], k[u % C, 2])
     return out
 
 

@@ -59,6 +59,7 @@
 typedef float chexcy_bn_vf __attribute__((vector_size(CHEXCY_BN_VW * sizeof(float))));
 typedef double chexcy_bn_vd __attribute__((vector_size(CHEXCY_BN_VW * sizeof(double))));
 typedef long long chexcy_bn_vl __attribute__((vector_size(CHEXCY_BN_VW * sizeof(long long))));
+typedef int chexcy_bn_vi __attribute__((vector_size(CHEXCY_BN_VW * sizeof(int))));
 
 static inline chexcy_bn_vf chexcy_bn_load(const float *p)
 {
@@ -227,6 +228,26 @@ static inline void chexcy_bn_apply(const float *restrict x, float *restrict out,
         chexcy_bn_store(out + i, (chexcy_bn_load(x + i) - mv) * av + bv);
     if (i < n)
         chexcy_bn_store_head(out + i, (chexcy_bn_load_head(x + i, n - i) - mv) * av + bv, n - i);
+}
+
+/* max(y, 0) lane by lane: the lanes where y < 0 cleared (a NaN compares false and stays). */
+static inline chexcy_bn_vf chexcy_bn_relu(chexcy_bn_vf y)
+{
+    const chexcy_bn_vi neg = y < chexcy_bn_splat_f(0.0f);
+    return (chexcy_bn_vf)((chexcy_bn_vi)y & ~neg);
+}
+
+/* out = max((x - m) * a + b, 0) over one plane of n floats (a NaN stays NaN, as chexcy_relu). */
+static inline void chexcy_bn_apply_relu(const float *restrict x, float *restrict out, Py_ssize_t n,
+                                        float m, float a, float b)
+{
+    const Py_ssize_t V = CHEXCY_BN_VW;
+    const chexcy_bn_vf mv = chexcy_bn_splat_f(m), av = chexcy_bn_splat_f(a), bv = chexcy_bn_splat_f(b);
+    Py_ssize_t i = 0;
+    for (; i + V <= n; i += V)
+        chexcy_bn_store(out + i, chexcy_bn_relu((chexcy_bn_load(x + i) - mv) * av + bv));
+    if (i < n)
+        chexcy_bn_store_head(out + i, chexcy_bn_relu((chexcy_bn_load_head(x + i, n - i) - mv) * av + bv), n - i);
 }
 
 /* dx = a * g + ((x - m) * b + c) over one plane of n floats. */

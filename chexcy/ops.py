@@ -816,19 +816,45 @@ def batch_norm2d_combine_stats(plane_sum, plane_m2, plane_size):
     return mean, q / M
 
 
-def batch_norm2d_apply(x, mean, var, weight, bias, eps=1e-5):
-    """out = (x - mean) / sqrt(var + eps) * weight + bias with given channel statistics.
+def _planes_contiguous(x):
+    """Whether x (N, C, H, W) float32 has contiguous (C, H, W) planes, its samples any (positive) distance
+    apart: a channel prefix x[:, :c] of a larger C-contiguous array is."""
+    if type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 4 or not x.flags.aligned:
+        return False
+    _, _, H, W = x.shape
+    return x.strides[1:] == (4 * H * W, 4 * W, 4) and x.strides[0] >= 4 * x.shape[1] * H * W
 
-    x (N, C, H, W); mean, var (C,) (float64, as batch_norm2d_combine_stats returns); weight, bias (C,)
-    or None. Returns float32 (N, C, H, W)."""
+
+def batch_norm2d_apply(x, mean, var, weight, bias, eps=1e-5, relu=False, out=None):
+    """out = (x - mean) / sqrt(var + eps) * weight + bias with given channel statistics, then max(., 0)
+    when relu=True (one pass over memory: batch norm and the ReLU after it).
+
+    x (N, C, H, W), read in place when its (C, H, W) planes are contiguous float32 (a channel prefix
+    x[:, :c] of a larger array is: no copy); mean, var (C,) (float64, as batch_norm2d_combine_stats
+    returns); weight, bias (C,) or None. Returns a fresh float32 (N, C, H, W) array, or writes into out
+    (a writeable C-contiguous float32 array of x's shape, x itself allowed) and returns it."""
     fn = "batch_norm2d_apply"
-    x = _bn_plane_x(x, fn)
+    if not _planes_contiguous(x):
+        x = _bn_plane_x(x, fn)
+    _check_nonempty(x.shape, fn, "x", "(N, C, H, W)")
     C = x.shape[1]
     mean = _bn_stats_vector(mean, C, fn, "mean", x.shape)
     var = _bn_stats_vector(var, C, fn, "var", x.shape)
     weight = _bn_channel_vector(weight, C, fn, "weight", x.shape, 1.0)
     bias = _bn_channel_vector(bias, C, fn, "bias", x.shape, 0.0)
-    return _backend().batch_norm2d_apply(x, mean, var, weight, bias, _bn_eps(eps, fn))
+    if out is not None:
+        if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.c_contiguous):
+            raise ValueError(f"{fn}: out must be a C-contiguous float32 ndarray, got {type(out).__name__} "
+                             f"{getattr(out, 'dtype', '')}".rstrip())
+        if out.shape != x.shape:
+            raise ValueError(f"{fn}: out has shape {out.shape}, x {x.shape}: they must match")
+        if not out.flags.writeable:
+            raise ValueError(f"{fn}: out {out.shape} is read-only")
+        if out is not x and np.may_share_memory(out, x) and not (
+                out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+                and out.strides == x.strides):
+            raise ValueError(f"{fn}: out overlaps x without being x itself")
+    return _backend().batch_norm2d_apply(x, mean, var, weight, bias, _bn_eps(eps, fn), bool(relu), out)
 
 
 def batch_norm2d_plane_grad_sums(dout, x, mean):

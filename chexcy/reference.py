@@ -280,11 +280,17 @@ def batch_norm2d_plane_stats(x):
     return plane_sum.T.copy(), plane_m2.T.copy()
 
 
-def batch_norm2d_apply(x, mean, var, weight, bias, eps):
-    """out = (x - mean) / sqrt(var + eps) * weight + bias, in float64, returned in x's dtype."""
+def batch_norm2d_apply(x, mean, var, weight, bias, eps, relu=False, out=None):
+    """out = (x - mean) / sqrt(var + eps) * weight + bias (then max(., 0) when relu), in float64,
+    returned in x's dtype (or written into out)."""
     xhat = (x.astype(np.float64) - mean[:, None, None]) / np.sqrt(var + eps)[:, None, None]
-    out = xhat * weight.astype(np.float64)[:, None, None] + bias.astype(np.float64)[:, None, None]
-    return out.astype(x.dtype)
+    y = xhat * weight.astype(np.float64)[:, None, None] + bias.astype(np.float64)[:, None, None]
+    if relu:
+        y = np.maximum(y, 0)
+    if out is None:
+        return y.astype(x.dtype)
+    out[...] = y
+    return out
 
 
 def batch_norm2d_plane_grad_sums(dout, x, mean):

@@ -321,3 +321,58 @@ def test_batch_norm_halves_reject_bad_arguments_by_name(backend, rng):
             ops.batch_norm2d_backward_apply(x, x, np.zeros(3), np.ones(3), None, np.zeros(3), np.zeros(3), 1)
         with pytest.raises(ValueError, match="more than one value per channel"):
             ops.batch_norm2d_combine_stats(np.zeros((3, 1)), np.zeros((3, 1)), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch_norm2d_apply with its ReLU, into a given array, on a channel prefix of a larger array (how a dense
+# block normalises the first c channels of its buffer without copying them).
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BN_SHAPES, ids=shape_id)
+def test_batch_norm_apply_relu_into_out_on_a_channel_prefix_matches_reference(backend, case, rng):
+    N, C, H, W, offset = case
+    big = (rng.standard_normal((N, C + 3, H, W)) + offset).astype(np.float32)
+    x = big[:, :C]                                      # planes contiguous, samples (C + 3) H W apart
+    mean = x.astype(np.float64).mean(axis=(0, 2, 3))
+    var = x.astype(np.float64).var(axis=(0, 2, 3)) + 0.5
+    big[0, 0, 0, 0] = np.nan                            # a NaN stays NaN through the ReLU
+    weight = rng.standard_normal(C).astype(np.float32)
+    bias = rng.standard_normal(C).astype(np.float32)
+    want = reference.batch_norm2d_apply(x, mean, var, weight, bias, 1e-5, relu=True)
+    if x.size >= 16:
+        assert (want == 0).any() and (want > 0).any()  # the ReLU cuts somewhere, passes somewhere
+    before = big.copy()
+    with ops.use_backend(backend):
+        fresh = ops.batch_norm2d_apply(x, mean, var, weight, bias, 1e-5, relu=True)
+        out = np.full((N, C, H, W), 7.0, np.float32)
+        got = ops.batch_norm2d_apply(x, mean, var, weight, bias, 1e-5, relu=True, out=out)
+        plain = ops.batch_norm2d_apply(x, mean, var, weight, bias, 1e-5)
+    assert got is out
+    assert np.isnan(got[0, 0, 0, 0]) and np.isnan(fresh[0, 0, 0, 0])
+    assert_allclose(got, want, atol=2e-5 * max(1.0, abs(offset)), equal_nan=True)
+    assert_array_equal(fresh, got)
+    assert_array_equal(np.maximum(plain, 0), got)       # relu=True is the plain map, then max(., 0)
+    assert_array_equal(big, before)                     # x (and the channels past it) untouched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_apply_in_place_and_bad_out(backend, rng):
+    x = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    mean, var = np.zeros(3), np.ones(3)
+    w, b = np.full(3, 2.0, np.float32), np.full(3, -0.5, np.float32)
+    want = np.maximum(x * np.float32(2.0 / np.sqrt(1 + 1e-5)) - 0.5, 0)
+    with ops.use_backend(backend):
+        y = x.copy()
+        assert ops.batch_norm2d_apply(y, mean, var, w, b, relu=True, out=y) is y
+        assert_allclose(y, want, atol=1e-6)
+        with pytest.raises(ValueError, match="out has shape"):
+            ops.batch_norm2d_apply(x, mean, var, w, b, out=np.empty((2, 3, 5, 5), np.float32))
+        with pytest.raises(ValueError, match="C-contiguous float32"):
+            ops.batch_norm2d_apply(x, mean, var, w, b, out=np.empty((2, 3, 5, 4)))
+        with pytest.raises(ValueError, match="read-only"):
+            ro = np.empty_like(x)
+            ro.flags.writeable = False
+            ops.batch_norm2d_apply(x, mean, var, w, b, out=ro)
+        big = np.zeros((2, 6, 5, 4), np.float32)
+        with pytest.raises(ValueError, match="overlaps x"):
+            ops.batch_norm2d_apply(big[:, :3], mean, var, w, b, out=big.reshape(-1)[8:8 + x.size].reshape(x.shape))

@@ -89,8 +89,14 @@ def _by_samples(fn, n):
 
 
 def _affine_relu(bn, x, mean, var, out):
-    """out = relu(bn(x)) for BatchNorm2d `bn` normalising with statistics mean, var (C,); x, out (N, C, H, W)."""
+    """out = relu(bn(x)) for BatchNorm2d `bn` normalising with statistics mean, var (C,); x, out (N, C, H, W).
+    float32: one pass of the kernels' batch_norm2d_apply with its ReLU, reading x (a channel prefix of the
+    block buffer) in place; other dtypes: NumPy passes split between threads."""
     dtype = out.dtype
+    if dtype == np.float32 and x.dtype == np.float32:
+        return kernels().batch_norm2d_apply(x, mean.astype(np.float64), var.astype(np.float64),
+                                            bn.weight.data.astype(dtype, copy=False),
+                                            bn.bias.data.astype(dtype, copy=False), bn.eps, relu=True, out=out)
     scale = bn.weight.data.astype(dtype, copy=False) / np.sqrt(var.astype(dtype, copy=False) + dtype.type(bn.eps))
     shift = bn.bias.data.astype(dtype, copy=False) - mean.astype(dtype, copy=False) * scale
     scale, shift = scale[:, None, None], shift[:, None, None]
