@@ -254,8 +254,12 @@ def global_avg_pool2d_backward(dout, x_shape):
 # ----------------------------------------------------------------------------------------------
 # relu
 
-def relu_forward(x, inplace):
-    """x (any shape) -> max(x, 0) (NaN stays NaN), into x itself when inplace."""
+def relu_forward(x, inplace, residual=None):
+    """x (any shape) -> max(x, 0) (NaN stays NaN), into x itself when inplace; max(x + residual, 0)
+    with residual."""
+    if residual is not None:
+        x = np.add(x, residual, out=x if inplace else None)
+        inplace = True
     return np.maximum(x, 0, out=x if inplace else None)
 
 

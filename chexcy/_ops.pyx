@@ -2043,15 +2043,23 @@ cdef enum:
     RELU_CHUNK = 1 << 15    # floats per loop iteration (128 KiB): the order of work does not matter here
 
 
-def relu_forward(x, bint inplace):
-    """x (any shape, C-contiguous float32) -> max(x, 0) (NaN stays NaN), into x itself when inplace."""
+def relu_forward(x, bint inplace, residual=None):
+    """x (any shape, C-contiguous float32) -> max(x, 0) (NaN stays NaN), into x itself when inplace;
+    with residual (x's shape, C-contiguous float32), max(x + residual, 0)."""
     out = x if inplace else _empty(x.shape)
     cdef Py_ssize_t n = x.size, u, nchunks = (n + RELU_CHUNK - 1) // RELU_CHUNK
     if n == 0:
         return out
     cdef const float[::1] xv = x.reshape(-1)
     cdef float[::1] ov = out.reshape(-1)
+    cdef const float[::1] rv
     cdef int n_threads = <int>min(<Py_ssize_t>_threads(), nchunks)
+    if residual is not None:
+        rv = residual.reshape(-1)
+        for u in prange(nchunks, nogil=True, schedule="static", num_threads=n_threads):
+            chexcy_relu_add(&xv[u * RELU_CHUNK], &rv[u * RELU_CHUNK], &ov[u * RELU_CHUNK],
+                            min(<Py_ssize_t>RELU_CHUNK, n - u * RELU_CHUNK))
+        return out
     for u in prange(nchunks, nogil=True, schedule="static", num_threads=n_threads):
         chexcy_relu(&xv[u * RELU_CHUNK], &ov[u * RELU_CHUNK], min(<Py_ssize_t>RELU_CHUNK, n - u * RELU_CHUNK))
     return out

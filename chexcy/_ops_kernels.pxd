@@ -221,6 +221,7 @@ cdef extern from "_ops_depthwise.h" nogil:
 # ReLU
 cdef extern from "_ops_relu.h" nogil:
     void chexcy_relu(const float* x, float* y, Py_ssize_t n)
+    void chexcy_relu_add(const float* x, const float* r, float* y, Py_ssize_t n)
     void chexcy_relu_grad(const float* g, const float* y, float* dx, Py_ssize_t n)
 
 # whole pages from the system (the block cache)

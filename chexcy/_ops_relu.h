@@ -15,6 +15,15 @@ static void chexcy_relu(const float *x, float *y, Py_ssize_t n)
     }
 }
 
+/* y = max(x + r, 0) (a residual block's sum and ReLU in one pass; NaN stays NaN); y may be x. */
+static void chexcy_relu_add(const float *x, const float *r, float *y, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float v = x[i] + r[i];
+        y[i] = v < 0.0f ? 0.0f : v;
+    }
+}
+
 static void chexcy_relu_grad(const float *g, const float *y, float *dx, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++)

@@ -725,12 +725,13 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5):
 # ----------------------------------------------------------------------------------------------
 # relu
 
-def relu_forward(x, inplace=False):
+def relu_forward(x, inplace=False, residual=None):
     """The rectifier max(x, 0) (as PyTorch's F.relu; a NaN stays NaN), x of any shape.
 
     Returns a fresh float32 array, or with inplace=True writes into x and returns it; in place needs x
     to be a writeable C-contiguous float32 array (ValueError otherwise: a converted copy would leave
-    the caller's array unchanged).
+    the caller's array unchanged). With residual (an array of x's shape), max(x + residual, 0): a
+    residual block's sum and its ReLU in one pass over memory.
     """
     fn = "relu"
     if inplace:
@@ -741,6 +742,13 @@ def relu_forward(x, inplace=False):
             raise ValueError(f"{fn}: inplace=True but x {x.shape} is read-only")
     else:
         x = _float_array(x, fn, "x")
+    if residual is not None:
+        residual = _float_array(residual, fn, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"{fn}: residual has shape {residual.shape}, x {x.shape}: they must match")
+        if inplace and residual is not x and np.may_share_memory(residual, x):
+            raise ValueError(f"{fn}: residual overlaps x, which inplace=True overwrites")
+        return _backend().relu_forward(x, bool(inplace), residual)
     return _backend().relu_forward(x, bool(inplace))
 
 

@@ -196,10 +196,12 @@ def global_avg_pool2d_backward(dout, x_shape):
 # ----------------------------------------------------------------------------------------------
 # relu
 
-def relu_forward(x, inplace):
-    """out = x where x >= 0 (or x is NaN), else 0; written into x when inplace."""
-    out = x if inplace else x.copy()
-    out[x < 0] = 0
+def relu_forward(x, inplace, residual=None):
+    """out = s where s >= 0 (or s is NaN), else 0, for s = x (+ residual); written into x when inplace."""
+    s = x if residual is None else x + residual
+    out = x if inplace else s.copy()
+    out[...] = s
+    out[s < 0] = 0
     return out
 
 

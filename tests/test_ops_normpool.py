@@ -219,3 +219,44 @@ def test_relu_layer_in_place_on_an_array_the_compiled_op_cannot_take(backend):
     out = nn.ReLU(inplace=True).forward(view)
     assert np.shares_memory(out, base)
     assert_array_equal(base, [[0.0, 2.0, 0.0, 4.0]] * 2)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu_with_residual_matches_reference(backend, inplace, rng):
+    # ops.relu_forward(x, residual=r) = max(x + r, 0) in one pass; sizes around the kernel's chunks of 2^15
+    for shape in [(2, 3, 5, 7), (1, 1 << 15), (3, (1 << 15) + 5)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        r = rng.standard_normal(shape).astype(np.float32)
+        x.reshape(-1)[:3] = [np.nan, 1.0, -2.0]
+        r.reshape(-1)[:3] = [1.0, np.nan, 1.5]
+        want = reference.relu_forward(x, False, residual=r)
+        assert np.isnan(want.reshape(-1)[:2]).all() and want.reshape(-1)[2] == 0
+        x_in, r_before = x.copy(), r.copy()
+        got = ops.relu_forward(x_in, inplace, residual=r)
+        assert_array_equal(got, want)
+        assert (got is x_in) == inplace
+        assert_array_equal(r, r_before)
+        if not inplace:
+            assert_array_equal(x_in, x)
+
+
+def test_relu_with_residual_rejects_bad_arguments_by_name(backend, rng):
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="residual has shape"):
+        ops.relu_forward(x, residual=x[:1])
+    flat = np.zeros(30, np.float32)
+    with pytest.raises(ValueError, match="residual overlaps x"):
+        ops.relu_forward(flat[:24].reshape(x.shape), True, residual=flat[6:].reshape(x.shape))
+
+
+@pytest.mark.parametrize("with_downsample", [False, True])
+def test_relu_layer_with_residual_is_relu_of_the_sum(backend, with_downsample, rng):
+    # the ResNet block's last step; a residual the kernels cannot take (float64) goes through NumPy
+    x = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)
+    skip = rng.standard_normal(x.shape).astype(np.float64 if with_downsample else np.float32)
+    want = np.maximum(x + skip, 0).astype(np.float32)
+    layer = nn.ReLU(inplace=True)
+    out = layer.forward(x.copy(), residual=skip)
+    assert_allclose(out, want, rtol=1e-6, atol=1e-7)
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    assert_array_equal(layer.backward(dout), np.where(out > 0, dout, 0))

@@ -213,9 +213,18 @@ class ReLU(Module):
         self.inplace = bool(inplace)
         self._out = None
 
-    def forward(self, x):
-        if self.inplace and not (isinstance(x, np.ndarray) and x.dtype == np.float32
-                                 and x.flags.c_contiguous and x.flags.writeable):
+    def forward(self, x, residual=None):
+        """max(x, 0); with residual (x's shape), max(x + residual, 0): a residual block's sum and its ReLU
+        in one pass where the kernels take both arrays as they are."""
+        compiled_ok = (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
+                       and x.flags.writeable)
+        if residual is not None:
+            if compiled_ok and isinstance(residual, np.ndarray) and residual.dtype == np.float32 \
+                    and residual.shape == x.shape and not np.may_share_memory(residual, x):
+                self._out = kernels().relu_forward(x, self.inplace, residual=residual)
+                return self._out
+            x = np.add(x, residual, out=x) if self.inplace and compiled_ok else x + residual
+        if self.inplace and not compiled_ok:
             out = np.maximum(x, 0, out=x)        # in place on an array the compiled op cannot take
         else:
             out = kernels().relu_forward(x, self.inplace)

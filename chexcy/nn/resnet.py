@@ -56,8 +56,8 @@ class _Block(Module):
     def forward(self, x):
         self._folded.clear()
         out = run_chain(self._branch_layers(), x, self._folded)
-        out += x if self.downsample is None else run_chain(self.downsample.layers, x, self._folded)
-        return self.relu_out.forward(out)
+        skip = x if self.downsample is None else run_chain(self.downsample.layers, x, self._folded)
+        return self.relu_out.forward(out, residual=skip)    # relu(out + skip), one pass
 
     def backward(self, dout):
         self._folded.restore()                           # after a folded eval forward: the layers' caches
