@@ -696,7 +696,7 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
         for u in range(groups):
             for f in range(Fo):
                 bpv[u, f] = bias[u * Fo + f]
-    bbuf = _empty((n_threads, GEMM_KC * GEMM_NR))
+    bbuf = _empty((n_threads, SB * GEMM_KC * GEMM_NR))     # a unit's strips of one K block, packed
     cdef float[:, ::1] bv = bbuf
     with nogil:
         for u in prange(groups * nkb, schedule="static", num_threads=n_threads):

@@ -13,8 +13,9 @@
  * back through a local copy, column by column.
  *
  * Memory: the GEMM_NR columns of a strip lie on Cg different rows of x (x[n, c, :] are HW floats
- * apart), too many streams for the hardware prefetchers, so each packing would wait on Cg cache misses.
- * While the tiles of one strip run, the next strip's input rows are prefetched, a share per tile.
+ * apart), too many streams for the hardware prefetchers if each strip were packed alone (128 bytes of
+ * each row, then the next row). A task packs all its strips of a K block together, row by row across
+ * the strips (chexcy_pw_pack_strips), so each row is one longer sequential read.
  *
  * dweight (Fg, Cg) = sum over columns q of dout[q] (Fg) x[q]^T (Cg): a product whose K dimension is the
  * N P columns, cut into blocks of GEMM_KC columns numbered over the whole batch. Tasks are rectangles of
@@ -136,25 +137,6 @@ static void chexcy_pw_pack_b(const chexcy_pw_geom *g, const chexcy_pw_run *runs,
     }
 }
 
-/* Prefetch part `part` of `parts` of strip q0's input rows k0 .. k0 + kc - 1: its first, middle and
- * last column, the lines a copy of 32 floats touches. (Prefetching the output rows for writing as
- * well was not measurably better, and with 256+ rows fills L1 over the packed strip.) */
-static inline void chexcy_pw_prefetch(const chexcy_pw_geom *g, Py_ssize_t q0, Py_ssize_t k0, Py_ssize_t kc,
-                                      Py_ssize_t part, Py_ssize_t parts)
-{
-    if (q0 >= g->NP)
-        return;
-    const Py_ssize_t last = (g->NP - q0 < GEMM_NR ? g->NP - q0 : GEMM_NR) - 1;
-    const Py_ssize_t o0 = chexcy_pw_off(g, q0), o1 = chexcy_pw_off(g, q0 + last);
-    const Py_ssize_t k_per = (kc + parts - 1) / parts;
-    for (Py_ssize_t k = part * k_per; k < (part + 1) * k_per && k < kc; k++) {
-        const float *r = g->x + (k0 + k) * g->cs;
-        __builtin_prefetch(r + o0, 0, 3);
-        __builtin_prefetch(r + (o0 + o1) / 2, 0, 3);
-        __builtin_prefetch(r + o1, 0, 3);
-    }
-}
-
 /* Floats of one group's packed weight: ceil(Fg / GEMM_MR) strips of GEMM_MR rows for every K block
  * (the layout of chexcy_cg_pack_a: block kb at kb * GEMM_KC * Fp, strips (kc, GEMM_MR)). */
 static inline Py_ssize_t chexcy_pw_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
@@ -171,11 +153,33 @@ static void chexcy_pw_pack_a(const float *w, Py_ssize_t rs, Py_ssize_t cs, Py_ss
     chexcy_gemm_pack_a(w, rs, cs, 0, Fg, k0, kc, ap + k0 * Fp);
 }
 
+/* Strips s0 .. s1 - 1 of K block (k0, kc), strip s at dst + (s - s0) kc GEMM_NR (chexcy_pw_pack_b's
+ * layout each). When the strips are one contiguous run of a sample's input rows (stride 1, whole rows),
+ * row by row across the strips: each input row is then read as one run of (s1 - s0) GEMM_NR floats,
+ * which the hardware prefetchers follow (strip by strip, every row was a separate 128-byte read). */
+static void chexcy_pw_pack_strips(const chexcy_pw_geom *g, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t k0,
+                                  Py_ssize_t kc, float *dst)
+{
+    const Py_ssize_t q0 = s0 * GEMM_NR, q1 = s1 * GEMM_NR, ns = s1 - s0;
+    if (g->sw == 1 && g->rowstep == g->OW && q1 <= g->NP && q0 / g->P == (q1 - 1) / g->P) {
+        const float *row = g->x + k0 * g->cs + chexcy_pw_off(g, q0);
+        for (Py_ssize_t k = 0; k < kc; k++, row += g->cs)
+            for (Py_ssize_t s = 0; s < ns; s++)
+                memcpy(dst + (s * kc + k) * GEMM_NR, row + s * GEMM_NR, GEMM_NR * sizeof(float));
+        return;
+    }
+    chexcy_pw_run runs[GEMM_NR];
+    for (Py_ssize_t s = s0; s < s1; s++) {
+        const int nrun = chexcy_pw_runs(g, s * GEMM_NR, runs);
+        chexcy_pw_pack_b(g, runs, nrun, k0, kc, dst + (s - s0) * kc * GEMM_NR);
+    }
+}
+
 /* One forward task: strips s0 .. s1 - 1 (columns s GEMM_NR ...) of one group's product, all Fg rows,
  * all of K.
  *   g: the group's input columns (g->x at its channel 0); ap: its packed weight; bias: (Fp,) the
  *   group's bias zero-padded to Fp = Fg rounded up to GEMM_MR; out: (N, ...) with this group's row f
- *   of sample n at out + n * out_ns + f * P; bbuf: GEMM_KC x GEMM_NR floats (this thread's).
+ *   of sample n at out + n * out_ns + f * P; bbuf: (s1 - s0) GEMM_KC GEMM_NR floats (this thread's).
  * K blocks outermost (each element's blocks in order), then strips, then tiles down the rows: a packed
  * strip block stays in L1 while the weight block streams from L2. */
 static void chexcy_pw_task(const chexcy_pw_geom *g, const float *ap, const float *bias, Py_ssize_t Fg,
@@ -183,14 +187,14 @@ static void chexcy_pw_task(const chexcy_pw_geom *g, const float *ap, const float
                            float *bbuf)
 {
     const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, P = g->P, nt = Fp / GEMM_MR;
-    chexcy_pw_run runs[GEMM_NR];
     float t[GEMM_MR * GEMM_NR] __attribute__((aligned(64)));
     for (Py_ssize_t k0 = 0; k0 < K; k0 += GEMM_KC) {
         const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
         const float *ablk = ap + k0 * Fp;
+        chexcy_pw_pack_strips(g, s0, s1, k0, kc, bbuf);
         for (Py_ssize_t s = s0; s < s1; s++) {
             const Py_ssize_t q0 = s * GEMM_NR;
-            const int nrun = chexcy_pw_runs(g, q0, runs);
+            const float *bs = bbuf + (s - s0) * kc * GEMM_NR;
             const Py_ssize_t nr = g->NP - q0 < GEMM_NR ? g->NP - q0 : GEMM_NR;
             const int inside = nr == GEMM_NR && q0 % P + GEMM_NR <= P;   /* one sample, every column */
             /* the pieces of the strip in the output: within one sample each, rows P floats apart */
@@ -203,19 +207,12 @@ static void chexcy_pw_task(const chexcy_pw_geom *g, const float *ap, const float
                 j += P - p < nr - j ? P - p : nr - j;
             }
             pj[npc] = nr;
-            /* the next strip of this task, or the first of the next K block */
-            const Py_ssize_t nq = s + 1 < s1 ? q0 + GEMM_NR : s0 * GEMM_NR;
-            const Py_ssize_t nk0 = s + 1 < s1 ? k0 : k0 + GEMM_KC;
-            const Py_ssize_t nkc = K - nk0 < GEMM_KC ? K - nk0 : GEMM_KC;
-            chexcy_pw_pack_b(g, runs, nrun, k0, kc, bbuf);
             for (Py_ssize_t q = 0; q < nt; q++) {
                 const Py_ssize_t i0 = q * GEMM_MR, mr = Fg - i0 < GEMM_MR ? Fg - i0 : GEMM_MR;
                 const float *ini = k0 == 0 ? bias + i0 : NULL;
                 float *base = out + i0 * P;
-                if (nk0 < K)
-                    chexcy_pw_prefetch(g, nq, nk0, nkc, q, nt);
                 if (inside && mr == GEMM_MR) {
-                    chexcy_pw_tile(kc, ablk + i0 * kc, bbuf, base + pdst[0], P, ini);
+                    chexcy_pw_tile(kc, ablk + i0 * kc, bs, base + pdst[0], P, ini);
                     continue;
                 }
                 /* edge: a local tile, its pieces copied from (and back to) their samples */
@@ -226,7 +223,7 @@ static void chexcy_pw_task(const chexcy_pw_geom *g, const float *ap, const float
                             memcpy(t + i * GEMM_NR + pj[r], base + pdst[r] + i * P,
                                    (pj[r + 1] - pj[r]) * sizeof(float));
                 }
-                chexcy_pw_tile(kc, ablk + i0 * kc, bbuf, t, GEMM_NR, ini);
+                chexcy_pw_tile(kc, ablk + i0 * kc, bs, t, GEMM_NR, ini);
                 for (int r = 0; r < npc; r++)
                     for (Py_ssize_t i = 0; i < mr; i++)
                         memcpy(base + pdst[r] + i * P, t + i * GEMM_NR + pj[r],
