@@ -829,6 +829,48 @@ def _im2col_forward_phase(x, weight, bias, stride, padding, dilation, int groups
     return out
 
 
+cdef void _sample_plane(float* a, Py_ssize_t W, float* b, Py_ssize_t OH, Py_ssize_t OW, int sh, int sw,
+                        bint spread) noexcept nogil:
+    """One plane of the strided grid: b (OH, OW) = a[::sh, ::sw] (a rows W floats long), or with spread
+    the other way, a[::sh, ::sw] = b and the rest of a's OH sh (clipped by the caller) rows zero."""
+    cdef Py_ssize_t oh, ow
+    for oh in range(OH):
+        if spread:
+            for ow in range(OW):
+                a[oh * sh * W + ow * sw] = b[oh * OW + ow]
+        elif sw == 2:       # a constant stride, which the compiler vectorises
+            for ow in range(OW):
+                b[oh * OW + ow] = a[oh * sh * W + 2 * ow]
+        else:
+            for ow in range(OW):
+                b[oh * OW + ow] = a[oh * sh * W + ow * sw]
+
+
+cdef _strided_grid(x, Py_ssize_t OH, Py_ssize_t OW, int sh, int sw):
+    """x[:, :, ::sh, ::sw] (OH x OW of each plane) as a fresh C-contiguous array, planes in parallel."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], W = x.shape[3], u
+    cdef int n_threads = _threads()
+    out = _empty((N, C, OH, OW))
+    cdef const float[:, :, :, ::1] xv = x
+    cdef float[:, :, :, ::1] ov = out
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):     # (x only read)
+        _sample_plane(<float*>&xv[u // C, u % C, 0, 0], W, &ov[u // C, u % C, 0, 0], OH, OW, sh, sw, False)
+    return out
+
+
+cdef _spread_grid(g, Py_ssize_t H, Py_ssize_t W, int sh, int sw):
+    """The gradient of _strided_grid: (N, C, H, W) zeros with g (N, C, OH, OW) at [::sh, ::sw]."""
+    cdef Py_ssize_t N = g.shape[0], C = g.shape[1], OH = g.shape[2], OW = g.shape[3], u
+    cdef int n_threads = _threads()
+    out = _empty((N, C, H, W))
+    cdef const float[:, :, :, ::1] gv = g
+    cdef float[:, :, :, ::1] ov = out
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):     # (g only read)
+        memset(&ov[u // C, u % C, 0, 0], 0, H * W * sizeof(float))
+        _sample_plane(&ov[u // C, u % C, 0, 0], W, <float*>&gv[u // C, u % C, 0, 0], OH, OW, sh, sw, True)
+    return out
+
+
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
@@ -838,9 +880,11 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
     OH = _conv_out_size(H, KH, sh, ph, dil_h)
     OW = _conv_out_size(W, KW, sw, pw, dil_w)
     path = conv_plan(x.shape, weight.shape, stride, padding, dilation, groups)[0]
-    if path.startswith("SUBSAMPLED>"):
-        x_sub = np.ascontiguousarray(x[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
-        return conv2d_forward(x_sub, weight, bias, (1, 1), padding, dilation, groups)
+    if path.startswith("SUBSAMPLED>") or (path == "POINTWISE_GEMM" and (sh > 1 or sw > 1)):
+        # the sampled pixels copied out once (planes in parallel), then the stride-1 product reads whole
+        # rows: faster than gathering every other float into the packing (1x1 stride 2, 256 -> 512 at 56,
+        # batch 16, 2 threads: 16.3 ms strided, 8.9 + ~1 ms this way)
+        return conv2d_forward(_strided_grid(x, OH, OW, sh, sw), weight, bias, (1, 1), padding, dilation, groups)
     if path.startswith("STRIDE1_SUBSAMPLED>"):
         # Stride 2: the register-tiled stride-1 kernel on every position, then every sh-th row and
         # sw-th column, is ~5x faster than the strided loop despite the sh * sw times the work.
@@ -1677,11 +1721,9 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     if dx_path == "POINTWISE_GEMM" or dx_path.startswith("SUBSAMPLED>"):
         if sh > 1 or sw > 1:
             # a strided 1x1 convolution (a residual shortcut) is a stride-1 one on the sampled pixels
-            x_sub = np.ascontiguousarray(x[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
-            dx_sub, dweight, _ = conv2d_backward(dout, x_sub, weight, (1, 1), padding, dilation, groups)
-            dx = np.zeros((N, C, H, W), np.float32)
-            dx[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw] = dx_sub
-            return dx, dweight, dbias
+            dx_sub, dweight, _ = conv2d_backward(dout, _strided_grid(x, OH, OW, sh, sw), weight, (1, 1), padding,
+                                                 dilation, groups)
+            return _spread_grid(dx_sub, H, W, sh, sw), dweight, dbias
         return _pw_dx(dout, weight, C, H, W, groups), _pw_dweight(dout, x, groups), dbias
 
     # Strided convolutions: spread dout onto the stride-1 grid, zeros between the samples
