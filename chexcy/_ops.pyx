@@ -511,7 +511,8 @@ cdef _conv_core(
 #                       and WINO_MIN_F out channels (dweight: WDW_MIN_C / WDW_MIN_F)
 #   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _pw_conv, _pw_dx (the same
 #                       GEMM_MIN_F out channels per group: a matrix product per       product on dout with W^T),
-#                       group over the whole batch, the stride folded into packing   _pw_dweight
+#                       group over the whole batch; strided: on the sampled grid,    _pw_dweight
+#                       copied out first (_strided_grid)
 #   IM2COL_GEMM         strided convs with K = Cg KH KW >= GEMM_MIN_K and            _gemm_conv_phase,
 #                       Fg >= GEMM_MIN_F (stems, 3x3 stride 2): the im2col matrix    _gemm_conv_dx_phase or
 #                       copied from phase planes into the packing from K >=         _gemm_conv_dx,
