@@ -2261,9 +2261,17 @@ def linear_backward(dout, x, weight):
                           f"{max(pdx.scratch_len, pdw.scratch_len) * 4} bytes of packing scratch")
     if N * O < GEMM_SERIAL_MADDS // 16:
         n_threads = 1
+    cdef Py_ssize_t n_kb = (K + 127) // 128
+    cdef int n_dot = _threads() if N * O * K >= GEMM_SERIAL_MADDS else 1
     with nogil:
-        _gemm_run(&dv[0, 0], O, 1, N, O, &wv[0, 0], K, 1, K, NULL, &dxv[0, 0], pdx, scratch)
-        _gemm_run(&dv[0, 0], 1, O, O, N, &xv[0, 0], K, 1, K, NULL, &dwv[0, 0], pdw, scratch)
+        if N <= GEMM_DOT_M:     # a few rows: no packing (chexcy_gemm_dx_rows / _outer_rows); W read once
+            for u in prange(n_kb, schedule="static", num_threads=n_dot):
+                chexcy_gemm_dx_rows(&dv[0, 0], N, O, &wv[0, 0], K, u * 128, min(K, u * 128 + 128), &dxv[0, 0])
+            for u in prange(n_blocks, schedule="static", num_threads=n_dot):
+                chexcy_gemm_outer_rows(&dv[0, 0], N, O, &xv[0, 0], K, u * 64, min(O, u * 64 + 64), &dwv[0, 0])
+        else:
+            _gemm_run(&dv[0, 0], O, 1, N, O, &wv[0, 0], K, 1, K, NULL, &dxv[0, 0], pdx, scratch)
+            _gemm_run(&dv[0, 0], 1, O, O, N, &xv[0, 0], K, 1, K, NULL, &dwv[0, 0], pdw, scratch)
         # dbias: column sums in float64, 64 columns per piece, each piece summed over the rows in order
         if n_threads == 1:
             chexcy_col_sums(&dv[0, 0], N, O, 0, O, &dbv[0])

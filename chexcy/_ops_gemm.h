@@ -309,6 +309,59 @@ static void chexcy_gemm_dot_rows(const float *x, Py_ssize_t M, Py_ssize_t K, con
     }
 }
 
+/* The backward of a dense layer of M <= GEMM_DOT_M rows, without packing (the GEMM would pack O x K
+ * floats to reuse each only M times). dweight rows o0 .. o1 - 1 of (O, K) = dout^T x: row o is
+ * dout[0, o] x[0] + dout[1, o] x[1] + ..., added in row order over contiguous rows of x. */
+static void chexcy_gemm_outer_rows(const float *dout, Py_ssize_t M, Py_ssize_t O, const float *x, Py_ssize_t K,
+                                   Py_ssize_t o0, Py_ssize_t o1, float *dweight)
+{
+    const Py_ssize_t Kv = K / CHEXCY_VW * CHEXCY_VW;
+    for (Py_ssize_t o = o0; o < o1; o++) {
+        float *row = dweight + o * K;
+        for (Py_ssize_t k = 0; k < Kv; k += CHEXCY_VW) {
+            chexcy_vf acc = chexcy_splat(dout[o]) * chexcy_load(x + k);
+            for (Py_ssize_t m = 1; m < M; m++)
+                acc += chexcy_splat(dout[m * O + o]) * chexcy_load(x + m * K + k);
+            chexcy_store(row + k, acc);
+        }
+        for (Py_ssize_t k = Kv; k < K; k++) {
+            float t = dout[o] * x[k];
+            for (Py_ssize_t m = 1; m < M; m++) t += dout[m * O + o] * x[m * K + k];
+            row[k] = t;
+        }
+    }
+}
+
+/* dx columns k0 .. k1 - 1 of (M, K) = dout (M, O) W (O, K) for M <= GEMM_DOT_M: each sum over o in order
+ * of dout[m, o] W[o, k], in blocks of GEMM_DX_KB columns whose M rows of sums stay in L1 while W's rows
+ * stream past once. */
+#define GEMM_DX_KB 128
+static void chexcy_gemm_dx_rows(const float *dout, Py_ssize_t M, Py_ssize_t O, const float *w, Py_ssize_t K,
+                                Py_ssize_t k0, Py_ssize_t k1, float *dx)
+{
+    chexcy_vf acc[GEMM_DOT_M][GEMM_DX_KB / CHEXCY_VW];
+    for (Py_ssize_t b0 = k0; b0 < k1; b0 += GEMM_DX_KB) {
+        const Py_ssize_t kb = k1 - b0 < GEMM_DX_KB ? k1 - b0 : GEMM_DX_KB, nv = kb / CHEXCY_VW;
+        for (Py_ssize_t m = 0; m < M; m++)
+            for (Py_ssize_t v = 0; v < nv; v++) acc[m][v] = chexcy_splat(dout[m * O]) * chexcy_load(w + b0 + v * CHEXCY_VW);
+        for (Py_ssize_t o = 1; o < O; o++) {
+            const float *wr = w + o * K + b0;
+            for (Py_ssize_t m = 0; m < M; m++) {
+                const chexcy_vf d = chexcy_splat(dout[m * O + o]);
+                for (Py_ssize_t v = 0; v < nv; v++) acc[m][v] += d * chexcy_load(wr + v * CHEXCY_VW);
+            }
+        }
+        for (Py_ssize_t m = 0; m < M; m++) {
+            for (Py_ssize_t v = 0; v < nv; v++) chexcy_store(dx + m * K + b0 + v * CHEXCY_VW, acc[m][v]);
+            for (Py_ssize_t k = nv * CHEXCY_VW; k < kb; k++) {     /* the tail, in the same o order */
+                float t = dout[m * O] * w[b0 + k];
+                for (Py_ssize_t o = 1; o < O; o++) t += dout[m * O + o] * w[o * K + b0 + k];
+                dx[m * K + b0 + k] = t;
+            }
+        }
+    }
+}
+
 /* out[j] = sum over i < M of d[i * ld + j], j < N, in float64 (rows added in order i = 0, 1, ...),
  * for columns j0 .. j0 + n - 1: the bias gradient, column sums of dout. */
 static void chexcy_col_sums(const float *d, Py_ssize_t M, Py_ssize_t ld, Py_ssize_t j0, Py_ssize_t n,

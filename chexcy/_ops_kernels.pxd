@@ -88,6 +88,10 @@ cdef extern from "_ops_gemm.h" nogil:
                           Py_ssize_t K, const float* bp, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t N,
                           const float* init, float* C, Py_ssize_t ldc, float* abuf)
     void chexcy_col_sums(const float* d, Py_ssize_t M, Py_ssize_t ld, Py_ssize_t j0, Py_ssize_t n, float* out)
+    void chexcy_gemm_outer_rows(const float* dout, Py_ssize_t M, Py_ssize_t O, const float* x, Py_ssize_t K,
+                                Py_ssize_t o0, Py_ssize_t o1, float* dweight)
+    void chexcy_gemm_dx_rows(const float* dout, Py_ssize_t M, Py_ssize_t O, const float* w, Py_ssize_t K,
+                             Py_ssize_t k0, Py_ssize_t k1, float* dx)
     enum:
         GEMM_DOT_M  # dense layers of at most this many rows run as dot products
     void chexcy_gemm_dot_rows(const float* x, Py_ssize_t M, Py_ssize_t K, const float* w, Py_ssize_t j0,

@@ -115,3 +115,33 @@ def test_linear_few_rows_every_variant_and_thread_count(n, k, o):
             for threads in (2, 3):
                 np.testing.assert_array_equal(results[threads], results[1],
                                               err_msg=f"variant {name}: {threads} threads differ")
+
+
+# The backward of a dense layer of at most 8 rows (GEMM_DOT_M) runs without packing: dx in blocks of 128
+# in_features (chexcy_gemm_dx_rows), dweight in blocks of 64 out_features (chexcy_gemm_outer_rows).
+# Sizes: 1 and 8 rows (9 takes the GEMM), in_features 127 / 128 / 129 and 515 (blocks and a tail),
+# out_features 1, 63 / 65 (a block and one past it) and 1000 (the ImageNet classifier).
+DOT_BACKWARD_CASES = [(1, 1, 1), (8, 128, 63), (3, 129, 65), (5, 127, 1), (8, 515, 1000), (9, 130, 66)]
+
+
+@needs_compiled
+@pytest.mark.parametrize("n,k,o", DOT_BACKWARD_CASES)
+def test_linear_backward_few_rows_every_variant_and_thread_count(n, k, o):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    w = rng.standard_normal((o, k)).astype(np.float32)
+    dout = rng.standard_normal((n, o)).astype(np.float32)
+    want = reference.linear_backward(dout, x, w)
+    for name, mod in runnable_variants():
+        results = {}
+        try:
+            for threads in (1, 2, 3):
+                mod.set_num_threads(threads)
+                results[threads] = mod.linear_backward(dout, x, w)
+        finally:
+            mod.set_num_threads(0)
+        for label, got, exp in zip(("dx", "dweight", "dbias"), results[1], want):
+            assert_close(got, exp, "linear_backward", err_msg=f"variant {name} {label} ({n}, {k}, {o})")
+        for threads in (2, 3):
+            for label, got, exp in zip(("dx", "dweight", "dbias"), results[threads], results[1]):
+                np.testing.assert_array_equal(got, exp, err_msg=f"variant {name} {label}: {threads} threads differ")
