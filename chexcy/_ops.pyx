@@ -1993,15 +1993,12 @@ def avg_pool2d_forward(x, kernel_size, stride, padding, count_include_pad):
     cdef bint inc = bool(count_include_pad)
     cdef int n_threads = _threads()
     cdef bint two = KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
-    cdef Py_ssize_t oh
     out = _empty((N, C, OH, OW))
     cdef const float[:, :, :, ::1] xv = x
     cdef float[:, :, :, ::1] ov = out
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        if two:     # DenseNet's transitions: whole rows, vectorised (chexcy_avg_pool_2x2_row)
-            for oh in range(OH):
-                chexcy_avg_pool_2x2_row(&xv[u // C, u % C, 2 * oh, 0], &xv[u // C, u % C, 2 * oh + 1, 0],
-                                        &ov[u // C, u % C, oh, 0], OW)
+        if two:     # DenseNet's transitions: a plane per call (chexcy_avg_pool_2x2_plane)
+            chexcy_avg_pool_2x2_plane(&xv[u // C, u % C, 0, 0], W, &ov[u // C, u % C, 0, 0], OH, OW)
         else:
             _avg_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
                             H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)
@@ -2017,17 +2014,12 @@ def avg_pool2d_backward(dout, x_shape, kernel_size, stride, padding, count_inclu
     cdef bint inc = bool(count_include_pad)
     cdef int n_threads = _threads()
     cdef bint two = KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
-    cdef Py_ssize_t oh
     dx = _empty((N, C, H, W))
     cdef const float[:, :, :, ::1] dv = dout
     cdef float[:, :, :, ::1] dxv = dx
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
         if two:     # disjoint windows: every input row written once, no zeroing pass
-            for oh in range(OH):
-                chexcy_avg_unpool_2x2_row(&dv[u // C, u % C, oh, 0], &dxv[u // C, u % C, 2 * oh, 0],
-                                          &dxv[u // C, u % C, 2 * oh + 1, 0], W, OW)
-            if H > 2 * OH:
-                memset(&dxv[u // C, u % C, 2 * OH, 0], 0, W * sizeof(float))
+            chexcy_avg_unpool_2x2_plane(&dv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0], H, W, OH, OW)
         else:
             _avg_unpool_plane(&dv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
                               H, W, OH, OW, KH, KW, sh, sw, ph, pw, inc)

@@ -197,8 +197,9 @@ cdef extern from "_ops_pool.h" nogil:
                                Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                                Py_ssize_t dil_h, Py_ssize_t dil_w, float* best, int32_t* idx, float* row)
-    void chexcy_avg_pool_2x2_row(const float* r0, const float* r1, float* out, Py_ssize_t OW)
-    void chexcy_avg_unpool_2x2_row(const float* g, float* d0, float* d1, Py_ssize_t W, Py_ssize_t OW)
+    void chexcy_avg_pool_2x2_plane(const float* x, Py_ssize_t W, float* out, Py_ssize_t OH, Py_ssize_t OW)
+    void chexcy_avg_unpool_2x2_plane(const float* g, float* dx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                                     Py_ssize_t OW)
     void chexcy_max_pool_2x2_row(const float* r0, const float* r1, float* out, int64_t* arg,
                                  int64_t base, Py_ssize_t W, Py_ssize_t OW)
     void chexcy_max_unpool_2x2_row(const float* g, const int64_t* arg, float* d0, float* d1, int64_t base,

@@ -132,6 +132,15 @@ static void chexcy_avg_pool_2x2_row(const float *restrict r0, const float *restr
         out[ow] = (((r0[2 * ow] + r0[2 * ow + 1]) + r1[2 * ow]) + r1[2 * ow + 1]) / 4.0f;
 }
 
+/* A whole plane of it, x (H, W) -> out (OH, OW): one call a plane, not a row (a 14x14 plane has 7 rows
+ * of 7 outputs: the calls cost more than the sums). */
+static void chexcy_avg_pool_2x2_plane(const float *restrict x, Py_ssize_t W, float *restrict out,
+                                      Py_ssize_t OH, Py_ssize_t OW)
+{
+    for (Py_ssize_t oh = 0; oh < OH; oh++)
+        chexcy_avg_pool_2x2_row(x + 2 * oh * W, x + (2 * oh + 1) * W, out + oh * OW, OW);
+}
+
 /* Its gradient for one output row: the two input rows written whole (dout / 4 in each cell of the
  * window; the column no window reached, when W is odd, 0). */
 static void chexcy_avg_unpool_2x2_row(const float *restrict g, float *restrict d0, float *restrict d1,
@@ -206,6 +215,16 @@ static inline int chexcy_argmax_in_2x2_cells(const int64_t *restrict arg, Py_ssi
         }
     }
     return bad == 0;
+}
+
+/* Its gradient for a whole plane: dx (H, W) from g (OH, OW), the row below the last window (H odd) 0. */
+static void chexcy_avg_unpool_2x2_plane(const float *restrict g, float *restrict dx, Py_ssize_t H, Py_ssize_t W,
+                                        Py_ssize_t OH, Py_ssize_t OW)
+{
+    for (Py_ssize_t oh = 0; oh < OH; oh++)
+        chexcy_avg_unpool_2x2_row(g + oh * OW, dx + 2 * oh * W, dx + (2 * oh + 1) * W, W, OW);
+    if (H > 2 * OH)
+        memset(dx + 2 * OH * W, 0, W * sizeof(float));
 }
 
 #endif
