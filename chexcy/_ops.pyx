@@ -2350,7 +2350,7 @@ def batch_norm2d_forward(x, weight, bias, double eps):
             mv[c] = k[c, 0]
             vv[c] = <float>v
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_apply(xp + u * HW, op + u * HW, HW, k[u % C, 0], k[u % C, 1], k[u % C, 2])
+        chexcy_bn_apply(xp + u * HW, op + u * HW, HW, k[u % C, 0], k[u % C, 1], k[u % C, 2], 0)
     return out, mean, var
 
 
@@ -2454,12 +2454,8 @@ def batch_norm2d_apply(x, mean, var, weight, bias, double eps, bint relu=False, 
         for c in range(C):
             chexcy_bn_coefficients(mv[c], vv[c], wv[c], bv[c], eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        if relu:
-            chexcy_bn_apply_relu(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
-                                 k[u % C, 0], k[u % C, 1], k[u % C, 2])
-        else:
-            chexcy_bn_apply(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
-                            k[u % C, 0], k[u % C, 1], k[u % C, 2])
+        chexcy_bn_apply(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], HW,
+                        k[u % C, 0], k[u % C, 1], k[u % C, 2], relu)
     return out
 
 

@@ -217,19 +217,6 @@ static inline void chexcy_bn_plane_grad_sums(const float *restrict g, const floa
     *sum_gx = chexcy_bn_total(c0, c1);
 }
 
-/* out = (x - m) * a + b over one plane of n floats. */
-static inline void chexcy_bn_apply(const float *restrict x, float *restrict out, Py_ssize_t n,
-                                   float m, float a, float b)
-{
-    const Py_ssize_t V = CHEXCY_BN_VW;
-    const chexcy_bn_vf mv = chexcy_bn_splat_f(m), av = chexcy_bn_splat_f(a), bv = chexcy_bn_splat_f(b);
-    Py_ssize_t i = 0;
-    for (; i + V <= n; i += V)
-        chexcy_bn_store(out + i, (chexcy_bn_load(x + i) - mv) * av + bv);
-    if (i < n)
-        chexcy_bn_store_head(out + i, (chexcy_bn_load_head(x + i, n - i) - mv) * av + bv, n - i);
-}
-
 /* max(y, 0) lane by lane: the lanes where y < 0 cleared (a NaN compares false and stays). */
 static inline chexcy_bn_vf chexcy_bn_relu(chexcy_bn_vf y)
 {
@@ -237,17 +224,21 @@ static inline chexcy_bn_vf chexcy_bn_relu(chexcy_bn_vf y)
     return (chexcy_bn_vf)((chexcy_bn_vi)y & ~neg);
 }
 
-/* out = max((x - m) * a + b, 0) over one plane of n floats (a NaN stays NaN, as chexcy_relu). */
-static inline void chexcy_bn_apply_relu(const float *restrict x, float *restrict out, Py_ssize_t n,
-                                        float m, float a, float b)
+/* out = (x - m) * a + b over one plane of n floats, then max(., 0) when relu (a NaN stays NaN, as
+ * chexcy_relu). out may be x itself (each value is read before its place is written). */
+static inline void chexcy_bn_apply(const float *x, float *out, Py_ssize_t n, float m, float a, float b, int relu)
 {
     const Py_ssize_t V = CHEXCY_BN_VW;
     const chexcy_bn_vf mv = chexcy_bn_splat_f(m), av = chexcy_bn_splat_f(a), bv = chexcy_bn_splat_f(b);
     Py_ssize_t i = 0;
-    for (; i + V <= n; i += V)
-        chexcy_bn_store(out + i, chexcy_bn_relu((chexcy_bn_load(x + i) - mv) * av + bv));
-    if (i < n)
-        chexcy_bn_store_head(out + i, chexcy_bn_relu((chexcy_bn_load_head(x + i, n - i) - mv) * av + bv), n - i);
+    for (; i + V <= n; i += V) {
+        const chexcy_bn_vf y = (chexcy_bn_load(x + i) - mv) * av + bv;
+        chexcy_bn_store(out + i, relu ? chexcy_bn_relu(y) : y);
+    }
+    if (i < n) {
+        const chexcy_bn_vf y = (chexcy_bn_load_head(x + i, n - i) - mv) * av + bv;
+        chexcy_bn_store_head(out + i, relu ? chexcy_bn_relu(y) : y, n - i);
+    }
 }
 
 /* dx = a * g + ((x - m) * b + c) over one plane of n floats. */
@@ -335,7 +326,7 @@ static void chexcy_bn_forward_block(const float *x, float *out, Py_ssize_t N, Py
     for (Py_ssize_t c = c0; c < c1; c++)
         for (Py_ssize_t n = 0; n < N; n++)
             chexcy_bn_apply(x + n * xs + c * hw, out + n * xs + c * hw, hw, k[c - c0][0], k[c - c0][1],
-                            k[c - c0][2]);
+                            k[c - c0][2], 0);
 }
 
 /* Backward of channels [c0, c1) (planes as chexcy_bn_forward_block's; g: dout, dx written) ->

@@ -172,8 +172,7 @@ cdef extern from "_ops_batchnorm.h" nogil:
     void chexcy_bn_plane_stats(const float* p, Py_ssize_t n, double* sum, double* m2)
     void chexcy_bn_plane_grad_sums(const float* g, const float* x, Py_ssize_t n, double mean,
                                    double* sum_g, double* sum_gx)
-    void chexcy_bn_apply(const float* x, float* out, Py_ssize_t n, float m, float a, float b)
-    void chexcy_bn_apply_relu(const float* x, float* out, Py_ssize_t n, float m, float a, float b)
+    void chexcy_bn_apply(const float* x, float* out, Py_ssize_t n, float m, float a, float b, int relu)
     void chexcy_bn_apply_grad(const float* g, const float* x, float* dx, Py_ssize_t n, float m, float a,
                               float b, float c)
     void chexcy_bn_combine(const double* ps, const double* pm, Py_ssize_t N, Py_ssize_t hw, double* mean,

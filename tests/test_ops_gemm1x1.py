@@ -103,18 +103,8 @@ def test_linear_few_rows_every_variant_and_thread_count(n, k, o):
     b = rng.standard_normal(o).astype(np.float32)
     for bias in (b, None):
         want = reference.linear_forward(x, w, bias)
-        for name, mod in runnable_variants():
-            results = {}
-            try:
-                for threads in (1, 2, 3):
-                    mod.set_num_threads(threads)
-                    results[threads] = mod.linear_forward(x, w, bias)
-            finally:
-                mod.set_num_threads(0)
-            assert_close(results[1], want, "linear", err_msg=f"variant {name} ({n}, {k}, {o})")
-            for threads in (2, 3):
-                np.testing.assert_array_equal(results[threads], results[1],
-                                              err_msg=f"variant {name}: {threads} threads differ")
+        for name, results in _by_threads(lambda mod, bias=bias: (mod.linear_forward(x, w, bias),)):
+            _check(name, results, (want,), ("out",), "linear", (n, k, o))
 
 
 # The backward of a dense layer of at most 8 rows (GEMM_DOT_M) runs without packing: dx in blocks of 128
@@ -132,16 +122,27 @@ def test_linear_backward_few_rows_every_variant_and_thread_count(n, k, o):
     w = rng.standard_normal((o, k)).astype(np.float32)
     dout = rng.standard_normal((n, o)).astype(np.float32)
     want = reference.linear_backward(dout, x, w)
+    for name, results in _by_threads(lambda mod: mod.linear_backward(dout, x, w)):
+        _check(name, results, want, ("dx", "dweight", "dbias"), "linear_backward", (n, k, o))
+
+
+def _by_threads(call):
+    """(variant name, {threads: call(module)}) for every runnable variant at 1, 2 and 3 threads."""
     for name, mod in runnable_variants():
         results = {}
         try:
             for threads in (1, 2, 3):
                 mod.set_num_threads(threads)
-                results[threads] = mod.linear_backward(dout, x, w)
+                results[threads] = call(mod)
         finally:
             mod.set_num_threads(0)
-        for label, got, exp in zip(("dx", "dweight", "dbias"), results[1], want):
-            assert_close(got, exp, "linear_backward", err_msg=f"variant {name} {label} ({n}, {k}, {o})")
-        for threads in (2, 3):
-            for label, got, exp in zip(("dx", "dweight", "dbias"), results[threads], results[1]):
-                np.testing.assert_array_equal(got, exp, err_msg=f"variant {name} {label}: {threads} threads differ")
+        yield name, results
+
+
+def _check(name, results, want, labels, op, shape):
+    """The 1-thread results close to the reference's, the 2- and 3-thread ones equal to them bit for bit."""
+    for label, got, exp in zip(labels, results[1], want):
+        assert_close(got, exp, op, err_msg=f"variant {name} {label} {shape}")
+    for threads in (2, 3):
+        for label, got, exp in zip(labels, results[threads], results[1]):
+            np.testing.assert_array_equal(got, exp, err_msg=f"variant {name} {label}: {threads} threads differ")
