@@ -29,7 +29,7 @@ def conv_bn_eval(conv, norm, x):
     shift = norm.bias.data.astype(dtype) - norm.running_mean.astype(dtype) * scale
     if conv.bias is not None:
         shift += conv.bias.data.astype(dtype) * scale
-    weight = conv.weight.data.astype(dtype) * scale[:, None, None, None]
+    weight = conv.weight.data.astype(dtype, copy=False) * scale[:, None, None, None]   # one pass, no copy first
     return kernels().conv2d_forward(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
