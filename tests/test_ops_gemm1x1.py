@@ -97,10 +97,7 @@ DOT_CASES = [(1, 1, 1), (1, 7, 5), (4, 17, 3), (5, 33, 49), (8, 2048, 100), (8, 
 @needs_compiled
 @pytest.mark.parametrize("n,k,o", DOT_CASES)
 def test_linear_few_rows_every_variant_and_thread_count(n, k, o):
-    rng = np.random.default_rng(11)
-    x = rng.standard_normal((n, k)).astype(np.float32)
-    w = rng.standard_normal((o, k)).astype(np.float32)
-    b = rng.standard_normal(o).astype(np.float32)
+    x, w, b = _dense_inputs(11, (n, k), (o, k), (o,))
     for bias in (b, None):
         want = reference.linear_forward(x, w, bias)
         for name, results in _by_threads(lambda mod, bias=bias: (mod.linear_forward(x, w, bias),)):
@@ -117,13 +114,16 @@ DOT_BACKWARD_CASES = [(1, 1, 1), (8, 128, 63), (3, 129, 65), (5, 127, 1), (8, 51
 @needs_compiled
 @pytest.mark.parametrize("n,k,o", DOT_BACKWARD_CASES)
 def test_linear_backward_few_rows_every_variant_and_thread_count(n, k, o):
-    rng = np.random.default_rng(12)
-    x = rng.standard_normal((n, k)).astype(np.float32)
-    w = rng.standard_normal((o, k)).astype(np.float32)
-    dout = rng.standard_normal((n, o)).astype(np.float32)
+    x, w, dout = _dense_inputs(12, (n, k), (o, k), (n, o))
     want = reference.linear_backward(dout, x, w)
     for name, results in _by_threads(lambda mod: mod.linear_backward(dout, x, w)):
         _check(name, results, want, ("dx", "dweight", "dbias"), "linear_backward", (n, k, o))
+
+
+def _dense_inputs(seed, *shapes):
+    """Standard-normal float32 arrays of the given shapes, from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
 
 
 def _by_threads(call):
