@@ -20,13 +20,14 @@ def foldable(conv, norm):
     return type(conv) is Conv2d and type(norm) is BatchNorm2d and not norm.training
 
 
-def conv_bn_eval(conv, norm, x, relu=False):
-    """norm(conv(x)) for eval-mode BatchNorm2d `norm` (then max(., 0) when relu), x (N, C, H, W) ->
-    (N, F, OH, OW) in x's dtype. Usually one convolution: the folded weight (F, C // groups, KH, KW) and
+def conv_bn_eval(conv, norm, x, relu=None):
+    """norm(conv(x)) for eval-mode BatchNorm2d `norm`, then the ReLU module `relu` when given, x (N, C, H, W)
+    -> (N, F, OH, OW) in x's dtype. Usually one convolution: the folded weight (F, C // groups, KH, KW) and
     bias (F,) are formed anew on each call (a pass over the weight, not the activations), so they always
     follow the current parameters. Where the weight has more elements than the output (ResNet's last
     stages: 2.4M weights of a 512-channel 3x3 against 0.4M outputs at 7x7, batch 16), the float32
-    BatchNorm runs on the output instead, its ReLU in the same pass (chexcy.ops.batch_norm2d_apply)."""
+    BatchNorm runs on the output instead, with the ReLU in the same pass (chexcy.ops.batch_norm2d_apply),
+    whose result is then kept as the ReLU's output."""
     dtype = x.dtype
     w = conv.weight.data
     sh, sw = conv.stride if isinstance(conv.stride, tuple) else (conv.stride, conv.stride)
@@ -35,21 +36,20 @@ def conv_bn_eval(conv, norm, x, relu=False):
         bias = None if conv.bias is None else conv.bias.data.astype(dtype, copy=False)
         y = kernels().conv2d_forward(x, w.astype(dtype, copy=False), bias, conv.stride, conv.padding,
                                      conv.dilation, conv.groups)
-        return kernels().batch_norm2d_apply(
+        y = kernels().batch_norm2d_apply(
             y, norm.running_mean.astype(np.float64), norm.running_var.astype(np.float64),
             norm.weight.data.astype(dtype, copy=False), norm.bias.data.astype(dtype, copy=False), norm.eps,
-            relu=relu, out=y)
+            relu=relu is not None, out=y)
+        if relu is not None:
+            relu._out = y                               # what its backward reads
+        return y
     scale = norm.weight.data.astype(dtype) / np.sqrt(norm.running_var.astype(dtype) + dtype.type(norm.eps))
     shift = norm.bias.data.astype(dtype) - norm.running_mean.astype(dtype) * scale
     if conv.bias is not None:
         shift += conv.bias.data.astype(dtype) * scale
     weight = w.astype(dtype, copy=False) * scale[:, None, None, None]   # one pass, no copy first
     y = kernels().conv2d_forward(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if relu and dtype == np.float32:
-        kernels().relu_forward(y, True)
-    elif relu:
-        np.maximum(y, 0, out=y)
-    return y
+    return y if relu is None else relu.forward(y)
 
 
 class FoldedPairs:
@@ -62,7 +62,7 @@ class FoldedPairs:
     def clear(self):
         self._pairs = []
 
-    def run(self, conv, norm, x, relu=False):
+    def run(self, conv, norm, x, relu=None):
         """conv_bn_eval(conv, norm, x, relu), remembering x for `restore`."""
         self._pairs.append((conv, norm, x))
         return conv_bn_eval(conv, norm, x, relu)
@@ -81,16 +81,13 @@ class FoldedPairs:
 
 def run_chain(layers, x, folded):
     """Apply `layers` in order to x; in eval mode a Conv2d followed by a plain BatchNorm2d runs as one folded
-    convolution (recorded in `folded`, a FoldedPairs), with a ReLU right after it applied in the same call
-    (its output kept as the ReLU's, for a backward). A training forward runs them one by one."""
+    convolution (recorded in `folded`, a FoldedPairs), with a ReLU right after it handed to the same call. A training forward runs them one by one."""
     i, n = 0, len(layers)
     while i < n:
         layer = layers[i]
         if i + 1 < n and foldable(layer, layers[i + 1]):
             relu = layers[i + 2] if i + 2 < n and type(layers[i + 2]) is ReLU else None
-            x = folded.run(layer, layers[i + 1], x, relu is not None)
-            if relu is not None:
-                relu._out = x
+            x = folded.run(layer, layers[i + 1], x, relu)
             i += 2 if relu is None else 3
         else:
             x = layer.forward(x)
