@@ -77,8 +77,9 @@ def _im2col(x, kernel_hw, stride, padding, dilation, per_image):
     return columns
 
 
-def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
-    """x (N, C, H, W), weight (F, Cg, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=False):
+    """x (N, C, H, W), weight (F, Cg, KH, KW), bias (F,) or None -> out (N, F, OH, OW), + residual (when
+    given), then max(., 0) (relu)."""
     N, C, H, W = x.shape
     F, Cg, KH, KW = weight.shape
     G, K = groups, Cg * KH * KW
@@ -93,6 +94,10 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
         out = np.ascontiguousarray(out_cm.reshape(F, N, OH, OW).transpose(1, 0, 2, 3))
     if bias is not None:
         out += bias[None, :, None, None]
+    if relu:
+        return relu_forward(out, True, residual)
+    if residual is not None:
+        out += residual
     return out
 
 

@@ -100,6 +100,9 @@ cdef enum:
     # phase planes, 3 -> 64 (K 147) 20.9 -> 18.3 ms; 3x3 stride 2, 3 -> 32 (K 27) 3.8 -> 4.0 ms.
     GEMM_PHASE_MIN_K = 64
     GEMM_DX_PHASE_MIN_P = 100
+    # Bytes of a POINTWISE_GEMM task's weight block at most (its rows x one K block): it stays in L2 while
+    # each strip of the task passes over it
+    PW_MAX_A_BYTES = 384 << 10
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -659,35 +662,76 @@ cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
 
 
 cdef void _pw_unit(
-        const float* src, const float* ap, const float* bias, float* out, float* bbuf, Py_ssize_t u,
-        Py_ssize_t nsb, Py_ssize_t SB, Py_ssize_t nstrips, Py_ssize_t apack, Py_ssize_t Fo, Py_ssize_t K,
-        Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW, Py_ssize_t P, Py_ssize_t rowstep, int sw,
-        Py_ssize_t NP, Py_ssize_t out_ns) noexcept nogil:
-    """Unit u = (g, sb) of _pw_product: strips [sb SB, (sb + 1) SB) of group g's product."""
+        const float* src, const float* ap, const float* bias, float* out, float* bbuf, float* cbuf, Py_ssize_t u,
+        Py_ssize_t rb, Py_ssize_t nsb, Py_ssize_t SB, Py_ssize_t nstrips, Py_ssize_t apack, Py_ssize_t Fo,
+        Py_ssize_t K, Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW, Py_ssize_t P, Py_ssize_t rowstep,
+        int sw, Py_ssize_t NP, Py_ssize_t out_ns, int relu) noexcept nogil:
+    """Unit u = (g, r, sb) of _pw_product: row block r (of rb, whole tiles) of strips [sb SB, (sb + 1) SB)
+    of group g's product."""
     cdef chexcy_pw_geom geo
-    cdef Py_ssize_t g = u // nsb, sb = u % nsb, Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR
+    cdef Py_ssize_t g = u // (rb * nsb), r = u // nsb % rb, sb = u % nsb
+    cdef Py_ssize_t Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR, nt = Fp // GEMM_MR
     geo.x = src + g * K * src_cs
     geo.ns, geo.cs, geo.OW, geo.P, geo.rowstep, geo.sw, geo.NP = src_ns, src_cs, OW, P, rowstep, sw, NP
     chexcy_pw_task(&geo, ap + g * apack, bias + g * Fp, Fo, K, sb * SB, min(nstrips, (sb + 1) * SB),
-                   out + g * Fo * P, out_ns, bbuf)
+                   r * nt // rb, (r + 1) * nt // rb, out + g * Fo * P, out_ns, bbuf, cbuf, relu)
+
+
+cdef Py_ssize_t _pw_load(Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t rb, Py_ssize_t nsb, Py_ssize_t SB,
+                         Py_ssize_t nt, Py_ssize_t nstrips) noexcept nogil:
+    """Work of units u0 .. u1 - 1 of a (groups, rb, nsb) grid, in tile-sized steps: each strip is one
+    step of packing plus one per row tile."""
+    cdef Py_ssize_t u, r, sb, load = 0
+    for u in range(u0, u1):
+        r = u // nsb % rb
+        sb = u % nsb
+        load += (min(nstrips, (sb + 1) * SB) - sb * SB) * ((r + 1) * nt // rb - r * nt // rb + 1)
+    return load
+
+
+cdef void _pw_grid(Py_ssize_t nt, Py_ssize_t nstrips, Py_ssize_t K, int groups, int n_threads, Py_ssize_t* rb_out,
+                   Py_ssize_t* sb_out) noexcept nogil:
+    """The units of _pw_product: row blocks whose weight block (rows x one K block) is at most PW_MAX_A_BYTES,
+    strip blocks of at most PW_MAX_STRIPS strips
+    whose output block (strips x rows) stays within ~512 KiB of L2; among those, the grid whose busiest
+    thread (OpenMP's static schedule: contiguous chunks) has the least work, fewer units on a tie."""
+    cdef Py_ssize_t max_rows = max(GEMM_MR, PW_MAX_A_BYTES // (4 * min(K, GEMM_KC)))
+    cdef Py_ssize_t rb0 = max(1, (nt * GEMM_MR + max_rows - 1) // max_rows), rb, SB, nsb, U, t
+    cdef Py_ssize_t q, extra, u0, load, worst, best = -1, best_units = 0
+    rb_out[0], sb_out[0] = rb0, 1
+    for rb in range(rb0, min(nt, rb0 + 2 * n_threads) + 1):
+        for SB in range(1, PW_MAX_STRIPS + 1):
+            if SB > 1 and SB * GEMM_NR * ((nt + rb - 1) // rb) * GEMM_MR > (1 << 17):
+                break
+            nsb = (nstrips + SB - 1) // SB
+            U = groups * rb * nsb
+            if U > 64 * n_threads:          # plenty of units: the chunks differ by at most one
+                worst = (U + n_threads - 1) // n_threads * SB * ((nt + rb - 1) // rb + 1)
+            else:
+                q, extra, u0, worst = U // n_threads, U % n_threads, 0, 0
+                for t in range(n_threads):
+                    load = _pw_load(u0, u0 + q + (t < extra), rb, nsb, SB, nt, nstrips)
+                    u0 += q + (t < extra)
+                    worst = max(worst, load)
+            if best < 0 or worst < best or (worst == best and U < best_units):
+                best, best_units, rb_out[0], sb_out[0] = worst, U, rb, SB
 
 
 cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW,
                  Py_ssize_t P, Py_ssize_t rowstep, int sw, const float* w, Py_ssize_t w_gs, Py_ssize_t w_rs,
                  Py_ssize_t w_cs, int groups, Py_ssize_t Fo, Py_ssize_t K, const float* bias, float* out,
-                 Py_ssize_t out_ns):
+                 Py_ssize_t out_ns, int relu=0):
     """The POINTWISE_GEMM product (chexcy/_ops_pointwise.h), per group g and over the whole batch:
         out[n, g Fo + f, p] = bias[g Fo + f] + sum over k < K of Wg[f, k] src[n, g K + k, p]
     with Wg[f, k] = w[g w_gs + f w_rs + k w_cs] and src[n, c, p] at src + n src_ns + c src_cs +
     (p // OW) rowstep + (p % OW) sw; bias may be NULL (zeros); out (N, groups Fo, P) rows P floats apart,
-    samples out_ns apart. Units: (group, block of column strips)."""
+    samples out_ns apart; then max(., 0) when relu, as each tile is finished. Units: (group, block of rows,
+    block of column strips) (_pw_grid)."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t NP = N * P, nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_pw_apack_floats(Fo, K)
-    cdef Py_ssize_t Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR, u, f
+    cdef Py_ssize_t Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR, u, f, rb, SB
     cdef Py_ssize_t nstrips = (NP + GEMM_NR - 1) // GEMM_NR
-    # strips per unit: a unit's output block (SB GEMM_NR columns x Fo rows, revisited per K block)
-    # stays within ~512 KiB of L2, and every thread gets several units
-    cdef Py_ssize_t SB = max(1, min(8, (1 << 17) // (Fo * GEMM_NR), nstrips // (4 * n_threads)))
+    _pw_grid(Fp // GEMM_MR, nstrips, K, groups, n_threads, &rb, &SB)
     cdef Py_ssize_t nsb = (nstrips + SB - 1) // SB
     ap = _empty((groups, apack))
     cdef float[:, ::1] av = ap
@@ -699,22 +743,26 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
                 bpv[u, f] = bias[u * Fo + f]
     bbuf = _empty((n_threads, SB * GEMM_KC * GEMM_NR))     # a unit's strips of one K block, packed
     cdef float[:, ::1] bv = bbuf
+    cbuf = _empty((n_threads, SB * ((Fp // GEMM_MR + rb - 1) // rb) * GEMM_MR * GEMM_NR))   # its edge tiles
+    cdef float[:, ::1] cv = cbuf
     with nogil:
         for u in prange(groups * nkb, schedule="static", num_threads=n_threads):
             chexcy_pw_pack_a(w + u // nkb * w_gs, w_rs, w_cs, Fo, K, u % nkb, &av[u // nkb, 0])
-        for u in prange(groups * nsb, schedule="static", num_threads=n_threads):
-            _pw_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], u, nsb, SB, nstrips,
-                     apack, Fo, K, src_ns, src_cs, OW, P, rowstep, sw, NP, out_ns)
+        for u in prange(groups * rb * nsb, schedule="static", num_threads=n_threads):
+            _pw_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], &cv[omp_get_thread_num(), 0],
+                     u, rb, nsb, SB, nstrips, apack, Fo, K, src_ns, src_cs, OW, P, rowstep, sw, NP, out_ns,
+                     relu)
 
 
-cdef _pw_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int groups, int sh, int sw):
-    """POINTWISE_GEMM forward: out = conv(x, w) + bias for a 1x1 kernel without padding, any stride."""
+cdef _pw_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int groups, int sh, int sw, int relu):
+    """POINTWISE_GEMM forward: out = conv(x, w) + bias (then max(., 0) when relu) for a 1x1 kernel without
+    padding, any stride."""
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[:, :, :, ::1] wv = w
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], Fg = F // groups, OH = out.shape[2], OW = out.shape[3]
     _pw_product(&xv[0, 0, 0, 0], N, C * H * W, H * W, OW, OH * OW, sh * W, sw, &wv[0, 0, 0, 0], Fg * Cg, Cg, 1,
-                groups, Fg, Cg, &bias[0], &out[0, 0, 0, 0], F * OH * OW)
+                groups, Fg, Cg, &bias[0], &out[0, 0, 0, 0], F * OH * OW, relu)
 
 
 cdef _pw_dx(dout, w, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int groups):
@@ -872,8 +920,11 @@ cdef _spread_grid(g, Py_ssize_t H, Py_ssize_t W, int sh, int sw):
     return out
 
 
-def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
-    """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW)."""
+def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, residual=None, bint relu=False):
+    """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW); then
+    + residual (out's shape, C-contiguous float32, when given) and max(., 0) when relu: the ReLU alone in
+    the tiles' stores on the POINTWISE_GEMM path, else one compiled pass after the conv (a sum with a
+    residual read in the tiles was slower than that pass: its rows are too many streams to prefetch)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
     cdef int dil_h = dilation[0], dil_w = dilation[1]
     N, _, H, W = x.shape
@@ -885,16 +936,21 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
         # the sampled pixels copied out once (planes in parallel), then the stride-1 product reads whole
         # rows: faster than gathering every other float into the packing (1x1 stride 2, 256 -> 512 at 56,
         # batch 16, 2 threads: 16.3 ms strided, 8.9 + ~1 ms this way)
-        return conv2d_forward(_strided_grid(x, OH, OW, sh, sw), weight, bias, (1, 1), padding, dilation, groups)
+        return conv2d_forward(_strided_grid(x, OH, OW, sh, sw), weight, bias, (1, 1), padding, dilation, groups,
+                              residual, relu)
     if path.startswith("STRIDE1_SUBSAMPLED>"):
         # Stride 2: the register-tiled stride-1 kernel on every position, then every sh-th row and
         # sw-th column, is ~5x faster than the strided loop despite the sh * sw times the work.
         full = conv2d_forward(x, weight, bias, (1, 1), padding, dilation, groups)
-        return np.ascontiguousarray(full[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
+        out = np.ascontiguousarray(full[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
+        return _conv_epilogue(out, residual, relu)
     out = _empty((N, F, OH, OW))
     b = np.zeros(F, np.float32) if bias is None else bias
+    if path == "POINTWISE_GEMM" and residual is None:
+        _pw_conv(x, weight, b, out, groups, sh, sw, relu)
+        return out
     if path == "POINTWISE_GEMM":
-        _pw_conv(x, weight, b, out, groups, sh, sw)
+        _pw_conv(x, weight, b, out, groups, sh, sw, False)
     elif path == "IM2COL_GEMM" and weight.shape[1] * KH * KW >= GEMM_PHASE_MIN_K:
         _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
     elif path == "IM2COL_GEMM":
@@ -905,6 +961,15 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups):
         _wino_conv(x, weight, b, out, ph, pw)
     else:                   # DIRECT, PLAIN (_conv_rows takes the strided loop for sw > 1)
         _conv_core(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
+    return _conv_epilogue(out, residual, relu)
+
+
+cdef _conv_epilogue(out, residual, bint relu):
+    """out + residual (when given), then max(., 0) when relu, in place on out (a fresh conv output)."""
+    if relu:
+        return relu_forward(out, True, residual)
+    if residual is not None:
+        np.add(out, residual, out=out)
     return out
 
 

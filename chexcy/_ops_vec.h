@@ -27,6 +27,14 @@
 typedef float chexcy_vf __attribute__((vector_size(CHEXCY_VW * sizeof(float))));
 static inline chexcy_vf chexcy_load(const float *p) { chexcy_vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void chexcy_store(float *p, chexcy_vf v) { memcpy(p, &v, sizeof v); }
+typedef int chexcy_vmask __attribute__((vector_size(CHEXCY_VW * sizeof(int))));
+/* max(v, 0) lane by lane, as chexcy_relu: the lanes where v < 0 cleared (a NaN compares false and
+ * stays, -0 stays -0). */
+static inline chexcy_vf chexcy_relu_v(chexcy_vf v)
+{
+    const chexcy_vmask neg = v < (chexcy_vf){0};
+    return (chexcy_vf)((chexcy_vmask)v & ~neg);
+}
 /* Broadcast with the target's own set1 (one vbroadcastss from memory). Not `zero + s`: without
  * fast-math that is a real scalar add (0 + -0 is +0) plus a shuffle per weight; an element-wise
  * init compiles to 16 masked broadcasts. */

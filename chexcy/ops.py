@@ -391,26 +391,40 @@ def _pad_extra(x, extra):
 # ----------------------------------------------------------------------------------------------
 # conv2d
 
-def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, residual=None,
+                   relu=False):
     """2-D convolution (cross-correlation, as PyTorch), forward.
 
     x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None; stride, dilation: int or
     (h, w); padding: int, (h, w), "valid" or "same" (stride 1). Returns out (N, F, OH, OW) float32.
     Inputs that are not C-contiguous float32 are converted once.
+
+    residual (an array of out's shape) is added to the result, and relu=True then takes max(., 0) (a NaN
+    stays NaN): out = relu(conv(x) + bias + residual), a conv with its ReLU or the end of a residual block,
+    with the same values as relu_forward(conv2d_forward(...), residual=residual). On the POINTWISE_GEMM
+    path the ReLU is applied as the kernel stores each tile, with no pass over the output after it.
     """
     fn = "conv2d"
     x = _float_array(x, fn, "x")
     weight = _float_array(weight, fn, "weight")
-    stride_hw, padding_hw, dilation_hw, extra, _ = _conv_args(fn, x, weight, stride, padding,
-                                                              dilation, groups)
+    stride_hw, padding_hw, dilation_hw, extra, out_shape = _conv_args(fn, x, weight, stride, padding,
+                                                                      dilation, groups)
     if bias is not None:
         bias = _float_array(bias, fn, "bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) (one per output channel "
                              f"of weight {weight.shape}), got {bias.shape}")
+    if residual is not None:
+        residual = _float_array(residual, fn, "residual")
+        if residual.shape != out_shape:
+            raise ValueError(f"{fn}: residual must have the output's shape {out_shape}, got {residual.shape} "
+                             f"(x {x.shape}, weight {weight.shape})")
+    if relu not in (True, False):
+        raise ValueError(f"{fn}: relu must be True or False, got {relu!r}")
     if extra != (0, 0):
         x = _pad_extra(x, extra)
-    return _backend().conv2d_forward(x, weight, bias, stride_hw, padding_hw, dilation_hw, int(groups))
+    return _backend().conv2d_forward(x, weight, bias, stride_hw, padding_hw, dilation_hw, int(groups),
+                                     residual, bool(relu))
 
 
 def conv2d_backward(dout, x, weight, stride=1, padding=0, dilation=1, groups=1):
@@ -440,9 +454,9 @@ def conv2d_backward(dout, x, weight, stride=1, padding=0, dilation=1, groups=1):
     return dx, dweight, dbias
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, residual=None, relu=False):
     """Forward-only convenience: the same as conv2d_forward."""
-    return conv2d_forward(x, weight, bias, stride, padding, dilation, groups)
+    return conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=residual, relu=relu)
 
 
 ConvPlan = collections.namedtuple("ConvPlan", "forward dx dweight")

@@ -31,10 +31,11 @@ def _taps(o, stride, padding, dilation, kernel):
 # ----------------------------------------------------------------------------------------------
 # conv2d
 
-def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=False):
     """out[n, f, oh, ow] = bias[f] + sum over (c, i, j) of weight[f, c, i, j] * x_pad[n, g*Cg + c, taps].
 
-    x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW).
+    x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW); then
+    out + residual (when given) and relu_forward of that (relu=True).
     """
     N, C, H, W = x.shape
     F, Cg, KH, KW = weight.shape
@@ -56,6 +57,10 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
                 out[:, g * Fg:(g + 1) * Fg, oh, ow] = np.einsum("nckl,fckl->nf", window, w_g)
     if bias is not None:
         out += bias[None, :, None, None]
+    if relu:
+        return relu_forward(out, True, residual)
+    if residual is not None:
+        out += residual
     return out
 
 

@@ -9,7 +9,8 @@ cross one or several sample boundaries or run past the last column (P below, at 
 P = 1, a batch of one), output channels not a multiple of the register tile's rows (12 / 6 / 4), input
 channels not a multiple of a strip (dweight's columns), products deeper than one K block of 256 (forward
 and dx: Cg or Fg > 256; dweight: N P > 256 columns, blocks that cross samples), groups, and strides 2
-and 3 (the subsample gathered by the packing, runs broken at every output row) with odd sizes.
+and 3 (the subsample gathered by the packing, runs broken at every output row) with odd sizes, and
+weights tall enough to be cut into row blocks (_pw_grid).
 """
 import numpy as np
 import pytest
@@ -38,6 +39,9 @@ CASES = [
     ((2, 24, 9, 13), 17, (1, 2), 1),   # column stride only
     ((2, 18, 10, 14), 20, 3, 1),       # stride 3
     ((3, 32, 13, 13), 24, 2, 2),       # stride 2 with groups
+    ((2, 260, 5, 5), 110, 1, 1),       # a weight block (rows x 256) over 384 KiB: row blocks, 2 K blocks
+    ((1, 64, 3, 4), 1600, 1, 1),       # K = 64: rows in blocks of 1536 at most, so two
+    ((4, 40, 16, 16), 64, 1, 1),       # 1024 columns, whole strips: the prefetch of the next strip's rows
 ]
 
 

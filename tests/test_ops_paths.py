@@ -90,6 +90,53 @@ def test_every_path_matches_the_reference_on_every_variant_and_thread_count(item
     check_conv_on_every_variant(rng, xs, (F, xs[1] // g, KH, KW), **args, case=_case_id(item))
 
 
+@needs_compiled
+@pytest.mark.parametrize("item", PATH_CASES, ids=_case_id)
+def test_every_path_adds_a_residual_and_applies_relu_like_the_separate_ops(item, rng):
+    """conv2d_forward(..., residual=r, relu=True) on every path, variant and thread count: bit for bit
+    relu_forward(conv2d_forward(...), residual=r) of the same variant (the ReLU in the tiles' stores on
+    POINTWISE_GEMM, a pass after the conv elsewhere), NaN in the residual kept, -0 and 0 as the op gives
+    them."""
+    (xs, (F, KH, KW), s, p, d, g), _ = item
+    args = _norm(dict(stride=s, padding=p, dilation=d, groups=g))
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal((F, xs[1] // g, KH, KW)).astype(np.float32)
+    b = rng.standard_normal(F).astype(np.float32)
+    want_plain = reference.conv2d_forward(x, w, b, *args.values())
+    r = rng.standard_normal(want_plain.shape).astype(np.float32)
+    r.reshape(-1)[::7] = np.nan
+    for name, mod in runnable_variants():
+        try:
+            for threads in (1, 2, 3):
+                mod.set_num_threads(threads)
+                plain = mod.conv2d_forward(x, w, b, *args.values())
+                for residual, relu in ((None, True), (r, False), (r, True)):
+                    got = mod.conv2d_forward(x, w, b, *args.values(), residual, relu)
+                    want = plain + residual if residual is not None else plain.copy()
+                    if relu:
+                        want = mod.relu_forward(want, True)
+                    np.testing.assert_array_equal(
+                        got, want, err_msg=f"variant {name}, {threads} threads, residual {residual is not None}, "
+                                           f"relu {relu}, {_case_id(item)}")
+        finally:
+            mod.set_num_threads(0)
+
+
+def test_conv2d_residual_and_relu_match_the_reference_and_check_their_arguments(backend, rng):
+    x = rng.standard_normal((2, 20, 7, 9)).astype(np.float32)
+    w = rng.standard_normal((26, 20, 1, 1)).astype(np.float32)
+    r = rng.standard_normal((2, 26, 4, 5)).astype(np.float32)
+    for relu in (False, True):
+        got = ops.conv2d_forward(x, w, None, stride=2, residual=r, relu=relu)
+        want = reference.conv2d_forward(x, w, None, (2, 2), (0, 0), (1, 1), 1) + r
+        assert_close(got, np.maximum(want, 0) if relu else want, "conv2d", err_msg=f"{backend} relu={relu}")
+    assert np.all(ops.conv2d(x, w, stride=2, relu=True) >= 0)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 26, 4, 5\)"):
+        ops.conv2d_forward(x, w, stride=2, residual=r[:, :, :3])
+    with pytest.raises(ValueError, match="relu must be True or False"):
+        ops.conv2d_forward(x, w, relu="yes")
+
+
 def _norm(args):
     """The (h, w) tuples the backend modules take (chexcy.ops normalises them for users)."""
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731

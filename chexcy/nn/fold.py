@@ -20,14 +20,17 @@ def foldable(conv, norm):
     return type(conv) is Conv2d and type(norm) is BatchNorm2d and not norm.training
 
 
-def conv_bn_eval(conv, norm, x, relu=None):
-    """norm(conv(x)) for eval-mode BatchNorm2d `norm`, then the ReLU module `relu` when given, x (N, C, H, W)
-    -> (N, F, OH, OW) in x's dtype. Usually one convolution: the folded weight (F, C // groups, KH, KW) and
-    bias (F,) are formed anew on each call (a pass over the weight, not the activations), so they always
-    follow the current parameters. Where the weight has more elements than the output (ResNet's last
-    stages: 2.4M weights of a 512-channel 3x3 against 0.4M outputs at 7x7, batch 16), the float32
-    BatchNorm runs on the output instead, with the ReLU in the same pass (chexcy.ops.batch_norm2d_apply),
-    whose result is then kept as the ReLU's output."""
+def conv_bn_eval(conv, norm, x, relu=None, residual=None):
+    """norm(conv(x)) for eval-mode BatchNorm2d `norm`, plus `residual` (an array of the output's shape) when
+    given, then the ReLU module `relu` when given, x (N, C, H, W) -> (N, F, OH, OW) in x's dtype; the
+    result is kept as the ReLU's output (what its backward reads).
+
+    Usually one convolution: the folded weight (F, C // groups, KH, KW) and bias (F,) are formed anew on
+    each call (a pass over the weight, not the activations), so they always follow the current parameters,
+    and the sum and ReLU go into the same call (chexcy.ops.conv2d_forward's residual and relu). Where the
+    weight has more elements than the output (ResNet's last stages: 2.4M weights of a 512-channel 3x3
+    against 0.4M outputs at 7x7, batch 16), the float32 BatchNorm runs on the output instead, with the ReLU
+    in the same pass when there is no residual (chexcy.ops.batch_norm2d_apply)."""
     dtype = x.dtype
     w = conv.weight.data
     sh, sw = conv.stride if isinstance(conv.stride, tuple) else (conv.stride, conv.stride)
@@ -39,7 +42,9 @@ def conv_bn_eval(conv, norm, x, relu=None):
         y = kernels().batch_norm2d_apply(
             y, norm.running_mean.astype(np.float64), norm.running_var.astype(np.float64),
             norm.weight.data.astype(dtype, copy=False), norm.bias.data.astype(dtype, copy=False), norm.eps,
-            relu=relu is not None, out=y)
+            relu=relu is not None and residual is None, out=y)
+        if residual is not None:
+            return y + residual if relu is None else relu.forward(y, residual=residual)
         if relu is not None:
             relu._out = y                               # what its backward reads
         return y
@@ -48,8 +53,16 @@ def conv_bn_eval(conv, norm, x, relu=None):
     if conv.bias is not None:
         shift += conv.bias.data.astype(dtype) * scale
     weight = w.astype(dtype, copy=False) * scale[:, None, None, None]   # one pass, no copy first
-    y = kernels().conv2d_forward(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return y if relu is None else relu.forward(y)
+    if dtype != np.float32:
+        y = kernels().conv2d_forward(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if residual is not None:
+            return y + residual if relu is None else relu.forward(y, residual=residual)
+        return y if relu is None else relu.forward(y)
+    y = kernels().conv2d_forward(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                 residual=residual, relu=relu is not None)
+    if relu is not None:
+        relu._out = y
+    return y
 
 
 class FoldedPairs:
@@ -62,10 +75,10 @@ class FoldedPairs:
     def clear(self):
         self._pairs = []
 
-    def run(self, conv, norm, x, relu=None):
-        """conv_bn_eval(conv, norm, x, relu), remembering x for `restore`."""
+    def run(self, conv, norm, x, relu=None, residual=None):
+        """conv_bn_eval(conv, norm, x, relu, residual), remembering x for `restore`."""
         self._pairs.append((conv, norm, x))
-        return conv_bn_eval(conv, norm, x, relu)
+        return conv_bn_eval(conv, norm, x, relu, residual)
 
     def restore(self):
         """Run every folded pair unfolded (its BatchNorm in eval mode, whatever the mode is now), so their
@@ -79,17 +92,23 @@ class FoldedPairs:
         self._pairs = []
 
 
-def run_chain(layers, x, folded):
-    """Apply `layers` in order to x; in eval mode a Conv2d followed by a plain BatchNorm2d runs as one folded
-    convolution (recorded in `folded`, a FoldedPairs), with a ReLU right after it handed to the same call. A training forward runs them one by one."""
+def run_chain(layers, x, folded, residual=None, relu=None):
+    """Apply `layers` in order to x, then add `residual` (when given) and apply the ReLU module `relu` (when
+    given). In eval mode a Conv2d followed by a plain BatchNorm2d runs as one folded convolution (recorded
+    in `folded`, a FoldedPairs), with a ReLU right after it handed to the same call, and a pair that ends
+    the chain takes the residual and `relu` too. A training forward runs the layers one by one."""
     i, n = 0, len(layers)
     while i < n:
         layer = layers[i]
         if i + 1 < n and foldable(layer, layers[i + 1]):
-            relu = layers[i + 2] if i + 2 < n and type(layers[i + 2]) is ReLU else None
-            x = folded.run(layer, layers[i + 1], x, relu)
-            i += 2 if relu is None else 3
+            if i + 2 == n and (residual is not None or relu is not None):
+                return folded.run(layer, layers[i + 1], x, relu, residual)
+            after = layers[i + 2] if i + 2 < n and type(layers[i + 2]) is ReLU else None
+            x = folded.run(layer, layers[i + 1], x, after)
+            i += 2 if after is None else 3
         else:
             x = layer.forward(x)
             i += 1
-    return x
+    if relu is not None:
+        return relu.forward(x, residual=residual)
+    return x if residual is None else x + residual

@@ -46,7 +46,8 @@ class _Block(Module):
     only reads its dout, so the same array feeds the branch's last BN and the shortcut.
 
     Eval mode: every conv and the BatchNorm after it run as one convolution (chexcy.nn.fold), which
-    removes the BatchNorm's NumPy passes over the activations.
+    removes the BatchNorm's NumPy passes over the activations; the branch's last one also takes the sum
+    with the shortcut and the final ReLU (the shortcut is computed first for that).
     """
     expansion = 1
 
@@ -55,9 +56,8 @@ class _Block(Module):
 
     def forward(self, x):
         self._folded.clear()
-        out = run_chain(self._branch_layers(), x, self._folded)
         skip = x if self.downsample is None else run_chain(self.downsample.layers, x, self._folded)
-        return self.relu_out.forward(out, residual=skip)    # relu(out + skip), one pass
+        return run_chain(self._branch_layers(), x, self._folded, residual=skip, relu=self.relu_out)
 
     def backward(self, dout):
         self._folded.restore()                           # after a folded eval forward: the layers' caches
