@@ -389,11 +389,12 @@ cdef void _wino_unit(
         float[:, :, :, ::1] out,                    # OUT (N, F, OH, OW): the unit's samples and tile rows
         Py_ssize_t unit,                            # see _wino_plan / _wino_span
         float* scratch,                             # this thread's: V, M, column halves, outputs
-        Py_ssize_t TB, Py_ssize_t G, Py_ssize_t Tp, Py_ssize_t PS, int ph, int pw) noexcept nogil:
+        Py_ssize_t TB, Py_ssize_t G, Py_ssize_t Tp, Py_ssize_t PS, int ph, int pw, int relu) noexcept nogil:
     """One work unit of the Winograd convolution F(2x2, 3x3) (chexcy/_ops_winograd.h): the input
     transform of its nt tiles (sample by sample, t = s * nty * TW + ty * TW + tx) for every channel into
     V (16, C, Tp), the 16 products M[xi] (Fp, Tp) = U[xi] (Fp, C) V[xi] (C, Tp) with the dense layer's
-    register tile (columns: tiles), then the output transform plus bias into the output rows. All of it
+    register tile (columns: tiles), then the output transform plus bias (then max(., 0) when relu) into
+    the output rows. All of it
     in this thread's scratch (L2-sized for ref-cnn's layers); the arithmetic of a unit does not depend
     on the thread that runs it."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
@@ -432,7 +433,7 @@ cdef void _wino_unit(
                                           M + (xi * Fp + q * GEMM_MR) * Tp + s * GEMM_NR, Tp, k0 > 0)
                 k0 += kc
     for f in range(F):
-        chexcy_wino_output(M + f * Tp, Fp * Tp, nt, bias[f], Y, Tp)
+        chexcy_wino_output(M + f * Tp, Fp * Tp, nt, bias[f], Y, Tp, relu)
         for sm in range(nsam):
             for ty in range(nty):
                 oh = 2 * (ty0 + ty)
@@ -440,8 +441,10 @@ cdef void _wino_unit(
                                        &out[n0 + sm, f, oh + 1, 0] if oh + 1 < OH else NULL, OW)
 
 
-cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, int pw, bint flip=False):
-    """3x3, stride 1, dilation 1, one group: out = conv(x, w) + bias by Winograd F(2x2, 3x3), every
+cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, int pw, bint flip=False,
+                bint relu=False):
+    """3x3, stride 1, dilation 1, one group: out = conv(x, w) + bias (then max(., 0) when relu, in the
+    output transform) by Winograd F(2x2, 3x3), every
     (sample, block of rows of 2x2 output tiles) unit in parallel. w (F, C, 3, 3); with flip, w is the
     weight of the conv whose dx this is, (C, F, 3, 3), read transposed and turned by 180 degrees."""
     cdef int n_threads = _threads()
@@ -466,7 +469,7 @@ cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, in
         chexcy_wino_weight_pack(&wv[0, 0, 0, 0], 9 if flip else C * 9, F * 9 if flip else 9, flip, F, C, i,
                                 &upv[0], ncot * C * GEMM_MR)
     for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
-        _wino_unit(xv, &upv[0], bias, out, u, &sv[omp_get_thread_num(), 0], TB, G, Tp, PS, ph, pw)
+        _wino_unit(xv, &upv[0], bias, out, u, &sv[omp_get_thread_num(), 0], TB, G, Tp, PS, ph, pw, relu)
 
 
 cdef _conv_core(
@@ -923,7 +926,7 @@ cdef _spread_grid(g, Py_ssize_t H, Py_ssize_t W, int sh, int sw):
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, residual=None, bint relu=False):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW); then
     + residual (out's shape, C-contiguous float32, when given) and max(., 0) when relu: the ReLU alone in
-    the tiles' stores on the POINTWISE_GEMM path, else one compiled pass after the conv (a sum with a
+    the kernel's stores on the POINTWISE_GEMM and WINOGRAD paths, else one compiled pass after the conv (a sum with a
     residual read in the tiles was slower than that pass: its rows are too many streams to prefetch)."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
     cdef int dil_h = dilation[0], dil_w = dilation[1]
@@ -946,8 +949,11 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, resid
         return _conv_epilogue(out, residual, relu)
     out = _empty((N, F, OH, OW))
     b = np.zeros(F, np.float32) if bias is None else bias
-    if path == "POINTWISE_GEMM" and residual is None:
-        _pw_conv(x, weight, b, out, groups, sh, sw, relu)
+    if residual is None and path in ("POINTWISE_GEMM", "WINOGRAD"):        # the ReLU in the kernel's stores
+        if path == "WINOGRAD":
+            _wino_conv(x, weight, b, out, ph, pw, False, relu)
+        else:
+            _pw_conv(x, weight, b, out, groups, sh, sw, relu)
         return out
     if path == "POINTWISE_GEMM":
         _pw_conv(x, weight, b, out, groups, sh, sw, False)

@@ -113,7 +113,8 @@ cdef extern from "_ops_winograd.h" nogil:
                                 Py_ssize_t xs)
     void chexcy_wdw_weight_row(const float* s, Py_ssize_t nparts, Py_ssize_t ps, Py_ssize_t xs, Py_ssize_t C,
                                float* acc, float* dweight)
-    void chexcy_wino_output(const float* m, Py_ssize_t ms, Py_ssize_t n, float bias, float* y, Py_ssize_t ys)
+    void chexcy_wino_output(const float* m, Py_ssize_t ms, Py_ssize_t n, float bias, float* y, Py_ssize_t ys,
+                            int relu)
     void chexcy_wino_store_rows(const float* y, Py_ssize_t ys, Py_ssize_t TW, float* row, float* out0,
                                 float* out1, Py_ssize_t width)
 

@@ -240,25 +240,27 @@ static __attribute__((noinline)) void chexcy_wino_rows(const float *pe, const fl
     }
 }
 
-/* Y = A^T M A + bias for n tiles t of one output channel:
+/* Y = A^T M A + bias for n tiles t of one output channel, then max(Y, 0) when relu:
  *   m: M[xi] of tile t at m + xi * ms + t; read up to n rounded up to VW
  *   y: OUT the tile's outputs (i, j) at y + (2 i + j) * ys + t, whole vectors (up to n rounded up) */
 static __attribute__((noinline)) void chexcy_wino_output(const float *m, Py_ssize_t ms, Py_ssize_t n,
-                                                         float bias, float *y, Py_ssize_t ys)
+                                                         float bias, float *y, Py_ssize_t ys, int relu)
 {
     const chexcy_vf b = chexcy_splat(bias);
     for (Py_ssize_t t = 0; t < n; t += CHEXCY_VW) {
-        chexcy_vf s0[4], s1[4];
+        chexcy_vf s0[4], s1[4], o[4];
         CHEXCY_UNROLL for (int i = 0; i < 4; i++) {
             const chexcy_vf m0 = chexcy_load(m + (4 * i) * ms + t), m1 = chexcy_load(m + (4 * i + 1) * ms + t);
             const chexcy_vf m2 = chexcy_load(m + (4 * i + 2) * ms + t), m3 = chexcy_load(m + (4 * i + 3) * ms + t);
             s0[i] = m0 + m1 + m2;   /* M A: the columns */
             s1[i] = m1 - m2 - m3;
         }
-        chexcy_store(y + t, s0[0] + s0[1] + s0[2] + b);
-        chexcy_store(y + ys + t, s1[0] + s1[1] + s1[2] + b);
-        chexcy_store(y + 2 * ys + t, s0[1] - s0[2] - s0[3] + b);
-        chexcy_store(y + 3 * ys + t, s1[1] - s1[2] - s1[3] + b);
+        o[0] = s0[0] + s0[1] + s0[2] + b;
+        o[1] = s1[0] + s1[1] + s1[2] + b;
+        o[2] = s0[1] - s0[2] - s0[3] + b;
+        o[3] = s1[1] - s1[2] - s1[3] + b;
+        CHEXCY_UNROLL for (int i = 0; i < 4; i++)
+            chexcy_store(y + i * ys + t, relu ? chexcy_relu_v(o[i]) : o[i]);
     }
 }
 
