@@ -188,6 +188,11 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     return best, argmax
 
 
+def max_pool2d(x, kernel_size, stride, padding, dilation):
+    """max_pool2d_forward's out alone."""
+    return max_pool2d_forward(x, kernel_size, stride, padding, dilation)[0]
+
+
 def max_pool2d_backward(dout, argmax, x_shape):
     """dout, argmax (N, C, OH, OW) -> dx (N, C, H, W): each dout added at its argmax position."""
     N, C, H, W = x_shape

@@ -57,6 +57,18 @@ static inline __attribute__((always_inline)) void chexcy_maxpool_tap2(
     }
 }
 
+/* The values alone (no index: an eval-mode forward, which no backward reads): the same choice of value as
+ * the two taps above. best starts at -inf; a tap replaces it when greater, or when NaN over a number. */
+static inline __attribute__((always_inline)) void chexcy_maxpool_tap_values(
+    const float *v, Py_ssize_t step, Py_ssize_t base, Py_ssize_t lo, Py_ssize_t hi, float *best)
+{
+    for (Py_ssize_t ow = lo; ow < hi; ow++) {
+        const float x = v[ow * step + base];
+        const float b = best[ow];
+        best[ow] = (x > b) | ((x != x) & (b == b)) ? x : b;
+    }
+}
+
 /* Row r of W floats split by column parity: even[j] = r[2j], odd[j] = r[2j + 1]. */
 static inline void chexcy_pool_split_row(const float *restrict r, float *restrict even, float *restrict odd,
                                        Py_ssize_t W)
@@ -70,7 +82,8 @@ static inline void chexcy_pool_split_row(const float *restrict r, float *restric
         even[half] = r[W - 1];
 }
 
-/* One (n, c) plane: x (H, W) -> out (OH, OW), arg (OH, OW) flat indices ih * W + iw.
+/* One (n, c) plane: x (H, W) -> out (OH, OW), arg (OH, OW) flat indices ih * W + iw; with arg NULL the
+ * values alone, each output row built in place (chexcy_maxpool_tap_values).
  * best, idx: scratch of OW floats / ints; row: scratch of W + 2 floats (this thread's). H * W < 2^31
  * (checked by the caller).
  * Column stride 2 with column dilation 1 (ResNet's 3 x 3 / stride 2 stem pool): each input row is first
@@ -85,6 +98,8 @@ static void chexcy_max_pool_plane(const float *x, float *out, int64_t *arg, Py_s
     const int split = sw == 2 && dil_w == 1;
     float *even = row, *odd = row + (W + 1) / 2 + 1;
     for (Py_ssize_t oh = 0; oh < OH; oh++) {
+        if (!arg)
+            best = out + oh * OW;           /* values only: straight into the output row */
         for (Py_ssize_t ow = 0; ow < OW; ow++) {
             best[ow] = -INFINITY;
             idx[ow] = -1;
@@ -108,18 +123,24 @@ static void chexcy_max_pool_plane(const float *x, float *out, int64_t *arg, Py_s
                     /* iw = 2 ow + base: even[ow + base / 2] when base is even, odd[ow + (base - 1) / 2]
                      * when odd (floor division; lo keeps the index >= 0) */
                     const Py_ssize_t e = base >= 0 ? base / 2 : -((1 - base) / 2);
-                    chexcy_maxpool_tap2((base % 2) == 0 ? even : odd, e, lo, hi, (int32_t)(ih * W + base),
-                                        best, idx);
-                } else if (sw == 1)
+                    if (!arg)
+                        chexcy_maxpool_tap_values((base % 2) == 0 ? even : odd, 1, e, lo, hi, best);
+                    else
+                        chexcy_maxpool_tap2((base % 2) == 0 ? even : odd, e, lo, hi, (int32_t)(ih * W + base),
+                                            best, idx);
+                } else if (!arg)
+                    chexcy_maxpool_tap_values(xr, sw, base, lo, hi, best);
+                else if (sw == 1)
                     chexcy_maxpool_tap(xr, 1, base, lo, hi, (int32_t)(ih * W), best, idx);
                 else
                     chexcy_maxpool_tap(xr, sw, base, lo, hi, (int32_t)(ih * W), best, idx);
             }
         }
-        for (Py_ssize_t ow = 0; ow < OW; ow++) {
-            out[oh * OW + ow] = best[ow];
-            arg[oh * OW + ow] = idx[ow];
-        }
+        if (arg)
+            for (Py_ssize_t ow = 0; ow < OW; ow++) {
+                out[oh * OW + ow] = best[ow];
+                arg[oh * OW + ow] = idx[ow];
+            }
     }
 }
 

@@ -559,8 +559,14 @@ def _check_argmax_range(argmax, x_shape, fn):
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1):
-    """Forward-only convenience: max_pool2d_forward's out, without argmax."""
-    return max_pool2d_forward(x, kernel_size, stride, padding, dilation)[0]
+    """Forward-only: max_pool2d_forward's out, computed without forming the argmax (an evaluation pass)."""
+    fn = "max_pool2d"
+    x = _float_array(x, fn, "x")
+    _check_ndim(x, 4, fn, "x", "(N, C, H, W)")
+    _check_nonempty(x.shape, fn, "x", "(N, C, H, W)")
+    kernel_hw, stride_hw, padding_hw, dilation_hw, _ = _pool_args(fn, x.shape, kernel_size, stride,
+                                                                  padding, dilation)
+    return _backend().max_pool2d(x, kernel_hw, stride_hw, padding_hw, dilation_hw)
 
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, count_include_pad=True):

@@ -132,6 +132,11 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     return out, argmax
 
 
+def max_pool2d(x, kernel_size, stride, padding, dilation):
+    """max_pool2d_forward's out alone."""
+    return max_pool2d_forward(x, kernel_size, stride, padding, dilation)[0]
+
+
 def max_pool2d_backward(dout, argmax, x_shape):
     """dx[n, c].flat[argmax[n, c, oh, ow]] += dout[n, c, oh, ow]; dout, argmax (N, C, OH, OW) -> dx x_shape."""
     N, C, H, W = x_shape

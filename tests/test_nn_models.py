@@ -46,6 +46,24 @@ def test_pool_then_relu_equals_relu_then_pool_with_gradients():
     assert all(np.array_equal(ga, gb) for ga, gb in zip(grads_a, grads_b))
 
 
+def test_max_pool_in_eval_mode_forms_no_argmax_until_a_backward_asks():
+    """Eval mode pools values only (chexcy.ops.max_pool2d); a backward after it (Grad-CAM) finds the argmax
+    from the kept input: the same output and input gradient as a training-mode pool, ties and NaN included."""
+    rng = np.random.default_rng(6)
+    x = np.round(rng.standard_normal((2, 3, 15, 17)), 1).astype(np.float32)
+    x[0, 1, 3, 4] = np.nan
+    dout = rng.standard_normal((2, 3, 8, 9)).astype(np.float32)
+    train_pool, eval_pool = nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1).eval()
+    want = train_pool.forward(x)
+    got = eval_pool.forward(x)
+    assert eval_pool._argmax is None
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(eval_pool.backward(dout), train_pool.backward(dout))
+    eval_pool.train()
+    eval_pool.forward(x)                  # a training forward keeps the argmax and lets go of x
+    assert eval_pool._x is None and eval_pool._argmax is not None
+
+
 @pytest.mark.parametrize("arch", ["simple", "resnet"])
 @pytest.mark.parametrize("size", [16, 30, 33])
 def test_image_models_give_14_logits_for_any_size(arch, size):

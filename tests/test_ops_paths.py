@@ -185,6 +185,8 @@ def test_max_pool_any_window_matches_reference_with_nan_ties_and_inf(case, rng, 
     got = ops.max_pool2d_forward(x, k, s, p, d)
     for label, g, w in zip(("out", "argmax"), got, want):
         assert_close(g, w, "max_pool2d", err_msg=f"{backend} {label} {case}")
+    np.testing.assert_array_equal(ops.max_pool2d(x, k, s, p, d), got[0],
+                                  err_msg=f"{backend} {case}: the values-only pool differs")
     dout = rng.standard_normal(want[0].shape).astype(np.float32)
     assert_close(ops.max_pool2d_backward(dout, got[1], xs), reference.max_pool2d_backward(dout, want[1], xs),
                  "max_pool2d_backward", err_msg=f"{backend} {case}")
@@ -206,6 +208,8 @@ def test_max_pool_rows_kernel_on_every_variant_and_thread_count(rng):
                 out, arg = mod.max_pool2d_forward(x, (3, 3), (2, 2), (1, 1), (1, 1))
                 np.testing.assert_array_equal(out, want[0], err_msg=f"variant {name}, {threads} threads")
                 np.testing.assert_array_equal(arg, want[1], err_msg=f"variant {name}, {threads} threads")
+                np.testing.assert_array_equal(mod.max_pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1)), want[0],
+                                              err_msg=f"variant {name}, {threads} threads, values only")
         finally:
             mod.set_num_threads(0)
 

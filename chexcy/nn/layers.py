@@ -119,22 +119,34 @@ class Conv2d(Module):
 
 
 class MaxPool2d(Module):
-    """Max pooling (padding counts as -inf; stride None = kernel_size). x (N, C, H, W) -> (N, C, OH, OW)."""
+    """Max pooling (padding counts as -inf; stride None = kernel_size). x (N, C, H, W) -> (N, C, OH, OW).
+
+    In eval mode the forward forms no argmax (chexcy.ops.max_pool2d) and keeps x instead; a backward after
+    it (Grad-CAM, gradient checks) first finds the argmax from x."""
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1):
         self.kernel_size = _nonneg_pair(kernel_size, "kernel_size", 1)
         self.stride = self.kernel_size if stride is None else _nonneg_pair(stride, "stride", 1)
         self.padding = _nonneg_pair(padding, "padding")
         self.dilation = _nonneg_pair(dilation, "dilation", 1)
-        self._argmax = self._x_shape = None
+        self._argmax = self._x_shape = self._x = None
+
+    def _args(self):
+        return self.kernel_size, self.stride, self.padding, self.dilation
 
     def forward(self, x):
-        out, self._argmax = kernels().max_pool2d_forward(x, self.kernel_size, self.stride, self.padding,
-                                                         self.dilation)
         self._x_shape = tuple(int(s) for s in x.shape)
+        if not self.training:
+            self._argmax, self._x = None, x
+            return kernels().max_pool2d(x, *self._args())
+        self._x = None
+        out, self._argmax = kernels().max_pool2d_forward(x, *self._args())
         return out
 
     def backward(self, dout):
+        if self._argmax is None and self._x is not None:
+            self._argmax = kernels().max_pool2d_forward(self._x, *self._args())[1]
+            self._x = None
         return kernels().max_pool2d_backward(dout, self._argmax, self._x_shape)
 
     def extra_repr(self):
