@@ -668,7 +668,7 @@ cdef void _pw_unit(
         const float* src, const float* ap, const float* bias, float* out, float* bbuf, float* cbuf, Py_ssize_t u,
         Py_ssize_t rb, Py_ssize_t nsb, Py_ssize_t SB, Py_ssize_t nstrips, Py_ssize_t apack, Py_ssize_t Fo,
         Py_ssize_t K, Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW, Py_ssize_t P, Py_ssize_t rowstep,
-        int sw, Py_ssize_t NP, Py_ssize_t out_ns, int relu) noexcept nogil:
+        int sw, Py_ssize_t NP, Py_ssize_t out_ns, int relu, const float* res) noexcept nogil:
     """Unit u = (g, r, sb) of _pw_product: row block r (of rb, whole tiles) of strips [sb SB, (sb + 1) SB)
     of group g's product."""
     cdef chexcy_pw_geom geo
@@ -677,7 +677,8 @@ cdef void _pw_unit(
     geo.x = src + g * K * src_cs
     geo.ns, geo.cs, geo.OW, geo.P, geo.rowstep, geo.sw, geo.NP = src_ns, src_cs, OW, P, rowstep, sw, NP
     chexcy_pw_task(&geo, ap + g * apack, bias + g * Fp, Fo, K, sb * SB, min(nstrips, (sb + 1) * SB),
-                   r * nt // rb, (r + 1) * nt // rb, out + g * Fo * P, out_ns, bbuf, cbuf, relu)
+                   r * nt // rb, (r + 1) * nt // rb, out + g * Fo * P, out_ns, bbuf, cbuf, relu,
+                   res + g * Fo * P if res != NULL else NULL)
 
 
 cdef Py_ssize_t _pw_load(Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t rb, Py_ssize_t nsb, Py_ssize_t SB,
@@ -723,7 +724,7 @@ cdef void _pw_grid(Py_ssize_t nt, Py_ssize_t nstrips, Py_ssize_t K, int groups, 
 cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW,
                  Py_ssize_t P, Py_ssize_t rowstep, int sw, const float* w, Py_ssize_t w_gs, Py_ssize_t w_rs,
                  Py_ssize_t w_cs, int groups, Py_ssize_t Fo, Py_ssize_t K, const float* bias, float* out,
-                 Py_ssize_t out_ns, int relu=0):
+                 Py_ssize_t out_ns, int relu=0, const float* res=NULL):
     """The POINTWISE_GEMM product (chexcy/_ops_pointwise.h), per group g and over the whole batch:
         out[n, g Fo + f, p] = bias[g Fo + f] + sum over k < K of Wg[f, k] src[n, g K + k, p]
     with Wg[f, k] = w[g w_gs + f w_rs + k w_cs] and src[n, c, p] at src + n src_ns + c src_cs +
@@ -754,10 +755,11 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
         for u in prange(groups * rb * nsb, schedule="static", num_threads=n_threads):
             _pw_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], &cv[omp_get_thread_num(), 0],
                      u, rb, nsb, SB, nstrips, apack, Fo, K, src_ns, src_cs, OW, P, rowstep, sw, NP, out_ns,
-                     relu)
+                     relu, res)
 
 
-cdef _pw_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int groups, int sh, int sw, int relu):
+cdef _pw_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int groups, int sh, int sw, int relu,
+              const float* res=NULL):
     """POINTWISE_GEMM forward: out = conv(x, w) + bias (then max(., 0) when relu) for a 1x1 kernel without
     padding, any stride."""
     cdef const float[:, :, :, ::1] xv = x
@@ -765,7 +767,7 @@ cdef _pw_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int groups, 
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], Fg = F // groups, OH = out.shape[2], OW = out.shape[3]
     _pw_product(&xv[0, 0, 0, 0], N, C * H * W, H * W, OW, OH * OW, sh * W, sw, &wv[0, 0, 0, 0], Fg * Cg, Cg, 1,
-                groups, Fg, Cg, &bias[0], &out[0, 0, 0, 0], F * OH * OW, relu)
+                groups, Fg, Cg, &bias[0], &out[0, 0, 0, 0], F * OH * OW, relu, res)
 
 
 cdef _pw_dx(dout, w, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int groups):
@@ -925,9 +927,9 @@ cdef _spread_grid(g, Py_ssize_t H, Py_ssize_t W, int sh, int sw):
 
 def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, residual=None, bint relu=False):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW); then
-    + residual (out's shape, C-contiguous float32, when given) and max(., 0) when relu: the ReLU alone in
-    the kernel's stores on the POINTWISE_GEMM and WINOGRAD paths, else one compiled pass after the conv (a sum with a
-    residual read in the tiles was slower than that pass: its rows are too many streams to prefetch)."""
+    + residual (out's shape, C-contiguous float32, when given) and max(., 0) when relu: in the tiles'
+    stores on the POINTWISE_GEMM path, the ReLU alone in the output transform on WINOGRAD, else one
+    compiled pass after the conv."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
     cdef int dil_h = dilation[0], dil_w = dilation[1]
     N, _, H, W = x.shape
@@ -949,15 +951,18 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, resid
         return _conv_epilogue(out, residual, relu)
     out = _empty((N, F, OH, OW))
     b = np.zeros(F, np.float32) if bias is None else bias
-    if residual is None and path in ("POINTWISE_GEMM", "WINOGRAD"):        # the ReLU in the kernel's stores
-        if path == "WINOGRAD":
-            _wino_conv(x, weight, b, out, ph, pw, False, relu)
-        else:
+    cdef const float[:, :, :, ::1] rv
+    if path == "POINTWISE_GEMM":                # the sum and the ReLU in the tiles' stores
+        if residual is None:
             _pw_conv(x, weight, b, out, groups, sh, sw, relu)
+        else:
+            rv = residual
+            _pw_conv(x, weight, b, out, groups, sh, sw, relu, &rv[0, 0, 0, 0])
         return out
-    if path == "POINTWISE_GEMM":
-        _pw_conv(x, weight, b, out, groups, sh, sw, False)
-    elif path == "IM2COL_GEMM" and weight.shape[1] * KH * KW >= GEMM_PHASE_MIN_K:
+    if path == "WINOGRAD" and residual is None:     # the ReLU in the output transform
+        _wino_conv(x, weight, b, out, ph, pw, False, relu)
+        return out
+    if path == "IM2COL_GEMM" and weight.shape[1] * KH * KW >= GEMM_PHASE_MIN_K:
         _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
     elif path == "IM2COL_GEMM":
         _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)

@@ -54,11 +54,12 @@ static inline Py_ssize_t chexcy_pw_off(const chexcy_pw_geom *g, Py_ssize_t q)
  *   c[i, j] = rowinit[i] + s    when rowinit != NULL (the first K block: the bias)
  *   c[i, j] = c[i, j] + s       otherwise
  * s = sum over k of a[k * GEMM_MR + i] * b[k * GEMM_NR + j], from 0 in k order; then max(c[i, j], 0)
- * when relu (the last K block of a conv with its ReLU: chexcy_relu_v on the stored values, no pass over
- * the output after). noinline for the reason given at chexcy_gemm_tile. */
+ * when relu, after adding res[i, j] (rows ldc apart) when res is not NULL (the last K block of a conv
+ * with its residual sum and ReLU: no pass over the output after). noinline for the reason given at
+ * chexcy_gemm_tile. */
 static __attribute__((noinline)) void chexcy_pw_tile(Py_ssize_t kc, const float *restrict a,
                                                      const float *restrict b, float *c, Py_ssize_t ldc,
-                                                     const float *rowinit, int relu)
+                                                     const float *rowinit, int relu, const float *res)
 {
     chexcy_vf acc[GEMM_MR][GEMM_NV], bv[GEMM_NV];
     CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
@@ -75,6 +76,8 @@ static __attribute__((noinline)) void chexcy_pw_tile(Py_ssize_t kc, const float 
         CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) {
             float *ci = c + i * ldc + v * CHEXCY_VW;
             chexcy_vf y = rowinit ? s + acc[i][v] : chexcy_load(ci) + acc[i][v];
+            if (res)
+                y += chexcy_load(res + i * ldc + v * CHEXCY_VW);
             chexcy_store(ci, relu ? chexcy_relu_v(y) : y);
         }
     }
@@ -195,15 +198,19 @@ static void chexcy_pw_strip_pieces(const chexcy_pw_geom *g, Py_ssize_t q0, Py_ss
     pc->pj[pc->npc] = nr;
 }
 
-/* Ask for the mr rows of the next strip's tile (GEMM_NR floats each, rows P apart) in cache, for writing,
- * ahead of their first store. Rows of a 56x56 plane are 12 KiB apart, a page each: too many streams for
- * the hardware prefetchers to follow, and without this each line of a tile's output was a miss to memory
- * when the tile stored it (1x1 64 -> 256 at 56, batch 16, output not in cache: 10.5 -> 7.8 ms). */
-static inline void chexcy_pw_prefetch_rows(const float *y, Py_ssize_t P, Py_ssize_t mr)
+/* Ask for the mr rows of the next strip's tile (GEMM_NR floats each, rows P apart) in cache ahead of
+ * their use: the output for writing, and r (not NULL) for reading. Rows of a 56x56 plane are 12 KiB
+ * apart, a page each: too many streams for the hardware prefetchers to follow, and without this each
+ * line of a tile's output was a miss to memory when the tile stored it (1x1 64 -> 256 at 56, batch 16,
+ * output not in cache: 10.5 -> 7.8 ms). */
+static inline void chexcy_pw_prefetch_rows(const float *y, const float *r, Py_ssize_t P, Py_ssize_t mr)
 {
     for (Py_ssize_t i = 0; i < mr; i++)
-        for (int l = 0; l < GEMM_NR; l += 16)
+        for (int l = 0; l < GEMM_NR; l += 16) {
             __builtin_prefetch(y + i * P + l, 1, 3);
+            if (r)
+                __builtin_prefetch(r + i * P + l, 0, 3);
+        }
 }
 
 /* Strips per forward task at most (the size of its table of pieces). */
@@ -214,8 +221,8 @@ static inline void chexcy_pw_prefetch_rows(const float *y, Py_ssize_t P, Py_ssiz
  *   g: the group's input columns (g->x at its channel 0); ap: its packed weight; bias: (Fp,) the
  *   group's bias zero-padded to Fp = Fg rounded up to GEMM_MR; out: (N, ...) with this group's row f
  *   of sample n at out + n * out_ns + f * P; bbuf: (s1 - s0) GEMM_KC GEMM_NR floats and cbuf: (s1 - s0)
- *   (t1 - t0) GEMM_MR GEMM_NR floats (this thread's); relu: max(., 0) on the finished output, as the
- *   last K block's tiles store it.
+ *   (t1 - t0) GEMM_MR GEMM_NR floats (this thread's); res: NULL, or an array laid out as out whose
+ *   elements the last K block's tiles add to theirs; relu: then max(., 0), in the same stores.
  * K blocks outermost (each element's blocks in order), then strips, then tiles down the rows: a packed
  * strip stays in L1 while the task's rows of the weight block (t1 - t0) GEMM_MR x kc stream from L2. The
  * output rows of the next strip (and of res) are prefetched tile by tile (chexcy_pw_prefetch_rows).
@@ -224,7 +231,8 @@ static inline void chexcy_pw_prefetch_rows(const float *y, Py_ssize_t P, Py_ssiz
  * (at 7x7, 2 strips in 3 cross a sample boundary). */
 static void chexcy_pw_task(const chexcy_pw_geom *g, const float *ap, const float *bias, Py_ssize_t Fg,
                            Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t t0, Py_ssize_t t1,
-                           float *out, Py_ssize_t out_ns, float *bbuf, float *cbuf, int relu)
+                           float *out, Py_ssize_t out_ns, float *bbuf, float *cbuf, int relu,
+                           const float *res)
 {
     const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, P = g->P;
     chexcy_pw_pieces pcs[PW_MAX_STRIPS];
@@ -243,20 +251,35 @@ static void chexcy_pw_task(const chexcy_pw_geom *g, const float *ap, const float
                 const Py_ssize_t i0 = q * GEMM_MR, mr = Fg - i0 < GEMM_MR ? Fg - i0 : GEMM_MR;
                 const float *ini = k0 == 0 ? bias + i0 : NULL;
                 float *base = out + i0 * P;
-                if (next && ini)
-                    chexcy_pw_prefetch_rows(base + next->pdst[0], P, mr);
+                const float *rbase = res ? res + i0 * P : NULL;
+                if (next && (ini || (last && rbase)))
+                    chexcy_pw_prefetch_rows(base + next->pdst[0], last && rbase ? rbase + next->pdst[0] : NULL, P,
+                                            mr);
                 if (pc->inside && mr == GEMM_MR) {
-                    chexcy_pw_tile(kc, ablk + i0 * kc, bs, base + pc->pdst[0], P, ini, last && relu);
+                    chexcy_pw_tile(kc, ablk + i0 * kc, bs, base + pc->pdst[0], P, ini, last && relu,
+                                   last && rbase ? rbase + pc->pdst[0] : NULL);
                     continue;
                 }
-                /* edge: the tile in cbuf, its pieces written to their samples after the last K block */
+                /* edge: the tile in cbuf, its pieces written to their samples after the last K block
+                 * (with res: the sum and ReLU on the way) */
                 float *t = cbuf + ((s - s0) * (t1 - t0) + q - t0) * (GEMM_MR * GEMM_NR);
-                chexcy_pw_tile(kc, ablk + i0 * kc, bs, t, GEMM_NR, ini, last && relu);
+                chexcy_pw_tile(kc, ablk + i0 * kc, bs, t, GEMM_NR, ini, last && relu && !rbase, NULL);
                 if (last)
                     for (int r = 0; r < pc->npc; r++)
-                        for (Py_ssize_t i = 0; i < mr; i++)
-                            memcpy(base + pc->pdst[r] + i * P, t + i * GEMM_NR + pc->pj[r],
-                                   (pc->pj[r + 1] - pc->pj[r]) * sizeof(float));
+                        for (Py_ssize_t i = 0; i < mr; i++) {
+                            const Py_ssize_t len = pc->pj[r + 1] - pc->pj[r];
+                            float *y = base + pc->pdst[r] + i * P;
+                            const float *tr = t + i * GEMM_NR + pc->pj[r];
+                            if (!rbase) {
+                                memcpy(y, tr, len * sizeof(float));
+                                continue;
+                            }
+                            const float *rr = rbase + pc->pdst[r] + i * P;
+                            for (Py_ssize_t j = 0; j < len; j++) {
+                                const float v = tr[j] + rr[j];
+                                y[j] = relu && v < 0.0f ? 0.0f : v;
+                            }
+                        }
             }
         }
     }

@@ -401,8 +401,9 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
 
     residual (an array of out's shape) is added to the result, and relu=True then takes max(., 0) (a NaN
     stays NaN): out = relu(conv(x) + bias + residual), a conv with its ReLU or the end of a residual block,
-    with the same values as relu_forward(conv2d_forward(...), residual=residual). On the POINTWISE_GEMM and
-    WINOGRAD paths the ReLU is applied as the kernel stores its output, with no pass over it after.
+    with the same values as relu_forward(conv2d_forward(...), residual=residual). On the POINTWISE_GEMM path
+    the sum and the ReLU, on WINOGRAD the ReLU, are applied as the kernel stores its output, with no pass
+    over it after.
     """
     fn = "conv2d"
     x = _float_array(x, fn, "x")
