@@ -77,9 +77,12 @@ def _im2col(x, kernel_hw, stride, padding, dilation, per_image):
     return columns
 
 
-def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=False):
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=False,
+                   weight_scale=None):
     """x (N, C, H, W), weight (F, Cg, KH, KW), bias (F,) or None -> out (N, F, OH, OW), + residual (when
-    given), then max(., 0) (relu)."""
+    given), then max(., 0) (relu); weight_scale (F,): the weight times it first."""
+    if weight_scale is not None:
+        weight = weight * weight_scale[:, None, None, None]
     N, C, H, W = x.shape
     F, Cg, KH, KW = weight.shape
     G, K = groups, Cg * KH * KW

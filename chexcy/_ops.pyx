@@ -442,7 +442,7 @@ cdef void _wino_unit(
 
 
 cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, int pw, bint flip=False,
-                bint relu=False):
+                bint relu=False, const float* wscale=NULL):
     """3x3, stride 1, dilation 1, one group: out = conv(x, w) + bias (then max(., 0) when relu, in the
     output transform) by Winograd F(2x2, 3x3), every
     (sample, block of rows of 2x2 output tiles) unit in parallel. w (F, C, 3, 3); with flip, w is the
@@ -467,7 +467,7 @@ cdef _wino_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int ph, in
     cdef float[:, ::1] sv = scratch
     for i in prange(ncot, nogil=True, schedule="static", num_threads=n_threads):
         chexcy_wino_weight_pack(&wv[0, 0, 0, 0], 9 if flip else C * 9, F * 9 if flip else 9, flip, F, C, i,
-                                &upv[0], ncot * C * GEMM_MR)
+                                &upv[0], ncot * C * GEMM_MR, wscale)
     for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
         _wino_unit(xv, &upv[0], bias, out, u, &sv[omp_get_thread_num(), 0], TB, G, Tp, PS, ph, pw, relu)
 
@@ -640,7 +640,7 @@ cdef void _gemm_conv_unit(
 
 
 cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
-                int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+                int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w, const float* wscale=NULL):
     """out = conv(x, w) + bias as one matrix product per (sample, group) (chexcy/_ops_conv_gemm.h): the
     IM2COL_GEMM path. Units are (n, g, block of GEMM_TASK_COLS output positions)."""
     cdef int n_threads = _threads()
@@ -656,7 +656,8 @@ cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
     ap = _empty((groups, apack))
     cdef float[:, ::1] av = ap
     for u in prange(groups * nkb, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_cg_pack_a(&wv[u // nkb * Fg, 0, 0, 0], Fg, K, u % nkb, &av[u // nkb, 0])
+        chexcy_cg_pack_a(&wv[u // nkb * Fg, 0, 0, 0], Fg, K, u % nkb, &av[u // nkb, 0],
+                         wscale + u // nkb * Fg if wscale != NULL else NULL)
     bbuf = _empty((n_threads, GEMM_KC * GEMM_NR))
     cdef float[:, ::1] bv = bbuf
     for u in prange(N * groups * nsb, nogil=True, schedule="static", num_threads=n_threads):
@@ -724,12 +725,13 @@ cdef void _pw_grid(Py_ssize_t nt, Py_ssize_t nstrips, Py_ssize_t K, int groups, 
 cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW,
                  Py_ssize_t P, Py_ssize_t rowstep, int sw, const float* w, Py_ssize_t w_gs, Py_ssize_t w_rs,
                  Py_ssize_t w_cs, int groups, Py_ssize_t Fo, Py_ssize_t K, const float* bias, float* out,
-                 Py_ssize_t out_ns, int relu=0, const float* res=NULL):
+                 Py_ssize_t out_ns, int relu=0, const float* res=NULL, const float* wscale=NULL):
     """The POINTWISE_GEMM product (chexcy/_ops_pointwise.h), per group g and over the whole batch:
         out[n, g Fo + f, p] = bias[g Fo + f] + sum over k < K of Wg[f, k] src[n, g K + k, p]
     with Wg[f, k] = w[g w_gs + f w_rs + k w_cs] and src[n, c, p] at src + n src_ns + c src_cs +
     (p // OW) rowstep + (p % OW) sw; bias may be NULL (zeros); out (N, groups Fo, P) rows P floats apart,
-    samples out_ns apart; then max(., 0) when relu, as each tile is finished. Units: (group, block of rows,
+    samples out_ns apart; then max(., 0) when relu, as each tile is finished. wscale (Fo per group) or
+    NULL: Wg's row f times wscale[g Fo + f], as the weight is packed. Units: (group, block of rows,
     block of column strips) (_pw_grid)."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t NP = N * P, nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_pw_apack_floats(Fo, K)
@@ -751,7 +753,8 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
     cdef float[:, ::1] cv = cbuf
     with nogil:
         for u in prange(groups * nkb, schedule="static", num_threads=n_threads):
-            chexcy_pw_pack_a(w + u // nkb * w_gs, w_rs, w_cs, Fo, K, u % nkb, &av[u // nkb, 0])
+            chexcy_pw_pack_a(w + u // nkb * w_gs, w_rs, w_cs, Fo, K, u % nkb, &av[u // nkb, 0],
+                             wscale + u // nkb * Fo if wscale != NULL else NULL)
         for u in prange(groups * rb * nsb, schedule="static", num_threads=n_threads):
             _pw_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], &cv[omp_get_thread_num(), 0],
                      u, rb, nsb, SB, nstrips, apack, Fo, K, src_ns, src_cs, OW, P, rowstep, sw, NP, out_ns,
@@ -759,7 +762,7 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
 
 
 cdef _pw_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int groups, int sh, int sw, int relu,
-              const float* res=NULL):
+              const float* res=NULL, const float* wscale=NULL):
     """POINTWISE_GEMM forward: out = conv(x, w) + bias (then max(., 0) when relu) for a 1x1 kernel without
     padding, any stride."""
     cdef const float[:, :, :, ::1] xv = x
@@ -767,7 +770,7 @@ cdef _pw_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int groups, 
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], Fg = F // groups, OH = out.shape[2], OW = out.shape[3]
     _pw_product(&xv[0, 0, 0, 0], N, C * H * W, H * W, OW, OH * OW, sh * W, sw, &wv[0, 0, 0, 0], Fg * Cg, Cg, 1,
-                groups, Fg, Cg, &bias[0], &out[0, 0, 0, 0], F * OH * OW, relu, res)
+                groups, Fg, Cg, &bias[0], &out[0, 0, 0, 0], F * OH * OW, relu, res, wscale)
 
 
 cdef _pw_dx(dout, w, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int groups):
@@ -829,7 +832,7 @@ cdef _pw_dweight(dout, x, int groups):
                          &sv[omp_get_thread_num(), alen], u, rb, cb, N, C, F, P, groups)
     return dweight
 cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
-                      int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+                      int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w, const float* wscale=NULL):
     """out = conv(x, w) + bias, the IM2COL_GEMM forward on phase planes (chexcy_cg_task_phase): the
     input split once into (N, C, sh sw, Hq, Wq), then one product per (sample, group) whose B rows are
     contiguous copies. Units are (n, g, block of GEMM_TASK_COLS columns); bitwise the same sums as
@@ -858,7 +861,8 @@ cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
     ap = _empty((groups, apack))
     cdef float[:, ::1] av = ap
     for u in prange(groups * nkb, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_cg_pack_a(&wv[u // nkb * Fg, 0, 0, 0], Fg, K, u % nkb, &av[u // nkb, 0])
+        chexcy_cg_pack_a(&wv[u // nkb * Fg, 0, 0, 0], Fg, K, u % nkb, &av[u // nkb, 0],
+                         wscale + u // nkb * Fg if wscale != NULL else NULL)
     scratch = _empty((n_threads, ctlen + GEMM_KC * GEMM_NR))
     cdef float[:, ::1] sv = scratch
     for u in prange(N * groups * nsb, nogil=True, schedule="static", num_threads=n_threads):
@@ -925,11 +929,14 @@ cdef _spread_grid(g, Py_ssize_t H, Py_ssize_t W, int sh, int sw):
     return out
 
 
-def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, residual=None, bint relu=False):
+def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, residual=None, bint relu=False,
+                   weight_scale=None):
     """x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW); then
     + residual (out's shape, C-contiguous float32, when given) and max(., 0) when relu: in the tiles'
     stores on the POINTWISE_GEMM path, the ReLU alone in the output transform on WINOGRAD, else one
-    compiled pass after the conv."""
+    compiled pass after the conv. weight_scale (F,) float32: the conv of weight * weight_scale[:, None,
+    None, None], scaled as the POINTWISE_GEMM, WINOGRAD and IM2COL_GEMM paths pack the weight (no scaled
+    copy of it), by a copy first on the others."""
     cdef int sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1]
     cdef int dil_h = dilation[0], dil_w = dilation[1]
     N, _, H, W = x.shape
@@ -942,7 +949,15 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, resid
         # rows: faster than gathering every other float into the packing (1x1 stride 2, 256 -> 512 at 56,
         # batch 16, 2 threads: 16.3 ms strided, 8.9 + ~1 ms this way)
         return conv2d_forward(_strided_grid(x, OH, OW, sh, sw), weight, bias, (1, 1), padding, dilation, groups,
-                              residual, relu)
+                              residual, relu, weight_scale)
+    cdef const float[::1] scv
+    cdef const float* sc = NULL
+    if weight_scale is not None:
+        if path not in ("POINTWISE_GEMM", "WINOGRAD", "IM2COL_GEMM"):
+            weight = weight * weight_scale[:, None, None, None]
+        else:
+            scv = weight_scale
+            sc = &scv[0]
     if path.startswith("STRIDE1_SUBSAMPLED>"):
         # Stride 2: the register-tiled stride-1 kernel on every position, then every sh-th row and
         # sw-th column, is ~5x faster than the strided loop despite the sh * sw times the work.
@@ -954,22 +969,22 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, resid
     cdef const float[:, :, :, ::1] rv
     if path == "POINTWISE_GEMM":                # the sum and the ReLU in the tiles' stores
         if residual is None:
-            _pw_conv(x, weight, b, out, groups, sh, sw, relu)
+            _pw_conv(x, weight, b, out, groups, sh, sw, relu, NULL, sc)
         else:
             rv = residual
-            _pw_conv(x, weight, b, out, groups, sh, sw, relu, &rv[0, 0, 0, 0])
+            _pw_conv(x, weight, b, out, groups, sh, sw, relu, &rv[0, 0, 0, 0], sc)
         return out
     if path == "WINOGRAD" and residual is None:     # the ReLU in the output transform
-        _wino_conv(x, weight, b, out, ph, pw, False, relu)
+        _wino_conv(x, weight, b, out, ph, pw, False, relu, sc)
         return out
     if path == "IM2COL_GEMM" and weight.shape[1] * KH * KW >= GEMM_PHASE_MIN_K:
-        _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
+        _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w, sc)
     elif path == "IM2COL_GEMM":
-        _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
+        _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w, sc)
     elif path == "DEPTHWISE":
         _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dil_h, dil_w)
     elif path == "WINOGRAD":
-        _wino_conv(x, weight, b, out, ph, pw)
+        _wino_conv(x, weight, b, out, ph, pw, False, False, sc)
     else:                   # DIRECT, PLAIN (_conv_rows takes the strided loop for sw > 1)
         _conv_core(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w)
     return _conv_epilogue(out, residual, relu)

@@ -80,12 +80,14 @@ static inline Py_ssize_t chexcy_cg_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
 }
 
 /* Pack K block kb (steps kb * GEMM_KC ...) of one group's weight (Fg, K), rows contiguous, into
- * ap + kb * GEMM_KC * Fp (Fp = Fg rounded up to GEMM_MR): its strips (kc, GEMM_MR), rows past Fg zero. */
-static void chexcy_cg_pack_a(const float *w, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t kb, float *ap)
+ * ap + kb * GEMM_KC * Fp (Fp = Fg rounded up to GEMM_MR): its strips (kc, GEMM_MR), rows past Fg zero;
+ * row f times scale[f] when scale is not NULL (chexcy_gemm_pack_a_scaled). */
+static void chexcy_cg_pack_a(const float *w, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t kb, float *ap,
+                             const float *scale)
 {
     const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, k0 = kb * GEMM_KC;
     const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
-    chexcy_gemm_pack_a(w, K, 1, 0, Fg, k0, kc, ap + k0 * Fp);
+    chexcy_gemm_pack_a_scaled(w, K, 1, 0, Fg, k0, kc, ap + k0 * Fp, scale);
 }
 
 /* One task: output columns of strips s0 .. s1 - 1 (GEMM_NR positions each) of one (n, g) product,

@@ -209,6 +209,30 @@ static void chexcy_gemm_pack_a(const float *src, Py_ssize_t rs, Py_ssize_t cs, P
     }
 }
 
+/* chexcy_gemm_pack_a with row m of A multiplied by scale[m] (a conv weight times a folded BatchNorm's
+ * per-channel scale, each product rounded once: the bits of NumPy's w * scale); scale NULL: plain. */
+static void chexcy_gemm_pack_a_scaled(const float *src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t m0,
+                                      Py_ssize_t mc, Py_ssize_t k0, Py_ssize_t kc, float *dst,
+                                      const float *scale)
+{
+    if (!scale) {
+        chexcy_gemm_pack_a(src, rs, cs, m0, mc, k0, kc, dst);
+        return;
+    }
+    for (Py_ssize_t q = 0; q * GEMM_MR < mc; q++, dst += kc * GEMM_MR) {
+        const Py_ssize_t i0 = m0 + q * GEMM_MR;
+        const Py_ssize_t mr = mc - q * GEMM_MR < GEMM_MR ? mc - q * GEMM_MR : GEMM_MR;
+        const float *p = src + i0 * rs + k0 * cs;
+        float sc[GEMM_MR];
+        for (Py_ssize_t i = 0; i < GEMM_MR; i++) sc[i] = i < mr ? scale[i0 + i] : 0.0f;
+        for (Py_ssize_t k = 0; k < kc; k++, p += cs) {
+            float *d = dst + k * GEMM_MR;
+            for (Py_ssize_t i = 0; i < mr; i++) d[i] = p[i * rs] * sc[i];
+            for (Py_ssize_t i = mr; i < GEMM_MR; i++) d[i] = 0.0f;
+        }
+    }
+}
+
 /* One task: C rows m0 .. m0 + mc - 1, columns of B strips s0 .. s1 - 1 (clipped to N), all of K.
  *   bp: every B strip packed by chexcy_gemm_pack_b, strip s at bp + s * K * GEMM_NR
  *   init: (ceil(N / GEMM_NR) * GEMM_NR,) the start value of every column, zero-padded

@@ -104,7 +104,7 @@ cdef extern from "_ops_winograd.h" nogil:
     void chexcy_wino_rows(const float* pe, const float* po, Py_ssize_t ps, Py_ssize_t TW, Py_ssize_t n,
                           float* v, Py_ssize_t vs)
     void chexcy_wino_weight_pack(const float* w, Py_ssize_t rs, Py_ssize_t cs, int flip, Py_ssize_t F,
-                                 Py_ssize_t C, Py_ssize_t q, float* up, Py_ssize_t xstride)
+                                 Py_ssize_t C, Py_ssize_t q, float* up, Py_ssize_t xstride, const float* scale)
     void chexcy_wdw_dout_rows(const float* dout, Py_ssize_t F, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t r0,
                               Py_ssize_t rows, Py_ssize_t W2, Py_ssize_t Fs, float* dt)
     void chexcy_wdw_dout_tiles(const float* dt, Py_ssize_t Fs, Py_ssize_t TW, Py_ssize_t nty, Py_ssize_t nfb,
@@ -126,7 +126,8 @@ cdef extern from "_ops_conv_gemm.h" nogil:
     enum:
         GEMM_KC     # K steps per block of the products
     Py_ssize_t chexcy_cg_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
-    void chexcy_cg_pack_a(const float* w, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t kb, float* ap)
+    void chexcy_cg_pack_a(const float* w, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t kb, float* ap,
+                          const float* scale)
     void chexcy_cg_task(const chexcy_cg_geom* g, const float* ap, const float* bias, Py_ssize_t Fg,
                         Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float* out, float* bbuf)
     void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs, const float* dout,
@@ -160,7 +161,7 @@ cdef extern from "_ops_pointwise.h" nogil:
     enum: PW_MAX_STRIPS
     Py_ssize_t chexcy_pw_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
     void chexcy_pw_pack_a(const float* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t Fg, Py_ssize_t K,
-                          Py_ssize_t kb, float* ap)
+                          Py_ssize_t kb, float* ap, const float* scale)
     void chexcy_pw_task(const chexcy_pw_geom* g, const float* ap, const float* bias, Py_ssize_t Fg,
                         Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t t0, Py_ssize_t t1,
                         float* out, Py_ssize_t out_ns, float* bbuf, float* cbuf, int relu, const float* res)

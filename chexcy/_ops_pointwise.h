@@ -145,13 +145,14 @@ static inline Py_ssize_t chexcy_pw_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
     return (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR * K;
 }
 
-/* Pack K block kb of a weight whose element (f, k) is w[f * rs + k * cs] into ap (layout above). */
+/* Pack K block kb of a weight whose element (f, k) is w[f * rs + k * cs] (times scale[f] when scale is
+ * not NULL) into ap (layout above). */
 static void chexcy_pw_pack_a(const float *w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t Fg, Py_ssize_t K,
-                             Py_ssize_t kb, float *ap)
+                             Py_ssize_t kb, float *ap, const float *scale)
 {
     const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, k0 = kb * GEMM_KC;
     const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
-    chexcy_gemm_pack_a(w, rs, cs, 0, Fg, k0, kc, ap + k0 * Fp);
+    chexcy_gemm_pack_a_scaled(w, rs, cs, 0, Fg, k0, kc, ap + k0 * Fp, scale);
 }
 
 /* Strips s0 .. s1 - 1 of K block (k0, kc), strip s at dst + (s - s0) kc GEMM_NR (chexcy_pw_pack_b's

@@ -85,7 +85,8 @@ static void chexcy_wino_weight(const float *w, Py_ssize_t C, float *u)
     }
 }
 
-/* U of output channels [q GEMM_MR, q GEMM_MR + GEMM_MR) (clipped to F; the rows past F zero), every
+/* U of output channels [q GEMM_MR, q GEMM_MR + GEMM_MR) (clipped to F; the rows past F zero; the kernel
+ * of output channel f times scale[f] first when scale is not NULL), every
  * input channel, straight into the packed A strips of the 16 products: U[xi] of (f, c) at
  * up + xi * xstride + q * C * GEMM_MR + c * GEMM_MR + f % GEMM_MR. The kernel of (f, c) is the 3x3 at
  * w + f * rs + c * cs, turned by 180 degrees when flip (dx as a forward conv: w (C, F, 3, 3) read with
@@ -96,7 +97,8 @@ static void chexcy_wino_weight(const float *w, Py_ssize_t C, float *u)
  * per product: 16 passes over all of U, half the forward time of a 512-channel layer at 7x7. */
 #define CHEXCY_WINO_CB 16
 static void chexcy_wino_weight_pack(const float *w, Py_ssize_t rs, Py_ssize_t cs, int flip, Py_ssize_t F,
-                                    Py_ssize_t C, Py_ssize_t q, float *up, Py_ssize_t xstride)
+                                    Py_ssize_t C, Py_ssize_t q, float *up, Py_ssize_t xstride,
+                                    const float *scale)
 {
     float buf[16][CHEXCY_WINO_CB * GEMM_MR];           /* 12 KiB on AVX-512 */
     const Py_ssize_t f0 = q * GEMM_MR, mr = F - f0 < GEMM_MR ? F - f0 : GEMM_MR;
@@ -110,7 +112,8 @@ static void chexcy_wino_weight_pack(const float *w, Py_ssize_t rs, Py_ssize_t cs
                     const float *g = w + (f0 + r) * rs + (c0 + c) * cs;
                     float gf[9];
                     if (flip) for (int t = 0; t < 9; t++) gf[t] = g[8 - t];
-                    chexcy_wino_weight(flip ? gf : g, 1, u);
+                    else if (scale) for (int t = 0; t < 9; t++) gf[t] = g[t] * scale[f0 + r];
+                    chexcy_wino_weight(flip || scale ? gf : g, 1, u);
                 } else {
                     memset(u, 0, sizeof u);
                 }

@@ -392,7 +392,7 @@ def _pad_extra(x, extra):
 # conv2d
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, residual=None,
-                   relu=False):
+                   relu=False, weight_scale=None):
     """2-D convolution (cross-correlation, as PyTorch), forward.
 
     x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None; stride, dilation: int or
@@ -404,6 +404,10 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     with the same values as relu_forward(conv2d_forward(...), residual=residual). On the POINTWISE_GEMM path
     the sum and the ReLU, on WINOGRAD the ReLU, are applied as the kernel stores its output, with no pass
     over it after.
+
+    weight_scale (F,): convolve with weight * weight_scale[:, None, None, None] (a BatchNorm folded into
+    the conv before it, as eval-mode networks do), bit for bit that product, scaled as the compiled kernels
+    pack the weight rather than in a scaled copy of it.
     """
     fn = "conv2d"
     x = _float_array(x, fn, "x")
@@ -422,10 +426,15 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
                              f"(x {x.shape}, weight {weight.shape})")
     if relu not in (True, False):
         raise ValueError(f"{fn}: relu must be True or False, got {relu!r}")
+    if weight_scale is not None:
+        weight_scale = _float_array(weight_scale, fn, "weight_scale")
+        if weight_scale.shape != (weight.shape[0],):
+            raise ValueError(f"{fn}: weight_scale must have shape ({weight.shape[0]},) (one per output "
+                             f"channel of weight {weight.shape}), got {weight_scale.shape}")
     if extra != (0, 0):
         x = _pad_extra(x, extra)
     return _backend().conv2d_forward(x, weight, bias, stride_hw, padding_hw, dilation_hw, int(groups),
-                                     residual, bool(relu))
+                                     residual, bool(relu), weight_scale)
 
 
 def conv2d_backward(dout, x, weight, stride=1, padding=0, dilation=1, groups=1):
@@ -455,9 +464,11 @@ def conv2d_backward(dout, x, weight, stride=1, padding=0, dilation=1, groups=1):
     return dx, dweight, dbias
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, residual=None, relu=False):
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, residual=None, relu=False,
+           weight_scale=None):
     """Forward-only convenience: the same as conv2d_forward."""
-    return conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=residual, relu=relu)
+    return conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=residual, relu=relu,
+                          weight_scale=weight_scale)
 
 
 ConvPlan = collections.namedtuple("ConvPlan", "forward dx dweight")

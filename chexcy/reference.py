@@ -31,12 +31,16 @@ def _taps(o, stride, padding, dilation, kernel):
 # ----------------------------------------------------------------------------------------------
 # conv2d
 
-def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=False):
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=False,
+                   weight_scale=None):
     """out[n, f, oh, ow] = bias[f] + sum over (c, i, j) of weight[f, c, i, j] * x_pad[n, g*Cg + c, taps].
 
     x (N, C, H, W), weight (F, C // groups, KH, KW), bias (F,) or None -> out (N, F, OH, OW); then
-    out + residual (when given) and relu_forward of that (relu=True).
+    out + residual (when given) and relu_forward of that (relu=True). weight_scale (F,): the weight times it
+    first.
     """
+    if weight_scale is not None:
+        weight = weight * weight_scale[:, None, None, None]
     N, C, H, W = x.shape
     F, Cg, KH, KW = weight.shape
     (sh, sw), (ph, pw), (dil_h, dil_w) = stride, padding, dilation

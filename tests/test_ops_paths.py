@@ -94,9 +94,10 @@ def test_every_path_matches_the_reference_on_every_variant_and_thread_count(item
 @pytest.mark.parametrize("item", PATH_CASES, ids=_case_id)
 def test_every_path_adds_a_residual_and_applies_relu_like_the_separate_ops(item, rng):
     """conv2d_forward(..., residual=r, relu=True) on every path, variant and thread count: bit for bit
-    relu_forward(conv2d_forward(...), residual=r) of the same variant (the ReLU in the tiles' stores on
-    POINTWISE_GEMM, a pass after the conv elsewhere), NaN in the residual kept, -0 and 0 as the op gives
-    them."""
+    relu_forward(conv2d_forward(...), residual=r) of the same variant (in the tiles' stores on
+    POINTWISE_GEMM, the ReLU in Winograd's output transform, a pass after the conv elsewhere), NaN in the
+    residual kept, -0 and 0 as the op gives them; and with weight_scale (applied while the weight is
+    packed), bit for bit the conv of the scaled weight."""
     (xs, (F, KH, KW), s, p, d, g), _ = item
     args = _norm(dict(stride=s, padding=p, dilation=d, groups=g))
     x = rng.standard_normal(xs).astype(np.float32)
@@ -105,6 +106,7 @@ def test_every_path_adds_a_residual_and_applies_relu_like_the_separate_ops(item,
     want_plain = reference.conv2d_forward(x, w, b, *args.values())
     r = rng.standard_normal(want_plain.shape).astype(np.float32)
     r.reshape(-1)[::7] = np.nan
+    scale = rng.uniform(0.25, 4, F).astype(np.float32)
     for name, mod in runnable_variants():
         try:
             for threads in (1, 2, 3):
@@ -118,6 +120,10 @@ def test_every_path_adds_a_residual_and_applies_relu_like_the_separate_ops(item,
                     np.testing.assert_array_equal(
                         got, want, err_msg=f"variant {name}, {threads} threads, residual {residual is not None}, "
                                            f"relu {relu}, {_case_id(item)}")
+                scaled = mod.conv2d_forward(x, w * scale[:, None, None, None], b, *args.values(), r, True)
+                np.testing.assert_array_equal(
+                    mod.conv2d_forward(x, w, b, *args.values(), r, True, scale), scaled,
+                    err_msg=f"variant {name}, {threads} threads, weight_scale, {_case_id(item)}")
         finally:
             mod.set_num_threads(0)
 
@@ -135,6 +141,12 @@ def test_conv2d_residual_and_relu_match_the_reference_and_check_their_arguments(
         ops.conv2d_forward(x, w, stride=2, residual=r[:, :, :3])
     with pytest.raises(ValueError, match="relu must be True or False"):
         ops.conv2d_forward(x, w, relu="yes")
+    scale = rng.uniform(0.5, 2, 26).astype(np.float32)
+    assert_close(ops.conv2d(x, w, stride=2, weight_scale=scale),
+                 reference.conv2d_forward(x, w * scale[:, None, None, None], None, (2, 2), (0, 0), (1, 1), 1),
+                 "conv2d", err_msg=f"{backend} weight_scale")
+    with pytest.raises(ValueError, match=r"weight_scale must have shape \(26,\)"):
+        ops.conv2d_forward(x, w, weight_scale=scale[:5])
 
 
 def _norm(args):
