@@ -1936,6 +1936,18 @@ cdef void _max_pool_2x2(
 
 def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     """x (N, C, H, W) -> (out (N, C, OH, OW), argmax int64 (N, C, OH, OW))."""
+    return _max_pool(x, kernel_size, stride, padding, dilation, True)
+
+
+def max_pool2d(x, kernel_size, stride, padding, dilation):
+    """max_pool2d_forward's out alone (an eval-mode forward): on the general path no argmax is formed or
+    written (ResNet's 3x3 / stride 2 stem pool at 112x112, batch 16: 9.1 -> 4.6 ms; np.copyto of the
+    input's bytes 4.0 ms); the 2x2 / stride 2 kernel and the scalar loop still form it."""
+    return _max_pool(x, kernel_size, stride, padding, dilation, False)[0]
+
+
+cdef _max_pool(x, kernel_size, stride, padding, dilation, bint want_argmax):
+    """(out, argmax) of max pooling; argmax None when not wanted and the general path runs."""
     cdef Py_ssize_t KH = kernel_size[0], KW = kernel_size[1], sh = stride[0], sw = stride[1]
     cdef Py_ssize_t ph = padding[0], pw = padding[1], dil_h = dilation[0], dil_w = dilation[1]
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
@@ -1946,8 +1958,9 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
     # any other window: a row at a time, every tap over the whole row (chexcy/_ops_pool.h), indices
     # kept in int32 while the plane's are below 2^31 (else the scalar loop per output)
     cdef bint rows = not fast and H * W < (1 << 31) - 1
+    cdef bint keep = want_argmax or not rows
     out = _empty((N, C, OH, OW))
-    argmax = _empty((N, C, OH, OW), np.int64)
+    argmax = _empty((N, C, OH, OW), np.int64) if keep else _empty((1, 1, 1, 1), np.int64)
     # per thread: OW maxima, OW int32 indices, then a W + 2 float row buffer
     scratch = _empty((n_threads, 2 * OW + W + 32))
     cdef const float[:, :, :, ::1] xv = x
@@ -1962,40 +1975,14 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation):
             _max_pool_2x2(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0],
                           W, OH, OW)
         elif rows:
-            chexcy_max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], &av[u // C, u % C, 0, 0],
+            chexcy_max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
+                                  &av[u // C, u % C, 0, 0] if keep else <int64_t*>NULL,
                                   H, W, OH, OW, KH, KW, sh, sw, ph, pw, dil_h, dil_w,
                                   &sv[tid, 0], <int32_t*>&sv[tid, OW], &sv[tid, 2 * OW + 16])
         else:
             _max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0],
                             &av[u // C, u % C, 0, 0], H, W, OH, OW, KH, KW, sh, sw, ph, pw, dil_h, dil_w)
-    return out, argmax
-
-
-def max_pool2d(x, kernel_size, stride, padding, dilation):
-    """max_pool2d_forward's out alone (an eval-mode forward): on the general path no argmax is formed or
-    written (ResNet's 3x3 / stride 2 stem pool at 112x112, batch 16: 9.1 -> 4.6 ms; np.copyto of the
-    input's bytes 4.0 ms); the 2x2 / stride 2 kernel and the scalar loop return out of the full forward."""
-    cdef Py_ssize_t KH = kernel_size[0], KW = kernel_size[1], sh = stride[0], sw = stride[1]
-    cdef Py_ssize_t ph = padding[0], pw = padding[1], dil_h = dilation[0], dil_w = dilation[1]
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    if (KH == 2 and KW == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0 and dil_h == 1 and dil_w == 1) \
-            or H * W >= (1 << 31) - 1:
-        return max_pool2d_forward(x, kernel_size, stride, padding, dilation)[0]
-    cdef Py_ssize_t OH = _conv_out_size(H, KH, sh, ph, dil_h), OW = _conv_out_size(W, KW, sw, pw, dil_w)
-    cdef int n_threads = _threads()
-    out = _empty((N, C, OH, OW))
-    scratch = _empty((n_threads, 2 * OW + W + 32))
-    cdef const float[:, :, :, ::1] xv = x
-    cdef float[:, :, :, ::1] ov = out
-    cdef float[:, ::1] sv = scratch
-    cdef Py_ssize_t u
-    cdef int tid
-    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        tid = omp_get_thread_num()
-        chexcy_max_pool_plane(&xv[u // C, u % C, 0, 0], &ov[u // C, u % C, 0, 0], NULL,
-                              H, W, OH, OW, KH, KW, sh, sw, ph, pw, dil_h, dil_w,
-                              &sv[tid, 0], <int32_t*>&sv[tid, OW], &sv[tid, 2 * OW + 16])
-    return out
+    return out, argmax if keep else None
 
 
 cdef int _max_unpool_plane(

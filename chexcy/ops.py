@@ -518,13 +518,18 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, dilation=1):
     int or (h, w). argmax[n, c, oh, ow] = h * W + w of the window's first maximum (row-major scan),
     the input for max_pool2d_backward.
     """
+    return _backend().max_pool2d_forward(*_max_pool_args(x, kernel_size, stride, padding, dilation))
+
+
+def _max_pool_args(x, kernel_size, stride, padding, dilation):
+    """max_pool2d's inputs checked: (x as C-contiguous float32, kernel, stride, padding, dilation pairs)."""
     fn = "max_pool2d"
     x = _float_array(x, fn, "x")
     _check_ndim(x, 4, fn, "x", "(N, C, H, W)")
     _check_nonempty(x.shape, fn, "x", "(N, C, H, W)")
     kernel_hw, stride_hw, padding_hw, dilation_hw, _ = _pool_args(fn, x.shape, kernel_size, stride,
                                                                   padding, dilation)
-    return _backend().max_pool2d_forward(x, kernel_hw, stride_hw, padding_hw, dilation_hw)
+    return x, kernel_hw, stride_hw, padding_hw, dilation_hw
 
 
 def max_pool2d_backward(dout, argmax, x_shape):
@@ -572,13 +577,7 @@ def _check_argmax_range(argmax, x_shape, fn):
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1):
     """Forward-only: max_pool2d_forward's out, computed without forming the argmax (an evaluation pass)."""
-    fn = "max_pool2d"
-    x = _float_array(x, fn, "x")
-    _check_ndim(x, 4, fn, "x", "(N, C, H, W)")
-    _check_nonempty(x.shape, fn, "x", "(N, C, H, W)")
-    kernel_hw, stride_hw, padding_hw, dilation_hw, _ = _pool_args(fn, x.shape, kernel_size, stride,
-                                                                  padding, dilation)
-    return _backend().max_pool2d(x, kernel_hw, stride_hw, padding_hw, dilation_hw)
+    return _backend().max_pool2d(*_max_pool_args(x, kernel_size, stride, padding, dilation))
 
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, count_include_pad=True):
