@@ -225,6 +225,13 @@ static void chexcy_gemm_pack_a_scaled(const float *src, Py_ssize_t rs, Py_ssize_
         const float *p = src + i0 * rs + k0 * cs;
         float sc[GEMM_MR];
         for (Py_ssize_t i = 0; i < GEMM_MR; i++) sc[i] = i < mr ? scale[i0 + i] : 0.0f;
+        if (mr == GEMM_MR) {
+            for (Py_ssize_t k = 0; k < kc; k++, p += cs) {
+                float *d = dst + k * GEMM_MR;
+                GEMM_UNROLL_ALL for (int i = 0; i < GEMM_MR; i++) d[i] = p[i * rs] * sc[i];
+            }
+            continue;
+        }
         for (Py_ssize_t k = 0; k < kc; k++, p += cs) {
             float *d = dst + k * GEMM_MR;
             for (Py_ssize_t i = 0; i < mr; i++) d[i] = p[i * rs] * sc[i];

@@ -25,42 +25,25 @@ def conv_bn_eval(conv, norm, x, relu=None, residual=None):
     given, then the ReLU module `relu` when given, x (N, C, H, W) -> (N, F, OH, OW) in x's dtype; the
     result is kept as the ReLU's output (what its backward reads).
 
-    Usually one convolution: the BatchNorm's scale goes to chexcy.ops.conv2d_forward as weight_scale (the
-    kernels multiply the weight by it as they pack it: no folded copy of the weight, which for resnet50 was
-    18-20 ms of NumPy per forward at batch 16) and the folded bias (F,) is formed anew on each call, so both
-    always follow the current parameters; the sum and ReLU go into the same call (its residual and relu). Where the
-    weight has more elements than the output (ResNet's last stages: 2.4M weights of a 512-channel 3x3
-    against 0.4M outputs at 7x7, batch 16), the float32 BatchNorm runs on the output instead, with the ReLU
-    in the same pass when there is no residual (chexcy.ops.batch_norm2d_apply)."""
+    One convolution: the BatchNorm's scale goes to chexcy.ops.conv2d_forward as weight_scale (the kernels
+    multiply the weight by it as they pack it: no scaled copy of the weight, which in NumPy had cost
+    resnet50 18-20 ms a forward at batch 16, and had made a BatchNorm pass over the output the cheaper way
+    where a weight outnumbers its output), the folded bias (F,) is formed anew on each call, so both always
+    follow the current parameters, and the sum and ReLU go into the same call (its residual and relu)."""
     dtype = x.dtype
-    w = conv.weight.data
-    sh, sw = conv.stride if isinstance(conv.stride, tuple) else (conv.stride, conv.stride)
-    out_elems = x.shape[0] * w.shape[0] * -(-x.shape[2] // sh) * -(-x.shape[3] // sw)
-    if dtype == np.float32 and w.size > out_elems:
-        bias = None if conv.bias is None else conv.bias.data.astype(dtype, copy=False)
-        y = kernels().conv2d_forward(x, w.astype(dtype, copy=False), bias, conv.stride, conv.padding,
-                                     conv.dilation, conv.groups)
-        y = kernels().batch_norm2d_apply(
-            y, norm.running_mean.astype(np.float64), norm.running_var.astype(np.float64),
-            norm.weight.data.astype(dtype, copy=False), norm.bias.data.astype(dtype, copy=False), norm.eps,
-            relu=relu is not None and residual is None, out=y)
-        if residual is not None:
-            return y + residual if relu is None else relu.forward(y, residual=residual)
-        if relu is not None:
-            relu._out = y                               # what its backward reads
-        return y
+    w = conv.weight.data.astype(dtype, copy=False)
     scale = norm.weight.data.astype(dtype) / np.sqrt(norm.running_var.astype(dtype) + dtype.type(norm.eps))
     shift = norm.bias.data.astype(dtype) - norm.running_mean.astype(dtype) * scale
     if conv.bias is not None:
         shift += conv.bias.data.astype(dtype) * scale
-    if dtype != np.float32:
-        weight = w.astype(dtype, copy=False) * scale[:, None, None, None]
-        y = kernels().conv2d_forward(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if dtype != np.float32:                     # the reference kernels in float64 (the gradient checks)
+        y = kernels().conv2d_forward(x, w * scale[:, None, None, None], shift, conv.stride, conv.padding,
+                                     conv.dilation, conv.groups)
         if residual is not None:
             return y + residual if relu is None else relu.forward(y, residual=residual)
         return y if relu is None else relu.forward(y)
-    y = kernels().conv2d_forward(x, w.astype(dtype, copy=False), shift, conv.stride, conv.padding, conv.dilation,
-                                 conv.groups, residual=residual, relu=relu is not None, weight_scale=scale)
+    y = kernels().conv2d_forward(x, w, shift, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                 residual=residual, relu=relu is not None, weight_scale=scale)
     if relu is not None:
         relu._out = y
     return y
