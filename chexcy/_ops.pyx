@@ -696,10 +696,10 @@ cdef Py_ssize_t _pw_load(Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t rb, Py_ssize_t
 
 cdef void _pw_grid(Py_ssize_t nt, Py_ssize_t nstrips, Py_ssize_t K, int groups, int n_threads, Py_ssize_t* rb_out,
                    Py_ssize_t* sb_out) noexcept nogil:
-    """The units of _pw_product: row blocks whose weight block (rows x one K block) is at most PW_MAX_A_BYTES,
-    strip blocks of at most PW_MAX_STRIPS strips
-    whose output block (strips x rows) stays within ~512 KiB of L2; among those, the grid whose busiest
-    thread (OpenMP's static schedule: contiguous chunks) has the least work, fewer units on a tie."""
+    """The units of _pw_product: row blocks whose weight block (rows x one K block) is at most
+    PW_MAX_A_BYTES, strip blocks of at most PW_MAX_STRIPS strips whose output block (strips x rows) stays
+    within ~512 KiB of L2; among those, the grid whose busiest thread (OpenMP's static schedule:
+    contiguous chunks) has the least work, fewer units on a tie."""
     cdef Py_ssize_t max_rows = max(GEMM_MR, PW_MAX_A_BYTES // (4 * min(K, GEMM_KC)))
     cdef Py_ssize_t rb0 = max(1, (nt * GEMM_MR + max_rows - 1) // max_rows), rb, SB, nsb, U, t
     cdef Py_ssize_t q, extra, u0, load, worst, best = -1, best_units = 0

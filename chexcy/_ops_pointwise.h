@@ -33,6 +33,7 @@
 #define CHEXCY_OPS_POINTWISE_H
 
 #include <string.h>
+#include "_ops_relu.h"
 
 /* Where the columns of a pointwise product live: column q = n P + p of a (C, N P) operand is row c at
  *   base + n * ns + c * cs + (p / OW) * rowstep + (p % OW) * sw. */
@@ -276,10 +277,10 @@ static void chexcy_pw_task(const chexcy_pw_geom *g, const float *ap, const float
                                 continue;
                             }
                             const float *rr = rbase + pc->pdst[r] + i * P;
-                            for (Py_ssize_t j = 0; j < len; j++) {
-                                const float v = tr[j] + rr[j];
-                                y[j] = relu && v < 0.0f ? 0.0f : v;
-                            }
+                            if (relu)
+                                chexcy_relu_add(tr, rr, y, len);
+                            else
+                                for (Py_ssize_t j = 0; j < len; j++) y[j] = tr[j] + rr[j];
                         }
             }
         }

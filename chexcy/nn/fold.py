@@ -36,12 +36,6 @@ def conv_bn_eval(conv, norm, x, relu=None, residual=None):
     shift = norm.bias.data.astype(dtype) - norm.running_mean.astype(dtype) * scale
     if conv.bias is not None:
         shift += conv.bias.data.astype(dtype) * scale
-    if dtype != np.float32:                     # the reference kernels in float64 (the gradient checks)
-        y = kernels().conv2d_forward(x, w * scale[:, None, None, None], shift, conv.stride, conv.padding,
-                                     conv.dilation, conv.groups)
-        if residual is not None:
-            return y + residual if relu is None else relu.forward(y, residual=residual)
-        return y if relu is None else relu.forward(y)
     y = kernels().conv2d_forward(x, w, shift, conv.stride, conv.padding, conv.dilation, conv.groups,
                                  residual=residual, relu=relu is not None, weight_scale=scale)
     if relu is not None:
