@@ -600,8 +600,9 @@ def _on_module(mod, fn):
 
 
 def run_nets(a, torch):
-    """The --suite nets table: chexcy (2 threads) against torch's faster layout (2 threads) in this
-    process, timed round-robin with each other (and with --baseline's module), medians; the NumPy
+    """The --suite nets table: chexcy (2 threads; round-robin with --baseline's module) against torch's
+    faster layout (2 threads, its two layouts round-robin) in this process, each library timed on its
+    own with a pause between, medians; the NumPy
     column is matmul on the same product (1x1 convs, dense) or np.copyto on the same bytes
     (memory-bound rows), as a percentage of chexcy's forward speed."""
     rng = np.random.default_rng(0)
@@ -611,7 +612,7 @@ def run_nets(a, torch):
     base = _load_baseline(a.baseline) if a.baseline else None
     print(f"# --suite nets: {len(layers)} layers, batch {a.batch}; chexcy at {t2} threads (and 1 for conv rows "
           f">= 50 MFLOP), torch at {t2} threads in its faster layout (NCHW or channels_last); {a.stat} of "
-          f"{a.repeats}, timed round-robin" + (f"; baseline module {a.baseline}" if base else ""))
+          f"{a.repeats}, each library timed round-robin on its own" + (f"; baseline module {a.baseline}" if base else ""))
     head = (f"{'layer':<26}{'unit':>8}{'fwd ms':>9}{'rate':>7}{'fb ms':>9}{'rate':>7}{'1T fb':>8}"
             f"{'2T/1T':>6}{'torch fwd':>10}{'fb':>9}{'lay':>4}{'t/c fwd':>8}{'t/c fb':>7}{'np %':>6}")
     if base:
@@ -633,13 +634,20 @@ def run_nets(a, torch):
                     fns["base_fb"] = r["fb_numpy"]
                 else:
                     fns["base_fb"] = _on_module(base, r["fb"])
+            got = interleaved_times(fns, a.repeats, a.stat)
+            # torch in its own round-robin, after a pause: chexcy's and torch's OpenMP runtimes are two
+            # thread pools whose workers keep spinning after a call (see settle()), so that inside one
+            # round-robin each library's calls ran with the other's spinners on a core (measured here,
+            # 512>128@7, 2 threads: chexcy fwd 0.315 ms after a torch call, 0.226 ms alone; torch
+            # likewise after chexcy's); a user's process runs one of them.
+            tfns = {}
             for li, (tf, tfb) in enumerate(r.get("torch", [])):
-                fns[f"torch_fwd{li}"], fns[f"torch_fb{li}"] = tf, tfb
-            if torch is not None:
+                tfns[f"torch_fwd{li}"], tfns[f"torch_fb{li}"] = tf, tfb
+            if tfns:
+                settle()
                 with torch.no_grad():
-                    got = interleaved_times(fns, a.repeats, a.stat)
-            else:
-                got = interleaved_times(fns, a.repeats, a.stat)
+                    got.update(interleaved_times(tfns, a.repeats, a.stat))
+                settle()
             row.update({k: v for k, v in got.items() if not k.startswith("torch")})
             if "np_ref" in r:
                 # Timed on its own, then a pause: NumPy's matmul wakes OpenBLAS's workers, which keep
