@@ -103,6 +103,9 @@ cdef enum:
     # Bytes of a POINTWISE_GEMM task's weight block at most (its rows x one K block): it stays in L2 while
     # each strip of the task passes over it
     PW_MAX_A_BYTES = 384 << 10
+    # Floats of a group's POINTWISE_GEMM dweight at most for the sum to be cut into chunks of columns
+    # (_pw_dweight_chunks): the partial results, up to 8 of them, stay in L2
+    PW_DW_CHUNK_FLOATS = 16384
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -797,8 +800,62 @@ cdef void _pw_dweight_unit(const float* dout, const float* x, float* dweight, fl
     cdef Py_ssize_t m0 = r * nF // rb * GEMM_MR, m1 = min(Fg, (r + 1) * nF // rb * GEMM_MR)
     if m1 <= m0 or (c + 1) * nS // cb <= c * nS // cb:
         return
-    chexcy_pw_dweight_task(dout + g * Fg * P, F * P, x + g * Cg * P, C * P, P, N * P, Cg, Fg, m0, m1 - m0,
+    chexcy_pw_dweight_task(dout + g * Fg * P, F * P, x + g * Cg * P, C * P, P, 0, N * P, Cg, m0, m1 - m0,
                            c * nS // cb, (c + 1) * nS // cb, dweight + g * Fg * Cg, Cg, abuf, bbuf)
+
+
+cdef Py_ssize_t _pw_dweight_chunks(Py_ssize_t Fg, Py_ssize_t Cg, Py_ssize_t NP) noexcept nogil:
+    """How many chunks of the batch's NP columns _pw_dweight sums separately, 1 for none. A small result
+    (at most 144 rows and PW_DW_CHUNK_FLOATS floats per group) over many columns is cut along the sum:
+    cut into rectangles, each thread would pack all of x (or dout) again for its few tiles, and the
+    packing is most of the work there (144>24 at 56x56, batch 8, backward: 2 threads 1.51x one in
+    rectangles, 1.95x in chunks). Chunks of at least 4 K blocks, at most 8, fixed by the shape alone:
+    the same bits for any thread count."""
+    if Fg > 144 or Fg * Cg > PW_DW_CHUNK_FLOATS:
+        return 1
+    return max(1, min(8, NP // (4 * GEMM_KC)))
+
+
+cdef void _pw_dweight_chunk(const float* dout, const float* x, float* part, float* abuf, float* bbuf,
+                            Py_ssize_t u, Py_ssize_t ks, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, Py_ssize_t P,
+                            int groups) noexcept nogil:
+    """Unit u = (g, chunk) of _pw_dweight_chunked: group g's whole dweight summed over the chunk's columns
+    (whole K blocks), into part (Fg, Cg)."""
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups, g = u // ks, k = u % ks
+    cdef Py_ssize_t nkb = (N * P + GEMM_KC - 1) // GEMM_KC
+    chexcy_pw_dweight_task(dout + g * Fg * P, F * P, x + g * Cg * P, C * P, P, k * nkb // ks * GEMM_KC,
+                           min(N * P, (k + 1) * nkb // ks * GEMM_KC), Cg, 0, Fg, 0,
+                           (Cg + GEMM_NR - 1) // GEMM_NR, part, Cg, abuf, bbuf)
+
+
+cdef _pw_dweight_chunked(dout, x, int groups, Py_ssize_t ks):
+    """_pw_dweight cut along the sum: units (group, chunk of columns) each compute a whole partial
+    dweight; then each group's ks partials are added in chunk order."""
+    cdef int n_threads = _threads()
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef const float[:, :, :, ::1] xv = x
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2] * x.shape[3], F = dout.shape[1]
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups, u, k, j, n = Fg * Cg
+    cdef Py_ssize_t alen = ((Fg + GEMM_MR - 1) // GEMM_MR) * GEMM_MR * GEMM_KC, blen = GEMM_KC * GEMM_NR
+    parts = _empty((groups * ks, n))
+    cdef float[:, ::1] pv = parts
+    scratch = _empty((n_threads, alen + blen))
+    cdef float[:, ::1] sv = scratch
+    dweight = _empty((F, Cg, 1, 1))
+    cdef float[:, :, :, ::1] wv = dweight
+    cdef float* o
+    for u in prange(groups * ks, nogil=True, schedule="static", num_threads=n_threads):
+        _pw_dweight_chunk(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &pv[u, 0], &sv[omp_get_thread_num(), 0],
+                          &sv[omp_get_thread_num(), alen], u, ks, N, C, F, P, groups)
+    with nogil:
+        for u in range(groups):
+            o = &wv[u * Fg, 0, 0, 0]
+            for j in range(n):
+                o[j] = pv[u * ks, j]
+            for k in range(1, ks):
+                for j in range(n):
+                    o[j] = o[j] + pv[u * ks + k, j]
+    return dweight
 
 
 cdef _pw_dweight(dout, x, int groups):
@@ -812,6 +869,9 @@ cdef _pw_dweight(dout, x, int groups):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2] * x.shape[3], F = dout.shape[1]
     cdef Py_ssize_t Cg = C // groups, Fg = F // groups, u
     cdef Py_ssize_t nF = (Fg + GEMM_MR - 1) // GEMM_MR, nS = (Cg + GEMM_NR - 1) // GEMM_NR
+    cdef Py_ssize_t ks = _pw_dweight_chunks(Fg, Cg, N * P)
+    if ks > 1:
+        return _pw_dweight_chunked(dout, x, groups, ks)
     # row blocks of at most 12 tiles (144 rows: the packed dout block, 144 x GEMM_KC floats, in L2), then
     # the (row blocks, column blocks) pair whose slowest thread has the fewest tiles
     cdef Py_ssize_t rb0 = (nF + 11) // 12, rb = rb0, cb = 1, r, c, best = -1, cost, tasks

@@ -166,7 +166,7 @@ cdef extern from "_ops_pointwise.h" nogil:
                         Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t t0, Py_ssize_t t1,
                         float* out, Py_ssize_t out_ns, float* bbuf, float* cbuf, int relu, const float* res)
     void chexcy_pw_dweight_task(const float* dout, Py_ssize_t d_ns, const float* x, Py_ssize_t x_ns,
-                                Py_ssize_t P, Py_ssize_t NP, Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t m0,
+                                Py_ssize_t P, Py_ssize_t qa, Py_ssize_t qb, Py_ssize_t Cg, Py_ssize_t m0,
                                 Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float* dweight, Py_ssize_t ldw,
                                 float* abuf, float* bbuf)
 

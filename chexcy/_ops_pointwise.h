@@ -341,20 +341,20 @@ static void chexcy_pw_pack_xt(const float *x, Py_ssize_t x_ns, Py_ssize_t P, Py_
 }
 
 /* One dweight task: rows m0 .. m0 + mc - 1 and column strips s0 .. s1 - 1 of one group's dweight
- * (Fg, Cg), rows ldw floats apart, over all N P columns of the batch (stride 1).
+ * (Fg, Cg), rows ldw floats apart, summed over columns qa .. qb - 1 of the batch's N P (stride 1; qa a
+ * multiple of GEMM_KC): all of them for the whole dweight, or one chunk of them for a partial sum.
  *   dout: the group's row 0 of sample 0 (row f of sample n at + n * d_ns + f * P);
  *   x: the group's channel 0 of sample 0 (channel c of sample n at + n * x_ns + c * P);
  *   abuf: mc rounded up to GEMM_MR times GEMM_KC floats, bbuf: GEMM_KC x GEMM_NR (this thread's). */
 static void chexcy_pw_dweight_task(const float *dout, Py_ssize_t d_ns, const float *x, Py_ssize_t x_ns,
-                                   Py_ssize_t P, Py_ssize_t NP, Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t m0,
+                                   Py_ssize_t P, Py_ssize_t qa, Py_ssize_t qb, Py_ssize_t Cg, Py_ssize_t m0,
                                    Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float *dweight, Py_ssize_t ldw,
                                    float *abuf, float *bbuf)
 {
     float t[GEMM_MR * GEMM_NR] __attribute__((aligned(64)));
-    (void)Fg;
-    for (Py_ssize_t q0 = 0; q0 < NP; q0 += GEMM_KC) {
-        const Py_ssize_t kc = NP - q0 < GEMM_KC ? NP - q0 : GEMM_KC;
-        const int add = q0 > 0;
+    for (Py_ssize_t q0 = qa; q0 < qb; q0 += GEMM_KC) {
+        const Py_ssize_t kc = qb - q0 < GEMM_KC ? qb - q0 : GEMM_KC;
+        const int add = q0 > qa;
         chexcy_pw_pack_dout(dout, d_ns, P, m0, mc, q0, kc, abuf);
         for (Py_ssize_t s = s0; s < s1; s++) {
             const Py_ssize_t j0 = s * GEMM_NR, nr = Cg - j0 < GEMM_NR ? Cg - j0 : GEMM_NR;

@@ -42,6 +42,14 @@ CASES = [
     ((2, 260, 5, 5), 110, 1, 1),       # a weight block (rows x 256) over 384 KiB: row blocks, 2 K blocks
     ((1, 64, 3, 4), 1600, 1, 1),       # K = 64: rows in blocks of 1536 at most, so two
     ((4, 40, 16, 16), 64, 1, 1),       # 1024 columns, whole strips: the prefetch of the next strip's rows
+    # dweight summed in chunks of the columns (_pw_dweight_chunks: Fg <= 144, Fg Cg <= 16384, N P >= 2048)
+    ((3, 20, 30, 31), 14, 1, 1),       # N P = 2790: two chunks (5 and 6 K blocks), a cut inside a sample
+    ((8, 16, 40, 40), 20, 1, 1),       # N P = 12800: eight chunks, the most
+    ((2, 40, 48, 48), 30, 1, 2),       # groups: four chunks of each group
+    ((4, 16, 50, 45), 24, 2, 1),       # stride 2: chunks of the sampled grid (N P = 2300)
+    ((1, 113, 46, 46), 144, 1, 1),     # Fg 144, Fg Cg = 16272: chunks, just inside both limits
+    ((1, 20, 46, 46), 145, 1, 1),      # Fg 145: rectangles, just past the rows limit
+    ((1, 114, 46, 46), 144, 1, 1),     # Fg Cg = 16416: rectangles, just past the size limit
 ]
 
 
