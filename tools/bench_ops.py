@@ -422,9 +422,12 @@ def _nets_row(spec, rng, torch):
             r["work_fwd"], r["work_fb"] = flops, 3 * flops
         r["mflop"] = flops / 1e6
         if k == 1 and groups == 1:      # the same product in NumPy: (F, C) @ (C, OH*OW) per sample
-            xs = np.ascontiguousarray(x[:, :, ::stride, ::stride]).reshape(n, c, -1)
             wm = w.reshape(f, c)
-            r["np_ref"] = lambda: np.matmul(wm, xs)
+            if stride == 1:
+                xs = x.reshape(n, c, -1)
+                r["np_ref"] = lambda: np.matmul(wm, xs)
+            else:   # the sampled pixels' copy is part of NumPy's job, as it is of chexcy's
+                r["np_ref"] = lambda: np.matmul(wm, x[:, :, ::stride, ::stride].reshape(n, c, -1))
         elif groups > 1:
             src, dst = np.empty_like(x), np.empty_like(x)
             src2, dst2 = np.empty_like(y), np.empty_like(y)
@@ -602,9 +605,10 @@ def _on_module(mod, fn):
 def run_nets(a, torch):
     """The --suite nets table: chexcy (2 threads; round-robin with --baseline's module) against torch's
     faster layout (2 threads, its two layouts round-robin) in this process, each library timed on its
-    own with a pause between, medians; the NumPy
-    column is matmul on the same product (1x1 convs, dense) or np.copyto on the same bytes
-    (memory-bound rows), as a percentage of chexcy's forward speed."""
+    own with a pause between, medians; the NumPy column is matmul on the same product (1x1 convs, dense;
+    for a strided 1x1 conv on x[:, :, ::s, ::s], whose reshape copies the sampled pixels as chexcy's
+    forward does) or np.copyto on the same bytes (memory-bound rows), as a percentage of chexcy's forward
+    speed."""
     rng = np.random.default_rng(0)
     prefixes = [s for s in a.ops.split(",") if s]
     layers = [(nm, sp) for nm, sp in nets_layers(a.batch) if not prefixes or any(nm.startswith(p) for p in prefixes)]
