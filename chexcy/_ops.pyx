@@ -68,6 +68,13 @@ cdef enum:
     WINO_KC = 256       # input channels per K block of its products
     WDW_MIN_C = 32      # channels from which a 3x3 stride-1 dweight takes Winograd
     WDW_MIN_F = 24
+    # UNDILATED (dilated 3x3 forward on Winograd through phase planes) from this many channels in and out,
+    # when each phase's output is at least UNDIL_MIN_SIDE on a side. Forward at batch 8, 2 threads, time
+    # on DIRECT / time so (A/B in one process): dilation 2: 64>64@28 0.66-0.93, 32>32@56 0.87-0.90,
+    # 96>128@28 1.29, 128>128@14 1.14, 128>128@56 1.47, 256>256@14 1.27-1.40; phase outputs 7 on a
+    # side: 128>128@28 dilation 4 1.19; 5: 256>256@28 dilation 6 0.86, 512>512@14 dilation 3 0.81
+    UNDIL_MIN_C = 96
+    UNDIL_MIN_SIDE = 7
     WDW_PARTS = 4       # partial sums of the Winograd dweight (fixed by the shape, not the threads)
     WDW_WHOLE_BYTES = 64 << 20  # Z and V of the whole batch at most, for its one-pass dweight
 
@@ -540,6 +547,12 @@ cdef _conv_core(
 #                       sw-th column kept
 #   SPREAD              dx, dweight of a stride > 1: dout spread onto the stride-1 grid (zeros between)
 #   SUBSAMPLED          a strided 1x1 without padding: a stride-1 one on the sampled pixels
+#   UNDILATED           forward of a dilated 3x3 conv at stride 1, one group, from UNDIL_MIN_C in and
+#                       out channels whose phases' outputs are at least UNDIL_MIN_SIDE on a side: the
+#                       dil_h x dil_w phase planes of the padded input (rows i dil_h + a, columns
+#                       j dil_w + b) as a batch of dil_h dil_w N inputs, convolved undilated without
+#                       padding, on WINOGRAD (its backward measured slower so: dx and dweight stay on
+#                       the table's dilated paths; dilation 2, 64 channels at 28x28, batch 8: 4.3 vs 7.1 ms)
 
 cdef bint _is_winograd(Py_ssize_t Cg, Py_ssize_t Fg, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dil_h, int dil_w,
                        int groups, Py_ssize_t min_c, Py_ssize_t min_f):
@@ -557,6 +570,43 @@ cdef bint _is_first_layer(Py_ssize_t N, Py_ssize_t C, Py_ssize_t F, Py_ssize_t K
             and ph <= 2 and pw <= dil_w * (KW - 1)
             # its per-sample lane sums: N x ceil(F / DW_F) x 3 x ceil(KW / 3) x DW_F x 3 x DW_V floats
             and N * ((F + DW_F - 1) // DW_F) * 9 * ((KW + 2) // 3) * DW_F * DW_V * 4 <= (64 << 20))
+
+
+def _undilated_shape(x_shape, int ph, int pw, int dil_h, int dil_w):
+    """The input of UNDILATED's problem: (N dil_h dil_w, C, Hq, Wq), the phase planes of the padded input."""
+    return (x_shape[0] * dil_h * dil_w, x_shape[1], (x_shape[2] + 2 * ph + dil_h - 1) // dil_h,
+            (x_shape[3] + 2 * pw + dil_w - 1) // dil_w)
+
+
+cdef _phase_batch(x, int ph, int pw, int dil_h, int dil_w):
+    """UNDILATED's input: x (N, C, H, W) zero-padded by (ph, pw), its phase planes as a batch (N dil_h dil_w,
+    C, Hq, Wq), sample n dil_h dil_w + a dil_w + b [c, i, j] = xpad[n, c, i dil_h + a, j dil_w + b] (zero
+    past xpad); planes in parallel."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], u
+    cdef int n_threads = _threads()
+    _, _, Hq, Wq = _undilated_shape(x.shape, ph, pw, dil_h, dil_w)
+    out = _empty((N * dil_h * dil_w, C, Hq, Wq))
+    cdef const float[:, :, :, ::1] xv = x
+    cdef float[:, :, :, ::1] ov = out
+    cdef Py_ssize_t hq = Hq, wq = Wq
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_phase_split(&xv[u // C, u % C, 0, 0], H, W, ph, pw, dil_h, dil_w, hq, wq,
+                              &ov[u // C * dil_h * dil_w, u % C, 0, 0], C * hq * wq)
+    return out
+
+
+cdef _phase_unbatch(q, Py_ssize_t H, Py_ssize_t W, int dil_h, int dil_w):
+    """The inverse of an unpadded _phase_batch: (N, C, H, W) from q (N dil_h dil_w, C, Hq, Wq), dropping
+    what lies past H, W."""
+    cdef Py_ssize_t N = q.shape[0] // (dil_h * dil_w), C = q.shape[1], Hq = q.shape[2], Wq = q.shape[3], u
+    cdef int n_threads = _threads()
+    out = _empty((N, C, H, W))
+    cdef const float[:, :, :, ::1] qv = q
+    cdef float[:, :, :, ::1] ov = out
+    for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_cg_phase_merge(&qv[u // C * dil_h * dil_w, u % C, 0, 0], C * Hq * Wq, Wq, dil_h, dil_w,
+                              &ov[u // C, u % C, 0, 0], H, W)
+    return out
 
 
 def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
@@ -577,11 +627,17 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     # forward
     if _is_winograd(Cg, Fg, KH, KW, sh, sw, dil_h, dil_w, groups, WINO_MIN_C, WINO_MIN_F):
         fwd = "WINOGRAD"
+    elif (not strided and (dil_h > 1 or dil_w > 1)
+            and _is_winograd(Cg, Fg, KH, KW, 1, 1, 1, 1, groups, UNDIL_MIN_C, UNDIL_MIN_C)
+            and (x_shape[2] + 2 * ph + dil_h - 1) // dil_h - 2 >= UNDIL_MIN_SIDE
+            and (x_shape[3] + 2 * pw + dil_w - 1) // dil_w - 2 >= UNDIL_MIN_SIDE):
+        fwd = "UNDILATED>WINOGRAD"
     elif _is_pointwise(Cg, Fg, KH, KW, ph, pw):
         fwd = "POINTWISE_GEMM"
     elif strided and Cg * KH * KW >= GEMM_MIN_K and Fg >= GEMM_MIN_F:
-        # (dilated convs at stride 1 stay DIRECT: 3x3, dilation 2, 64 channels at 28x28 measured 2x
-        # slower as a product, one thread, A/B in one process; on phase planes still 1.25x, 4.5 vs 3.6 ms)
+        # (dilated convs at stride 1 are not products: 3x3, dilation 2, 64 channels at 28x28 measured 2x
+        # slower as one than DIRECT, one thread, A/B in one process; on phase planes still 1.25x, 4.5 vs
+        # 3.6 ms; UNDILATED above takes those that Winograd can)
         fwd = "IM2COL_GEMM"
     elif strided and KH == 1 and KW == 1 and ph == 0 and pw == 0:
         fwd = "SUBSAMPLED>" + conv_plan(x_shape, w_shape, stride1, padding, dilation, groups)[0]
@@ -914,7 +970,7 @@ cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
     xq[N * C * cs:] = 0
     cdef float[::1] qv = xq
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_cg_phase_split(&xv[u // C, u % C, 0, 0], H, W, ph, pw, sh, sw, Hq, Wq, &qv[u * cs])
+        chexcy_cg_phase_split(&xv[u // C, u % C, 0, 0], H, W, ph, pw, sh, sw, Hq, Wq, &qv[u * cs], Hq * Wq)
     offs = np.empty(KH * KW, np.intp)
     cdef Py_ssize_t[::1] ov = offs
     chexcy_cg_phase_taps(KH, KW, sh, sw, dil_h, dil_w, Hq, Wq, &ov[0])
@@ -1010,6 +1066,12 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, resid
         # batch 16, 2 threads: 16.3 ms strided, 8.9 + ~1 ms this way)
         return conv2d_forward(_strided_grid(x, OH, OW, sh, sw), weight, bias, (1, 1), padding, dilation, groups,
                               residual, relu, weight_scale)
+    if path.startswith("UNDILATED>"):
+        # output pixel (i dil_h + a, j dil_w + b) is pixel (i, j) of the undilated conv of phase (a, b)
+        outq = conv2d_forward(_phase_batch(x, ph, pw, dil_h, dil_w), weight, bias, (1, 1), (0, 0), (1, 1), 1,
+                              None, relu and residual is None, weight_scale)
+        out = _phase_unbatch(outq, OH, OW, dil_h, dil_w)
+        return _conv_epilogue(out, residual, relu) if residual is not None else out
     cdef const float[::1] scv
     cdef const float* sc = NULL
     if weight_scale is not None:

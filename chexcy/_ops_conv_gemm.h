@@ -139,13 +139,15 @@ static void chexcy_cg_task(const chexcy_cg_geom *g, const float *ap, const float
  * The sums are those of chexcy_cg_task (same B values, same K blocks in the same order), so the results
  * are bitwise those of the gathering path. */
 
-/* dst (sh sw, Hq, Wq): the phase planes of one zero-padded plane x (H, W), padding (ph, pw). */
+/* The phase planes of one zero-padded plane x (H, W), padding (ph, pw): phase (a, b), (Hq, Wq), at
+ * dst + (a sw + b) pstride, element [i, j] = xpad[i sh + a, j sw + b] (zero outside x). */
 static void chexcy_cg_phase_split(const float *x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
-                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float *dst)
+                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float *dst,
+                                  Py_ssize_t pstride)
 {
     for (Py_ssize_t a = 0; a < sh; a++)
         for (Py_ssize_t b = 0; b < sw; b++) {
-            float *plane = dst + (a * sw + b) * Hq * Wq;
+            float *plane = dst + (a * sw + b) * pstride;
             /* columns j of this phase that fall inside x: j sw + b - pw in [0, W) */
             const Py_ssize_t jlo = pw > b ? (pw - b + sw - 1) / sw : 0;
             Py_ssize_t jhi = W + pw - b > 0 ? (W + pw - b - 1) / sw + 1 : 0;
@@ -168,6 +170,21 @@ static void chexcy_cg_phase_split(const float *x, Py_ssize_t H, Py_ssize_t W, Py
                 for (Py_ssize_t j = jhi; j < Wq; j++) row[j] = 0.0f;
             }
         }
+}
+
+/* The inverse for an unpadded split: x (H, W)[ih, iw] = phase (ih % sh, iw % sw)[ih / sh, iw / sw] of
+ * planes laid out as chexcy_cg_phase_split's, Wq wide; every element of x written once. */
+static void chexcy_cg_phase_merge(const float *src, Py_ssize_t pstride, Py_ssize_t Wq, Py_ssize_t sh,
+                                  Py_ssize_t sw, float *x, Py_ssize_t H, Py_ssize_t W)
+{
+    for (Py_ssize_t ih = 0; ih < H; ih++) {
+        float *row = x + ih * W;
+        for (Py_ssize_t b = 0; b < sw && b < W; b++) {
+            const float *q = src + (ih % sh * sw + b) * pstride + ih / sh * Wq;
+            for (Py_ssize_t iw = b, j = 0; iw < W; iw += sw, j++)
+                row[iw] = q[j];
+        }
+    }
 }
 
 /* Offsets of the KH KW taps of one channel in its phase planes: off[kh KW + kw] as described above. */

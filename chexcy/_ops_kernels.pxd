@@ -136,7 +136,10 @@ cdef extern from "_ops_conv_gemm.h" nogil:
     void chexcy_cg_dx_task(const chexcy_cg_geom* g, float* dxp, Py_ssize_t Cg, const float* wt,
                            const float* dn, Py_ssize_t Fg, Py_ssize_t K, float* bbuf, float* t)
     void chexcy_cg_phase_split(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
-                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float* dst)
+                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, float* dst,
+                               Py_ssize_t pstride)
+    void chexcy_cg_phase_merge(const float* src, Py_ssize_t pstride, Py_ssize_t Wq, Py_ssize_t sh,
+                               Py_ssize_t sw, float* x, Py_ssize_t H, Py_ssize_t W)
     void chexcy_cg_phase_taps(Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dil_h,
                               Py_ssize_t dil_w, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t* off)
     void chexcy_cg_pack_a_phase(const float* w, Py_ssize_t Fg, Py_ssize_t Cg, Py_ssize_t taps,

@@ -11,7 +11,8 @@ Winograd tile, all 9 dweight taps, a whole dx plane for a non-finite weight, x v
 so for it only the four rules above hold. The cases below take each of its paths: Winograd forward,
 dx and dweight (3x3, stride 1 and 2, from 16 in / 24 out and 32 in / 24 out channels), the direct and
 lane-sum kernels (8 channels), the channel-blocked dweight (64 channels, 1x1 and 5x5) and the first
-layer's path (one input channel); the bad value sits in a corner, on an edge and inside.
+layer's path (one input channel), and dilated convs on Winograd through their phase planes; the bad
+value sits in a corner, on an edge and inside.
 """
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from chexcy import ops, reference
 from ops_cases import BACKENDS
 
-# (N, C, F, H, KH, stride, padding, path the compiled backend takes)
+# (N, C, F, H, KH, stride, padding, path the compiled backend takes[, dilation])
 CASES = [
     (2, 16, 24, 10, 3, 1, 1, "winograd forward, direct dx and dweight"),
     (2, 32, 24, 10, 3, 1, 0, "winograd forward and dweight"),
@@ -31,6 +32,8 @@ CASES = [
     (1, 64, 16, 9, 1, 1, 0, "1x1, channel-blocked dweight"),
     (1, 64, 16, 9, 5, 1, 2, "5x5, channel-blocked dweight"),
     (2, 1, 8, 12, 3, 1, 1, "one input channel (a first layer)"),
+    (2, 16, 24, 11, 3, 1, 2, "dilation 2: winograd forward on the phase planes (UNDILATED)", 2),
+    (1, 32, 24, 13, 3, 1, 3, "dilation 3: winograd forward and dweight on the phase planes", 3),
 ]
 WHERE = ("x", "dout", "weight")
 # (value, where it sits): NaN and inf at a border, where padding makes the reference's reach smallest
@@ -39,13 +42,13 @@ PLANTS = ((np.nan, "corner"), (np.nan, "edge"), (np.inf, "corner"), (np.inf, "in
 
 
 def case_id(case):
-    N, C, F, H, K, s, p, _ = case
-    return f"N{N}C{C}F{F}H{H}k{K}s{s}p{p}"
+    N, C, F, H, K, s, p, _, *d = case
+    return f"N{N}C{C}F{F}H{H}k{K}s{s}p{p}" + (f"d{d[0]}" if d else "")
 
 
 def make_inputs(rng, case):
-    N, C, F, H, K, s, p, _ = case
-    OH = (H + 2 * p - K) // s + 1
+    N, C, F, H, K, s, p, _, *d = case
+    OH = (H + 2 * p - (d[0] if d else 1) * (K - 1) - 1) // s + 1
     x = rng.standard_normal((N, C, H, H)).astype(np.float32)
     weight = rng.standard_normal((F, C, K, K)).astype(np.float32)
     dout = rng.standard_normal((N, F, OH, OH)).astype(np.float32)
@@ -59,14 +62,14 @@ def plant(array, spot, value):
     array[0, min(1, array.shape[1] - 1), min(i, S - 1), min(j, S - 1)] = value
 
 
-def run(backend, arrays, s, p):
+def run(backend, arrays, s, p, d=1):
     x, weight, dout = arrays["x"], arrays["weight"], arrays["dout"]
     with np.errstate(invalid="ignore", over="ignore"):
-        want = (reference.conv2d_forward(x, weight, None, (s, s), (p, p), (1, 1), 1),
-                *reference.conv2d_backward(dout, x, weight, (s, s), (p, p), (1, 1), 1))
+        want = (reference.conv2d_forward(x, weight, None, (s, s), (p, p), (d, d), 1),
+                *reference.conv2d_backward(dout, x, weight, (s, s), (p, p), (d, d), 1))
         with ops.use_backend(backend):
-            got = (ops.conv2d_forward(x, weight, None, stride=s, padding=p),
-                   *ops.conv2d_backward(dout, x, weight, stride=s, padding=p))
+            got = (ops.conv2d_forward(x, weight, None, stride=s, padding=p, dilation=d),
+                   *ops.conv2d_backward(dout, x, weight, stride=s, padding=p, dilation=d))
     return got, want
 
 
@@ -86,22 +89,22 @@ def check_contract(backend, got, want, what):
 @pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_nonfinite_inputs_follow_the_documented_contract(backend, where, case, rng):
-    *_, s, p, path = case
+    N, C, F, H, K, s, p, path, *d = case
     base = make_inputs(rng, case)
     for value, spot in PLANTS:
         arrays = {k: v.copy() for k, v in base.items()}
         plant(arrays[where], spot, value)
-        got, want = run(backend, arrays, s, p)
+        got, want = run(backend, arrays, s, p, *d)
         check_contract(backend, got, want, f"{case_id(case)} [{path}], {value} in {where} at the {spot}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_finite_inputs_give_finite_outputs(backend, case, rng):
-    *_, s, p, path = case
+    N, C, F, H, K, s, p, path, *d = case
     arrays = make_inputs(rng, case)
     for k in arrays:
         arrays[k] *= 1e3                     # large, yet far from float32's overflow in these sums
-    got, _ = run(backend, arrays, s, p)
+    got, _ = run(backend, arrays, s, p, *d)
     for name, g in zip(("out", "dx", "dweight", "dbias"), got):
         assert np.all(np.isfinite(g)), f"{backend} {name} {case_id(case)} [{path}]: non-finite from finite input"

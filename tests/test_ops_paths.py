@@ -40,6 +40,16 @@ PATH_CASES = [
      ("STRIDE1_SUBSAMPLED>DIRECT", "SPREAD>FIRST_LAYER", "SPREAD>FIRST_LAYER")),
     (((1, 40, 15, 15), (26, 3, 3), 2, 1, 1, 1), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
     (((2, 8, 11, 10), (8, 3, 3), 1, 2, 2, 1), ("DIRECT", "DIRECT", "LANE_SUM")),       # dilated, stride 1
+    # UNDILATED: a dilated 3x3 forward at stride 1 on Winograd through its phase planes, from 96 channels
+    # in and out and phase outputs of 7 or more on a side
+    (((2, 96, 18, 17), (96, 3, 3), 1, 2, 2, 1), ("UNDILATED>WINOGRAD", "DIRECT", "CHANNEL_BLOCKED")),
+    (((1, 95, 18, 17), (96, 3, 3), 1, 2, 2, 1), ("DIRECT", "DIRECT", "CHANNEL_BLOCKED")),
+    (((1, 96, 18, 17), (95, 3, 3), 1, 2, 2, 1), ("DIRECT", "DIRECT", "CHANNEL_BLOCKED")),
+    (((1, 96, 14, 14), (96, 3, 3), 1, 2, 2, 1), ("UNDILATED>WINOGRAD", "DIRECT", "CHANNEL_BLOCKED")),
+    (((1, 96, 12, 14), (96, 3, 3), 1, 2, 2, 1), ("DIRECT", "DIRECT", "CHANNEL_BLOCKED")),   # phases 6 high
+    (((1, 96, 15, 16), (100, 3, 3), 1, (2, 1), (2, 1), 1),
+     ("UNDILATED>WINOGRAD", "DIRECT", "CHANNEL_BLOCKED")),
+    (((2, 96, 29, 31), (97, 3, 3), 1, 0, 3, 1), ("UNDILATED>WINOGRAD", "DIRECT", "CHANNEL_BLOCKED")),
     (((2, 8, 15, 13), (8, 3, 3), 2, 2, 2, 1), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
     (((2, 8, 12, 9), (16, 3, 3), 2, 1, 1, 2), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
     (((1, 4, 14, 16), (12, 3, 3), 3, 1, 1, 1), ("IM2COL_GEMM", "IM2COL_GEMM", "IM2COL_GEMM")),
