@@ -260,15 +260,16 @@ GLOBAL_POOL_SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 4, 8, 8), (1, 2, 1, 9)]
 
 LinearCase = namedtuple("LinearCase", "N in_features out_features bias")
 # The compiled linear op is a tiled matrix multiply (chexcy/_ops_gemm.h): register tiles of MR rows x NR
-# columns (AVX-512 12 x 32, AVX2 6 x 16, SSE2 4 x 8), K blocks of 256, tasks of at most 144 rows. The
-# three products put different sizes in those roles (forward: rows N, K in, columns out; dx: rows N,
-# K out, columns in; dweight: rows out, K N, columns in), so the sizes below are 1, one past a tile
-# (13, 17, 33, 145), not multiples of any tile (3, 7, 49, 100, 300), and past one, two and four K blocks
-# (257, 300, 513, 600, 1100).
+# columns (AVX-512 12 x 32, AVX2 6 x 16, SSE2 4 x 8), K blocks of 256, tasks of at most 432 rows on
+# AVX-512 and 144 elsewhere. The three products put different sizes in those roles (forward: rows N, K
+# in, columns out; dx: rows N, K out, columns in; dweight: rows out, K N, columns in), so the sizes below
+# are 1, one past a tile or a task (13, 17, 33, 145, 433), not multiples of any tile (3, 7, 49, 100, 300),
+# and past one, two and four K blocks (257, 300, 513, 600, 1100).
 LINEAR_CASES = [LinearCase(1, 1, 1, True), LinearCase(4, 7, 3, True), LinearCase(5, 16, 14, False),
                 LinearCase(3, 128, 14, True), LinearCase(13, 257, 33, True), LinearCase(17, 513, 17, False),
                 LinearCase(33, 3, 100, True), LinearCase(100, 600, 3, True), LinearCase(145, 33, 49, True),
-                LinearCase(300, 40, 1, False), LinearCase(1, 300, 257, True), LinearCase(64, 1100, 300, True)]
+                LinearCase(300, 40, 1, False), LinearCase(1, 300, 257, True), LinearCase(64, 1100, 300, True),
+                LinearCase(433, 40, 20, True), LinearCase(9, 20, 433, False)]
 
 
 def case_id(case):

@@ -78,6 +78,9 @@ def _run_all_ops(rng):
     xl, wl = x.reshape(4, -1), randn(rng, (7, 8 * 33 * 37))
     out = ops.linear_forward(xl, wl)
     results += [out, *ops.linear_backward(out, xl, wl)]
+    xl, wl = randn(rng, (433, 300)), randn(rng, (37, 300))    # GEMM tasks of several row blocks
+    out = ops.linear_forward(xl, wl)
+    results += [out, *ops.linear_backward(out, xl, wl)]
     return results
 
 
