@@ -2439,14 +2439,14 @@ def linear_forward(x, weight, bias):
         bp = &bv[0]
     out = np.empty((N, O), np.float32)
     cdef float[:, ::1] ov = out
-    cdef Py_ssize_t u, units = (O + 47) // 48
+    cdef Py_ssize_t u, units = (O + 23) // 24
     if N <= GEMM_DOT_M:     # a few rows: dot products straight from W, no packing (chexcy_gemm_dot_rows)
         with nogil:
             if p.n_threads == 1:
                 chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], 0, O, bp, &ov[0, 0], O)
             else:
                 for u in prange(units, schedule="static", num_threads=p.n_threads):
-                    chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], u * 48, min(O, u * 48 + 48), bp,
+                    chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], u * 24, min(O, u * 24 + 24), bp,
                                          &ov[0, 0], O)
         return out
     cdef float* scratch = <float*>malloc(p.scratch_len * sizeof(float))
