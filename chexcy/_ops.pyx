@@ -113,6 +113,8 @@ cdef enum:
     # Floats of a group's POINTWISE_GEMM dweight at most for the sum to be cut into chunks of columns
     # (_pw_dweight_chunks): the partial results, up to 8 of them, stay in L2
     PW_DW_CHUNK_FLOATS = 16384
+    # A dense forward of at most this many outputs takes dot products at any batch (a classifier's 14)
+    LINEAR_DOT_MAX_O = 32
 
 # ------------------------------------------------------------------------------------------------
 # Threads and build facts
@@ -2439,15 +2441,22 @@ def linear_forward(x, weight, bias):
         bp = &bv[0]
     out = np.empty((N, O), np.float32)
     cdef float[:, ::1] ov = out
-    cdef Py_ssize_t u, units = (O + 23) // 24
-    if N <= GEMM_DOT_M:     # a few rows: dot products straight from W, no packing (chexcy_gemm_dot_rows)
+    cdef Py_ssize_t u, units = (O + 23) // 24, rblocks = (N + GEMM_DOT_M - 1) // GEMM_DOT_M
+    cdef int n_dot = _threads() if N * K * O >= GEMM_SERIAL_MADDS else 1
+    if N <= GEMM_DOT_M or O <= LINEAR_DOT_MAX_O:
+        # dot products straight from W and x, no packing (chexcy_gemm_dot_rows): a few rows (threads
+        # over blocks of outputs) or a few outputs (a classifier's; threads over blocks of rows)
         with nogil:
-            if p.n_threads == 1:
+            if n_dot == 1:
                 chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], 0, O, bp, &ov[0, 0], O)
-            else:
-                for u in prange(units, schedule="static", num_threads=p.n_threads):
+            elif N <= GEMM_DOT_M:
+                for u in prange(units, schedule="static", num_threads=n_dot):
                     chexcy_gemm_dot_rows(&xv[0, 0], N, K, &wv[0, 0], u * 24, min(O, u * 24 + 24), bp,
                                          &ov[0, 0], O)
+            else:
+                for u in prange(rblocks, schedule="static", num_threads=n_dot):
+                    chexcy_gemm_dot_rows(&xv[u * GEMM_DOT_M, 0], min(GEMM_DOT_M, N - u * GEMM_DOT_M), K,
+                                         &wv[0, 0], 0, O, bp, &ov[u * GEMM_DOT_M, 0], O)
         return out
     cdef float* scratch = <float*>malloc(p.scratch_len * sizeof(float))
     if scratch == NULL:

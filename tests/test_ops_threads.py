@@ -81,6 +81,9 @@ def _run_all_ops(rng):
     xl, wl = randn(rng, (433, 300)), randn(rng, (37, 300))    # GEMM tasks of several row blocks
     out = ops.linear_forward(xl, wl)
     results += [out, *ops.linear_backward(out, xl, wl)]
+    xl, wl = randn(rng, (61, 300)), randn(rng, (14, 300))     # dot products over blocks of rows
+    out = ops.linear_forward(xl, wl)
+    results += [out, *ops.linear_backward(out, xl, wl)]
     return results
 
 
