@@ -544,7 +544,7 @@ cdef _conv_core(
 #   LANE_SUM            dweight, column stride 1                                     _dw_block
 #   PLAIN               what is left: column strides > 2 forward, padding wider      _fwd_strided, _dx_plane,
 #                       than the kernel's reach (dx), column stride > 1 (dweight)    _dw_plain
-# and two reductions that hand a stride-1 problem to the table again ("A>B": A, then B on the result):
+# and reductions that hand another problem to the table again ("A>B": A, then B on the result):
 #   STRIDE1_SUBSAMPLED  forward at stride 2 (sh * sw <= 4): the stride-1 conv, every sh-th row and
 #                       sw-th column kept
 #   SPREAD              dx, dweight of a stride > 1: dout spread onto the stride-1 grid (zeros between)
