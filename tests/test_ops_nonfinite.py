@@ -32,8 +32,8 @@ CASES = [
     (1, 64, 16, 9, 1, 1, 0, "1x1, channel-blocked dweight"),
     (1, 64, 16, 9, 5, 1, 2, "5x5, channel-blocked dweight"),
     (2, 1, 8, 12, 3, 1, 1, "one input channel (a first layer)"),
-    (2, 16, 24, 11, 3, 1, 2, "dilation 2: winograd forward on the phase planes (UNDILATED)", 2),
-    (1, 32, 24, 13, 3, 1, 3, "dilation 3: winograd forward and dweight on the phase planes", 3),
+    (2, 96, 96, 15, 3, 1, 2, "dilation 2: winograd forward on the phase planes (UNDILATED)", 2),
+    (1, 96, 100, 20, 3, 1, 3, "dilation 3: winograd forward on the phase planes (UNDILATED)", 3),
 ]
 WHERE = ("x", "dout", "weight")
 # (value, where it sits): NaN and inf at a border, where padding makes the reference's reach smallest
@@ -108,3 +108,14 @@ def test_finite_inputs_give_finite_outputs(backend, case, rng):
     got, _ = run(backend, arrays, s, p, *d)
     for name, g in zip(("out", "dx", "dweight", "dbias"), got):
         assert np.all(np.isfinite(g)), f"{backend} {name} {case_id(case)} [{path}]: non-finite from finite input"
+
+
+@pytest.mark.skipif("cython" not in ops.available_backends(), reason="the compiled module is not built")
+def test_the_dilated_cases_take_the_path_they_are_here_for():
+    """The dilated cases above are there for UNDILATED (dilated 3x3 forward on Winograd through phase
+    planes); if its limits move, they must move with them."""
+    for N, C, F, H, K, s, p, path, *d in CASES:
+        if d:
+            with ops.use_backend("cython"):
+                plan = ops.conv2d_plan((N, C, H, H), (F, C, K, K), stride=s, padding=p, dilation=d[0])
+            assert plan.forward == "UNDILATED>WINOGRAD", f"{path}: planned {plan}"
