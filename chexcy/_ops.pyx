@@ -631,8 +631,7 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
         fwd = "WINOGRAD"
     elif (not strided and (dil_h > 1 or dil_w > 1)
             and _is_winograd(Cg, Fg, KH, KW, 1, 1, 1, 1, groups, UNDIL_MIN_C, UNDIL_MIN_C)
-            and (x_shape[2] + 2 * ph + dil_h - 1) // dil_h - 2 >= UNDIL_MIN_SIDE
-            and (x_shape[3] + 2 * pw + dil_w - 1) // dil_w - 2 >= UNDIL_MIN_SIDE):
+            and min(_undilated_shape(x_shape, ph, pw, dil_h, dil_w)[2:]) - 2 >= UNDIL_MIN_SIDE):
         fwd = "UNDILATED>WINOGRAD"
     elif _is_pointwise(Cg, Fg, KH, KW, ph, pw):
         fwd = "POINTWISE_GEMM"
