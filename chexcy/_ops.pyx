@@ -699,6 +699,26 @@ cdef void _gemm_conv_unit(
                    min(nstrips, (sb + 1) * SB), out + (n * F + g * Fg) * OH * OW, bbuf)
 
 
+cdef _packed_weight(const float* w, Py_ssize_t gs, Py_ssize_t rs, Py_ssize_t cs, int groups, Py_ssize_t M,
+                    Py_ssize_t K, const float* scale, int n_threads):
+    """Each group's weight (M, K), element (m, k) of group g at w[g gs + m rs + k cs] (times scale[g M + m]
+    when scale is not NULL), packed for the block products: a (groups, chexcy_gemm_apack_floats(M, K))
+    array. Units are (group, K block, run of row strips), about 8 per thread where the strips allow. In
+    whole K blocks a 768-deep weight was 3 units and a 128-deep one 1, packed by one thread while the
+    other waited: 1x1 768>128 at 7x7, batch 8, fwd+bwd, 2 threads, about 40 us of a 1.1 ms call."""
+    cdef Py_ssize_t nkb = (K + GEMM_KC - 1) // GEMM_KC, nq = (M + GEMM_MR - 1) // GEMM_MR
+    cdef Py_ssize_t parts = min(nq, max(1, (8 * n_threads + groups * nkb - 1) // (groups * nkb)))
+    cdef Py_ssize_t u, b, p
+    ap = _empty((groups, chexcy_gemm_apack_floats(M, K)))
+    cdef float[:, ::1] av = ap
+    for u in prange(groups * nkb * parts, nogil=True, schedule="static", num_threads=n_threads):
+        b = u // parts
+        p = u % parts
+        chexcy_gemm_pack_a_part(w + b // nkb * gs, rs, cs, M, K, b % nkb, p * nq // parts, (p + 1) * nq // parts,
+                                &av[b // nkb, 0], scale + b // nkb * M if scale != NULL else NULL)
+    return ap
+
+
 cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
                 int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w, const float* wscale=NULL):
     """out = conv(x, w) + bias as one matrix product per (sample, group) (chexcy/_ops_conv_gemm.h): the
@@ -708,16 +728,12 @@ cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
     cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], K = Cg * KH * KW
     cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw, u
-    cdef Py_ssize_t nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_cg_apack_floats(Fg, K)
+    cdef Py_ssize_t apack = chexcy_gemm_apack_floats(Fg, K)
     cdef Py_ssize_t nstrips = (OH * OW + GEMM_NR - 1) // GEMM_NR
     cdef Py_ssize_t SB = max(1, GEMM_TASK_COLS // GEMM_NR), nsb = (nstrips + SB - 1) // SB
     cdef const float[:, :, :, ::1] wv = w
     cdef const float[:, :, :, ::1] pv = _padded(x, ph, pw, n_threads)
-    ap = _empty((groups, apack))
-    cdef float[:, ::1] av = ap
-    for u in prange(groups * nkb, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_cg_pack_a(&wv[u // nkb * Fg, 0, 0, 0], Fg, K, u % nkb, &av[u // nkb, 0],
-                         wscale + u // nkb * Fg if wscale != NULL else NULL)
+    cdef const float[:, ::1] av = _packed_weight(&wv[0, 0, 0, 0], Fg * K, K, 1, groups, Fg, K, wscale, n_threads)
     bbuf = _empty((n_threads, GEMM_KC * GEMM_NR))
     cdef float[:, ::1] bv = bbuf
     for u in prange(N * groups * nsb, nogil=True, schedule="static", num_threads=n_threads):
@@ -742,16 +758,28 @@ cdef void _pw_unit(
                    res + g * Fo * P if res != NULL else NULL)
 
 
-cdef Py_ssize_t _pw_load(Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t rb, Py_ssize_t nsb, Py_ssize_t SB,
-                         Py_ssize_t nt, Py_ssize_t nstrips) noexcept nogil:
-    """Work of units u0 .. u1 - 1 of a (groups, rb, nsb) grid, in tile-sized steps: each strip is one
-    step of packing plus one per row tile."""
-    cdef Py_ssize_t u, r, sb, load = 0
-    for u in range(u0, u1):
-        r = u // nsb % rb
-        sb = u % nsb
-        load += (min(nstrips, (sb + 1) * SB) - sb * SB) * ((r + 1) * nt // rb - r * nt // rb + 1)
-    return load
+cdef Py_ssize_t _pw_worst(Py_ssize_t U, Py_ssize_t rb, Py_ssize_t nsb, Py_ssize_t SB, Py_ssize_t nt,
+                          Py_ssize_t nstrips, int n_threads) noexcept nogil:
+    """Work of the busiest thread over the U units of a (groups, rb, nsb) grid under OpenMP's static
+    schedule (contiguous chunks, the first U % n_threads one unit longer), in tile-sized steps: each strip
+    is one step of packing plus one per row tile. One pass over the units without a division per unit:
+    _pw_grid asks this of up to 40 grids, and with a division per unit the choice took ~9 us of a 7x7
+    layer's forward, on one thread while the others waited."""
+    cdef Py_ssize_t u, r = 0, sb = 0, t = 0, q = U // n_threads, extra = U % n_threads
+    cdef Py_ssize_t end = q + (extra > 0), load = 0, worst = 0, steps = nt // rb + 1
+    for u in range(U):
+        load += (min(nstrips, (sb + 1) * SB) - sb * SB) * steps
+        sb += 1
+        if sb == nsb:
+            sb = 0
+            r = r + 1 if r + 1 < rb else 0
+            steps = (r + 1) * nt // rb - r * nt // rb + 1
+        if u + 1 == end:
+            worst = max(worst, load)
+            load = 0
+            t += 1
+            end += q + (t < extra)
+    return worst
 
 
 cdef void _pw_grid(Py_ssize_t nt, Py_ssize_t nstrips, Py_ssize_t K, int groups, int n_threads, Py_ssize_t* rb_out,
@@ -761,8 +789,8 @@ cdef void _pw_grid(Py_ssize_t nt, Py_ssize_t nstrips, Py_ssize_t K, int groups, 
     within ~512 KiB of L2; among those, the grid whose busiest thread (OpenMP's static schedule:
     contiguous chunks) has the least work, fewer units on a tie."""
     cdef Py_ssize_t max_rows = max(GEMM_MR, PW_MAX_A_BYTES // (4 * min(K, GEMM_KC)))
-    cdef Py_ssize_t rb0 = max(1, (nt * GEMM_MR + max_rows - 1) // max_rows), rb, SB, nsb, U, t
-    cdef Py_ssize_t q, extra, u0, load, worst, best = -1, best_units = 0
+    cdef Py_ssize_t rb0 = max(1, (nt * GEMM_MR + max_rows - 1) // max_rows), rb, SB, nsb, U
+    cdef Py_ssize_t worst, best = -1, best_units = 0
     rb_out[0], sb_out[0] = rb0, 1
     for rb in range(rb0, min(nt, rb0 + 2 * n_threads) + 1):
         for SB in range(1, PW_MAX_STRIPS + 1):
@@ -773,11 +801,7 @@ cdef void _pw_grid(Py_ssize_t nt, Py_ssize_t nstrips, Py_ssize_t K, int groups, 
             if U > 64 * n_threads:          # plenty of units: the chunks differ by at most one
                 worst = (U + n_threads - 1) // n_threads * SB * ((nt + rb - 1) // rb + 1)
             else:
-                q, extra, u0, worst = U // n_threads, U % n_threads, 0, 0
-                for t in range(n_threads):
-                    load = _pw_load(u0, u0 + q + (t < extra), rb, nsb, SB, nt, nstrips)
-                    u0 += q + (t < extra)
-                    worst = max(worst, load)
+                worst = _pw_worst(U, rb, nsb, SB, nt, nstrips, n_threads)
             if best < 0 or worst < best or (worst == best and U < best_units):
                 best, best_units, rb_out[0], sb_out[0] = worst, U, rb, SB
 
@@ -794,13 +818,12 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
     NULL: Wg's row f times wscale[g Fo + f], as the weight is packed. Units: (group, block of rows,
     block of column strips) (_pw_grid)."""
     cdef int n_threads = _threads()
-    cdef Py_ssize_t NP = N * P, nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_pw_apack_floats(Fo, K)
+    cdef Py_ssize_t NP = N * P, apack = chexcy_gemm_apack_floats(Fo, K)
     cdef Py_ssize_t Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR, u, f, rb, SB
     cdef Py_ssize_t nstrips = (NP + GEMM_NR - 1) // GEMM_NR
     _pw_grid(Fp // GEMM_MR, nstrips, K, groups, n_threads, &rb, &SB)
     cdef Py_ssize_t nsb = (nstrips + SB - 1) // SB
-    ap = _empty((groups, apack))
-    cdef float[:, ::1] av = ap
+    cdef const float[:, ::1] av = _packed_weight(w, w_gs, w_rs, w_cs, groups, Fo, K, wscale, n_threads)
     bp = np.zeros((groups, Fp), np.float32)
     cdef float[:, ::1] bpv = bp
     if bias != NULL:
@@ -812,9 +835,6 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
     cbuf = _empty((n_threads, SB * ((Fp // GEMM_MR + rb - 1) // rb) * GEMM_MR * GEMM_NR))   # its edge tiles
     cdef float[:, ::1] cv = cbuf
     with nogil:
-        for u in prange(groups * nkb, schedule="static", num_threads=n_threads):
-            chexcy_pw_pack_a(w + u // nkb * w_gs, w_rs, w_cs, Fo, K, u % nkb, &av[u // nkb, 0],
-                             wscale + u // nkb * Fo if wscale != NULL else NULL)
         for u in prange(groups * rb * nsb, schedule="static", num_threads=n_threads):
             _pw_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], &cv[omp_get_thread_num(), 0],
                      u, rb, nsb, SB, nstrips, apack, Fo, K, src_ns, src_cs, OW, P, rowstep, sw, NP, out_ns,
@@ -960,7 +980,6 @@ cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], K = Cg * KH * KW, u, n, g, sb
     cdef Py_ssize_t Hq = (H + 2 * ph + sh - 1) // sh, Wq = (W + 2 * pw + sw - 1) // sw
     cdef Py_ssize_t cs = sh * sw * Hq * Wq
-    cdef Py_ssize_t nkb = (K + GEMM_KC - 1) // GEMM_KC, apack = chexcy_cg_apack_floats(Fg, K)
     cdef Py_ssize_t nstrips = (OH * Wq + GEMM_NR - 1) // GEMM_NR
     cdef Py_ssize_t SB = max(1, GEMM_TASK_COLS // GEMM_NR), nsb = (nstrips + SB - 1) // SB
     cdef Py_ssize_t ctlen = (Fg * SB * GEMM_NR + 15) // 16 * 16
@@ -975,11 +994,7 @@ cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
     offs = np.empty(KH * KW, np.intp)
     cdef Py_ssize_t[::1] ov = offs
     chexcy_cg_phase_taps(KH, KW, sh, sw, dil_h, dil_w, Hq, Wq, &ov[0])
-    ap = _empty((groups, apack))
-    cdef float[:, ::1] av = ap
-    for u in prange(groups * nkb, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_cg_pack_a(&wv[u // nkb * Fg, 0, 0, 0], Fg, K, u % nkb, &av[u // nkb, 0],
-                         wscale + u // nkb * Fg if wscale != NULL else NULL)
+    cdef const float[:, ::1] av = _packed_weight(&wv[0, 0, 0, 0], Fg * K, K, 1, groups, Fg, K, wscale, n_threads)
     scratch = _empty((n_threads, ctlen + GEMM_KC * GEMM_NR))
     cdef float[:, ::1] sv = scratch
     for u in prange(N * groups * nsb, nogil=True, schedule="static", num_threads=n_threads):
@@ -1752,15 +1767,12 @@ cdef _gemm_conv_dx(dout, w, x_shape, int groups, int sh, int sw, int ph, int pw,
     cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], KH = w.shape[2], KW = w.shape[3], Fg = F // groups
     cdef Py_ssize_t K = Cg * KH * KW, Kp = (K + GEMM_MR - 1) // GEMM_MR * GEMM_MR
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Hp = H + 2 * ph, Wp = W + 2 * pw, u
-    cdef Py_ssize_t nfb = (Fg + GEMM_KC - 1) // GEMM_KC, wlen = Kp * Fg
+    cdef Py_ssize_t wlen = chexcy_gemm_apack_floats(K, Fg)
     cdef Py_ssize_t per = (Cg * Hp * Wp + 15) // 16 * 16 + GEMM_KC * GEMM_NR + Kp * GEMM_NR
     cdef const float[:, :, :, ::1] wv = w
     cdef const float[:, :, :, ::1] dv = dout
-    wt = _empty((groups, wlen))         # per group: W^T (K, Fg) packed, K-dim blocks over Fg
-    cdef float[:, ::1] tv = wt
-    for u in prange(groups * nfb, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_gemm_pack_a(&wv[u // nfb * Fg, 0, 0, 0], 1, K, 0, K, u % nfb * GEMM_KC,
-                           min(<Py_ssize_t>GEMM_KC, Fg - u % nfb * GEMM_KC), &tv[u // nfb, u % nfb * GEMM_KC * Kp])
+    # per group: W^T (K, Fg) packed, its blocks over Fg
+    cdef const float[:, ::1] tv = _packed_weight(&wv[0, 0, 0, 0], Fg * K, 1, K, groups, K, Fg, NULL, n_threads)
     dx = _empty((N, C, H, W))
     cdef float[:, :, :, ::1] dxv = dx
     scratch = _empty((n_threads, per))

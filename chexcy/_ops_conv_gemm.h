@@ -73,26 +73,9 @@ static void chexcy_cg_pack_b(const chexcy_cg_geom *g, Py_ssize_t j0, Py_ssize_t 
     }
 }
 
-/* Floats of the packed weight of one group: ceil(Fg / GEMM_MR) GEMM_MR-row strips for every K block. */
-static inline Py_ssize_t chexcy_cg_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
-{
-    return (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR * K;
-}
-
-/* Pack K block kb (steps kb * GEMM_KC ...) of one group's weight (Fg, K), rows contiguous, into
- * ap + kb * GEMM_KC * Fp (Fp = Fg rounded up to GEMM_MR): its strips (kc, GEMM_MR), rows past Fg zero;
- * row f times scale[f] when scale is not NULL (chexcy_gemm_pack_a_scaled). */
-static void chexcy_cg_pack_a(const float *w, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t kb, float *ap,
-                             const float *scale)
-{
-    const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, k0 = kb * GEMM_KC;
-    const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
-    chexcy_gemm_pack_a_scaled(w, K, 1, 0, Fg, k0, kc, ap + k0 * Fp, scale);
-}
-
 /* One task: output columns of strips s0 .. s1 - 1 (GEMM_NR positions each) of one (n, g) product,
  * all Fg rows, all of K:
- *   ap: the group's packed weight (chexcy_cg_pack_a), bias: (Fg,) or NULL (zeros),
+ *   ap: the group's packed weight (chexcy_gemm_pack_a_part's layout), bias: (Fg,) or NULL (zeros),
  *   out: (Fg, P) rows P floats apart, bbuf: this thread's GEMM_KC x GEMM_NR floats.
  * K blocks outermost (each element's sums in k order), then strips, then row strips of the weight:
  * a B block is gathered once and meets every output channel while it is in L1. */
@@ -200,7 +183,7 @@ static void chexcy_cg_phase_taps(Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py
 
 /* C (M, (s1 - s0) GEMM_NR), rows ld floats apart, += A B over strips s0 .. s1 - 1 of a product whose B rows
  * are contiguous: row k = (c, t) of B (c = k / taps, t = k % taps) is src + c cs + off[t] + q for the
- * columns q of the strips. ap: A (M, K) packed by chexcy_cg_pack_a; bbuf: GEMM_KC x GEMM_NR floats.
+ * columns q of the strips. ap: A (M, K) in chexcy_gemm_pack_a_part's layout; bbuf: GEMM_KC x GEMM_NR floats.
  * K blocks outermost, each element's block sums added in k order (as chexcy_cg_task). */
 static void chexcy_cg_shift_product(const float *src, const Py_ssize_t *off, Py_ssize_t taps, Py_ssize_t cs,
                                     const float *ap, Py_ssize_t M, Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1,
@@ -286,7 +269,7 @@ static void chexcy_cg_dout_pad(const float *d, Py_ssize_t OH, Py_ssize_t OW, Py_
 }
 
 /* Pack K block kb of A_ab (Cg, Fg T) of one group straight from its weight w (Fg, Cg, KH KW):
- * A_ab[c, f T + t] = w[f, c, tap[t]], in chexcy_cg_pack_a's layout (strips (kc, GEMM_MR), rows past Cg zero). */
+ * A_ab[c, f T + t] = w[f, c, tap[t]], in chexcy_gemm_pack_a_part's layout (strips (kc, GEMM_MR), rows past Cg zero). */
 static void chexcy_cg_pack_a_phase(const float *w, Py_ssize_t Fg, Py_ssize_t Cg, Py_ssize_t taps,
                                    const Py_ssize_t *tap, Py_ssize_t T, Py_ssize_t kb, float *ap)
 {
@@ -432,7 +415,7 @@ static void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs
 
 /* dx of one (n, g): dxp (Cg, Hp, Wp), the padded input gradient, zeroed here, then for every strip of
  * GEMM_NR positions in order: t (K, GEMM_NR) = W^T dout block (tiles over K blocks of Fg), added into
- * dxp where the forward read it. wt: packed W^T of the group (chexcy_cg_pack_a of (K, Fg) rows, i.e.
+ * dxp where the forward read it. wt: packed W^T of the group (chexcy_gemm_pack_a_part's layout of (K, Fg) rows, i.e.
  * K rows of Fg, strips over K; its K-dim blocks are blocks of Fg); dn: dout[n, g] (Fg, P);
  * bbuf: GEMM_KC x GEMM_NR; t: Kp x GEMM_NR (Kp = K rounded up to GEMM_MR). */
 static void chexcy_cg_dx_task(const chexcy_cg_geom *g, float *dxp, Py_ssize_t Cg, const float *wt,

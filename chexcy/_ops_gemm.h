@@ -247,6 +247,27 @@ static void chexcy_gemm_pack_a_scaled(const float *src, Py_ssize_t rs, Py_ssize_
     }
 }
 
+/* A weight packed whole for the block products of the conv paths: ceil(M / GEMM_MR) strips of GEMM_MR
+ * rows for every K block, block kb at kb * GEMM_KC * Mp (Mp = M rounded up to GEMM_MR), strip q of it at
+ * q * kc * GEMM_MR from there (kc the block's steps), each (kc, GEMM_MR), rows past M zero. */
+static inline Py_ssize_t chexcy_gemm_apack_floats(Py_ssize_t M, Py_ssize_t K)
+{
+    return (M + GEMM_MR - 1) / GEMM_MR * GEMM_MR * K;
+}
+
+/* Strips q0 .. q1 - 1 of K block kb of a weight (M, K) whose element (m, k) is w[m * rs + k * cs], times
+ * scale[m] when scale is not NULL, into ap (the layout above): a piece of the packing small enough to
+ * share among threads. */
+static void chexcy_gemm_pack_a_part(const float *w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t M, Py_ssize_t K,
+                                    Py_ssize_t kb, Py_ssize_t q0, Py_ssize_t q1, float *ap, const float *scale)
+{
+    const Py_ssize_t Mp = (M + GEMM_MR - 1) / GEMM_MR * GEMM_MR, k0 = kb * GEMM_KC;
+    const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+    const Py_ssize_t m0 = q0 * GEMM_MR, m1 = q1 * GEMM_MR < M ? q1 * GEMM_MR : M;
+    if (m1 > m0)
+        chexcy_gemm_pack_a_scaled(w, rs, cs, m0, m1 - m0, k0, kc, ap + k0 * Mp + m0 * kc, scale);
+}
+
 /* One task: C rows m0 .. m0 + mc - 1, columns of B strips s0 .. s1 - 1 (clipped to N), all of K.
  *   bp: every B strip packed by chexcy_gemm_pack_b, strip s at bp + s * K * GEMM_NR
  *   init: (ceil(N / GEMM_NR) * GEMM_NR,) the start value of every column, zero-padded

@@ -77,6 +77,9 @@ cdef extern from "_ops_gemm.h" nogil:
                             Py_ssize_t k0, Py_ssize_t kc, float* dst)
     void chexcy_gemm_pack_b(const float* src, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K, Py_ssize_t N,
                             Py_ssize_t s, float* dst)
+    Py_ssize_t chexcy_gemm_apack_floats(Py_ssize_t M, Py_ssize_t K)
+    void chexcy_gemm_pack_a_part(const float* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t M, Py_ssize_t K,
+                                 Py_ssize_t kb, Py_ssize_t q0, Py_ssize_t q1, float* ap, const float* scale)
     void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow, const float* a, const float* b,
                                Py_ssize_t b_rs, float* c, Py_ssize_t ldc, int add)
 
@@ -125,9 +128,6 @@ cdef extern from "_ops_conv_gemm.h" nogil:
         Py_ssize_t Hp, Wp, KH, KW, sh, sw, dil_h, dil_w, OW, P
     enum:
         GEMM_KC     # K steps per block of the products
-    Py_ssize_t chexcy_cg_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
-    void chexcy_cg_pack_a(const float* w, Py_ssize_t Fg, Py_ssize_t K, Py_ssize_t kb, float* ap,
-                          const float* scale)
     void chexcy_cg_task(const chexcy_cg_geom* g, const float* ap, const float* bias, Py_ssize_t Fg,
                         Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, float* out, float* bbuf)
     void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs, const float* dout,
@@ -162,9 +162,6 @@ cdef extern from "_ops_pointwise.h" nogil:
         const float* x
         Py_ssize_t ns, cs, OW, P, rowstep, sw, NP
     enum: PW_MAX_STRIPS
-    Py_ssize_t chexcy_pw_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
-    void chexcy_pw_pack_a(const float* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t Fg, Py_ssize_t K,
-                          Py_ssize_t kb, float* ap, const float* scale)
     void chexcy_pw_task(const chexcy_pw_geom* g, const float* ap, const float* bias, Py_ssize_t Fg,
                         Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t t0, Py_ssize_t t1,
                         float* out, Py_ssize_t out_ns, float* bbuf, float* cbuf, int relu, const float* res)

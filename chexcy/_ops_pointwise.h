@@ -139,23 +139,6 @@ static void chexcy_pw_pack_b(const chexcy_pw_geom *g, const chexcy_pw_run *runs,
     }
 }
 
-/* Floats of one group's packed weight: ceil(Fg / GEMM_MR) strips of GEMM_MR rows for every K block
- * (the layout of chexcy_cg_pack_a: block kb at kb * GEMM_KC * Fp, strips (kc, GEMM_MR)). */
-static inline Py_ssize_t chexcy_pw_apack_floats(Py_ssize_t Fg, Py_ssize_t K)
-{
-    return (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR * K;
-}
-
-/* Pack K block kb of a weight whose element (f, k) is w[f * rs + k * cs] (times scale[f] when scale is
- * not NULL) into ap (layout above). */
-static void chexcy_pw_pack_a(const float *w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t Fg, Py_ssize_t K,
-                             Py_ssize_t kb, float *ap, const float *scale)
-{
-    const Py_ssize_t Fp = (Fg + GEMM_MR - 1) / GEMM_MR * GEMM_MR, k0 = kb * GEMM_KC;
-    const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
-    chexcy_gemm_pack_a_scaled(w, rs, cs, 0, Fg, k0, kc, ap + k0 * Fp, scale);
-}
-
 /* Strips s0 .. s1 - 1 of K block (k0, kc), strip s at dst + (s - s0) kc GEMM_NR (chexcy_pw_pack_b's
  * layout each). When the strips are one contiguous run of a sample's input rows (stride 1, whole rows),
  * row by row across the strips: each input row is then read as one run of (s1 - s0) GEMM_NR floats,
