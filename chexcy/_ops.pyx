@@ -758,6 +758,32 @@ cdef void _pw_unit(
                    res + g * Fo * P if res != NULL else NULL)
 
 
+cdef void _pw_line_unit(
+        const float* src, const float* ap, const float* bias, float* out, float* bbuf, float* cbuf, Py_ssize_t u,
+        Py_ssize_t nu, Py_ssize_t SB, Py_ssize_t nstrips, Py_ssize_t apack, Py_ssize_t Fo, Py_ssize_t K,
+        Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW, Py_ssize_t P, Py_ssize_t rowstep, int sw, Py_ssize_t NP,
+        Py_ssize_t out_ns, int relu, const float* res, int groups) noexcept nogil:
+    """Unit u of nu of _pw_product cut as a line: the (group, strip, row tile) triples in that order, cut
+    into nu runs of equal length (_pw_grid). A strip cut between two runs is packed by both; whole strips
+    go SB at a time."""
+    cdef chexcy_pw_geom geo
+    cdef Py_ssize_t nt = (Fo + GEMM_MR - 1) // GEMM_MR, L = groups * nstrips * nt
+    cdef Py_ssize_t a = u * L // nu, b = (u + 1) * L // nu, s, g, t0, t1, n
+    geo.ns, geo.cs, geo.OW, geo.P, geo.rowstep, geo.sw, geo.NP = src_ns, src_cs, OW, P, rowstep, sw, NP
+    while a < b:
+        g = a // (nstrips * nt)
+        s = a // nt % nstrips
+        t0 = a % nt
+        t1 = min(nt, t0 + b - a)
+        n = 1
+        if t0 == 0 and t1 == nt:        # whole strips, up to SB of them within the group
+            n = min(SB, nstrips - s, (b - a) // nt)
+        geo.x = src + g * K * src_cs
+        chexcy_pw_task(&geo, ap + g * apack, bias + g * nt * GEMM_MR, Fo, K, s, s + n, t0, t1, out + g * Fo * P,
+                       out_ns, bbuf, cbuf, relu, res + g * Fo * P if res != NULL else NULL)
+        a += (n - 1) * nt + t1 - t0
+
+
 cdef Py_ssize_t _pw_worst(Py_ssize_t U, Py_ssize_t rb, Py_ssize_t nsb, Py_ssize_t SB, Py_ssize_t nt,
                           Py_ssize_t nstrips, int n_threads) noexcept nogil:
     """Work of the busiest thread over the U units of a (groups, rb, nsb) grid under OpenMP's static
@@ -783,11 +809,14 @@ cdef Py_ssize_t _pw_worst(Py_ssize_t U, Py_ssize_t rb, Py_ssize_t nsb, Py_ssize_
 
 
 cdef void _pw_grid(Py_ssize_t nt, Py_ssize_t nstrips, Py_ssize_t K, int groups, int n_threads, Py_ssize_t* rb_out,
-                   Py_ssize_t* sb_out) noexcept nogil:
+                   Py_ssize_t* sb_out, Py_ssize_t* line_out) noexcept nogil:
     """The units of _pw_product: row blocks whose weight block (rows x one K block) is at most
     PW_MAX_A_BYTES, strip blocks of at most PW_MAX_STRIPS strips whose output block (strips x rows) stays
     within ~512 KiB of L2; among those, the grid whose busiest thread (OpenMP's static schedule:
-    contiguous chunks) has the least work, fewer units on a tie."""
+    contiguous chunks) has the least work, fewer units on a tie. line_out: 0, or n_threads when one run
+    of the line of (group, strip, tile) per thread (_pw_line_unit) is less work for the busiest thread
+    than the best grid: 13 strips of 11 tiles (7x7, batch 8, 128 outputs) are 7 strips and 6 in a grid,
+    84 steps against 78 and 79 on the line."""
     cdef Py_ssize_t max_rows = max(GEMM_MR, PW_MAX_A_BYTES // (4 * min(K, GEMM_KC)))
     cdef Py_ssize_t rb0 = max(1, (nt * GEMM_MR + max_rows - 1) // max_rows), rb, SB, nsb, U
     cdef Py_ssize_t worst, best = -1, best_units = 0
@@ -804,6 +833,20 @@ cdef void _pw_grid(Py_ssize_t nt, Py_ssize_t nstrips, Py_ssize_t K, int groups, 
                 worst = _pw_worst(U, rb, nsb, SB, nt, nstrips, n_threads)
             if best < 0 or worst < best or (worst == best and U < best_units):
                 best, best_units, rb_out[0], sb_out[0] = worst, U, rb, SB
+    line_out[0] = 0
+    if n_threads == 1 or nt * GEMM_MR > max_rows or groups * nstrips > 64 * n_threads:
+        return
+    # the line's busiest run: its tiles, plus a packing step for every strip it touches
+    cdef Py_ssize_t L = groups * nstrips * nt, t, a, b
+    SB = PW_MAX_STRIPS
+    while SB > 1 and SB * GEMM_NR * nt * GEMM_MR > (1 << 17):
+        SB -= 1
+    worst = 0
+    for t in range(n_threads):
+        a, b = t * L // n_threads, (t + 1) * L // n_threads
+        worst = max(worst, b - a + (b + nt - 1) // nt - a // nt)
+    if worst < best:
+        rb_out[0], sb_out[0], line_out[0] = 1, SB, n_threads
 
 
 cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t src_cs, Py_ssize_t OW,
@@ -816,12 +859,12 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
     (p // OW) rowstep + (p % OW) sw; bias may be NULL (zeros); out (N, groups Fo, P) rows P floats apart,
     samples out_ns apart; then max(., 0) when relu, as each tile is finished. wscale (Fo per group) or
     NULL: Wg's row f times wscale[g Fo + f], as the weight is packed. Units: (group, block of rows,
-    block of column strips) (_pw_grid)."""
+    block of column strips), or runs of the line of (group, strip, row tile) (_pw_grid)."""
     cdef int n_threads = _threads()
     cdef Py_ssize_t NP = N * P, apack = chexcy_gemm_apack_floats(Fo, K)
-    cdef Py_ssize_t Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR, u, f, rb, SB
+    cdef Py_ssize_t Fp = (Fo + GEMM_MR - 1) // GEMM_MR * GEMM_MR, u, f, rb, SB, line
     cdef Py_ssize_t nstrips = (NP + GEMM_NR - 1) // GEMM_NR
-    _pw_grid(Fp // GEMM_MR, nstrips, K, groups, n_threads, &rb, &SB)
+    _pw_grid(Fp // GEMM_MR, nstrips, K, groups, n_threads, &rb, &SB, &line)
     cdef Py_ssize_t nsb = (nstrips + SB - 1) // SB
     cdef const float[:, ::1] av = _packed_weight(w, w_gs, w_rs, w_cs, groups, Fo, K, wscale, n_threads)
     bp = np.zeros((groups, Fp), np.float32)
@@ -834,6 +877,12 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
     cdef float[:, ::1] bv = bbuf
     cbuf = _empty((n_threads, SB * ((Fp // GEMM_MR + rb - 1) // rb) * GEMM_MR * GEMM_NR))   # its edge tiles
     cdef float[:, ::1] cv = cbuf
+    if line:
+        for u in prange(line, nogil=True, schedule="static", num_threads=n_threads):
+            _pw_line_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], &cv[omp_get_thread_num(), 0],
+                          u, line, SB, nstrips, apack, Fo, K, src_ns, src_cs, OW, P, rowstep, sw, NP, out_ns, relu,
+                          res, groups)
+        return
     with nogil:
         for u in prange(groups * rb * nsb, schedule="static", num_threads=n_threads):
             _pw_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], &cv[omp_get_thread_num(), 0],

@@ -9,8 +9,8 @@ cross one or several sample boundaries or run past the last column (P below, at 
 P = 1, a batch of one), output channels not a multiple of the register tile's rows (12 / 6 / 4), input
 channels not a multiple of a strip (dweight's columns), products deeper than one K block of 256 (forward
 and dx: Cg or Fg > 256; dweight: N P > 256 columns, blocks that cross samples), groups, and strides 2
-and 3 (the subsample gathered by the packing, runs broken at every output row) with odd sizes, and
-weights tall enough to be cut into row blocks (_pw_grid).
+and 3 (the subsample gathered by the packing, runs broken at every output row) with odd sizes, weights
+tall enough to be cut into row blocks, and products of few strips cut as a line (_pw_grid).
 """
 import numpy as np
 import pytest
@@ -42,6 +42,9 @@ CASES = [
     ((2, 260, 5, 5), 110, 1, 1),       # a weight block (rows x 256) over 384 KiB: row blocks, 2 K blocks
     ((1, 64, 3, 4), 1600, 1, 1),       # K = 64: rows in blocks of 1536 at most, so two
     ((4, 40, 16, 16), 64, 1, 1),       # 1024 columns, whole strips: the prefetch of the next strip's rows
+    # few strips: the product cut as a line of (group, strip, row tile), strips cut between threads
+    ((8, 96, 7, 7), 128, 1, 1),        # DenseNet's 7x7: 13 strips of 11 tiles (AVX-512), a line at 2 threads
+    ((3, 72, 7, 7), 72, 1, 2),         # groups: at 3 threads a line across the groups' strips
     # dweight summed in chunks of the columns (_pw_dweight_chunks: Fg <= 144, Fg Cg <= 16384, N P >= 2048)
     ((3, 20, 30, 31), 14, 1, 1),       # N P = 2790: two chunks (5 and 6 K blocks), a cut inside a sample
     ((8, 16, 40, 40), 20, 1, 1),       # N P = 12800: eight chunks, the most
