@@ -927,7 +927,25 @@ cdef void _pw_dweight_unit(const float* dout, const float* x, float* dweight, fl
     if m1 <= m0 or (c + 1) * nS // cb <= c * nS // cb:
         return
     chexcy_pw_dweight_task(dout + g * Fg * P, F * P, x + g * Cg * P, C * P, P, 0, N * P, Cg, m0, m1 - m0,
-                           c * nS // cb, (c + 1) * nS // cb, dweight + g * Fg * Cg, Cg, abuf, bbuf)
+                           c * nS // cb, (c + 1) * nS // cb, 0, (m1 - m0 + GEMM_MR - 1) // GEMM_MR,
+                           dweight + g * Fg * Cg, Cg, abuf, bbuf)
+
+
+cdef void _pw_dweight_line_unit(const float* dout, const float* x, float* dweight, float* abuf, float* bbuf,
+                                Py_ssize_t u, Py_ssize_t nu, Py_ssize_t N, Py_ssize_t C, Py_ssize_t F,
+                                Py_ssize_t P, int groups) noexcept nogil:
+    """Unit u of nu of _pw_dweight cut as a line: the (group, column strip, row tile) triples of the
+    result in that order, cut into nu runs of equal length; one task per group a run touches."""
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups
+    cdef Py_ssize_t nF = (Fg + GEMM_MR - 1) // GEMM_MR, nS = (Cg + GEMM_NR - 1) // GEMM_NR, L = groups * nS * nF
+    cdef Py_ssize_t a = u * L // nu, b = (u + 1) * L // nu, g, e
+    while a < b:
+        g = a // (nS * nF)
+        e = min(b, (g + 1) * nS * nF) - g * nS * nF       # the run's end within group g's pairs
+        chexcy_pw_dweight_task(dout + g * Fg * P, F * P, x + g * Cg * P, C * P, P, 0, N * P, Cg, 0, Fg,
+                               a // nF % nS, (e - 1) // nF + 1, a % nF, (e - 1) % nF + 1, dweight + g * Fg * Cg,
+                               Cg, abuf, bbuf)
+        a = g * nS * nF + e
 
 
 cdef Py_ssize_t _pw_dweight_chunks(Py_ssize_t Fg, Py_ssize_t Cg, Py_ssize_t NP) noexcept nogil:
@@ -951,7 +969,7 @@ cdef void _pw_dweight_chunk(const float* dout, const float* x, float* part, floa
     cdef Py_ssize_t nkb = (N * P + GEMM_KC - 1) // GEMM_KC
     chexcy_pw_dweight_task(dout + g * Fg * P, F * P, x + g * Cg * P, C * P, P, k * nkb // ks * GEMM_KC,
                            min(N * P, (k + 1) * nkb // ks * GEMM_KC), Cg, 0, Fg, 0,
-                           (Cg + GEMM_NR - 1) // GEMM_NR, part, Cg, abuf, bbuf)
+                           (Cg + GEMM_NR - 1) // GEMM_NR, 0, (Fg + GEMM_MR - 1) // GEMM_MR, part, Cg, abuf, bbuf)
 
 
 cdef _pw_dweight_chunked(dout, x, int groups, Py_ssize_t ks):
@@ -987,8 +1005,9 @@ cdef _pw_dweight_chunked(dout, x, int groups, Py_ssize_t ks):
 cdef _pw_dweight(dout, x, int groups):
     """POINTWISE_GEMM dweight at stride 1: dweight[g] (Fg, Cg) = sum over the batch's columns of
     dout[n, g] (Fg, P) x[n, g]^T (P, Cg) (chexcy_pw_dweight_task). Units: rectangles of each group's
-    result (row blocks x column blocks), as many as the threads need and no finer; which thread computes
-    which rectangle does not change a bit of the result."""
+    result (row blocks x column blocks), as many as the threads need and no finer, or one run per thread
+    of the line of (group, strip, tile) (_pw_dweight_line_unit); which thread computes which element does
+    not change a bit of the result."""
     cdef int n_threads = _threads()
     cdef const float[:, :, :, ::1] dv = dout
     cdef const float[:, :, :, ::1] xv = x
@@ -1008,11 +1027,24 @@ cdef _pw_dweight(dout, x, int groups):
                 + tasks * ((nF + r - 1) // r + (nS + c - 1) // c)     # the tiles, then the packing
             if best < 0 or cost < best:
                 best, rb, cb = cost, r, c
+    # or the line of (group, strip, tile) cut into one run per thread, when its busiest run is less work
+    # (each run packs all its rows of dout, and the strips it touches): 128 x 288 (9 strips of 11 tiles)
+    # in two rectangles of 5 strips and 4 had 2 threads at 1.45x one on dweight (288 > 128 at 14x14)
+    cdef Py_ssize_t line = 0, pairs = groups * nF * nS, tr = (nF + rb - 1) // rb, ts = (nS + cb - 1) // cb
+    cdef Py_ssize_t rect_worst = (groups * rb * cb + n_threads - 1) // n_threads * (tr * ts * 64 + tr + ts)
+    cdef Py_ssize_t line_worst = (pairs + n_threads - 1) // n_threads * 64 + nF + (nS + n_threads - 1) // n_threads + 1
+    if n_threads > 1 and nF <= 12 and pairs <= 64 * n_threads and line_worst < rect_worst:
+        line, rb, cb = n_threads, 1, 1
     cdef Py_ssize_t alen = ((nF + rb - 1) // rb + 1) * GEMM_MR * GEMM_KC, blen = GEMM_KC * GEMM_NR
     dweight = _empty((F, Cg, 1, 1))
     cdef float[:, :, :, ::1] wv = dweight
     scratch = _empty((n_threads, alen + blen))
     cdef float[:, ::1] sv = scratch
+    if line:
+        for u in prange(line, nogil=True, schedule="static", num_threads=n_threads):
+            _pw_dweight_line_unit(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &sv[omp_get_thread_num(), 0],
+                                  &sv[omp_get_thread_num(), alen], u, line, N, C, F, P, groups)
+        return dweight
     for u in prange(groups * rb * cb, nogil=True, schedule="static", num_threads=n_threads):
         _pw_dweight_unit(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &sv[omp_get_thread_num(), 0],
                          &sv[omp_get_thread_num(), alen], u, rb, cb, N, C, F, P, groups)

@@ -167,8 +167,8 @@ cdef extern from "_ops_pointwise.h" nogil:
                         float* out, Py_ssize_t out_ns, float* bbuf, float* cbuf, int relu, const float* res)
     void chexcy_pw_dweight_task(const float* dout, Py_ssize_t d_ns, const float* x, Py_ssize_t x_ns,
                                 Py_ssize_t P, Py_ssize_t qa, Py_ssize_t qb, Py_ssize_t Cg, Py_ssize_t m0,
-                                Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float* dweight, Py_ssize_t ldw,
-                                float* abuf, float* bbuf)
+                                Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t ta, Py_ssize_t tb,
+                                float* dweight, Py_ssize_t ldw, float* abuf, float* bbuf)
 
 # batch-norm statistics and apply passes, channel blocks
 cdef extern from "_ops_batchnorm.h" nogil:

@@ -328,21 +328,29 @@ static void chexcy_pw_pack_xt(const float *x, Py_ssize_t x_ns, Py_ssize_t P, Py_
  * multiple of GEMM_KC): all of them for the whole dweight, or one chunk of them for a partial sum.
  *   dout: the group's row 0 of sample 0 (row f of sample n at + n * d_ns + f * P);
  *   x: the group's channel 0 of sample 0 (channel c of sample n at + n * x_ns + c * P);
- *   abuf: mc rounded up to GEMM_MR times GEMM_KC floats, bbuf: GEMM_KC x GEMM_NR (this thread's). */
+ *   abuf: mc rounded up to GEMM_MR times GEMM_KC floats, bbuf: GEMM_KC x GEMM_NR (this thread's).
+ * The first strip starts at row tile ta and the last one ends before tile tb (tiles of GEMM_MR rows
+ * from m0): ta = 0 and tb = ceil(mc / GEMM_MR) for a rectangle, else a run of the line of (strip, tile)
+ * pairs, whose cut strips share their tiles with the neighbouring runs. */
 static void chexcy_pw_dweight_task(const float *dout, Py_ssize_t d_ns, const float *x, Py_ssize_t x_ns,
                                    Py_ssize_t P, Py_ssize_t qa, Py_ssize_t qb, Py_ssize_t Cg, Py_ssize_t m0,
-                                   Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, float *dweight, Py_ssize_t ldw,
-                                   float *abuf, float *bbuf)
+                                   Py_ssize_t mc, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t ta, Py_ssize_t tb,
+                                   float *dweight, Py_ssize_t ldw, float *abuf, float *bbuf)
 {
     float t[GEMM_MR * GEMM_NR] __attribute__((aligned(64)));
+    const Py_ssize_t nq = (mc + GEMM_MR - 1) / GEMM_MR;
+    /* the rows' tiles any strip needs: one strip only needs its own */
+    const Py_ssize_t pa = s1 - s0 == 1 ? ta : 0, pb = s1 - s0 == 1 ? tb : nq;
+    const Py_ssize_t pm = pb * GEMM_MR < mc ? pb * GEMM_MR : mc;
     for (Py_ssize_t q0 = qa; q0 < qb; q0 += GEMM_KC) {
         const Py_ssize_t kc = qb - q0 < GEMM_KC ? qb - q0 : GEMM_KC;
         const int add = q0 > qa;
-        chexcy_pw_pack_dout(dout, d_ns, P, m0, mc, q0, kc, abuf);
+        chexcy_pw_pack_dout(dout, d_ns, P, m0 + pa * GEMM_MR, pm - pa * GEMM_MR, q0, kc, abuf + pa * kc * GEMM_MR);
         for (Py_ssize_t s = s0; s < s1; s++) {
             const Py_ssize_t j0 = s * GEMM_NR, nr = Cg - j0 < GEMM_NR ? Cg - j0 : GEMM_NR;
+            const Py_ssize_t qlo = s == s0 ? ta : 0, qhi = s == s1 - 1 ? tb : nq;
             chexcy_pw_pack_xt(x, x_ns, P, Cg, j0, q0, kc, bbuf);
-            for (Py_ssize_t q = 0; q * GEMM_MR < mc; q++) {
+            for (Py_ssize_t q = qlo; q < qhi; q++) {
                 const Py_ssize_t i0 = m0 + q * GEMM_MR, mr = mc - q * GEMM_MR < GEMM_MR ? mc - q * GEMM_MR : GEMM_MR;
                 float *c = dweight + i0 * ldw + j0;
                 if (mr == GEMM_MR && nr == GEMM_NR) {

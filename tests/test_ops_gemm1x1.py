@@ -45,6 +45,9 @@ CASES = [
     # few strips: the product cut as a line of (group, strip, row tile), strips cut between threads
     ((8, 96, 7, 7), 128, 1, 1),        # DenseNet's 7x7: 13 strips of 11 tiles (AVX-512), a line at 2 threads
     ((3, 72, 7, 7), 72, 1, 2),         # groups: at 3 threads a line across the groups' strips
+    ((2, 96, 9, 9), 36, 1, 1),         # dweight as a line (AVX-512: 3 strips of 3 tiles, 5 pairs and 4)
+    ((3, 96, 13, 11), 36, 1, 1),       # the same over two K blocks, one across a sample
+    ((2, 96, 9, 9), 72, 1, 2),         # dweight's line across groups at 3 threads
     # dweight summed in chunks of the columns (_pw_dweight_chunks: Fg <= 144, Fg Cg <= 16384, N P >= 2048)
     ((3, 20, 30, 31), 14, 1, 1),       # N P = 2790: two chunks (5 and 6 K blocks), a cut inside a sample
     ((8, 16, 40, 40), 20, 1, 1),       # N P = 12800: eight chunks, the most
