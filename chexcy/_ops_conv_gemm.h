@@ -183,7 +183,8 @@ static void chexcy_cg_phase_taps(Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py
 
 /* C (M, (s1 - s0) GEMM_NR), rows ld floats apart, += A B over strips s0 .. s1 - 1 of a product whose B rows
  * are contiguous: row k = (c, t) of B (c = k / taps, t = k % taps) is src + c cs + off[t] + q for the
- * columns q of the strips. ap: A (M, K) in chexcy_gemm_pack_a_part's layout; bbuf: GEMM_KC x GEMM_NR floats.
+ * columns q of the strips. ap: A (M, K) in chexcy_gemm_pack_a_part's layout; bbuf: GEMM_KC x GEMM_NR
+ * floats.
  * K blocks outermost, each element's block sums added in k order (as chexcy_cg_task). */
 static void chexcy_cg_shift_product(const float *src, const Py_ssize_t *off, Py_ssize_t taps, Py_ssize_t cs,
                                     const float *ap, Py_ssize_t M, Py_ssize_t K, Py_ssize_t s0, Py_ssize_t s1,
@@ -269,7 +270,8 @@ static void chexcy_cg_dout_pad(const float *d, Py_ssize_t OH, Py_ssize_t OW, Py_
 }
 
 /* Pack K block kb of A_ab (Cg, Fg T) of one group straight from its weight w (Fg, Cg, KH KW):
- * A_ab[c, f T + t] = w[f, c, tap[t]], in chexcy_gemm_pack_a_part's layout (strips (kc, GEMM_MR), rows past Cg zero). */
+ * A_ab[c, f T + t] = w[f, c, tap[t]], in chexcy_gemm_pack_a_part's layout (strips (kc, GEMM_MR), rows
+ * past Cg zero). */
 static void chexcy_cg_pack_a_phase(const float *w, Py_ssize_t Fg, Py_ssize_t Cg, Py_ssize_t taps,
                                    const Py_ssize_t *tap, Py_ssize_t T, Py_ssize_t kb, float *ap)
 {
@@ -415,8 +417,8 @@ static void chexcy_cg_dweight_task(chexcy_cg_geom g, Py_ssize_t N, Py_ssize_t xs
 
 /* dx of one (n, g): dxp (Cg, Hp, Wp), the padded input gradient, zeroed here, then for every strip of
  * GEMM_NR positions in order: t (K, GEMM_NR) = W^T dout block (tiles over K blocks of Fg), added into
- * dxp where the forward read it. wt: packed W^T of the group (chexcy_gemm_pack_a_part's layout of (K, Fg) rows, i.e.
- * K rows of Fg, strips over K; its K-dim blocks are blocks of Fg); dn: dout[n, g] (Fg, P);
+ * dxp where the forward read it. wt: packed W^T of the group (chexcy_gemm_pack_a_part's layout of (K, Fg)
+ * rows, i.e. K rows of Fg, strips over K; its K-dim blocks are blocks of Fg); dn: dout[n, g] (Fg, P);
  * bbuf: GEMM_KC x GEMM_NR; t: Kp x GEMM_NR (Kp = K rounded up to GEMM_MR). */
 static void chexcy_cg_dx_task(const chexcy_cg_geom *g, float *dxp, Py_ssize_t Cg, const float *wt,
                               const float *dn, Py_ssize_t Fg, Py_ssize_t K, float *bbuf, float *t)

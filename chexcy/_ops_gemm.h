@@ -258,8 +258,9 @@ static inline Py_ssize_t chexcy_gemm_apack_floats(Py_ssize_t M, Py_ssize_t K)
 /* Strips q0 .. q1 - 1 of K block kb of a weight (M, K) whose element (m, k) is w[m * rs + k * cs], times
  * scale[m] when scale is not NULL, into ap (the layout above): a piece of the packing small enough to
  * share among threads. */
-static void chexcy_gemm_pack_a_part(const float *w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t M, Py_ssize_t K,
-                                    Py_ssize_t kb, Py_ssize_t q0, Py_ssize_t q1, float *ap, const float *scale)
+static void chexcy_gemm_pack_a_part(const float *w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t M,
+                                    Py_ssize_t K, Py_ssize_t kb, Py_ssize_t q0, Py_ssize_t q1, float *ap,
+                                    const float *scale)
 {
     const Py_ssize_t Mp = (M + GEMM_MR - 1) / GEMM_MR * GEMM_MR, k0 = kb * GEMM_KC;
     const Py_ssize_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;

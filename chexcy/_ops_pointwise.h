@@ -345,7 +345,8 @@ static void chexcy_pw_dweight_task(const float *dout, Py_ssize_t d_ns, const flo
     for (Py_ssize_t q0 = qa; q0 < qb; q0 += GEMM_KC) {
         const Py_ssize_t kc = qb - q0 < GEMM_KC ? qb - q0 : GEMM_KC;
         const int add = q0 > qa;
-        chexcy_pw_pack_dout(dout, d_ns, P, m0 + pa * GEMM_MR, pm - pa * GEMM_MR, q0, kc, abuf + pa * kc * GEMM_MR);
+        chexcy_pw_pack_dout(dout, d_ns, P, m0 + pa * GEMM_MR, pm - pa * GEMM_MR, q0, kc,
+                            abuf + pa * kc * GEMM_MR);
         for (Py_ssize_t s = s0; s < s1; s++) {
             const Py_ssize_t j0 = s * GEMM_NR, nr = Cg - j0 < GEMM_NR ? Cg - j0 : GEMM_NR;
             const Py_ssize_t qlo = s == s0 ? ta : 0, qhi = s == s1 - 1 ? tb : nq;
