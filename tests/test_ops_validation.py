@@ -266,3 +266,28 @@ def test_malformed_inputs_never_crash_the_interpreter(backend_name, tmp_path):
     for name, _ in EXTREME_CALLS:
         assert f"RAN {name}" in lines, f"{backend_name}: {name} did not run:\n{proc.stdout}"
     assert f"BACKEND {backend_name}" in lines
+
+
+# Geometry values that equal valid ints (and hash like them) but are not ints: each must be judged on
+# its own type, also right after the equal geometry of plain ints was validated (and remembered).
+EQUAL_BUT_NOT_INT = [
+    ("stride-bool", dict(stride=True), dict(stride=1), "stride"),
+    ("stride-pair-bool", dict(stride=(True, 1)), dict(stride=(1, 1)), "stride"),
+    ("padding-pair-float", dict(padding=(0.0, 0)), dict(padding=(0, 0)), "padding"),
+    ("dilation-float", dict(dilation=1.0), dict(dilation=1), "dilation"),
+    ("groups-bool", dict(groups=True), dict(groups=1), "groups"),
+]
+
+
+@pytest.mark.parametrize("name, geometry, ints, fragment", EQUAL_BUT_NOT_INT, ids=[c[0] for c in EQUAL_BUT_NOT_INT])
+def test_conv_geometry_checks_do_not_depend_on_earlier_calls(name, geometry, ints, fragment):
+    for _ in range(2):
+        ops.conv2d_forward(X, W, **ints)
+        ops.conv2d_backward(DOUT, X, W, **ints)
+        with pytest.raises(TypeError, match=fragment):
+            ops.conv2d_forward(X, W, **geometry)
+        with pytest.raises(TypeError, match=fragment):
+            ops.conv2d_backward(DOUT, X, W, **geometry)
+    # NumPy integers are ints: accepted, with the plain ints' result
+    np.testing.assert_array_equal(ops.conv2d_forward(X + 1, W + 1, stride=(np.int64(2), 2), groups=np.int32(1)),
+                                  ops.conv2d_forward(X + 1, W + 1, stride=(2, 2), groups=1))
