@@ -51,7 +51,21 @@ from libc.stdint cimport int32_t, int64_t
 
 from chexcy._ops_kernels cimport *
 from chexcy._blocks cimport empty_at as _empty_at   # outputs: 64-byte aligned, large ones from the block
-from chexcy._blocks import empty as _empty          # cache (chexcy/_blocks.pyx, built once)
+#                                                     cache (chexcy/_blocks.pyx, built once)
+cdef object _F32 = np.float32
+
+
+cdef inline object _empty(shape, dtype=_F32):
+    """An array of `shape` (float32 unless dtype says) from chexcy._blocks (64-byte aligned, its pages
+    mapped), by a C call: a conv call makes several, each right after a kernel has pushed the
+    interpreter's data out of the caches."""
+    return _empty_at(shape, dtype, NULL)
+
+
+cdef inline object _floats(Py_ssize_t n, float** data):
+    """_empty((n,)) and its data pointer in *data: scratch read through the pointer alone, without a
+    memoryview of it."""
+    return _empty_at((n,), _F32, <void**>data)
 
 cdef enum:
     DW_CHUNK = 4096     # floats of dout (one channel block) per dweight chunk: 16 KiB, within L1
@@ -701,22 +715,29 @@ cdef void _gemm_conv_unit(
 
 cdef _packed_weight(const float* w, Py_ssize_t gs, Py_ssize_t rs, Py_ssize_t cs, int groups, Py_ssize_t M,
                     Py_ssize_t K, const float* scale, int n_threads):
+    """_pack_weight_into a fresh (groups, chexcy_gemm_apack_floats(M, K)) array."""
+    cdef float* ap
+    packed = _floats(groups * chexcy_gemm_apack_floats(M, K), &ap)
+    _pack_weight_into(ap, w, gs, rs, cs, groups, M, K, scale, n_threads)
+    return packed.reshape(groups, -1)
+
+
+cdef void _pack_weight_into(float* ap, const float* w, Py_ssize_t gs, Py_ssize_t rs, Py_ssize_t cs, int groups,
+                            Py_ssize_t M, Py_ssize_t K, const float* scale, int n_threads) noexcept:
     """Each group's weight (M, K), element (m, k) of group g at w[g gs + m rs + k cs] (times scale[g M + m]
-    when scale is not NULL), packed for the block products: a (groups, chexcy_gemm_apack_floats(M, K))
-    array. Units are (group, K block, run of row strips), about 8 per thread where the strips allow. In
-    whole K blocks a 768-deep weight was 3 units and a 128-deep one 1, packed by one thread while the
-    other waited: 1x1 768>128 at 7x7, batch 8, fwd+bwd, 2 threads, about 40 us of a 1.1 ms call."""
+    when scale is not NULL), packed for the block products into ap, group g at g
+    chexcy_gemm_apack_floats(M, K). Units are (group, K block, run of row strips), about 8 per thread
+    where the strips allow. In whole K blocks a 768-deep weight was 3 units and a 128-deep one 1, packed
+    by one thread while the other waited: 1x1 768>128 at 7x7, batch 8, fwd+bwd, 2 threads, about 40 us
+    of a 1.1 ms call."""
     cdef Py_ssize_t nkb = (K + GEMM_KC - 1) // GEMM_KC, nq = (M + GEMM_MR - 1) // GEMM_MR
     cdef Py_ssize_t parts = min(nq, max(1, (8 * n_threads + groups * nkb - 1) // (groups * nkb)))
-    cdef Py_ssize_t u, b, p
-    ap = _empty((groups, chexcy_gemm_apack_floats(M, K)))
-    cdef float[:, ::1] av = ap
+    cdef Py_ssize_t u, b, p, apack = chexcy_gemm_apack_floats(M, K)
     for u in prange(groups * nkb * parts, nogil=True, schedule="static", num_threads=n_threads):
         b = u // parts
         p = u % parts
         chexcy_gemm_pack_a_part(w + b // nkb * gs, rs, cs, M, K, b % nkb, p * nq // parts, (p + 1) * nq // parts,
-                                &av[b // nkb, 0], scale + b // nkb * M if scale != NULL else NULL)
-    return ap
+                                ap + b // nkb * apack, scale + b // nkb * M if scale != NULL else NULL)
 
 
 cdef _gemm_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out,
@@ -866,26 +887,29 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
     cdef Py_ssize_t nstrips = (NP + GEMM_NR - 1) // GEMM_NR
     _pw_grid(Fp // GEMM_MR, nstrips, K, groups, n_threads, &rb, &SB, &line)
     cdef Py_ssize_t nsb = (nstrips + SB - 1) // SB
-    cdef const float[:, ::1] av = _packed_weight(w, w_gs, w_rs, w_cs, groups, Fo, K, wscale, n_threads)
-    bp = np.zeros((groups, Fp), np.float32)
-    cdef float[:, ::1] bpv = bp
-    if bias != NULL:
-        for u in range(groups):
-            for f in range(Fo):
-                bpv[u, f] = bias[u * Fo + f]
-    bbuf = _empty((n_threads, SB * GEMM_KC * GEMM_NR))     # a unit's strips of one K block, packed
-    cdef float[:, ::1] bv = bbuf
-    cbuf = _empty((n_threads, SB * ((Fp // GEMM_MR + rb - 1) // rb) * GEMM_MR * GEMM_NR))   # its edge tiles
-    cdef float[:, ::1] cv = cbuf
+    # one scratch block: the packed weight, the bias padded to Fp per group, and per thread a unit's
+    # strips of one K block (packed) and its edge tiles, each part starting on a cache line
+    cdef Py_ssize_t alen = (groups * apack + 15) // 16 * 16, blen = (groups * Fp + 15) // 16 * 16
+    cdef Py_ssize_t bblen = (SB * GEMM_KC * GEMM_NR + 15) // 16 * 16
+    cdef Py_ssize_t cblen = (SB * ((Fp // GEMM_MR + rb - 1) // rb) * GEMM_MR * GEMM_NR + 15) // 16 * 16
+    cdef float* ap
+    _scratch = _floats(alen + blen + n_threads * (bblen + cblen), &ap)     # alive until the return
+    cdef float* bp = ap + alen
+    cdef float* bb = bp + blen
+    cdef float* cb = bb + n_threads * bblen
+    _pack_weight_into(ap, w, w_gs, w_rs, w_cs, groups, Fo, K, wscale, n_threads)
+    for u in range(groups):
+        for f in range(Fp):
+            bp[u * Fp + f] = bias[u * Fo + f] if bias != NULL and f < Fo else 0
     if line:
         for u in prange(line, nogil=True, schedule="static", num_threads=n_threads):
-            _pw_line_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], &cv[omp_get_thread_num(), 0],
+            _pw_line_unit(src, ap, bp, out, bb + omp_get_thread_num() * bblen, cb + omp_get_thread_num() * cblen,
                           u, line, SB, nstrips, apack, Fo, K, src_ns, src_cs, OW, P, rowstep, sw, NP, out_ns, relu,
                           res, groups)
         return
     with nogil:
         for u in prange(groups * rb * nsb, schedule="static", num_threads=n_threads):
-            _pw_unit(src, &av[0, 0], &bpv[0, 0], out, &bv[omp_get_thread_num(), 0], &cv[omp_get_thread_num(), 0],
+            _pw_unit(src, ap, bp, out, bb + omp_get_thread_num() * bblen, cb + omp_get_thread_num() * cblen,
                      u, rb, nsb, SB, nstrips, apack, Fo, K, src_ns, src_cs, OW, P, rowstep, sw, NP, out_ns,
                      relu, res)
 
@@ -1036,18 +1060,18 @@ cdef _pw_dweight(dout, x, int groups):
     if n_threads > 1 and nF <= 12 and pairs <= 64 * n_threads and line_worst < rect_worst:
         line, rb, cb = n_threads, 1, 1
     cdef Py_ssize_t alen = ((nF + rb - 1) // rb + 1) * GEMM_MR * GEMM_KC, blen = GEMM_KC * GEMM_NR
-    dweight = _empty((F, Cg, 1, 1))
-    cdef float[:, :, :, ::1] wv = dweight
-    scratch = _empty((n_threads, alen + blen))
-    cdef float[:, ::1] sv = scratch
+    cdef float* wp
+    cdef float* sp
+    dweight = _floats(F * Cg, &wp).reshape(F, Cg, 1, 1)
+    _scratch = _floats(n_threads * (alen + blen), &sp)     # alive until the return
     if line:
         for u in prange(line, nogil=True, schedule="static", num_threads=n_threads):
-            _pw_dweight_line_unit(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &sv[omp_get_thread_num(), 0],
-                                  &sv[omp_get_thread_num(), alen], u, line, N, C, F, P, groups)
+            _pw_dweight_line_unit(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], wp, sp + omp_get_thread_num() * (alen + blen),
+                                  sp + omp_get_thread_num() * (alen + blen) + alen, u, line, N, C, F, P, groups)
         return dweight
     for u in prange(groups * rb * cb, nogil=True, schedule="static", num_threads=n_threads):
-        _pw_dweight_unit(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &sv[omp_get_thread_num(), 0],
-                         &sv[omp_get_thread_num(), alen], u, rb, cb, N, C, F, P, groups)
+        _pw_dweight_unit(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], wp, sp + omp_get_thread_num() * (alen + blen),
+                         sp + omp_get_thread_num() * (alen + blen) + alen, u, rb, cb, N, C, F, P, groups)
     return dweight
 cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
                       int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w, const float* wscale=NULL):
