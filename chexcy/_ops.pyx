@@ -234,7 +234,7 @@ def _pack_weight(weight, int groups):
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
-def _conv_out_size(int size, int k, int s, int p, int d):
+cdef inline Py_ssize_t _conv_out_size(Py_ssize_t size, Py_ssize_t k, int s, int p, int d) noexcept:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
@@ -625,6 +625,21 @@ cdef _phase_unbatch(q, Py_ssize_t H, Py_ssize_t W, int dil_h, int dil_w):
     return out
 
 
+cdef dict _plans = {}
+
+
+cdef tuple _plan_of(x_shape, w_shape, stride, padding, dilation, int groups):
+    """conv_plan(...), remembered by its arguments: the entry points ask it on every call (5 us right
+    after a kernel, against 0.4 warm)."""
+    key = (x_shape, w_shape, stride, padding, dilation, groups)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= 4096:
+            _plans.clear()
+        plan = _plans[key] = conv_plan(x_shape, w_shape, stride, padding, dilation, groups)
+    return <tuple>plan
+
+
 def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     """The kernel paths of a convolution: (forward, dx, dweight) names from the table above, for x
     (N, C, H, W) and weight (F, C // groups, KH, KW) with (h, w) stride / padding / dilation tuples
@@ -914,16 +929,16 @@ cdef _pw_product(const float* src, Py_ssize_t N, Py_ssize_t src_ns, Py_ssize_t s
                      relu, res)
 
 
-cdef _pw_conv(x, w, const float[::1] bias, float[:, :, :, ::1] out, int groups, int sh, int sw, int relu,
-              const float* res=NULL, const float* wscale=NULL):
-    """POINTWISE_GEMM forward: out = conv(x, w) + bias (then max(., 0) when relu) for a 1x1 kernel without
-    padding, any stride."""
+cdef _pw_conv(x, w, const float[::1] bias, float* out, Py_ssize_t OH, Py_ssize_t OW, int groups, int sh, int sw,
+              int relu, const float* res=NULL, const float* wscale=NULL):
+    """POINTWISE_GEMM forward: out (N, F, OH, OW) = conv(x, w) + bias (then max(., 0) when relu) for a 1x1
+    kernel without padding, any stride."""
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[:, :, :, ::1] wv = w
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], Fg = F // groups, OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t F = w.shape[0], Cg = w.shape[1], Fg = F // groups
     _pw_product(&xv[0, 0, 0, 0], N, C * H * W, H * W, OW, OH * OW, sh * W, sw, &wv[0, 0, 0, 0], Fg * Cg, Cg, 1,
-                groups, Fg, Cg, &bias[0], &out[0, 0, 0, 0], F * OH * OW, relu, res, wscale)
+                groups, Fg, Cg, &bias[0], out, F * OH * OW, relu, res, wscale)
 
 
 cdef _pw_dx(dout, w, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int groups):
@@ -932,10 +947,10 @@ cdef _pw_dx(dout, w, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int groups):
     cdef const float[:, :, :, ::1] dv = dout
     cdef const float[:, :, :, ::1] wv = w
     cdef Py_ssize_t N = dout.shape[0], F = dout.shape[1], Fg = F // groups, Cg = C // groups
-    dx = _empty((N, C, H, W))
-    cdef float[:, :, :, ::1] dxv = dx
+    cdef float* dxp
+    dx = _empty_at((N, C, H, W), _F32, <void**>&dxp)
     _pw_product(&dv[0, 0, 0, 0], N, F * H * W, H * W, W, H * W, W, 1, &wv[0, 0, 0, 0], Fg * Cg, 1, Cg,
-                groups, Cg, Fg, NULL, &dxv[0, 0, 0, 0], C * H * W)
+                groups, Cg, Fg, NULL, dxp, C * H * W)
     return dx
 
 
@@ -1178,9 +1193,8 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, resid
     cdef int dil_h = dilation[0], dil_w = dilation[1]
     N, _, H, W = x.shape
     F, _, KH, KW = weight.shape
-    OH = _conv_out_size(H, KH, sh, ph, dil_h)
-    OW = _conv_out_size(W, KW, sw, pw, dil_w)
-    path = conv_plan(x.shape, weight.shape, stride, padding, dilation, groups)[0]
+    cdef Py_ssize_t OH = _conv_out_size(H, KH, sh, ph, dil_h), OW = _conv_out_size(W, KW, sw, pw, dil_w)
+    path = _plan_of(x.shape, weight.shape, stride, padding, dilation, groups)[0]
     if path.startswith("SUBSAMPLED>") or (path == "POINTWISE_GEMM" and (sh > 1 or sw > 1)):
         # the sampled pixels copied out once (planes in parallel), then the stride-1 product reads whole
         # rows: faster than gathering every other float into the packing (1x1 stride 2, 256 -> 512 at 56,
@@ -1207,15 +1221,16 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, resid
         full = conv2d_forward(x, weight, bias, (1, 1), padding, dilation, groups)
         out = np.ascontiguousarray(full[:, :, :(OH - 1) * sh + 1:sh, :(OW - 1) * sw + 1:sw])
         return _conv_epilogue(out, residual, relu)
-    out = _empty((N, F, OH, OW))
+    cdef float* op
+    out = _empty_at((N, F, OH, OW), _F32, <void**>&op)
     b = np.zeros(F, np.float32) if bias is None else bias
     cdef const float[:, :, :, ::1] rv
     if path == "POINTWISE_GEMM":                # the sum and the ReLU in the tiles' stores
         if residual is None:
-            _pw_conv(x, weight, b, out, groups, sh, sw, relu, NULL, sc)
+            _pw_conv(x, weight, b, op, OH, OW, groups, sh, sw, relu, NULL, sc)
         else:
             rv = residual
-            _pw_conv(x, weight, b, out, groups, sh, sw, relu, &rv[0, 0, 0, 0], sc)
+            _pw_conv(x, weight, b, op, OH, OW, groups, sh, sw, relu, &rv[0, 0, 0, 0], sc)
         return out
     if path == "WINOGRAD" and residual is None:     # the ReLU in the output transform
         _wino_conv(x, weight, b, out, ph, pw, False, relu, sc)
@@ -1278,7 +1293,7 @@ cdef void _dx_plane(
 
 cdef void _dbias_one(
         const float[:, :, :, ::1] dout,             # IN  (N, F, OH, OW)
-        float[::1] dbias,                           # OUT (F,), entry f
+        float* dbias,                               # OUT (F,), entry f
         Py_ssize_t f) noexcept nogil:
     cdef Py_ssize_t n, HW = dout.shape[2] * dout.shape[3]
     cdef double s = 0
@@ -1593,7 +1608,7 @@ cdef _dweight_winograd(dout, x, int ph, int pw):
         for u in prange(P, nogil=True, schedule="static", num_threads=n_threads):
             _wdw_part(dv, &xtv[0], &spv[0, 0], &sv[omp_get_thread_num(), 0], u, P, U, nct, TB, G, tq, Fs, ps)
     for f in prange(F, nogil=True, schedule="static", num_threads=n_threads):
-        _dbias_one(dv, dbv, f)
+        _dbias_one(dv, &dbv[0], f)
         chexcy_wdw_weight_row(&spv[0, 0] + f * Cp, P, ps, Fp * Cp, C, &sv[omp_get_thread_num(), 0],
                               &dwv[f, 0, 0, 0])
     return dweight, dbias
@@ -2031,18 +2046,18 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     cdef const float[:, :, :, ::1] dv = dout
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[:, :, :, ::1] wv = weight
-    _, dx_path, dw_path = conv_plan(x.shape, weight.shape, stride, padding, dilation, groups)
+    _, dx_path, dw_path = _plan_of(x.shape, weight.shape, stride, padding, dilation, groups)
 
     if dx_path == "FIRST_LAYER":
         return _backward_one_channel(dout, x, weight, ph, pw, dil_w)
     if dx_path == "DEPTHWISE":
         return _depthwise_backward(dout, x, weight, sh, sw, ph, pw, dil_h, dil_w)
 
-    dbias = np.empty(F, np.float32)
-    cdef float[::1] dbv = dbias
+    cdef float* dbp
+    dbias = _floats(F, &dbp)
     if sw != 1 or sh > 1 or dw_path in ("POINTWISE_GEMM", "IM2COL_GEMM"):   # else the dweight blocks sum it
         for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
-            _dbias_one(dv, dbv, u)
+            _dbias_one(dv, dbp, u)
 
     cdef Py_ssize_t OH = dout.shape[2], OW = dout.shape[3], Hs, Ws
     if dx_path == "IM2COL_GEMM":
@@ -2123,7 +2138,7 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
             tid = omp_get_thread_num()
             _dw_block(dv, xv, dwv, &pad_s[0, 0], u, min(rows, OH), nb, &part_s[tid, 0], &part_s[tid, part_n],
-                      &dbv[0], groups, sh, ph, pw, dil_h, dil_w)
+                      dbp, groups, sh, ph, pw, dil_h, dil_w)
     else:
         for u in prange(F, nogil=True, schedule="static", num_threads=n_threads):
             _dw_plain(dv, xv, dwv, u, groups, sh, sw, ph, pw, dil_h, dil_w)
