@@ -130,7 +130,7 @@ static void chexcy_pw_pack_b(const chexcy_pw_geom *g, const chexcy_pw_run *runs,
                 const float *s = row + runs[r].src;
                 float *o = d + runs[r].j0;
                 if (sw == 1)
-                    memcpy(o, s, runs[r].len * sizeof(float));
+                    chexcy_copy_short(o, s, runs[r].len);
                 else
                     for (Py_ssize_t j = 0; j < runs[r].len; j++) o[j] = s[j * sw];
             }
@@ -256,7 +256,7 @@ static void chexcy_pw_task(const chexcy_pw_geom *g, const float *ap, const float
                             float *y = base + pc->pdst[r] + i * P;
                             const float *tr = t + i * GEMM_NR + pc->pj[r];
                             if (!rbase) {
-                                memcpy(y, tr, len * sizeof(float));
+                                chexcy_copy_short(y, tr, len);
                                 continue;
                             }
                             const float *rr = rbase + pc->pdst[r] + i * P;

@@ -86,6 +86,16 @@ static inline void chexcy_store_partial(float *p, chexcy_vf v, Py_ssize_t n)
     for (Py_ssize_t j = 0; j < n; j++) p[j] = t[j];
 #endif
 }
+/* dst[0 .. n - 1] = src[0 .. n - 1] (not overlapping) in whole vectors and one partial one, without a
+ * call: the packings copy runs of at most a strip (GEMM_NR floats) per row, and a 7x7 plane's strips
+ * are two or three such runs, where memcpy's call and size dispatch cost about as much as the copy. */
+static inline void chexcy_copy_short(float *dst, const float *src, Py_ssize_t n)
+{
+    Py_ssize_t j = 0;
+    for (; j + CHEXCY_VW <= n; j += CHEXCY_VW) chexcy_store(dst + j, chexcy_load(src + j));
+    if (j < n) chexcy_store_partial(dst + j, chexcy_load_partial(src + j, n - j), n - j);
+}
+
 /* The four lane accumulators of chexcy_sum_rows to one double: (a0 + a1) + (a2 + a3), then its lanes in
  * order. */
 static inline double chexcy_acc_total(const chexcy_vf a[4])
