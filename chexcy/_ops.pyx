@@ -1088,6 +1088,8 @@ cdef _pw_dweight(dout, x, int groups):
         _pw_dweight_unit(&dv[0, 0, 0, 0], &xv[0, 0, 0, 0], wp, sp + omp_get_thread_num() * (alen + blen),
                          sp + omp_get_thread_num() * (alen + blen) + alen, u, rb, cb, N, C, F, P, groups)
     return dweight
+
+
 cdef _gemm_conv_phase(x, w, const float[::1] bias, float[:, :, :, ::1] out,
                       int groups, int sh, int sw, int ph, int pw, int dil_h, int dil_w, const float* wscale=NULL):
     """out = conv(x, w) + bias, the IM2COL_GEMM forward on phase planes (chexcy_cg_task_phase): the

@@ -389,6 +389,7 @@ def _conv_args(fn, x, weight, stride, padding, dilation, groups):
 
 
 def _check_conv_args(fn, x, weight, stride, padding, dilation, groups):
+    """The checks behind _conv_args."""
     _check_ndim(x, 4, fn, "x", "(N, C, H, W)")
     _check_ndim(weight, 4, fn, "weight", "(F, C // groups, KH, KW)")
     _check_nonempty(x.shape, fn, "x", "(N, C, H, W)")
