@@ -199,6 +199,10 @@ def main(argv=None):
     p.add_argument("--baseline", default="",
                    help="--suite nets: also time this compiled module (e.g. an earlier build's "
                         "chexcy/_ops_avx512*.so) round-robin with the current one, as columns base fb, t/b fb, b/c")
+    p.add_argument("--min-time", type=float, default=0.1,
+                   help="--suite nets: each timed block runs past --repeats calls until it spans this many "
+                        "seconds (0.1), so that a short layer's median covers more than one time slice of "
+                        "whatever else runs on the cores")
     p.add_argument("--json", help="also write the raw results to this file")
     p.add_argument("--reuse-memory", action="store_true",
                    help="tune the allocator as `chexcy train` does (chexcy.memory.reuse_freed_memory): "
@@ -207,6 +211,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.repeats < 1:
         p.error("--repeats must be >= 1")
+    if a.min_time < 0:
+        p.error("--min-time must be >= 0")
     threads = [int(t) for t in a.threads.split(",") if t]
     backends = [b for b in a.backends.split(",") if b]
     torch = None
@@ -558,9 +564,12 @@ def _nets_row(spec, rng, torch):
     return r
 
 
-def interleaved_times(fns, repeats, stat="median"):
+def interleaved_times(fns, repeats, stat="median", min_time=0.0):
     """Time several zero-argument callables round-robin (one call of each per round, after a warm-up
-    of each), so that all of them see the same moments of a busy machine; {name: median seconds}."""
+    of each), so that all of them see the same moments of a busy machine; {name: median seconds}.
+    Rounds go on past `repeats` until the timed calls span `min_time` seconds: with 7 rounds a
+    0.1 ms layer's median covered about 2 ms, short enough for one time slice of another process on
+    a core to land on every sample (batch norm 512 at 7x7, 2 threads: 0.195 ms in a run, 0.110 alone)."""
     for fn in fns.values():
         t_end = time.perf_counter() + WARMUP_S
         for k in range(1000):
@@ -568,33 +577,40 @@ def interleaved_times(fns, repeats, stat="median"):
             if k + 1 >= WARMUP_CALLS and time.perf_counter() >= t_end:
                 break
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    t_end = time.perf_counter() + min_time
+    rounds = 0
+    while rounds < repeats or time.perf_counter() < t_end:
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+        rounds += 1
     return {name: STAT[stat](t) for name, t in times.items()}
 
 
 SCALING_ROUNDS = 4
 
 
-def scaling_times(fn, threads, repeats, stat="median"):
+def scaling_times(fn, threads, repeats, stat="median", min_time=0.0):
     """{1: s, threads: s}: fn timed at 1 thread and at `threads`, in SCALING_ROUNDS alternating blocks of
-    `repeats` calls (each after WARMUP_CALLS calls at the new thread count), the stat of each count's
-    calls. Both counts see the same stretches of a busy machine: timed minutes apart, as the 2-thread
-    time was before, a sub-millisecond layer's ratio moved by 0.4 between runs (1x1 704 -> 128 at 7x7,
-    1.40 and 1.82 fwd+bwd), wider than the difference the ratio is there to show."""
+    `repeats` calls or more, until a block spans min_time / SCALING_ROUNDS seconds (each block after
+    WARMUP_CALLS calls at the new thread count), the stat of each count's calls. Both counts see the
+    same stretches of a busy machine: timed minutes apart, as the 2-thread time was before, a
+    sub-millisecond layer's ratio moved by 0.4 between runs (1x1 704 -> 128 at 7x7, 1.40 and 1.82
+    fwd+bwd), wider than the difference the ratio is there to show."""
     times = {1: [], threads: []}
     for _ in range(SCALING_ROUNDS):
         for t in (threads, 1):
             ops.set_num_threads(t)
             for _ in range(WARMUP_CALLS):
                 fn()
-            for _ in range(repeats):
+            t_end = time.perf_counter() + min_time / SCALING_ROUNDS
+            k = 0
+            while k < repeats or time.perf_counter() < t_end:
                 t0 = time.perf_counter()
                 fn()
                 times[t].append(time.perf_counter() - t0)
+                k += 1
     ops.set_num_threads(None)
     return {t: STAT[stat](v) for t, v in times.items()}
 
@@ -638,9 +654,10 @@ def run_nets(a, torch):
     t2 = max(int(t) for t in a.threads.split(",") if t)
     base = _load_baseline(a.baseline) if a.baseline else None
     print(f"# --suite nets: {len(layers)} layers, batch {a.batch}; chexcy at {t2} threads, torch at {t2} threads "
-          f"in its faster layout (NCHW or channels_last); {a.stat} of {a.repeats}, each library timed "
-          f"round-robin on its own; conv rows >= 50 MFLOP: fb at 1 and {t2} threads in {SCALING_ROUNDS} "
-          f"alternating blocks of {a.repeats} for 2T/1T" + (f"; baseline module {a.baseline}" if base else ""))
+          f"in its faster layout (NCHW or channels_last); {a.stat} of >= {a.repeats} calls over >= {a.min_time} s, "
+          f"each library timed round-robin on its own; conv rows >= 50 MFLOP: fb at 1 and {t2} threads in "
+          f"{SCALING_ROUNDS} alternating blocks of >= {a.repeats} calls over >= {a.min_time / SCALING_ROUNDS:g} s "
+          f"for 2T/1T" + (f"; baseline module {a.baseline}" if base else ""))
     head = (f"{'layer':<26}{'unit':>8}{'fwd ms':>9}{'rate':>7}{'fb ms':>9}{'rate':>7}{'1T fb':>8}"
             f"{'2T/1T':>6}{'torch fwd':>10}{'fb':>9}{'lay':>4}{'t/c fwd':>8}{'t/c fb':>7}{'np %':>6}")
     if base:
@@ -662,7 +679,7 @@ def run_nets(a, torch):
                     fns["base_fb"] = r["fb_numpy"]
                 else:
                     fns["base_fb"] = _on_module(base, r["fb"])
-            got = interleaved_times(fns, a.repeats, a.stat)
+            got = interleaved_times(fns, a.repeats, a.stat, a.min_time)
             # torch in its own round-robin, after a pause: chexcy's and torch's OpenMP runtimes are two
             # thread pools whose workers keep spinning after a call (see settle()), so that inside one
             # round-robin each library's calls ran with the other's spinners on a core (measured here,
@@ -674,14 +691,14 @@ def run_nets(a, torch):
             if tfns:
                 settle()
                 with torch.no_grad():
-                    got.update(interleaved_times(tfns, a.repeats, a.stat))
+                    got.update(interleaved_times(tfns, a.repeats, a.stat, a.min_time))
                 settle()
             row.update({k: v for k, v in got.items() if not k.startswith("torch")})
             if "np_ref" in r:
                 # Timed on its own, then a pause: NumPy's matmul wakes OpenBLAS's workers, which keep
                 # spinning on the cores for about 0.1 s (see settle()); inside the round-robin they
                 # took a core from whichever call came next (a 1.2 ms conv fwd+bwd measured 5.4 ms).
-                row["np"] = interleaved_times({"np": r["np_ref"]}, a.repeats, a.stat)["np"]
+                row["np"] = interleaved_times({"np": r["np_ref"]}, a.repeats, a.stat, a.min_time)["np"]
                 settle()
             if "np" in row:
                 row["np"] *= r.get("np_scale", 1.0)
@@ -691,7 +708,7 @@ def run_nets(a, torch):
                 row["torch_fb"], row["torch_fwd"], row["layout"] = got[f"torch_fb{li}"], got[f"torch_fwd{li}"], li
             ops.set_num_threads(None)
             if r.get("mflop", 0) >= 50 and spec[0] == "conv":
-                sc = scaling_times(r["fb"], t2, a.repeats, a.stat)
+                sc = scaling_times(r["fb"], t2, a.repeats, a.stat, a.min_time)
                 row["fb1"], row["fb2"] = sc[1], sc[t2]
         rate = lambda w, t: w / t / 1e9  # noqa: E731
         line = (f"{name:<26}{r['unit']:>8}{row['fwd'] * 1e3:>9.3f}{rate(r['work_fwd'], row['fwd']):>7.1f}"
