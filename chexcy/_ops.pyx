@@ -2723,26 +2723,44 @@ def batch_norm2d_forward(x, weight, bias, double eps):
     return out, mean, var
 
 
-def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
+cdef Py_ssize_t _plane_sample_stride(const float[:, :, :, :] v, str name) except -1:
+    """The distance in floats between v's samples, v (N, C, H, W) with contiguous (C, H, W) planes (a
+    channel prefix of a larger C-contiguous array has them). A dimension of size 1 may have any stride
+    (NumPy calls such arrays C-contiguous)."""
+    cdef Py_ssize_t W = v.shape[3], HW = v.shape[2] * v.shape[3]
+    if (W > 1 and v.strides[3] != 4) or (v.shape[2] > 1 and v.strides[2] != 4 * W) \
+            or (v.shape[1] > 1 and v.strides[1] != 4 * HW) \
+            or (v.shape[0] > 1 and (v.strides[0] < 4 * v.shape[1] * HW or v.strides[0] % 4)):
+        raise ValueError(f"batch_norm2d_backward: {name} needs contiguous (C, H, W) planes, got strides "
+                         f"{[v.strides[i] for i in range(4)]} for shape {[v.shape[i] for i in range(4)]}")
+    return v.strides[0] // 4 if v.shape[0] > 1 else 0
+
+
+def batch_norm2d_backward(dout, x, mean, var, weight, double eps, out=None, bint add=False):
     """dout, x (N, C, H, W), mean, var, weight (C,) -> (dx (N, C, H, W), dweight (C,), dbias (C,)), float32.
 
     With s = 1 / sqrt(var + eps), Sg = sum(dout) and Sgx = sum(dout * (x - mean)) per channel over
     M = N * H * W values: dbias = Sg, dweight = s * Sgx and
-    dx = weight * s * (dout - Sg / M - (x - mean) * s^2 * Sgx / M) = a * dout + ((x - mean) * b + c)."""
+    dx = weight * s * (dout - Sg / M - (x - mean) * s^2 * Sgx / M) = a * dout + ((x - mean) * b + c).
+    x, dout and out need contiguous (C, H, W) planes only (channel prefixes of larger arrays are read
+    and written in place). dx goes to out when given (added to it with add), else to a fresh array."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3], u, n, c
     cdef double sg, sgx
     cdef int n_threads = _threads()
-    dx = _empty(x.shape)
+    dx = _empty(x.shape) if out is None else out
     dweight = np.empty(C, np.float32)
     dbias = np.empty(C, np.float32)
-    cdef const float[:, :, :, ::1] gv = dout
-    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, :] gv = dout       # planes contiguous (checked), samples strided
+    cdef const float[:, :, :, :] xv = x
     cdef const float[::1] mv = mean
     cdef const float[::1] vv = var
     cdef const float[::1] wv = weight
-    cdef float[:, :, :, ::1] dxv = dx
+    cdef float[:, :, :, :] dxv = dx
     cdef float[::1] dwv = dweight
     cdef float[::1] dbv = dbias
+    cdef Py_ssize_t gs = _plane_sample_stride(gv, "dout"), xs = _plane_sample_stride(xv, "x")
+    cdef Py_ssize_t ds = _plane_sample_stride(dxv, "out")
+    cdef int acc = add and out is not None
     cdef const float* gp = &gv[0, 0, 0, 0]
     cdef const float* xp = &xv[0, 0, 0, 0]
     cdef float* dxp = &dxv[0, 0, 0, 0]
@@ -2752,8 +2770,8 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
     cdef Py_ssize_t cb = _bn_block(N, C, HW, n_threads)
     if cb > 0:
         for u in prange((C + cb - 1) // cb, nogil=True, schedule="static", num_threads=n_threads):
-            chexcy_bn_backward_block(gp, xp, dxp, N, C * HW, HW, u * cb, min(C, u * cb + cb), &mv[0], &vv[0],
-                                     &wv[0], eps, &dwv[0], &dbv[0])
+            chexcy_bn_backward_block(gp, gs, xp, xs, dxp, ds, acc, N, HW, u * cb, min(C, u * cb + cb), &mv[0],
+                                     &vv[0], &wv[0], eps, &dwv[0], &dbv[0])
         return dx, dweight, dbias
     plane_g = np.empty((C, N), np.float64)
     plane_gx = np.empty((C, N), np.float64)
@@ -2762,7 +2780,8 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
     pgx = plane_gx
     k = coef
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_plane_grad_sums(gp + u * HW, xp + u * HW, HW, mv[u % C], &pg[u % C, u // C], &pgx[u % C, u // C])
+        chexcy_bn_plane_grad_sums(gp + u // C * gs + u % C * HW, xp + u // C * xs + u % C * HW, HW, mv[u % C],
+                                  &pg[u % C, u // C], &pgx[u % C, u // C])
     with nogil:
         for c in range(C):
             sg = 0
@@ -2774,8 +2793,9 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps):
             dwv[c] = <float>(sgx * (1.0 / sqrt(<double>vv[c] + eps)))
             chexcy_bn_grad_coefficients(vv[c], wv[c], sg, sgx, <double>N * HW, eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_apply_grad(gp + u * HW, xp + u * HW, dxp + u * HW, HW, mv[u % C], k[u % C, 0], k[u % C, 1],
-                             k[u % C, 2])
+        chexcy_bn_apply_grad(gp + u // C * gs + u % C * HW, xp + u // C * xs + u % C * HW,
+                             dxp + u // C * ds + u % C * HW, HW, mv[u % C], k[u % C, 0], k[u % C, 1], k[u % C, 2],
+                             acc)
     return dx, dweight, dbias
 
 
@@ -2868,5 +2888,5 @@ def batch_norm2d_backward_apply(dout, x, mean, var, weight, sum_g, sum_gx, doubl
             chexcy_bn_grad_coefficients(vv[c], wv[c], sgv[c], sgxv[c], count, eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
         chexcy_bn_apply_grad(&gv[u // C, u % C, 0, 0], &xv[u // C, u % C, 0, 0], &dxv[u // C, u % C, 0, 0],
-                             HW, mv[u % C], k[u % C, 0], k[u % C, 1], k[u % C, 2])
+                             HW, mv[u % C], k[u % C, 0], k[u % C, 1], k[u % C, 2], 0)
     return dx

@@ -241,19 +241,24 @@ static inline void chexcy_bn_apply(const float *x, float *out, Py_ssize_t n, flo
     }
 }
 
-/* dx = a * g + ((x - m) * b + c) over one plane of n floats. */
+/* dx = a * g + ((x - m) * b + c) over one plane of n floats; with add, dx += that value (rounded to
+ * float32 first, so the result is the bits of computing dx and then adding it). */
 static inline void chexcy_bn_apply_grad(const float *restrict g, const float *restrict x, float *restrict dx,
-                                        Py_ssize_t n, float m, float a, float b, float c)
+                                        Py_ssize_t n, float m, float a, float b, float c, int add)
 {
     const Py_ssize_t V = CHEXCY_BN_VW;
     const chexcy_bn_vf mv = chexcy_bn_splat_f(m), av = chexcy_bn_splat_f(a), bv = chexcy_bn_splat_f(b),
                        cv = chexcy_bn_splat_f(c);
+    chexcy_bn_vf y;
     Py_ssize_t i = 0;
-    for (; i + V <= n; i += V)
-        chexcy_bn_store(dx + i, av * chexcy_bn_load(g + i) + ((chexcy_bn_load(x + i) - mv) * bv + cv));
-    if (i < n)
-        chexcy_bn_store_head(dx + i, av * chexcy_bn_load_head(g + i, n - i) +
-                                     ((chexcy_bn_load_head(x + i, n - i) - mv) * bv + cv), n - i);
+    for (; i + V <= n; i += V) {
+        y = av * chexcy_bn_load(g + i) + ((chexcy_bn_load(x + i) - mv) * bv + cv);
+        chexcy_bn_store(dx + i, add ? chexcy_bn_load(dx + i) + y : y);
+    }
+    if (i < n) {
+        y = av * chexcy_bn_load_head(g + i, n - i) + ((chexcy_bn_load_head(x + i, n - i) - mv) * bv + cv);
+        chexcy_bn_store_head(dx + i, add ? chexcy_bn_load_head(dx + i, n - i) + y : y, n - i);
+    }
 }
 
 /* A channel's mean and biased variance from its N planes' (sum, m2) of hw values each, in plane order:
@@ -329,19 +334,21 @@ static void chexcy_bn_forward_block(const float *x, float *out, Py_ssize_t N, Py
                             k[c - c0][2], 0);
 }
 
-/* Backward of channels [c0, c1) (planes as chexcy_bn_forward_block's; g: dout, dx written) ->
- * dweight[c], dbias[c]; in the same three phases. */
-static void chexcy_bn_backward_block(const float *g, const float *x, float *dx, Py_ssize_t N, Py_ssize_t xs,
-                                     Py_ssize_t hw, Py_ssize_t c0, Py_ssize_t c1, const float *mean,
-                                     const float *var, const float *weight, double eps, float *dweight,
-                                     float *dbias)
+/* Backward of channels [c0, c1) (g: dout; dx written, or added to with add) -> dweight[c], dbias[c];
+ * in the same three phases as the forward. Plane (n, c) of each array starts at n * (its sample
+ * stride: gs, xs, ds) + c * hw: x and dx may be channel prefixes of larger arrays (a dense block's
+ * buffer and its gradient), read and added to in place. */
+static void chexcy_bn_backward_block(const float *g, Py_ssize_t gs, const float *x, Py_ssize_t xs, float *dx,
+                                     Py_ssize_t ds, int add, Py_ssize_t N, Py_ssize_t hw, Py_ssize_t c0,
+                                     Py_ssize_t c1, const float *mean, const float *var, const float *weight,
+                                     double eps, float *dweight, float *dbias)
 {
     float k[CHEXCY_BN_BLOCK][3];
     double sg[CHEXCY_BN_BLOCK], sgx[CHEXCY_BN_BLOCK], a, b;
     for (Py_ssize_t c = c0; c < c1; c++) {
         double s0 = 0, s1 = 0;
         for (Py_ssize_t n = 0; n < N; n++) {
-            chexcy_bn_plane_grad_sums(g + n * xs + c * hw, x + n * xs + c * hw, hw, mean[c], &a, &b);
+            chexcy_bn_plane_grad_sums(g + n * gs + c * hw, x + n * xs + c * hw, hw, mean[c], &a, &b);
             s0 += a;
             s1 += b;
         }
@@ -355,8 +362,8 @@ static void chexcy_bn_backward_block(const float *g, const float *x, float *dx, 
     }
     for (Py_ssize_t c = c0; c < c1; c++)
         for (Py_ssize_t n = 0; n < N; n++)
-            chexcy_bn_apply_grad(g + n * xs + c * hw, x + n * xs + c * hw, dx + n * xs + c * hw, hw, mean[c],
-                                 k[c - c0][0], k[c - c0][1], k[c - c0][2]);
+            chexcy_bn_apply_grad(g + n * gs + c * hw, x + n * xs + c * hw, dx + n * ds + c * hw, hw, mean[c],
+                                 k[c - c0][0], k[c - c0][1], k[c - c0][2], add);
 }
 
 #endif

@@ -177,7 +177,7 @@ cdef extern from "_ops_batchnorm.h" nogil:
                                    double* sum_g, double* sum_gx)
     void chexcy_bn_apply(const float* x, float* out, Py_ssize_t n, float m, float a, float b, int relu)
     void chexcy_bn_apply_grad(const float* g, const float* x, float* dx, Py_ssize_t n, float m, float a,
-                              float b, float c)
+                              float b, float c, int add)
     void chexcy_bn_combine(const double* ps, const double* pm, Py_ssize_t N, Py_ssize_t hw, double* mean,
                            double* var)
     void chexcy_bn_coefficients(double mean, double var, float weight, float bias, double eps, float* k)
@@ -188,10 +188,10 @@ cdef extern from "_ops_batchnorm.h" nogil:
     void chexcy_bn_forward_block(const float* x, float* out, Py_ssize_t N, Py_ssize_t xs, Py_ssize_t hw,
                                  Py_ssize_t c0, Py_ssize_t c1, const float* weight, const float* bias,
                                  double eps, double* scratch, float* mean, float* var)
-    void chexcy_bn_backward_block(const float* g, const float* x, float* dx, Py_ssize_t N, Py_ssize_t xs,
-                                  Py_ssize_t hw, Py_ssize_t c0, Py_ssize_t c1, const float* mean,
-                                  const float* var, const float* weight, double eps, float* dweight,
-                                  float* dbias)
+    void chexcy_bn_backward_block(const float* g, Py_ssize_t gs, const float* x, Py_ssize_t xs, float* dx,
+                                  Py_ssize_t ds, int add, Py_ssize_t N, Py_ssize_t hw, Py_ssize_t c0,
+                                  Py_ssize_t c1, const float* mean, const float* var, const float* weight,
+                                  double eps, float* dweight, float* dbias)
 
 # max / average pool planes and rows
 cdef extern from "_ops_pool.h" nogil:

@@ -734,8 +734,11 @@ def _bn_eps(eps, fn):
     return eps
 
 
-def _bn_x(x, fn, name="x"):
-    x = _float_array(x, fn, name)
+def _bn_x(x, fn, name="x", planes=False):
+    """x checked for batch norm: C-contiguous float32, or with planes=True any float32 array whose
+    (C, H, W) planes are contiguous (a channel prefix of a larger array, read in place)."""
+    if not (planes and _planes_contiguous(x)):
+        x = _float_array(x, fn, name)
     _check_ndim(x, 4, fn, name, "(N, C, H, W)")
     _check_nonempty(x.shape, fn, name, "(N, C, H, W)")
     N, C, H, W = x.shape
@@ -763,18 +766,25 @@ def batch_norm2d_forward(x, weight, bias, eps=1e-5):
     return _backend().batch_norm2d_forward(x, weight, bias, _bn_eps(eps, fn))
 
 
-def batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5):
+def batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5, *, out=None, accumulate=False):
     """Gradients of batch_norm2d_forward with respect to x, weight and bias.
 
     dout and x (N, C, H, W); mean, var (C,) as returned by the forward pass; weight (C,) or None;
     the forward's eps. xhat = (x - mean) / sqrt(var + eps) is recomputed from x (so a layer keeps x,
-    not a second activation-sized array). Returns fresh float32 arrays (dx (N, C, H, W),
+    not a second activation-sized array). Returns float32 (dx (N, C, H, W),
     dweight (C,) = sum(dout * xhat), dbias (C,) = sum(dout)), sums over (N, H, W); dx is the full
     batch-statistics gradient: weight / sqrt(var + eps) * (dout - mean(dout) - xhat * mean(dout * xhat)).
+
+    x (and dout) are read in place when their (C, H, W) planes are contiguous float32: a channel
+    prefix buf[:, :c] of a larger C-contiguous array is, and is not copied. dx is a fresh array, or
+    with out (a writeable float32 array of x's shape with contiguous (C, H, W) planes, such as a
+    prefix of a gradient buffer; overlapping neither dout nor x) is written into out, or added to it
+    with accumulate=True (out += dx, dx rounded to float32 first, so the sum is that of adding a
+    fresh dx), and out is returned as dx.
     """
     fn = "batch_norm2d_backward"
-    dout = _float_array(dout, fn, "dout")
-    x = _bn_x(x, fn)
+    dout = dout if _planes_contiguous(dout) else _float_array(dout, fn, "dout")
+    x = _bn_x(x, fn, planes=True)
     if dout.shape != x.shape:
         raise ValueError(f"{fn}: dout must have x's shape {x.shape}, got {dout.shape}")
     C = x.shape[1]
@@ -784,7 +794,22 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5):
     mean = _bn_channel_vector(mean, C, fn, "mean", x.shape, 0.0)
     var = _bn_channel_vector(var, C, fn, "var", x.shape, 0.0)
     weight = _bn_channel_vector(weight, C, fn, "weight", x.shape, 1.0)
-    return _backend().batch_norm2d_backward(dout, x, mean, var, weight, _bn_eps(eps, fn))
+    if out is None:
+        if accumulate:
+            raise ValueError(f"{fn}: accumulate=True adds dx into out, but out is None")
+        return _backend().batch_norm2d_backward(dout, x, mean, var, weight, _bn_eps(eps, fn))
+    if not _planes_contiguous(out):
+        raise ValueError(f"{fn}: out must be a float32 ndarray with contiguous (C, H, W) planes (C-contiguous, "
+                         f"or a channel prefix of such an array), got {type(out).__name__} "
+                         f"{getattr(out, 'dtype', '')} strides {getattr(out, 'strides', '')}".rstrip())
+    if out.shape != x.shape:
+        raise ValueError(f"{fn}: out has shape {out.shape}, x {x.shape}: they must match")
+    if not out.flags.writeable:
+        raise ValueError(f"{fn}: out {out.shape} is read-only")
+    for name, value in (("dout", dout), ("x", x)):
+        if np.may_share_memory(out, value):
+            raise ValueError(f"{fn}: out overlaps {name}; dx needs an array of its own")
+    return _backend().batch_norm2d_backward(dout, x, mean, var, weight, _bn_eps(eps, fn), out, bool(accumulate))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -891,11 +916,16 @@ def batch_norm2d_combine_stats(plane_sum, plane_m2, plane_size):
 
 def _planes_contiguous(x):
     """Whether x (N, C, H, W) float32 has contiguous (C, H, W) planes, its samples any (positive) distance
-    apart: a channel prefix x[:, :c] of a larger C-contiguous array is."""
+    apart: a channel prefix x[:, :c] of a larger C-contiguous array is. As in NumPy's C-contiguity, the
+    stride of a dimension of size 1 does not matter."""
     if type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 4 or not x.flags.aligned:
         return False
-    _, _, H, W = x.shape
-    return x.strides[1:] == (4 * H * W, 4 * W, 4) and x.strides[0] >= 4 * x.shape[1] * H * W
+    if x.flags.c_contiguous:
+        return True
+    N, C, H, W = x.shape
+    s0, s1, s2, s3 = x.strides
+    return (W == 1 or s3 == 4) and (H == 1 or s2 == 4 * W) and (C == 1 or s1 == 4 * H * W) \
+        and (N == 1 or (s0 >= 4 * C * H * W and s0 % 4 == 0))
 
 
 def batch_norm2d_apply(x, mean, var, weight, bias, eps=1e-5, relu=False, out=None):

@@ -249,6 +249,31 @@ def test_dense_block_equals_concatenating_layers(training):
         assert training == (not np.array_equal(b, start[n])), n
 
 
+def test_dense_block_on_chexcy_ops_equals_concatenating_layers():
+    """The float32 path of training (chexcy.ops): norm1's backward reads the buffer's channel prefix in
+    place and adds its dx straight into the block's gradient buffer. Same values as the concatenating
+    version up to float32 rounding (the shared statistics are computed once, the bottleneck input
+    recomputed); a dx written over the buffer instead of added, or added twice, is off by O(1)."""
+    rng = np.random.default_rng(14)
+    block = nn.DenseBlock(4, 9, 2, 5, rng)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data[:] = rng.uniform(0.5, 2, m.weight.shape)
+            m.bias.data[:] = rng.standard_normal(m.bias.shape)
+    x = rng.standard_normal((3, 9, 6, 7)).astype(np.float32)
+    dout = rng.standard_normal((3, 9 + 4 * 5, 6, 7)).astype(np.float32)
+    out = block.forward(x).copy()
+    dx = block.backward(dout.copy())
+    grads = {n: p.grad.copy() for n, p in block.named_parameters()}
+    naive = naive_dense_block(block)
+    np.testing.assert_allclose(out, naive.forward(x), rtol=1e-4, atol=1e-4)
+    want_dx = naive.backward(dout.copy())
+    scale = np.abs(want_dx).max()
+    np.testing.assert_allclose(dx, want_dx, rtol=0, atol=2e-5 * scale)
+    for n, p in block.named_parameters():
+        np.testing.assert_allclose(grads[n], p.grad, rtol=0, atol=2e-5 * np.abs(p.grad).max(), err_msg=n)
+
+
 LAYER_CASES = [
     ("basic_identity", lambda r: nn.BasicBlock(3, 3, 1, rng=r), (2, 3, 5, 5)),
     ("basic_downsample", lambda r: nn.BasicBlock(2, 4, 2, rng=r), (2, 2, 7, 6)),

@@ -376,3 +376,116 @@ def test_batch_norm_apply_in_place_and_bad_out(backend, rng):
         big = np.zeros((2, 6, 5, 4), np.float32)
         with pytest.raises(ValueError, match="overlaps x"):
             ops.batch_norm2d_apply(big[:, :3], mean, var, w, b, out=big.reshape(-1)[8:8 + x.size].reshape(x.shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# batch_norm2d_backward on channel prefixes, into (or added to) a given array: how a dense block's layer
+# takes the gradient of its buffer's first c channels without copying them and adds it to the block's
+# gradient buffer in the same pass.
+
+def prefix_of(rng, shape, extra, fill=None):
+    """A channel prefix view (N, C, H, W) of a C-contiguous (N, C + extra, H, W) array, and that array."""
+    N, C, H, W = shape
+    big = rng.standard_normal((N, C + extra, H, W)).astype(np.float32) if fill is None else \
+        np.full((N, C + extra, H, W), fill, np.float32)
+    return big[:, :C], big
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+@pytest.mark.parametrize("case", BN_SHAPES, ids=shape_id)
+def test_batch_norm_backward_on_a_channel_prefix_into_out_equals_a_fresh_dx(backend, case, rng):
+    N, C, H, W, offset = case
+    x, weight, bias, dout = make_bn_inputs(rng, case)
+    x_view, x_big = prefix_of(rng, x.shape, 3)
+    x_view[...] = x
+    dout_view, _ = prefix_of(rng, x.shape, 1)
+    dout_view[...] = dout
+    target, target_big = prefix_of(rng, x.shape, 2)
+    before, x_before = target_big.copy(), x_big.copy()
+    with ops.use_backend(backend):
+        _, mean, var = ops.batch_norm2d_forward(x, weight, bias)
+        want = ops.batch_norm2d_backward(dout, x, mean, var, weight)
+        added = ops.batch_norm2d_backward(dout_view, x_view, mean, var, weight, out=target, accumulate=True)
+        assert added[0] is target
+        after_add = target_big.copy()
+        written = ops.batch_norm2d_backward(dout_view, x_view, mean, var, weight, out=target)
+    # dx rounded to float32, then one float32 add: the bits of `target += dx` with a fresh dx.
+    assert_array_equal(after_add[:, :C], before[:, :C] + want[0], err_msg=f"accumulate {shape_id(case)}")
+    assert_array_equal(target, want[0], err_msg=f"out {shape_id(case)}")
+    assert_array_equal(target_big[:, C:], before[:, C:])         # the channels past the prefix untouched
+    for got in (added, written):
+        assert_array_equal(got[1], want[1])
+        assert_array_equal(got[2], want[2])
+    assert_array_equal(x_big, x_before)
+
+
+@needs_compiled
+def test_batch_norm_backward_into_a_prefix_bitwise_identical_for_1_2_3_threads(rng):
+    # C = 7 (< 4 blocks per thread: the plane-split path at 2 and 3 threads) and C = 40 (channel blocks).
+    for C in (7, 40):
+        x, weight, bias, dout = make_bn_inputs(rng, (3, C, 9, 11, 1.0))
+        x_view, _ = prefix_of(rng, x.shape, 5)
+        x_view[...] = x
+        start = rng.standard_normal((3, C + 4, 9, 11)).astype(np.float32)
+        results = {}
+        try:
+            with ops.use_backend("cython"):
+                _, mean, var = ops.batch_norm2d_forward(x, weight, bias)
+                for n in (1, 2, 3):
+                    ops.set_num_threads(n)
+                    big = start.copy()
+                    _, dw, db = ops.batch_norm2d_backward(dout, x_view, mean, var, weight, out=big[:, :C],
+                                                          accumulate=True)
+                    results[n] = (big, dw, db)
+        finally:
+            ops.set_num_threads(None)
+        for n in (2, 3):
+            for name, a, b in zip(("buffer", "dweight", "dbias"), results[1], results[n]):
+                assert np.array_equal(a, b), f"C={C} {name}: 1 and {n} threads differ"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_backward_rejects_a_bad_out_by_name(backend, rng):
+    x, weight, bias, dout = make_bn_inputs(rng, (2, 3, 5, 4, 0.0))
+    with ops.use_backend(backend):
+        _, mean, var = ops.batch_norm2d_forward(x, weight, bias)
+
+        def call(**kw):
+            return ops.batch_norm2d_backward(dout, x, mean, var, weight, **kw)
+        with pytest.raises(ValueError, match="accumulate=True adds dx into out, but out is None"):
+            call(accumulate=True)
+        with pytest.raises(ValueError, match="out has shape"):
+            call(out=np.empty((2, 3, 5, 5), np.float32))
+        with pytest.raises(ValueError, match="contiguous \\(C, H, W\\) planes"):
+            call(out=np.empty((2, 3, 5, 4)))                       # float64
+        with pytest.raises(ValueError, match="contiguous \\(C, H, W\\) planes"):
+            call(out=np.empty((2, 3, 5, 5), np.float32)[:, :, :, :4])
+        ro = np.empty_like(x)
+        ro.flags.writeable = False
+        with pytest.raises(ValueError, match="read-only"):
+            call(out=ro)
+        with pytest.raises(ValueError, match="out overlaps x"):
+            ops.batch_norm2d_backward(dout, x, mean, var, weight, out=x)
+        with pytest.raises(ValueError, match="out overlaps dout"):
+            g = dout.copy()
+            ops.batch_norm2d_backward(g, x, mean, var, weight, out=g, accumulate=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_backward_takes_any_stride_on_a_size_one_dimension(backend, rng):
+    # NumPy calls (2, 1, 4, 3) arrays with strides (48, 4, 12, 4) C-contiguous: they reach the kernels
+    # uncopied, and the channel axis's stride must not matter there.
+    x, weight, bias, dout = make_bn_inputs(rng, (2, 1, 4, 3, 0.0))
+    def odd(a):
+        return np.lib.stride_tricks.as_strided(a.copy(), a.shape, (48, 4, 12, 4))
+    odd_x, odd_g = odd(x), odd(dout)
+    assert odd_x.flags.c_contiguous and odd_x.strides[1] == 4
+    with ops.use_backend(backend):
+        _, mean, var = ops.batch_norm2d_forward(x, weight, bias)
+        want = ops.batch_norm2d_backward(dout, x, mean, var, weight)
+        got = ops.batch_norm2d_backward(odd_g, odd_x, mean, var, weight)
+        target = odd(np.zeros_like(x))
+        ops.batch_norm2d_backward(odd_g, odd_x, mean, var, weight, out=target, accumulate=True)
+    for g, w in zip(got, want):
+        assert_array_equal(g, w)
+    assert_array_equal(target, want[0])

@@ -184,8 +184,9 @@ class DenseLayer(Module):
         kernels().relu_forward(z, True)                 # in place, on the kernels' threads
         return kernels().conv2d_forward(z, self.conv2.weight.data, None, *self._conv2_args())
 
-    def backward_from(self, dnew, buffer, c, stats, scratch, scratch2):
-        """dnew (N, g, H, W), the gradient of this layer's output -> the gradient of buffer[:, :c].
+    def backward_into(self, dnew, buffer, c, stats, scratch, scratch2, dprefix):
+        """dnew (N, g, H, W), the gradient of this layer's output: adds the gradient of buffer[:, :c] to
+        dprefix (N, c, H, W), a channel prefix of the block's gradient buffer.
 
         Sets .grad of the layer's parameters; recomputes both ReLU outputs into the scratch arrays.
         """
@@ -200,7 +201,8 @@ class DenseLayer(Module):
             y, self._kept = self._kept, None
             dy, self.conv1.weight.grad, _ = kernels().conv2d_backward(dh, y, self.conv1.weight.data, *_ONE)
             np.multiply(dy, y > 0, out=dy)
-            return self.norm1.backward(dy)
+            _add_into(dprefix, self.norm1.backward(dy))
+            return
         z = self._conv2_input(scratch2)
         dz, self.conv2.weight.grad, _ = kernels().conv2d_backward(dnew, z, self.conv2.weight.data,
                                                                   *self._conv2_args())
@@ -210,9 +212,17 @@ class DenseLayer(Module):
         dy = kernels().relu_backward(dy, y)
         norm = self.norm1
         if norm.training:
-            dx, norm.weight.grad, norm.bias.grad = BatchNorm2d._batch_norm_ops(dy.dtype).batch_norm2d_backward(
-                dy, prefix, stats[0], stats[1], norm.weight.data.astype(dy.dtype, copy=False), norm.eps)
-            return dx
+            bn = BatchNorm2d._batch_norm_ops(dy.dtype)
+            weight = norm.weight.data.astype(dy.dtype, copy=False)
+            from chexcy import ops
+            if bn is ops:       # reads the prefix in place and adds dx into dprefix in the same pass
+                _, norm.weight.grad, norm.bias.grad = ops.batch_norm2d_backward(
+                    dy, prefix, stats[0], stats[1], weight, norm.eps, out=dprefix, accumulate=True)
+                return
+            dx, norm.weight.grad, norm.bias.grad = bn.batch_norm2d_backward(dy, prefix, stats[0], stats[1], weight,
+                                                                           norm.eps)
+            _add_into(dprefix, dx)
+            return
         # Eval mode: norm1 is the affine map x * scale + shift with the running statistics.
         dtype = dy.dtype
         mean = norm.running_mean.astype(dtype)
@@ -220,7 +230,7 @@ class DenseLayer(Module):
         norm.bias.grad = dy.sum(axis=(0, 2, 3))
         norm.weight.grad = np.einsum("nchw,nchw->c", dy, prefix - mean[:, None, None]) * inv_std
         dy *= (norm.weight.data.astype(dtype, copy=False) * inv_std)[:, None, None]
-        return dy
+        _add_into(dprefix, dy)
 
 
 class DenseBlock(Module):
@@ -281,7 +291,7 @@ class DenseBlock(Module):
             c = self.in_channels + i * g
             stats = (mean[:c], var[:c]) if mean is not None else None
             dnew = np.ascontiguousarray(dbuf[:, c:c + g])
-            _add_into(dbuf[:, :c], self.layers[i].backward_from(dnew, buffer, c, stats, scratch, scratch2))
+            self.layers[i].backward_into(dnew, buffer, c, stats, scratch, scratch2, dbuf[:, :c])
         self._cache = None
         return np.ascontiguousarray(dbuf[:, :self.in_channels])
 
