@@ -25,8 +25,9 @@
  * - Every loop runs in vectors to the end of its plane: the last partial vector is a masked load
  *   (AVX-512 / AVX2) and, for the deviations, a lane mask. A 7 x 7 plane (49 floats) is 3 vectors
  *   (AVX-512), not 1 vector and a 17-float scalar float64 tail whose 4-cycle add chain was most of the
- *   plane's time. Lanes are summed by halving (4 dependent adds at AVX-512, not 15), in an order fixed
- *   by the plane size alone.
+ *   plane's time. Lanes are summed by halving (3 dependent adds at AVX-512, not 7), in an order fixed
+ *   by the plane size alone. Every vector is one register (a float vector's halves widen to two
+ *   float64 vectors), so no variant has the compiler split a double-width vector lane by lane.
  * - A plane's statistics take one pass with two independent sums (chexcy_bn_plane_stats), not a sum,
  *   a divide and then a second pass waiting on them.
  * - Channel blocks (up to CHEXCY_BN_BLOCK channels) run each phase over the whole block, so the
@@ -47,18 +48,22 @@
 
 #if defined(__AVX512F__)
 #define CHEXCY_BN_VW 16
-#define CHEXCY_BN_IOTA {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
+#define CHEXCY_BN_IOTA {0, 1, 2, 3, 4, 5, 6, 7}
 #elif defined(__AVX2__)
 #define CHEXCY_BN_VW 8
-#define CHEXCY_BN_IOTA {0, 1, 2, 3, 4, 5, 6, 7}
+#define CHEXCY_BN_IOTA {0, 1, 2, 3}
 #else
 #define CHEXCY_BN_VW 4
-#define CHEXCY_BN_IOTA {0, 1, 2, 3}
+#define CHEXCY_BN_IOTA {0, 1}
 #endif
+#define CHEXCY_BN_DW (CHEXCY_BN_VW / 2)     /* doubles per vector: one register, as a float vector */
 
+/* Every vector type is one register of the target: wider ones (16 doubles in two zmm, 8 in two ymm)
+ * were lowered lane by lane on AVX2 (vpinsrq, spills), most of a 7 x 7 plane's time on an AMD EPYC. */
 typedef float chexcy_bn_vf __attribute__((vector_size(CHEXCY_BN_VW * sizeof(float))));
-typedef double chexcy_bn_vd __attribute__((vector_size(CHEXCY_BN_VW * sizeof(double))));
-typedef long long chexcy_bn_vl __attribute__((vector_size(CHEXCY_BN_VW * sizeof(long long))));
+typedef float chexcy_bn_vh __attribute__((vector_size(CHEXCY_BN_DW * sizeof(float))));
+typedef double chexcy_bn_vd __attribute__((vector_size(CHEXCY_BN_DW * sizeof(double))));
+typedef long long chexcy_bn_vl __attribute__((vector_size(CHEXCY_BN_DW * sizeof(long long))));
 typedef int chexcy_bn_vi __attribute__((vector_size(CHEXCY_BN_VW * sizeof(int))));
 
 static inline chexcy_bn_vf chexcy_bn_load(const float *p)
@@ -98,12 +103,36 @@ static inline void chexcy_bn_store_head(float *p, chexcy_bn_vf v, Py_ssize_t r)
 #endif
 }
 
-static inline chexcy_bn_vd chexcy_bn_widen(chexcy_bn_vf v) { return __builtin_convertvector(v, chexcy_bn_vd); }
+/* The low and the high half of v's lanes, widened to float64: one vcvtps2pd each on AVX2 / AVX-512 (GCC
+ * 12 lowered __builtin_convertvector of the halves through memory and 128-bit pieces). */
+static inline chexcy_bn_vd chexcy_bn_widen_lo(chexcy_bn_vf v)
+{
+#if defined(__AVX512F__)
+    return (chexcy_bn_vd)_mm512_cvtps_pd(_mm512_castps512_ps256((__m512)v));
+#elif defined(__AVX2__)
+    return (chexcy_bn_vd)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v));
+#else
+    const chexcy_bn_vh h = __builtin_shufflevector(v, v, 0, 1);
+    return __builtin_convertvector(h, chexcy_bn_vd);
+#endif
+}
+
+static inline chexcy_bn_vd chexcy_bn_widen_hi(chexcy_bn_vf v)
+{
+#if defined(__AVX512F__)
+    return (chexcy_bn_vd)_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)v), 1)));
+#elif defined(__AVX2__)
+    return (chexcy_bn_vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1));
+#else
+    const chexcy_bn_vh h = __builtin_shufflevector(v, v, 2, 3);
+    return __builtin_convertvector(h, chexcy_bn_vd);
+#endif
+}
 
 static inline chexcy_bn_vd chexcy_bn_splat_d(double s)
 {
     chexcy_bn_vd v;
-    for (int j = 0; j < CHEXCY_BN_VW; j++) v[j] = s;
+    for (int j = 0; j < CHEXCY_BN_DW; j++) v[j] = s;
     return v;
 }
 
@@ -114,7 +143,7 @@ static inline chexcy_bn_vf chexcy_bn_splat_f(float s)
     return v;
 }
 
-/* v with the lanes from r on set to +0.0 (0 < r < VW). */
+/* v with the lanes from r on set to +0.0 (all kept when r >= DW, none when r <= 0). */
 static inline chexcy_bn_vd chexcy_bn_keep_head(chexcy_bn_vd v, Py_ssize_t r)
 {
     const chexcy_bn_vl lane = CHEXCY_BN_IOTA;
@@ -122,23 +151,20 @@ static inline chexcy_bn_vd chexcy_bn_keep_head(chexcy_bn_vd v, Py_ssize_t r)
     return (chexcy_bn_vd)((chexcy_bn_vl)v & keep);
 }
 
-/* Sum of a + b's lanes by halving: lane j + lane j + VW/2, and so on down to one; in registers (through
- * memory, each halving step's loads waited on the previous step's stores). */
-static inline double chexcy_bn_total(chexcy_bn_vd a, chexcy_bn_vd b)
+/* Sum of the lanes of (a + b) + (c + d) by halving: lane j + lane j + DW/2, and so on down to one; in
+ * registers (through memory, each halving step's loads waited on the previous step's stores). */
+static inline double chexcy_bn_total(chexcy_bn_vd a, chexcy_bn_vd b, chexcy_bn_vd c, chexcy_bn_vd d)
 {
-    chexcy_bn_vd v = a + b;
-#if CHEXCY_BN_VW == 16
-    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-#elif CHEXCY_BN_VW == 8
+    chexcy_bn_vd v = (a + b) + (c + d);
+#if CHEXCY_BN_DW == 8
     v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
     v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
     v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
-#else
+#elif CHEXCY_BN_DW == 4
     v += __builtin_shufflevector(v, v, 2, 3, 0, 1);
     v += __builtin_shufflevector(v, v, 1, 0, 3, 2);
+#else
+    v += __builtin_shufflevector(v, v, 1, 0);
 #endif
     return v[0];
 }
@@ -155,30 +181,48 @@ static inline void chexcy_bn_plane_stats(const float *restrict p, Py_ssize_t n, 
     const Py_ssize_t V = CHEXCY_BN_VW;
     const double k = isfinite(p[0]) ? (double)p[0] : 0.0;
     const chexcy_bn_vd kv = chexcy_bn_splat_d(k);
-    chexcy_bn_vd s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0}, d0, d1;
+    chexcy_bn_vd s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+    chexcy_bn_vd d0, d1, d2, d3;
+    chexcy_bn_vf a, b;
     Py_ssize_t i = 0;
     double S1, S2, q;
-    for (; i + 2 * V <= n; i += 2 * V) {
-        d0 = chexcy_bn_widen(chexcy_bn_load(p + i)) - kv;
-        d1 = chexcy_bn_widen(chexcy_bn_load(p + i + V)) - kv;
+    for (; i + 2 * V <= n; i += 2 * V) {       /* four independent chains per sum */
+        a = chexcy_bn_load(p + i);
+        b = chexcy_bn_load(p + i + V);
+        d0 = chexcy_bn_widen_lo(a) - kv;
+        d1 = chexcy_bn_widen_hi(a) - kv;
+        d2 = chexcy_bn_widen_lo(b) - kv;
+        d3 = chexcy_bn_widen_hi(b) - kv;
+        s0 += d0;
+        s1 += d1;
+        s2 += d2;
+        s3 += d3;
+        q0 += d0 * d0;
+        q1 += d1 * d1;
+        q2 += d2 * d2;
+        q3 += d3 * d3;
+    }
+    if (i + V <= n) {
+        a = chexcy_bn_load(p + i);
+        d0 = chexcy_bn_widen_lo(a) - kv;
+        d1 = chexcy_bn_widen_hi(a) - kv;
         s0 += d0;
         s1 += d1;
         q0 += d0 * d0;
         q1 += d1 * d1;
-    }
-    if (i + V <= n) {
-        d0 = chexcy_bn_widen(chexcy_bn_load(p + i)) - kv;
-        s0 += d0;
-        q0 += d0 * d0;
         i += V;
     }
     if (i < n) {
-        d1 = chexcy_bn_keep_head(chexcy_bn_widen(chexcy_bn_load_head(p + i, n - i)) - kv, n - i);
-        s1 += d1;
-        q1 += d1 * d1;
+        a = chexcy_bn_load_head(p + i, n - i);
+        d2 = chexcy_bn_keep_head(chexcy_bn_widen_lo(a) - kv, n - i);
+        d3 = chexcy_bn_keep_head(chexcy_bn_widen_hi(a) - kv, n - i - CHEXCY_BN_DW);
+        s2 += d2;
+        s3 += d3;
+        q2 += d2 * d2;
+        q3 += d3 * d3;
     }
-    S1 = chexcy_bn_total(s0, s1);
-    S2 = chexcy_bn_total(q0, q1);
+    S1 = chexcy_bn_total(s0, s1, s2, s3);
+    S2 = chexcy_bn_total(q0, q1, q2, q3);
     q = S2 - S1 * S1 / (double)n;
     *sum = S1 + (double)n * k;
     *m2 = q < 0 ? 0 : q;          /* rounding can leave -1e-16 S2; a NaN stays NaN */
@@ -189,32 +233,54 @@ static inline void chexcy_bn_plane_grad_sums(const float *restrict g, const floa
                                              double mean, double *sum_g, double *sum_gx)
 {
     const Py_ssize_t V = CHEXCY_BN_VW;
-    chexcy_bn_vd b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, g0, g1;
+    chexcy_bn_vd b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}, c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+    chexcy_bn_vd g0, g1, g2, g3;
+    chexcy_bn_vf ga, gb, xa, xb;
     const chexcy_bn_vd mv = chexcy_bn_splat_d(mean);
     Py_ssize_t i = 0;
     for (; i + 2 * V <= n; i += 2 * V) {
-        g0 = chexcy_bn_widen(chexcy_bn_load(g + i));
-        g1 = chexcy_bn_widen(chexcy_bn_load(g + i + V));
+        ga = chexcy_bn_load(g + i);
+        gb = chexcy_bn_load(g + i + V);
+        xa = chexcy_bn_load(x + i);
+        xb = chexcy_bn_load(x + i + V);
+        g0 = chexcy_bn_widen_lo(ga);
+        g1 = chexcy_bn_widen_hi(ga);
+        g2 = chexcy_bn_widen_lo(gb);
+        g3 = chexcy_bn_widen_hi(gb);
         b0 += g0;
         b1 += g1;
-        c0 += g0 * (chexcy_bn_widen(chexcy_bn_load(x + i)) - mv);
-        c1 += g1 * (chexcy_bn_widen(chexcy_bn_load(x + i + V)) - mv);
+        b2 += g2;
+        b3 += g3;
+        c0 += g0 * (chexcy_bn_widen_lo(xa) - mv);
+        c1 += g1 * (chexcy_bn_widen_hi(xa) - mv);
+        c2 += g2 * (chexcy_bn_widen_lo(xb) - mv);
+        c3 += g3 * (chexcy_bn_widen_hi(xb) - mv);
     }
     if (i + V <= n) {
-        g0 = chexcy_bn_widen(chexcy_bn_load(g + i));
+        ga = chexcy_bn_load(g + i);
+        xa = chexcy_bn_load(x + i);
+        g0 = chexcy_bn_widen_lo(ga);
+        g1 = chexcy_bn_widen_hi(ga);
         b0 += g0;
-        c0 += g0 * (chexcy_bn_widen(chexcy_bn_load(x + i)) - mv);
+        b1 += g1;
+        c0 += g0 * (chexcy_bn_widen_lo(xa) - mv);
+        c1 += g1 * (chexcy_bn_widen_hi(xa) - mv);
         i += V;
     }
     if (i < n) {
         /* g's lanes past the plane are 0 and x - mean's are masked to 0, so they add +0.0 (or, when a
          * real lane is NaN or inf, nothing the real lanes did not already make NaN / inf). */
-        g1 = chexcy_bn_widen(chexcy_bn_load_head(g + i, n - i));
-        b1 += g1;
-        c1 += g1 * chexcy_bn_keep_head(chexcy_bn_widen(chexcy_bn_load_head(x + i, n - i)) - mv, n - i);
+        ga = chexcy_bn_load_head(g + i, n - i);
+        xa = chexcy_bn_load_head(x + i, n - i);
+        g2 = chexcy_bn_widen_lo(ga);
+        g3 = chexcy_bn_widen_hi(ga);
+        b2 += g2;
+        b3 += g3;
+        c2 += g2 * chexcy_bn_keep_head(chexcy_bn_widen_lo(xa) - mv, n - i);
+        c3 += g3 * chexcy_bn_keep_head(chexcy_bn_widen_hi(xa) - mv, n - i - CHEXCY_BN_DW);
     }
-    *sum_g = chexcy_bn_total(b0, b1);
-    *sum_gx = chexcy_bn_total(c0, c1);
+    *sum_g = chexcy_bn_total(b0, b1, b2, b3);
+    *sum_gx = chexcy_bn_total(c0, c1, c2, c3);
 }
 
 /* max(y, 0) lane by lane: the lanes where y < 0 cleared (a NaN compares false and stays). */
