@@ -33,7 +33,8 @@
  * - Channel blocks (up to CHEXCY_BN_BLOCK channels) run each phase over the whole block, so the
  *   channels' dependency chains (sums, divides, a square root) overlap.
  *
- * Self-contained: needs only Py_ssize_t (Python.h) and the compiler's target macros. No fast-math:
+ * Self-contained but for chexcy_load_head8 / _store_head8 (_ops_vec.h, AVX2): needs Py_ssize_t
+ * (Python.h) and the compiler's target macros. No fast-math:
  * the compiler may contract a multiply and an add into an FMA, the same way in every kernel here.
  */
 #ifndef CHEXCY_OPS_BATCHNORM_H
@@ -44,6 +45,9 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include "_ops_vec.h"           /* chexcy_load_head8, chexcy_store_head8 */
 #endif
 
 #if defined(__AVX512F__)
@@ -81,8 +85,7 @@ static inline chexcy_bn_vf chexcy_bn_load_head(const float *p, Py_ssize_t r)
 #if defined(__AVX512F__)
     return (chexcy_bn_vf)_mm512_maskz_loadu_ps((__mmask16)((1u << r) - 1), p);
 #elif defined(__AVX2__)
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return (chexcy_bn_vf)_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), lane));
+    return (chexcy_bn_vf)chexcy_load_head8(p, r);
 #else
     chexcy_bn_vf v = {0};
     for (Py_ssize_t j = 0; j < r; j++) v[j] = p[j];
@@ -96,8 +99,7 @@ static inline void chexcy_bn_store_head(float *p, chexcy_bn_vf v, Py_ssize_t r)
 #if defined(__AVX512F__)
     _mm512_mask_storeu_ps(p, (__mmask16)((1u << r) - 1), (__m512)v);
 #elif defined(__AVX2__)
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), lane), (__m256)v);
+    chexcy_store_head8(p, (__m256)v, r);
 #else
     for (Py_ssize_t j = 0; j < r; j++) p[j] = v[j];
 #endif

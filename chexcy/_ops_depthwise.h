@@ -41,9 +41,23 @@
 #define CHEXCY_DWC_MAX_TAPS 49      /* KH KW up to 7x7 */
 #define CHEXCY_DWC_MAX_STRIDE 4     /* sh, sw up to 4: at most 16 phase planes */
 
-/* GCC vector extensions: the compiler lowers them to whatever the target has (1 zmm, 2 ymm, 4 xmm). */
-typedef float chexcy_dwc_v __attribute__((vector_size(64)));
-typedef float chexcy_dwc_vu __attribute__((vector_size(64), aligned(4), may_alias));
+/* GCC vector extensions, one register of the target each: a 64-byte vector on AVX2 was kept in memory
+ * (accumulators on the stack, every w[t] splatted through four scalar stores), a third of torch's
+ * speed on an AMD EPYC. CHEXCY_DWC_NT taps share a pass of the dweight sums: 3 x 2 zmm accumulators
+ * on AVX-512, 2 x 4 ymm on AVX2 (3 x 4 did not fit in 16 registers). */
+#if defined(__AVX512F__)
+#define CHEXCY_DWC_VL 16
+#define CHEXCY_DWC_NT 3
+#elif defined(__AVX2__)
+#define CHEXCY_DWC_VL 8
+#define CHEXCY_DWC_NT 2
+#else
+#define CHEXCY_DWC_VL 4
+#define CHEXCY_DWC_NT 2
+#endif
+#define CHEXCY_DWC_K (CHEXCY_DWC_VB / CHEXCY_DWC_VL)     /* vectors per register block */
+typedef float chexcy_dwc_v __attribute__((vector_size(CHEXCY_DWC_VL * sizeof(float))));
+typedef float chexcy_dwc_vu __attribute__((vector_size(CHEXCY_DWC_VL * sizeof(float)), aligned(4), may_alias));
 
 typedef struct {
     Py_ssize_t H, W, OH, OW, T, sh, sw, ph, pw;
@@ -119,12 +133,9 @@ static inline void chexcy_dwc_copy_row(float *restrict d, const float *restrict 
         _mm512_mask_storeu_ps(d, m, _mm512_maskz_loadu_ps(m, s));
     }
 #elif defined(__AVX2__)
-    static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
     for (; n >= 8; n -= 8, d += 8, s += 8) _mm256_storeu_ps(d, _mm256_loadu_ps(s));
-    if (n > 0) {
-        const __m256i m = _mm256_loadu_si256((const __m256i *)(lanes + 8 - n));
-        _mm256_maskstore_ps(d, m, _mm256_maskload_ps(s, m));
-    }
+    if (n > 0)
+        chexcy_store_head8(d, chexcy_load_head8(s, n), n);
 #else
     for (Py_ssize_t j = 0; j < n; j++) d[j] = s[j];
 #endif
@@ -230,38 +241,31 @@ static void chexcy_dwc_merge(const chexcy_dwc_geom *g, const float *ds, float *d
 #define CHEXCY_DWC_LOAD(p) (*(const chexcy_dwc_vu *)(p))
 #define CHEXCY_DWC_STORE(p, v) (*(chexcy_dwc_vu *)(p) = (v))
 
-/* ob[q] = bias + sum over taps of w[t] xs[toff[t] + q], q < Q: 64 positions (4 vectors of 16, four
- * independent FMA chains) in registers at a time, then a last 32. */
+/* ob[q] = bias + sum over taps of w[t] xs[toff[t] + q], q < Q: 64 positions (2 K vectors, independent
+ * FMA chains) in registers at a time, then a last 32. */
 static inline __attribute__((always_inline)) void chexcy_dwc_fwd_blocks(
     const chexcy_dwc_geom *g, const float *restrict xs, const float *restrict w, float bias,
     float *restrict ob, const Py_ssize_t T)
 {
+    const int K = CHEXCY_DWC_K, V = CHEXCY_DWC_VL;
     Py_ssize_t q = 0;
     for (; q + 2 * CHEXCY_DWC_VB <= g->Q; q += 2 * CHEXCY_DWC_VB) {
-        chexcy_dwc_v a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        a0 += bias; a1 += bias; a2 += bias; a3 += bias;
+        chexcy_dwc_v a[2 * CHEXCY_DWC_K];
+        for (int j = 0; j < 2 * K; j++) { a[j] = (chexcy_dwc_v){0}; a[j] += bias; }
         for (Py_ssize_t t = 0; t < T; t++) {
             const float *s = xs + g->toff[t] + q;
-            a0 += w[t] * CHEXCY_DWC_LOAD(s);
-            a1 += w[t] * CHEXCY_DWC_LOAD(s + 16);
-            a2 += w[t] * CHEXCY_DWC_LOAD(s + 32);
-            a3 += w[t] * CHEXCY_DWC_LOAD(s + 48);
+            for (int j = 0; j < 2 * K; j++) a[j] += w[t] * CHEXCY_DWC_LOAD(s + j * V);
         }
-        CHEXCY_DWC_STORE(ob + q, a0);
-        CHEXCY_DWC_STORE(ob + q + 16, a1);
-        CHEXCY_DWC_STORE(ob + q + 32, a2);
-        CHEXCY_DWC_STORE(ob + q + 48, a3);
+        for (int j = 0; j < 2 * K; j++) CHEXCY_DWC_STORE(ob + q + j * V, a[j]);
     }
     if (q < g->Q) {
-        chexcy_dwc_v a0 = {0}, a1 = {0};
-        a0 += bias; a1 += bias;
+        chexcy_dwc_v a[CHEXCY_DWC_K];
+        for (int j = 0; j < K; j++) { a[j] = (chexcy_dwc_v){0}; a[j] += bias; }
         for (Py_ssize_t t = 0; t < T; t++) {
             const float *s = xs + g->toff[t] + q;
-            a0 += w[t] * CHEXCY_DWC_LOAD(s);
-            a1 += w[t] * CHEXCY_DWC_LOAD(s + 16);
+            for (int j = 0; j < K; j++) a[j] += w[t] * CHEXCY_DWC_LOAD(s + j * V);
         }
-        CHEXCY_DWC_STORE(ob + q, a0);
-        CHEXCY_DWC_STORE(ob + q + 16, a1);
+        for (int j = 0; j < K; j++) CHEXCY_DWC_STORE(ob + q + j * V, a[j]);
     }
 }
 
@@ -287,81 +291,78 @@ static void chexcy_dwc_forward_unit(const chexcy_dwc_geom *g, Py_ssize_t C, Py_s
 
 /* acc[t][l] += sum over blocks of g[q + l] xs[toff[t] + q + l] for taps t0 .. t0 + NT - 1, and
  * acc[T][l] += g[q + l] (dbias) when with_bias: the taps of a group share the loads of g, and their
- * 2 NT (+ 2) accumulators are independent FMA chains. */
+ * K NT (+ K) accumulators are independent FMA chains. Each lane l sums its positions in block order
+ * whatever the vector width, so the result does not depend on it. */
 static inline __attribute__((always_inline)) void chexcy_dwc_dweight_group(
     const chexcy_dwc_geom *g, const float *restrict gp, const float *restrict xs, float *restrict acc,
     Py_ssize_t t0, const int NT, const int with_bias)
 {
-    chexcy_dwc_v a[3][2], b0, b1;
-    const float *s[3];
+    const int K = CHEXCY_DWC_K, V = CHEXCY_DWC_VL;
+    chexcy_dwc_v a[CHEXCY_DWC_NT][CHEXCY_DWC_K], b[CHEXCY_DWC_K], gv[CHEXCY_DWC_K];
+    const float *s[CHEXCY_DWC_NT];
     for (int k = 0; k < NT; k++) {
-        a[k][0] = CHEXCY_DWC_LOAD(acc + (t0 + k) * CHEXCY_DWC_VB);
-        a[k][1] = CHEXCY_DWC_LOAD(acc + (t0 + k) * CHEXCY_DWC_VB + 16);
+        for (int j = 0; j < K; j++) a[k][j] = CHEXCY_DWC_LOAD(acc + (t0 + k) * CHEXCY_DWC_VB + j * V);
         s[k] = xs + g->toff[t0 + k];
     }
     float *bacc = acc + g->T * CHEXCY_DWC_VB;
-    if (with_bias) { b0 = CHEXCY_DWC_LOAD(bacc); b1 = CHEXCY_DWC_LOAD(bacc + 16); }
+    if (with_bias)
+        for (int j = 0; j < K; j++) b[j] = CHEXCY_DWC_LOAD(bacc + j * V);
     for (Py_ssize_t q = 0; q < g->Q; q += CHEXCY_DWC_VB) {
-        const chexcy_dwc_v g0 = CHEXCY_DWC_LOAD(gp + q), g1 = CHEXCY_DWC_LOAD(gp + q + 16);
-        for (int k = 0; k < NT; k++) {
-            a[k][0] += g0 * CHEXCY_DWC_LOAD(s[k] + q);
-            a[k][1] += g1 * CHEXCY_DWC_LOAD(s[k] + q + 16);
-        }
-        if (with_bias) { b0 += g0; b1 += g1; }
+        for (int j = 0; j < K; j++) gv[j] = CHEXCY_DWC_LOAD(gp + q + j * V);
+        for (int k = 0; k < NT; k++)
+            for (int j = 0; j < K; j++) a[k][j] += gv[j] * CHEXCY_DWC_LOAD(s[k] + q + j * V);
+        if (with_bias)
+            for (int j = 0; j < K; j++) b[j] += gv[j];
     }
-    for (int k = 0; k < NT; k++) {
-        CHEXCY_DWC_STORE(acc + (t0 + k) * CHEXCY_DWC_VB, a[k][0]);
-        CHEXCY_DWC_STORE(acc + (t0 + k) * CHEXCY_DWC_VB + 16, a[k][1]);
-    }
-    if (with_bias) { CHEXCY_DWC_STORE(bacc, b0); CHEXCY_DWC_STORE(bacc + 16, b1); }
+    for (int k = 0; k < NT; k++)
+        for (int j = 0; j < K; j++) CHEXCY_DWC_STORE(acc + (t0 + k) * CHEXCY_DWC_VB + j * V, a[k][j]);
+    if (with_bias)
+        for (int j = 0; j < K; j++) CHEXCY_DWC_STORE(bacc + j * V, b[j]);
 }
 
-/* Every tap's lanes and dbias's, three taps per pass over the plane. */
+/* Every tap's lanes and dbias's, CHEXCY_DWC_NT taps per pass over the plane (the first pass also dbias). */
 static void chexcy_dwc_dweight_lanes(const chexcy_dwc_geom *g, const float *gp, const float *xs, float *acc)
 {
     const Py_ssize_t T = g->T;
     Py_ssize_t t0 = 0;
-    if (T >= 3) { chexcy_dwc_dweight_group(g, gp, xs, acc, 0, 3, 1); t0 = 3; }
+    if (T >= CHEXCY_DWC_NT) { chexcy_dwc_dweight_group(g, gp, xs, acc, 0, CHEXCY_DWC_NT, 1); t0 = CHEXCY_DWC_NT; }
     else { chexcy_dwc_dweight_group(g, gp, xs, acc, 0, 1, 1); t0 = 1; }
-    for (; t0 + 3 <= T; t0 += 3) chexcy_dwc_dweight_group(g, gp, xs, acc, t0, 3, 0);
-    if (T - t0 == 2) chexcy_dwc_dweight_group(g, gp, xs, acc, t0, 2, 0);
-    else if (T - t0 == 1) chexcy_dwc_dweight_group(g, gp, xs, acc, t0, 1, 0);
+    for (; t0 + CHEXCY_DWC_NT <= T; t0 += CHEXCY_DWC_NT) chexcy_dwc_dweight_group(g, gp, xs, acc, t0, CHEXCY_DWC_NT, 0);
+#if CHEXCY_DWC_NT > 2
+    if (T - t0 >= 2) { chexcy_dwc_dweight_group(g, gp, xs, acc, t0, 2, 0); t0 += 2; }
+#endif
+    if (T - t0 == 1) chexcy_dwc_dweight_group(g, gp, xs, acc, t0, 1, 0);
 }
 
 /* ds (nph phase planes): ds_r[p] = sum over the taps of phase r of w[t] gp[p - poff[t]], p < PR, 64
- * positions at a time (four independent FMA chains), then a last 32. */
+ * positions at a time (2 K independent FMA chains), then a last 32. */
 static void chexcy_dwc_dx_phases(const chexcy_dwc_geom *g, const float *restrict gp, const float *restrict w,
                                  float *restrict ds)
 {
+    const int K = CHEXCY_DWC_K, V = CHEXCY_DWC_VL;
     for (Py_ssize_t r = 0; r < g->nph; r++) {
         const Py_ssize_t k0 = g->pstart[r], k1 = g->pstart[r + 1];
         float *d = ds + r * g->P;
         Py_ssize_t p = 0;
         for (; p + 2 * CHEXCY_DWC_VB <= g->PR; p += 2 * CHEXCY_DWC_VB) {
-            chexcy_dwc_v a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            chexcy_dwc_v a[2 * CHEXCY_DWC_K];
+            for (int j = 0; j < 2 * K; j++) a[j] = (chexcy_dwc_v){0};
             for (Py_ssize_t k = k0; k < k1; k++) {
                 const Py_ssize_t t = g->ptap[k];
                 const float *s = gp + p - g->poff[t];
-                a0 += w[t] * CHEXCY_DWC_LOAD(s);
-                a1 += w[t] * CHEXCY_DWC_LOAD(s + 16);
-                a2 += w[t] * CHEXCY_DWC_LOAD(s + 32);
-                a3 += w[t] * CHEXCY_DWC_LOAD(s + 48);
+                for (int j = 0; j < 2 * K; j++) a[j] += w[t] * CHEXCY_DWC_LOAD(s + j * V);
             }
-            CHEXCY_DWC_STORE(d + p, a0);
-            CHEXCY_DWC_STORE(d + p + 16, a1);
-            CHEXCY_DWC_STORE(d + p + 32, a2);
-            CHEXCY_DWC_STORE(d + p + 48, a3);
+            for (int j = 0; j < 2 * K; j++) CHEXCY_DWC_STORE(d + p + j * V, a[j]);
         }
         if (p < g->PR) {
-            chexcy_dwc_v a0 = {0}, a1 = {0};
+            chexcy_dwc_v a[CHEXCY_DWC_K];
+            for (int j = 0; j < K; j++) a[j] = (chexcy_dwc_v){0};
             for (Py_ssize_t k = k0; k < k1; k++) {
                 const Py_ssize_t t = g->ptap[k];
                 const float *s = gp + p - g->poff[t];
-                a0 += w[t] * CHEXCY_DWC_LOAD(s);
-                a1 += w[t] * CHEXCY_DWC_LOAD(s + 16);
+                for (int j = 0; j < K; j++) a[j] += w[t] * CHEXCY_DWC_LOAD(s + j * V);
             }
-            CHEXCY_DWC_STORE(d + p, a0);
-            CHEXCY_DWC_STORE(d + p + 16, a1);
+            for (int j = 0; j < K; j++) CHEXCY_DWC_STORE(d + p + j * V, a[j]);
         }
     }
 }
