@@ -337,12 +337,11 @@ def batch_norm2d_forward(x, weight, bias, eps):
     return centred.reshape(N, C, H, W), mean_x, var.astype(x.dtype)
 
 
-def batch_norm2d_backward(dout, x, mean, var, weight, eps, out=None, add=False):
+def batch_norm2d_backward(dout, x, mean, var, weight, eps):
     """dout, x (N, C, H, W), mean, var, weight (C,) -> (dx, dweight (C,), dbias (C,)).
 
     dx = a * dout + (x - mean) * b + c with per-channel a = weight * s, b = -weight * s^3 * Sgx / M,
     c = -weight * s * Sg / M (s = 1 / sqrt(var + eps), Sg = sum(dout), Sgx = sum(dout * (x - mean))).
-    With out, dx is written to it (added to it with add) and out is returned as dx.
     """
     N, C, H, W = x.shape
     M = N * H * W
@@ -357,14 +356,7 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps, out=None, add=False):
     centred *= (-w * s ** 3 * sgx / M).astype(dtype)[:, None]
     dx += centred
     dx += (-w * s * sg / M).astype(dtype)[:, None]
-    dx = dx.reshape(N, C, H, W)
-    if out is not None:
-        if add:
-            out += dx
-        else:
-            out[...] = dx
-        dx = out
-    return dx, (sgx * s).astype(dtype), sg.astype(dtype)
+    return dx.reshape(N, C, H, W), (sgx * s).astype(dtype), sg.astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------

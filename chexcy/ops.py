@@ -809,7 +809,15 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5, *, out=None, acc
     for name, value in (("dout", dout), ("x", x)):
         if np.may_share_memory(out, value):
             raise ValueError(f"{fn}: out overlaps {name}; dx needs an array of its own")
-    return _backend().batch_norm2d_backward(dout, x, mean, var, weight, _bn_eps(eps, fn), out, bool(accumulate))
+    backend, eps = _backend(), _bn_eps(eps, fn)
+    if _state["name"] == "cython":      # the kernels write or add dx in their own pass
+        return backend.batch_norm2d_backward(dout, x, mean, var, weight, eps, out, bool(accumulate))
+    dx, dweight, dbias = backend.batch_norm2d_backward(dout, x, mean, var, weight, eps)
+    if accumulate:
+        out += dx
+    else:
+        out[...] = dx
+    return out, dweight, dbias
 
 
 # ----------------------------------------------------------------------------------------------

@@ -264,14 +264,12 @@ def batch_norm2d_forward(x, weight, bias, eps):
     return out.astype(dtype), mean.astype(dtype), var.astype(dtype)
 
 
-def batch_norm2d_backward(dout, x, mean, var, weight, eps, out=None, add=False):
+def batch_norm2d_backward(dout, x, mean, var, weight, eps):
     """Gradients of batch_norm2d_forward, mean and var being functions of x (M = N * H * W):
     xhat = (x - mean) / sqrt(var + eps), dbias = sum(dout), dweight = sum(dout * xhat) and
     dx = weight / sqrt(var + eps) * (dout - sum(dout) / M - xhat * sum(dout * xhat) / M).
 
     dout, x (N, C, H, W), mean, var, weight (C,) -> (dx, dweight (C,), dbias (C,)); float64 inside.
-    With out, dx (rounded to the result dtype) is written to it, or added to it with add, and out is
-    returned as dx.
     """
     dtype = np.result_type(dout, x, weight)
     M = x.shape[0] * x.shape[2] * x.shape[3]
@@ -282,14 +280,7 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps, out=None, add=False):
     dweight = (dout64 * xhat).sum(axis=(0, 2, 3))
     dx = (weight.astype(np.float64) * inv_std)[:, None, None] * (
         dout64 - (dbias / M)[:, None, None] - xhat * (dweight / M)[:, None, None])
-    dx = dx.astype(dtype)
-    if out is not None:
-        if add:
-            out += dx
-        else:
-            out[...] = dx
-        dx = out
-    return dx, dweight.astype(dtype), dbias.astype(dtype)
+    return dx.astype(dtype), dweight.astype(dtype), dbias.astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
