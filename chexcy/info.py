@@ -5,7 +5,7 @@ its compiler flags, the variants built and the ones this CPU can run, and the CP
 Everything is read defensively: a missing /proc/cpuinfo or an unbuilt extension prints "unknown" or
 "not built" instead of failing.
 """
-import importlib
+import importlib.util
 import json
 import platform
 
@@ -41,13 +41,9 @@ def collect():
 
     details = ops.info()
     flags = _native.cpu_flags()
-    built = []
-    for name in _native.PREFERENCE:
-        try:
-            importlib.import_module(_native.VARIANTS[name][0])
-            built.append(name)
-        except ImportError:
-            pass
+    # Found, not imported: a variant for instructions this CPU lacks dies of SIGILL when it is loaded
+    # (its module init is compiled for them too), so `chexcy info` on an AVX2 machine crashed here.
+    built = [name for name in _native.PREFERENCE if importlib.util.find_spec(_native.VARIANTS[name][0]) is not None]
     build = details.get("build_info") or {}
     return {
         "backend": details.get("backend"),

@@ -156,6 +156,25 @@ def test_chexcy_info_command_prints_build_and_cpu(capsys):
     assert "backend" in text and "cpu features" in text
 
 
+def test_chexcy_info_loads_no_variant_besides_the_one_in_use(tmp_path):
+    # Loading a variant built for instructions the CPU lacks kills the process (SIGILL in its module
+    # init): `chexcy info` on an AVX2 machine died importing chexcy._ops_avx512 to see that it was built.
+    script = ("import json, sys\n"
+              "from chexcy import info, ops\n"
+              "ops.info()\n"
+              "before = set(sys.modules)\n"
+              "data = info.collect()\n"
+              "print(json.dumps([sorted(m for m in set(sys.modules) - before if m.startswith('chexcy._ops')),\n"
+              "                  data['variants_built']]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=subprocess_env())
+    assert done.returncode == 0, done.stderr
+    loaded, built = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded == []
+    if "cython" in ops.available_backends():
+        assert _native.load().__name__ in [_native.VARIANTS[v][0] for v in built]
+
+
 def elf_section_names(path):
     """Section names of an ELF64 little-endian shared object (the header fields the ELF spec defines)."""
     import struct
