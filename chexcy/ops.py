@@ -794,10 +794,11 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5, *, out=None, acc
     mean = _bn_channel_vector(mean, C, fn, "mean", x.shape, 0.0)
     var = _bn_channel_vector(var, C, fn, "var", x.shape, 0.0)
     weight = _bn_channel_vector(weight, C, fn, "weight", x.shape, 1.0)
+    eps = _bn_eps(eps, fn)
     if out is None:
         if accumulate:
             raise ValueError(f"{fn}: accumulate=True adds dx into out, but out is None")
-        return _backend().batch_norm2d_backward(dout, x, mean, var, weight, _bn_eps(eps, fn))
+        return _bn_backward(dout, x, mean, var, weight, eps)
     if not _planes_contiguous(out):
         raise ValueError(f"{fn}: out must be a float32 ndarray with contiguous (C, H, W) planes (C-contiguous, "
                          f"or a channel prefix of such an array), got {type(out).__name__} "
@@ -809,10 +810,21 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5, *, out=None, acc
     for name, value in (("dout", dout), ("x", x)):
         if np.may_share_memory(out, value):
             raise ValueError(f"{fn}: out overlaps {name}; dx needs an array of its own")
-    backend, eps = _backend(), _bn_eps(eps, fn)
-    if _state["name"] == "cython":      # the kernels write or add dx in their own pass
-        return backend.batch_norm2d_backward(dout, x, mean, var, weight, eps, out, bool(accumulate))
-    dx, dweight, dbias = backend.batch_norm2d_backward(dout, x, mean, var, weight, eps)
+    return _bn_backward(dout, x, mean, var, weight, eps, out, bool(accumulate))
+
+
+def _bn_backward(dout, x, mean, var, weight, eps, out=None, accumulate=False):
+    """batch_norm2d_backward on the active backend, its arguments checked. The compiled kernels read
+    channel prefixes in place and write or add dx in their own pass; the NumPy backends get contiguous
+    copies, as before (einsum sums a strided view in another order, and a float32 sum can lose more
+    there), and their fresh dx is written or added here."""
+    backend = _backend()
+    if _state["name"] == "cython":
+        return backend.batch_norm2d_backward(dout, x, mean, var, weight, eps, out, accumulate)
+    dx, dweight, dbias = backend.batch_norm2d_backward(np.ascontiguousarray(dout), np.ascontiguousarray(x), mean,
+                                                       var, weight, eps)
+    if out is None:
+        return dx, dweight, dbias
     if accumulate:
         out += dx
     else:
