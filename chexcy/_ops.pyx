@@ -2793,9 +2793,14 @@ def batch_norm2d_backward(dout, x, mean, var, weight, double eps, out=None, bint
             dwv[c] = <float>(sgx * (1.0 / sqrt(<double>vv[c] + eps)))
             chexcy_bn_grad_coefficients(vv[c], wv[c], sg, sgx, <double>N * HW, eps, &k[c, 0])
     for u in prange(N * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_bn_apply_grad(gp + u // C * gs + u % C * HW, xp + u // C * xs + u % C * HW,
-                             dxp + u // C * ds + u % C * HW, HW, mv[u % C], k[u % C, 0], k[u % C, 1], k[u % C, 2],
-                             acc)
+        if acc:     # add as a constant in each call (see chexcy_bn_backward_block)
+            chexcy_bn_apply_grad(gp + u // C * gs + u % C * HW, xp + u // C * xs + u % C * HW,
+                                 dxp + u // C * ds + u % C * HW, HW, mv[u % C], k[u % C, 0], k[u % C, 1],
+                                 k[u % C, 2], 1)
+        else:
+            chexcy_bn_apply_grad(gp + u // C * gs + u % C * HW, xp + u // C * xs + u % C * HW,
+                                 dxp + u // C * ds + u % C * HW, HW, mv[u % C], k[u % C, 0], k[u % C, 1],
+                                 k[u % C, 2], 0)
     return dx, dweight, dbias
 
 

@@ -309,8 +309,9 @@ static inline void chexcy_bn_apply(const float *x, float *out, Py_ssize_t n, flo
     }
 }
 
-/* dx = a * g + ((x - m) * b + c) over one plane of n floats; with add, dx += that value (rounded to
- * float32 first, so the result is the bits of computing dx and then adding it). */
+/* dx = a * g + ((x - m) * b + c) over one plane of n floats; with add, dx += that value, rounded to
+ * float32 first. The compiler may contract the expression differently in the two instantiations (seen
+ * in the build without OpenMP), so the sum can differ from adding a fresh dx by a float32 rounding. */
 static inline void chexcy_bn_apply_grad(const float *restrict g, const float *restrict x, float *restrict dx,
                                         Py_ssize_t n, float m, float a, float b, float c, int add)
 {
@@ -428,10 +429,17 @@ static void chexcy_bn_backward_block(const float *g, Py_ssize_t gs, const float 
         dweight[c] = (float)(sgx[c - c0] * (1.0 / sqrt((double)var[c] + eps)));
         chexcy_bn_grad_coefficients(var[c], weight[c], sg[c - c0], sgx[c - c0], (double)N * hw, eps, k[c - c0]);
     }
+    /* add as a constant in each call: with it a run-time value, the no-OpenMP build compiled the plain
+     * store's tail to other bits than chexcy_bn_apply_grad(..., 0) elsewhere (the split ops' map) */
     for (Py_ssize_t c = c0; c < c1; c++)
-        for (Py_ssize_t n = 0; n < N; n++)
-            chexcy_bn_apply_grad(g + n * gs + c * hw, x + n * xs + c * hw, dx + n * ds + c * hw, hw, mean[c],
-                                 k[c - c0][0], k[c - c0][1], k[c - c0][2], add);
+        for (Py_ssize_t n = 0; n < N; n++) {
+            if (add)
+                chexcy_bn_apply_grad(g + n * gs + c * hw, x + n * xs + c * hw, dx + n * ds + c * hw, hw, mean[c],
+                                     k[c - c0][0], k[c - c0][1], k[c - c0][2], 1);
+            else
+                chexcy_bn_apply_grad(g + n * gs + c * hw, x + n * xs + c * hw, dx + n * ds + c * hw, hw, mean[c],
+                                     k[c - c0][0], k[c - c0][1], k[c - c0][2], 0);
+        }
 }
 
 #endif

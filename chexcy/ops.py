@@ -779,8 +779,9 @@ def batch_norm2d_backward(dout, x, mean, var, weight, eps=1e-5, *, out=None, acc
     prefix buf[:, :c] of a larger C-contiguous array is, and is not copied. dx is a fresh array, or
     with out (a writeable float32 array of x's shape with contiguous (C, H, W) planes, such as a
     prefix of a gradient buffer; overlapping neither dout nor x) is written into out, or added to it
-    with accumulate=True (out += dx, dx rounded to float32 first, so the sum is that of adding a
-    fresh dx), and out is returned as dx.
+    with accumulate=True (out += dx, dx rounded to float32 first: the sum of adding a fresh dx, up
+    to a float32 rounding of dx's terms where a build contracts them into FMAs differently), and out
+    is returned as dx.
     """
     fn = "batch_norm2d_backward"
     dout = dout if _planes_contiguous(dout) else _float_array(dout, fn, "dout")
