@@ -122,25 +122,6 @@ static inline Py_ssize_t chexcy_dwc_scratch_floats(const chexcy_dwc_geom *g)
     return 2 * g->nph * g->P + g->lead + g->P + (CHEXCY_DWC_MAX_TAPS + 1) * CHEXCY_DWC_VB;
 }
 
-/* d[0, n) = s[0, n): rows as short as 7 floats, so whole vectors and one masked vector for the tail
- * (masked-off lanes are neither read nor written), where the target has masked loads and stores. */
-static inline void chexcy_dwc_copy_row(float *restrict d, const float *restrict s, Py_ssize_t n)
-{
-#if defined(__AVX512F__)
-    for (; n >= 16; n -= 16, d += 16, s += 16) _mm512_storeu_ps(d, _mm512_loadu_ps(s));
-    if (n > 0) {
-        const __mmask16 m = (__mmask16)((1u << n) - 1);
-        _mm512_mask_storeu_ps(d, m, _mm512_maskz_loadu_ps(m, s));
-    }
-#elif defined(__AVX2__)
-    for (; n >= 8; n -= 8, d += 8, s += 8) _mm256_storeu_ps(d, _mm256_loadu_ps(s));
-    if (n > 0)
-        chexcy_store_head8(d, chexcy_load_head8(s, n), n);
-#else
-    for (Py_ssize_t j = 0; j < n; j++) d[j] = s[j];
-#endif
-}
-
 /* Stride 2: a row s (n floats) split into its even columns d0 and odd columns d1 (merge = 0), or the
  * inverse (merge = 1): 32 columns at a time by two permutes, masked at the row's end. */
 static inline int chexcy_dwc_copy_row2(float *s, Py_ssize_t n, float *d0, float *d1, const int merge)
@@ -209,9 +190,9 @@ static inline __attribute__((always_inline)) void chexcy_dwc_copy_sw(
                 float *restrict s = row + r;
                 const Py_ssize_t n = cs.n[r];
                 if (SW == 1 && merge)
-                    chexcy_dwc_copy_row(s, d, n);
+                    chexcy_copy_short(s, d, n);
                 else if (SW == 1)
-                    chexcy_dwc_copy_row(d, s, n);
+                    chexcy_copy_short(d, s, n);
                 else if (merge)
                     for (Py_ssize_t m = 0; m < n; m++) s[m * SW] = d[m];
                 else
@@ -285,7 +266,7 @@ static void chexcy_dwc_forward_unit(const chexcy_dwc_geom *g, Py_ssize_t C, Py_s
     const Py_ssize_t OW = g->OW, Wr = g->Wr;
     for (Py_ssize_t b = 0; b < g->B; b++)
         for (Py_ssize_t oh = 0; oh < g->OH; oh++) {
-            chexcy_dwc_copy_row(out + ((n0 + b) * C + c) * OHW + oh * OW, ob + b * g->PS + oh * Wr, OW);
+            chexcy_copy_short(out + ((n0 + b) * C + c) * OHW + oh * OW, ob + b * g->PS + oh * Wr, OW);
         }
 }
 
@@ -385,7 +366,7 @@ static void chexcy_dwc_backward_channel(const chexcy_dwc_geom *g, Py_ssize_t N, 
         chexcy_dwc_split(g, x + plane * HW, C * HW, xs);
         for (Py_ssize_t b = 0; b < g->B; b++)
             for (Py_ssize_t oh = 0; oh < OH; oh++) {
-                chexcy_dwc_copy_row(gp + b * g->PS + oh * Wr, dout + (plane + b * C) * OH * OW + oh * OW, OW);
+                chexcy_copy_short(gp + b * g->PS + oh * Wr, dout + (plane + b * C) * OH * OW + oh * OW, OW);
             }
         chexcy_dwc_dweight_lanes(g, gp, xs, acc);
         chexcy_dwc_dx_phases(g, gp, w, ds);

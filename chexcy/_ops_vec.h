@@ -60,7 +60,7 @@ static inline chexcy_vf chexcy_splat(float s)
 #if defined(__AVX2__)
 /* The first n (0 < n < 8) lanes of v to p in 4-, 2- and 1-float stores; memory past p + n is never
  * touched. Not vmaskmovps: on AMD's Zen 1 a masked 256-bit store is microcoded and took 44% of a
- * depthwise conv's 7-float row copies (chexcy_dwc_copy_row). */
+ * depthwise conv's 7-float row copies. */
 static inline void chexcy_store_head8(float *p, __m256 v, Py_ssize_t n)
 {
     __m128 q = _mm256_castps256_ps128(v);
