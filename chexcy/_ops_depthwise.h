@@ -122,8 +122,23 @@ static inline Py_ssize_t chexcy_dwc_scratch_floats(const chexcy_dwc_geom *g)
     return 2 * g->nph * g->P + g->lead + g->P + (CHEXCY_DWC_MAX_TAPS + 1) * CHEXCY_DWC_VB;
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* The first n (0 <= n <= 8) floats at p, the other lanes 0; and the first n lanes of v to p. */
+static inline __m256 chexcy_dwc_load8(const float *p, Py_ssize_t n)
+{
+    return n >= 8 ? _mm256_loadu_ps(p) : chexcy_load_head8(p, n);
+}
+
+static inline void chexcy_dwc_store8(float *p, __m256 v, Py_ssize_t n)
+{
+    if (n >= 8) _mm256_storeu_ps(p, v);
+    else chexcy_store_head8(p, v, n);
+}
+#endif
+
 /* Stride 2: a row s (n floats) split into its even columns d0 and odd columns d1 (merge = 0), or the
- * inverse (merge = 1): 32 columns at a time by two permutes, masked at the row's end. */
+ * inverse (merge = 1), by permutes: 32 columns at a time, masked at the row's end, on AVX-512; 16 at a
+ * time, the row's end in 4-, 2- and 1-float pieces, on AVX2; the caller's scalar loops otherwise. */
 static inline int chexcy_dwc_copy_row2(float *s, Py_ssize_t n, float *d0, float *d1, const int merge)
 {
 #if defined(__AVX512F__)
@@ -144,6 +159,26 @@ static inline int chexcy_dwc_copy_row2(float *s, Py_ssize_t n, float *d0, float 
             const __m512 a = _mm512_maskz_loadu_ps(ma, s + j), b = _mm512_maskz_loadu_ps(mb, s + j + 16);
             _mm512_mask_storeu_ps(d0 + j / 2, me, _mm512_permutex2var_ps(a, ev, b));
             _mm512_mask_storeu_ps(d1 + j / 2, mo, _mm512_permutex2var_ps(a, od, b));
+        }
+    }
+    return 1;
+#elif defined(__AVX2__)
+    /* 16 columns at a time: each 8-float half sorted to (evens | odds) by one permute, then the halves'
+     * 128-bit lanes paired; the merge unpacks and pairs the lanes back. */
+    const __m256i eo = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (Py_ssize_t j = 0; j < n; j += 16) {
+        const Py_ssize_t rem = n - j, ra = rem < 8 ? rem : 8, rb = rem < 16 ? rem - ra : 8;
+        const Py_ssize_t ne = (rem < 16 ? rem + 1 : 16) / 2, no = (rem < 16 ? rem : 16) / 2;
+        if (merge) {
+            const __m256 e = chexcy_dwc_load8(d0 + j / 2, ne), o = chexcy_dwc_load8(d1 + j / 2, no);
+            const __m256 lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o);
+            chexcy_dwc_store8(s + j, _mm256_permute2f128_ps(lo, hi, 0x20), ra);
+            chexcy_dwc_store8(s + j + 8, _mm256_permute2f128_ps(lo, hi, 0x31), rb);
+        } else {
+            const __m256 a = _mm256_permutevar8x32_ps(chexcy_dwc_load8(s + j, ra), eo);
+            const __m256 b = _mm256_permutevar8x32_ps(chexcy_dwc_load8(s + j + 8, rb), eo);
+            chexcy_dwc_store8(d0 + j / 2, _mm256_permute2f128_ps(a, b, 0x20), ne);
+            chexcy_dwc_store8(d1 + j / 2, _mm256_permute2f128_ps(a, b, 0x31), no);
         }
     }
     return 1;

@@ -58,7 +58,7 @@ static inline chexcy_vf chexcy_splat(float s)
 #endif
 
 #if defined(__AVX2__)
-/* The first n (0 < n < 8) lanes of v to p in 4-, 2- and 1-float stores; memory past p + n is never
+/* The first n (0 <= n < 8) lanes of v to p in 4-, 2- and 1-float stores; memory past p + n is never
  * touched. Not vmaskmovps: on AMD's Zen 1 a masked 256-bit store is microcoded and took 44% of a
  * depthwise conv's 7-float row copies. */
 static inline void chexcy_store_head8(float *p, __m256 v, Py_ssize_t n)
@@ -80,7 +80,7 @@ static inline void chexcy_store_head8(float *p, __m256 v, Py_ssize_t n)
         _mm_store_ss(p, q);
 }
 
-/* The first n (0 < n < 8) floats at p in a vector, the other lanes 0, read in 4-, 2- and 1-float loads;
+/* The first n (0 <= n < 8) floats at p in a vector, the other lanes 0, read in 4-, 2- and 1-float loads;
  * memory past p + n is never read. Not vmaskmovps, which on Zen 1 stalled for tens of cycles when it
  * read what a full-width store had just written (a depthwise conv's output rows). */
 static inline __m256 chexcy_load_head8(const float *p, Py_ssize_t n)

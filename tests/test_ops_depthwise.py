@@ -43,6 +43,8 @@ CASES = [
     ((5, 2, 40, 41), (3, 3), 1, 1, 1),          # planes too big to stack: B = 1
     ((2, 2, 1, 40), (3, 3), 1, 1, 1),           # one row
     ((2, 2, 40, 1), (3, 3), 2, 1, 1),           # one column
+    ((2, 3, 6, 33), (3, 3), 2, 1, 1),           # stride 2 row splits: two whole vector blocks and a column
+    ((1, 2, 5, 16), (5, 5), 2, 2, 1),           # stride 2, a row of exactly one AVX2 block
 ]
 
 
