@@ -11,7 +11,8 @@ Everything else about the package lives in pyproject.toml. What this file decide
 * `chexcy/_blocks.pyx` (the allocator of the kernels' outputs: 64-byte alignment, the block cache of large
   arrays) has no arithmetic, so it is built once, without instruction-set flags; every variant cimports it
   and shares its one cache.
-* Flags: -O3 (never fast-math), OpenMP when a try-compile shows the compiler supports it.
+* Flags: -O3 (never fast-math), OpenMP when a try-compile shows the compiler supports it. The modules
+  compile in parallel, one per core (`build_ext -j N` sets another count).
 * Environment switches:
       CHEXCY_NO_OPENMP=1   build without OpenMP (kernels run on one thread)
       CHEXCY_DEBUG=1       bounds checks back on (and -O1 -g), for chasing a kernel bug
@@ -72,6 +73,11 @@ def _loud(message):
 
 class BuildKernels(build_ext):
     """build_ext that try-compiles for OpenMP and ISA flags and survives a missing compiler."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:   # the modules are independent compiles of a minute or more: one per core
+            self.parallel = os.cpu_count() or 1
 
     def run(self):
         self._inplace_requested = bool(self.inplace)  # setuptools clears self.inplace while building
