@@ -93,6 +93,12 @@ cdef enum:
     WDW_WHOLE_BYTES = 64 << 20  # Z and V of the whole batch at most, for its one-pass dweight
 
 cdef enum:
+    # DEPTHWISE_LANES (chexcy/_ops_depthwise_lanes.h): depthwise convs from DWL_MIN_C channels on planes of
+    # at most DWL_MAX_HW pixels take the channels-in-lanes kernels instead of the phase planes.
+    DWL_MIN_C = 64
+    DWL_MAX_HW = 1024
+
+cdef enum:
     # The matrix-product paths (_gemm_conv) need products deep and tall enough to fill the register
     # tile: K = Cg * KH * KW steps and Fg output channels per group. Below that (depthwise, 1-2 channel
     # 3x3s) the packing costs more than the tile saves, and the direct kernels run.
@@ -539,6 +545,8 @@ cdef _conv_core(
 #   DEPTHWISE           groups = C = F (one channel in and out per group; C > 1 at   _depthwise_forward,
 #                       stride 1), up to CHEXCY_DWC_MAX_TAPS taps and strides up to   _depthwise_backward
 #                       CHEXCY_DWC_MAX_STRIDE, any padding, dilation: plane by plane
+#   DEPTHWISE_LANES     the same from DWL_MIN_C channels on planes of at most        _dwl_forward,
+#                       DWL_MAX_HW pixels: the channels in the vector lanes          _dwl_backward
 #   WINOGRAD            3x3, stride 1, dilation 1, one group, from WINO_MIN_C in     _wino_conv, _dweight_winograd
 #                       and WINO_MIN_F out channels (dweight: WDW_MIN_C / WDW_MIN_F)
 #   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _pw_conv, _pw_dx (the same
@@ -654,6 +662,8 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     stride1 = (1, 1)
     if (groups == C and F == C and (strided or C > 1) and KH * KW <= CHEXCY_DWC_MAX_TAPS
             and sh <= CHEXCY_DWC_MAX_STRIDE and sw <= CHEXCY_DWC_MAX_STRIDE):
+        if C >= DWL_MIN_C and x_shape[2] * x_shape[3] <= DWL_MAX_HW:
+            return "DEPTHWISE_LANES", "DEPTHWISE_LANES", "DEPTHWISE_LANES"
         return "DEPTHWISE", "DEPTHWISE", "DEPTHWISE"
     # forward
     if _is_winograd(Cg, Fg, KH, KW, sh, sw, dil_h, dil_w, groups, WINO_MIN_C, WINO_MIN_F):
@@ -1243,6 +1253,8 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, resid
         _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w, sc)
     elif path == "DEPTHWISE":
         _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dil_h, dil_w)
+    elif path == "DEPTHWISE_LANES":
+        _dwl_forward(x, weight, b, out, sh, sw, ph, pw, dil_h, dil_w)
     elif path == "WINOGRAD":
         _wino_conv(x, weight, b, out, ph, pw, False, False, sc)
     else:                   # DIRECT, PLAIN (_conv_rows takes the strided loop for sw > 1)
@@ -2035,6 +2047,51 @@ cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dil_h, 
     return dx, dweight, dbias
 
 
+cdef _dwl_forward(x, w, const float[::1] bias, float[:, :, :, ::1] out, int sh, int sw, int ph, int pw,
+                  int dil_h, int dil_w):
+    """groups = C = F on small planes: units of one sample's block of L channels
+    (chexcy/_ops_depthwise_lanes.h), split evenly between the threads."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], u
+    cdef Py_ssize_t ncb = (C + CHEXCY_DWL_L - 1) // CHEXCY_DWL_L
+    cdef chexcy_dwl_geom geo
+    chexcy_dwl_init(&geo, C, x.shape[2], x.shape[3], w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
+    cdef Py_ssize_t per = (chexcy_dwl_scratch_floats(&geo) + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = w
+    scratch = np.zeros((n_threads, per), np.float32)    # zeros: the border of the input pixels
+    cdef float[:, ::1] sv = scratch
+    for u in prange(N * ncb, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_dwl_forward_unit(&geo, u, &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &bias[0], &out[0, 0, 0, 0],
+                                &sv[omp_get_thread_num(), 0])
+
+
+cdef _dwl_backward(dout, x, w, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
+    """groups = C = F on small planes: dx, dweight and dbias of each block of L channels together, over the
+    samples in order (chexcy/_ops_depthwise_lanes.h); blocks split evenly between the threads."""
+    cdef int n_threads = _threads()
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], cb
+    cdef Py_ssize_t ncb = (C + CHEXCY_DWL_L - 1) // CHEXCY_DWL_L
+    cdef chexcy_dwl_geom geo
+    chexcy_dwl_init(&geo, C, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
+    cdef Py_ssize_t per = (chexcy_dwl_scratch_floats(&geo) + 15) // 16 * 16
+    cdef const float[:, :, :, ::1] dv = dout
+    cdef const float[:, :, :, ::1] xv = x
+    cdef const float[:, :, :, ::1] wv = w
+    dx = _empty((N, C, H, W))
+    dweight = np.empty(w.shape, np.float32)
+    dbias = np.empty(C, np.float32)
+    cdef float[:, :, :, ::1] dxv = dx
+    cdef float[:, :, :, ::1] dwv = dweight
+    cdef float[::1] dbv = dbias
+    scratch = np.zeros((n_threads, per), np.float32)
+    cdef float[:, ::1] sv = scratch
+    for cb in prange(ncb, nogil=True, schedule="static", num_threads=n_threads):
+        chexcy_dwl_backward_block(&geo, N, cb, &dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[0, 0, 0, 0],
+                                  &dxv[0, 0, 0, 0], &dwv[0, 0, 0, 0], &dbv[0], &sv[omp_get_thread_num(), 0])
+    return dx, dweight, dbias
+
+
 def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
     """dout (N, F, OH, OW), x (N, C, H, W), weight (F, C // groups, KH, KW)
     -> (dx like x, dweight like weight, dbias (F,)). Paths: conv_plan (the table above)."""
@@ -2054,6 +2111,8 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
         return _backward_one_channel(dout, x, weight, ph, pw, dil_w)
     if dx_path == "DEPTHWISE":
         return _depthwise_backward(dout, x, weight, sh, sw, ph, pw, dil_h, dil_w)
+    if dx_path == "DEPTHWISE_LANES":
+        return _dwl_backward(dout, x, weight, sh, sw, ph, pw, dil_h, dil_w)
 
     cdef float* dbp
     dbias = _floats(F, &dbp)

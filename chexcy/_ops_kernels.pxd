@@ -225,6 +225,22 @@ cdef extern from "_ops_depthwise.h" nogil:
                                      const float* dout, const float* x, const float* w, float* dx,
                                      float* dweight, float* dbias, float* scratch)
 
+# depthwise on small planes, channels in the vector lanes (DEPTHWISE_LANES path)
+cdef extern from "_ops_depthwise_lanes.h" nogil:
+    enum:
+        CHEXCY_DWL_L            # channels per block (the floats of one vector register)
+    ctypedef struct chexcy_dwl_geom:
+        Py_ssize_t OH, OW, T
+    void chexcy_dwl_init(chexcy_dwl_geom* g, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t KH,
+                         Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                         Py_ssize_t dil_h, Py_ssize_t dil_w)
+    Py_ssize_t chexcy_dwl_scratch_floats(const chexcy_dwl_geom* g)
+    void chexcy_dwl_forward_unit(const chexcy_dwl_geom* g, Py_ssize_t u, const float* x, const float* w,
+                                 const float* bias, float* out, float* scratch)
+    void chexcy_dwl_backward_block(const chexcy_dwl_geom* g, Py_ssize_t N, Py_ssize_t cb, const float* dout,
+                                   const float* x, const float* w, float* dx, float* dweight, float* dbias,
+                                   float* scratch)
+
 # ReLU
 cdef extern from "_ops_relu.h" nogil:
     void chexcy_relu(const float* x, float* y, Py_ssize_t n)

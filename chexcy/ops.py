@@ -516,7 +516,7 @@ def conv2d_plan(x_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1
 
     x_shape (N, C, H, W), weight_shape (F, C // groups, KH, KW) and the geometry, as conv2d_forward.
     Returns ConvPlan(forward, dx, dweight) of path names. On the compiled backend they are those of the
-    planner in chexcy/_ops.pyx (DEPTHWISE, WINOGRAD, POINTWISE_GEMM, IM2COL_GEMM, FIRST_LAYER, DIRECT,
+    planner in chexcy/_ops.pyx (DEPTHWISE, DEPTHWISE_LANES, WINOGRAD, POINTWISE_GEMM, IM2COL_GEMM, FIRST_LAYER, DIRECT,
     CHANNEL_BLOCKED, LANE_SUM, PLAIN; "A>B" for a reduction A to another problem that takes path B, e.g.
     UNDILATED>WINOGRAD, see docs/performance.md); the python backend always answers IM2COL_BLAS, the
     reference REFERENCE.

@@ -1,4 +1,6 @@
-"""The DEPTHWISE path (chexcy/_ops_depthwise.h): groups = C = F convolutions at every stride up to 4.
+"""The DEPTHWISE paths: groups = C = F convolutions at every stride up to 4, over phase planes
+(DEPTHWISE, chexcy/_ops_depthwise.h) or, from 64 channels on small planes, with the channels in the
+vector lanes (DEPTHWISE_LANES, chexcy/_ops_depthwise_lanes.h).
 
 Each case runs forward, dx, dweight and dbias through check_conv_on_every_variant: compared with
 chexcy.reference at 1 thread on every instruction-set variant built here, and bit for bit with that
@@ -72,6 +74,48 @@ def test_depthwise_matches_the_reference_on_every_variant_and_thread_count(case,
     xs, (KH, KW), s, p, d = case
     check_conv_on_every_variant(rng, xs, (xs[1], 1, KH, KW), _pair(s), _pair(p), _pair(d), xs[1],
                                 case=_case_id(case))
+
+
+# DEPTHWISE_LANES (chexcy/_ops_depthwise_lanes.h): from DWL_MIN_C = 64 channels on planes of at most
+# DWL_MAX_HW = 1024 pixels. Channel counts that leave a last block of 3 lanes (67: 4 x 16 + 3, 8 x 8 + 3,
+# 16 x 4 + 3) or 8 (72 on AVX-512), the plane sizes at the threshold, odd planes, every stride up to 4.
+LANES = ("DEPTHWISE_LANES",) * 3
+LANE_CASES = [
+    ((2, 67, 7, 7), (3, 3), 1, 1, 1),           # mobilenet's 7x7, a last block of 3 channels
+    ((1, 64, 14, 14), (3, 3), 2, 1, 1),         # stride 2 at 14x14, batch 1
+    ((2, 72, 9, 11), (5, 5), 2, 2, 1),          # 5x5, odd sizes
+    ((3, 64, 12, 12), (3, 3), 1, 2, 2),         # dilation 2
+    ((2, 66, 5, 6), (3, 5), (1, 2), (1, 2), 1),     # non-square kernel, stride and padding
+    ((1, 64, 32, 32), (3, 3), 1, 1, 1),         # 1024 pixels: the largest plane it takes
+    ((2, 64, 1, 1), (3, 3), 1, 1, 1),           # 1x1 planes
+    ((2, 65, 8, 9), (3, 3), 1, 3, 1),           # padding wider than the kernel's reach
+    ((1, 64, 12, 12), (7, 7), 1, 3, 1),         # 7x7: CHEXCY_DWC_MAX_TAPS
+    ((2, 64, 15, 12), (3, 3), 3, 1, 1),         # stride 3
+    ((1, 64, 17, 16), (3, 3), 4, 2, 1),         # stride 4
+    ((2, 64, 9, 10), (1, 1), 2, 0, 1),          # 1x1 (a per-channel scale), stride 2
+]
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", LANE_CASES, ids=_case_id)
+def test_lanes_cases_take_the_lanes_path_and_match_the_reference(case, rng):
+    xs, (KH, KW), s, p, d = case
+    with ops.use_backend("cython"):
+        plan = ops.conv2d_plan(xs, (xs[1], 1, KH, KW), stride=s, padding=p, dilation=d, groups=xs[1])
+    assert plan == ops.ConvPlan(*LANES), f"{_case_id(case)}: planned {plan}"
+    check_conv_on_every_variant(rng, xs, (xs[1], 1, KH, KW), _pair(s), _pair(p), _pair(d), xs[1],
+                                case=_case_id(case))
+
+
+@needs_compiled
+@pytest.mark.parametrize("xs, want", [
+    ((2, 64, 32, 32), LANES), ((2, 64, 33, 31), LANES), ((2, 64, 31, 34), DW),    # 1024, 1023, 1054 pixels
+    ((2, 63, 7, 7), DW), ((2, 64, 7, 7), LANES),                                  # channels
+])
+def test_lanes_thresholds(xs, want):
+    with ops.use_backend("cython"):
+        plan = ops.conv2d_plan(xs, (xs[1], 1, 3, 3), stride=1, padding=1, groups=xs[1])
+    assert plan == ops.ConvPlan(*want), f"{xs}: planned {plan}"
 
 
 # Convolutions the DEPTHWISE path does not take (and the general paths must get right).
