@@ -93,10 +93,16 @@ cdef enum:
     WDW_WHOLE_BYTES = 64 << 20  # Z and V of the whole batch at most, for its one-pass dweight
 
 cdef enum:
-    # DEPTHWISE_LANES (chexcy/_ops_depthwise_lanes.h): depthwise convs from DWL_MIN_C channels on planes of
-    # at most DWL_MAX_HW pixels take the channels-in-lanes kernels instead of the phase planes.
+    # DEPTHWISE_LANES (chexcy/_ops_depthwise_lanes.h): depthwise convs from DWL_MIN_C channels (4 blocks of
+    # 16 lanes, so that the backward's blocks keep two threads busy) take the channels-in-lanes kernels
+    # on planes of at most DWL_MAX_HW pixels when strided, DWL_MAX_HW_S1 at stride 1. Measured against the
+    # phase planes (DEPTHWISE), AVX-512, batch 8, 2 threads, fwd+bwd: 576 @7 1.7-1.8x, 576 @10
+    # 1.2-1.6x; stride 2: 576 @14 2.0x, 192 @28 1.4-1.5x, 144 @56 1.0-1.1x; stride 1: 384 and 576 @14
+    # 0.8-1.0x, 192 @28 0.9-1.3x (there the two transposes per pixel cost more than the phase planes'
+    # row copies).
     DWL_MIN_C = 64
     DWL_MAX_HW = 1024
+    DWL_MAX_HW_S1 = 144
 
 cdef enum:
     # The matrix-product paths (_gemm_conv) need products deep and tall enough to fill the register
@@ -546,7 +552,8 @@ cdef _conv_core(
 #                       stride 1), up to CHEXCY_DWC_MAX_TAPS taps and strides up to   _depthwise_backward
 #                       CHEXCY_DWC_MAX_STRIDE, any padding, dilation: plane by plane
 #   DEPTHWISE_LANES     the same from DWL_MIN_C channels on planes of at most        _dwl_forward,
-#                       DWL_MAX_HW pixels: the channels in the vector lanes          _dwl_backward
+#                       DWL_MAX_HW pixels (DWL_MAX_HW_S1 at stride 1): the           _dwl_backward
+#                       channels in the vector lanes
 #   WINOGRAD            3x3, stride 1, dilation 1, one group, from WINO_MIN_C in     _wino_conv, _dweight_winograd
 #                       and WINO_MIN_F out channels (dweight: WDW_MIN_C / WDW_MIN_F)
 #   POINTWISE_GEMM      1x1, no padding, any stride, from GEMM_MIN_K in and          _pw_conv, _pw_dx (the same
@@ -662,7 +669,7 @@ def conv_plan(x_shape, w_shape, stride, padding, dilation, int groups):
     stride1 = (1, 1)
     if (groups == C and F == C and (strided or C > 1) and KH * KW <= CHEXCY_DWC_MAX_TAPS
             and sh <= CHEXCY_DWC_MAX_STRIDE and sw <= CHEXCY_DWC_MAX_STRIDE):
-        if C >= DWL_MIN_C and x_shape[2] * x_shape[3] <= DWL_MAX_HW:
+        if C >= DWL_MIN_C and x_shape[2] * x_shape[3] <= (DWL_MAX_HW if strided else DWL_MAX_HW_S1):
             return "DEPTHWISE_LANES", "DEPTHWISE_LANES", "DEPTHWISE_LANES"
         return "DEPTHWISE", "DEPTHWISE", "DEPTHWISE"
     # forward

@@ -77,7 +77,7 @@ def test_depthwise_matches_the_reference_on_every_variant_and_thread_count(case,
 
 
 # DEPTHWISE_LANES (chexcy/_ops_depthwise_lanes.h): from DWL_MIN_C = 64 channels on planes of at most
-# DWL_MAX_HW = 1024 pixels. Channel counts that leave a last block of 3 lanes (67: 4 x 16 + 3, 8 x 8 + 3,
+# DWL_MAX_HW = 1024 pixels when strided, DWL_MAX_HW_S1 = 144 at stride 1. Channel counts that leave a last block of 3 lanes (67: 4 x 16 + 3, 8 x 8 + 3,
 # 16 x 4 + 3) or 8 (72 on AVX-512), the plane sizes at the threshold, odd planes, every stride up to 4.
 LANES = ("DEPTHWISE_LANES",) * 3
 LANE_CASES = [
@@ -86,7 +86,8 @@ LANE_CASES = [
     ((2, 72, 9, 11), (5, 5), 2, 2, 1),          # 5x5, odd sizes
     ((3, 64, 12, 12), (3, 3), 1, 2, 2),         # dilation 2
     ((2, 66, 5, 6), (3, 5), (1, 2), (1, 2), 1),     # non-square kernel, stride and padding
-    ((1, 64, 32, 32), (3, 3), 1, 1, 1),         # 1024 pixels: the largest plane it takes
+    ((1, 64, 32, 32), (3, 3), 2, 1, 1),         # 1024 pixels: the largest plane it takes (strided)
+    ((1, 64, 12, 12), (3, 3), 1, 1, 1),         # 144 pixels: the largest at stride 1
     ((2, 64, 1, 1), (3, 3), 1, 1, 1),           # 1x1 planes
     ((2, 65, 8, 9), (3, 3), 1, 3, 1),           # padding wider than the kernel's reach
     ((1, 64, 12, 12), (7, 7), 1, 3, 1),         # 7x7: CHEXCY_DWC_MAX_TAPS
@@ -108,13 +109,15 @@ def test_lanes_cases_take_the_lanes_path_and_match_the_reference(case, rng):
 
 
 @needs_compiled
-@pytest.mark.parametrize("xs, want", [
-    ((2, 64, 32, 32), LANES), ((2, 64, 33, 31), LANES), ((2, 64, 31, 34), DW),    # 1024, 1023, 1054 pixels
-    ((2, 63, 7, 7), DW), ((2, 64, 7, 7), LANES),                                  # channels
+@pytest.mark.parametrize("xs, stride, want", [
+    ((2, 64, 32, 32), 2, LANES), ((2, 64, 33, 31), 2, LANES), ((2, 64, 31, 34), 2, DW),  # 1024, 1023, 1054 px
+    ((2, 64, 12, 12), 1, LANES), ((2, 64, 13, 11), 1, LANES), ((2, 64, 12, 13), 1, DW),  # 144, 143, 156 px
+    ((2, 64, 14, 14), (1, 2), LANES),                                   # strided in one direction
+    ((2, 63, 7, 7), 1, DW), ((2, 64, 7, 7), 1, LANES),                  # channels
 ])
-def test_lanes_thresholds(xs, want):
+def test_lanes_thresholds(xs, stride, want):
     with ops.use_backend("cython"):
-        plan = ops.conv2d_plan(xs, (xs[1], 1, 3, 3), stride=1, padding=1, groups=xs[1])
+        plan = ops.conv2d_plan(xs, (xs[1], 1, 3, 3), stride=stride, padding=1, groups=xs[1])
     assert plan == ops.ConvPlan(*want), f"{xs}: planned {plan}"
 
 
