@@ -19,13 +19,14 @@
  * Each channel is a lane of its own: its sums run in an order fixed by the shape, the same for any
  * thread count. The last block of C % L channels runs with zero lanes (never stored).
  *
- * Needs _ops_vec.h and _ops_depthwise.h (CHEXCY_DWC_MAX_TAPS) first. GCC: the interleaves are
- * __builtin_shuffle. */
+ * GCC: the interleaves are __builtin_shuffle. */
 #ifndef CHEXCY_OPS_DEPTHWISE_LANES_H
 #define CHEXCY_OPS_DEPTHWISE_LANES_H
 
 #include <stdint.h>
 #include <string.h>
+#include "_ops_vec.h"           /* chexcy_vf, its loads and stores (brings _ops_config.h) */
+#include "_ops_depthwise.h"     /* CHEXCY_DWC_MAX_TAPS */
 
 #define CHEXCY_DWL_L CHEXCY_VW      /* channels per block: one per lane */
 typedef int32_t chexcy_dwl_vi __attribute__((vector_size(CHEXCY_VW * sizeof(int32_t))));
@@ -144,7 +145,7 @@ static void chexcy_dwl_weights(const chexcy_dwl_geom *g, const float *w, const f
             wl[t * L + l] = l >= Cb ? 0.0f : t < T ? w[(c0 + l) * T + t] : bias ? bias[c0 + l] : 0.0f;
 }
 
-/* The offset in xp of output q's pixel (oh, ow), and the step to the next output. */
+/* The offset in xp of the pixel that output (oh, ow)'s tap (0, 0) reads. */
 #define CHEXCY_DWL_POS(g, oh, ow) (((oh) * (g)->sh * (g)->Wp + (ow) * (g)->sw) * CHEXCY_DWL_L)
 
 static inline __attribute__((always_inline)) void chexcy_dwl_fwd_outputs(
