@@ -551,8 +551,8 @@ cdef _conv_core(
 #   DEPTHWISE           groups = C = F (one channel in and out per group; C > 1 at   _depthwise_forward,
 #                       stride 1), up to CHEXCY_DWC_MAX_TAPS taps and strides up to   _depthwise_backward
 #                       CHEXCY_DWC_MAX_STRIDE, any padding, dilation: plane by plane
-#   DEPTHWISE_LANES     the same from DWL_MIN_C channels on planes of at most        _dwl_forward,
-#                       DWL_MAX_HW pixels (DWL_MAX_HW_S1 at stride 1): the           _dwl_backward
+#   DEPTHWISE_LANES     the same from DWL_MIN_C channels on planes of at most        (the same, with
+#                       DWL_MAX_HW pixels (DWL_MAX_HW_S1 at stride 1): the           lanes)
 #                       channels in the vector lanes
 #   WINOGRAD            3x3, stride 1, dilation 1, one group, from WINO_MIN_C in     _wino_conv, _dweight_winograd
 #                       and WINO_MIN_F out channels (dweight: WDW_MIN_C / WDW_MIN_F)
@@ -1258,10 +1258,8 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, int groups, resid
         _gemm_conv_phase(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w, sc)
     elif path == "IM2COL_GEMM":
         _gemm_conv(x, weight, b, out, groups, sh, sw, ph, pw, dil_h, dil_w, sc)
-    elif path == "DEPTHWISE":
-        _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dil_h, dil_w)
-    elif path == "DEPTHWISE_LANES":
-        _dwl_forward(x, weight, b, out, sh, sw, ph, pw, dil_h, dil_w)
+    elif path in ("DEPTHWISE", "DEPTHWISE_LANES"):
+        _depthwise_forward(x, weight, b, out, sh, sw, ph, pw, dil_h, dil_w, path == "DEPTHWISE_LANES")
     elif path == "WINOGRAD":
         _wino_conv(x, weight, b, out, ph, pw, False, False, sc)
     else:                   # DIRECT, PLAIN (_conv_rows takes the strided loop for sw > 1)
@@ -2011,32 +2009,53 @@ def _im2col_dx_phase(dout, weight, x_shape, stride, padding, dilation, int group
 
 
 cdef _depthwise_forward(x, w, const float[::1] bias, float[:, :, :, ::1] out, int sh, int sw, int ph, int pw,
-                        int dil_h, int dil_w):
-    """groups = C = F: units of B samples of one channel (chexcy/_ops_depthwise.h), split evenly between
-    the threads."""
+                        int dil_h, int dil_w, bint lanes):
+    """groups = C = F, split evenly between the threads: units of B samples of one channel over phase
+    planes (DEPTHWISE, chexcy/_ops_depthwise.h), or with lanes, of one sample's block of CHEXCY_DWL_L
+    channels (DEPTHWISE_LANES, chexcy/_ops_depthwise_lanes.h)."""
     cdef int n_threads = _threads()
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], u
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], u, units, per
     cdef chexcy_dwc_geom geo
-    chexcy_dwc_init(&geo, N, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
-    cdef Py_ssize_t per = (chexcy_dwc_scratch_floats(&geo) + 15) // 16 * 16
+    cdef chexcy_dwl_geom lgeo
+    if lanes:
+        chexcy_dwl_init(&lgeo, C, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
+        per = chexcy_dwl_scratch_floats(&lgeo)
+        units = N * ((C + CHEXCY_DWL_L - 1) // CHEXCY_DWL_L)
+    else:
+        chexcy_dwc_init(&geo, N, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
+        per = chexcy_dwc_scratch_floats(&geo)
+        units = N // geo.B * C
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[:, :, :, ::1] wv = w
-    # zeros: the padding of the phase planes is never written (chexcy_dwc_forward_unit)
-    scratch = np.zeros((n_threads, per), np.float32)
+    # zeros: the padding of the phase planes (the border of the lanes' pixels) is never written
+    scratch = np.zeros((n_threads, (per + 15) // 16 * 16), np.float32)
     cdef float[:, ::1] sv = scratch
-    for u in prange(N // geo.B * C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_dwc_forward_unit(&geo, C, u, &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &bias[0], &out[0, 0, 0, 0],
-                                &sv[omp_get_thread_num(), 0])
+    if lanes:
+        for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
+            chexcy_dwl_forward_unit(&lgeo, u, &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &bias[0], &out[0, 0, 0, 0],
+                                    &sv[omp_get_thread_num(), 0])
+    else:
+        for u in prange(units, nogil=True, schedule="static", num_threads=n_threads):
+            chexcy_dwc_forward_unit(&geo, C, u, &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &bias[0], &out[0, 0, 0, 0],
+                                    &sv[omp_get_thread_num(), 0])
 
 
-cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
-    """groups = C = F: dx, dweight and dbias of every channel together (chexcy/_ops_depthwise.h),
-    channels split evenly between the threads."""
+cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dil_h, int dil_w, bint lanes):
+    """groups = C = F: dx, dweight and dbias of every channel together (DEPTHWISE), or of each block of
+    CHEXCY_DWL_L channels over the samples in order (lanes: DEPTHWISE_LANES); channels or blocks split
+    evenly between the threads."""
     cdef int n_threads = _threads()
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], c
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], c, units, per
     cdef chexcy_dwc_geom geo
-    chexcy_dwc_init(&geo, N, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
-    cdef Py_ssize_t per = (chexcy_dwc_scratch_floats(&geo) + 15) // 16 * 16
+    cdef chexcy_dwl_geom lgeo
+    if lanes:
+        chexcy_dwl_init(&lgeo, C, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
+        per = chexcy_dwl_scratch_floats(&lgeo)
+        units = (C + CHEXCY_DWL_L - 1) // CHEXCY_DWL_L
+    else:
+        chexcy_dwc_init(&geo, N, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
+        per = chexcy_dwc_scratch_floats(&geo)
+        units = C
     cdef const float[:, :, :, ::1] dv = dout
     cdef const float[:, :, :, ::1] xv = x
     cdef const float[:, :, :, ::1] wv = w
@@ -2046,56 +2065,16 @@ cdef _depthwise_backward(dout, x, w, int sh, int sw, int ph, int pw, int dil_h, 
     cdef float[:, :, :, ::1] dxv = dx
     cdef float[:, :, :, ::1] dwv = dweight
     cdef float[::1] dbv = dbias
-    scratch = np.zeros((n_threads, per), np.float32)
+    scratch = np.zeros((n_threads, (per + 15) // 16 * 16), np.float32)
     cdef float[:, ::1] sv = scratch
-    for c in prange(C, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_dwc_backward_channel(&geo, N, C, c, &dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[c, 0, 0, 0],
-                                    &dxv[0, 0, 0, 0], &dwv[c, 0, 0, 0], &dbv[0], &sv[omp_get_thread_num(), 0])
-    return dx, dweight, dbias
-
-
-cdef _dwl_forward(x, w, const float[::1] bias, float[:, :, :, ::1] out, int sh, int sw, int ph, int pw,
-                  int dil_h, int dil_w):
-    """groups = C = F on small planes: units of one sample's block of L channels
-    (chexcy/_ops_depthwise_lanes.h), split evenly between the threads."""
-    cdef int n_threads = _threads()
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], u
-    cdef Py_ssize_t ncb = (C + CHEXCY_DWL_L - 1) // CHEXCY_DWL_L
-    cdef chexcy_dwl_geom geo
-    chexcy_dwl_init(&geo, C, x.shape[2], x.shape[3], w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
-    cdef Py_ssize_t per = (chexcy_dwl_scratch_floats(&geo) + 15) // 16 * 16
-    cdef const float[:, :, :, ::1] xv = x
-    cdef const float[:, :, :, ::1] wv = w
-    scratch = np.zeros((n_threads, per), np.float32)    # zeros: the border of the input pixels
-    cdef float[:, ::1] sv = scratch
-    for u in prange(N * ncb, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_dwl_forward_unit(&geo, u, &xv[0, 0, 0, 0], &wv[0, 0, 0, 0], &bias[0], &out[0, 0, 0, 0],
-                                &sv[omp_get_thread_num(), 0])
-
-
-cdef _dwl_backward(dout, x, w, int sh, int sw, int ph, int pw, int dil_h, int dil_w):
-    """groups = C = F on small planes: dx, dweight and dbias of each block of L channels together, over the
-    samples in order (chexcy/_ops_depthwise_lanes.h); blocks split evenly between the threads."""
-    cdef int n_threads = _threads()
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], cb
-    cdef Py_ssize_t ncb = (C + CHEXCY_DWL_L - 1) // CHEXCY_DWL_L
-    cdef chexcy_dwl_geom geo
-    chexcy_dwl_init(&geo, C, H, W, w.shape[2], w.shape[3], sh, sw, ph, pw, dil_h, dil_w)
-    cdef Py_ssize_t per = (chexcy_dwl_scratch_floats(&geo) + 15) // 16 * 16
-    cdef const float[:, :, :, ::1] dv = dout
-    cdef const float[:, :, :, ::1] xv = x
-    cdef const float[:, :, :, ::1] wv = w
-    dx = _empty((N, C, H, W))
-    dweight = np.empty(w.shape, np.float32)
-    dbias = np.empty(C, np.float32)
-    cdef float[:, :, :, ::1] dxv = dx
-    cdef float[:, :, :, ::1] dwv = dweight
-    cdef float[::1] dbv = dbias
-    scratch = np.zeros((n_threads, per), np.float32)
-    cdef float[:, ::1] sv = scratch
-    for cb in prange(ncb, nogil=True, schedule="static", num_threads=n_threads):
-        chexcy_dwl_backward_block(&geo, N, cb, &dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[0, 0, 0, 0],
-                                  &dxv[0, 0, 0, 0], &dwv[0, 0, 0, 0], &dbv[0], &sv[omp_get_thread_num(), 0])
+    if lanes:
+        for c in prange(units, nogil=True, schedule="static", num_threads=n_threads):
+            chexcy_dwl_backward_block(&lgeo, N, c, &dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[0, 0, 0, 0],
+                                      &dxv[0, 0, 0, 0], &dwv[0, 0, 0, 0], &dbv[0], &sv[omp_get_thread_num(), 0])
+    else:
+        for c in prange(units, nogil=True, schedule="static", num_threads=n_threads):
+            chexcy_dwc_backward_channel(&geo, N, C, c, &dv[0, 0, 0, 0], &xv[0, 0, 0, 0], &wv[c, 0, 0, 0],
+                                        &dxv[0, 0, 0, 0], &dwv[c, 0, 0, 0], &dbv[0], &sv[omp_get_thread_num(), 0])
     return dx, dweight, dbias
 
 
@@ -2116,10 +2095,8 @@ def conv2d_backward(dout, x, weight, stride, padding, dilation, int groups):
 
     if dx_path == "FIRST_LAYER":
         return _backward_one_channel(dout, x, weight, ph, pw, dil_w)
-    if dx_path == "DEPTHWISE":
-        return _depthwise_backward(dout, x, weight, sh, sw, ph, pw, dil_h, dil_w)
-    if dx_path == "DEPTHWISE_LANES":
-        return _dwl_backward(dout, x, weight, sh, sw, ph, pw, dil_h, dil_w)
+    if dx_path in ("DEPTHWISE", "DEPTHWISE_LANES"):
+        return _depthwise_backward(dout, x, weight, sh, sw, ph, pw, dil_h, dil_w, dx_path == "DEPTHWISE_LANES")
 
     cdef float* dbp
     dbias = _floats(F, &dbp)
