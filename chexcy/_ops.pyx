@@ -2658,11 +2658,13 @@ def linear_backward(dout, x, weight):
     cdef float[:, ::1] dxv = dx
     cdef float[:, ::1] dwv = dweight
     cdef float[::1] dbv = dbias
-    # one scratch for both products: half the fresh pages
-    cdef float* scratch = <float*>malloc(max(pdx.scratch_len, pdw.scratch_len) * sizeof(float))
-    if scratch == NULL:
-        raise MemoryError(f"linear_backward: no memory for "
-                          f"{max(pdx.scratch_len, pdw.scratch_len) * 4} bytes of packing scratch")
+    # one scratch for both products (half the fresh pages); none for a few rows, which pack nothing
+    cdef float* scratch = NULL
+    if N > GEMM_DOT_M:
+        scratch = <float*>malloc(max(pdx.scratch_len, pdw.scratch_len) * sizeof(float))
+        if scratch == NULL:
+            raise MemoryError(f"linear_backward: no memory for "
+                              f"{max(pdx.scratch_len, pdw.scratch_len) * 4} bytes of packing scratch")
     if N * O < GEMM_SERIAL_MADDS // 16:
         n_threads = 1
     cdef Py_ssize_t n_kb = (K + 127) // 128
