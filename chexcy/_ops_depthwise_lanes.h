@@ -19,29 +19,22 @@
  * Each channel is a lane of its own: its sums run in an order fixed by the shape, the same for any
  * thread count. The last block of C % L channels runs with zero lanes (never stored).
  *
- * GCC: the interleaves are __builtin_shuffle. */
+ * GCC: the interleaves are chexcy_zip_lo / _hi (_ops_vec.h). */
 #ifndef CHEXCY_OPS_DEPTHWISE_LANES_H
 #define CHEXCY_OPS_DEPTHWISE_LANES_H
 
 #include <stdint.h>
 #include <string.h>
-#include "_ops_vec.h"           /* chexcy_vf, its loads and stores (brings _ops_config.h) */
+#include "_ops_vec.h"           /* chexcy_vf, loads and stores, chexcy_zip_lo / _hi (brings _ops_config.h) */
 #include "_ops_depthwise.h"     /* CHEXCY_DWC_MAX_TAPS */
 
 #define CHEXCY_DWL_L CHEXCY_VW      /* channels per block: one per lane */
-typedef int32_t chexcy_dwl_vi __attribute__((vector_size(CHEXCY_VW * sizeof(int32_t))));
 #if CHEXCY_VW == 16
 #define CHEXCY_DWL_ROUNDS 4
-#define CHEXCY_DWL_ZIP_LO {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23}
-#define CHEXCY_DWL_ZIP_HI {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31}
 #elif CHEXCY_VW == 8
 #define CHEXCY_DWL_ROUNDS 3
-#define CHEXCY_DWL_ZIP_LO {0, 8, 1, 9, 2, 10, 3, 11}
-#define CHEXCY_DWL_ZIP_HI {4, 12, 5, 13, 6, 14, 7, 15}
 #else
 #define CHEXCY_DWL_ROUNDS 2
-#define CHEXCY_DWL_ZIP_LO {0, 4, 1, 5}
-#define CHEXCY_DWL_ZIP_HI {2, 6, 3, 7}
 #endif
 
 typedef struct {
@@ -75,13 +68,12 @@ static inline Py_ssize_t chexcy_dwl_scratch_floats(const chexcy_dwl_geom *g)
 /* r[i][j] <- r[j][i]: log2 L rounds, each pairing row i with row i + L/2 into rows 2i, 2i + 1. */
 static inline __attribute__((always_inline)) void chexcy_dwl_transpose(chexcy_vf r[CHEXCY_DWL_L])
 {
-    const chexcy_dwl_vi lo = CHEXCY_DWL_ZIP_LO, hi = CHEXCY_DWL_ZIP_HI;
     for (int round = 0; round < CHEXCY_DWL_ROUNDS; round++) {
         chexcy_vf t[CHEXCY_DWL_L];
         CHEXCY_UNROLL
         for (int i = 0; i < CHEXCY_DWL_L / 2; i++) {
-            t[2 * i] = __builtin_shuffle(r[i], r[i + CHEXCY_DWL_L / 2], lo);
-            t[2 * i + 1] = __builtin_shuffle(r[i], r[i + CHEXCY_DWL_L / 2], hi);
+            t[2 * i] = chexcy_zip_lo(r[i], r[i + CHEXCY_DWL_L / 2]);
+            t[2 * i + 1] = chexcy_zip_hi(r[i], r[i + CHEXCY_DWL_L / 2]);
         }
         CHEXCY_UNROLL
         for (int i = 0; i < CHEXCY_DWL_L; i++) r[i] = t[i];

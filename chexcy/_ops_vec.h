@@ -175,4 +175,34 @@ static inline double chexcy_sum(const float *p, Py_ssize_t n)
     return chexcy_sum_rows(p, 1, n, n);
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
+typedef int chexcy_vi __attribute__((vector_size(CHEXCY_VW * sizeof(int))));   /* shuffle masks (GCC) */
+
+/* The lanes of a and b interleaved: zip_lo = a[0] b[0] a[1] b[1] ... a[VW/2 - 1] b[VW/2 - 1], zip_hi
+ * the same from lane VW/2 (one two-source permute each on AVX-512). */
+static inline chexcy_vf chexcy_zip_lo(chexcy_vf a, chexcy_vf b)
+{
+#if CHEXCY_VW == 16
+    const chexcy_vi m = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+#elif CHEXCY_VW == 8
+    const chexcy_vi m = {0, 8, 1, 9, 2, 10, 3, 11};
+#else
+    const chexcy_vi m = {0, 4, 1, 5};
+#endif
+    return __builtin_shuffle(a, b, m);
+}
+
+static inline chexcy_vf chexcy_zip_hi(chexcy_vf a, chexcy_vf b)
+{
+#if CHEXCY_VW == 16
+    const chexcy_vi m = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+#elif CHEXCY_VW == 8
+    const chexcy_vi m = {4, 12, 5, 13, 6, 14, 7, 15};
+#else
+    const chexcy_vi m = {2, 6, 3, 7};
+#endif
+    return __builtin_shuffle(a, b, m);
+}
+#endif
+
 #endif

@@ -32,26 +32,12 @@
 #include <string.h>
 #include "_ops_gemm.h"
 
-#if defined(__GNUC__) && !defined(__clang__)
-typedef int chexcy_vi __attribute__((vector_size(CHEXCY_VW * sizeof(int))));   /* shuffle masks */
-#endif
-
 /* dst[2 l] = a[l], dst[2 l + 1] = b[l] for the VW lanes: 2 VW floats. */
 static inline void chexcy_interleave(chexcy_vf a, chexcy_vf b, float *dst)
 {
 #if defined(__GNUC__) && !defined(__clang__)
-#if CHEXCY_VW == 16
-    const chexcy_vi lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-    const chexcy_vi hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-#elif CHEXCY_VW == 8
-    const chexcy_vi lo = {0, 8, 1, 9, 2, 10, 3, 11};
-    const chexcy_vi hi = {4, 12, 5, 13, 6, 14, 7, 15};
-#else
-    const chexcy_vi lo = {0, 4, 1, 5};
-    const chexcy_vi hi = {2, 6, 3, 7};
-#endif
-    chexcy_store(dst, __builtin_shuffle(a, b, lo));
-    chexcy_store(dst + CHEXCY_VW, __builtin_shuffle(a, b, hi));
+    chexcy_store(dst, chexcy_zip_lo(a, b));
+    chexcy_store(dst + CHEXCY_VW, chexcy_zip_hi(a, b));
 #else
     float ta[CHEXCY_VW], tb[CHEXCY_VW];
     chexcy_store(ta, a);
