@@ -14,7 +14,10 @@ elsewhere this is a no-op.
 
 Without that tuning (chexcy.ops called from a user's own loop) the compiled ops still reuse their own
 large arrays: blocks of 32 MB or more come from a cache of freed blocks in chexcy._blocks, at most 8 blocks
-and CHEXCY_BLOCK_CACHE_MB (default 1024; 0 disables it). `release_cached_blocks()` gives them back, and
+and CHEXCY_BLOCK_CACHE_MB (default 1024; 0 disables it). Smaller ones are glibc's: when the compiled ops
+load they allocate and free one block just under 32 MB, which moves glibc's own dynamic thresholds (mmap
+32 MB, trim 64 MB) to where any process's first free of an array that large moves them, so a loop's
+arrays of a few MB stay mapped between calls from the start (CHEXCY_MALLOC_TUNING=0 skips this too). `release_cached_blocks()` gives them back, and
 `reuse_freed_memory()` empties and stops that cache, since glibc then keeps freed blocks itself.
 """
 import ctypes

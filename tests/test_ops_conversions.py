@@ -6,6 +6,8 @@
   into its inputs;
 - dbias is returned when the forward pass had no bias.
 """
+import platform
+
 import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
@@ -266,6 +268,44 @@ def test_release_cached_blocks_empties_the_cache():
     del a
     assert _blocks.cache_info()[:2] == (1, 36 << 20)
     assert memory.release_cached_blocks() == 36 << 20 and _blocks.cache_info()[:2] == (0, 0)
+
+
+HEAP_REUSE_SCRIPT = r"""
+import json, resource
+import numpy as np
+from chexcy import ops
+x, w = np.ones((1, 64, 56, 56), np.float32), np.ones((128, 64, 3, 3), np.float32)
+d = np.ones((1, 128, 28, 28), np.float32)
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ops.conv2d_backward(d, x, w, stride=2, padding=1)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults))
+"""
+
+
+@pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's heap thresholds")
+def test_a_loop_of_op_calls_reuses_glibc_blocks_from_the_start(tmp_path):
+    """Loading the compiled ops moves glibc's mmap and trim thresholds up (as freeing a 32 MB array
+    would), so a user's loop of calls whose arrays are a few MB gets its pages back from the heap
+    instead of faulting in fresh ones on every call (3x3 stride 2 backward, 64 -> 128 channels at 56:
+    a 0.8 MB dx and its scratch). With CHEXCY_MALLOC_TUNING=0 glibc is left alone, and the same loop
+    faults hundreds of pages a call: the check that this test can tell the two apart. Fresh
+    interpreters: an earlier test may have tuned the allocator in this one."""
+    import json
+    import subprocess
+    import sys
+    from test_ops_validation import subprocess_env
+    got = {}
+    for tuning in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", HEAP_REUSE_SCRIPT], cwd=tmp_path, capture_output=True,
+                              text=True, env=subprocess_env(CHEXCY_MALLOC_TUNING=tuning), timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[tuning] = json.loads(proc.stdout)
+    assert max(got["1"][1:]) < 20, got
+    assert min(got["0"][1:]) > 200, got
 
 
 SHARED_CACHE_SCRIPT = r"""
