@@ -465,10 +465,11 @@ cdef void _wino_unit(
             k0 = 0
             while k0 < C:
                 kc = min(<Py_ssize_t>WINO_KC, C - k0)
-                for q in range(ncot):
-                    chexcy_gemm_tile_rows(kc, 1, up + (xi * ncot + q) * C * GEMM_MR + k0 * GEMM_MR,
-                                          V + (xi * C + k0) * Tp + s * GEMM_NR, Tp,
-                                          M + (xi * Fp + q * GEMM_MR) * Tp + s * GEMM_NR, Tp, k0 > 0)
+                for q in range(ncot):   # (the last block's rows past F: never read, not computed)
+                    chexcy_gemm_tile_rows_part(kc, 1, up + (xi * ncot + q) * C * GEMM_MR + k0 * GEMM_MR,
+                                               V + (xi * C + k0) * Tp + s * GEMM_NR, Tp,
+                                               M + (xi * Fp + q * GEMM_MR) * Tp + s * GEMM_NR, Tp, k0 > 0,
+                                               min(<Py_ssize_t>GEMM_MR, F - q * GEMM_MR))
                 k0 += kc
     for f in range(F):
         chexcy_wino_output(M + f * Tp, Fp * Tp, nt, bias[f], Y, Tp, relu)

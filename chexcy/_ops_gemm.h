@@ -18,7 +18,8 @@
  *   only its packing), and the edges of the matrices are zeros the tile multiplies harmlessly.
  * - Cache blocking: K is cut in blocks of GEMM_KC, so a B strip block (kc x GEMM_NR floats, 32 KiB on
  *   AVX-512) stays in L1 while the tile walks down the packed rows of A (mc x kc, in L2).
- * - Edges: a tile that sticks out of C (last rows, last columns) runs the same tile code on a local
+ * - Edges: a tile whose last rows stick out of C runs on a third or two thirds of the register tile
+ *   where that holds them; one whose last columns stick out runs the same tile code on a local
  *   GEMM_MR x GEMM_NR copy and writes back only the part inside C; nothing outside the arrays is read
  *   or written.
  *
@@ -76,37 +77,66 @@
  * result is the same either way (see above). */
 #define GEMM_SERIAL_MADDS (1 << 17)
 
-/* One register tile over kc steps of K:
- *   c[i, j] (i < GEMM_MR, j < GEMM_NR, row i at c + i * ldc) = start[i, j] + (sum_k a[k, i] * b[k, j])
+/* One register tile over kc steps of K, its first `rows` (a constant after inlining, <= GEMM_MR) rows:
+ *   c[i, j] (i < mr, j < GEMM_NR, row i at c + i * ldc) = start[i, j] + (sum_k a[k, i] * b[k, j])
  *   (the K block summed from 0 in k order, then added to the start value once)
  *   a: packed A strip (kc, GEMM_MR); b: packed B strip block (kc, GEMM_NR), row k at b + k * GEMM_NR
  *   start: the init row `init` (GEMM_NR floats, the same for every row) when init != NULL, else c.
+ * Rows mr .. rows - 1 are computed (A's packing is zero there) but neither read nor written in c (mr =
+ * GEMM_MR: the test folds away). */
+static inline __attribute__((always_inline)) void chexcy_gemm_tile_body(Py_ssize_t kc, const float *restrict a,
+                                                                       const float *restrict b, float *c,
+                                                                       Py_ssize_t ldc, const float *init,
+                                                                       const int rows, Py_ssize_t mr)
+{
+    chexcy_vf acc[GEMM_MR][GEMM_NV], bv[GEMM_NV];
+    CHEXCY_UNROLL for (int i = 0; i < rows; i++)
+        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) acc[i][v] = chexcy_splat(0.0f);
+    for (Py_ssize_t k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
+        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) bv[v] = chexcy_load(b + v * CHEXCY_VW);
+        CHEXCY_UNROLL for (int i = 0; i < rows; i++) {
+            chexcy_vf ai = chexcy_splat(a[i]);
+            CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) acc[i][v] += ai * bv[v];
+        }
+    }
+    if (init)
+        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) bv[v] = chexcy_load(init + v * CHEXCY_VW);
+    CHEXCY_UNROLL for (int i = 0; i < rows; i++) {
+        if (i >= mr)
+            break;
+        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) {
+            float *o = c + i * ldc + v * CHEXCY_VW;
+            chexcy_store(o, (init ? bv[v] : chexcy_load(o)) + acc[i][v]);
+        }
+    }
+}
+
+/* The full tile (every row inside C).
  * noinline: compiled on its own the k loop keeps all accumulators in registers (inlined into the
  * OpenMP body, gcc has fewer registers to give it); the call costs nothing next to kc steps. */
 static __attribute__((noinline)) void chexcy_gemm_tile(Py_ssize_t kc, const float *restrict a,
                                                        const float *restrict b, float *c,
                                                        Py_ssize_t ldc, const float *init)
 {
-    chexcy_vf acc[GEMM_MR][GEMM_NV], bv[GEMM_NV];
-    CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
-        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) acc[i][v] = chexcy_splat(0.0f);
-    for (Py_ssize_t k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
-        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) bv[v] = chexcy_load(b + v * CHEXCY_VW);
-        CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++) {
-            chexcy_vf ai = chexcy_splat(a[i]);
-            CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) acc[i][v] += ai * bv[v];
-        }
-    }
-    if (init) {
-        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) bv[v] = chexcy_load(init + v * CHEXCY_VW);
-        CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
-            CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++)
-                chexcy_store(c + i * ldc + v * CHEXCY_VW, bv[v] + acc[i][v]);
-    } else {
-        CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
-            CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++)
-                chexcy_store(c + i * ldc + v * CHEXCY_VW, chexcy_load(c + i * ldc + v * CHEXCY_VW) + acc[i][v]);
-    }
+    chexcy_gemm_tile_body(kc, a, b, c, ldc, init, GEMM_MR, GEMM_MR);
+}
+
+/* A tile of whole columns whose first mr (< GEMM_MR) rows lie inside C, on the smallest of the tiles of
+ * GEMM_MR / 3 (rounded up to 2) or 2 GEMM_MR / 3 rows that holds them: channel counts are powers of two
+ * and GEMM_MR is 12 or 6, so a layer's last row block is 1/3 or 2/3 of a tile (64 rows: 5 tiles and 4
+ * rows), and the full tile did up to 3x its multiply-adds there. The sums of each element are those of
+ * the full tile. */
+#define GEMM_MR_PART (GEMM_MR / 3 > 2 ? GEMM_MR / 3 : 2)
+static __attribute__((noinline)) void chexcy_gemm_tile_part(Py_ssize_t kc, const float *restrict a,
+                                                            const float *restrict b, float *c,
+                                                            Py_ssize_t ldc, const float *init, Py_ssize_t mr)
+{
+    if (mr <= GEMM_MR_PART)
+        chexcy_gemm_tile_body(kc, a, b, c, ldc, init, GEMM_MR_PART, mr);
+    else if (2 * GEMM_MR_PART < GEMM_MR && mr <= 2 * GEMM_MR_PART)
+        chexcy_gemm_tile_body(kc, a, b, c, ldc, init, 2 * GEMM_MR_PART < GEMM_MR ? 2 * GEMM_MR_PART : GEMM_MR, mr);
+    else
+        chexcy_gemm_tile_body(kc, a, b, c, ldc, init, GEMM_MR, mr);
 }
 
 /* The register tile of the convolution products (chexcy._ops: channel-blocked dweight, _dwc_*, and
@@ -116,40 +146,68 @@ static __attribute__((noinline)) void chexcy_gemm_tile(Py_ssize_t kc, const floa
  * strip (k, GEMM_MR); b: rows of GEMM_NR floats, consecutive within a row, rows b_rs floats apart (for
  * dweight, one kernel tap's view of the channel-blocked padded input, its padding columns skipped;
  * for Winograd, ow = 1). The registers are those of chexcy_gemm_tile, and so is the reason for
- * noinline. */
-static __attribute__((noinline)) void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow,
-                                                            const float *restrict a,
-                                                            const float *restrict b, Py_ssize_t b_rs,
-                                                            float *c, Py_ssize_t ldc, int add)
+ * noinline. The body computes `mrows` rows (a constant after inlining) and stores the first mr. */
+static inline __attribute__((always_inline)) void chexcy_gemm_tile_rows_body(
+    Py_ssize_t rows, Py_ssize_t ow, const float *restrict a, const float *restrict b, Py_ssize_t b_rs, float *c,
+    Py_ssize_t ldc, int add, const int mrows, Py_ssize_t mr)
 {
     chexcy_vf acc[GEMM_MR][GEMM_NV], bv[GEMM_NV];
-    CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
+    CHEXCY_UNROLL for (int i = 0; i < mrows; i++)
         CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) acc[i][v] = chexcy_splat(0.0f);
     for (Py_ssize_t r = 0; r < rows; r++, b += b_rs) {
         const float *bw = b;
         for (Py_ssize_t w = 0; w < ow; w++, a += GEMM_MR, bw += GEMM_NR) {
             CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) bv[v] = chexcy_load(bw + v * CHEXCY_VW);
-            CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++) {
+            CHEXCY_UNROLL for (int i = 0; i < mrows; i++) {
                 chexcy_vf ai = chexcy_splat(a[i]);
                 CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) acc[i][v] += ai * bv[v];
             }
         }
     }
-    if (add) {
-        CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
-            CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++)
-                acc[i][v] = chexcy_load(c + i * ldc + v * CHEXCY_VW) + acc[i][v];
+    CHEXCY_UNROLL for (int i = 0; i < mrows; i++) {
+        if (i >= mr)
+            break;
+        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) {
+            float *o = c + i * ldc + v * CHEXCY_VW;
+            chexcy_store(o, add ? chexcy_load(o) + acc[i][v] : acc[i][v]);
+        }
     }
-    CHEXCY_UNROLL for (int i = 0; i < GEMM_MR; i++)
-        CHEXCY_UNROLL for (int v = 0; v < GEMM_NV; v++) chexcy_store(c + i * ldc + v * CHEXCY_VW, acc[i][v]);
 }
 
-/* The same tile where only mr (<= GEMM_MR) rows and nr (<= GEMM_NR) columns lie inside C: it runs on
- * a local full tile (rows and columns outside C start from 0, or from the init row) and copies back
- * the part inside C. The arithmetic of every element inside C is exactly that of a full tile. */
+static __attribute__((noinline)) void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow,
+                                                            const float *restrict a,
+                                                            const float *restrict b, Py_ssize_t b_rs,
+                                                            float *c, Py_ssize_t ldc, int add)
+{
+    chexcy_gemm_tile_rows_body(rows, ow, a, b, b_rs, c, ldc, add, GEMM_MR, GEMM_MR);
+}
+
+/* chexcy_gemm_tile_rows for the first mr (< GEMM_MR) rows only, as chexcy_gemm_tile_part. */
+static __attribute__((noinline)) void chexcy_gemm_tile_rows_part(Py_ssize_t rows, Py_ssize_t ow,
+                                                                 const float *restrict a,
+                                                                 const float *restrict b, Py_ssize_t b_rs,
+                                                                 float *c, Py_ssize_t ldc, int add, Py_ssize_t mr)
+{
+    if (mr <= GEMM_MR_PART)
+        chexcy_gemm_tile_rows_body(rows, ow, a, b, b_rs, c, ldc, add, GEMM_MR_PART, mr);
+    else if (2 * GEMM_MR_PART < GEMM_MR && mr <= 2 * GEMM_MR_PART)
+        chexcy_gemm_tile_rows_body(rows, ow, a, b, b_rs, c, ldc, add,
+                                   2 * GEMM_MR_PART < GEMM_MR ? 2 * GEMM_MR_PART : GEMM_MR, mr);
+    else
+        chexcy_gemm_tile_rows_body(rows, ow, a, b, b_rs, c, ldc, add, GEMM_MR, mr);
+}
+
+/* The same tile where only mr (<= GEMM_MR) rows and nr (<= GEMM_NR) columns lie inside C: with all the
+ * columns inside, chexcy_gemm_tile_part; else it runs on a local full tile (rows and columns outside C
+ * start from 0, or from the init row) and copies back the part inside C. The arithmetic of every
+ * element inside C is exactly that of a full tile. */
 static void chexcy_gemm_tile_edge(Py_ssize_t kc, const float *a, const float *b, float *c,
                                   Py_ssize_t ldc, const float *init, Py_ssize_t mr, Py_ssize_t nr)
 {
+    if (nr == GEMM_NR) {
+        chexcy_gemm_tile_part(kc, a, b, c, ldc, init, mr);
+        return;
+    }
     float t[GEMM_MR * GEMM_NR] __attribute__((aligned(64)));
     memset(t, 0, sizeof t);
     if (!init)

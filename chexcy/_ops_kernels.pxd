@@ -82,6 +82,8 @@ cdef extern from "_ops_gemm.h" nogil:
                                  Py_ssize_t kb, Py_ssize_t q0, Py_ssize_t q1, float* ap, const float* scale)
     void chexcy_gemm_tile_rows(Py_ssize_t rows, Py_ssize_t ow, const float* a, const float* b,
                                Py_ssize_t b_rs, float* c, Py_ssize_t ldc, int add)
+    void chexcy_gemm_tile_rows_part(Py_ssize_t rows, Py_ssize_t ow, const float* a, const float* b,
+                                    Py_ssize_t b_rs, float* c, Py_ssize_t ldc, int add, Py_ssize_t mr)
 
     enum:
         GEMM_MC     # rows of C per task at most

@@ -356,6 +356,8 @@ static void chexcy_pw_dweight_task(const float *dout, Py_ssize_t d_ns, const flo
                 float *c = dweight + i0 * ldw + j0;
                 if (mr == GEMM_MR && nr == GEMM_NR) {
                     chexcy_gemm_tile_rows(1, kc, abuf + q * kc * GEMM_MR, bbuf, 0, c, ldw, add);
+                } else if (nr == GEMM_NR) {
+                    chexcy_gemm_tile_rows_part(1, kc, abuf + q * kc * GEMM_MR, bbuf, 0, c, ldw, add, mr);
                 } else {
                     memset(t, 0, sizeof t);
                     if (add)
