@@ -1498,8 +1498,9 @@ cdef void _dwc_thread(
                     g = q // ncot
                     b = (xt + (((g * nct + ct) * N + n) * Hp + r0 + tap // KW * dil_h) * Wp * GEMM_NR
                          + tap % KW * dil_w * GEMM_NR)
-                    chexcy_gemm_tile_rows(rr, OW, abuf + (q - q0) * kc * GEMM_MR, b, Wp * GEMM_NR,
-                                          cbuf + (q * GEMM_MR * taps + tap) * Cgp + ct * GEMM_NR, taps * Cgp, 1)
+                    chexcy_gemm_tile_rows_part(rr, OW, abuf + (q - q0) * kc * GEMM_MR, b, Wp * GEMM_NR,
+                                               cbuf + (q * GEMM_MR * taps + tap) * Cgp + ct * GEMM_NR, taps * Cgp,
+                                               1, min(<Py_ssize_t>GEMM_MR, Fg - q % ncot * GEMM_MR))
             r0 += rr
 
 
@@ -1538,14 +1539,17 @@ cdef void _wdw_transforms(
 
 
 cdef void _wdw_products(const float* z, const float* v, float* s, Py_ssize_t xi, Py_ssize_t fb0, Py_ssize_t fb1,
-                        Py_ssize_t nfb, Py_ssize_t nct, Py_ssize_t ql, Py_ssize_t K, int add) noexcept nogil:
+                        Py_ssize_t F, Py_ssize_t nct, Py_ssize_t ql, Py_ssize_t K, int add) noexcept nogil:
     """S[xi] (+)= Z[xi] V[xi]^T for the output-channel blocks [fb0, fb1), K rows of the strips (S: (16, Fp,
-    Cp)) with the dense layer's register tile; a V strip stays in L1 while the Z strips pass over it."""
-    cdef Py_ssize_t Fp = nfb * GEMM_MR, Cp = nct * GEMM_NR, ct, fb
+    Cp)) with the dense layer's register tile; a V strip stays in L1 while the Z strips pass over it. The
+    rows of S past F are never read, and not computed."""
+    cdef Py_ssize_t nfb = (F + GEMM_MR - 1) // GEMM_MR, Fp = nfb * GEMM_MR, Cp = nct * GEMM_NR, ct, fb
     for ct in range(nct):
         for fb in range(fb0, fb1):
-            chexcy_gemm_tile_rows(K, 1, z + (xi * nfb + fb) * ql * GEMM_MR, v + (xi * nct + ct) * ql * GEMM_NR,
-                                  GEMM_NR, s + (xi * Fp + fb * GEMM_MR) * Cp + ct * GEMM_NR, Cp, add)
+            chexcy_gemm_tile_rows_part(K, 1, z + (xi * nfb + fb) * ql * GEMM_MR,
+                                       v + (xi * nct + ct) * ql * GEMM_NR, GEMM_NR,
+                                       s + (xi * Fp + fb * GEMM_MR) * Cp + ct * GEMM_NR, Cp, add,
+                                       min(<Py_ssize_t>GEMM_MR, F - fb * GEMM_MR))
 
 
 cdef void _wdw_unit(
@@ -1564,7 +1568,7 @@ cdef void _wdw_unit(
     _wino_span(unit, dout.shape[0], (dout.shape[2] + 1) // 2, TB, G, &n0, &nsam, &ty0, &nty)
     _wdw_transforms(dout, xt, z, v, dt, unit, nct, TB, G, Fs, tq, 0, 0)
     for xi in range(16):
-        _wdw_products(z, v, s, xi, 0, nfb, nfb, nct, tq, nsam * nty * TW, add)
+        _wdw_products(z, v, s, xi, 0, nfb, dout.shape[1], nct, tq, nsam * nty * TW, add)
 
 
 cdef void _wdw_part(
@@ -1623,7 +1627,7 @@ cdef _dweight_winograd(dout, x, int ph, int pw):
             _wdw_transforms(dv, &xtv[0], &zv[0], &vv[0], &sv[omp_get_thread_num(), 0], u, nct, TB, G, Fs, ql,
                             u * tq, (u + 1) * tq)
         for u in prange(16 * nfb, nogil=True, schedule="static", num_threads=n_threads):
-            _wdw_products(&zv[0], &vv[0], &spv[0, 0], u // nfb, u % nfb, u % nfb + 1, nfb, nct, ql, ql, 0)
+            _wdw_products(&zv[0], &vv[0], &spv[0, 0], u // nfb, u % nfb, u % nfb + 1, F, nct, ql, ql, 0)
     else:
         for u in prange(P, nogil=True, schedule="static", num_threads=n_threads):
             _wdw_part(dv, &xtv[0], &spv[0, 0], &sv[omp_get_thread_num(), 0], u, P, U, nct, TB, G, tq, Fs, ps)

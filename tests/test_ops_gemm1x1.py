@@ -170,8 +170,9 @@ def _check(name, results, want, labels, op, shape):
 # / 6 / 4 rows) runs on a third or two thirds of the tile where that holds it (chexcy_gemm_tile_part,
 # chexcy_gemm_tile_rows_part): row counts R whose remainders cover each smaller tile on each variant
 # (R mod 12 = 1, 3, 6, 8, 10; mod 6 = 1, 3, 0, 2, 4; mod 4 = 1, 3, 2, 0, 2), through every path that
-# uses them: the dense layer's GEMM (rows of x, rows of dweight), WINOGRAD (F rows forward, C rows for
-# dx), IM2COL_GEMM (F rows forward and dweight, Cg rows for dx) and POINTWISE_GEMM (F rows of dweight).
+# uses them: the dense layer's GEMM (rows of x, rows of dweight), WINOGRAD (F rows forward and dweight, C
+# rows for dx), IM2COL_GEMM (F rows forward and dweight, Cg rows for dx), POINTWISE_GEMM (F rows of
+# dweight) and the CHANNEL_BLOCKED dweight (F rows).
 TILE_ROWS = [25, 27, 30, 32, 34]
 
 
@@ -179,14 +180,17 @@ TILE_ROWS = [25, 27, 30, 32, 34]
 @pytest.mark.parametrize("rows", TILE_ROWS)
 def test_last_row_block_of_the_register_tile_every_variant_and_thread_count(rows):
     R = rows
-    convs = [((1, R, 9, 10), (R, R, 3, 3), 1, 1, "WINOGRAD"), ((2, R, 21, 21), (R, R, 3, 3), 2, 1, "IM2COL_GEMM"),
-             ((2, R, 9, 9), (R, R, 1, 1), 1, 0, "POINTWISE_GEMM")]
-    for xs, ws, s, p, path in convs:
+    convs = [((1, R, 9, 10), (R, R, 3, 3), 1, 1, ("WINOGRAD", "WINOGRAD", None)),
+             ((2, 64, 9, 10), (R, 64, 3, 3), 1, 1, ("WINOGRAD", "WINOGRAD", "WINOGRAD")),
+             ((2, R, 21, 21), (R, R, 3, 3), 2, 1, ("IM2COL_GEMM",) * 3),
+             ((2, R, 9, 9), (R, R, 1, 1), 1, 0, ("POINTWISE_GEMM",) * 3),
+             ((1, 64, 8, 9), (R, 64, 5, 5), 1, 2, ("DIRECT", "DIRECT", "CHANNEL_BLOCKED"))]
+    for xs, ws, s, p, paths in convs:
         with ops.use_backend("cython"):
             plan = ops.conv2d_plan(xs, ws, stride=s, padding=p)
-        assert plan.forward == path and plan.dx == path, (xs, ws, plan)
+        assert all(want in (None, got) for want, got in zip(paths, plan)), (xs, ws, plan)
         check_conv_on_every_variant(np.random.default_rng(R), xs, ws, (s, s), (p, p), (1, 1), 1,
-                                    case=f"{path} {R} rows")
+                                    case=f"{plan} {R} rows")
     x, w, dout = _dense_inputs(R, (R, 40), (R + 7, 40), (R, R + 7))
     b = np.linspace(-1, 1, R + 7).astype(np.float32)
     want = (reference.linear_forward(x, w, b),) + tuple(reference.linear_backward(dout, x, w))
