@@ -429,54 +429,113 @@ static void chexcy_gemm_dot_rows(const float *x, Py_ssize_t M, Py_ssize_t K, con
 
 /* The backward of a dense layer of M <= GEMM_DOT_M rows, without packing (the GEMM would pack O x K
  * floats to reuse each only M times). dweight rows o0 .. o1 - 1 of (O, K) = dout^T x: row o is
- * dout[0, o] x[0] + dout[1, o] x[1] + ..., added in row order over contiguous rows of x. */
+ * dout[0, o] x[0] + dout[1, o] x[1] + ..., added in row order over contiguous rows of x.
+ * The kernels below take the row count as a constant (one copy per M, chexcy_gemm_rows_switch), so that
+ * their M broadcasts and sums stay in registers: with M a variable, gcc kept dx's sums on the stack
+ * (a load and a store per multiply-add). */
+#define chexcy_gemm_rows_switch(M, CALL) \
+    switch (M) { \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
+    case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; \
+    }
+
+static inline __attribute__((always_inline)) void chexcy_gemm_outer_row(const float *dout, const int rows,
+                                                                       Py_ssize_t O, const float *x,
+                                                                       Py_ssize_t K, Py_ssize_t o, float *row)
+{
+    const Py_ssize_t Kv = K / CHEXCY_VW * CHEXCY_VW;
+    chexcy_vf d[GEMM_DOT_M];
+    CHEXCY_UNROLL for (int m = 0; m < rows; m++) d[m] = chexcy_splat(dout[m * O + o]);
+    for (Py_ssize_t k = 0; k < Kv; k += CHEXCY_VW) {
+        chexcy_vf acc = d[0] * chexcy_load(x + k);
+        /* (a rounded product: unrolled, gcc would otherwise fuse it into the first add instead of the
+         * second product, fma(d0, x0, d1 x1) for fma(d1, x1, d0 x0)) */
+        CHEXCY_IN_REGISTER(acc);
+        CHEXCY_UNROLL for (int m = 1; m < rows; m++) acc += d[m] * chexcy_load(x + m * K + k);
+        chexcy_store(row + k, acc);
+    }
+    for (Py_ssize_t k = Kv; k < K; k++) {
+        float t = dout[o] * x[k];
+        CHEXCY_IN_REGISTER(t);
+        for (int m = 1; m < rows; m++) t += dout[m * O + o] * x[m * K + k];
+        row[k] = t;
+    }
+}
+
 static void chexcy_gemm_outer_rows(const float *dout, Py_ssize_t M, Py_ssize_t O, const float *x, Py_ssize_t K,
                                    Py_ssize_t o0, Py_ssize_t o1, float *dweight)
 {
-    const Py_ssize_t Kv = K / CHEXCY_VW * CHEXCY_VW;
     for (Py_ssize_t o = o0; o < o1; o++) {
-        float *row = dweight + o * K;
-        for (Py_ssize_t k = 0; k < Kv; k += CHEXCY_VW) {
-            chexcy_vf acc = chexcy_splat(dout[o]) * chexcy_load(x + k);
-            for (Py_ssize_t m = 1; m < M; m++)
-                acc += chexcy_splat(dout[m * O + o]) * chexcy_load(x + m * K + k);
-            chexcy_store(row + k, acc);
-        }
-        for (Py_ssize_t k = Kv; k < K; k++) {
-            float t = dout[o] * x[k];
-            for (Py_ssize_t m = 1; m < M; m++) t += dout[m * O + o] * x[m * K + k];
-            row[k] = t;
-        }
+#define CHEXCY_OUTER_ROW(R) chexcy_gemm_outer_row(dout, R, O, x, K, o, dweight + o * K)
+        chexcy_gemm_rows_switch(M, CHEXCY_OUTER_ROW)
+#undef CHEXCY_OUTER_ROW
     }
 }
 
 /* dx columns k0 .. k1 - 1 of (M, K) = dout (M, O) W (O, K) for M <= GEMM_DOT_M: each sum over o in order
- * of dout[m, o] W[o, k], in blocks of GEMM_DX_KB columns whose M rows of sums stay in L1 while W's rows
- * stream past once. */
+ * of dout[m, o] W[o, k], in blocks of GEMM_DX_KB columns, each swept in register tiles of M rows by up
+ * to GEMM_DX_ACC / M vectors (at most 8: a few rows need several independent sums per row to hide the
+ * multiply-add latency) while W's rows of the block (in L2 after the first sweep) stream past. */
 #define GEMM_DX_KB 128
+#if CHEXCY_VW == 16
+#define GEMM_DX_ACC 24      /* sums in a tile: 24 + a row of W + a broadcast in 32 zmm registers */
+#else
+#define GEMM_DX_ACC 12      /* of 16 ymm / xmm */
+#endif
+
+/* dx[m, b0 ..] for m < rows over nv (<= 8) vectors of columns. */
+static inline __attribute__((always_inline)) void chexcy_gemm_dx_tile(const float *dout, const int rows,
+                                                                     Py_ssize_t O, const float *w,
+                                                                     Py_ssize_t K, Py_ssize_t b0,
+                                                                     const int nv, float *dx)
+{
+    chexcy_vf acc[GEMM_DOT_M][8];
+    CHEXCY_UNROLL for (int m = 0; m < rows; m++) {
+        const chexcy_vf d = chexcy_splat(dout[m * O]);
+        CHEXCY_UNROLL for (int v = 0; v < nv; v++) {
+            acc[m][v] = d * chexcy_load(w + b0 + v * CHEXCY_VW);
+            CHEXCY_IN_REGISTER(acc[m][v]);      /* a rounded product, as chexcy_gemm_outer_row's */
+        }
+    }
+    for (Py_ssize_t o = 1; o < O; o++) {
+        const float *wr = w + o * K + b0;
+        CHEXCY_UNROLL for (int m = 0; m < rows; m++) {
+            const chexcy_vf d = chexcy_splat(dout[m * O + o]);
+            CHEXCY_UNROLL for (int v = 0; v < nv; v++) acc[m][v] += d * chexcy_load(wr + v * CHEXCY_VW);
+        }
+    }
+    CHEXCY_UNROLL for (int m = 0; m < rows; m++)
+        CHEXCY_UNROLL for (int v = 0; v < nv; v++) chexcy_store(dx + m * K + b0 + v * CHEXCY_VW, acc[m][v]);
+}
+
+/* The nv vectors of columns from b0 in tiles as wide as `rows` allows, then one vector at a time. */
+static inline __attribute__((always_inline)) void chexcy_gemm_dx_span(const float *dout, const int rows,
+                                                                     Py_ssize_t O, const float *w,
+                                                                     Py_ssize_t K, Py_ssize_t b0,
+                                                                     Py_ssize_t nv, float *dx)
+{
+    const int wide = GEMM_DX_ACC / rows < 8 ? GEMM_DX_ACC / rows : 8;
+    Py_ssize_t v0 = 0;
+    for (; v0 + wide <= nv; v0 += wide)
+        chexcy_gemm_dx_tile(dout, rows, O, w, K, b0 + v0 * CHEXCY_VW, wide, dx);
+    for (; v0 < nv; v0++)
+        chexcy_gemm_dx_tile(dout, rows, O, w, K, b0 + v0 * CHEXCY_VW, 1, dx);
+}
+
 static void chexcy_gemm_dx_rows(const float *dout, Py_ssize_t M, Py_ssize_t O, const float *w, Py_ssize_t K,
                                 Py_ssize_t k0, Py_ssize_t k1, float *dx)
 {
-    chexcy_vf acc[GEMM_DOT_M][GEMM_DX_KB / CHEXCY_VW];
     for (Py_ssize_t b0 = k0; b0 < k1; b0 += GEMM_DX_KB) {
         const Py_ssize_t kb = k1 - b0 < GEMM_DX_KB ? k1 - b0 : GEMM_DX_KB, nv = kb / CHEXCY_VW;
+#define CHEXCY_DX_SPAN(R) chexcy_gemm_dx_span(dout, R, O, w, K, b0, nv, dx)
+        chexcy_gemm_rows_switch(M, CHEXCY_DX_SPAN)
+#undef CHEXCY_DX_SPAN
         for (Py_ssize_t m = 0; m < M; m++)
-            for (Py_ssize_t v = 0; v < nv; v++) acc[m][v] = chexcy_splat(dout[m * O]) * chexcy_load(w + b0 + v * CHEXCY_VW);
-        for (Py_ssize_t o = 1; o < O; o++) {
-            const float *wr = w + o * K + b0;
-            for (Py_ssize_t m = 0; m < M; m++) {
-                const chexcy_vf d = chexcy_splat(dout[m * O + o]);
-                for (Py_ssize_t v = 0; v < nv; v++) acc[m][v] += d * chexcy_load(wr + v * CHEXCY_VW);
-            }
-        }
-        for (Py_ssize_t m = 0; m < M; m++) {
-            for (Py_ssize_t v = 0; v < nv; v++) chexcy_store(dx + m * K + b0 + v * CHEXCY_VW, acc[m][v]);
             for (Py_ssize_t k = nv * CHEXCY_VW; k < kb; k++) {     /* the tail, in the same o order */
                 float t = dout[m * O] * w[b0 + k];
                 for (Py_ssize_t o = 1; o < O; o++) t += dout[m * O + o] * w[o * K + b0 + k];
                 dx[m * K + b0 + k] = t;
             }
-        }
     }
 }
 

@@ -123,10 +123,12 @@ def test_linear_few_rows_every_variant_and_thread_count(n, k, o):
 
 
 # The backward of a dense layer of at most 8 rows (GEMM_DOT_M) runs without packing: dx in blocks of 128
-# in_features (chexcy_gemm_dx_rows), dweight in blocks of 64 out_features (chexcy_gemm_outer_rows).
-# Sizes: 1 and 8 rows (9 takes the GEMM), in_features 127 / 128 / 129 and 515 (blocks and a tail),
-# out_features 1, 63 / 65 (a block and one past it) and 1000 (the ImageNet classifier).
-DOT_BACKWARD_CASES = [(1, 1, 1), (8, 128, 63), (3, 129, 65), (5, 127, 1), (8, 515, 1000), (9, 130, 66)]
+# in_features (chexcy_gemm_dx_rows), dweight in blocks of 64 out_features (chexcy_gemm_outer_rows), both
+# compiled once per row count. Sizes: every row count from 1 to 8 (9 takes the GEMM), in_features 127 /
+# 128 / 129, 257, 300 and 515 (blocks, register tiles of 1 to 8 vectors and a tail), out_features 1,
+# 63 / 65 (a block and one past it) and 1000 (the ImageNet classifier).
+DOT_BACKWARD_CASES = [(1, 1, 1), (8, 128, 63), (3, 129, 65), (5, 127, 1), (8, 515, 1000), (9, 130, 66),
+                      (2, 300, 70), (4, 257, 33), (6, 144, 17), (7, 513, 129)]
 
 
 @needs_compiled
